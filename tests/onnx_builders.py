@@ -1,0 +1,130 @@
+"""Tiny ONNX graphs written the way real exporters write them, for importer and loader tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def _save(nodes, inits, in_shape, out_shape, path: Path, in_name="input") -> Path:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, ["N", *in_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", *out_shape])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def mlp(path: Path, sizes=(16, 12, 4), seed=0, softmax=False, gemm=True) -> Path:
+    """Flat MLP: Gemm (torch style) or MatMul+Add (tf2onnx style) layers with ReLU between."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, cur = [], [], "input"
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        w = rng.normal(0, 1 / np.sqrt(a), (a, b)).astype(np.float32)
+        bias = rng.normal(0, 0.1, b).astype(np.float32)
+        out = f"h{i}"
+        if gemm:
+            inits += [_init(f"W{i}", w.T.copy()), _init(f"b{i}", bias)]
+            nodes.append(helper.make_node("Gemm", [cur, f"W{i}", f"b{i}"], [out], transB=1))
+        else:
+            inits += [_init(f"W{i}", w), _init(f"b{i}", bias)]
+            nodes.append(helper.make_node("MatMul", [cur, f"W{i}"], [out + "_mm"]))
+            nodes.append(helper.make_node("Add", [out + "_mm", f"b{i}"], [out]))
+        cur = out
+        if i < len(sizes) - 2:
+            nodes.append(helper.make_node("Relu", [cur], [cur + "_r"]))
+            cur += "_r"
+    if softmax:
+        nodes.append(helper.make_node("Softmax", [cur], ["logits"], axis=-1))
+    else:
+        nodes.append(helper.make_node("Identity", [cur], ["logits"]))
+    return _save(nodes, inits, [sizes[0]], [sizes[-1]], path)
+
+
+def cnn_nchw(path: Path, seed=0) -> Path:
+    """torch.onnx style CNN on (1,8,8): Conv, BN, Relu, MaxPool, Conv, Shape-computed Reshape."""
+    rng = np.random.default_rng(seed)
+    f = np.float32
+    inits = [
+        _init("cw1", rng.normal(0, 0.5, (4, 1, 3, 3)).astype(f)),
+        _init("cb1", rng.normal(0, 0.1, 4).astype(f)),
+        _init("bn_s", rng.uniform(0.5, 1.5, 4).astype(f)),
+        _init("bn_b", rng.normal(0, 0.1, 4).astype(f)),
+        _init("bn_m", rng.normal(0, 0.1, 4).astype(f)),
+        _init("bn_v", rng.uniform(0.5, 1.5, 4).astype(f)),
+        _init("cw2", rng.normal(0, 0.3, (6, 4, 2, 2)).astype(f)),
+        _init("cb2", rng.normal(0, 0.1, 6).astype(f)),
+        _init("fw", rng.normal(0, 0.3, (3, 6 * 3 * 3)).astype(f)),
+        _init("fb", rng.normal(0, 0.1, 3).astype(f)),
+        _init("zero", np.array(0, np.int64)),
+        _init("minus1", np.array([-1], np.int64)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "cw1", "cb1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[1, 1]),
+        helper.make_node("Conv", ["p1", "cw2", "cb2"], ["c2"], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        # torch.flatten as exported: Shape -> Gather(0) -> Unsqueeze -> Concat(-1) -> Reshape
+        helper.make_node("Shape", ["r2"], ["shp"]),
+        helper.make_node("Gather", ["shp", "zero"], ["batch"], axis=0),
+        helper.make_node("Unsqueeze", ["batch", "ax0"], ["batch1"]),
+        helper.make_node("Concat", ["batch1", "minus1"], ["newshape"], axis=0),
+        helper.make_node("Reshape", ["r2", "newshape"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fw", "fb"], ["logits"], transB=1),
+    ]
+    inits.append(_init("ax0", np.array([0], np.int64)))
+    return _save(nodes, inits, [1, 8, 8], [3], path)
+
+
+def cnn_nhwc(path: Path, seed=0) -> Path:
+    """tf2onnx style CNN on (6,6,2) NHWC: Transpose, Conv SAME, Transpose back, Reshape, MatMul."""
+    rng = np.random.default_rng(seed)
+    f = np.float32
+    inits = [
+        _init("cw", rng.normal(0, 0.5, (3, 2, 3, 3)).astype(f)),
+        _init("cb", rng.normal(0, 0.1, 3).astype(f)),
+        _init("shape", np.array([-1, 3 * 3 * 3], np.int64)),
+        _init("fw", rng.normal(0, 0.3, (27, 4)).astype(f)),
+        _init("fb", rng.normal(0, 0.1, 4).astype(f)),
+        _init("scale", np.array(2.0, f)),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["input", "scale"], ["scaled"]),
+        helper.make_node("Transpose", ["scaled"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node(
+            "Conv", ["nchw", "cw", "cb"], ["c"], strides=[2, 2], auto_pad="SAME_UPPER"
+        ),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["nhwc", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fw"], ["mm"]),
+        helper.make_node("Add", ["mm", "fb"], ["logits"]),
+    ]
+    return _save(nodes, inits, [6, 6, 2], [4], path)
+
+
+def with_unsupported_op(path: Path) -> Path:
+    """A flat model with an Erf node (not supported by the engine, fine for onnxruntime)."""
+    w = np.eye(4, dtype=np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["input", "W"], ["h"]),
+        helper.make_node("Erf", ["h"], ["logits"], name="erf_1"),
+    ]
+    return _save(nodes, [_init("W", w)], [4], [4], path)
