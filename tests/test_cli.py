@@ -50,9 +50,17 @@ def npz(tmp_path, x, y):
 def test_runs_on_npz(tmp_path, capsys):
     model = mlp(tmp_path / "m.onnx", sizes=(16, 8, 4))
     data = npz(tmp_path, np.random.default_rng(0).random((10, 4, 4)), np.arange(10) % 4)
-    code, out, err = run(capsys, model, "--data", data)
+    code, out, err = run(capsys, model, "--data", data, "--out", tmp_path / "run", "--radius", "1")
     assert code == 0, err
     assert "m.onnx" in out and "10 inputs" in out and "all" in out
+    assert (tmp_path / "run" / "report.html").is_file()
+
+
+def test_static_modes_need_calibration_apart_from_npz(tmp_path, capsys):
+    model = mlp(tmp_path / "m.onnx", sizes=(16, 8, 4))
+    data = npz(tmp_path, np.random.default_rng(0).random((10, 4, 4)), np.arange(10) % 4)
+    code, _, err = run(capsys, model, "--data", data, "--out", tmp_path / "r", "--modes", "ort-qdq")
+    assert code == 2 and "--calib-data" in err
 
 
 @pytest.mark.parametrize(
@@ -112,5 +120,5 @@ def test_layout_option(tmp_path, capsys):
     data = npz(tmp_path, np.random.default_rng(0).random((3, 6, 6, 2)), [0, 1, 2])
     code, _, err = run(capsys, model, "--data", data, "--layout", "nchw")
     assert code == 2 and "data shape mismatch" in err
-    code, out, err = run(capsys, model, "--data", data)
+    code, out, err = run(capsys, model, "--data", data, "--out", tmp_path / "run")
     assert code == 0, err

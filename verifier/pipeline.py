@@ -1,18 +1,36 @@
-"""The main job, top-down: load model and data -> clean accuracy -> ... -> report."""
+"""The main job, top-down: load model and data -> clean accuracy -> quantize -> decide every
+input on the float model and each quantized model -> aggregate -> report -> gate.
+
+Records are committed to the run's SQLite store as inputs are decided, so `--resume` continues
+an interrupted run without recomputing anything stored. A sweep (several radii or steps) gets
+one sub-directory per setting and a Markdown table per measure at the top.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from dataclasses import dataclass
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
-from verifier.data import Dataset, load_dataset, select, to_layout
-from verifier.errors import EXIT_OK, InputError
+from verifier.check import Checker, Settings
+from verifier.data import Dataset, from_layout, load_dataset, select, to_layout
+from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
 from verifier.model import Model, load_model
+from verifier.progress import Progress
+from verifier.records import InputRecord
+from verifier.regions import validate_radius_step
+from verifier.result import REFUTED
 
 DATASET_BY_INPUT_SIZE = {784: "mnist", 3072: "cifar10"}
+DEFAULT_MODES = ("dynamic", "ort-qdq")
+# Options that may differ on --resume (they do not change any decision).
+OUTPUT_KEYS = ("workers", "quiet", "json", "out", "resume", "examples", "gate")
 
 
 @dataclass
@@ -24,17 +42,19 @@ class Inputs:
     y: np.ndarray  # (N,) int64
 
 
+def dataset_name(model: Model, data: str | None) -> str:
+    """`--data`, or the dataset a model of this input size is usually tested on."""
+    if data is not None:
+        return data
+    size = int(np.prod(model.input_shape))
+    if size not in DATASET_BY_INPUT_SIZE:
+        raise InputError(f"no default dataset for a model with {size} input values; pass --data")
+    return DATASET_BY_INPUT_SIZE[size]
+
+
 def load_inputs(model: Model, args: argparse.Namespace) -> Inputs:
     """The dataset named by `--data` (or guessed from the model's input size), selected."""
-    name = args.data
-    if name is None:
-        size = int(np.prod(model.input_shape))
-        name = DATASET_BY_INPUT_SIZE.get(size)
-        if name is None:
-            raise InputError(
-                f"no default dataset for a model with {size} input values; pass --data"
-            )
-    ds = load_dataset(name, "test", args.data_dir)
+    ds = load_dataset(dataset_name(model, args.data), "test", args.data_dir)
     ds = select(ds, args.indices, args.labels, args.limit)
     x = to_layout(ds.images, model.layout, model.input_shape)
     if ds.labels.max() >= model.num_classes:
@@ -44,34 +64,507 @@ def load_inputs(model: Model, args: argparse.Namespace) -> Inputs:
     return Inputs(ds, x, ds.labels)
 
 
-def accuracy_table(y: np.ndarray, pred: np.ndarray, classes: int) -> str:
-    """Per-class accuracy as a fixed-width text table."""
-    lines = [f"{'label':>5} {'inputs':>7} {'correct':>8} {'accuracy':>9}"]
-    for c in range(classes):
-        mask = y == c
-        if mask.any():
-            ok = int((pred[mask] == c).sum())
-            lines.append(f"{c:>5} {int(mask.sum()):>7} {ok:>8} {100 * ok / mask.sum():>8.2f}%")
-    ok = int((pred == y).sum())
-    lines.append(f"{'all':>5} {len(y):>7} {ok:>8} {100 * ok / len(y):>8.2f}%")
+def accuracy_table(y: np.ndarray, preds: dict[str, np.ndarray], classes: int) -> str:
+    """Per-class clean accuracy of the float model (F) and each quantized model (Q1, Q2, ...)."""
+    names = list(preds)
+    tags = ["F", *[f"Q{i}" for i in range(1, len(names))]]
+    head = f"{'label':>5} {'inputs':>7} " + " ".join(f"{t + ' acc%':>9}" for t in tags)
+    lines = ["clean accuracy", head]
+    for c in [*range(classes), None]:
+        mask = np.ones(len(y), bool) if c is None else y == c
+        if not mask.any():
+            continue
+        cells = " ".join(f"{100 * np.mean(preds[n][mask] == y[mask]):>9.2f}" for n in names)
+        lines.append(f"{'all' if c is None else c:>5} {int(mask.sum()):>7} {cells}")
+    lines += [f"{t} = {n}" for t, n in zip(tags, names, strict=True)]
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the main job for parsed arguments; returns the exit status."""
-    from verifier.cli import DEFAULT_MODEL
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse option values and combinations that cannot be run (exit status 2)."""
+    for r in args.radius:
+        for s in args.step:
+            validate_radius_step(r, s)
+    for name in ("dims", "feature_dims", "max_nodes", "enum_limit", "rollouts", "workers"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive")
+    if args.timeout <= 0:
+        raise InputError("--timeout must be positive")
+    if args.search == "mcts" and args.region != "features":
+        raise InputError("--search mcts searches feature subsets: use it with --region features")
+    if args.resume and args.out and args.out != args.resume:
+        raise InputError("--resume RUN continues RUN in place: do not also pass a different --out")
 
-    path = args.model or DEFAULT_MODEL
-    model = load_model(path, args.layout)
+
+def run_config(args: argparse.Namespace, model_path: Path, data_name: str) -> dict:
+    """The configuration that determines every decision (stored with the run)."""
+    return {
+        "model": str(model_path),
+        "layout": args.layout,
+        "data": data_name,
+        "data_dir": str(args.data_dir) if args.data_dir else None,
+        "limit": args.limit,
+        "indices": args.indices,
+        "labels": args.labels,
+        "radius": args.radius,
+        "step": args.step,
+        "region": args.region,
+        "dims": args.dims,
+        "feature_dims": args.feature_dims,
+        "selection": args.selection,
+        "search": args.search,
+        "timeout": args.timeout,
+        "max_nodes": args.max_nodes,
+        "enum_limit": args.enum_limit,
+        "rollouts": args.rollouts,
+        "use_smt": not args.no_smt,
+        "quantized": [str(q) for q in args.quantized],
+        "modes": args.modes,
+        "calib_size": args.calib_size,
+        "calib_data": args.calib_data,
+        "seed": args.seed,
+    }
+
+
+def resume_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """On --resume, options left at their defaults take the stored run's values."""
+    run_dir = args.resume
+    if not (run_dir / "run.json").is_file():
+        raise InputError(f"--resume {run_dir}: not a run directory (no run.json)")
+    stored = json.loads((run_dir / "run.json").read_text())
+    for key, value in stored.items():
+        dest = key.replace("-", "_")
+        if key == "use_smt":
+            if not args.no_smt:
+                args.no_smt = not value
+            continue
+        if dest in ("model", "data_dir", "quantized"):
+            if getattr(args, dest) in (None, []):
+                cast = (
+                    [Path(v) for v in value]
+                    if dest == "quantized"
+                    else (Path(value) if value else None)
+                )
+                setattr(args, dest, cast)
+            continue
+        if hasattr(args, dest) and getattr(args, dest) == parser.get_default(dest):
+            setattr(args, dest, value)
+    args.out = run_dir  # the per-setting stores check the full configuration
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run the main job for parsed arguments; returns the exit status."""
+    from verifier.cli import DEFAULT_MODEL, build_parser
+
+    if args.resume:
+        resume_args(args, parser or build_parser())
+    check_options(args)
+    model_path = args.model or DEFAULT_MODEL
+    out = args.out or fresh_run_dir(Path("runs"))
+    model = load_model(model_path, args.layout, cache_dir=out / "models")
+    data_name = dataset_name(model, args.data)
     inputs = load_inputs(model, args)
-    print(
+    config = run_config(args, model_path, data_name)
+    out.mkdir(parents=True, exist_ok=True)
+    from verifier.store import write_atomic
+
+    if not args.resume:
+        if (out / "run.json").exists():
+            raise InputError(f"{out} already holds a run; pass --resume {out} to continue it")
+        write_atomic(out / "run.json", json.dumps(config, indent=2))
+    say = _printer(args)
+    say(
         f"model: {model.source or model.path} (layout {model.layout}, input "
         f"{model.input_shape}, {model.num_classes} classes, sha256 {model.sha256[:12]})"
     )
-    print(f"data:  {inputs.dataset.name} from {inputs.dataset.source}, {len(inputs.y)} inputs")
-    pred = model.classify(inputs.x)
-    print(accuracy_table(inputs.y, pred, model.num_classes))
-    print(
-        "verification: the decision engine is not built yet; clean accuracy only", file=sys.stderr
+    say(f"data:  {inputs.dataset.name} from {inputs.dataset.source}, {len(inputs.y)} inputs")
+
+    runners, described = quantized_runners(model, args, data_name, out)
+    preds = {"float": model.classify(inputs.x)}  # the float model first: tag F
+    for name, runner in runners.items():
+        preds[name] = np.asarray(runner.predict(inputs.x)).argmax(axis=1)
+    say(accuracy_table(inputs.y, preds, model.num_classes))
+
+    settings = [
+        Settings(
+            r,
+            s,
+            args.region,
+            args.dims,
+            args.feature_dims,
+            args.selection,
+            args.search,
+            args.timeout,
+            args.max_nodes,
+            args.enum_limit,
+            args.rollouts,
+            not args.no_smt,
+            args.seed,
+        )
+        for r in args.radius
+        for s in args.step
+    ]
+    sweep = len(settings) > 1
+    results = []
+    for st in settings:
+        run_dir = out / f"r{st.radius:g}-s{st.step:g}".replace("/", "_") if sweep else out
+        cfg = {**config, "radius": st.radius, "step": st.step}
+        doc = run_setting(st, cfg, model, inputs, runners, described, preds, run_dir, args, say)
+        results.append((st, doc))
+    if sweep:
+        from verifier.report import write_sweep_tables
+
+        write_sweep_tables(
+            out / "sweep.md", [(st.radius, st.step, doc["aggregates"]) for st, doc in results]
+        )
+        say(f"sweep tables: {out / 'sweep.md'}")
+    failed = any(not doc["gate"]["passed"] for _, doc in results)
+    if args.json:
+        print(
+            json.dumps(
+                [summary(st, doc) for st, doc in results] if sweep else summary(*results[0]),
+                indent=2,
+            )
+        )
+    return EXIT_GATE_FAILED if failed else EXIT_OK
+
+
+def fresh_run_dir(root: Path) -> Path:
+    """`root/<timestamp>`, with a suffix when two runs start in the same second."""
+    base = root / time.strftime("%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def _printer(args: argparse.Namespace):
+    quiet = args.quiet or args.json
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, flush=True)
+
+    return say
+
+
+def quantized_runners(model: Model, args, data_name: str, out: Path):
+    """The quantized models to compare: `--quantized` files and the `--modes` built here."""
+    from quantize import get_mode, load_quantized, quantize_model
+
+    modes = args.modes
+    if modes is None:
+        modes = "" if args.quantized else ",".join(DEFAULT_MODES)
+        if data_name.endswith(".npz") and not args.calib_data and not args.quantized:
+            modes = "dynamic"  # static modes need calibration data apart from the test inputs
+            print(
+                "notice: no --calib-data for the .npz dataset: building the dynamic-range "
+                "model only",
+                file=sys.stderr,
+            )
+    modes = [m.strip() for m in modes.split(",") if m.strip() and m.strip() != "none"]
+    runners, described = {}, []
+    for path in args.quantized:
+        r = load_quantized(path, model.layout)
+        runners[r.name], described = r, [*described, {"name": r.name, "describe": r.describe()}]
+    if modes:
+        calib, record = None, None
+        if any(get_mode(m).needs_calib(get_mode(m).resolve({})) for m in modes):
+            calib, record = calibration(model, args, data_name)
+        for mode in modes:
+            r = quantize_model(model, mode, out / "models", calib)
+            desc = {**r.describe(), "calibration": record.to_dict() if record else None}
+            runners[r.name] = r
+            described.append({"name": r.name, "describe": desc})
+    return runners, described
+
+
+def calibration(model: Model, args, data_name: str):
+    """Calibration inputs from the training side of the data, never the verified inputs."""
+    from quantize import calibration_inputs
+
+    source = args.calib_data or data_name
+    if source.endswith(".npz") and not args.calib_data:
+        raise InputError(
+            "static quantization needs calibration data apart from the verified inputs: pass "
+            "--calib-data TRAIN.npz (or --modes with dynamic modes only, or --quantized FILE)"
+        )
+    return calibration_inputs(
+        source, args.data_dir, model.layout, model.input_shape, args.calib_size, args.seed
     )
-    return EXIT_OK
+
+
+def run_setting(
+    st: Settings,
+    cfg: dict,
+    model: Model,
+    inputs: Inputs,
+    runners: dict,
+    described: list,
+    preds: dict,
+    run_dir: Path,
+    args,
+    say,
+) -> dict:
+    """Decide every input for one (radius, step), commit records, write the report."""
+    from verifier.gate import Thresholds, check_gate, gate_summary, load_baseline
+    from verifier.relative import aggregate
+    from verifier.report import build_results, describe_data, describe_model, write_report
+    from verifier.store import RunStore
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store_cfg = {k: v for k, v in cfg.items()}
+    store_cfg["quantized_models"] = [d["name"] for d in described]
+    store_cfg["data_sha256"] = describe_data(inputs.dataset.name, inputs.dataset.source, inputs.x)[
+        "sha256"
+    ]
+    store_cfg["model_sha256"] = model.sha256
+    if (run_dir / "run.sqlite").exists():
+        if not args.resume:
+            raise InputError(f"{run_dir} already holds a run; pass --resume to continue it")
+        store = RunStore.open(run_dir, store_cfg)
+    else:
+        store = RunStore.create(run_dir, store_cfg)
+    with store:
+        done = store.done_indices()
+        todo = [i for i in range(len(inputs.y)) if int(inputs.dataset.indices[i]) not in done]
+        state = WorkerState(
+            st,
+            model.path,
+            model.layout,
+            inputs.x,
+            inputs.y,
+            inputs.dataset.indices,
+            preds,
+            {d["name"]: d["describe"].get("path") for d in described},
+        )
+        progress = Progress(
+            len(inputs.y),
+            len(inputs.y) - len(todo),
+            label=f"r={st.radius:g} step={st.step:g}",
+            quiet=args.quiet or args.json,
+        )
+        for rec in check_inputs(state, todo, args.workers, runners, model):
+            store.put(rec)
+            progress.update(rec)
+        progress.close()
+        records = store.records()
+
+    agg = aggregate(records, [d["name"] for d in described])
+    thresholds = Thresholds(
+        args.min_relative_robustness, args.max_transfer, args.max_unknown, args.min_accuracy
+    )
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    failures = check_gate(agg, thresholds, baseline, args.tolerance)
+    gate = gate_summary(
+        thresholds, failures, str(args.baseline) if args.baseline else None, args.tolerance
+    )
+    doc = build_results(
+        {**cfg, "settings": asdict(st)},
+        records,
+        agg,
+        model=describe_model(
+            model.path,
+            layout=model.layout,
+            input_shape=list(model.input_shape),
+            classes=model.num_classes,
+            source=str(model.source) if model.source else None,
+        ),
+        data=describe_data(
+            inputs.dataset.name, inputs.dataset.source, inputs.x, count=len(inputs.y)
+        ),
+        quantized=described,
+        gate=gate,
+    )
+    examples = report_examples(st, model, inputs, runners, records, args.examples)
+    paths = write_report(run_dir, doc, examples)
+    say(summary_table(doc))
+    for f in failures:
+        print(f"gate failed: {f.message}", file=sys.stderr)
+    say(f"report: {paths['html']}")
+    return doc
+
+
+@dataclass
+class WorkerState:
+    """What a worker process needs to rebuild a `Checker` (plain, picklable data)."""
+
+    settings: Settings
+    model_path: Path
+    layout: str
+    x: np.ndarray
+    y: np.ndarray
+    indices: np.ndarray
+    preds: dict
+    runner_paths: dict
+
+    def checker(self, model=None, runners=None) -> Checker:
+        """A checker, reusing loaded runtimes in the parent and loading them in workers."""
+        if model is None:
+            from quantize import load_quantized
+
+            model = load_model(self.model_path, self.layout)
+            runners = {n: load_quantized(p, self.layout) for n, p in self.runner_paths.items()}
+        qpred = {k: v for k, v in self.preds.items() if k != "float"}
+        return Checker(
+            self.settings,
+            model,
+            model.network.lower(),
+            self.x,
+            self.y,
+            self.indices,
+            self.preds["float"],
+            runners,
+            qpred,
+        )
+
+
+_WORKER: Checker | None = None
+
+
+def _init_worker(state: WorkerState) -> None:
+    global _WORKER
+    _WORKER = state.checker()
+
+
+def _check_in_worker(pos: int) -> dict:
+    assert _WORKER is not None, "worker not initialised"
+    return _WORKER.check(pos).to_dict()
+
+
+def check_inputs(state: WorkerState, todo: list[int], workers: int, runners: dict, model):
+    """Yield the record of each input in `todo`, in one process or in `workers` processes."""
+    if workers <= 1 or len(todo) <= 1:
+        checker = state.checker(model, runners)
+        for pos in todo:
+            yield checker.check(pos)
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, (state,)) as pool:
+        futures = [pool.submit(_check_in_worker, pos) for pos in todo]
+        try:
+            for fut in as_completed(futures):
+                yield InputRecord.from_dict(fut.result())
+        except Exception as exc:  # a worker died (BrokenProcessPool) or raised
+            for f in futures:
+                f.cancel()
+            raise InputError(
+                f"a worker process failed ({type(exc).__name__}: {exc}); the records decided so "
+                "far are stored: continue with --resume"
+            ) from None
+
+
+def report_examples(
+    st: Settings,
+    model: Model,
+    inputs: Inputs,
+    runners: dict,
+    records: list[InputRecord],
+    count: int,
+) -> list:
+    """Original / perturbed image pairs for the report: robust inputs and refuted ones."""
+    from verifier.report import Example
+
+    if count <= 0:
+        return []
+    pos_of = {int(i): p for p, i in enumerate(inputs.dataset.indices)}
+    checker = Checker(
+        st,
+        model,
+        model.network.lower(),
+        inputs.x,
+        inputs.y,
+        inputs.dataset.indices,
+        np.zeros(len(inputs.y), int),
+    )
+    robust = [r for r in records if r.float and r.float.status != REFUTED and r.correct][:count]
+    refuted = [r for r in records if r.float and r.float.status == REFUTED][:count]
+    out = []
+    rng = np.random.default_rng(st.seed)
+    for rec in robust + refuted:
+        pos = pos_of[rec.index]
+        region = checker.region(pos)
+        if rec.float.status == REFUTED:
+            coeffs = np.asarray(rec.float.coeffs)
+        else:
+            coeffs = random_point(region, rng)
+        xp = region.points(coeffs[None]).astype(np.float32).reshape((1, *model.input_shape))
+        image_shape = inputs.dataset.image_shape
+        labels = {n: int(np.asarray(r.predict(xp)).argmax()) for n, r in runners.items()}
+        out.append(
+            Example(
+                rec.index,
+                from_layout(inputs.x[pos : pos + 1], model.layout, image_shape)[0],
+                from_layout(xp, model.layout, image_shape)[0],
+                rec.label,
+                int(model.classify(xp)[0]),
+                labels,
+            )
+        )
+    return out
+
+
+def random_point(region, rng: np.random.Generator) -> np.ndarray:
+    """A point of the region reached by random single manipulations until the budget is spent."""
+    s = np.zeros(region.num_generators, dtype=np.int64)
+    for g in rng.permutation(region.num_generators):
+        choices = [v for v in (region.lo[g], region.hi[g]) if v != 0]
+        for v in choices[:1] if choices else []:
+            trial = s.copy()
+            trial[g] = v
+            if region.contains(trial[None])[0]:
+                s = trial
+    return s
+
+
+def summary(st: Settings, doc: dict) -> dict:
+    """The figures a script wants: per quantized model, the sets and the two measures."""
+    agg = doc["aggregates"]
+    return {
+        "radius": st.radius,
+        "step": st.step,
+        "float": agg["float"]["overall"],
+        "quantized": {n: m["overall"] for n, m in agg["quantized"].items()},
+        "gate": doc["gate"],
+    }
+
+
+def summary_table(doc: dict) -> str:
+    """Per-class table: the float sets, then each quantized model's two measures."""
+    agg = doc["aggregates"]
+    fl = agg["float"]
+    names = list(agg["quantized"])
+    head = f"{'label':>5} {'L_cc':>6} {'R':>6} {'R_NOT':>6} {'unknown':>7}"
+    for i, _ in enumerate(names):
+        head += f" | Q{i + 1} {'RR%':>7} {'TR%':>7} {'unk':>4}"
+    lines = ["", head]
+    for lab in [*sorted(fl["per_label"], key=int), "all"]:
+        f = fl["overall"] if lab == "all" else fl["per_label"][lab]
+        row = f"{lab:>5} {f['l_cc']:>6} {f['r']:>6} {f['r_not']:>6} {f['unknown']:>7}"
+        for n in names:
+            q = agg["quantized"][n]
+            qv = q["overall"] if lab == "all" else q["per_label"].get(lab)
+            if qv is None:
+                row += f" | {'':>2} {'-':>7} {'-':>7} {'-':>4}"
+                continue
+            row += (
+                f" | {'':>2} {_pct(qv['relative_robustness']):>7} "
+                f"{_pct(qv['adversarial_transfer']):>7} {qv['undecided']:>4}"
+            )
+        lines.append(row)
+    lines.append(
+        "R: certified robust on the float model; R_NOT: refuted (confirmed counterexample)"
+    )
+    for i, n in enumerate(names):
+        lines.append(f"Q{i + 1} = {n}")
+    lines.append(
+        "RR = relative robustness |R_Q^FP|/|R|; TR = adversarial transfer |R^0|/|R_NOT|; "
+        "unk = undecided inputs"
+    )
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.2f}"

@@ -1,0 +1,242 @@
+"""Benchmark of the decision procedure on the MNIST MLP: share decided, time per input and route.
+
+Usage: python benchmarks/bench_engine.py [--model examples/mnist_mlp.onnx] [--n 1000]
+       [--configs a,b,c] [--timeout 2] [--baseline 3] [--no-smt] [--out runs/bench_engine.json]
+
+Configurations (SPEC section 3, activation heuristic):
+  a  lattice of the 10 most salient values, radius 20, step 0.25
+  b  features (chunks of 10, all 79), radius 20, step 0.25
+  c  features (chunks of 10, all 79), radius 10, step 1/64
+The baseline is plain exhaustive enumeration on the runtime, run on `--baseline` inputs of (a)
+(the feature regions are far too large to enumerate; their sizes are reported instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+# Single-threaded BLAS: the engine's matrix products are small, and OpenBLAS threads spin
+# against each other (and onnxruntime's pool) on a 2-core machine. Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+from verifier.bounds import prepare_chain  # noqa: E402
+from verifier.data import load_dataset, to_layout  # noqa: E402
+from verifier.decide import decide  # noqa: E402
+from verifier.enumeration import box_size, enumerate_box  # noqa: E402
+from verifier.features import activation_order, chunk  # noqa: E402
+from verifier.model import load_model  # noqa: E402
+from verifier.regions import feature_region, lattice_region  # noqa: E402
+
+CONFIGS = {
+    "a": ("lattice", 0.25, 20.0),
+    "b": ("features", 0.25, 20.0),
+    "c": ("features", 1 / 64, 10.0),
+}
+
+
+def make_region(config: str, x: np.ndarray):
+    """The region of one configuration around the flat input `x`."""
+    family, step, radius = CONFIGS[config]
+    order = activation_order(x)
+    if family == "lattice":
+        return lattice_region(x, order[:10], step, radius)
+    return feature_region(x, chunk(order, 10), step, radius)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Shares decided / unknown and time statistics, overall and per route."""
+    n = len(rows)
+    secs = np.array([r["seconds"] for r in rows]) if rows else np.zeros(0)
+    status = Counter(r["status"] for r in rows)
+    out = {
+        "inputs": n,
+        "certified": status["certified"],
+        "refuted": status["refuted"],
+        "unknown": status["unknown"],
+        "decided_share": (status["certified"] + status["refuted"]) / n if n else None,
+        "unknown_share": status["unknown"] / n if n else None,
+        **_stats(secs),
+        "routes": {},
+    }
+    for route in sorted({(r["status"], r["route"]) for r in rows}):
+        sel = np.array([r["seconds"] for r in rows if (r["status"], r["route"]) == route])
+        out["routes"][f"{route[0]}/{route[1]}"] = {"count": len(sel), **_stats(sel)}
+    return out
+
+
+def _stats(secs: np.ndarray) -> dict:
+    if not len(secs):
+        return {"mean_s": None, "median_s": None, "p95_s": None}
+    return {
+        "mean_s": float(secs.mean()),
+        "median_s": float(np.median(secs)),
+        "p95_s": float(np.percentile(secs, 95)),
+    }
+
+
+def run_config(config: str, model, chain, xs, labels, args) -> tuple[list[dict], dict]:
+    """Decide every input of one configuration; print progress; return rows and summary."""
+    rows = []
+    t0 = time.perf_counter()
+    for i, (x, label) in enumerate(zip(xs, labels, strict=True)):
+        region = make_region(config, x)
+        d = decide(
+            model, chain, region, int(label), timeout=args.timeout, use_smt=not args.no_smt, seed=i
+        )
+        rows.append(
+            {
+                "index": i,
+                "label": int(label),
+                "status": d.status,
+                "route": d.route,
+                "seconds": d.seconds,
+                "nodes": d.nodes,
+                "adv_label": d.adv_label,
+                "coeffs": None if d.coeffs is None else d.coeffs.tolist(),
+                "detail": _jsonable(d.detail),
+            }
+        )
+        if (i + 1) % 50 == 0 or i + 1 == len(xs):
+            s = summarise(rows)
+            print(
+                f"  [{config}] {i + 1}/{len(xs)} decided {s['decided_share']:.3f} "
+                f"mean {s['mean_s'] * 1000:.0f} ms ({time.perf_counter() - t0:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return rows, summarise(rows)
+
+
+def baseline(config: str, model, xs, labels, count: int) -> dict:
+    """Plain exhaustive enumeration on the runtime for the first `count` inputs."""
+    out = []
+    for x, label in list(zip(xs, labels, strict=True))[:count]:
+        region = make_region(config, x)
+        size = region.size()
+        t = time.perf_counter()
+        res = enumerate_box(model, region, int(label))
+        out.append(
+            {
+                "points": int(size),
+                "evaluated": res.points,
+                "status": "refuted" if res.coeffs is not None else "certified",
+                "seconds": time.perf_counter() - t,
+            }
+        )
+    secs = np.array([r["seconds"] for r in out])
+    return {"inputs": out, **_stats(secs)}
+
+
+def region_sizes(config: str, xs, count: int = 20) -> dict:
+    """Point counts of the regions (capped), to show why they cannot be enumerated."""
+    sizes = []
+    for x in xs[:count]:
+        r = make_region(config, x)
+        sizes.append(box_size(r.lo, r.hi, r.cost, r.budget, 10**15))
+    return {"median_points": float(np.median(sizes)), "min_points": int(min(sizes))}
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def print_table(results: dict) -> None:
+    """One line per configuration, then one per (status, route)."""
+    print(
+        f"{'config':<8}{'inputs':>7}{'cert':>7}{'refut':>7}{'unkn':>6}{'decided':>9}"
+        f"{'mean ms':>9}{'med ms':>8}{'p95 ms':>8}"
+    )
+    for name, res in results["configs"].items():
+        s = res["summary"]
+        print(
+            f"{name:<8}{s['inputs']:>7}{s['certified']:>7}{s['refuted']:>7}{s['unknown']:>6}"
+            f"{100 * s['decided_share']:>8.2f}%{1000 * s['mean_s']:>9.1f}"
+            f"{1000 * s['median_s']:>8.1f}{1000 * s['p95_s']:>8.1f}"
+        )
+        for route, r in s["routes"].items():
+            print(
+                f"  {route:<22}{r['count']:>7}{'':>22}{1000 * r['mean_s']:>9.1f}"
+                f"{1000 * r['median_s']:>8.1f}{1000 * r['p95_s']:>8.1f}"
+            )
+        if "baseline" in res:
+            b = res["baseline"]
+            pts = np.mean([r["points"] for r in b["inputs"]])
+            print(
+                f"  {'baseline enumeration':<22}{len(b['inputs']):>7}   {pts:>12.0f} pts/input"
+                f"     {1000 * b['mean_s']:>9.1f}{1000 * b['median_s']:>8.1f}"
+            )
+        if "region_sizes" in res:
+            print(f"  region points (median): {res['region_sizes']['median_points']:.3g}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="examples/mnist_mlp.onnx")
+    p.add_argument("--n", type=int, default=1000, help="first N test inputs (then correct only)")
+    p.add_argument("--configs", default="a,b,c")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds per input")
+    p.add_argument("--baseline", type=int, default=3, help="inputs enumerated plainly for (a)")
+    p.add_argument("--no-smt", action="store_true")
+    p.add_argument("--out", default="runs/bench_engine.json")
+    args = p.parse_args(argv)
+
+    model = load_model(args.model)
+    chain = prepare_chain(model.network.lower())
+    ds = load_dataset(
+        "mnist", "test", data_dir=os.environ.get("RELROBUST_DATA", "/work/shared/data")
+    )
+    x = to_layout(ds.images[: args.n], model.layout, model.input_shape)
+    y = ds.labels[: args.n]
+    correct = model.predict(x).argmax(axis=1) == y
+    xs = x[correct].reshape(int(correct.sum()), -1).astype(np.float64)
+    labels = y[correct]
+    print(
+        f"{args.model}: {int(correct.sum())} of {len(y)} inputs correctly classified",
+        file=sys.stderr,
+    )
+    results = {
+        "model": str(args.model),
+        "n": args.n,
+        "correct": int(correct.sum()),
+        "timeout_s": args.timeout,
+        "use_smt": not args.no_smt,
+        "configs": {},
+    }
+    for config in args.configs.split(","):
+        rows, summary = run_config(config, model, chain, xs, labels, args)
+        entry = {
+            "region": dict(zip(("family", "step", "radius"), CONFIGS[config], strict=True)),
+            "summary": summary,
+            "rows": rows,
+        }
+        if config == "a" and args.baseline > 0:
+            entry["baseline"] = baseline(config, model, xs, labels, args.baseline)
+        elif CONFIGS[config][0] == "features":
+            entry["region_sizes"] = region_sizes(config, xs)
+        results["configs"][config] = entry
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_jsonable(results), indent=1))
+    print_table(results)
+    print(f"written {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""The decision procedure against full enumeration on tiny random ReLU networks and regions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from verifier.attack import greedy_extreme
+from verifier.bab import Leaf, branch_and_bound
+from verifier.bounds import interval_bounds, knapsack_min, linear_bounds, spec_chain
+from verifier.decide import decide
+from verifier.enumeration import box_size, margins_and_labels, replay
+from verifier.network import Affine, MaxPool, Relu, forward_lowered
+from verifier.regions import feature_region, lattice_region
+from verifier.result import CERTIFIED, REFUTED, UNKNOWN
+
+
+class ChainRuntime:
+    """A runtime whose predict is the lowered chain itself (float32 out, like onnxruntime)."""
+
+    def __init__(self, chain, n: int):
+        self.chain, self.input_shape = chain, (n,)
+
+    def predict(self, x):
+        x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+        return forward_lowered(self.chain, x).astype(np.float32)
+
+
+def random_chain(rng, n: int, maxpool: bool = False) -> list:
+    """1-2 hidden ReLU layers of 5-16 neurons (optionally a max pool), 3-4 classes."""
+    chain, width = [], n
+    for _ in range(int(rng.integers(1, 3))):
+        h = int(rng.integers(5, 17))
+        chain += [Affine(rng.normal(size=(h, width)) * 1.5 / np.sqrt(width),
+                         rng.normal(size=h) * 0.3), Relu()]
+        width = h
+    if maxpool:
+        k = int(rng.integers(2, 4))
+        out = width // k
+        windows = np.arange(out * k).reshape(out, k)
+        if width > out * k:  # one padded window over the leftovers
+            rest = np.full((1, k), -1)
+            rest[0, : width - out * k] = np.arange(out * k, width)
+            windows = np.concatenate([windows, rest])
+        chain.append(MaxPool(windows.astype(np.int64)))
+        width = len(windows)
+    k = int(rng.integers(3, 5))
+    chain.append(Affine(rng.normal(size=(k, width)) / np.sqrt(width), rng.normal(size=k) * 0.3))
+    return chain
+
+
+def random_case(seed: int, maxpool: bool = False):
+    """(chain, runtime, region, label): lattice of 2-4 values or 4-8 features, label at x."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(6, 13))
+    chain = random_chain(rng, n, maxpool)
+    x = rng.uniform(0, 1, n)
+    runtime = ChainRuntime(chain, n)
+    label = int(runtime.predict(x[None]).argmax())
+    if seed % 2 == 0:
+        pos = rng.choice(n, int(rng.integers(2, 5)), replace=False)
+        region = lattice_region(x, pos, step=0.25, radius=float(rng.uniform(0.5, 2.0)))
+    else:
+        feats = np.array_split(rng.permutation(n), int(rng.integers(4, min(8, n) + 1)))
+        region = feature_region(x, feats, step=0.25, radius=float(rng.uniform(0.5, 3.0)))
+    return chain, runtime, region, label
+
+
+def all_points(region) -> np.ndarray:
+    return np.concatenate(list(region.enumerate()))
+
+
+def truth(runtime, region, label) -> tuple[np.ndarray, np.ndarray]:
+    """Every point of the region and whether the runtime misclassifies it."""
+    pts = all_points(region)
+    _, labels = margins_and_labels(runtime, region, pts, label)
+    return pts, labels != label
+
+
+def check_decision(d, runtime, region, label) -> None:
+    """Certified agrees with enumeration; refuted is a confirmed region point."""
+    _, bad = truth(runtime, region, label)
+    if d.status == CERTIFIED:
+        assert not bad.any(), f"certified by {d.route} but enumeration finds an error"
+    elif d.status == REFUTED:
+        s = d.coeffs
+        assert s.dtype == np.int64 and region.contains(s[None])[0]
+        got = int(runtime.predict(region.points(s[None]).astype(np.float32)).argmax())
+        assert got != label and got == d.adv_label
+    if bad.any():
+        assert d.status != CERTIFIED
+
+
+# --- bounds ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
+@pytest.mark.parametrize("seed", range(12))
+def test_bounds_never_exclude_a_real_margin(seed, maxpool):
+    chain, _, region, label = random_case(seed, maxpool)
+    spec = spec_chain(chain, region, label)
+    rng = np.random.default_rng(seed + 100)
+    boxes = [(region.lo, region.hi)]
+    for _ in range(3):  # random sub-boxes, as branch and bound makes them
+        a = rng.integers(region.lo, region.hi + 1)
+        b = rng.integers(region.lo, region.hi + 1)
+        boxes.append((np.minimum(a, b), np.maximum(a, b)))
+    for lo, hi in boxes:
+        parts = list(region.enumerate(lo=lo, hi=hi))
+        if not parts:  # no point within budget: the relaxation is empty too
+            assert linear_bounds(spec, lo, hi).empty and interval_bounds(spec, lo, hi).empty
+            continue
+        pts = np.concatenate(parts)
+        logits = forward_lowered(chain, region.points(pts))
+        real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
+        for b in (interval_bounds(spec, lo, hi), linear_bounds(spec, lo, hi),
+                  linear_bounds(spec, lo, hi, alpha_steps=15)):
+            assert np.all(b.lower <= real + 1e-9), (b.method, b.lower, real)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_folded_relu_step_equals_plain_back_substitution(seed):
+    """The W / |W| shortcut for a ReLU above an affine layer changes no number."""
+    from verifier.bounds import _backsub, _query_both
+
+    chain, _, region, label = random_case(seed)
+    spec = spec_chain(chain, region, label)
+    b = linear_bounds(spec, region.lo, region.hi)
+    for i, layer in enumerate(spec.layers):
+        if i >= 2 and isinstance(layer, Affine) and isinstance(spec.layers[i - 1], Relu):
+            m = len(layer.bias)
+            rows = np.arange(m)
+            eye = np.concatenate([np.eye(m), -np.eye(m)])
+            lam, c = _query_both(spec, b.pre, i, rows)
+            lam2, c2 = _backsub(spec, b.pre, i + 1, eye, np.zeros(2 * m))
+            assert np.allclose(lam, lam2) and np.allclose(c, c2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_child_bounds_reusing_parent_are_sound_and_tighter(seed):
+    chain, _, region, label = random_case(seed)
+    spec = spec_chain(chain, region, label)
+    root = linear_bounds(spec, region.lo, region.hi)
+    g = int(np.argmax(region.hi - region.lo))
+    hi = region.hi.copy()
+    hi[g] = region.lo[g]
+    plain = linear_bounds(spec, region.lo, hi)
+    child = linear_bounds(spec, region.lo, hi, parent=root)
+    assert np.all(child.lower >= plain.lower - 1e-9)
+    parts = list(region.enumerate(lo=region.lo, hi=hi))
+    if parts:
+        logits = forward_lowered(chain, region.points(np.concatenate(parts)))
+        real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
+        assert np.all(child.lower <= real + 1e-9)
+
+
+def test_linear_bounds_tighter_than_interval():
+    wins = 0
+    for seed in range(10):
+        chain, _, region, label = random_case(seed)
+        spec = spec_chain(chain, region, label)
+        ibp = interval_bounds(spec, region.lo, region.hi)
+        lin = linear_bounds(spec, region.lo, region.hi, ibp=ibp)
+        opt = linear_bounds(spec, region.lo, region.hi, ibp=ibp, alpha_steps=20)
+        assert np.all(lin.lower >= ibp.lower - 1e-12)
+        assert np.all(opt.lower >= lin.lower - 1e-12)
+        wins += bool(np.any(lin.lower > ibp.lower + 1e-9))
+    assert wins > 0
+
+
+def _linprog_min(a, lo, hi, cost, budget):
+    """min a.s over box and weighted L1 ball, by scipy's HiGHS on (s, t) with t >= |s|."""
+    from scipy.optimize import linprog
+
+    g = len(a)
+    c = np.concatenate([a, np.zeros(g)])
+    eye = np.eye(g)
+    a_ub = np.block([[eye, -eye], [-eye, -eye], [np.zeros((1, g)), cost[None]]])
+    b_ub = np.concatenate([np.zeros(2 * g), [budget]])
+    bounds = [(float(l), float(h)) for l, h in zip(lo, hi, strict=True)] + [(0, None)] * g
+    res = linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=bounds, method="highs")
+    return res.fun if res.status == 0 else np.inf
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_knapsack_equals_linprog(seed):
+    rng = np.random.default_rng(seed)
+    g = int(rng.integers(1, 9))
+    lo = rng.integers(-4, 3, g)
+    hi = lo + rng.integers(0, 5, g)
+    cost = rng.choice([0.0, 0.25, 0.5, 1.0, 1.7], g)
+    budget = float(rng.uniform(0, 6))
+    a = rng.normal(size=(3, g))
+    const = rng.normal(size=3)
+    vals, argmin = knapsack_min(a, const, lo, hi, cost, budget)
+    for i in range(3):
+        ref = _linprog_min(a[i], lo, hi, cost, budget)
+        if np.isinf(ref):
+            assert np.isinf(vals[i])
+            continue
+        assert vals[i] == pytest.approx(ref + const[i], abs=1e-7)
+        s = argmin[i]
+        assert np.all(s >= lo - 1e-9) and np.all(s <= hi + 1e-9)
+        assert np.abs(s) @ cost <= budget + 1e-9
+        assert a[i] @ s + const[i] == pytest.approx(vals[i], abs=1e-9)
+
+
+def test_greedy_extreme_stays_in_region():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        g = int(rng.integers(1, 8))
+        lo = rng.integers(-4, 1, g)
+        hi = rng.integers(0, 5, g)
+        cost = rng.choice([0.25, 0.5, 1.0], g)
+        budget = float(rng.uniform(0, 4))
+        s = greedy_extreme(rng.normal(size=(4, g)), lo, hi, cost, budget)
+        assert np.all((s >= lo) & (s <= hi)) and np.all(np.abs(s) @ cost <= budget + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_box_size_counts_or_overcounts(seed):
+    _, _, region, _ = random_case(seed)
+    n = len(all_points(region))
+    assert box_size(region.lo, region.hi, region.cost, region.budget, 10**6) == n
+    assert box_size(region.lo, region.hi, region.cost, region.budget, n - 1) >= n
+
+
+# --- the decision procedure --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_decide_agrees_with_enumeration(seed):
+    chain, runtime, region, label = random_case(seed)
+    # enum_limit=0 forces bounds and branch and bound (no leaf is enumerated)
+    for kwargs in ({"enum_limit": 0}, {"enum_limit": 16}, {}):
+        d = decide(runtime, chain, region, label, timeout=20, use_smt=False, **kwargs)
+        assert d.status != UNKNOWN, (kwargs, d)
+        check_decision(d, runtime, region, label)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_decide_with_maxpool(seed):
+    chain, runtime, region, label = random_case(seed, maxpool=True)
+    d = decide(runtime, chain, region, label, timeout=20, enum_limit=0, use_smt=False)
+    assert d.status != UNKNOWN
+    check_decision(d, runtime, region, label)
+
+
+def _hard_robust_case():
+    """A robust region whose root bounds do not certify it (so only B&B can)."""
+    for seed in range(400):
+        chain, runtime, region, label = random_case(seed)
+        _, bad = truth(runtime, region, label)
+        if bad.any():
+            continue
+        spec = spec_chain(chain, region, label)
+        root = linear_bounds(spec, region.lo, region.hi, alpha_steps=20)
+        if not np.all(root.lower > 0):
+            return chain, runtime, region, label, spec, root
+    pytest.skip("no robust region with failing root bounds among the seeds")
+
+
+def test_bab_with_no_nodes_is_unknown():
+    chain, runtime, region, label, spec, root = _hard_robust_case()
+
+    def bound(lo, hi, parent):
+        return linear_bounds(spec, lo, hi, parent=parent)
+
+    leaf = Leaf(region.lo, region.hi, root)
+    out = branch_and_bound(runtime, region, label, leaf, bound, np.zeros(len(spec.others)), deadline=np.inf,
+                           max_nodes=0, enum_limit=0)
+    assert out.status == UNKNOWN and len(out.open_leaves) == 1
+    d = decide(runtime, chain, region, label, max_nodes=0, enum_limit=0, use_smt=False)
+    assert d.status == UNKNOWN and d.route == "budget"
+    full = branch_and_bound(runtime, region, label, leaf, bound, np.zeros(len(spec.others)), deadline=np.inf,
+                            max_nodes=10**5, enum_limit=0)
+    assert full.status == CERTIFIED and full.nodes > 1
+
+
+def test_decide_with_z3_on_remaining_leaves():
+    pytest.importorskip("verifier.smt")
+    chain, runtime, region, label, _, _ = _hard_robust_case()
+    d = decide(runtime, chain, region, label, max_nodes=1, enum_limit=0, use_smt=True,
+               timeout=30)
+    assert d.status == CERTIFIED and d.detail["leaves"].get("z3", 0) >= 1
+    check_decision(d, runtime, region, label)
+
+
+def test_runtime_that_disagrees_with_chain_gets_no_bounds():
+    """Bounds of one network must not certify another: the guard at x switches them off."""
+    chain, _, region, label = random_case(4)
+    other = [Affine(layer.weight * 1.01, layer.bias) if isinstance(layer, Affine) else layer
+             for layer in chain]
+    runtime = ChainRuntime(other, region.x.size)
+    label = int(runtime.predict(region.x[None]).argmax())
+    d = decide(runtime, chain, region, label, timeout=20, enum_limit=0, use_smt=False)
+    assert d.detail["trusted_bounds"] is False
+    check_decision(d, runtime, region, label)
+    assert d.status == REFUTED or d.route == "enumeration"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_quantized_runtime(seed):
+    """Rounded weights: certified only by enumeration, or by bounds widened by a sound eps."""
+    chain, _, region, label = random_case(seed)
+    q = [Affine(np.round(layer.weight * 8) / 8, np.round(layer.bias * 8) / 8)
+         if isinstance(layer, Affine) else layer for layer in chain]
+    runtime = ChainRuntime(q, region.x.size)
+    d = decide(runtime, chain, region, label, timeout=20, enum_limit=0, quantized=True)
+    check_decision(d, runtime, region, label)
+    assert d.status != UNKNOWN
+    if d.status == CERTIFIED:
+        assert d.route == "enumeration"
+    # the largest logit gap over this finite region is a sound eps for it
+    pts = region.points(all_points(region))
+    eps = float(np.abs(forward_lowered(q, pts) - forward_lowered(chain, pts)).max()) + 1e-6
+    d = decide(runtime, chain, region, label, timeout=20, enum_limit=0, quantized=True,
+               quant_error=eps)
+    check_decision(d, runtime, region, label)
+    assert d.status != UNKNOWN
+
+
+def test_replay_matches_predictions():
+    chain, runtime, region, label = random_case(6)
+    pts = all_points(region)
+    mis, labels = replay(runtime, region, pts, label, batch=7)
+    ref = runtime.predict(region.points(pts).astype(np.float32)).argmax(axis=1)
+    assert np.array_equal(labels, ref) and np.array_equal(mis, ref != label)
+
+
+def test_decide_rejects_bad_options():
+    chain, runtime, region, label = random_case(2)
+    with pytest.raises(ValueError):
+        decide(runtime, chain, region, label, quant_error=0.1)
+    with pytest.raises(ValueError):
+        decide(runtime, chain, region, label, timeout=0)
+
+
+def test_onnxruntime_model(tmp_path):
+    """A real onnxruntime model built with onnx.helper: same answers as enumeration on it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from verifier.model import load_model
+
+    rng = np.random.default_rng(11)
+    n, h, k = 10, 12, 4
+    w1 = (rng.normal(size=(n, h)) * 1.5 / np.sqrt(n)).astype(np.float32)
+    b1 = (rng.normal(size=h) * 0.3).astype(np.float32)
+    w2 = (rng.normal(size=(h, k)) / np.sqrt(h)).astype(np.float32)
+    b2 = (rng.normal(size=k) * 0.3).astype(np.float32)
+    inits = [numpy_helper.from_array(a, name) for a, name in
+             ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]),
+             helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", k])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, path)
+    runtime = load_model(path)
+    chain = runtime.network.lower()
+    decided = set()
+    for i in range(6):
+        x = rng.uniform(0, 1, n)
+        label = int(runtime.predict(x[None].astype(np.float32)).argmax())
+        if i % 2:
+            region = lattice_region(x, rng.choice(n, 3, replace=False), 0.25, 1.5)
+        else:
+            region = feature_region(x, np.array_split(rng.permutation(n), 5), 0.25, 2.0)
+        d = decide(runtime, chain, region, label, timeout=20, enum_limit=0, use_smt=False)
+        assert d.status != UNKNOWN and d.detail["trusted_bounds"]
+        check_decision(d, runtime, region, label)
+        decided.add(d.status)
+    assert decided  # at least one answer; both kinds usually

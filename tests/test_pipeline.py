@@ -1,0 +1,186 @@
+"""`verify` end to end on the example MNIST model and real test images (RELROBUST_DATA)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from conftest import EXAMPLES
+
+from verifier.cli import main
+from verifier.report import validate_results
+
+MODEL = EXAMPLES / "mnist_mlp.onnx"
+# A lattice region decides fast; 24 inputs keep the run to seconds.
+BASE = [
+    "--region",
+    "lattice",
+    "--dims",
+    "6",
+    "--radius",
+    "2",
+    "--step",
+    "0.25",
+    "--indices",
+    "0:24",
+    "--timeout",
+    "5",
+    "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def quantized(real_data, tmp_path_factory) -> Path:
+    """A TFLite dynamic-range copy of the example model, built once for these tests."""
+    from quantize import quantize_model
+    from verifier.model import load_model
+
+    out = tmp_path_factory.mktemp("q")
+    return Path(quantize_model(load_model(MODEL), "dynamic", out, None).describe()["path"])
+
+
+def verify(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def decisions(run_dir: Path) -> list[dict]:
+    """Per-input records without timings: what must be identical across runs."""
+    doc = json.loads((run_dir / "results.json").read_text())
+
+    def strip(o):
+        if o is None:
+            return None
+        return {k: v for k, v in o.items() if k not in ("seconds", "detail")}
+
+    return [
+        {
+            **r,
+            "float": strip(r["float"]),
+            "quantized": {k: strip(v) for k, v in r["quantized"].items()},
+        }
+        for r in doc["records"]
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_run(real_data, quantized, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "r"
+    code = verify(MODEL, "--data-dir", real_data, "--quantized", quantized, "--out", out, *BASE)
+    assert code == 0
+    return out
+
+
+def test_outputs_valid(finished_run):
+    doc = json.loads((finished_run / "results.json").read_text())
+    validate_results(doc)
+    assert len(doc["records"]) == 24
+    statuses = {r["float"]["status"] for r in doc["records"] if r["float"]}
+    assert statuses <= {"certified", "refuted", "unknown"} and "certified" in statuses
+    suites = ET.parse(finished_run / "junit.xml").getroot()
+    cases = suites.findall(".//testcase")
+    assert len(cases) == 24
+    html = (finished_run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2 and "http" not in html
+    assert (finished_run / "perturbations.npz").is_file()
+
+
+def test_gate_exit_status_both_ways(finished_run, real_data, quantized):
+    doc = json.loads((finished_run / "results.json").read_text())
+    acc = doc["aggregates"]["float"]["overall"]["accuracy"]
+    common = [
+        MODEL,
+        "--data-dir",
+        real_data,
+        "--quantized",
+        quantized,
+        "--resume",
+        finished_run,
+        *BASE,
+    ]
+    assert verify(*common, "--min-accuracy", acc) == 0
+    assert verify(*common, "--min-accuracy", min(acc + 0.5, 100.0) if acc < 100 else 100) in (
+        0 if acc == 100 else 1,
+    )
+    assert verify(*common, "--max-unknown", "100", "--min-relative-robustness", "0") == 0
+
+
+def test_resume_refuses_other_configuration(finished_run, real_data, quantized, capsys):
+    code = verify(
+        MODEL,
+        "--data-dir",
+        real_data,
+        "--quantized",
+        quantized,
+        "--resume",
+        finished_run,
+        *BASE[:-3],
+        "--timeout",
+        "9",
+        "--quiet",
+    )
+    assert code == 2
+    assert "timeout" in capsys.readouterr().err
+
+
+def test_workers_equal_one_worker(finished_run, real_data, quantized, tmp_path):
+    out = tmp_path / "w2"
+    assert (
+        verify(
+            MODEL,
+            "--data-dir",
+            real_data,
+            "--quantized",
+            quantized,
+            "--out",
+            out,
+            "--workers",
+            "2",
+            *BASE,
+        )
+        == 0
+    )
+    assert decisions(out) == decisions(finished_run)
+
+
+def test_kill_and_resume_loses_nothing(finished_run, real_data, quantized, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "verifier.cli",
+        str(MODEL),
+        "--data-dir",
+        str(real_data),
+        "--quantized",
+        str(quantized),
+        "--out",
+        str(out),
+        *BASE,
+    ]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    db = out / "run.sqlite"
+    deadline = time.time() + 120
+    import sqlite3
+
+    while time.time() < deadline:  # kill once a few records are committed, before the end
+        if db.exists():
+            try:
+                with sqlite3.connect(db) as con:
+                    n = con.execute("select count(*) from records").fetchone()[0]
+            except sqlite3.Error:
+                n = 0
+            if n >= 3:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists() or proc.returncode == 0
+    assert verify("--resume", out, "--quiet") == 0
+    assert decisions(out) == decisions(finished_run)

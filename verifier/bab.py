@@ -1,0 +1,143 @@
+"""Branch and bound on generator ranges: split, re-bound, enumerate small leaves on the runtime.
+
+Nodes are sub-boxes [lo, hi] of the coefficient box (the budget applies throughout), explored
+worst lower bound first. A node closes when its margins' lower bounds all exceed the threshold
+(route "bab"), when it holds no point within budget, or when it is small enough to enumerate
+(`enum_limit` points; a single point always is) and every point keeps the label on the runtime
+(route "enumeration"). Each bounded node also runs its rounded relaxed minimisers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from verifier.bounds import Bounds
+from verifier.enumeration import box_size, confirm, enumerate_box, margins_and_labels
+from verifier.regions import Region
+from verifier.result import CERTIFIED, REFUTED, UNKNOWN
+
+
+@dataclass
+class Leaf:
+    """An undecided sub-box with its bounds."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    bounds: Bounds
+
+
+@dataclass
+class BabOutcome:
+    """What branch and bound decided, how, and what it left open."""
+
+    status: str
+    route: str  # the route that found the counterexample, or closed most leaves
+    coeffs: np.ndarray | None = None
+    adv_label: int | None = None
+    closed: dict = field(default_factory=lambda: {"bab": 0, "empty": 0, "enumeration": 0})
+    open_leaves: list[Leaf] = field(default_factory=list)  # worst lower bound first
+    nodes: int = 0
+    points: int = 0
+
+
+def branch_and_bound(runtime, region: Region, label: int, root: Leaf,
+                     bound: Callable[[np.ndarray, np.ndarray, Bounds], Bounds], threshold: np.ndarray, *,
+                     deadline: float, max_nodes: int, enum_limit: int) -> BabOutcome:
+    """Refine `root` until every leaf is closed, a counterexample is confirmed, or the budget
+    (`max_nodes` processed nodes, `deadline` on `time.perf_counter()`) runs out.
+
+    `bound(lo, hi, parent_bounds)` bounds a child box (the parent's bounds stay valid in it).
+    """
+    out = BabOutcome(UNKNOWN, "budget")
+    tie = itertools.count()
+    heap: list = [(_key(root.bounds, threshold), next(tie), root)]
+    while heap:
+        if out.nodes >= max_nodes or time.perf_counter() > deadline:
+            break
+        _, _, leaf = heapq.heappop(heap)
+        out.nodes += 1
+        b = leaf.bounds
+        if b.empty:
+            out.closed["empty"] += 1
+            continue
+        if np.all(b.lower > threshold):
+            out.closed["bab"] += 1
+            continue
+        hit = _try_minimisers(runtime, region, label, b, threshold)
+        if hit is not None:
+            out.status, out.route, (out.coeffs, out.adv_label) = REFUTED, "bab", hit
+            return out
+        limit = max(enum_limit, 1)  # a single point is always run, never split
+        if box_size(leaf.lo, leaf.hi, region.cost, region.budget, limit) <= limit:
+            res = enumerate_box(runtime, region, label, leaf.lo, leaf.hi, deadline=deadline)
+            out.points += res.points
+            if res.coeffs is not None:
+                out.status, out.route = REFUTED, "enumeration"
+                out.coeffs, out.adv_label = res.coeffs, res.adv_label
+                return out
+            if res.complete:
+                out.closed["enumeration"] += 1
+                continue
+            heapq.heappush(heap, (_key(b, threshold), next(tie), leaf))
+            break
+        for lo, hi in split(leaf, threshold):
+            child = Leaf(lo, hi, bound(lo, hi, b))
+            heapq.heappush(heap, (_key(child.bounds, threshold), next(tie), child))
+    out.open_leaves = [entry[2] for entry in sorted(heap, key=lambda e: (e[0], e[1]))]
+    if not out.open_leaves:
+        out.status = CERTIFIED
+        counts = {"bab": out.closed["bab"] + out.closed["empty"],
+                  "enumeration": out.closed["enumeration"]}
+        out.route = max(counts, key=lambda k: counts[k])
+    return out
+
+
+def _key(b: Bounds, threshold: np.ndarray) -> float:
+    """Heap order: the most violated margin first (empty boxes last)."""
+    return float(np.min(b.lower - threshold)) if not b.empty else np.inf
+
+
+def split(leaf: Leaf, threshold: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Halve the range of the generator with the largest |coefficient| x range on the
+    violated margins' linear bounds (the widest weighted range when there are none)."""
+    lo, hi = leaf.lo, leaf.hi
+    width = (hi - lo).astype(np.float64)
+    bad = leaf.bounds.lower <= threshold
+    assert np.any(width > 0), "a single-point box is enumerated, not split"
+    score = (np.abs(leaf.bounds.coeffs[bad]).sum(axis=0) + 1e-12) * width
+    g = int(np.argmax(score))
+    mid = (int(lo[g]) + int(hi[g])) // 2
+    left_hi, right_lo = hi.copy(), lo.copy()
+    left_hi[g], right_lo[g] = mid, mid + 1
+    return [(lo.copy(), left_hi), (right_lo, hi.copy())]
+
+
+def round_into(s: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Integer points of the sub-box no costlier than `s`: truncated toward the box point
+    nearest 0 (each coordinate moves toward it, so |s_g| and the cost only shrink)."""
+    p = np.clip(0, lo, hi)
+    return np.clip(p + np.trunc(s - p + 1e-9 * np.sign(s - p)), lo, hi).astype(np.int64)
+
+
+def _try_minimisers(runtime, region: Region, label: int, b: Bounds,
+                    threshold: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """Run the rounded relaxed minimisers of the violated margins on the runtime."""
+    bad = np.flatnonzero(b.lower <= threshold)
+    if not len(bad):
+        return None
+    cands = np.unique(round_into(b.argmin[bad], region.lo, region.hi), axis=0)
+    cands = cands[region.contains(cands)]
+    if not len(cands):
+        return None
+    _, labels = margins_and_labels(runtime, region, cands, label)
+    for i in np.flatnonzero(labels != label)[:4]:
+        adv = confirm(runtime, region, cands[i], label)
+        if adv is not None:
+            return cands[i].astype(np.int64), adv
+    return None

@@ -1,0 +1,549 @@
+"""Sound lower bounds on the label's logit margins over a region (IBP, then CROWN-style).
+
+The network is rewritten as a function of the generator coefficients `s` (the first affine
+layer absorbs `x + s @ D`, the last one the difference matrix `logit[label] - logit[j]`), and
+every linear bound is concretised exactly over the relaxed region {s in [lo, hi],
+sum |s_g| cost_g <= budget} by a fractional knapsack. The relaxation contains every integer point
+of the region, so a positive lower bound certifies all of them.
+
+Float32: by default the bounds hold for the runtime's float32 evaluation, not only for the chain
+in exact arithmetic. Each affine layer's own rounding is bounded per neuron
+(|fl(W a + b) - (W a + b)| <= gamma_n (|W| |a| + |b|), any summation order, FMA or not; the input
+cast to float32 too) and treated as a bounded extra input of that layer: intervals are widened by
+it and back-substitution charges |lambda| . err at every affine layer, so ReLU relaxations stay
+valid for the perturbed values and the errors are not amplified through |W| products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from verifier.network import Affine, LoweredLayer, MaxPool, Relu
+from verifier.regions import EPS, Region
+
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+@dataclass(frozen=True)
+class PreparedChain:
+    """The lowered chain with C-contiguous float64 weights and their |W| (BLAS is several times
+    slower on the transposed views `lower()` returns): prepare once per model."""
+
+    layers: list[LoweredLayer]
+    absw: list  # per layer: |W| for Affine layers, else None
+
+
+@dataclass(frozen=True)
+class SpecChain:
+    """The chain as a map from coefficients `s` to the margins `logit[label] - logit[others]`."""
+
+    layers: list[LoweredLayer]  # starts with an Affine on s, ends with the margin Affine
+    absw: list  # per layer, as in PreparedChain
+    label: int
+    others: np.ndarray  # (K-1,) the class of each margin row
+    cost: np.ndarray  # (G,)
+    budget: float
+    err: list  # per layer: float32 rounding bound of each Affine output (None: exact / other)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Lower bounds of the margins over a sub-box, with what produced them."""
+
+    lower: np.ndarray  # (K-1,); +inf when the sub-box holds no point within budget
+    coeffs: np.ndarray  # (K-1, G) the linear lower bound's coefficients on s (zeros for IBP)
+    argmin: np.ndarray  # (K-1, G) relaxed minimiser of each linear bound
+    pre: list  # per layer: (lower, upper) of its input for Relu / MaxPool layers, else None
+    method: str  # "ibp", "crown", "alpha-crown" or "empty"
+    first: tuple | None = None  # (lower, upper) of the first layer's outputs (exact, reusable)
+
+    @property
+    def empty(self) -> bool:
+        return self.method == "empty"
+
+
+# --- the chain on s ----------------------------------------------------------------------------
+
+
+def prepare_chain(chain: list[LoweredLayer] | PreparedChain) -> PreparedChain:
+    """Contiguous copies of the weights and their sign splits (a PreparedChain is returned as is)."""
+    if isinstance(chain, PreparedChain):
+        return chain
+    layers = [
+        Affine(np.ascontiguousarray(layer.weight, dtype=np.float64),
+               np.ascontiguousarray(layer.bias, dtype=np.float64))
+        if isinstance(layer, Affine) else layer
+        for layer in chain
+    ]
+    return PreparedChain(layers, _abs_weights(layers))
+
+
+def _abs_weights(layers: list[LoweredLayer]) -> list:
+    return [np.abs(layer.weight) if isinstance(layer, Affine) else None for layer in layers]
+
+
+def spec_chain(chain: list[LoweredLayer] | PreparedChain, region: Region, label: int, *,
+               float32: bool = True) -> SpecChain:
+    """Compose `x + s @ D` into the first layer and the margin matrix into the last one.
+
+    `float32=True` bounds the runtime's float32 evaluation (see the module docstring);
+    `False` bounds the chain in exact arithmetic (for quantized runtimes with their own eps).
+    """
+    prep = prepare_chain(chain)
+    layers = list(prep.layers)
+    absw = list(prep.absw)
+    n = region.x.size
+    d = region.directions
+    cols = np.flatnonzero(np.any(d != 0, axis=0))  # D is sparse: only moved values matter
+    inserted = not isinstance(layers[0], Affine)
+    if not inserted:
+        w, b = layers[0].weight, layers[0].bias
+        assert w.shape[1] == n, f"chain input {w.shape[1]} != region input {n}"
+        wd = w @ d.T if len(cols) > n // 2 else w[:, cols] @ d[:, cols].T
+        layers[0] = Affine(wd, w @ region.x + b)
+    else:
+        layers.insert(0, Affine(np.ascontiguousarray(d.T), region.x.copy()))
+        absw.insert(0, None)
+    k = _output_size(prep.layers, n)
+    others = np.array([j for j in range(k) if j != label], dtype=np.int64)
+    diff = np.zeros((k - 1, k))
+    diff[:, label] = 1.0
+    diff[np.arange(k - 1), others] = -1.0
+    if isinstance(layers[-1], Affine) and len(layers) > 1:
+        w, b = layers[-1].weight, layers[-1].bias
+        layers[-1] = Affine(w[label] - w[others], b[label] - b[others])
+    else:
+        layers.append(Affine(diff, np.zeros(k - 1)))
+        absw.append(None)
+    for i in (0, len(layers) - 1):  # the two composed layers get their own |W|
+        absw[i] = np.abs(layers[i].weight)
+    err: list = [None] * len(layers)
+    if float32:
+        own = rounding_errors(prep, region)
+        err[int(inserted):int(inserted) + len(own)] = own
+        if inserted:  # the identity map on s: only the input cast
+            err[0] = U32 * _input_magnitude(region)
+        last = err[len(layers) - 1]
+        if last is not None and len(last) == k:
+            err[len(layers) - 1] = last[label] + last[others]
+        elif last is None and not isinstance(prep.layers[-1], Affine):
+            err[len(layers) - 1] = np.zeros(k - 1)
+    return SpecChain(layers, absw, label, others, region.cost.astype(np.float64),
+                     float(region.budget), err)
+
+
+def _output_size(chain: list[LoweredLayer], n: int) -> int:
+    size = n
+    for layer in chain:
+        if isinstance(layer, Affine):
+            size = layer.weight.shape[0]
+        elif isinstance(layer, MaxPool):
+            size = layer.windows.shape[0]
+    return size
+
+
+def _input_box(region: Region) -> tuple[np.ndarray, np.ndarray]:
+    """Interval of each input value over the region's box."""
+    s_lo, s_hi = region.lo.astype(np.float64), region.hi.astype(np.float64)
+    d = region.directions
+    lo = region.x + np.minimum(d * s_lo[:, None], d * s_hi[:, None]).sum(axis=0)
+    hi = region.x + np.maximum(d * s_lo[:, None], d * s_hi[:, None]).sum(axis=0)
+    return lo, hi
+
+
+def _input_magnitude(region: Region) -> np.ndarray:
+    """Largest |x'_i| over the region's box."""
+    lo, hi = _input_box(region)
+    return np.maximum(np.abs(lo), np.abs(hi))
+
+
+def rounding_errors(chain: PreparedChain, region: Region) -> list:
+    """Per layer of `chain`, a bound on the float32 rounding committed by each Affine output.
+
+    gamma_n (|W| |a| + |b|) with n = fan-in + 1 and |a| from float interval bounds over the whole
+    region (so it holds in every sub-box), plus |W| u |x'| for the input cast in the first
+    layer; doubled as a margin for runtimes that run a folded layer as several float32 steps.
+    """
+    lo, hi = _input_box(region)
+    in_err = U32 * np.maximum(np.abs(lo), np.abs(hi))
+    out: list = []
+    for layer, aw in zip(chain.layers, chain.absw, strict=True):
+        if isinstance(layer, Affine):
+            n = layer.weight.shape[1] + 1
+            gamma = 2.0 * n * U32 / (1.0 - n * U32)
+            amag = np.maximum(np.abs(lo), np.abs(hi))
+            e = gamma * (aw @ amag + np.abs(layer.bias))
+            if in_err is not None:
+                e = e + aw @ in_err
+                in_err = None
+            lo, hi = _affine_interval(layer, aw, lo, hi, e)
+            out.append(e)
+        elif isinstance(layer, Relu):
+            lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
+            out.append(None)
+        else:
+            lo, hi = _pool_max(lo, layer.windows), _pool_max(hi, layer.windows)
+            out.append(None)
+    return out
+
+
+# --- concretisation over the region: a fractional knapsack ------------------------------------
+
+
+def knapsack_min(a: np.ndarray, const: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                 cost: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact min of `a_i . s + const_i` over s in [lo, hi] with sum |s_g| cost_g <= budget.
+
+    Rows are independent; returns (values (m,), minimisers (m, G)). From the box point nearest 0
+    every move increases |s_g|, so the problem is a fractional knapsack solved greedily by
+    |a_g| / cost_g. An empty set (the nearest point already over budget) gives +inf.
+    """
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    vals, argmin = _knapsack(a, None, lo, hi, cost, budget)
+    return vals + np.asarray(const, dtype=np.float64), argmin
+
+
+def _knapsack(a: np.ndarray, order: np.ndarray | None, lo, hi, cost, budget: float):
+    """`knapsack_min` without the constant; `order` (rows sorted by decreasing ratio) may be
+    passed in when known (a row and its negation share it)."""
+    m = a.shape[0]
+    lo = np.asarray(lo, dtype=np.float64)
+    hi = np.asarray(hi, dtype=np.float64)
+    p = np.clip(0.0, lo, hi)
+    cap = budget - float(np.abs(p) @ cost)
+    if cap < -EPS:
+        return np.full(m, np.inf), np.tile(p, (m, 1))
+    cap = max(cap, 0.0)
+    down = a > 0  # the objective decreases by moving s_g down
+    room = np.where(down, p - lo, hi - p)  # units available in the improving direction
+    weight = room * cost  # budget used by taking the whole room
+    if order is None:
+        order = _ratio_order(a, cost)
+    w_sorted = np.take_along_axis(weight, order, axis=1)
+    before = np.cumsum(w_sorted, axis=1) - w_sorted
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac_sorted = np.where(w_sorted > 0, (cap - before) / w_sorted, 1.0)
+    frac = np.empty_like(frac_sorted)
+    np.put_along_axis(frac, order, np.clip(frac_sorted, 0.0, 1.0), axis=1)
+    step = np.where(down, -1.0, 1.0) * frac * room
+    return a @ p + (a * step).sum(axis=1), p + step
+
+
+def _ratio_order(a: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Columns of each row by decreasing |a_g| / cost_g (free generators first)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(cost > 0, np.abs(a) / np.where(cost > 0, cost, 1.0), np.inf)
+    return np.argsort(-ratio, axis=1, kind="stable")
+
+
+def _affine_exact(layer: Affine, err, lo, hi, cost, budget) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (relaxed) bounds of an affine function of s, both signs through the knapsack
+    (one sort serves both), widened by its rounding bound `err` (None: exact)."""
+    w, b = layer.weight, layer.bias
+    order = _ratio_order(w, cost)
+    low, _ = _knapsack(w, order, lo, hi, cost, budget)
+    neg, _ = _knapsack(-w, order, lo, hi, cost, budget)
+    e = 0.0 if err is None else err
+    return low + b - e, -neg + b + e
+
+
+def _affine_interval(layer: Affine, absw: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                     err=None):
+    """Interval image of [lo, hi] under an affine map (`absw` = |W|), widened by `err`."""
+    mid, rad = (lo + hi) / 2.0, (hi - lo) / 2.0
+    c = layer.weight @ mid + layer.bias
+    r = absw @ rad if err is None else absw @ rad + err
+    return c - r, c + r
+
+
+def _pool_max(v: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """Max over each window of a vector (padding -1 ignored)."""
+    padded = np.concatenate([v, [-np.inf]])
+    return padded[windows].max(axis=1)
+
+
+# --- interval bounds ---------------------------------------------------------------------------
+
+
+def interval_bounds(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> Bounds:
+    """IBP: exact bounds of the first layer over the relaxed region, intervals after it."""
+    g = len(lo)
+    k = len(spec.others)
+    if _infeasible(spec, lo, hi):
+        return _empty(spec, lo, hi)
+    pre: list = [None] * len(spec.layers)
+    cur_lo = cur_hi = None
+    for i, layer in enumerate(spec.layers):
+        if isinstance(layer, Affine):
+            if i == 0:
+                cur_lo, cur_hi = _affine_exact(layer, spec.err[i], lo, hi, spec.cost, spec.budget)
+                first = (cur_lo.copy(), cur_hi.copy())
+            else:
+                cur_lo, cur_hi = _affine_interval(layer, spec.absw[i], cur_lo, cur_hi, spec.err[i])
+        elif isinstance(layer, Relu):
+            pre[i] = (cur_lo, cur_hi)
+            cur_lo, cur_hi = np.maximum(cur_lo, 0.0), np.maximum(cur_hi, 0.0)
+        else:
+            pre[i] = (cur_lo, cur_hi)
+            cur_lo, cur_hi = _pool_max(cur_lo, layer.windows), _pool_max(cur_hi, layer.windows)
+    p = np.clip(0.0, lo, hi).astype(np.float64)
+    return Bounds(cur_lo, np.zeros((k, g)), np.tile(p, (k, 1)), pre, "ibp", first)
+
+
+def _infeasible(spec: SpecChain, lo, hi) -> bool:
+    p = np.clip(0.0, lo, hi).astype(np.float64)
+    return float(np.abs(p) @ spec.cost) > spec.budget + EPS or bool(np.any(lo > hi))
+
+
+def _empty(spec: SpecChain, lo, hi) -> Bounds:
+    k, g = len(spec.others), len(lo)
+    p = np.clip(0.0, lo, hi).astype(np.float64)
+    return Bounds(np.full(k, np.inf), np.zeros((k, g)), np.tile(p, (k, 1)),
+                  [None] * len(spec.layers), "empty")
+
+
+# --- linear bounds (back-substitution) ---------------------------------------------------------
+
+
+def linear_bounds(spec: SpecChain, lo: np.ndarray, hi: np.ndarray, *, alpha_steps: int = 0,
+                  target: np.ndarray | float = 0.0, ibp: Bounds | None = None,
+                  parent: Bounds | None = None) -> Bounds:
+    """CROWN / DeepPoly: back-substitute every unstable neuron and the margins down to s.
+
+    Intermediate bounds are the tighter of IBP, back-substitution and `parent`'s (bounds of an
+    enclosing box, as branch and bound passes them: only neurons still unstable are redone).
+    ReLU lower slopes are adaptive (0 or 1), then optimised for the margins still at or below
+    `target` (`alpha_steps` > 0 gradient steps).
+    """
+    lo = np.asarray(lo)
+    hi = np.asarray(hi)
+    if _infeasible(spec, lo, hi):
+        return _empty(spec, lo, hi)
+    layers = spec.layers
+    pre: list = [None] * len(layers)
+    if parent is not None and parent.empty:
+        parent = None
+    first = None
+    cur_lo = cur_hi = None
+    for i, layer in enumerate(layers):
+        if isinstance(layer, Affine):
+            known = None
+            if parent is not None and i + 1 < len(layers) and parent.pre[i + 1] is not None:
+                known = parent.pre[i + 1]
+            relu_next = i + 1 < len(layers) and isinstance(layers[i + 1], Relu)
+            if i == 0:
+                cur_lo, cur_hi = _first_layer(spec, lo, hi, ibp, known if relu_next else None)
+                first = (cur_lo.copy(), cur_hi.copy())
+                continue
+            cur_lo, cur_hi = _affine_interval(layer, spec.absw[i], cur_lo, cur_hi, spec.err[i])
+            if known is not None:
+                cur_lo, cur_hi = np.maximum(cur_lo, known[0]), np.minimum(cur_hi, known[1])
+            if i + 1 == len(layers):
+                continue
+            rows = np.arange(len(cur_lo))
+            if relu_next:
+                rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
+            if len(rows):
+                lam, c = _query_both(spec, pre, i, rows)
+                vals, _ = knapsack_min(lam, c, lo, hi, spec.cost, spec.budget)
+                m = len(rows)
+                cur_lo[rows] = np.maximum(cur_lo[rows], vals[:m])
+                cur_hi[rows] = np.minimum(cur_hi[rows], -vals[m:])
+        elif isinstance(layer, Relu):
+            pre[i] = (cur_lo, cur_hi)
+            cur_lo, cur_hi = np.maximum(cur_lo, 0.0), np.maximum(cur_hi, 0.0)
+        else:
+            pre[i] = (cur_lo, cur_hi)
+            cur_lo, cur_hi = _pool_max(cur_lo, layer.windows), _pool_max(cur_hi, layer.windows)
+    top = len(layers) - 1
+    last = layers[top]
+    lam, c = _backsub(spec, pre, top + 1, np.eye(last.weight.shape[0]), np.zeros(len(last.bias)))
+    vals, argmin = knapsack_min(lam, c, lo, hi, spec.cost, spec.budget)
+    method = "crown"
+    if alpha_steps > 0 and top > 0 and np.any(vals <= target):
+        lam2, c2, vals2, argmin2 = optimise_alpha(spec, pre, lo, hi, alpha_steps, target)
+        better = vals2 > vals
+        lam[better], c[better], vals[better], argmin[better] = (
+            lam2[better], c2[better], vals2[better], argmin2[better])
+        method = "alpha-crown"
+    interval = cur_lo  # IBP of the margins from the refined intermediate bounds
+    if ibp is not None and not ibp.empty:
+        interval = np.maximum(interval, ibp.lower)
+    return Bounds(np.maximum(vals, interval), lam, argmin, pre, method, first)
+
+
+def _first_layer(spec: SpecChain, lo, hi, ibp: Bounds | None, known):
+    """Bounds of the first layer's outputs: from `ibp` when given, else the knapsack, only for
+    the neurons `known` (an enclosing box's bounds) leaves unstable."""
+    if ibp is not None and ibp.first is not None:
+        return ibp.first[0].copy(), ibp.first[1].copy()
+    layer = spec.layers[0]
+    if known is None:
+        return _affine_exact(layer, spec.err[0], lo, hi, spec.cost, spec.budget)
+    cur_lo, cur_hi = known[0].copy(), known[1].copy()
+    rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
+    if len(rows):
+        sub = Affine(layer.weight[rows], layer.bias[rows])
+        err = None if spec.err[0] is None else spec.err[0][rows]
+        l, u = _affine_exact(sub, err, lo, hi, spec.cost, spec.budget)
+        cur_lo[rows], cur_hi[rows] = np.maximum(cur_lo[rows], l), np.minimum(cur_hi[rows], u)
+    return cur_lo, cur_hi
+
+
+def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray):
+    """Lower bounds of rows `rows` of affine layer `i` and of their negations, as linear
+    functions of s.
+
+    When a ReLU and an affine layer lie below, the relaxation's diagonal is folded into that
+    (narrower) weight matrix: with W+ = (W + |W|) / 2 and W- = (W - |W|) / 2 both signs come
+    from two products, W @ M1 and |W| @ M2 (no m x n elementwise work).
+    """
+    m = len(rows)
+    if i < 2 or not isinstance(spec.layers[i - 1], Relu) or not isinstance(
+            spec.layers[i - 2], Affine):
+        eye = np.zeros((2 * m, len(spec.layers[i].bias)))
+        eye[np.arange(m), rows] = 1.0
+        eye[m + np.arange(m), rows] = -1.0
+        return _backsub(spec, pre, i + 1, eye, np.zeros(2 * m))
+    layer, below = spec.layers[i], spec.layers[i - 2]
+    su, iu, alpha, _ = _relu_relax(*pre[i - 1])
+    mid, dif = (alpha + su) / 2.0, (alpha - su) / 2.0
+    low = spec.err[i - 2] if spec.err[i - 2] is not None else np.zeros(len(su))
+    m1 = np.column_stack([mid[:, None] * below.weight, mid * below.bias + iu / 2.0, dif * low])
+    m2 = np.column_stack([dif[:, None] * below.weight, dif * below.bias - iu / 2.0, mid * low])
+    if 2 * m > len(layer.bias):
+        a, b = (layer.weight @ m1)[rows], (spec.absw[i] @ m2)[rows]
+    else:
+        a, b = layer.weight[rows] @ m1, spec.absw[i][rows] @ m2
+    g = below.weight.shape[1]
+    own = spec.err[i][rows] if spec.err[i] is not None else 0.0
+    bias = layer.bias[rows]
+    lam = np.concatenate([a[:, :g] + b[:, :g], b[:, :g] - a[:, :g]])
+    c = np.concatenate([bias + a[:, g] + b[:, g] - a[:, g + 1] - b[:, g + 1] - own,
+                        -bias - a[:, g] + b[:, g] + a[:, g + 1] - b[:, g + 1] - own])
+    return _backsub(spec, pre, i - 2, lam, c)
+
+
+def _relu_relax(l: np.ndarray, u: np.ndarray):
+    """Upper line (slope, intercept) and default lower slope of ReLU over [l, u]."""
+    active = l >= 0
+    unstable = (l < 0) & (u > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        su = np.where(unstable, u / np.where(unstable, u - l, 1.0), active.astype(np.float64))
+    iu = np.where(unstable, -su * l, 0.0)
+    alpha = np.where(unstable, (u > -l).astype(np.float64), active.astype(np.float64))
+    return su, iu, alpha, unstable
+
+
+def _pool_relax(l: np.ndarray, u: np.ndarray, windows: np.ndarray):
+    """Max pool: lower by the input with the largest lower bound; upper exact when it dominates."""
+    lp = np.concatenate([l, [-np.inf]])
+    up = np.concatenate([u, [-np.inf]])
+    arg = windows[np.arange(len(windows)), lp[windows].argmax(axis=1)]
+    others = np.where(windows == arg[:, None], -1, windows)
+    dominated = lp[arg] >= up[others].max(axis=1)
+    umax = up[windows].max(axis=1)
+    return arg, dominated, umax
+
+
+def _backsub(spec: SpecChain, pre: list, upto: int, lam: np.ndarray, c: np.ndarray,
+             alphas=None, tape=None):
+    """Lower bound `lam . v_upto + c` as a linear function of s, through layers upto-1 .. 0.
+
+    `lam` are coefficients on the output of layer `upto - 1`; every affine layer passed charges
+    its rounding bound |lam| . err.
+    """
+    for k in range(upto - 1, -1, -1):
+        layer = spec.layers[k]
+        if tape is not None:
+            tape.append((k, lam))
+        if isinstance(layer, Affine):
+            c = c + lam @ layer.bias
+            if spec.err[k] is not None:
+                c = c - np.abs(lam) @ spec.err[k]
+            lam = lam @ layer.weight
+        elif isinstance(layer, Relu):
+            su, iu, alpha, _ = _relu_relax(*pre[k])
+            if alphas is not None and k in alphas:
+                alpha = alphas[k]
+            pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+            c = c + neg @ iu
+            lam = pos * alpha + neg * su
+        else:
+            l, u = pre[k]
+            arg, dom, umax = _pool_relax(l, u, layer.windows)
+            pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+            c = c + (neg * ~dom) @ umax
+            lam = _scatter_cols(pos + neg * dom, arg, len(l))
+    return lam, c
+
+
+def _scatter_cols(vals: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
+    """(m, n) matrix with vals[:, j] added to column cols[j]."""
+    out = np.zeros((vals.shape[0], n))
+    np.add.at(out.T, cols, vals.T)
+    return out
+
+
+# --- optimised lower slopes (alpha-CROWN for the margins) --------------------------------------
+
+
+def optimise_alpha(spec: SpecChain, pre: list, lo, hi, steps: int,
+                   target: np.ndarray | float = 0.0, lr: float = 0.2):
+    """Projected gradient ascent on per-margin ReLU lower slopes, intermediate bounds fixed.
+
+    Any slope in [0, 1] gives a sound bound, so the best one seen is kept. The gradient is
+    exact for the piecewise-linear back-substitution (the knapsack minimiser is fixed, Danskin).
+    """
+    top = len(spec.layers)
+    m = spec.layers[-1].weight.shape[0]
+    alphas = {k: np.tile(_relu_relax(*pre[k])[2], (m, 1))
+              for k, layer in enumerate(spec.layers) if isinstance(layer, Relu)}
+    moment = {k: np.zeros_like(a) for k, a in alphas.items()}
+    best = None
+    for _ in range(steps + 1):
+        tape: list = []
+        lam, c = _backsub(spec, pre, top, np.eye(m), np.zeros(m), alphas, tape)
+        vals, argmin = knapsack_min(lam, c, lo, hi, spec.cost, spec.budget)
+        if best is None:
+            best = [lam, c, vals, argmin]
+        else:
+            up = vals > best[2]
+            for j, arr in enumerate((lam, c, vals, argmin)):
+                best[j][up] = arr[up]
+        if np.all(best[2] > target):
+            break
+        for k, gk in _alpha_grads(spec, pre, tape, argmin, alphas).items():
+            moment[k] = 0.5 * moment[k] + gk
+            scale = np.abs(moment[k]).max(axis=1, keepdims=True) + 1e-12
+            alphas[k] = np.clip(alphas[k] + lr * moment[k] / scale, 0.0, 1.0)
+    return best[0], best[1], best[2], best[3]
+
+
+def _alpha_grads(spec: SpecChain, pre: list, tape, argmin: np.ndarray, alphas: dict) -> dict:
+    """Gradient of each row's bound w.r.t. its lower slopes, by reverse mode over the tape."""
+    grad = argmin  # d bound / d lam at s-level (m, G)
+    out = {}
+    for k, lam_in in reversed(tape):  # from layer 0 back up to the query
+        layer = spec.layers[k]
+        if isinstance(layer, Affine):
+            grad = grad @ layer.weight.T + layer.bias
+            if spec.err[k] is not None:
+                grad = grad - np.sign(lam_in) * spec.err[k]
+        elif isinstance(layer, Relu):
+            su, iu, _, unstable = _relu_relax(*pre[k])
+            pos = lam_in >= 0
+            out[k] = np.where(pos & unstable, grad * lam_in, 0.0)
+            grad = np.where(pos, grad * alphas[k], grad * su + iu)
+        else:
+            l, u = pre[k]
+            arg, dom, umax = _pool_relax(l, u, layer.windows)
+            grad = np.where((lam_in >= 0) | dom, grad[:, arg], umax)
+    return out
+
+
+def relu_pre_bounds(bounds: Bounds, spec: SpecChain) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Pre-activation bounds of each Relu in chain order (what the SMT encoding takes)."""
+    return [bounds.pre[i] for i, layer in enumerate(spec.layers) if isinstance(layer, Relu)]

@@ -1,0 +1,167 @@
+"""One input, all models: build its region, decide it on the float model, then on each
+quantized model (exact relative robustness on R, transfer of the counterexample on R_NOT).
+
+`Checker` holds what every input needs (model, chain, runners, settings); `check` is a pure
+function of the input's position, so any number of worker processes give the same records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from verifier.enumeration import replay
+from verifier.features import chunk, select_positions
+from verifier.records import InputRecord, Outcome
+from verifier.regions import Region, feature_region, lattice_region
+from verifier.result import CERTIFIED, NOT_REFUTED, REFUTED, Decision
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How regions are built and decided; part of the run configuration."""
+
+    radius: float = 20.0
+    step: float = 0.25
+    region: str = "features"  # or "lattice"
+    dims: int = 10  # lattice: how many values move
+    feature_dims: int = 10  # features: values per feature
+    selection: str = "activation"
+    search: str = "exact"  # or "mcts"
+    timeout: float = 10.0  # seconds per input and model
+    max_nodes: int = 20000
+    enum_limit: int = 8192
+    rollouts: int = 2000  # mcts
+    use_smt: bool = True
+    seed: int = 0
+
+
+@dataclass
+class Checker:
+    """Everything needed to check one input; built once per process."""
+
+    settings: Settings
+    model: object  # verifier.model.Model (runtime of the float model)
+    chain: list
+    x: np.ndarray  # (N, *input_shape) float32
+    y: np.ndarray
+    indices: np.ndarray  # dataset positions, for records and seeds
+    pred: np.ndarray  # float clean predictions
+    runners: dict = field(default_factory=dict)  # name -> runner
+    qpred: dict = field(default_factory=dict)  # name -> clean predictions
+
+    def region(self, pos: int) -> Region:
+        """The region around input `pos`."""
+        return build_region(
+            self.settings, self.x[pos], self.chain, int(self.y[pos]), int(self.indices[pos])
+        )
+
+    def check(self, pos: int) -> InputRecord:
+        """The record of input `pos`: float decision, then every quantized model."""
+        index, label, pred = int(self.indices[pos]), int(self.y[pos]), int(self.pred[pos])
+        qpred = {k: int(v[pos]) for k, v in self.qpred.items()}
+        rec = InputRecord(index, label, pred, quantized_pred=qpred)
+        if pred != label:
+            return rec
+        region = self.region(pos)
+        seed = self.settings.seed + index
+        if self.settings.search == "mcts":
+            return self._check_mcts(rec, region, seed)
+        decision = self._decide(self.model, region, label, seed, quantized=False)
+        rec.float = outcome(decision)
+        for name, runner in self.runners.items():
+            if decision.status == CERTIFIED:
+                rec.quantized[name] = outcome(
+                    self._decide(runner, region, label, seed, quantized=True)
+                )
+            elif decision.status == REFUTED:
+                rec.quantized[name] = transfer_outcome(runner, region, decision, label)
+        return rec
+
+    def _decide(self, runtime, region: Region, label: int, seed: int, quantized: bool):
+        from verifier.decide import decide
+
+        s = self.settings
+        return decide(
+            runtime,
+            self.chain,
+            region,
+            label,
+            timeout=s.timeout,
+            max_nodes=s.max_nodes,
+            enum_limit=s.enum_limit,
+            use_smt=s.use_smt,
+            quantized=quantized,
+            seed=seed,
+        )
+
+    def _check_mcts(self, rec: InputRecord, region: Region, seed: int) -> InputRecord:
+        """The paper's mode: search on the float model, replay its IP / EP sets on each model."""
+        from verifier.search import mcts_search
+
+        s = self.settings
+        res = mcts_search(
+            self.model, region, rec.label, rollouts=s.rollouts, time_budget=s.timeout, seed=seed
+        )
+        rec.float = outcome(res.decision)
+        for name, runner in self.runners.items():
+            rec.quantized[name] = replay_outcome(runner, region, res, rec.label)
+        return rec
+
+
+def build_region(s: Settings, x: np.ndarray, chain: list, label: int, index: int) -> Region:
+    """The region around one input; feature selection is per input (seeded by its index)."""
+    x = np.asarray(x).reshape(-1)
+    order = select_positions(s.selection, x, chain=chain, label=label, seed=s.seed + index)
+    if s.region == "lattice":
+        return lattice_region(x, order[: s.dims], s.step, s.radius)
+    return feature_region(x, chunk(order, s.feature_dims), s.step, s.radius)
+
+
+def outcome(d: Decision) -> Outcome:
+    """A decision as a record outcome (coefficients as a plain list)."""
+    coeffs = None if d.coeffs is None else [int(v) for v in np.asarray(d.coeffs).reshape(-1)]
+    detail = {k: v for k, v in d.detail.items() if isinstance(v, (int, float, str, bool))}
+    return Outcome(
+        d.status, d.route, round(d.seconds, 6), int(d.nodes), coeffs, d.adv_label, detail=detail
+    )
+
+
+def transfer_outcome(runner, region: Region, d: Decision, label: int) -> Outcome:
+    """Replay the float model's confirmed counterexample on a quantized runner."""
+    wrong, labels = replay(runner, region, np.asarray(d.coeffs)[None], label)
+    fooled = bool(wrong[0])
+    return Outcome(
+        REFUTED if fooled else NOT_REFUTED,
+        "replay",
+        coeffs=[int(v) for v in d.coeffs] if fooled else None,
+        adv_label=int(labels[0]) if fooled else None,
+        transfer=fooled,
+        transfer_label=int(labels[0]),
+        ep_replayed=1,
+        ep_transferred=int(fooled),
+    )
+
+
+def replay_outcome(runner, region: Region, res, label: int) -> Outcome:
+    """MCTS mode: replay the recorded IP (robust inputs) or EP (refuted inputs) on a runner."""
+    if res.decision.status == REFUTED:
+        out = transfer_outcome(runner, region, res.decision, label)
+        if len(res.ep):
+            wrong, _ = replay(runner, region, res.ep, label)
+            out.ep_replayed, out.ep_transferred = len(res.ep), int(wrong.sum())
+        return out
+    wrong, labels = replay(runner, region, res.ip, label)
+    bad = np.flatnonzero(wrong)
+    if len(bad):
+        first = bad[0]
+        return Outcome(
+            REFUTED,
+            "replay",
+            coeffs=[int(v) for v in res.ip[first]],
+            adv_label=int(labels[first]),
+            ip_replayed=len(res.ip),
+            ip_misclassified=len(bad),
+        )
+    return Outcome(NOT_REFUTED, "replay", ip_replayed=len(res.ip))

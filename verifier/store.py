@@ -1,0 +1,259 @@
+"""Resumable runs: one SQLite file per run directory, one committed row per decided input.
+
+`run.sqlite` holds the run's configuration (stored once, with its hash) and one record per
+input, keyed by the input's index. Each `put` is its own transaction, so a run killed at any
+point keeps every record committed before the kill and never a partial one. A second `put` of
+the same index is a no-op when the record is identical and refused (ValueError) when it
+differs, unless `replace=True`: a committed decision is never silently overwritten.
+
+`write_atomic` is how every output file of a run is written: temp file, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from verifier.errors import InputError
+from verifier.records import InputRecord
+
+DB_NAME = "run.sqlite"
+STORE_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (idx INTEGER PRIMARY KEY, data TEXT NOT NULL);
+"""
+
+
+def canonical_json(obj: object) -> str:
+    """Key-sorted compact JSON (paths and other objects as strings): stable for hashing."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def config_hash(config: dict) -> str:
+    """SHA-256 of the canonical JSON of a configuration."""
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()
+
+
+def _flatten(obj: object, prefix: str = "") -> dict[str, object]:
+    """Nested dicts as {"a.b": value}, for naming the keys two configurations differ in."""
+    if isinstance(obj, dict) and obj:
+        out: dict[str, object] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """One line per key whose value differs between two configurations ("key: old -> new")."""
+    a, b = _flatten(json.loads(canonical_json(old))), _flatten(json.loads(canonical_json(new)))
+
+    def show(flat: dict, key: str) -> str:
+        return json.dumps(flat[key]) if key in flat else "(absent)"
+
+    return [
+        f"{key}: {show(a, key)} -> {show(b, key)}"
+        for key in sorted(a.keys() | b.keys())
+        if key not in a or key not in b or a[key] != b[key]
+    ]
+
+
+class RunStore:
+    """The records of one run directory, committed one input at a time (see module docstring)."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self._conn = conn
+
+    # -- opening ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(_SCHEMA)
+        return conn
+
+    @classmethod
+    def create(cls, run_dir: str | Path, config: dict) -> RunStore:
+        """A new store in `run_dir` (created if needed); refuses a directory holding a run."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / DB_NAME
+        conn = cls._connect(path)
+        store = cls(path, conn)
+        if store._meta("config") is not None:
+            conn.close()
+            raise InputError(
+                f"{run_dir} already holds a run ({DB_NAME}): pass --resume to "
+                "continue it, or choose another output directory"
+            )
+        text = canonical_json(config)
+        with store._transaction():
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [
+                    ("config", text),
+                    ("config_hash", hashlib.sha256(text.encode()).hexdigest()),
+                    ("store_version", str(STORE_VERSION)),
+                ],
+            )
+        return store
+
+    @classmethod
+    def open(
+        cls, run_dir: str | Path, config: dict | None = None, ignore: Iterable[str] = ()
+    ) -> RunStore:
+        """The store of an existing run; with `config`, refuses one started with another config.
+
+        `ignore` names top-level config keys that may differ on resume (e.g. output options).
+        """
+        path = Path(run_dir) / DB_NAME
+        if not path.is_file():
+            raise InputError(f"nothing to resume: {run_dir} holds no {DB_NAME}")
+        try:
+            store = cls(path, cls._connect(path))
+            stored = store._meta("config")
+        except sqlite3.DatabaseError as exc:
+            raise InputError(f"{path} is not a readable run store: {exc}") from exc
+        if stored is None:
+            store.close()
+            raise InputError(
+                f"{path} holds no configuration (the run stopped before it started);"
+                " delete it and start again"
+            )
+        if config is not None:
+            skip = set(ignore)
+            old = {k: v for k, v in json.loads(stored).items() if k not in skip}
+            new = {k: v for k, v in config.items() if k not in skip}
+            diff = config_diff(old, new)
+            if diff:
+                store.close()
+                raise InputError(
+                    f"cannot resume {run_dir}: it was started with a different "
+                    "configuration:\n  " + "\n  ".join(diff)
+                )
+        return store
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    @property
+    def config(self) -> dict:
+        """The configuration stored when the run was created."""
+        return json.loads(self._meta("config") or "{}")
+
+    @property
+    def config_hash(self) -> str:
+        return self._meta("config_hash") or ""
+
+    # -- records ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def put(self, record: InputRecord, replace: bool = False) -> None:
+        """Commit one input's record (identical re-put: no-op; a different one needs `replace`)."""
+        text = canonical_json(record.to_dict())
+        with self._transaction():
+            row = self._conn.execute(
+                "SELECT data FROM records WHERE idx = ?", (record.index,)
+            ).fetchone()
+            if row is None:
+                self._conn.execute(
+                    "INSERT INTO records (idx, data) VALUES (?, ?)", (record.index, text)
+                )
+            elif row[0] != text:
+                if not replace:
+                    raise ValueError(
+                        f"input {record.index} is already recorded with a different "
+                        "result; pass replace=True to overwrite it"
+                    )
+                self._conn.execute(
+                    "UPDATE records SET data = ? WHERE idx = ?", (text, record.index)
+                )
+
+    def get(self, index: int) -> InputRecord | None:
+        """The record of one input, or None if it is not decided yet."""
+        row = self._conn.execute("SELECT data FROM records WHERE idx = ?", (index,)).fetchone()
+        return None if row is None else InputRecord.from_dict(json.loads(row[0]))
+
+    def done_indices(self) -> set[int]:
+        """Indices of the inputs already decided (skipped on resume)."""
+        return {r[0] for r in self._conn.execute("SELECT idx FROM records")}
+
+    def records(self) -> list[InputRecord]:
+        """Every committed record, ordered by input index."""
+        rows = self._conn.execute("SELECT data FROM records ORDER BY idx")
+        return [InputRecord.from_dict(json.loads(r[0])) for r in rows]
+
+    def __len__(self) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` to `path` all-or-nothing: temp file in the same directory, fsync, rename."""
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (best effort: not every platform can open a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
