@@ -81,6 +81,14 @@ def test_second_call_reuses_cache(
     assert sorted(p.name for p in cache.iterdir()) == [out.name]
 
 
+def test_conversion_is_byte_reproducible(keras_file: tuple[Path, object], tmp_path: Path) -> None:
+    # tf2onnx numbers invented names with a process-wide counter; the files must not depend on it
+    first = kc.keras_to_onnx(keras_file[1], tmp_path / "a.onnx").read_bytes()
+    second = kc.keras_to_onnx(keras_file[1], tmp_path / "b.onnx").read_bytes()
+    assert first == second
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]  # no temp files
+
+
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_random_bytes_raise_input_error(tmp_path: Path, suffix: str) -> None:
     bad = tmp_path / f"corrupt{suffix}"

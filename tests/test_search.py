@@ -71,9 +71,10 @@ def deep_case() -> tuple[ChainRuntime, Region]:
     return ChainRuntime(chain, n), region
 
 
-def test_recorded_points_are_what_the_runtime_says():
+@pytest.mark.parametrize("evaluate", ["path", "endpoint"])
+def test_recorded_points_are_what_the_runtime_says(evaluate):
     rt, region, label = random_case(MIXED)
-    res = mcts_search(rt, region, label, rollouts=300, seed=0, batch=32)
+    res = mcts_search(rt, region, label, rollouts=300, seed=0, batch=32, evaluate=evaluate)
     assert len(res.ep) and len(res.ip)
     assert res.ip.dtype == np.int8 and res.ep.dtype == np.int8
     assert np.all(region.contains(res.ep)) and np.all(region.contains(res.ip))
@@ -168,11 +169,21 @@ def test_tree_graph():
         assert set(b) - set(a) == {attrs["feature"]}
 
 
-def test_rejects_a_lattice_region():
+def test_endpoint_mode_evaluates_fewer_points():
+    rt, region = deep_case()
+    path = mcts_search(rt, region, 0, rollouts=200, seed=0)
+    ends = mcts_search(rt, region, 0, rollouts=200, seed=0, evaluate="endpoint")
+    assert ends.decision.detail["path_points"] < path.decision.detail["path_points"]
+    assert ends.decision.detail["path_points"] <= 2 * ends.rollouts
+
+
+def test_rejects_bad_arguments():
     rt, region, label = random_case(MIXED)
     lattice = lattice_region(region.x, np.arange(3), 0.25, 1.0)
     with pytest.raises(ValueError, match="features region"):
         mcts_search(rt, lattice, label)
+    with pytest.raises(ValueError, match="evaluate"):
+        mcts_search(rt, region, label, evaluate="all")
 
 
 # --- ladders ------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from verifier.network import Affine, MaxPool, Relu, forward_lowered
 from verifier.regions import Region, feature_region, lattice_region
-from verifier.smt import _dyadic, confirm, relu_pre_bounds, smt_decide
+from verifier.smt import _dyadic, confirm, interval_pre_bounds, smt_decide
 
 # Margins within this distance of 0 are ties: the exact answer there depends on the last bits,
 # which float64 enumeration cannot settle, so such cases are skipped (never counted as agreeing).
@@ -140,7 +140,7 @@ def exact_pre_bounds(chain, region: Region):
 def test_pre_bounds_fixing_neurons_keeps_answers(seed):
     chain, region, label = case(200 + seed)
     tight = exact_pre_bounds(chain, region)
-    loose = relu_pre_bounds(chain, region)
+    loose = interval_pre_bounds(chain, region)
     unstable = [int(((lo < 0) & (hi > 0)).sum()) for lo, hi in loose]
     fixed = [int(((lo < 0) & (hi > 0)).sum()) for lo, hi in tight]
     plain = check_against_enumeration(chain, region, label)
@@ -154,7 +154,9 @@ def test_pre_bounds_fix_some_neurons_somewhere():
     diffs = []
     for seed in range(8):
         chain, region, _ = case(200 + seed)
-        loose = sum(int(((lo < 0) & (hi > 0)).sum()) for lo, hi in relu_pre_bounds(chain, region))
+        loose = sum(
+            int(((lo < 0) & (hi > 0)).sum()) for lo, hi in interval_pre_bounds(chain, region)
+        )
         tight = sum(int(((lo < 0) & (hi > 0)).sum()) for lo, hi in exact_pre_bounds(chain, region))
         diffs.append(loose - tight)
     assert max(diffs) > 0

@@ -10,7 +10,7 @@ import hashlib
 import io
 import os
 import re
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +57,8 @@ def keras_to_onnx(model: keras.Model, path: Path, opset: int = 17) -> Path:
     proto, _ = tf2onnx.convert.from_function(forward, input_signature=spec, opset=opset)
     _rename_single_output(proto, OUTPUT_NAME)
     _canonical_names(proto.graph)
+    # tf2onnx's default names the traced function, whose number depends on earlier TF activity
+    proto.graph.doc_string = f"converted from Keras model {model.name!r} by tf2onnx"
     for value in (*proto.graph.input, *proto.graph.output):
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_param"):
@@ -141,13 +143,13 @@ def _canonical_names(graph: Any) -> None:
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file next to `path`, then move it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # unlike mkstemp's 0600, the umask sets the permissions
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
