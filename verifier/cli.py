@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Decide DLV-style robustness regions of a classifier (certified / refuted / "
             "unknown) and measure how its post-training quantized copies keep them. "
             "Subcommands: `verify quantize MODEL --mode M` writes a quantized model; "
-            "`verify show RUN INDEX` writes an input and its perturbation as PNG."
+            "`verify show RUN INDEX` writes an input and its perturbation as PNG; "
+            "`verify audit RUN` re-checks a finished run on the real runtimes."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -217,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             from verifier.show import main as show_main
 
             return show_main(argv[1:])
+        if argv and argv[0] == "audit":
+            from verifier.audit import main as audit_main
+
+            return audit_main(argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
         from verifier.pipeline import run

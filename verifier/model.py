@@ -49,7 +49,12 @@ class Model:
             pad = step - len(chunk) if self.fixed_batch else 0
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad, *self.input_shape), np.float32)])
-            out = self._session.run(None, {self.input_name: chunk})[0]  # type: ignore[attr-defined]
+            try:
+                out = self._session.run(None, {self.input_name: chunk})[0]  # type: ignore[attr-defined]
+            except Exception as exc:  # onnxruntime's own exception types: a graph that cannot run
+                raise InputError(
+                    f"onnxruntime cannot run {self.path}: {_first_line(exc)}"
+                ) from None
             outs.append(out.reshape(len(chunk), -1)[: len(chunk) - pad])
         if not outs:
             return np.zeros((0, self.num_classes), np.float32)

@@ -94,6 +94,9 @@ def import_network(model: onnx.ModelProto) -> Network:
     consts: dict[str, np.ndarray] = {
         init.name: numpy_helper.to_array(init) for init in model.graph.initializer
     }
+    for name, arr in consts.items():
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            raise InputError(f"NaN or Inf in the model's weights (tensor {name!r})")
     shapes: dict[str, tuple[int, ...]] = {inputs[0].name: input_shape}
     layers: list[Layer] = []
     layer_shapes: list[tuple[int, ...]] = []
@@ -139,7 +142,34 @@ def import_network(model: onnx.ModelProto) -> Network:
         shapes[current] = shape
     if current != model.graph.output[0].name:
         raise UnsupportedModelError("the graph output is not the end of the layer chain")
+    _check_folded_sizes(input_shape, layers, layer_shapes)
     return Network(input_shape, layers, softmax, layer_shapes)
+
+
+def _check_folded_sizes(input_shape, layers: list[Layer], shapes: list) -> None:
+    """Refuse a network whose folded linear runs (`Network.lower`) would not fit in memory.
+
+    Each run of linear layers between ReLUs / max pools becomes one dense (out x in) matrix;
+    runs with other than Dense layers are folded by pushing an (in x in) identity through them.
+    """
+    start, end, dense_only, in_run = input_shape, input_shape, True, False
+    for layer, shape in [*zip(layers, shapes, strict=True), (None, None)]:
+        if layer is not None and not _nonlinear(layer):
+            in_run, end = True, shape
+            dense_only = dense_only and isinstance(layer, Dense)
+            continue
+        if in_run:
+            n_in, n_out = int(np.prod(start)), int(np.prod(end))
+            if float(n_in) * (n_out if dense_only else max(n_in, n_out)) > MAX_TENSOR_ELEMENTS:
+                raise UnsupportedModelError(
+                    f"the network is too large to verify: its linear layers from shape {start} "
+                    f"to {end} fold into a {n_out}x{n_in} matrix"
+                )
+        start, dense_only, in_run = shape, True, False
+
+
+def _nonlinear(layer: Layer) -> bool:
+    return isinstance(layer, Relu) or (isinstance(layer, Pool) and layer.kind == "max")
 
 
 def load_network(path: str | Path) -> Network:
@@ -163,16 +193,48 @@ def read_onnx(path: str | Path) -> onnx.ModelProto:
 
 
 def check_sizes(model: onnx.ModelProto, path: Path) -> None:
-    """Refuse graphs whose declared tensors would not fit in memory, before allocating them."""
+    """Refuse graphs whose declared tensors would not fit in memory, before allocating them.
+
+    Covers graph inputs, outputs and value_info, initializers and Constant tensors, and the
+    constant shape tensors of the ops that allocate from them (Reshape targets, Expand,
+    ConstantOfShape, Tile repeats, Resize sizes): onnxruntime folds such constants when it
+    loads a model, so an absurd shape there would be allocated by loading alone.
+    """
     for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.dim_value > 0]
-        if dims and int(np.prod(dims, dtype=np.float64)) > MAX_TENSOR_ELEMENTS:
+        if dims and _elements(dims) > MAX_TENSOR_ELEMENTS:
             raise InputError(f"{path}: tensor {vi.name!r} declares absurd dimensions {dims}")
-    for init in model.graph.initializer:
-        if int(np.prod(list(init.dims), dtype=np.float64)) > MAX_TENSOR_ELEMENTS:
+    tensors = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.HasField("t"):
+                    tensors[node.output[0]] = a.t
+    for name, t in tensors.items():
+        if _elements(t.dims) > MAX_TENSOR_ELEMENTS:
+            raise InputError(f"{path}: tensor {name!r} declares absurd dimensions {list(t.dims)}")
+    for node in model.graph.node:
+        slot = SHAPE_INPUTS.get(node.op_type)
+        if slot is None or slot >= len(node.input) or node.input[slot] not in tensors:
+            continue
+        t = tensors[node.input[slot]]
+        if t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            continue
+        values = numpy_helper.to_array(t).reshape(-1)
+        if _elements(np.abs(values)) > MAX_TENSOR_ELEMENTS:
             raise InputError(
-                f"{path}: initializer {init.name!r} declares absurd dimensions {list(init.dims)}"
+                f"{path}: {node.op_type} (node {node.name or node.output[0]!r}) asks for "
+                f"absurd dimensions {values.tolist()[:8]}"
             )
+
+
+# Per op, which input is a shape (or repeat counts) that sizes the op's output.
+SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0, "Tile": 1, "Resize": 3}
+
+
+def _elements(dims) -> float:
+    """Element count of a shape, in float (no int64 overflow on absurd shapes)."""
+    return float(np.prod(np.asarray(list(dims), dtype=np.float64)))
 
 
 # --- handlers: node -> layers -------------------------------------------------------------------
@@ -288,6 +350,17 @@ def _spatial(node, shape, kernel):
         pads = (pads_hw[0][0], pads_hw[1][0], pads_hw[0][1], pads_hw[1][1])
     if len(strides) != 2 or len(dil) != 2:
         raise UnsupportedModelError(f"{node.op_type} (node {node.name!r}) is not 2-D")
+    padded = (shape[1] + pads[0] + pads[2], shape[2] + pads[1] + pads[3])
+    if min(strides) <= 0 or min(dil) <= 0 or min(pads) < 0:
+        raise UnsupportedModelError(f"{node.op_type} (node {node.name!r}): bad strides/pads")
+    if _elements([shape[0], *padded]) > MAX_TENSOR_ELEMENTS:
+        raise InputError(
+            f"{node.op_type} (node {node.name!r}): padding {list(pads)} gives absurd dimensions"
+        )
+    if any((k - 1) * d + 1 > p for k, d, p in zip(kernel, dil, padded, strict=True)):
+        raise UnsupportedModelError(
+            f"{node.op_type} (node {node.name!r}): kernel {tuple(kernel)} larger than its input"
+        )
     return strides, pads, dil
 
 

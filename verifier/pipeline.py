@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sqlite3
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -20,7 +22,7 @@ import numpy as np
 
 from verifier.check import Checker, Settings
 from verifier.data import Dataset, from_layout, load_dataset, select, to_layout
-from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
+from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError, RelrobustError
 from verifier.model import Model, load_model
 from verifier.progress import Progress
 from verifier.records import InputRecord
@@ -31,6 +33,8 @@ DATASET_BY_INPUT_SIZE = {784: "mnist", 3072: "cifar10"}
 DEFAULT_MODES = ("dynamic", "ort-qdq")
 # Options that may differ on --resume (they do not change any decision).
 OUTPUT_KEYS = ("workers", "quiet", "json", "out", "resume", "examples", "gate")
+# Test hook (tests/test_faults.py): a worker process dies (os._exit) on this input index.
+CRASH_ENV = "RELROBUST_TEST_CRASH_INDEX"
 
 
 @dataclass
@@ -94,6 +98,11 @@ def check_options(args: argparse.Namespace) -> None:
         raise InputError("--search mcts searches feature subsets: use it with --region features")
     if args.resume and args.out and args.out != args.resume:
         raise InputError("--resume RUN continues RUN in place: do not also pass a different --out")
+    from verifier.gate import Thresholds
+
+    Thresholds(  # refuses limits outside [0, 100] now, not after every input is decided
+        args.min_relative_robustness, args.max_transfer, args.max_unknown, args.min_accuracy
+    )
 
 
 def run_config(args: argparse.Namespace, model_path: Path, data_name: str) -> dict:
@@ -129,9 +138,16 @@ def run_config(args: argparse.Namespace, model_path: Path, data_name: str) -> di
 def resume_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """On --resume, options left at their defaults take the stored run's values."""
     run_dir = args.resume
+    if args.out is not None and Path(args.out).resolve() != Path(run_dir).resolve():
+        raise InputError("--resume RUN continues RUN in place: do not also pass a different --out")
     if not (run_dir / "run.json").is_file():
         raise InputError(f"--resume {run_dir}: not a run directory (no run.json)")
-    stored = json.loads((run_dir / "run.json").read_text())
+    try:
+        stored = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--resume {run_dir}: unreadable run.json ({exc})") from None
+    if not isinstance(stored, dict):
+        raise InputError(f"--resume {run_dir}: run.json does not hold a run configuration")
     for key, value in stored.items():
         dest = key.replace("-", "_")
         if key == "use_smt":
@@ -162,6 +178,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
     model_path = args.model or DEFAULT_MODEL
     out = args.out or fresh_run_dir(Path("runs"))
     model = load_model(model_path, args.layout, cache_dir=out / "models")
+    _ = model.network  # the layer list now: an unsupported operator is named before long work
+    if args.baseline:
+        from verifier.gate import load_baseline
+
+        load_baseline(args.baseline)  # an unreadable baseline fails now, not after the run
     data_name = dataset_name(model, args.data)
     inputs = load_inputs(model, args)
     config = run_config(args, model_path, data_name)
@@ -209,7 +230,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
     for st in settings:
         run_dir = out / f"r{st.radius:g}-s{st.step:g}".replace("/", "_") if sweep else out
         cfg = {**config, "radius": st.radius, "step": st.step}
-        doc = run_setting(st, cfg, model, inputs, runners, described, preds, run_dir, args, say)
+        try:
+            doc = run_setting(st, cfg, model, inputs, runners, described, preds, run_dir, args, say)
+        except (OSError, sqlite3.Error) as exc:  # a full disk, a read-only directory, ...
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise InputError(
+                f"cannot write the run's files in {run_dir}: {reason}; the inputs decided so far "
+                f"are stored: fix this and continue with `verify --resume {out}`"
+            ) from None
         results.append((st, doc))
     if sweep:
         from verifier.report import write_sweep_tables
@@ -251,7 +279,7 @@ def _printer(args: argparse.Namespace):
 
 def quantized_runners(model: Model, args, data_name: str, out: Path):
     """The quantized models to compare: `--quantized` files and the `--modes` built here."""
-    from quantize import get_mode, load_quantized, quantize_model
+    from quantize import get_mode, quantize_model
 
     modes = args.modes
     if modes is None:
@@ -266,7 +294,7 @@ def quantized_runners(model: Model, args, data_name: str, out: Path):
     modes = [m.strip() for m in modes.split(",") if m.strip() and m.strip() != "none"]
     runners, described = {}, []
     for path in args.quantized:
-        r = load_quantized(path, model.layout)
+        r = quantized_file(path, model)
         runners[r.name], described = r, [*described, {"name": r.name, "describe": r.describe()}]
     if modes:
         calib, record = None, None
@@ -278,6 +306,21 @@ def quantized_runners(model: Model, args, data_name: str, out: Path):
             runners[r.name] = r
             described.append({"name": r.name, "describe": desc})
     return runners, described
+
+
+def quantized_file(path: Path, model: Model):
+    """A `--quantized` file as a runner; unreadable or incompatible files are InputErrors."""
+    from quantize import check_compatible, load_quantized
+
+    try:
+        runner = load_quantized(path, model.layout)
+    except RelrobustError:
+        raise
+    except Exception as exc:  # parser errors of the file's format (protobuf, flatbuffers)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot load the quantized model {path}: {first}") from None
+    check_compatible(model, runner)
+    return runner
 
 
 def calibration(model: Model, args, data_name: str):
@@ -430,6 +473,8 @@ def _init_worker(state: WorkerState) -> None:
 
 def _check_in_worker(pos: int) -> dict:
     assert _WORKER is not None, "worker not initialised"
+    if os.environ.get(CRASH_ENV) == str(int(_WORKER.indices[pos])):
+        os._exit(1)  # test hook only: a worker that dies, as tests/test_faults.py needs
     return _WORKER.check(pos).to_dict()
 
 
