@@ -64,6 +64,7 @@ def summarise(rows: list[dict]) -> dict:
         "decided_share": (status["certified"] + status["refuted"]) / n if n else None,
         "unknown_share": status["unknown"] / n if n else None,
         **_stats(secs),
+        "mean_cpu_s": float(np.mean([r["cpu_s"] for r in rows])) if rows else None,
         "routes": {},
     }
     for route in sorted({(r["status"], r["route"]) for r in rows}):
@@ -88,6 +89,7 @@ def run_config(config: str, model, chain, xs, labels, args) -> tuple[list[dict],
     t0 = time.perf_counter()
     for i, (x, label) in enumerate(zip(xs, labels, strict=True)):
         region = make_region(config, x)
+        cpu = time.process_time()
         d = decide(
             model, chain, region, int(label), timeout=args.timeout, use_smt=not args.no_smt, seed=i
         )
@@ -98,6 +100,7 @@ def run_config(config: str, model, chain, xs, labels, args) -> tuple[list[dict],
                 "status": d.status,
                 "route": d.route,
                 "seconds": d.seconds,
+                "cpu_s": time.process_time() - cpu,
                 "nodes": d.nodes,
                 "adv_label": d.adv_label,
                 "coeffs": None if d.coeffs is None else d.coeffs.tolist(),
@@ -160,7 +163,7 @@ def print_table(results: dict) -> None:
     """One line per configuration, then one per (status, route)."""
     print(
         f"{'config':<8}{'inputs':>7}{'cert':>7}{'refut':>7}{'unkn':>6}{'decided':>9}"
-        f"{'mean ms':>9}{'med ms':>8}{'p95 ms':>8}"
+        f"{'mean ms':>9}{'med ms':>8}{'p95 ms':>8}{'cpu ms':>8}"
     )
     for name, res in results["configs"].items():
         s = res["summary"]
@@ -168,6 +171,7 @@ def print_table(results: dict) -> None:
             f"{name:<8}{s['inputs']:>7}{s['certified']:>7}{s['refuted']:>7}{s['unknown']:>6}"
             f"{100 * s['decided_share']:>8.2f}%{1000 * s['mean_s']:>9.1f}"
             f"{1000 * s['median_s']:>8.1f}{1000 * s['p95_s']:>8.1f}"
+            f"{1000 * s['mean_cpu_s']:>8.1f}"
         )
         for route, r in s["routes"].items():
             print(
@@ -211,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     results = {
+        "load_average_start": os.getloadavg(),
         "model": str(args.model),
         "n": args.n,
         "correct": int(correct.sum()),
@@ -230,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         elif CONFIGS[config][0] == "features":
             entry["region_sizes"] = region_sizes(config, xs)
         results["configs"][config] = entry
+    results["load_average_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_jsonable(results), indent=1))

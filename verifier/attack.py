@@ -59,8 +59,9 @@ def spec_jacobian(spec: SpecChain, s: np.ndarray) -> np.ndarray:
             a = np.maximum(a, 0.0)
         else:
             padded = np.concatenate([a, np.full((1, 1), -np.inf)], axis=1)
-            arg = layer.windows[np.arange(len(layer.windows)),
-                                padded[0, layer.windows].argmax(axis=1)]
+            arg = layer.windows[
+                np.arange(len(layer.windows)), padded[0, layer.windows].argmax(axis=1)
+            ]
             tape.append((arg, a.shape[1]))
             a = padded[:, layer.windows].max(axis=2)
     jac = np.eye(a.shape[1])
@@ -77,8 +78,9 @@ def spec_jacobian(spec: SpecChain, s: np.ndarray) -> np.ndarray:
     return jac
 
 
-def greedy_extreme(a: np.ndarray, lo: np.ndarray, hi: np.ndarray, cost: np.ndarray,
-                   budget: float) -> np.ndarray:
+def greedy_extreme(
+    a: np.ndarray, lo: np.ndarray, hi: np.ndarray, cost: np.ndarray, budget: float
+) -> np.ndarray:
     """Integer points (m, G) lowering each row's `a . s`: generators by decreasing
     |a_g| / cost_g pushed to the extreme, the one the budget cuts short floored."""
     a = np.atleast_2d(np.asarray(a, dtype=np.float64))
@@ -145,33 +147,54 @@ class _Judge:
 # --- attacks -----------------------------------------------------------------------------------
 
 
-def quick_attack(runtime, spec: SpecChain, region: Region, label: int, *, seed: int = 0,
-                 n_random: int = 16) -> AttackResult:
+def quick_attack(
+    runtime, spec: SpecChain, region: Region, label: int, *, seed: int = 0, n_random: int = 16
+) -> AttackResult:
     """One runtime batch: x itself, the extreme point along each margin's gradient at x, and
     gradient-plus-noise and random extreme points."""
     judge = _Judge(runtime, region, label)
-    judge(np.concatenate([np.zeros((1, region.num_generators), dtype=np.int64),
-                          _extremes(spec, region, np.zeros(region.num_generators), seed,
-                                    n_random)]))
+    judge(
+        np.concatenate(
+            [
+                np.zeros((1, region.num_generators), dtype=np.int64),
+                _extremes(spec, region, np.zeros(region.num_generators), seed, n_random),
+            ]
+        )
+    )
     return judge.result()
 
 
-def _extremes(spec: SpecChain, region: Region, point: np.ndarray, seed: int,
-              n_random: int) -> np.ndarray:
+def _extremes(
+    spec: SpecChain, region: Region, point: np.ndarray, seed: int, n_random: int
+) -> np.ndarray:
     """Extreme points of the region along the margins' gradients at `point`, with noise."""
     rng = np.random.default_rng(seed)
     g = region.num_generators
     jac = spec_jacobian(spec, point)
     scale = np.abs(jac).mean() + 1e-12
-    dirs = np.concatenate([jac, jac.min(axis=0, keepdims=True),
-                           jac[:1] + rng.normal(size=(n_random, g)) * scale,
-                           rng.normal(size=(n_random, g))])
+    dirs = np.concatenate(
+        [
+            jac,
+            jac.min(axis=0, keepdims=True),
+            jac[:1] + rng.normal(size=(n_random, g)) * scale,
+            rng.normal(size=(n_random, g)),
+        ]
+    )
     return greedy_extreme(dirs, region.lo, region.hi, region.cost, region.budget)
 
 
-def search_attack(runtime, spec: SpecChain, region: Region, label: int, *, deadline: float,
-                  start: np.ndarray | None = None, beam: int = 8, seed: int = 0,
-                  iters: int = 3) -> AttackResult:
+def search_attack(
+    runtime,
+    spec: SpecChain,
+    region: Region,
+    label: int,
+    *,
+    deadline: float,
+    start: np.ndarray | None = None,
+    beam: int = 8,
+    seed: int = 0,
+    iters: int = 3,
+) -> AttackResult:
     """Until `deadline`: gradient extremes re-linearised at the best point (`iters` rounds),
     local search from the best point, beam search from 0, local search again. Moves change
     one coefficient (or swap two 0/1 generators); the runtime margin judges."""
@@ -269,4 +292,6 @@ def _grow(region: Region, s: np.ndarray) -> list[np.ndarray]:
                 c = s.copy()
                 c[j] = v
                 out.append(c)
-    return [c for c, ok in zip(out, region.contains(np.array(out)), strict=True) if ok] if out else []
+    return (
+        [c for c, ok in zip(out, region.contains(np.array(out)), strict=True) if ok] if out else []
+    )

@@ -46,30 +46,46 @@ class BabOutcome:
     points: int = 0
 
 
-def branch_and_bound(runtime, region: Region, label: int, root: Leaf,
-                     bound: Callable[[np.ndarray, np.ndarray, Bounds], Bounds], threshold: np.ndarray, *,
-                     deadline: float, max_nodes: int, enum_limit: int) -> BabOutcome:
-    """Refine `root` until every leaf is closed, a counterexample is confirmed, or the budget
-    (`max_nodes` processed nodes, `deadline` on `time.perf_counter()`) runs out.
+def branch_and_bound(
+    runtime,
+    region: Region,
+    label: int,
+    roots: list[Leaf],
+    bound: Callable[[np.ndarray, np.ndarray, Bounds], Bounds],
+    threshold: np.ndarray,
+    *,
+    deadline: float,
+    max_nodes: int,
+    enum_limit: int,
+) -> BabOutcome:
+    """Refine the `roots` (sub-boxes with their bounds) until every leaf is closed, a
+    counterexample is confirmed, or the budget (`max_nodes` processed nodes, `deadline` on
+    `time.perf_counter()`) runs out.
 
     `bound(lo, hi, parent_bounds)` bounds a child box (the parent's bounds stay valid in it).
     """
     out = BabOutcome(UNKNOWN, "budget")
     tie = itertools.count()
-    heap: list = [(_key(root.bounds, threshold), next(tie), root)]
+    heap: list = []
+    stuck: list[Leaf] = []  # enumerated without a verdict
+
+    def push(leaf: Leaf) -> None:
+        """Close the leaf at once when its bounds settle it, else queue it."""
+        if leaf.bounds.empty:
+            out.closed["empty"] += 1
+        elif np.all(leaf.bounds.lower > threshold):
+            out.closed["bab"] += 1
+        else:
+            heapq.heappush(heap, (_key(leaf.bounds, threshold), next(tie), leaf))
+
+    for root in roots:
+        push(root)
     while heap:
         if out.nodes >= max_nodes or time.perf_counter() > deadline:
             break
         _, _, leaf = heapq.heappop(heap)
         out.nodes += 1
-        b = leaf.bounds
-        if b.empty:
-            out.closed["empty"] += 1
-            continue
-        if np.all(b.lower > threshold):
-            out.closed["bab"] += 1
-            continue
-        hit = _try_minimisers(runtime, region, label, b, threshold)
+        hit = _try_minimisers(runtime, region, label, leaf.bounds, threshold)
         if hit is not None:
             out.status, out.route, (out.coeffs, out.adv_label) = REFUTED, "bab", hit
             return out
@@ -81,19 +97,21 @@ def branch_and_bound(runtime, region: Region, label: int, root: Leaf,
                 out.status, out.route = REFUTED, "enumeration"
                 out.coeffs, out.adv_label = res.coeffs, res.adv_label
                 return out
-            if res.complete:
+            if res.clean:
                 out.closed["enumeration"] += 1
                 continue
-            heapq.heappush(heap, (_key(b, threshold), next(tie), leaf))
-            break
+            stuck.append(leaf)  # out of time, or the runtime's answer depends on the batch
+            if not res.complete:
+                break
         for lo, hi in split(leaf, threshold):
-            child = Leaf(lo, hi, bound(lo, hi, b))
-            heapq.heappush(heap, (_key(child.bounds, threshold), next(tie), child))
-    out.open_leaves = [entry[2] for entry in sorted(heap, key=lambda e: (e[0], e[1]))]
+            push(Leaf(lo, hi, bound(lo, hi, leaf.bounds)))
+    out.open_leaves = stuck + [entry[2] for entry in sorted(heap, key=lambda e: (e[0], e[1]))]
     if not out.open_leaves:
         out.status = CERTIFIED
-        counts = {"bab": out.closed["bab"] + out.closed["empty"],
-                  "enumeration": out.closed["enumeration"]}
+        counts = {
+            "bab": out.closed["bab"] + out.closed["empty"],
+            "enumeration": out.closed["enumeration"],
+        }
         out.route = max(counts, key=lambda k: counts[k])
     return out
 
@@ -125,8 +143,9 @@ def round_into(s: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.clip(p + np.trunc(s - p + 1e-9 * np.sign(s - p)), lo, hi).astype(np.int64)
 
 
-def _try_minimisers(runtime, region: Region, label: int, b: Bounds,
-                    threshold: np.ndarray) -> tuple[np.ndarray, int] | None:
+def _try_minimisers(
+    runtime, region: Region, label: int, b: Bounds, threshold: np.ndarray
+) -> tuple[np.ndarray, int] | None:
     """Run the rounded relaxed minimisers of the violated margins on the runtime."""
     bad = np.flatnonzero(b.lower <= threshold)
     if not len(bad):

@@ -68,13 +68,16 @@ class Bounds:
 
 
 def prepare_chain(chain: list[LoweredLayer] | PreparedChain) -> PreparedChain:
-    """Contiguous copies of the weights and their sign splits (a PreparedChain is returned as is)."""
+    """Contiguous float64 copies of the weights and their |W| (a PreparedChain is kept as is)."""
     if isinstance(chain, PreparedChain):
         return chain
     layers = [
-        Affine(np.ascontiguousarray(layer.weight, dtype=np.float64),
-               np.ascontiguousarray(layer.bias, dtype=np.float64))
-        if isinstance(layer, Affine) else layer
+        Affine(
+            np.ascontiguousarray(layer.weight, dtype=np.float64),
+            np.ascontiguousarray(layer.bias, dtype=np.float64),
+        )
+        if isinstance(layer, Affine)
+        else layer
         for layer in chain
     ]
     return PreparedChain(layers, _abs_weights(layers))
@@ -84,8 +87,9 @@ def _abs_weights(layers: list[LoweredLayer]) -> list:
     return [np.abs(layer.weight) if isinstance(layer, Affine) else None for layer in layers]
 
 
-def spec_chain(chain: list[LoweredLayer] | PreparedChain, region: Region, label: int, *,
-               float32: bool = True) -> SpecChain:
+def spec_chain(
+    chain: list[LoweredLayer] | PreparedChain, region: Region, label: int, *, float32: bool = True
+) -> SpecChain:
     """Compose `x + s @ D` into the first layer and the margin matrix into the last one.
 
     `float32=True` bounds the runtime's float32 evaluation (see the module docstring);
@@ -121,17 +125,18 @@ def spec_chain(chain: list[LoweredLayer] | PreparedChain, region: Region, label:
         absw[i] = np.abs(layers[i].weight)
     err: list = [None] * len(layers)
     if float32:
-        own = rounding_errors(prep, region)
-        err[int(inserted):int(inserted) + len(own)] = own
-        if inserted:  # the identity map on s: only the input cast
+        own = rounding_errors(prep, region, input_cast=not inserted)
+        err[int(inserted) : int(inserted) + len(own)] = own
+        if inserted:  # the map s -> x' itself: only the cast of x' to float32
             err[0] = U32 * _input_magnitude(region)
         last = err[len(layers) - 1]
         if last is not None and len(last) == k:
             err[len(layers) - 1] = last[label] + last[others]
         elif last is None and not isinstance(prep.layers[-1], Affine):
             err[len(layers) - 1] = np.zeros(k - 1)
-    return SpecChain(layers, absw, label, others, region.cost.astype(np.float64),
-                     float(region.budget), err)
+    return SpecChain(
+        layers, absw, label, others, region.cost.astype(np.float64), float(region.budget), err
+    )
 
 
 def _output_size(chain: list[LoweredLayer], n: int) -> int:
@@ -159,15 +164,16 @@ def _input_magnitude(region: Region) -> np.ndarray:
     return np.maximum(np.abs(lo), np.abs(hi))
 
 
-def rounding_errors(chain: PreparedChain, region: Region) -> list:
+def rounding_errors(chain: PreparedChain, region: Region, input_cast: bool = True) -> list:
     """Per layer of `chain`, a bound on the float32 rounding committed by each Affine output.
 
     gamma_n (|W| |a| + |b|) with n = fan-in + 1 and |a| from float interval bounds over the whole
     region (so it holds in every sub-box), plus |W| u |x'| for the input cast in the first
-    layer; doubled as a margin for runtimes that run a folded layer as several float32 steps.
+    layer (`input_cast`); doubled as a margin for runtimes that run a folded layer as several
+    float32 steps.
     """
     lo, hi = _input_box(region)
-    in_err = U32 * np.maximum(np.abs(lo), np.abs(hi))
+    in_err = U32 * np.maximum(np.abs(lo), np.abs(hi)) if input_cast else None
     out: list = []
     for layer, aw in zip(chain.layers, chain.absw, strict=True):
         if isinstance(layer, Affine):
@@ -185,6 +191,7 @@ def rounding_errors(chain: PreparedChain, region: Region) -> list:
             out.append(None)
         else:
             lo, hi = _pool_max(lo, layer.windows), _pool_max(hi, layer.windows)
+            in_err = None if in_err is None else _pool_max(in_err, layer.windows)
             out.append(None)
     return out
 
@@ -192,65 +199,82 @@ def rounding_errors(chain: PreparedChain, region: Region) -> list:
 # --- concretisation over the region: a fractional knapsack ------------------------------------
 
 
-def knapsack_min(a: np.ndarray, const: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                 cost: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:
+def knapsack_min(
+    a: np.ndarray,
+    const: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    cost: np.ndarray,
+    budget: float,
+    *,
+    argmin: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Exact min of `a_i . s + const_i` over s in [lo, hi] with sum |s_g| cost_g <= budget.
 
-    Rows are independent; returns (values (m,), minimisers (m, G)). From the box point nearest 0
-    every move increases |s_g|, so the problem is a fractional knapsack solved greedily by
-    |a_g| / cost_g. An empty set (the nearest point already over budget) gives +inf.
+    Rows are independent; returns (values (m,), minimisers (m, G) or None). From the box point
+    nearest 0 every move increases |s_g|, so the problem is a fractional knapsack solved
+    greedily by |a_g| / cost_g. An empty set (the nearest point over budget) gives +inf.
     """
     a = np.atleast_2d(np.asarray(a, dtype=np.float64))
-    vals, argmin = _knapsack(a, None, lo, hi, cost, budget)
-    return vals + np.asarray(const, dtype=np.float64), argmin
-
-
-def _knapsack(a: np.ndarray, order: np.ndarray | None, lo, hi, cost, budget: float):
-    """`knapsack_min` without the constant; `order` (rows sorted by decreasing ratio) may be
-    passed in when known (a row and its negation share it)."""
-    m = a.shape[0]
+    m, g = a.shape
     lo = np.asarray(lo, dtype=np.float64)
     hi = np.asarray(hi, dtype=np.float64)
     p = np.clip(0.0, lo, hi)
-    cap = budget - float(np.abs(p) @ cost)
-    if cap < -EPS:
-        return np.full(m, np.inf), np.tile(p, (m, 1))
-    cap = max(cap, 0.0)
+    cap = budget + EPS - float(np.abs(p) @ cost)  # the region's own budget slack
+    const = np.asarray(const, dtype=np.float64)
+    if cap < 0:
+        return np.full(m, np.inf), (np.tile(p, (m, 1)) if argmin else None)
     down = a > 0  # the objective decreases by moving s_g down
-    room = np.where(down, p - lo, hi - p)  # units available in the improving direction
-    weight = room * cost  # budget used by taking the whole room
-    if order is None:
-        order = _ratio_order(a, cost)
-    w_sorted = np.take_along_axis(weight, order, axis=1)
+    room = np.where(down, p - lo, hi - p)  # whole units available in the improving direction
+    order = _ratio_order(a, room, cost, cap)
+    w_sorted = np.take_along_axis(room, order, axis=1) * cost[order]
     before = np.cumsum(w_sorted, axis=1) - w_sorted
     with np.errstate(divide="ignore", invalid="ignore"):
-        frac_sorted = np.where(w_sorted > 0, (cap - before) / w_sorted, 1.0)
-    frac = np.empty_like(frac_sorted)
-    np.put_along_axis(frac, order, np.clip(frac_sorted, 0.0, 1.0), axis=1)
-    step = np.where(down, -1.0, 1.0) * frac * room
-    return a @ p + (a * step).sum(axis=1), p + step
+        frac_sorted = np.clip(np.where(w_sorted > 0, (cap - before) / w_sorted, 1.0), 0.0, 1.0)
+    gain_sorted = np.abs(np.take_along_axis(a, order, axis=1)) * np.take_along_axis(
+        room, order, axis=1
+    )
+    value = a @ p + const - (frac_sorted * gain_sorted).sum(axis=1)
+    if not argmin:
+        return value, None
+    frac = np.zeros((m, g))
+    np.put_along_axis(frac, order, frac_sorted, axis=1)
+    return value, p + np.where(down, -1.0, 1.0) * frac * room
 
 
-def _ratio_order(a: np.ndarray, cost: np.ndarray) -> np.ndarray:
-    """Columns of each row by decreasing |a_g| / cost_g (free generators first)."""
+def _ratio_order(a: np.ndarray, room: np.ndarray, cost: np.ndarray, cap: float) -> np.ndarray:
+    """Per row, the generators the greedy can touch, by decreasing |a_g| / cost_g.
+
+    Every movable generator with a positive cost uses at least the smallest cost, so at most
+    (free ones) + ceil(cap / smallest cost) + 1 of them are reached: only those are sorted
+    (after a partition) when that is fewer than all.
+    """
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(cost > 0, np.abs(a) / np.where(cost > 0, cost, 1.0), np.inf)
-    return np.argsort(-ratio, axis=1, kind="stable")
+    ratio = np.where(room > 0, ratio, -1.0)  # immovable: last
+    g = a.shape[1]
+    positive = cost[cost > 0]
+    reach = g
+    if len(positive):
+        reach = int((cost <= 0).sum()) + int(np.ceil(cap / positive.min() + 1e-9)) + 1
+    if reach >= g:
+        return np.argsort(-ratio, axis=1, kind="stable")
+    part = np.argpartition(-ratio, reach - 1, axis=1)[:, :reach]
+    sub = np.argsort(-np.take_along_axis(ratio, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, sub, axis=1)
 
 
 def _affine_exact(layer: Affine, err, lo, hi, cost, budget) -> tuple[np.ndarray, np.ndarray]:
-    """Exact (relaxed) bounds of an affine function of s, both signs through the knapsack
-    (one sort serves both), widened by its rounding bound `err` (None: exact)."""
+    """Exact (relaxed) bounds of an affine function of s over the relaxed region, widened by
+    its rounding bound `err` (None: exact)."""
     w, b = layer.weight, layer.bias
-    order = _ratio_order(w, cost)
-    low, _ = _knapsack(w, order, lo, hi, cost, budget)
-    neg, _ = _knapsack(-w, order, lo, hi, cost, budget)
+    low, _ = knapsack_min(w, b, lo, hi, cost, budget, argmin=False)
+    neg, _ = knapsack_min(-w, -b, lo, hi, cost, budget, argmin=False)
     e = 0.0 if err is None else err
-    return low + b - e, -neg + b + e
+    return low - e, -neg + e
 
 
-def _affine_interval(layer: Affine, absw: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                     err=None):
+def _affine_interval(layer: Affine, absw: np.ndarray, lo: np.ndarray, hi: np.ndarray, err=None):
     """Interval image of [lo, hi] under an affine map (`absw` = |W|), widened by `err`."""
     mid, rad = (lo + hi) / 2.0, (hi - lo) / 2.0
     c = layer.weight @ mid + layer.bias
@@ -300,22 +324,32 @@ def _infeasible(spec: SpecChain, lo, hi) -> bool:
 def _empty(spec: SpecChain, lo, hi) -> Bounds:
     k, g = len(spec.others), len(lo)
     p = np.clip(0.0, lo, hi).astype(np.float64)
-    return Bounds(np.full(k, np.inf), np.zeros((k, g)), np.tile(p, (k, 1)),
-                  [None] * len(spec.layers), "empty")
+    return Bounds(
+        np.full(k, np.inf), np.zeros((k, g)), np.tile(p, (k, 1)), [None] * len(spec.layers), "empty"
+    )
 
 
 # --- linear bounds (back-substitution) ---------------------------------------------------------
 
 
-def linear_bounds(spec: SpecChain, lo: np.ndarray, hi: np.ndarray, *, alpha_steps: int = 0,
-                  target: np.ndarray | float = 0.0, ibp: Bounds | None = None,
-                  parent: Bounds | None = None) -> Bounds:
+def linear_bounds(
+    spec: SpecChain,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    *,
+    alpha_steps: int = 0,
+    target: np.ndarray | float = 0.0,
+    ibp: Bounds | None = None,
+    parent: Bounds | None = None,
+    alpha_gap: float = np.inf,
+) -> Bounds:
     """CROWN / DeepPoly: back-substitute every unstable neuron and the margins down to s.
 
     Intermediate bounds are the tighter of IBP, back-substitution and `parent`'s (bounds of an
     enclosing box, as branch and bound passes them: only neurons still unstable are redone).
     ReLU lower slopes are adaptive (0 or 1), then optimised for the margins still at or below
-    `target` (`alpha_steps` > 0 gradient steps).
+    `target` (`alpha_steps` > 0 gradient steps), when the worst is at most `alpha_gap` below it
+    (optimising gains a few percent: no use far from the target).
     """
     lo = np.asarray(lo)
     hi = np.asarray(hi)
@@ -347,7 +381,7 @@ def linear_bounds(spec: SpecChain, lo: np.ndarray, hi: np.ndarray, *, alpha_step
                 rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
             if len(rows):
                 lam, c = _query_both(spec, pre, i, rows)
-                vals, _ = knapsack_min(lam, c, lo, hi, spec.cost, spec.budget)
+                vals, _ = knapsack_min(lam, c, lo, hi, spec.cost, spec.budget, argmin=False)
                 m = len(rows)
                 cur_lo[rows] = np.maximum(cur_lo[rows], vals[:m])
                 cur_hi[rows] = np.minimum(cur_hi[rows], -vals[m:])
@@ -362,15 +396,21 @@ def linear_bounds(spec: SpecChain, lo: np.ndarray, hi: np.ndarray, *, alpha_step
     lam, c = _backsub(spec, pre, top + 1, np.eye(last.weight.shape[0]), np.zeros(len(last.bias)))
     vals, argmin = knapsack_min(lam, c, lo, hi, spec.cost, spec.budget)
     method = "crown"
-    if alpha_steps > 0 and top > 0 and np.any(vals <= target):
+    worst = float(np.min(vals - target))
+    if alpha_steps > 0 and top > 0 and -alpha_gap < worst <= 0:
         lam2, c2, vals2, argmin2 = optimise_alpha(spec, pre, lo, hi, alpha_steps, target)
         better = vals2 > vals
         lam[better], c[better], vals[better], argmin[better] = (
-            lam2[better], c2[better], vals2[better], argmin2[better])
+            lam2[better],
+            c2[better],
+            vals2[better],
+            argmin2[better],
+        )
         method = "alpha-crown"
     interval = cur_lo  # IBP of the margins from the refined intermediate bounds
-    if ibp is not None and not ibp.empty:
-        interval = np.maximum(interval, ibp.lower)
+    for other in (ibp, parent):  # bounds over this box or an enclosing one hold here too
+        if other is not None and not other.empty:
+            interval = np.maximum(interval, other.lower)
     return Bounds(np.maximum(vals, interval), lam, argmin, pre, method, first)
 
 
@@ -401,8 +441,11 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray):
     from two products, W @ M1 and |W| @ M2 (no m x n elementwise work).
     """
     m = len(rows)
-    if i < 2 or not isinstance(spec.layers[i - 1], Relu) or not isinstance(
-            spec.layers[i - 2], Affine):
+    if (
+        i < 2
+        or not isinstance(spec.layers[i - 1], Relu)
+        or not isinstance(spec.layers[i - 2], Affine)
+    ):
         eye = np.zeros((2 * m, len(spec.layers[i].bias)))
         eye[np.arange(m), rows] = 1.0
         eye[m + np.arange(m), rows] = -1.0
@@ -421,8 +464,12 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray):
     own = spec.err[i][rows] if spec.err[i] is not None else 0.0
     bias = layer.bias[rows]
     lam = np.concatenate([a[:, :g] + b[:, :g], b[:, :g] - a[:, :g]])
-    c = np.concatenate([bias + a[:, g] + b[:, g] - a[:, g + 1] - b[:, g + 1] - own,
-                        -bias - a[:, g] + b[:, g] + a[:, g + 1] - b[:, g + 1] - own])
+    c = np.concatenate(
+        [
+            bias + a[:, g] + b[:, g] - a[:, g + 1] - b[:, g + 1] - own,
+            -bias - a[:, g] + b[:, g] + a[:, g + 1] - b[:, g + 1] - own,
+        ]
+    )
     return _backsub(spec, pre, i - 2, lam, c)
 
 
@@ -448,8 +495,9 @@ def _pool_relax(l: np.ndarray, u: np.ndarray, windows: np.ndarray):
     return arg, dominated, umax
 
 
-def _backsub(spec: SpecChain, pre: list, upto: int, lam: np.ndarray, c: np.ndarray,
-             alphas=None, tape=None):
+def _backsub(
+    spec: SpecChain, pre: list, upto: int, lam: np.ndarray, c: np.ndarray, alphas=None, tape=None
+):
     """Lower bound `lam . v_upto + c` as a linear function of s, through layers upto-1 .. 0.
 
     `lam` are coefficients on the output of layer `upto - 1`; every affine layer passed charges
@@ -490,8 +538,15 @@ def _scatter_cols(vals: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
 # --- optimised lower slopes (alpha-CROWN for the margins) --------------------------------------
 
 
-def optimise_alpha(spec: SpecChain, pre: list, lo, hi, steps: int,
-                   target: np.ndarray | float = 0.0, lr: float = 0.2):
+def optimise_alpha(
+    spec: SpecChain,
+    pre: list,
+    lo,
+    hi,
+    steps: int,
+    target: np.ndarray | float = 0.0,
+    lr: float = 0.2,
+):
     """Projected gradient ascent on per-margin ReLU lower slopes, intermediate bounds fixed.
 
     Any slope in [0, 1] gives a sound bound, so the best one seen is kept. The gradient is
@@ -499,8 +554,11 @@ def optimise_alpha(spec: SpecChain, pre: list, lo, hi, steps: int,
     """
     top = len(spec.layers)
     m = spec.layers[-1].weight.shape[0]
-    alphas = {k: np.tile(_relu_relax(*pre[k])[2], (m, 1))
-              for k, layer in enumerate(spec.layers) if isinstance(layer, Relu)}
+    alphas = {
+        k: np.tile(_relu_relax(*pre[k])[2], (m, 1))
+        for k, layer in enumerate(spec.layers)
+        if isinstance(layer, Relu)
+    }
     moment = {k: np.zeros_like(a) for k, a in alphas.items()}
     best = None
     for _ in range(steps + 1):

@@ -20,7 +20,6 @@ Which runtimes bounds speak for (and z3, which reasons about the same float chai
 
 from __future__ import annotations
 
-import inspect
 import time
 
 import numpy as np
@@ -41,22 +40,49 @@ from verifier.network import LoweredLayer, forward_lowered
 from verifier.regions import Region
 from verifier.result import CERTIFIED, REFUTED, UNKNOWN, Decision
 
+# z3 only gets leaves with at most this many undecided ReLUs: on bigger ones (the MNIST MLP's
+# leaves have 150-600) it answers "unknown" after its timeout, and its encoding alone can
+# overrun the timeout by seconds. When z3 is in play, branch and bound gets this share of time.
+SMT_MAX_UNSTABLE = 64
+SMT_BAB_SHARE = 0.6
+
+# Slopes are optimised (a few percent tighter, 5-20x the cost of plain linear bounds) only when
+# the worst margin bound is within this fraction of the attack's best margin below zero.
+ALPHA_NEAR = 0.25
+
 # The runtime's output at x may differ from the float64 chain by this much (relative to the
 # largest logit) before bounds are distrusted: float32 evaluation stays far below it.
 CHAIN_MATCH_RTOL = 1e-4
 
 
-def decide(runtime, chain: list[LoweredLayer] | PreparedChain, region: Region, label: int, *,
-           timeout: float = 30.0, max_nodes: int = 20000, enum_limit: int = 8192,
-           use_smt: bool = True, quantized: bool = False, quant_error: float | None = None,
-           seed: int = 0, alpha_steps: int = 20, beam: int = 8,
-           attack_share: float = 0.25) -> Decision:
+def decide(
+    runtime,
+    chain: list[LoweredLayer] | PreparedChain,
+    region: Region,
+    label: int,
+    *,
+    timeout: float = 30.0,
+    max_nodes: int = 20000,
+    enum_limit: int = 8192,
+    use_smt: bool = True,
+    quantized: bool = False,
+    quant_error: float | None = None,
+    seed: int = 0,
+    alpha_steps: int = 20,
+    beam: int = 8,
+    attack_share: float = 0.05,
+) -> Decision:
     """Certified / refuted / unknown for `region` around its input, and the route that decided.
 
     `timeout` (seconds) and `max_nodes` bound the whole call; regions or B&B leaves with at
     most `enum_limit` points are enumerated on the runtime; `attack_share` of the time may go
     to the search attack. See the module docstring for `quantized` and `quant_error`.
     Pass `bounds.prepare_chain(chain)` when deciding many regions of one model (saves copies).
+
+    `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3),
+    "open_leaves", "points" (enumerated on the runtime), "attack_evals", "steps" (seconds per
+    step), "trusted_bounds" (and "chain_gap" / "untrusted_reason"), "bounds_method" and
+    "root_margin" (worst root lower bound minus the threshold), z3 and enumeration notes.
     """
     chain = prepare_chain(chain)
     _check(chain.layers, region, label, timeout, max_nodes, enum_limit, quantized, quant_error)
@@ -78,14 +104,25 @@ def decide(runtime, chain: list[LoweredLayer] | PreparedChain, region: Region, l
         return run.done(REFUTED, "attack", att.coeffs, att.adv_label)
 
     root = None
+    # optimised slopes only where they may close the gap: within ALPHA_NEAR of the attack's
+    # best runtime margin (an upper bound on the true minimum) below the threshold
+    gap = ALPHA_NEAR * max(att.best_margin, 1e-6)
     if trusted:
-        root = _root_bounds(spec, region, threshold, alpha_steps, detail)
+        root = _root_bounds(spec, region, threshold, alpha_steps, gap, detail)
         run.step("bounds")
         if np.all(root.lower > threshold):
             return run.done(CERTIFIED, "bounds")
 
-    att = search_attack(runtime, spec, region, label, start=att.best, beam=beam, seed=seed,
-                        deadline=min(deadline, time.perf_counter() + attack_share * timeout))
+    att = search_attack(
+        runtime,
+        spec,
+        region,
+        label,
+        start=att.best,
+        beam=beam,
+        seed=seed,
+        deadline=min(deadline, time.perf_counter() + attack_share * timeout),
+    )
     run.step("attack", evals=att.evaluations)
     if att.coeffs is not None:
         return run.done(REFUTED, "attack", att.coeffs, att.adv_label)
@@ -94,26 +131,78 @@ def decide(runtime, chain: list[LoweredLayer] | PreparedChain, region: Region, l
         return run.enumerate_all(deadline, "bounds not trusted for this runtime")
 
     smt = _smt_function(use_smt, quantized)
-    bab_deadline = deadline if smt is None else time.perf_counter() + 0.6 * (
-        deadline - time.perf_counter())
+    return _refine(
+        run, spec, chain, root, threshold, gap, smt, deadline, max_nodes, enum_limit, alpha_steps
+    )
+
+
+def _refine(
+    run: _Run,
+    spec: SpecChain,
+    chain: PreparedChain,
+    root,
+    threshold,
+    gap: float,
+    smt,
+    deadline: float,
+    max_nodes: int,
+    enum_limit: int,
+    alpha_steps: int,
+) -> Decision:
+    """Branch and bound from the root bounds; z3 on the open leaves small enough for it; branch
+    and bound again on what is left, until the budget runs out."""
+    region = run.region
+    leaves = [Leaf(region.lo, region.hi, root)]
+    if smt is not None and _unstable(leaves[0], spec) > 2 * SMT_MAX_UNSTABLE:
+        smt = None  # leaves of this network will rarely be small enough for z3: all time to B&B
+    closed: dict = {}
 
     def bound(lo, hi, parent):
-        return linear_bounds(spec, lo, hi, alpha_steps=alpha_steps, target=threshold,
-                             parent=parent)
+        return linear_bounds(
+            spec, lo, hi, alpha_steps=alpha_steps, target=threshold, parent=parent, alpha_gap=gap
+        )
 
-    out = branch_and_bound(runtime, region, label, Leaf(region.lo, region.hi, root), bound,
-                           threshold, deadline=bab_deadline, max_nodes=max_nodes,
-                           enum_limit=enum_limit)
-    detail["points"] += out.points
-    detail["leaves"] = {k: v for k, v in out.closed.items() if v}
-    detail["open_leaves"] = len(out.open_leaves)
-    run.nodes = out.nodes
-    run.step("bab")
-    if out.status != UNKNOWN:
-        return run.done(out.status, out.route, out.coeffs, out.adv_label)
-    if smt is None or not out.open_leaves:
+    for stage in ("bab", "z3", "bab"):
+        if not leaves or time.perf_counter() > deadline:
+            break
+        if stage == "z3":
+            if smt is None:
+                continue
+            hit, leaves, n_closed = _smt_leaves(run, smt, spec, chain.layers, leaves, deadline)
+            closed["z3"] = closed.get("z3", 0) + n_closed
+            if hit is not None:
+                return hit
+            continue
+        share = SMT_BAB_SHARE if smt is not None and "z3" not in closed else 1.0
+        out = branch_and_bound(
+            run.runtime,
+            region,
+            run.label,
+            leaves,
+            bound,
+            threshold,
+            deadline=time.perf_counter() + share * (deadline - time.perf_counter()),
+            max_nodes=max_nodes - run.nodes,
+            enum_limit=enum_limit,
+        )
+        run.nodes += out.nodes
+        run.detail["points"] += out.points
+        for key, count in out.closed.items():
+            closed[key] = closed.get(key, 0) + count
+        run.step("bab")
+        if out.status == REFUTED:
+            return run.done(REFUTED, out.route, out.coeffs, out.adv_label)
+        leaves = out.open_leaves
+    run.detail["leaves"] = {k: v for k, v in closed.items() if v}
+    run.detail["open_leaves"] = len(leaves)
+    if leaves:
         return run.done(UNKNOWN, "budget")
-    return _smt_leaves(run, smt, spec, chain.layers, out, threshold, deadline)
+    counts = {
+        "bab": closed.get("bab", 0) + closed.get("empty", 0),
+        "enumeration": closed.get("enumeration", 0),
+        "z3": closed.get("z3", 0),
+    }
+    return run.done(CERTIFIED, max(counts, key=lambda k: counts[k]))
 
 
 class _Run:
@@ -136,8 +225,15 @@ class _Run:
         if coeffs is not None:
             coeffs = np.asarray(coeffs, dtype=np.int64)
             adv_label = None if adv_label is None else int(adv_label)
-        return Decision(status, route, coeffs, adv_label, time.perf_counter() - self.start,
-                        self.nodes, self.detail)
+        return Decision(
+            status,
+            route,
+            coeffs,
+            adv_label,
+            time.perf_counter() - self.start,
+            self.nodes,
+            self.detail,
+        )
 
     def enumerate_all(self, deadline: float, why: str) -> Decision:
         """The whole region on the runtime: the ground truth, if time allows."""
@@ -147,14 +243,17 @@ class _Run:
         self.step("enumeration")
         if res.coeffs is not None:
             return self.done(REFUTED, "enumeration", res.coeffs, res.adv_label)
-        if res.complete:
+        if res.clean:
             self.detail["leaves"]["enumeration"] = 1
             return self.done(CERTIFIED, "enumeration")
+        if res.ambiguous:
+            self.detail["ambiguous"] = "misclassified in a batch but not when re-run alone"
         return self.done(UNKNOWN, "budget")
 
 
-def _check(chain, region: Region, label, timeout, max_nodes, enum_limit, quantized,
-           quant_error) -> None:
+def _check(
+    chain, region: Region, label, timeout, max_nodes, enum_limit, quantized, quant_error
+) -> None:
     """Reject inconsistent calls before any work."""
     if not chain:
         raise ValueError("the lowered chain is empty")
@@ -172,8 +271,15 @@ def _check(chain, region: Region, label, timeout, max_nodes, enum_limit, quantiz
         raise ValueError(f"quant_error must be a finite eps >= 0, got {quant_error!r}")
 
 
-def _trust(runtime, chain, spec: SpecChain, region: Region, quantized: bool,
-           quant_error: float | None, detail: dict) -> tuple[bool, np.ndarray]:
+def _trust(
+    runtime,
+    chain,
+    spec: SpecChain,
+    region: Region,
+    quantized: bool,
+    quant_error: float | None,
+    detail: dict,
+) -> tuple[bool, np.ndarray]:
     """Whether bounds on the chain speak for this runtime, and the margin they must exceed."""
     if quantized:
         detail["trusted_bounds"] = quant_error is not None
@@ -181,8 +287,10 @@ def _trust(runtime, chain, spec: SpecChain, region: Region, quantized: bool,
         return quant_error is not None, np.full(len(spec.others), 2.0 * eps)
     x = region.x[None]
     ref = forward_lowered(chain.layers, x)[0]
-    got = np.asarray(runtime.predict(runtime_inputs(runtime, region, np.zeros((1, len(region.lo))))),
-                     dtype=np.float64)[0]
+    got = np.asarray(
+        runtime.predict(runtime_inputs(runtime, region, np.zeros((1, len(region.lo))))),
+        dtype=np.float64,
+    )[0]
     gap = float(np.abs(got - ref).max()) if got.shape == ref.shape else np.inf
     detail["chain_gap"] = gap
     ok = gap <= CHAIN_MATCH_RTOL * max(1.0, float(np.abs(ref).max()))
@@ -192,17 +300,24 @@ def _trust(runtime, chain, spec: SpecChain, region: Region, quantized: bool,
     return ok, np.zeros(len(spec.others))
 
 
-def _root_bounds(spec: SpecChain, region: Region, threshold, alpha_steps: int, detail: dict):
-    """IBP, then linear bounds, then optimised slopes, stopping at the first that certifies."""
+def _root_bounds(
+    spec: SpecChain, region: Region, threshold, alpha_steps: int, gap: float, detail: dict
+):
+    """IBP, then linear bounds (optimised slopes when within `gap`), whichever certifies."""
     ibp = interval_bounds(spec, region.lo, region.hi)
     detail["bounds_method"] = "ibp"
     if ibp.empty or np.all(ibp.lower > threshold):
         detail["root_margin"] = float(np.min(ibp.lower - threshold))
         return ibp
-    b = linear_bounds(spec, region.lo, region.hi, ibp=ibp)
-    if not np.all(b.lower > threshold) and alpha_steps > 0:
-        b = linear_bounds(spec, region.lo, region.hi, ibp=ibp, alpha_steps=alpha_steps,
-                          target=threshold)
+    b = linear_bounds(
+        spec,
+        region.lo,
+        region.hi,
+        ibp=ibp,
+        alpha_steps=alpha_steps,
+        target=threshold,
+        alpha_gap=gap,
+    )
     detail["bounds_method"] = b.method
     detail["root_margin"] = float(np.min(b.lower - threshold))
     return b
@@ -219,33 +334,43 @@ def _smt_function(use_smt: bool, quantized: bool):
     return smt_decide
 
 
-def _smt_leaves(run: _Run, smt, spec: SpecChain, chain, out, threshold, deadline) -> Decision:
-    """z3 on each open leaf (worst first) with the remaining time; sat models are confirmed on
-    the runtime, unsat closes the leaf; any unknown leaf makes the answer unknown."""
-    closed = 0
-    unconfirmed = 0
-    accepts_margin = "margin" in inspect.signature(smt).parameters
-    for leaf in out.open_leaves:
+def _unstable(leaf: Leaf, spec: SpecChain) -> int:
+    """ReLUs whose pre-activation bounds straddle 0 in this leaf (what z3 must branch on)."""
+    return sum(int(np.sum((lo < 0) & (hi > 0))) for lo, hi in relu_pre_bounds(leaf.bounds, spec))
+
+
+def _smt_leaves(run: _Run, smt, spec: SpecChain, chain, leaves: list[Leaf], deadline: float):
+    """z3 on the leaves small enough for it (worst first), each with the remaining time.
+
+    Returns (a refutation confirmed on the runtime or None, the leaves still open, the number
+    z3 closed); a sat model the runtime does not confirm leaves its leaf open.
+    """
+    still_open = []
+    closed = unconfirmed = 0
+    for leaf in leaves:
         left = deadline - time.perf_counter()
-        if left <= 0:
-            break
-        kwargs = {"margin": threshold} if accepts_margin else {}
-        res = smt(chain, run.region, run.label, left, lo=leaf.lo, hi=leaf.hi,
-                  pre_bounds=relu_pre_bounds(leaf.bounds, spec), **kwargs)
+        if left <= 0 or _unstable(leaf, spec) > SMT_MAX_UNSTABLE:
+            still_open.append(leaf)
+            continue
+        res = smt(
+            chain,
+            run.region,
+            run.label,
+            left,
+            lo=leaf.lo,
+            hi=leaf.hi,
+            pre_bounds=relu_pre_bounds(leaf.bounds, spec),
+        )
         if res.status == "unsat":
             closed += 1
-        elif res.status == "sat" and res.coeffs is not None:
+            continue
+        if res.status == "sat" and res.coeffs is not None:
             adv = confirm(run.runtime, run.region, res.coeffs, run.label)
             if adv is not None:
                 run.step("z3")
-                return run.done(REFUTED, "z3", res.coeffs, adv)
+                return run.done(REFUTED, "z3", res.coeffs, adv), [], closed
             unconfirmed += 1
-    run.detail["leaves"]["z3"] = closed
-    run.detail["z3_unconfirmed"] = unconfirmed
-    run.detail["z3_margin_checked"] = accepts_margin
+        still_open.append(leaf)
+    run.detail["z3_unconfirmed"] = run.detail.get("z3_unconfirmed", 0) + unconfirmed
     run.step("z3")
-    if closed == len(out.open_leaves):
-        counts = {"bab": out.closed["bab"] + out.closed["empty"],
-                  "enumeration": out.closed["enumeration"], "z3": closed}
-        return run.done(CERTIFIED, max(counts, key=lambda k: counts[k]))
-    return run.done(UNKNOWN, "budget")
+    return None, still_open, closed

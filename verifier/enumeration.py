@@ -7,6 +7,7 @@ label (ties go to the lowest class, as `np.argmax` does).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,12 @@ class EnumResult:
     coeffs: np.ndarray | None  # (G,) int64 of the first misclassified point, if any
     adv_label: int | None
     points: int  # points evaluated
+    ambiguous: bool = False  # misclassified in a batch, not when re-run alone: no verdict
+
+    @property
+    def clean(self) -> bool:
+        """Every point evaluated and classified as the label: the box is certified."""
+        return self.complete and self.coeffs is None and not self.ambiguous
 
 
 def runtime_inputs(runtime, region: Region, s: np.ndarray) -> np.ndarray:
@@ -57,8 +64,9 @@ def _disjoint_columns(region: Region) -> np.ndarray | None:
     return None if np.any(per_col > 1) else np.flatnonzero(per_col)
 
 
-def margins_and_labels(runtime, region: Region, s: np.ndarray,
-                       label: int) -> tuple[np.ndarray, np.ndarray]:
+def margins_and_labels(
+    runtime, region: Region, s: np.ndarray, label: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Runtime margin `logit[label] - max other` and argmax label for each row of `s`."""
     s = np.asarray(s).reshape(-1, region.num_generators)
     if len(s) == 0:
@@ -81,24 +89,39 @@ def confirm(runtime, region: Region, s: np.ndarray, label: int) -> int | None:
     return adv if adv != label else None
 
 
-def replay(runtime, region: Region, coeffs_batch: np.ndarray, label: int,
-           batch: int = BATCH) -> tuple[np.ndarray, np.ndarray]:
+def replay(
+    runtime, region: Region, coeffs_batch: np.ndarray, label: int, batch: int = BATCH
+) -> tuple[np.ndarray, np.ndarray]:
     """Replay coefficient vectors on a runtime: (misclassified mask, runtime labels)."""
     s = np.asarray(coeffs_batch, dtype=np.int64).reshape(-1, region.num_generators)
     labels = np.empty(len(s), dtype=np.int64)
     for start in range(0, len(s), batch):
         _, labels[start : start + batch] = margins_and_labels(
-            runtime, region, s[start : start + batch], label)
+            runtime, region, s[start : start + batch], label
+        )
     return labels != label, labels
 
 
-def enumerate_box(runtime, region: Region, label: int, lo=None, hi=None, *,
-                  deadline: float = np.inf, batch: int = BATCH) -> EnumResult:
-    """Evaluate every point of the sub-box [lo, hi] within budget; stop at the first error."""
+def enumerate_box(
+    runtime,
+    region: Region,
+    label: int,
+    lo=None,
+    hi=None,
+    *,
+    deadline: float = np.inf,
+    batch: int = BATCH,
+) -> EnumResult:
+    """Evaluate every point of the sub-box [lo, hi] within budget; stop at the first error.
+
+    A point misclassified in a batch is re-run alone (`confirm`); if none of a batch's errors
+    confirms (a runtime whose answer depends on the batch), the box gets no verdict.
+    """
     points = 0
+    ambiguous = False
     for s in region.enumerate(batch, lo, hi):
         if time.perf_counter() > deadline:
-            return EnumResult(False, None, None, points)
+            return EnumResult(False, None, None, points, ambiguous)
         _, labels = margins_and_labels(runtime, region, s, label)
         points += len(s)
         bad = np.flatnonzero(labels != label)
@@ -106,11 +129,11 @@ def enumerate_box(runtime, region: Region, label: int, lo=None, hi=None, *,
             adv = confirm(runtime, region, s[i], label)
             if adv is not None:
                 return EnumResult(True, s[i].astype(np.int64), adv, points)
-    return EnumResult(True, None, None, points)
+        ambiguous = ambiguous or len(bad) > 0
+    return EnumResult(True, None, None, points, ambiguous)
 
 
-def box_size(lo: np.ndarray, hi: np.ndarray, cost: np.ndarray, budget: float,
-             limit: int) -> int:
+def box_size(lo: np.ndarray, hi: np.ndarray, cost: np.ndarray, budget: float, limit: int) -> int:
     """Points of the sub-box within budget, exact or over-estimated, capped at `limit + 1`.
 
     The budget DP runs on a cost grid: exact when all costs are multiples of the smallest one,
@@ -122,7 +145,21 @@ def box_size(lo: np.ndarray, hi: np.ndarray, cost: np.ndarray, budget: float,
     box = _box_product(lo, hi, cap)
     if box < cap and _box_fits_budget(lo, hi, cost, budget):
         return box
+    if box >= cap and _subsets_at_least(lo, hi, cost, budget) >= cap:
+        return cap
     return min(box, _dp(lo, hi, cost, budget, cap))
+
+
+def _subsets_at_least(lo, hi, cost, budget: float) -> int:
+    """A lower bound on the points: C(F, k) subsets of the F free 0/1 generators (k = how many
+    of the costliest fit the budget left), or 0 when the free generators are not 0/1."""
+    free = hi > lo
+    if not np.all((lo[free] == 0) & (hi[free] == 1)):
+        return 0
+    left = budget + EPS - float(np.abs(np.clip(0, lo, hi)) @ cost)
+    costs = np.sort(cost[free])[::-1]
+    k = int(np.searchsorted(np.cumsum(costs), left, side="right"))
+    return math.comb(len(costs), k)
 
 
 def _box_fits_budget(lo, hi, cost, budget) -> bool:

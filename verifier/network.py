@@ -235,7 +235,13 @@ def lower(net: Network) -> list[LoweredLayer]:
         )
     if run:
         out.append(_fold(run, run_start))
-    return out
+    # C-contiguous weights: BLAS is several times slower on the transposed views ONNX gives
+    return [
+        Affine(np.ascontiguousarray(x.weight), np.ascontiguousarray(x.bias))
+        if isinstance(x, Affine)
+        else x
+        for x in out
+    ]
 
 
 def _fold(run: list[Layer], in_shape: tuple[int, ...]) -> Affine:

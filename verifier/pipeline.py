@@ -31,6 +31,8 @@ from verifier.result import REFUTED
 
 DATASET_BY_INPUT_SIZE = {784: "mnist", 3072: "cifar10"}
 DEFAULT_MODES = ("dynamic", "ort-qdq")
+# The README's main command runs the embedded default on this many inputs unless told otherwise.
+DEFAULT_EXAMPLE_LIMIT = 100
 # Options that may differ on --resume (they do not change any decision).
 OUTPUT_KEYS = ("workers", "quiet", "json", "out", "resume", "examples", "gate")
 # Test hook (tests/test_faults.py): a worker process dies (os._exit) on this input index.
@@ -176,6 +178,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
         resume_args(args, parser or build_parser())
     check_options(args)
     model_path = args.model or DEFAULT_MODEL
+    if args.model is None and not (args.limit or args.indices or args.labels or args.resume):
+        args.limit = DEFAULT_EXAMPLE_LIMIT
+        print(
+            f"notice: embedded default model, first {DEFAULT_EXAMPLE_LIMIT} inputs (pass "
+            "--limit, --indices or --labels for others)",
+            file=sys.stderr,
+        )
     out = args.out or fresh_run_dir(Path("runs"))
     model = load_model(model_path, args.layout, cache_dir=out / "models")
     _ = model.network  # the layer list now: an unsupported operator is named before long work
