@@ -93,6 +93,14 @@ def test_inputs(which: str, data_dir: Path | None, limit: int | None) -> TestInp
     return TestInputs(model, x, ds.labels, ds.indices)
 
 
+def rel(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it (for reports)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def write_json(path: Path, obj: object) -> Path:
     """Write `obj` as indented JSON (numpy values converted), creating the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from common import (  # noqa: E402
     RESULTS,
     base_parser,
     markdown_table,
+    rel,
     stamp,
     step_text,
     sweep_docs,
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     cache: dict = {}
     settings = [setting_distortion(d, args.data_dir, args.limit, cache) for d in docs]
     settings.sort(key=lambda s: (s["r"], -s["step"]))
-    result = {"meta": stamp(started, args), "run": str(args.run), "settings": settings}
+    result = {"meta": stamp(started, args), "run": rel(args.run), "settings": settings}
     write_json(args.out / "distortion.json", result)
     write_text(args.out / "distortion.md", markdown(result))
     print(f"distortion: {args.out / 'distortion.md'}")

@@ -27,6 +27,7 @@ from common import (  # noqa: E402
     number_list,
     out_or_resume,
     pct,
+    rel,
     stamp,
     step_text,
     sweep_docs,
@@ -170,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{run_dir}: no results.json found")
     settings = sorted((per_label(d) for d in docs), key=lambda s: (s["r"], -s["step"]))
     meta = stamp(started, args)
-    write_json(args.out / "fig6.json", {"meta": meta, "run": str(run_dir), "settings": settings})
+    write_json(args.out / "fig6.json", {"meta": meta, "run": rel(run_dir), "settings": settings})
     plot(settings, args.out / "fig6.png")
-    write_text(args.out / "fig6.md", markdown(settings, meta, str(run_dir)))
+    write_text(args.out / "fig6.md", markdown(settings, meta, rel(run_dir)))
     print(f"fig6: {args.out / 'fig6.md'}")
     return 0
 

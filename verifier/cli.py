@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--timeout",
         type=float,
-        default=5.0,
+        default=2.0,
         help="seconds per input and model before the answer is unknown",
     )
     g.add_argument(

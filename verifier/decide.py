@@ -52,6 +52,9 @@ ALPHA_NEAR = 0.25
 
 # The runtime's output at x may differ from the float64 chain by this much (relative to the
 # largest logit) before bounds are distrusted: float32 evaluation stays far below it.
+# Points per second a runtime is assumed to evaluate, generously: a region larger than this
+# times the timeout is not attempted by enumeration.
+ENUM_RATE = 200_000
 CHAIN_MATCH_RTOL = 1e-4
 
 
@@ -128,6 +131,12 @@ def decide(
         return run.done(REFUTED, "attack", att.coeffs, att.adv_label)
 
     if root is None:
+        cap = max(enum_limit, int(ENUM_RATE * timeout))
+        if box_size(region.lo, region.hi, region.cost, region.budget, cap + 1) > cap:
+            # Bounds do not speak for this runtime and the region cannot be enumerated in the
+            # time given: say unknown now instead of spending the whole budget to say it later.
+            detail["enumeration"] = f"region has more than {cap} points; no sound error bound"
+            return run.done(UNKNOWN, "budget")
         return run.enumerate_all(deadline, "bounds not trusted for this runtime")
 
     smt = _smt_function(use_smt, quantized)

@@ -592,7 +592,7 @@ def summary_table(doc: dict) -> str:
     names = list(agg["quantized"])
     head = f"{'label':>5} {'L_cc':>6} {'R':>6} {'R_NOT':>6} {'unknown':>7}"
     for i, _ in enumerate(names):
-        head += f" | Q{i + 1} {'RR%':>7} {'TR%':>7} {'unk':>4}"
+        head += f" | Q{i + 1} {'RR%':>13} {'TR%':>13} {'unk':>4}"
     lines = ["", head]
     for lab in [*sorted(fl["per_label"], key=int), "all"]:
         f = fl["overall"] if lab == "all" else fl["per_label"][lab]
@@ -601,12 +601,11 @@ def summary_table(doc: dict) -> str:
             q = agg["quantized"][n]
             qv = q["overall"] if lab == "all" else q["per_label"].get(lab)
             if qv is None:
-                row += f" | {'':>2} {'-':>7} {'-':>7} {'-':>4}"
+                row += f" | {'':>2} {'-':>13} {'-':>13} {'-':>4}"
                 continue
-            row += (
-                f" | {'':>2} {_pct(qv['relative_robustness']):>7} "
-                f"{_pct(qv['adversarial_transfer']):>7} {qv['undecided']:>4}"
-            )
+            rr = _range(qv["rq_fp"], qv["r_unknown"], qv["r"])
+            tr = _range(qv["r0"], qv["r_not_unknown"], qv["r_not"])
+            row += f" | {'':>2} {rr:>13} {tr:>13} {qv['undecided']:>4}"
         lines.append(row)
     lines.append(
         "R: certified robust on the float model; R_NOT: refuted (confirmed counterexample)"
@@ -615,10 +614,14 @@ def summary_table(doc: dict) -> str:
         lines.append(f"Q{i + 1} = {n}")
     lines.append(
         "RR = relative robustness |R_Q^FP|/|R|; TR = adversarial transfer |R^0|/|R_NOT|; "
-        "unk = undecided inputs"
+        "unk = undecided inputs; lo..hi = the range the undecided inputs leave open"
     )
     return "\n".join(lines)
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{v:.2f}"
+def _range(hits: int, unknown: int, total: int) -> str:
+    """A percentage, or `lo..hi` when undecided inputs could still fall either way."""
+    if total == 0:
+        return "-"
+    lo, hi = 100 * hits / total, 100 * (hits + unknown) / total
+    return f"{lo:.2f}" if unknown == 0 else f"{lo:.1f}..{hi:.1f}"
