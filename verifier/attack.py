@@ -14,7 +14,7 @@ import numpy as np
 
 from verifier.bounds import SpecChain
 from verifier.enumeration import confirm, margins_and_labels
-from verifier.network import Affine, Relu
+from verifier.network import Affine, Relu, forward_lowered
 from verifier.regions import EPS, Region
 
 
@@ -34,16 +34,7 @@ class AttackResult:
 
 def spec_forward(spec: SpecChain, s: np.ndarray) -> np.ndarray:
     """Margins (B, K-1) of the float chain at coefficients `s` (B, G)."""
-    a = np.asarray(s, dtype=np.float64)
-    for layer in spec.layers:
-        if isinstance(layer, Affine):
-            a = a @ layer.weight.T + layer.bias
-        elif isinstance(layer, Relu):
-            a = np.maximum(a, 0.0)
-        else:
-            padded = np.concatenate([a, np.full((len(a), 1), -np.inf)], axis=1)
-            a = padded[:, layer.windows].max(axis=2)
-    return a
+    return forward_lowered(spec.layers, np.asarray(s, dtype=np.float64))
 
 
 def spec_jacobian(spec: SpecChain, s: np.ndarray) -> np.ndarray:
