@@ -107,11 +107,15 @@ def run_setting(t, chains: list[SimChain], radius: float, step: float, args) -> 
     x_rand = points(regs, [random_point(reg, rng) for reg in regs])
     out = {"r": radius, "step": step, "attacked": len(regs), "adversarial": int(adv_ok.sum())}
     models = {}
+    d_float = divergence(chains[0], flat, x_adv)
     for sc in chains:
         clean_ok = np.argmax(activations(sc, flat)[-1], axis=1) == t.y
         adv_fools = np.argmax(activations(sc, x_adv)[-1], axis=1) != t.y
         d_adv, d_rand = divergence(sc, flat, x_adv), divergence(sc, flat, x_rand)
+        ratio = d_adv / np.maximum(d_float, 1e-12)  # this model's divergence over the float one
         models[sc.name] = {
+            "ratio_transferred": summarize(ratio, adv_ok & clean_ok & adv_fools),
+            "ratio_not_transferred": summarize(ratio, adv_ok & clean_ok & ~adv_fools),
             "adversarial": summarize(d_adv, adv_ok & clean_ok),
             "transferred": summarize(d_adv, adv_ok & clean_ok & adv_fools),
             "not_transferred": summarize(d_adv, adv_ok & clean_ok & ~adv_fools),
@@ -146,12 +150,23 @@ def markdown(result: dict) -> str:
         for name, m in s["models"].items():
             for kind in ("adversarial", "transferred", "not_transferred", "random"):
                 body.append([name, kind, m[kind]["count"], *_cells(m[kind], layers)])
+        ratios = [
+            [name, kind.removeprefix("ratio_"), m[kind]["count"], *_cells(m[kind], layers)]
+            for name, m in s["models"].items()
+            if name != "float"
+            for kind in ("ratio_transferred", "ratio_not_transferred")
+        ]
         parts += [
             "",
             f"## r={s['r']:g}, δ=±{step_text(s['step'])} ({s['adversarial']} of "
             f"{s['attacked']} inputs attacked successfully on the float model)",
             "",
             markdown_table(["model", "points", "n", *layers], body),
+            "",
+            "Shift ratio on the same adversarial examples: the model's divergence over the float "
+            "model's (below 1: quantization shrinks the perturbation's effect on that layer).",
+            "",
+            markdown_table(["model", "adversarial examples", "n", *layers], ratios),
         ]
     return "\n".join(parts) + "\n"
 
