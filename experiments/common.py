@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -159,9 +160,38 @@ def out_or_resume(run_dir: Path) -> list[str]:
 
 
 def sweep_docs(run_dir: Path) -> list[dict]:
-    """The results.json of every (r, delta) of a sweep, or of a single-setting run."""
-    paths = sorted(run_dir.glob("*/results.json")) or sorted(run_dir.glob("results.json"))
-    return [json.loads(p.read_text()) for p in paths]
+    """The results of every (r, delta) of a sweep, or of a single-setting run; a setting that
+    did not finish (killed, or still running) is read from its run store (`partial_doc`)."""
+    docs = []
+    for d in [run_dir, *sorted(p for p in Path(run_dir).glob("*") if p.is_dir())]:
+        if (d / "results.json").is_file():
+            docs.append(json.loads((d / "results.json").read_text()))
+        elif (d / "run.sqlite").is_file():
+            docs.append(partial_doc(d / "run.sqlite"))
+    return docs
+
+
+def partial_doc(store: Path) -> dict:
+    """A results.json-like document (config, aggregates, records) from a run store, with
+    `incomplete` = the number of inputs decided so far."""
+    from verifier.records import InputRecord
+    from verifier.relative import aggregate
+
+    conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+        rows = conn.execute("SELECT data FROM records ORDER BY idx").fetchall()
+    finally:
+        conn.close()
+    cfg = json.loads(row[0]) if row else {}
+    records = [InputRecord.from_dict(json.loads(d)) for (d,) in rows]
+    agg = aggregate(records, cfg.get("quantized_models"))
+    return {
+        "config": cfg,
+        "aggregates": agg.to_dict(),
+        "records": [r.to_dict() for r in records],
+        "incomplete": len(records),
+    }
 
 
 def stamp(started: float, args: argparse.Namespace) -> dict:

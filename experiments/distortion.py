@@ -80,7 +80,8 @@ def summary(rows: list[dict]) -> dict:
 def settings_of(cfg: dict) -> Settings:
     """The region settings stored in a results.json configuration."""
     known = Settings.__dataclass_fields__
-    return Settings(**{k: v for k, v in cfg["settings"].items() if k in known})
+    stored = cfg.get("settings") or cfg  # a partial run's store keeps them at the top level
+    return Settings(**{k: v for k, v in stored.items() if k in known})
 
 
 def reconfirmed(model, perturbed: list[tuple[np.ndarray, int]]) -> int:

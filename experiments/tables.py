@@ -15,6 +15,7 @@ paper's) and `tables.md` (ours beside the paper's Table II and III).
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ from paper import SOURCE, TABLE_II, TABLE_III  # noqa: E402
 PAPER_MODE = "tflite-dynamic-per-tensor"  # the runner name of the paper's TFLite file
 DEFAULT_MODES = "dynamic-per-tensor,dynamic,int8,ort-qdq"
 SEARCHES = ("mcts", "exact")
+VERIFY = [sys.executable, "-c", "import sys; from verifier.cli import main; sys.exit(main())"]
 
 DIFFERENCES = (
     "Our figures differ from the paper's for known reasons: our networks have the paper's "
@@ -74,6 +76,13 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--rollouts", type=int, default=2000, help="MCTS rollouts per input")
     p.add_argument("--workers", type=int, default=1, help="worker processes per sweep")
     p.add_argument(
+        "--setting-timeout",
+        type=float,
+        default=None,
+        help="run each (r, delta) as its own process and stop it after this many seconds "
+        "(the tables then show how many inputs it decided); default: one in-process sweep",
+    )
+    p.add_argument(
         "--report-only", action="store_true", help="only rebuild the tables from finished runs"
     )
     args = p.parse_args(argv)
@@ -81,15 +90,22 @@ def parse_args(argv: list[str] | None):
     return args
 
 
-def verify_argv(which: str, search: str, run_dir: Path, args) -> list[str]:
-    """The `verify` command line of one sweep (continued with --resume when it exists)."""
-    steps = args.exact_step if search == "exact" and args.exact_step else args.step
+def grid_steps(search: str, args) -> str:
+    """The steps of a search's sweep (the exact search may have its own list)."""
+    return args.exact_step if search == "exact" and args.exact_step else args.step
+
+
+def verify_argv(
+    which: str, search: str, run_dir: Path, args, radius: str | None = None, step: str | None = None
+) -> list[str]:
+    """The `verify` command line of one sweep, or of one (r, delta) when both are given
+    (continued with --resume when the run directory exists)."""
     argv = [
         str(MODELS[which]),
         "--radius",
-        args.radius,
+        radius or args.radius,
         "--step",
-        steps,
+        step or grid_steps(search, args),
         "--search",
         search,
         "--modes",
@@ -111,6 +127,23 @@ def verify_argv(which: str, search: str, run_dir: Path, args) -> list[str]:
     return argv + out_or_resume(run_dir)
 
 
+def run_separately(which: str, search: str, run_dir: Path, args) -> dict[str, str]:
+    """Each (r, delta) as its own `verify` process in `run_dir/r<r>-s<delta>/`, stopped after
+    --setting-timeout seconds (its decided inputs stay in its run store); status per setting."""
+    status = {}
+    for r in number_list(args.radius):
+        for st in number_list(grid_steps(search, args)):
+            sub = run_dir / f"r{r:g}-s{st:g}"
+            argv = verify_argv(which, search, sub, args, f"{r:g}", step_text(st))
+            try:
+                subprocess.run(VERIFY + argv, timeout=args.setting_timeout, check=False)
+                status[sub.name] = "finished"
+            except subprocess.TimeoutExpired:  # subprocess.run has killed the child
+                status[sub.name] = f"stopped after {args.setting_timeout:g} s"
+            print(f"{which}/{search}/{sub.name}: {status[sub.name]}", flush=True)
+    return status
+
+
 def setting_rows(which: str, search: str, doc: dict) -> list[dict]:
     """One row per quantized model of one (r, delta): the sets and both measures."""
     cfg, agg = doc["config"], doc["aggregates"]
@@ -127,6 +160,8 @@ def setting_rows(which: str, search: str, doc: dict) -> list[dict]:
                 "step": float(cfg["step"]),
                 "model": name,
                 "inputs": fl["inputs"],
+                "limit": cfg.get("limit"),
+                "incomplete": doc.get("incomplete") is not None,
                 "l_cc": fl["l_cc"],
                 "R": fl["r"],
                 "R_NOT": fl["r_not"],
@@ -237,8 +272,11 @@ def grid_table(rows: list[dict], dataset: str, search: str, kind: str) -> str:
     for r, s in settings:
         first = _find(mine, r=r, step=s)
         assert first is not None
+        inputs = first["inputs"]
+        if first["incomplete"]:
+            inputs = f"{inputs} of {first['limit'] or 'all'} (stopped)"
         body.append(
-            [f"{r:g}", f"±{step_text(s)}", first["inputs"], first["l_cc"], first["R"]]
+            [f"{r:g}", f"±{step_text(s)}", inputs, first["l_cc"], first["R"]]
             + [first["R_NOT"], first["float_unknown"]]
             + [cell(_find(mine, r=r, step=s, model=n)) for n in names]
         )
@@ -309,16 +347,21 @@ def main(argv: list[str] | None = None) -> int:
     """Run the sweeps (unless --report-only), then write tables.json and tables.md."""
     args = parse_args(argv)
     started = time.perf_counter()
-    times = {}
+    times: dict = {}
+    status: dict = {}
     if not args.report_only:
         for which in args.models:
             for search in args.search:
                 run_dir = args.out / which / search
-                seconds = verify(verify_argv(which, search, run_dir, args))
-                times[f"{which}/{search}"] = round(seconds, 1)
+                t0 = time.perf_counter()
+                if args.setting_timeout:
+                    status[f"{which}/{search}"] = run_separately(which, search, run_dir, args)
+                else:
+                    verify(verify_argv(which, search, run_dir, args))
+                times[f"{which}/{search}"] = round(time.perf_counter() - t0, 1)
                 print(f"{which}/{search}: {times[f'{which}/{search}']:.0f} s", flush=True)
     rows = collect(args.out)
-    meta = {**stamp(started, args), "sweep_seconds": times}
+    meta = {**stamp(started, args), "sweep_seconds": times, "setting_status": status}
     write_json(
         args.out / "tables.json",
         {
