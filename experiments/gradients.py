@@ -65,22 +65,25 @@ def parse_args(argv: list[str] | None):
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity (0 when either vector is zero)."""
+    """Cosine similarity (NaN when either vector is zero: undefined)."""
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
+    return float("nan") if na == 0 or nb == 0 else float(a @ b / (na * nb))
 
 
 def stats(values: list[float]) -> dict:
-    """Mean, median, standard deviation, minimum and count."""
+    """Mean, median, standard deviation, minimum and count of the defined (non-NaN) values,
+    and how many were undefined (a zero gradient)."""
     v = np.asarray(values, dtype=np.float64)
+    undefined = int(np.isnan(v).sum())
+    v = v[~np.isnan(v)]
     if not len(v):
-        return {"count": 0, "mean": None, "median": None, "std": None, "min": None}
+        return {"count": 0, "undefined": undefined, "mean": None, "median": None, "std": None}
     return {
         "count": int(len(v)),
+        "undefined": undefined,
         "mean": float(v.mean()),
         "median": float(np.median(v)),
         "std": float(v.std()),
-        "min": float(v.min()),
     }
 
 
@@ -157,21 +160,25 @@ def build_runners(model, names: list[str], dataset: str, args) -> dict:
     }
 
 
+def _cos_cell(st: dict, median: bool = True) -> str:
+    """`mean (med. median)`, with the inputs whose gradient was zero (cosine undefined)."""
+    if st["mean"] is None:
+        return f"– (all {st['undefined']} zero)"
+    cell = f"{st['mean']:.3f}" + (f" (med. {st['median']:.3f})" if median else "")
+    return cell + (f", {st['undefined']} zero ∇" if st["undefined"] else "")
+
+
 def markdown(result: dict) -> str:
     """gradients.md: the cosine matrix, then the zero-density table."""
     mis, meta = result["misalignment"], result["meta"]
     names = list(dict.fromkeys(k.split("|")[0] for k in mis))
-    body = [
-        [f"**{a}**"]
-        + [f"{mis[f'{a}|{b}']['mean']:.3f} (med. {mis[f'{a}|{b}']['median']:.3f})" for b in names]
-        for a in names
-    ]
+    body = [[f"**{a}**"] + [_cos_cell(mis[f"{a}|{b}"]) for b in names] for a in names]
     zd = [
         [
             z["runtime"],
             step_text(z["h"]),
             pct(z["zero_density"]),
-            f"{z['cosine_with_float_gradient']['mean']:.3f}",
+            _cos_cell(z["cosine_with_float_gradient"], median=False),
         ]
         for z in result["zero_density"].values()
     ]
@@ -186,7 +193,8 @@ def markdown(result: dict) -> str:
             "## Cosine similarity of input gradients (mean over inputs, median beside)",
             "",
             "sim-wX: the lowered chain with X-bit per-tensor weights (activation quantization "
-            "straight-through).",
+            "straight-through). Inputs where a gradient is exactly zero (every ReLU of a layer "
+            "off) have no cosine; their count is given.",
             "",
             markdown_table(["", *names], body),
             "",
@@ -213,7 +221,8 @@ def plot(result: dict, path: Path) -> Path:
 
     mis = result["misalignment"]
     names = list(dict.fromkeys(k.split("|")[0] for k in mis))
-    vals = np.array([[mis[f"{a}|{b}"]["mean"] for b in names] for a in names])
+    means = [[mis[f"{a}|{b}"]["mean"] for b in names] for a in names]
+    vals = np.array([[np.nan if v is None else v for v in row] for row in means])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, layout="constrained")
     im = ax1.imshow(vals, vmin=-1, vmax=1, cmap="coolwarm")
     for i in range(len(names)):
