@@ -15,7 +15,7 @@ import pytest
 from conftest import EXAMPLES
 
 from verifier.cli import main
-from verifier.report import validate_results
+from verifier.document import validate_results
 
 MODEL = EXAMPLES / "mnist_mlp.onnx"
 # A lattice region decides fast; 24 inputs keep the run to seconds.

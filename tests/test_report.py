@@ -13,20 +13,15 @@ import numpy as np
 import pytest
 from test_relative import sample_records
 
+from verifier.document import build_results, validate_results
 from verifier.errors import InputError
 from verifier.gate import GateFailure, Thresholds, check_gate, gate_summary, load_baseline
+from verifier.perturbations import read_perturbations, write_perturbations
+from verifier.plots import Example
 from verifier.records import InputRecord
 from verifier.regions import lattice_region
 from verifier.relative import aggregate
-from verifier.report import (
-    Example,
-    build_results,
-    read_perturbations,
-    sweep_tables,
-    validate_results,
-    write_perturbations,
-    write_report,
-)
+from verifier.report import sweep_tables, write_report
 
 CONFIG = {"radius": 20, "step": 0.25, "family": "lattice", "mode": "exact", "seed": 0}
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from verifier.check import Settings, build_region
 from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
-from verifier.records import InputRecord, Outcome
+from verifier.records import FLOAT, InputRecord, Outcome
 from verifier.regions import Region
 from verifier.result import CERTIFIED, REFUTED
 
@@ -31,7 +31,6 @@ DEFAULT_SAMPLE = 1000  # inputs audited when --sample is not given (all of a sma
 DEFAULT_MAX_POINTS = 200_000
 BATCH = 8192  # region points per runtime call
 AUDIT_VERSION = 1
-FLOAT = "float"
 
 
 @dataclass
@@ -95,7 +94,7 @@ def run_dirs(path: Path) -> tuple[list[Path], list[Path]]:
 
 def read_results(run_dir: Path) -> dict:
     """results.json of a run, checked against the results schema."""
-    from verifier.report import validate_results
+    from verifier.document import validate_results
 
     try:
         doc = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
@@ -137,8 +136,8 @@ def load_context(run_dir: Path) -> RunContext:
     """Rebuild what the run used: settings, float model, quantized runtimes, selected inputs."""
     from quantize import load_quantized
     from verifier.data import load_dataset, select, to_layout
+    from verifier.document import inputs_sha256
     from verifier.model import load_model
-    from verifier.report import inputs_sha256
 
     doc = read_results(run_dir)
     cfg = doc["config"]
@@ -289,7 +288,7 @@ def check_predictions(ctx: RunContext, recs: list[InputRecord], tally: Tally) ->
 
 def check_perturbations(ctx: RunContext, recs: list[InputRecord]) -> list:
     """perturbations.npz (the compact form) holds the same coefficients as results.json."""
-    from verifier.report import read_perturbations
+    from verifier.perturbations import read_perturbations
 
     path = ctx.run_dir / "perturbations.npz"
     if not path.is_file():

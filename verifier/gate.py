@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from verifier.errors import InputError
+from verifier.records import FLOAT
 from verifier.relative import Aggregate
-
-FLOAT = "float"  # the model name the gate uses for the float model
 
 # measure -> (direction, where it lives: "float" or "quantized"); higher is better for "min".
 MEASURES = {

@@ -360,9 +360,10 @@ def run_setting(
     say,
 ) -> dict:
     """Decide every input for one (radius, step), commit records, write the report."""
+    from verifier.document import build_results, describe_data, describe_model
     from verifier.gate import Thresholds, check_gate, gate_summary, load_baseline
     from verifier.relative import aggregate
-    from verifier.report import build_results, describe_data, describe_model, write_report
+    from verifier.report import write_report
     from verifier.store import RunStore
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -519,7 +520,7 @@ def report_examples(
     count: int,
 ) -> list:
     """Original / perturbed image pairs for the report: robust inputs and refuted ones."""
-    from verifier.report import Example
+    from verifier.plots import Example
 
     if count <= 0:
         return []

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+FLOAT = "float"  # the model name of the float model in reports, junit.xml, perturbations, gates
+
 
 @dataclass
 class Outcome:

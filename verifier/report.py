@@ -1,206 +1,31 @@
-"""Run outputs: results.json, report.md / report.html, junit.xml, perturbations.npz, sweep tables.
+"""The human-readable outputs of a run: report.md / report.html and the sweep tables, and
+`write_report`, which writes every output file of one setting.
 
-results.json is the single source: the Markdown, HTML and JUnit files are rendered from the
+results.json (`verifier.document`) is the single source: the Markdown, HTML, JUnit
+(`verifier.junit`) and perturbation (`verifier.perturbations`) files are rendered from the
 results document, so what a person reads is exactly what CI parses. Every file is written
-through `store.write_atomic`. Percentages are 0-100; None (null) when a denominator is 0.
+through `store.write_atomic`.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
-import io
 import json
-import math
-import platform
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from importlib import metadata, resources
 from pathlib import Path
 
-import numpy as np
-
-from verifier import __version__
-from verifier.errors import InputError
-from verifier.records import InputRecord
-from verifier.relative import (
-    FLOAT_UNKNOWN,
-    L_IC,
-    R_0,
-    R_FP,
-    R_NOT,
-    R_NOT_UNKNOWN,
-    R_UNKNOWN,
-    Aggregate,
-    R,
-    float_set,
-    quant_set,
-)
+from verifier.document import write_results
+from verifier.junit import junit_xml
+from verifier.perturbations import write_perturbations
+from verifier.plots import Example, plot_examples, plot_label_effective, plot_label_relative
+from verifier.records import FLOAT, InputRecord
+from verifier.relative import Aggregate, R
 from verifier.store import write_atomic
 
-SCHEMA_VERSION = "1.0"
-SCHEMA_FILE = "results.schema.json"
-RUNTIME_PACKAGES = (
-    "numpy",
-    "onnx",
-    "onnxruntime",
-    "tensorflow",
-    "tensorflow-cpu",
-    "ai-edge-litert",
-    "z3-solver",
-    "matplotlib",
-    "jsonschema",
-)
 MAX_EXAMPLES = 24  # per example grid, to keep report.html readable
-FLOAT = "float"  # the model name used for the float model in junit.xml and perturbations.npz
-
-
-@dataclass
-class Example:
-    """One input to picture: original and perturbed NHWC images with every model's answer."""
-
-    index: int
-    original: np.ndarray  # (H, W, C) or (1, H, W, C), values in [0, 1]
-    perturbed: np.ndarray
-    label: int
-    float_label: int | None
-    quantized_labels: dict[str, int | None] = field(default_factory=dict)
-
-
-# -- results.json --------------------------------------------------------------------------
-
-
-def _jsonable(obj: object) -> object:
-    """json.dumps fallback for paths, numpy values and sets."""
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def inputs_sha256(x: np.ndarray) -> str:
-    """SHA-256 of an input array (dtype, shape and values): identifies the selected inputs."""
-    x = np.ascontiguousarray(x)
-    digest = hashlib.sha256(f"{x.dtype.str}{x.shape}".encode())
-    digest.update(x.tobytes())
-    return digest.hexdigest()
-
-
-def describe_model(path: str | Path, **extra: object) -> dict:
-    """The `model` section: path, file hash and size, plus whatever the caller adds."""
-    path = Path(path)
-    return {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
-
-
-def describe_data(name: str, source: str, inputs: np.ndarray, **extra: object) -> dict:
-    """The `data` section: where the inputs came from, how many, and their hash."""
-    return {
-        "name": name,
-        "source": source,
-        "sha256": inputs_sha256(inputs),
-        "count": int(len(inputs)),
-        **extra,
-    }
-
-
-def runtime_versions() -> dict[str, str | None]:
-    """Python and the installed versions of the packages that can change an answer."""
-    out: dict[str, str | None] = {"python": platform.python_version(), "relrobust": __version__}
-    for name in RUNTIME_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def build_results(
-    config: dict,
-    records: Sequence[InputRecord],
-    aggregate: Aggregate,
-    *,
-    model: dict,
-    data: dict,
-    quantized: Sequence[dict] = (),
-    gate: dict | None = None,
-    runtimes: dict | None = None,
-) -> dict:
-    """The results document (plain JSON types), in the layout of results.schema.json."""
-    doc = {
-        "schema_version": SCHEMA_VERSION,
-        "tool": {"name": "relrobust", "version": __version__},
-        "config": config,
-        "model": model,
-        "quantized": [{"name": q["name"], "describe": q.get("describe", {})} for q in quantized],
-        "data": data,
-        "runtimes": runtime_versions() if runtimes is None else runtimes,
-        "records": [r.to_dict() for r in sorted(records, key=lambda r: r.index)],
-        "aggregates": aggregate.to_dict(),
-        "gate": gate
-        if gate is not None
-        else {
-            "passed": True,
-            "thresholds": {},
-            "baseline": None,
-            "tolerance": 0.0,
-            "failures": [],
-        },
-    }
-    return json.loads(json.dumps(doc, default=_jsonable))
-
-
-def load_schema() -> dict:
-    """The JSON Schema (draft 2020-12) of results.json, shipped inside the package."""
-    return json.loads(resources.files("verifier").joinpath(SCHEMA_FILE).read_text("utf-8"))
-
-
-def _inline_refs(node: object, defs: dict) -> object:
-    """The schema with its local `#/$defs/...` references replaced by their targets."""
-    if isinstance(node, dict):
-        if set(node) == {"$ref"} and node["$ref"].startswith("#/$defs/"):
-            return _inline_refs(defs[node["$ref"].removeprefix("#/$defs/")], defs)
-        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
-    if isinstance(node, list):
-        return [_inline_refs(v, defs) for v in node]
-    return node
-
-
-def validate_results(doc: dict) -> None:
-    """Raise InputError naming the first place where `doc` breaks the results schema."""
-    import jsonschema
-
-    schema = load_schema()
-    # Inlined references validate about four times faster (10,000 records in seconds).
-    validator = jsonschema.Draft202012Validator(_inline_refs(schema, schema["$defs"]))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise InputError(
-            f"results do not match schema {SCHEMA_VERSION} at {where}: {error.message}"
-        )
-
-
-def write_results(run_dir: str | Path, doc: dict) -> Path:
-    """Validate and write `results.json` into the run directory."""
-    validate_results(doc)
-    return write_atomic(Path(run_dir) / "results.json", json.dumps(doc, indent=1) + "\n")
 
 
 # -- document blocks, rendered to Markdown and HTML -----------------------------------------
@@ -614,111 +439,6 @@ def report_blocks(doc: dict, examples: Sequence[Example] = (), plots: bool = Tru
     return blocks + _matrix_blocks(agg) + _config_blocks(doc)
 
 
-# -- plots (matplotlib, Agg canvas, imported lazily) ----------------------------------------
-
-
-def _figure(width: float, height: float):
-    """A matplotlib Figure on an Agg canvas (no display, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight", metadata={"Software": None})
-    return buf.getvalue()
-
-
-def _nan(v: float | None) -> float:
-    return math.nan if v is None else v
-
-
-def plot_label_effective(agg: dict) -> bytes:
-    """Per true label, the share of L_cc inputs with an effective perturbation (paper Fig. 6)."""
-    per = agg["float"]["per_label"]
-    labels = list(per)
-    eff = np.array([per[k]["effective"] or 0.0 for k in labels])
-    unk = np.array([per[k]["unknown_share"] or 0.0 for k in labels])
-    fig = _figure(max(4.0, 0.5 * len(labels) + 2), 3.2)
-    ax = fig.add_subplot()
-    x = np.arange(len(labels))
-    ax.bar(x, eff, color="#c0392b", label="effective perturbation found")
-    ax.bar(x, unk, bottom=eff, color="#bbbbbb", label="undecided")
-    ax.set_xticks(x, labels)
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("true label")
-    ax.set_ylabel("% of correctly classified inputs")
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def plot_label_relative(agg: dict) -> bytes:
-    """Per true label and quantized model: relative robustness and adversarial transfer."""
-    models = agg["quantized"]
-    labels = list(agg["float"]["per_label"])
-    fig = _figure(max(8.0, 0.9 * len(labels) + 3), 3.2)
-    x = np.arange(len(labels))
-    width = 0.8 / max(1, len(models))
-    measures = [
-        ("relative_robustness", "relative robustness (%)"),
-        ("adversarial_transfer", "adversarial transfer (%)"),
-    ]
-    for i, (measure, title) in enumerate(measures):
-        ax = fig.add_subplot(1, 2, i + 1)
-        for j, (name, m) in enumerate(models.items()):
-            xs = x + (j - (len(models) - 1) / 2) * width
-            values = [m["per_label"].get(k, {}).get(measure) for k in labels]
-            ax.bar(xs, [_nan(v) for v in values], width, label=name)
-            for xv, v in zip(xs, values, strict=True):
-                if v is None:  # an empty denominator, not a zero
-                    ax.text(xv, 1, "n/a", ha="center", va="bottom", fontsize=6)
-        ax.set_xticks(x, labels)
-        ax.set_xlim(-0.5, len(labels) - 0.5)
-        ax.set_ylim(0, 105)
-        ax.set_xlabel("true label")
-        ax.set_title(title)
-    fig.axes[0].legend(fontsize=8, loc="lower left")
-    return _png(fig)
-
-
-def _image(img: np.ndarray) -> tuple[np.ndarray, dict]:
-    """An image array for imshow (H, W) or (H, W, 3), and its display options."""
-    img = np.asarray(img, dtype=np.float64)
-    if img.ndim == 4:
-        img = img[0]
-    if img.ndim == 3 and img.shape[-1] != 3:  # grey, or channels that are not RGB: the first
-        img = img[..., 0]
-    if img.ndim == 2:
-        return img, {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}
-    return np.clip(img, 0.0, 1.0), {}
-
-
-def plot_examples(examples: Sequence[Example], columns: int = 6) -> bytes:
-    """Originals (top) above their perturbed images, captioned with every model's answer."""
-    cols = min(len(examples), columns)
-    rows = math.ceil(len(examples) / cols)
-    extra = max((len(e.quantized_labels) for e in examples), default=0)
-    fig = _figure(1.6 * cols, rows * (3.4 + 0.3 * extra))
-    for i, ex in enumerate(examples):
-        r, c = divmod(i, cols)
-        answers = [f"float: {ex.float_label}"]
-        answers += [f"{name}: {lab}" for name, lab in ex.quantized_labels.items()]
-        top = fig.add_subplot(2 * rows, cols, 2 * r * cols + c + 1)
-        bottom = fig.add_subplot(2 * rows, cols, (2 * r + 1) * cols + c + 1)
-        for ax, img in ((top, ex.original), (bottom, ex.perturbed)):
-            data, opts = _image(img)
-            ax.imshow(data, interpolation="nearest", **opts)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        top.set_title(f"#{ex.index}, label {ex.label}", fontsize=7)
-        bottom.set_xlabel("\n".join(answers), fontsize=7)
-    return _png(fig)
-
-
 def _plot_blocks(agg: dict, examples: Sequence[Example]) -> list[Block]:
     blocks = [
         Block("h2", "Plots"),
@@ -760,127 +480,6 @@ def _plot_blocks(agg: dict, examples: Sequence[Example]) -> list[Block]:
         if group:
             blocks.append(Block("img", caption, png=plot_examples(group)))
     return blocks
-
-
-# -- junit.xml ------------------------------------------------------------------------------
-
-
-def _junit_verdict(rec: InputRecord, name: str | None) -> tuple[str, str]:
-    """("passed" | "failure" | "skipped", message) for one input and one model."""
-    fset = float_set(rec)
-    if fset == L_IC:
-        return (
-            "skipped",
-            f"misclassified by the float model (label {rec.label}, predicted {rec.pred})",
-        )
-    if fset == FLOAT_UNKNOWN:
-        return "skipped", "float model undecided on the region (unknown)"
-    if name is None:  # the float suite, written when there is no quantized model
-        if fset == R_NOT:
-            return "failure", f"not robust: a counterexample is labelled {rec.float.adv_label}"
-        return "passed", ""
-    qset, q = quant_set(rec, name), rec.quantized.get(name)
-    if qset == R_FP:
-        at = f" as {q.adv_label}" if q and q.adv_label is not None else ""
-        return "failure", (
-            f"relative robustness lost (R^FP): the float model is robust on this "
-            f"region but {name} misclassifies a point of it{at}"
-        )
-    if qset == R_0:
-        fl = rec.float.adv_label
-        at = f" (labelled {q.transfer_label})" if q and q.transfer_label is not None else ""
-        return "failure", (
-            f"adversarial example transfers (R^0): the float model's "
-            f"counterexample (labelled {fl}) also fools {name}{at}"
-        )
-    if qset == R_UNKNOWN:
-        return "skipped", f"{name} undecided on the region (unknown)"
-    if qset == R_NOT_UNKNOWN:
-        return "skipped", f"transfer of the float counterexample to {name} not decided"
-    return "passed", ""
-
-
-def junit_xml(doc: dict) -> bytes:
-    """JUnit XML: one suite per quantized model (or `float` if none), one case per input."""
-    records = [InputRecord.from_dict(r) for r in doc["records"]]
-    names: list[str | None] = list(doc["aggregates"]["quantized"]) or [None]
-    root = ET.Element("testsuites", name="relrobust")
-    totals = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
-    seconds_total = 0.0
-    for name in names:
-        suite = ET.SubElement(root, "testsuite", name=name or FLOAT)
-        counts = dict.fromkeys(totals, 0)
-        seconds_suite = 0.0
-        for rec in records:
-            outcome = rec.float if name is None else rec.quantized.get(name)
-            seconds = outcome.seconds if outcome else 0.0
-            case = ET.SubElement(
-                suite,
-                "testcase",
-                classname=name or FLOAT,
-                name=f"input {rec.index} (label {rec.label})",
-                time=f"{seconds:.3f}",
-            )
-            verdict, message = _junit_verdict(rec, name)
-            if verdict == "failure":
-                ET.SubElement(case, "failure", message=message, type="robustness").text = message
-            elif verdict == "skipped":
-                ET.SubElement(case, "skipped", message=message)
-            counts["tests"] += 1
-            counts["failures"] += verdict == "failure"
-            counts["skipped"] += verdict == "skipped"
-            seconds_suite += seconds
-        suite.attrib.update({k: str(v) for k, v in counts.items()}, time=f"{seconds_suite:.3f}")
-        totals = {k: totals[k] + counts[k] for k in totals}
-        seconds_total += seconds_suite
-    root.attrib.update({k: str(v) for k, v in totals.items()}, time=f"{seconds_total:.3f}")
-    ET.indent(root)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
-
-
-# -- perturbations.npz ----------------------------------------------------------------------
-
-
-def perturbation_arrays(records: Sequence[InputRecord]) -> dict[str, np.ndarray]:
-    """Every confirmed counterexample as flat arrays: index, model, offsets into coeffs, labels."""
-    index, model, adv, chunks = [], [], [], []
-    for rec in sorted(records, key=lambda r: r.index):
-        outcomes = [(FLOAT, rec.float)] + list(rec.quantized.items())
-        for name, o in outcomes:
-            if o is not None and o.coeffs is not None:
-                index.append(rec.index)
-                model.append(name)
-                adv.append(-1 if o.adv_label is None else o.adv_label)
-                chunks.append(np.asarray(o.coeffs, dtype=np.int64))
-    lengths = [len(c) for c in chunks]
-    return {
-        "index": np.asarray(index, dtype=np.int64),
-        "model": np.asarray(model, dtype=np.str_) if model else np.zeros(0, dtype="<U1"),
-        "adv_label": np.asarray(adv, dtype=np.int64),
-        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        "coeffs": np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64),
-    }
-
-
-def write_perturbations(
-    path: str | Path, records: Sequence[InputRecord], config: dict | None = None
-) -> Path:
-    """perturbations.npz: generator coefficients per (input, model), rebuilt by `Region.points`."""
-    arrays = perturbation_arrays(records)
-    arrays["config"] = np.asarray(json.dumps(config or {}, default=_jsonable))
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return write_atomic(path, buf.getvalue())
-
-
-def read_perturbations(path: str | Path) -> dict[tuple[int, str], np.ndarray]:
-    """(input index, model name) -> int64 generator coefficients, from perturbations.npz."""
-    with np.load(path, allow_pickle=False) as z:
-        offsets, coeffs = z["offsets"], z["coeffs"]
-        return {
-            (int(i), str(m)): coeffs[offsets[k] : offsets[k + 1]].copy()
-            for k, (i, m) in enumerate(zip(z["index"], z["model"], strict=True))
-        }
 
 
 # -- sweep tables (the paper's Tables II and III) -------------------------------------------
