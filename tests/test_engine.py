@@ -361,7 +361,10 @@ def test_runtime_that_disagrees_with_chain_gets_no_bounds():
 
 @pytest.mark.parametrize("seed", range(12))
 def test_quantized_runtime(seed):
-    """Rounded weights: certified only by enumeration, or by bounds widened by a sound eps."""
+    """Rounded weights: certified only by enumeration, or by bounds on an error model."""
+    from quantize.error_model import ErrorModel, Rounding
+    from verifier.bounds import prepare_chain
+
     chain, _, region, label = random_case(seed)
     q = [
         Affine(np.round(layer.weight * 8) / 8, np.round(layer.bias * 8) / 8)
@@ -375,14 +378,14 @@ def test_quantized_runtime(seed):
     assert d.status != UNKNOWN
     if d.status == CERTIFIED:
         assert d.route == "enumeration"
-    # the largest logit gap over this finite region is a sound eps for it
-    pts = region.points(all_points(region))
-    eps = float(np.abs(forward_lowered(q, pts) - forward_lowered(chain, pts)).max()) + 1e-6
+    # the runtime evaluates q in float32: its error model is q with float32 rounding only
+    rounding = [Rounding() if isinstance(layer, Affine) else None for layer in q]
+    model = ErrorModel(prepare_chain(q), rounding, "test")
     d = decide(
-        runtime, chain, region, label, timeout=20, enum_limit=0, quantized=True, quant_error=eps
+        runtime, chain, region, label, timeout=20, enum_limit=0, quantized=True, error_model=model
     )
     check_decision(d, runtime, region, label)
-    assert d.status != UNKNOWN
+    assert d.status != UNKNOWN and d.detail["trusted_bounds"]
 
 
 class BatchDependentRuntime(ChainRuntime):
@@ -424,7 +427,7 @@ def test_replay_matches_predictions():
 def test_decide_rejects_bad_options():
     chain, runtime, region, label = random_case(2)
     with pytest.raises(ValueError):
-        decide(runtime, chain, region, label, quant_error=0.1)
+        decide(runtime, chain, region, label, error_model=object())
     with pytest.raises(ValueError):
         decide(runtime, chain, region, label, timeout=0)
 

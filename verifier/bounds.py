@@ -12,6 +12,12 @@ in exact arithmetic. Each affine layer's own rounding is bounded per neuron
 cast to float32 too) and treated as a bounded extra input of that layer: intervals are widened by
 it and back-substitution charges |lambda| . err at every affine layer, so ReLU relaxations stay
 valid for the perturbed values and the errors are not amplified through |W| products.
+
+Quantized runtimes: the same slot holds their rounding. Given the runtime's own chain (weights
+from its file) and per layer what it rounds (`quantize.error_model.Rounding`: an int8 input
+quantized per row at run time, a fixed input grid, an output requantized to a grid),
+`rounding_errors` adds |W| . (input rounding) and the output rounding to each layer's bound,
+from interval bounds over the whole region.
 """
 
 from __future__ import annotations
@@ -46,6 +52,14 @@ class SpecChain:
     cost: np.ndarray  # (G,)
     budget: float
     err: list  # per layer: float32 rounding bound of each Affine output (None: exact / other)
+    in_err: list | None = None  # per layer: rounding bound of each Affine input (quantized)
+    # the first layer's input rounding, on x' (the composed layer's input is s): its weight on
+    # x', the bound per value of x', and |weight| . bound (what intervals are widened by)
+    first_input: tuple | None = None
+
+    def input_error(self, k: int):
+        """The rounding bound of Affine layer `k`'s input values, or None."""
+        return None if self.in_err is None else self.in_err[k]
 
 
 @dataclass(frozen=True)
@@ -88,12 +102,19 @@ def _abs_weights(layers: list[LoweredLayer]) -> list:
 
 
 def spec_chain(
-    chain: list[LoweredLayer] | PreparedChain, region: Region, label: int, *, float32: bool = True
+    chain: list[LoweredLayer] | PreparedChain,
+    region: Region,
+    label: int,
+    *,
+    float32: bool = True,
+    errors: list | None = None,
 ) -> SpecChain:
     """Compose `x + s @ D` into the first layer and the margin matrix into the last one.
 
     `float32=True` bounds the runtime's float32 evaluation (see the module docstring);
-    `False` bounds the chain in exact arithmetic (for quantized runtimes with their own eps).
+    `False` bounds the chain in exact arithmetic. `errors` (output and input bounds per layer
+    of `chain`, from `rounding_errors` with a quantized runtime's rounding) replaces the float32
+    bounds.
     """
     prep = prepare_chain(chain)
     layers = list(prep.layers)
@@ -124,8 +145,18 @@ def spec_chain(
     for i in (0, len(layers) - 1):  # the two composed layers get their own |W|
         absw[i] = np.abs(layers[i].weight)
     err: list = [None] * len(layers)
-    if float32:
-        own = rounding_errors(prep, region, input_cast=not inserted)
+    in_err: list = [None] * len(layers)
+    first_input = None
+    if errors is not None:
+        assert len(errors[1]) == len(prep.layers), "one input error entry per layer"
+        in_err[int(inserted) : int(inserted) + len(errors[1])] = errors[1]
+        if not inserted and errors[1][0] is not None:
+            step = errors[1][0]
+            first_input = (prep.layers[0].weight, step, prep.absw[0] @ step)
+            in_err[0] = None
+    if float32 or errors is not None:
+        own = errors[0] if errors is not None else rounding_errors(prep, region, not inserted)[0]
+        assert len(own) == len(prep.layers), "one error entry per layer of the chain"
         err[int(inserted) : int(inserted) + len(own)] = own
         if inserted:  # the map s -> x' itself: only the cast of x' to float32
             err[0] = U32 * _input_magnitude(region)
@@ -135,7 +166,15 @@ def spec_chain(
         elif last is None and not isinstance(prep.layers[-1], Affine):
             err[len(layers) - 1] = np.zeros(k - 1)
     return SpecChain(
-        layers, absw, label, others, region.cost.astype(np.float64), float(region.budget), err
+        layers,
+        absw,
+        label,
+        others,
+        region.cost.astype(np.float64),
+        float(region.budget),
+        err,
+        in_err,
+        first_input,
     )
 
 
@@ -164,36 +203,143 @@ def _input_magnitude(region: Region) -> np.ndarray:
     return np.maximum(np.abs(lo), np.abs(hi))
 
 
-def rounding_errors(chain: PreparedChain, region: Region, input_cast: bool = True) -> list:
-    """Per layer of `chain`, a bound on the float32 rounding committed by each Affine output.
+def rounding_errors(
+    chain: PreparedChain, region: Region, input_cast: bool = True, rounding: list | None = None
+) -> tuple[list, list]:
+    """Per layer of `chain`, bounds on |runtime output - exact output| of each Affine layer,
+    and on |rounded input - input| of each input value (quantized runtimes; None otherwise).
 
-    gamma_n (|W| |a| + |b|) with n = fan-in + 1 and |a| from float interval bounds over the whole
-    region (so it holds in every sub-box), plus |W| u |x'| for the input cast in the first
-    layer (`input_cast`); doubled as a margin for runtimes that run a folded layer as several
-    float32 steps.
+    Float32: gamma_n (|W| |a| + |b|) with n = fan-in + 1 and |a| from float interval bounds over
+    the whole region (so it holds in every sub-box), plus |W| u |x'| for the input cast in the
+    first layer (`input_cast`); doubled as a margin for runtimes that run a folded layer as
+    several float32 steps. `rounding` (per layer, `quantize.error_model.Rounding` or None) adds
+    a quantized runtime's rounding (`_input_rounding`, `_output_rounding`), with the first
+    layer's outputs bounded over the region's budget, not only its box; raises ValueError when
+    a fixed grid may saturate over the region (its clamp is not modelled). Input rounding stays
+    on the inputs, where back-substitution charges |lambda W| . rounding, far below
+    |lambda| |W| . rounding.
     """
     lo, hi = _input_box(region)
     in_err = U32 * np.maximum(np.abs(lo), np.abs(hi)) if input_cast else None
     out: list = []
-    for layer, aw in zip(chain.layers, chain.absw, strict=True):
+    inputs: list = []
+    for i, (layer, aw) in enumerate(zip(chain.layers, chain.absw, strict=True)):
         if isinstance(layer, Affine):
             n = layer.weight.shape[1] + 1
             gamma = 2.0 * n * U32 / (1.0 - n * U32)
             amag = np.maximum(np.abs(lo), np.abs(hi))
-            e = gamma * (aw @ amag + np.abs(layer.bias))
+            step = None
+            r = rounding[i] if rounding is not None else None
+            if r is not None:
+                step = _input_rounding(r, lo, hi, amag, i)
+                step = None if not np.any(step) else np.broadcast_to(step, amag.shape)
+            e = gamma * (aw @ (amag if step is None else amag + step) + np.abs(layer.bias))
             if in_err is not None:
                 e = e + aw @ in_err
                 in_err = None
-            lo, hi = _affine_interval(layer, aw, lo, hi, e)
+            if i == 0 and rounding is not None:  # the budget matters: knapsack, not the box
+                wide = e if step is None else e + aw @ step
+                lo, hi = _affine_exact(
+                    _on_coefficients(layer, region), wide, *_coefficient_box(region)
+                )
+            elif step is None:
+                lo, hi = _affine_interval(layer, aw, lo, hi, e)
+            else:
+                lo, hi = _affine_interval(layer, aw, lo - step, hi + step, e)
+            if r is not None and r.output_grid is not None:
+                relu_next = i + 1 < len(chain.layers) and isinstance(chain.layers[i + 1], Relu)
+                e, lo, hi = _output_rounding(r, e, lo, hi, relu_next, i)
             out.append(e)
+            inputs.append(step)
         elif isinstance(layer, Relu):
             lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
             out.append(None)
+            inputs.append(None)
         else:
             lo, hi = _pool_max(lo, layer.windows), _pool_max(hi, layer.windows)
             in_err = None if in_err is None else _pool_max(in_err, layer.windows)
             out.append(None)
-    return out
+            inputs.append(None)
+    return out, inputs
+
+
+def _on_coefficients(layer: Affine, region: Region) -> Affine:
+    """`layer` composed with x' = x + s @ D: an affine map of the coefficients s."""
+    d = region.directions
+    cols = np.flatnonzero(np.any(d != 0, axis=0))
+    return Affine(layer.weight[:, cols] @ d[:, cols].T, layer.weight @ region.x + layer.bias)
+
+
+def _coefficient_box(region: Region) -> tuple:
+    return region.lo, region.hi, region.cost.astype(np.float64), float(region.budget)
+
+
+# Rounding to nearest is off by half a step; the extra covers float32 slop in computing
+# x / scale and the scale itself (relative ~1e-7 of values up to 255 steps).
+HALF_STEP = 0.5 + 1e-3
+
+
+def _input_rounding(r, lo: np.ndarray, hi: np.ndarray, amag: np.ndarray, i: int):
+    """Bound on |dequantized input - input| per input value of Affine layer `i`.
+
+    Dynamic (per-row int8 at run time): the scale is (max(a,0) - min(a,0)) / 255 (asymmetric:
+    TFLite's kernel when the file asks for it, and XNNPACK's always) or max|a| / 127 (TFLite's
+    symmetric kernel: the larger one is taken when the file asks for it), bounded over the
+    region by the interval bounds of the row. Asymmetric: the zero point
+    z* = -128 - min(a,0) / scale maps the row into [-128, 127]; nudged to an integer it moves
+    by <= 1/2, so a / scale + zp lies in [-128.5, 127.5] and rounding then clamping to
+    [-128, 127] moves it by <= 1/2 too. A row of zeros is exact (scale 0 or 1, all values 0),
+    and so is every value that is 0 throughout the region (0 is on both grids: an integer zero
+    point). Fixed grid: half its step, when the input stays within half a step of the grid's
+    range (else the clamp would add more).
+    """
+    if r.dynamic_input:
+        scale = (max(float(hi.max(initial=0.0)), 0.0) - min(float(lo.min(initial=0.0)), 0.0)) / 255
+        if r.symmetric_input:
+            scale = max(scale, float(amag.max(initial=0.0)) / 127.0)
+        step = scale * (1.0 + 1e-6) * HALF_STEP
+        return np.where((lo == 0.0) & (hi == 0.0), 0.0, step)
+    if r.input_grid is not None:
+        g = r.input_grid
+        if lo.min() < g.lo - 0.49 * g.scale or hi.max() > g.hi + 0.49 * g.scale:
+            raise ValueError(
+                f"layer {i}: the input leaves the int8 grid [{g.lo:.4g}, {g.hi:.4g}] over the "
+                "region"
+            )
+        return g.scale * HALF_STEP
+    return 0.0
+
+
+def _output_rounding(r, e: np.ndarray, lo: np.ndarray, hi: np.ndarray, relu_next: bool, i: int):
+    """Add requantization to the output grid: half a step, plus the fixed-point multiplier's
+    intermediate rounding (<= the multiplier, in output steps); check the clamp cannot act
+    (a clamp at or below 0 before a ReLU is the ReLU's own)."""
+    g = r.output_grid
+    if hi.max() > g.hi + 0.49 * g.scale or (
+        lo.min() < g.lo - 0.49 * g.scale and not (relu_next and g.lo <= 0.0)
+    ):
+        raise ValueError(
+            f"layer {i}: the output may saturate the int8 grid [{g.lo:.4g}, {g.hi:.4g}] over "
+            f"the region (interval [{lo.min():.4g}, {hi.max():.4g}])"
+        )
+    extra = g.scale * (HALF_STEP + min(0.5, r.multiplier))
+    return e + extra, lo - extra, hi + extra
+
+
+def point_interval(chain: PreparedChain, errors: tuple, x: np.ndarray):
+    """Interval of the runtime's outputs at one input `x`, from the chain and its error bounds
+    (each must hold at `x`, e.g. from `rounding_errors` over a region holding it)."""
+    lo = hi = np.asarray(x, dtype=np.float64).reshape(-1)
+    for layer, aw, e, step in zip(chain.layers, chain.absw, *errors, strict=True):
+        if isinstance(layer, Affine):
+            if step is not None:
+                lo, hi = lo - step, hi + step
+            lo, hi = _affine_interval(layer, aw, lo, hi, e)
+        elif isinstance(layer, Relu):
+            lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
+        else:
+            lo, hi = _pool_max(lo, layer.windows), _pool_max(hi, layer.windows)
+    return lo, hi
 
 
 # --- concretisation over the region: a fractional knapsack ------------------------------------
@@ -282,6 +428,14 @@ def _affine_interval(layer: Affine, absw: np.ndarray, lo: np.ndarray, hi: np.nda
     return c - r, c + r
 
 
+def _spec_interval(spec: SpecChain, i: int, lo: np.ndarray, hi: np.ndarray):
+    """Interval image under the spec's Affine layer `i`, input and output rounding included."""
+    step = spec.input_error(i)
+    if step is not None:
+        lo, hi = lo - step, hi + step
+    return _affine_interval(spec.layers[i], spec.absw[i], lo, hi, spec.err[i])
+
+
 def _pool_max(v: np.ndarray, windows: np.ndarray) -> np.ndarray:
     """Max over each window of a vector (padding -1 ignored)."""
     padded = np.concatenate([v, [-np.inf]])
@@ -302,10 +456,12 @@ def interval_bounds(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> Bounds:
     for i, layer in enumerate(spec.layers):
         if isinstance(layer, Affine):
             if i == 0:
-                cur_lo, cur_hi = _affine_exact(layer, spec.err[i], lo, hi, spec.cost, spec.budget)
+                cur_lo, cur_hi = _affine_exact(
+                    layer, _first_err(spec), lo, hi, spec.cost, spec.budget
+                )
                 first = (cur_lo.copy(), cur_hi.copy())
             else:
-                cur_lo, cur_hi = _affine_interval(layer, spec.absw[i], cur_lo, cur_hi, spec.err[i])
+                cur_lo, cur_hi = _spec_interval(spec, i, cur_lo, cur_hi)
         elif isinstance(layer, Relu):
             pre[i] = (cur_lo, cur_hi)
             cur_lo, cur_hi = np.maximum(cur_lo, 0.0), np.maximum(cur_hi, 0.0)
@@ -371,7 +527,7 @@ def linear_bounds(
                 cur_lo, cur_hi = _first_layer(spec, lo, hi, ibp, known if relu_next else None)
                 first = (cur_lo.copy(), cur_hi.copy())
                 continue
-            cur_lo, cur_hi = _affine_interval(layer, spec.absw[i], cur_lo, cur_hi, spec.err[i])
+            cur_lo, cur_hi = _spec_interval(spec, i, cur_lo, cur_hi)
             if known is not None:
                 cur_lo, cur_hi = np.maximum(cur_lo, known[0]), np.minimum(cur_hi, known[1])
             if i + 1 == len(layers):
@@ -421,15 +577,23 @@ def _first_layer(spec: SpecChain, lo, hi, ibp: Bounds | None, known):
         return ibp.first[0].copy(), ibp.first[1].copy()
     layer = spec.layers[0]
     if known is None:
-        return _affine_exact(layer, spec.err[0], lo, hi, spec.cost, spec.budget)
+        return _affine_exact(layer, _first_err(spec), lo, hi, spec.cost, spec.budget)
     cur_lo, cur_hi = known[0].copy(), known[1].copy()
     rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
     if len(rows):
         sub = Affine(layer.weight[rows], layer.bias[rows])
-        err = None if spec.err[0] is None else spec.err[0][rows]
+        full = _first_err(spec)
+        err = None if full is None else full[rows]
         l, u = _affine_exact(sub, err, lo, hi, spec.cost, spec.budget)
         cur_lo[rows], cur_hi[rows] = np.maximum(cur_lo[rows], l), np.minimum(cur_hi[rows], u)
     return cur_lo, cur_hi
+
+
+def _first_err(spec: SpecChain):
+    """What the first layer's outputs are widened by: own rounding plus input rounding."""
+    if spec.first_input is None:
+        return spec.err[0]
+    return spec.first_input[2] if spec.err[0] is None else spec.err[0] + spec.first_input[2]
 
 
 def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray):
@@ -443,6 +607,7 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray):
     m = len(rows)
     if (
         i < 2
+        or (i == 2 and spec.first_input is not None)  # its charge needs the lam on layer 0
         or not isinstance(spec.layers[i - 1], Relu)
         or not isinstance(spec.layers[i - 2], Affine)
     ):
@@ -462,6 +627,8 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray):
         a, b = layer.weight[rows] @ m1, spec.absw[i][rows] @ m2
     g = below.weight.shape[1]
     own = spec.err[i][rows] if spec.err[i] is not None else 0.0
+    if spec.input_error(i) is not None:  # unit queries: |lambda W| = |W| on the rows
+        own = own + spec.absw[i][rows] @ spec.input_error(i)
     bias = layer.bias[rows]
     lam = np.concatenate([a[:, :g] + b[:, :g], b[:, :g] - a[:, :g]])
     c = np.concatenate(
@@ -470,6 +637,8 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray):
             -bias - a[:, g] + b[:, g] + a[:, g + 1] - b[:, g + 1] - own,
         ]
     )
+    if spec.input_error(i - 2) is not None:  # lam is on the input of the layer below
+        c = c - np.abs(lam) @ spec.input_error(i - 2)
     return _backsub(spec, pre, i - 2, lam, c)
 
 
@@ -511,7 +680,11 @@ def _backsub(
             c = c + lam @ layer.bias
             if spec.err[k] is not None:
                 c = c - np.abs(lam) @ spec.err[k]
+            if k == 0 and spec.first_input is not None:
+                c = c - np.abs(lam @ spec.first_input[0]) @ spec.first_input[1]
             lam = lam @ layer.weight
+            if spec.input_error(k) is not None:
+                c = c - np.abs(lam) @ spec.input_error(k)
         elif isinstance(layer, Relu):
             su, iu, alpha, _ = _relu_relax(*pre[k])
             if alphas is not None and k in alphas:
@@ -587,7 +760,13 @@ def _alpha_grads(spec: SpecChain, pre: list, tape, argmin: np.ndarray, alphas: d
     for k, lam_in in reversed(tape):  # from layer 0 back up to the query
         layer = spec.layers[k]
         if isinstance(layer, Affine):
+            step = spec.input_error(k)
+            if step is not None:  # the charge -|lam_in W| . step
+                grad = grad - np.sign(lam_in @ layer.weight) * step
             grad = grad @ layer.weight.T + layer.bias
+            if k == 0 and spec.first_input is not None:
+                w0, step0, _ = spec.first_input
+                grad = grad - (np.sign(lam_in @ w0) * step0) @ w0.T
             if spec.err[k] is not None:
                 grad = grad - np.sign(lam_in) * spec.err[k]
         elif isinstance(layer, Relu):

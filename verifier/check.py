@@ -50,6 +50,9 @@ class Checker:
     pred: np.ndarray  # float clean predictions
     runners: dict = field(default_factory=dict)  # name -> runner
     qpred: dict = field(default_factory=dict)  # name -> clean predictions
+    # name -> quantize.error_model.ErrorModel, or why there is none (built once, see
+    # `quantize.error_model.error_models`); a runner missing here gets no bounds
+    error_models: dict = field(default_factory=dict)
 
     def region(self, pos: int) -> Region:
         """The region around input `pos`."""
@@ -72,15 +75,21 @@ class Checker:
         rec.float = outcome(decision)
         for name, runner in self.runners.items():
             if decision.status == CERTIFIED:
+                model = self.error_models.get(name)
                 rec.quantized[name] = outcome(
-                    self._decide(runner, region, label, seed, quantized=True)
+                    self._decide(runner, region, label, seed, quantized=True, error_model=model)
                 )
             elif decision.status == REFUTED:
                 rec.quantized[name] = transfer_outcome(runner, region, decision, label)
         return rec
 
-    def _decide(self, runtime, region: Region, label: int, seed: int, quantized: bool):
+    def _decide(
+        self, runtime, region: Region, label: int, seed: int, quantized: bool, error_model=None
+    ):
         from verifier.decide import decide
+
+        if isinstance(error_model, str):  # the reason there is none
+            error_model = None
 
         s = self.settings
         return decide(
@@ -93,6 +102,7 @@ class Checker:
             enum_limit=s.enum_limit,
             use_smt=s.use_smt,
             quantized=quantized,
+            error_model=error_model,
             seed=seed,
         )
 

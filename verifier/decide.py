@@ -12,10 +12,12 @@ Which runtimes bounds speak for (and z3, which reasons about the same float chai
   guard, the runtime's output at `x` must match the chain; if not, bounds are switched off.
   z3 reasons about the chain in exact arithmetic (it does not model float32 rounding).
 - `quantized=True` (any runtime that is not the float network: int8, simulated bits, ...):
-  bounds on the float chain say nothing about it, so by default certification comes only from
-  enumerating the region on that runtime. A caller who has a *sound* bound `quant_error` = eps
-  with |runtime logit - chain logit| <= eps at every point of the region may pass it: bounds
-  then certify margins above 2 * eps.
+  bounds on the float chain say nothing about it, so without an `error_model` certification
+  comes only from enumerating the region on that runtime. With one
+  (`quantize.error_model.ErrorModel`: the runtime's own weights and what it rounds), bounds
+  run on the model's chain with its rounding bounded per neuron over the region, so they speak
+  for the runtime; as a guard, the runtime's logits at `x` must lie within the model's
+  interval there, else bounds are switched off. z3 stays off (it does not model rounding).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from verifier.bounds import (
     SpecChain,
     interval_bounds,
     linear_bounds,
+    point_interval,
     prepare_chain,
     relu_pre_bounds,
+    rounding_errors,
     spec_chain,
 )
 from verifier.enumeration import box_size, confirm, enumerate_box, runtime_inputs
@@ -69,7 +73,7 @@ def decide(
     enum_limit: int = 8192,
     use_smt: bool = True,
     quantized: bool = False,
-    quant_error: float | None = None,
+    error_model=None,
     seed: int = 0,
     alpha_steps: int = 20,
     beam: int = 8,
@@ -79,7 +83,7 @@ def decide(
 
     `timeout` (seconds) and `max_nodes` bound the whole call; regions or B&B leaves with at
     most `enum_limit` points are enumerated on the runtime; `attack_share` of the time may go
-    to the search attack. See the module docstring for `quantized` and `quant_error`.
+    to the search attack. See the module docstring for `quantized` and `error_model`.
     Pass `bounds.prepare_chain(chain)` when deciding many regions of one model (saves copies).
 
     `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3),
@@ -88,7 +92,7 @@ def decide(
     "root_margin" (worst root lower bound minus the threshold), z3 and enumeration notes.
     """
     chain = prepare_chain(chain)
-    _check(chain.layers, region, label, timeout, max_nodes, enum_limit, quantized, quant_error)
+    _check(chain.layers, region, label, timeout, max_nodes, enum_limit, quantized, error_model)
     start = time.perf_counter()
     deadline = start + timeout
     detail: dict = {"leaves": {}, "points": 0, "attack_evals": 0, "steps": {}}
@@ -98,8 +102,12 @@ def decide(
     if size <= enum_limit:
         return run.enumerate_all(deadline, "small region")
 
-    spec = spec_chain(chain, region, label, float32=not quantized)
-    trusted, threshold = _trust(runtime, chain, spec, region, quantized, quant_error, detail)
+    if quantized and error_model is not None:
+        spec, trusted = _model_spec(runtime, error_model, region, label, detail)
+        threshold = np.zeros(len(spec.others))
+    else:
+        spec = spec_chain(chain, region, label, float32=not quantized)
+        trusted, threshold = _trust(runtime, chain, spec, region, quantized, detail)
 
     att = quick_attack(runtime, spec, region, label, seed=seed)
     run.step("attack", evals=att.evaluations)
@@ -261,7 +269,7 @@ class _Run:
 
 
 def _check(
-    chain, region: Region, label, timeout, max_nodes, enum_limit, quantized, quant_error
+    chain, region: Region, label, timeout, max_nodes, enum_limit, quantized, error_model
 ) -> None:
     """Reject inconsistent calls before any work."""
     if not chain:
@@ -274,10 +282,8 @@ def _check(
         raise ValueError(f"label must be a non-negative integer, got {label!r}")
     if not timeout > 0 or max_nodes < 0 or enum_limit < 0:
         raise ValueError("timeout must be positive; max_nodes and enum_limit non-negative")
-    if quant_error is not None and not quantized:
-        raise ValueError("quant_error applies to quantized runtimes: pass quantized=True")
-    if quant_error is not None and not (np.isfinite(quant_error) and quant_error >= 0):
-        raise ValueError(f"quant_error must be a finite eps >= 0, got {quant_error!r}")
+    if error_model is not None and not quantized:
+        raise ValueError("error_model applies to quantized runtimes: pass quantized=True")
 
 
 def _trust(
@@ -286,14 +292,13 @@ def _trust(
     spec: SpecChain,
     region: Region,
     quantized: bool,
-    quant_error: float | None,
     detail: dict,
 ) -> tuple[bool, np.ndarray]:
     """Whether bounds on the chain speak for this runtime, and the margin they must exceed."""
     if quantized:
-        detail["trusted_bounds"] = quant_error is not None
-        eps = 0.0 if quant_error is None else float(quant_error)
-        return quant_error is not None, np.full(len(spec.others), 2.0 * eps)
+        detail["trusted_bounds"] = False
+        detail["untrusted_reason"] = "no error model for this runtime"
+        return False, np.zeros(len(spec.others))
     x = region.x[None]
     ref = forward_lowered(chain.layers, x)[0]
     got = np.asarray(
@@ -307,6 +312,30 @@ def _trust(
     if not ok:
         detail["untrusted_reason"] = "runtime output at x differs from the chain's logits"
     return ok, np.zeros(len(spec.others))
+
+
+def _model_spec(runtime, model, region: Region, label: int, detail: dict):
+    """The spec on a quantized runtime's error model, and whether it is trusted: its rounding
+    bounds hold over the region (no grid may saturate) and the runtime's logits at x lie within
+    the model's interval there (a wrong mapping shows up as a miss)."""
+    try:
+        errors = rounding_errors(model.chain, region, rounding=model.rounding)
+    except ValueError as exc:
+        detail["trusted_bounds"] = False
+        detail["untrusted_reason"] = f"error model: {exc}"
+        return spec_chain(model.chain, region, label, float32=False), False
+    spec = spec_chain(model.chain, region, label, errors=errors)
+    lo, hi = point_interval(model.chain, errors, region.x)
+    got = np.asarray(
+        runtime.predict(runtime_inputs(runtime, region, np.zeros((1, len(region.lo))))),
+        dtype=np.float64,
+    )[0]
+    ok = got.shape == lo.shape and bool(np.all((got >= lo) & (got <= hi)))
+    detail["trusted_bounds"] = ok
+    detail["logit_error_bound"] = float(np.max(hi - lo) / 2.0)
+    if not ok:
+        detail["untrusted_reason"] = "runtime output at x lies outside the error model's bounds"
+    return spec, ok
 
 
 def _root_bounds(

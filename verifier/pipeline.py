@@ -210,6 +210,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
     say(f"data:  {inputs.dataset.name} from {inputs.dataset.source}, {len(inputs.y)} inputs")
 
     runners, described = quantized_runners(model, args, data_name, out)
+    models = runner_error_models(model, runners, described)
     preds = {"float": model.classify(inputs.x)}  # the float model first: tag F
     for name, runner in runners.items():
         preds[name] = np.asarray(runner.predict(inputs.x)).argmax(axis=1)
@@ -240,7 +241,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
         run_dir = out / f"r{st.radius:g}-s{st.step:g}".replace("/", "_") if sweep else out
         cfg = {**config, "radius": st.radius, "step": st.step}
         try:
-            doc = run_setting(st, cfg, model, inputs, runners, described, preds, run_dir, args, say)
+            doc = run_setting(
+                st, cfg, model, inputs, runners, described, preds, run_dir, args, say, models
+            )
         except (OSError, sqlite3.Error) as exc:  # a full disk, a read-only directory, ...
             reason = getattr(exc, "strerror", None) or str(exc)
             raise InputError(
@@ -317,6 +320,16 @@ def quantized_runners(model: Model, args, data_name: str, out: Path):
     return runners, described
 
 
+def runner_error_models(model: Model, runners: dict, described: list) -> dict:
+    """Each runner's error model (or why it has none), noted in its run metadata."""
+    from quantize.error_model import describe_error_model, error_models
+
+    models = error_models(runners, model.network.lower())
+    for d in described:
+        d["describe"]["error_model"] = describe_error_model(models.get(d["name"]))
+    return models
+
+
 def quantized_file(path: Path, model: Model):
     """A `--quantized` file as a runner; unreadable or incompatible files are InputErrors."""
     from quantize import check_compatible, load_quantized
@@ -358,8 +371,12 @@ def run_setting(
     run_dir: Path,
     args,
     say,
+    models: dict | None = None,
 ) -> dict:
-    """Decide every input for one (radius, step), commit records, write the report."""
+    """Decide every input for one (radius, step), commit records, write the report.
+
+    `models`: runner name -> its error model or the reason it has none (see
+    `runner_error_models`)."""
     from verifier.document import build_results, describe_data, describe_model
     from verifier.gate import Thresholds, check_gate, gate_summary, load_baseline
     from verifier.relative import aggregate
@@ -391,6 +408,7 @@ def run_setting(
             inputs.dataset.indices,
             preds,
             {d["name"]: d["describe"].get("path") for d in described},
+            models or {},
         )
         progress = Progress(
             len(inputs.y),
@@ -451,6 +469,7 @@ class WorkerState:
     indices: np.ndarray
     preds: dict
     runner_paths: dict
+    error_models: dict  # name -> ErrorModel or the reason there is none (built once)
 
     def checker(self, model=None, runners=None) -> Checker:
         """A checker, reusing loaded runtimes in the parent and loading them in workers."""
@@ -470,6 +489,7 @@ class WorkerState:
             self.preds["float"],
             runners,
             qpred,
+            self.error_models,
         )
 
 

@@ -1,0 +1,203 @@
+"""Error models of quantized runtimes: pointwise soundness on the real runtime, decisions that
+agree with exhaustive enumeration, the guard against a wrong model, unsupported graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx_builders import cnn_nhwc, mlp
+from test_engine import check_decision, truth
+
+from quantize.error_model import ErrorModel, Grid, Rounding, error_model, error_models
+from quantize.modes import float_runner, quantize_model
+from verifier.bounds import (
+    linear_bounds,
+    point_interval,
+    prepare_chain,
+    rounding_errors,
+    spec_chain,
+)
+from verifier.decide import decide
+from verifier.enumeration import box_size
+from verifier.errors import UnsupportedModelError
+from verifier.model import load_model
+from verifier.network import Affine, Relu
+from verifier.regions import lattice_region
+from verifier.result import CERTIFIED, REFUTED, UNKNOWN
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = ["dynamic", "dynamic-per-tensor", "int8", "float16"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 16-80-40-4 MLP (two weights quantized by dynamic range, the last left in float), its
+    quantized runners per mode, and a few inputs."""
+    d = tmp_path_factory.mktemp("em")
+    model = load_model(mlp(d / "mlp.onnx", sizes=(16, 80, 40, 4), seed=3))
+    rng = np.random.default_rng(0)
+    calib = rng.random((128, 16), dtype=np.float32)
+    runners = {m: quantize_model(model, m, d, calib) for m in MODES}
+    return model, runners, rng.random((6, 16), dtype=np.float32)
+
+
+def _region(x: np.ndarray, seed: int, step: float = 0.125, radius: float = 0.75):
+    """A lattice of 3 values: a few thousand points at most."""
+    pos = np.random.default_rng(seed).choice(x.size, 3, replace=False)
+    return lattice_region(x, pos, step, radius)
+
+
+def _violations(model: ErrorModel, runner, region) -> tuple[int, int]:
+    """(points whose runtime logits leave the model's interval, points checked)."""
+    errors = rounding_errors(model.chain, region, rounding=model.rounding)
+    pts = np.concatenate(list(region.enumerate()))
+    xs = region.points(pts).astype(np.float32)
+    got = runner.predict(xs).astype(np.float64)
+    bad = 0
+    for xp, g in zip(xs, got, strict=True):
+        lo, hi = point_interval(model.chain, errors, xp.astype(np.float64))
+        bad += int(np.any(g < lo) or np.any(g > hi))
+    return bad, len(pts)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pointwise_soundness(tiny, mode):
+    """At every point of small regions the runtime's logits lie within the model's bounds, and
+    the margin lower bounds over the region are below every runtime margin."""
+    model, runners, xs = tiny
+    runner = runners[mode]
+    em = error_model(runner, model.network.lower())
+    kinds = em.describe()["affine_layers"]
+    assert ("static int8" in kinds) == (mode == "int8")
+    assert ("dynamic int8 input" in kinds) == mode.startswith("dynamic")
+    checked = 0
+    for i, x in enumerate(xs):
+        region = _region(x, i, *((0.004, 0.02) if mode == "int8" else (0.125, 0.75)))
+        try:
+            errors = rounding_errors(em.chain, region, rounding=em.rounding)
+        except ValueError as exc:  # a static grid may saturate: no bound, never a wrong one
+            assert "saturate" in str(exc) or "leaves" in str(exc)
+            continue
+        bad, n = _violations(em, runner, region)
+        assert bad == 0 and n > 100
+        checked += 1
+        label = int(runner.predict(x[None]).argmax())
+        spec = spec_chain(em.chain, region, label, errors=errors)
+        lower = linear_bounds(spec, region.lo, region.hi).lower
+        pts = np.concatenate(list(region.enumerate()))
+        out = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+        margins = out[:, [label]] - out[:, spec.others]
+        assert np.all(lower <= margins.min(axis=0))
+    assert checked >= 2
+
+
+def test_wrong_model_is_caught(tiny):
+    """Float weights in place of the file's, no rounding: the pointwise check finds runtime
+    logits outside its bounds, and the guard in decide refuses it at some input."""
+    model, runners, xs = tiny
+    runner = runners["dynamic"]
+    chain = prepare_chain(model.network.lower())
+    wrong = ErrorModel(chain, [None] * len(chain.layers), "float weights, no rounding")
+    assert sum(_violations(wrong, runner, _region(x, i))[0] for i, x in enumerate(xs)) > 0
+    refused = 0
+    for i, x in enumerate(xs):
+        region = _region(x, i)
+        label = int(runner.predict(x[None]).argmax())
+        d = decide(runner, chain, region, label, enum_limit=0, quantized=True, error_model=wrong)
+        refused += not d.detail["trusted_bounds"]
+    assert refused > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decide_agrees_with_enumeration(tiny, mode):
+    """Regions larger than the enumeration limit: certified only where enumerating the runtime
+    finds no misclassified point, refutations confirmed, and bounds used for some."""
+    model, runners, xs = tiny
+    runner = runners[mode]
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    statuses, routes = [], []
+    for i, x in enumerate(xs):
+        for step, radius in ((0.125, 0.75), (0.03125, 0.25)):
+            region = _region(x, 10 + i, step, radius)
+            label = int(runner.predict(x[None]).argmax())
+            assert box_size(region.lo, region.hi, region.cost, region.budget, 10**6) > 64
+            d = decide(runner, chain, region, label, enum_limit=64, quantized=True, error_model=em)
+            check_decision(d, runner, region, label)
+            if mode != "int8":
+                assert d.detail["trusted_bounds"], d.detail.get("untrusted_reason")
+            elif not d.detail["trusted_bounds"]:
+                assert "saturate" in d.detail["untrusted_reason"]
+            statuses.append(d.status)
+            routes.append(d.route)
+    assert CERTIFIED in statuses
+    if mode != "int8":  # this net's int8 grids are tight: its regions mostly may saturate
+        certified_by = {r for s, r in zip(statuses, routes, strict=True) if s == CERTIFIED}
+        assert {"bounds", "bab"} & certified_by
+
+
+def test_unsupported_graphs(tmp_path):
+    """A convolution, or an ONNX Runtime file: a reason naming what is missing; decide without
+    a model never certifies a region it cannot enumerate."""
+    model = load_model(cnn_nhwc(tmp_path / "cnn.onnx"))
+    runner = quantize_model(model, "dynamic", tmp_path, None)
+    chain = model.network.lower()
+    with pytest.raises(UnsupportedModelError, match="CONV_2D"):
+        error_model(runner, chain)
+    reasons = error_models({"q": runner, "f": float_runner(model)}, chain)
+    assert "CONV_2D" in reasons["q"] and "onnxruntime" in reasons["f"]
+    x = np.random.default_rng(0).random(model.input_shape, dtype=np.float32).reshape(-1)
+    region = lattice_region(x, np.arange(12), 0.01, 1.0)
+    label = int(runner.predict(x.reshape(1, *model.input_shape)).argmax())
+    d = decide(runner, chain, region, label, timeout=1, enum_limit=16, quantized=True)
+    assert d.status in (UNKNOWN, REFUTED)
+    assert d.detail["trusted_bounds"] is False
+
+
+def test_saturating_grid_gives_no_bounds():
+    """A static output grid the region's values may leave: no error bound, a reason instead."""
+    chain = prepare_chain([Affine(np.eye(2) * 4.0, np.zeros(2)), Relu(), Affine(np.eye(2), [1, 0])])
+    tight = Rounding(output_grid=Grid(0.01, -1.28, 1.27), multiplier=0.5)
+    em = ErrorModel(chain, [tight, None, Rounding()], "test")
+    region = lattice_region(np.array([0.5, 0.5]), np.arange(2), 0.1, 0.5)
+    with pytest.raises(ValueError, match="saturate"):
+        rounding_errors(em.chain, region, rounding=em.rounding)
+
+
+def test_truth_helper_sees_errors(tiny):
+    """The enumeration the tests trust finds misclassified points where there are some."""
+    _, runners, xs = tiny
+    _, bad = truth(runners["dynamic"], _region(xs[0], 0, 0.25, 3.0), 0)
+    assert bad.any()
+
+
+def test_mnist_dynamic_certifies_beyond_enumeration(real_data, tmp_path):
+    """examples/mnist_mlp.onnx, TFLite dynamic range, real MNIST: feature regions far larger
+    than the enumeration cap are certified on the quantized runtime through its error model."""
+    from verifier.check import Settings, build_region
+    from verifier.data import load_dataset
+
+    model = load_model(ROOT / "examples" / "mnist_mlp.onnx")
+    runner = quantize_model(model, "dynamic", tmp_path, None)
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    ds = load_dataset("mnist", data_dir=real_data)
+    st = Settings(radius=20, step=0.0625)
+    certified = 0
+    for i in range(12):
+        x, y = ds.images[i].reshape(-1).astype(np.float32), int(ds.labels[i])
+        if int(runner.predict(x[None]).argmax()) != y:
+            continue
+        region = build_region(st, x, chain.layers, y, i)
+        assert box_size(region.lo, region.hi, region.cost, region.budget, 10**7) > 10**7
+        d = decide(runner, chain, region, y, timeout=3, quantized=True, error_model=em)
+        assert d.status != CERTIFIED or d.route in ("bounds", "bab")
+        if d.status == REFUTED:
+            got = int(runner.predict(region.points(d.coeffs[None]).astype(np.float32)).argmax())
+            assert got != y and got == d.adv_label
+        certified += d.status == CERTIFIED
+        if certified >= 2:
+            break
+    assert certified >= 2
