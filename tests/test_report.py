@@ -40,8 +40,20 @@ def results_doc(gate: dict | None = None) -> dict:
             "count": len(recs),
         },
         quantized=[
-            {"name": "int8", "describe": {"kind": "tflite-dynamic"}},
-            {"name": "sim4", "describe": {"bits": 4}},
+            {
+                "name": "int8",
+                "describe": {
+                    "kind": "tflite-dynamic",
+                    "error_model": {"error_model": True, "affine_layers": ["dynamic int8 input"]},
+                },
+            },
+            {
+                "name": "sim4",
+                "describe": {
+                    "bits": 4,
+                    "error_model": {"error_model": False, "reason": "op QLinearMatMul"},
+                },
+            },
         ],
         gate=gate,
     )
@@ -151,6 +163,12 @@ def test_markdown_has_the_tables(run_dir):
     assert "| true \\ adversarial | 0 | 1 | 2 | 7 | total |" in md
     assert "| 1 | 0 | 0 | 0 | 1 | 1 |" in md  # float: a 1 turned into a 7
     assert "the gate passes" in md
+
+
+def test_markdown_says_which_models_bounds_speak_for(run_dir):
+    md = (run_dir / "report.md").read_text()
+    assert "int8: error model of its rounding (dynamic int8 input)" in md
+    assert "sim4: no error model (op QLinearMatMul): certified only by enumeration" in md
 
 
 def test_report_shows_a_failed_gate(tmp_path):

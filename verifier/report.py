@@ -407,6 +407,33 @@ def _route_blocks(doc: dict) -> list[Block]:
             "on the runtime; budget means the time or node limit ran out).",
         ),
         Block("table", items=rows, headers=["model", "route", "status", "inputs", "seconds"]),
+    ] + _error_model_blocks(doc)
+
+
+def _error_model_blocks(doc: dict) -> list[Block]:
+    """Which quantized models bounds can speak for (an error model of their rounding) and why
+    the others can only be certified by enumerating a region."""
+    items = []
+    for q in doc["quantized"]:
+        em = q.get("describe", {}).get("error_model")
+        if em is None:
+            continue
+        if em.get("error_model"):
+            kinds = ", ".join(em.get("affine_layers", []))
+            items.append(f"{q['name']}: error model of its rounding ({kinds})")
+        else:
+            items.append(
+                f"{q['name']}: no error model ({em.get('reason')}): certified only by enumeration"
+            )
+    if not items:
+        return []
+    return [
+        Block(
+            "p",
+            "Bounds certify a quantized model on a region only through a sound model of its "
+            "rounding, built from the quantized file:",
+        ),
+        Block("ul", items=items),
     ]
 
 
