@@ -266,6 +266,22 @@ def test_box_size_with_many_binary_generators():
             assert got == min(exact, limit + 1)
 
 
+def test_enumeration_of_many_binary_generators_under_a_tight_budget():
+    """A feature region at a large step: 79 features, a budget for one or two of them. Its few
+    hundred points are listed without visiting the 2^79 over-budget combinations, in order."""
+    from verifier.regions import count_points, enumerate_box
+
+    rng = np.random.default_rng(2)
+    g = 79
+    lo, hi = np.zeros(g, dtype=np.int64), np.ones(g, dtype=np.int64)
+    cost = rng.uniform(3.0, 10.0, g)
+    pts = np.concatenate(list(enumerate_box(lo, hi, cost, 10.0, batch=64)))
+    assert len(pts) == count_points(lo, hi, cost, 10.0) == len(np.unique(pts, axis=0))
+    assert np.all(np.abs(pts) @ cost <= 10.0 + 1e-9)
+    keys = [tuple(p) for p in pts]
+    assert keys == sorted(keys)
+
+
 # --- the decision procedure --------------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ moved by multiples of `delta`) and `features` (subsets of features, each moved o
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -80,15 +79,21 @@ def count_points(lo, hi, cost, budget: float, limit: int = 10**12) -> int:
 
 
 def enumerate_box(lo, hi, cost, budget: float, batch: int = 65536) -> Iterator[np.ndarray]:
-    """Yield (B, G) int64 coefficient arrays covering the box within budget, batch by batch."""
+    """Yield (B, G) int64 coefficient arrays covering the box within budget, batch by batch.
+
+    Points come in lexicographic order. The generators are split into an outer part, expanded
+    one generator at a time keeping only prefixes within budget (depth first over chunks of at
+    most `batch` prefixes, so memory stays bounded and over-budget prefixes are never visited:
+    a region of many 0/1 generators and a tight budget costs its points, not 2^G), and an inner
+    block of at most `batch` points (a numpy meshgrid) joined to each prefix.
+    """
     lo = np.asarray(lo, dtype=np.int64)
     hi = np.asarray(hi, dtype=np.int64)
+    cost = np.asarray(cost, dtype=np.float64)
     g = len(lo)
     if g == 0:
         yield np.zeros((1, 0), dtype=np.int64)
         return
-    # Split generators into an outer part (iterated in Python) and an inner block (a numpy
-    # meshgrid of at most `batch` points), filtered by budget in numpy.
     sizes = (hi - lo + 1).astype(np.int64)
     inner = g
     while inner > 0 and int(np.prod(sizes[g - inner :], dtype=np.float64)) > batch:
@@ -96,27 +101,40 @@ def enumerate_box(lo, hi, cost, budget: float, batch: int = 65536) -> Iterator[n
     inner = max(inner, 1) if int(sizes[-1]) <= batch else 0
     if inner == 0:
         raise ValueError("a single generator range exceeds the batch size")
-    grids = np.meshgrid(*[np.arange(lo[i], hi[i] + 1) for i in range(g - inner, g)], indexing="ij")
+    outer = g - inner
+    grids = np.meshgrid(*[np.arange(lo[i], hi[i] + 1) for i in range(outer, g)], indexing="ij")
     block = np.stack([a.reshape(-1) for a in grids], axis=1)
-    block_cost = np.abs(block) @ cost[g - inner :]
-    outer_ranges = [range(int(lo[i]), int(hi[i]) + 1) for i in range(g - inner)]
+    block_cost = np.abs(block) @ cost[outer:]
+    limit = budget + EPS
+    # prefixes joined to the block per step: at most about 4M (prefix, block row) pairs
+    join = max(1, (1 << 22) // len(block))
+    stack = [(np.zeros((1, 0), dtype=np.int64), np.zeros(1))]
     pending: list[np.ndarray] = []
     pending_n = 0
-    for prefix in itertools.product(*outer_ranges):
-        pcost = float(np.abs(np.asarray(prefix, dtype=np.float64)) @ cost[: g - inner])
-        if pcost > budget + EPS:
+    while stack:
+        rows, used = stack.pop()
+        depth = rows.shape[1]
+        if depth == outer:
+            for k in range(0, len(rows), join):
+                ok = used[k : k + join, None] + block_cost[None, :] <= limit
+                pi, bi = np.nonzero(ok)
+                if not len(pi):
+                    continue
+                pending.append(np.concatenate([rows[k + pi], block[bi]], axis=1))
+                pending_n += len(pi)
+                if pending_n >= batch:
+                    yield np.concatenate(pending)
+                    pending, pending_n = [], 0
             continue
-        keep = block[block_cost + pcost <= budget + EPS]
-        if not len(keep):
+        vals = np.arange(lo[depth], hi[depth] + 1, dtype=np.int64)
+        new_used = used[:, None] + np.abs(vals)[None, :] * cost[depth]
+        ri, vi = np.nonzero(new_used <= limit)
+        if not len(ri):
             continue
-        rows = np.concatenate(
-            [np.broadcast_to(np.asarray(prefix, np.int64), (len(keep), g - inner)), keep], axis=1
-        )
-        pending.append(rows)
-        pending_n += len(rows)
-        if pending_n >= batch:
-            yield np.concatenate(pending)
-            pending, pending_n = [], 0
+        rows = np.concatenate([rows[ri], vals[vi, None]], axis=1)
+        used = new_used[ri, vi]
+        chunks = range(0, len(rows), batch)
+        stack.extend((rows[k : k + batch], used[k : k + batch]) for k in reversed(chunks))
     if pending:
         yield np.concatenate(pending)
 
