@@ -120,16 +120,13 @@ def spec_chain(
     layers = list(prep.layers)
     absw = list(prep.absw)
     n = region.x.size
-    d = region.directions
-    cols = np.flatnonzero(np.any(d != 0, axis=0))  # D is sparse: only moved values matter
     inserted = not isinstance(layers[0], Affine)
     if not inserted:
-        w, b = layers[0].weight, layers[0].bias
+        w = layers[0].weight
         assert w.shape[1] == n, f"chain input {w.shape[1]} != region input {n}"
-        wd = w @ d.T if len(cols) > n // 2 else w[:, cols] @ d[:, cols].T
-        layers[0] = Affine(wd, w @ region.x + b)
+        layers[0] = _on_coefficients(layers[0], region)
     else:
-        layers.insert(0, Affine(np.ascontiguousarray(d.T), region.x.copy()))
+        layers.insert(0, Affine(np.ascontiguousarray(region.directions.T), region.x.copy()))
         absw.insert(0, None)
     k = _output_size(prep.layers, n)
     others = np.array([j for j in range(k) if j != label], dtype=np.int64)
@@ -240,7 +237,12 @@ def rounding_errors(
             if i == 0 and rounding is not None:  # the budget matters: knapsack, not the box
                 wide = e if step is None else e + aw @ step
                 lo, hi = _affine_exact(
-                    _on_coefficients(layer, region), wide, *_coefficient_box(region)
+                    _on_coefficients(layer, region),
+                    wide,
+                    region.lo,
+                    region.hi,
+                    region.cost.astype(np.float64),
+                    float(region.budget),
                 )
             elif step is None:
                 lo, hi = _affine_interval(layer, aw, lo, hi, e)
@@ -266,12 +268,10 @@ def rounding_errors(
 def _on_coefficients(layer: Affine, region: Region) -> Affine:
     """`layer` composed with x' = x + s @ D: an affine map of the coefficients s."""
     d = region.directions
-    cols = np.flatnonzero(np.any(d != 0, axis=0))
-    return Affine(layer.weight[:, cols] @ d[:, cols].T, layer.weight @ region.x + layer.bias)
-
-
-def _coefficient_box(region: Region) -> tuple:
-    return region.lo, region.hi, region.cost.astype(np.float64), float(region.budget)
+    cols = np.flatnonzero(np.any(d != 0, axis=0))  # D is sparse: only moved values matter
+    w = layer.weight
+    wd = w @ d.T if len(cols) > region.x.size // 2 else w[:, cols] @ d[:, cols].T
+    return Affine(wd, w @ region.x + layer.bias)
 
 
 # Rounding to nearest is off by half a step; the extra covers float32 slop in computing

@@ -50,8 +50,8 @@ class Checker:
     pred: np.ndarray  # float clean predictions
     runners: dict = field(default_factory=dict)  # name -> runner
     qpred: dict = field(default_factory=dict)  # name -> clean predictions
-    # name -> quantize.error_model.ErrorModel, or why there is none (built once, see
-    # `quantize.error_model.error_models`); a runner missing here gets no bounds
+    # name -> quantize.error_model.ErrorModel (built once, see `pipeline.runner_error_models`);
+    # a runner missing here gets no bounds
     error_models: dict = field(default_factory=dict)
 
     def region(self, pos: int) -> Region:
@@ -87,9 +87,6 @@ class Checker:
         self, runtime, region: Region, label: int, seed: int, quantized: bool, error_model=None
     ):
         from verifier.decide import decide
-
-        if isinstance(error_model, str):  # the reason there is none
-            error_model = None
 
         s = self.settings
         return decide(

@@ -299,12 +299,8 @@ def _trust(
         detail["trusted_bounds"] = False
         detail["untrusted_reason"] = "no error model for this runtime"
         return False, np.zeros(len(spec.others))
-    x = region.x[None]
-    ref = forward_lowered(chain.layers, x)[0]
-    got = np.asarray(
-        runtime.predict(runtime_inputs(runtime, region, np.zeros((1, len(region.lo))))),
-        dtype=np.float64,
-    )[0]
+    ref = forward_lowered(chain.layers, region.x[None])[0]
+    got = _output_at_x(runtime, region)
     gap = float(np.abs(got - ref).max()) if got.shape == ref.shape else np.inf
     detail["chain_gap"] = gap
     ok = gap <= CHAIN_MATCH_RTOL * max(1.0, float(np.abs(ref).max()))
@@ -312,6 +308,12 @@ def _trust(
     if not ok:
         detail["untrusted_reason"] = "runtime output at x differs from the chain's logits"
     return ok, np.zeros(len(spec.others))
+
+
+def _output_at_x(runtime, region: Region) -> np.ndarray:
+    """The runtime's logits at the region's centre x (coefficients all 0)."""
+    s = np.zeros((1, len(region.lo)))
+    return np.asarray(runtime.predict(runtime_inputs(runtime, region, s)), dtype=np.float64)[0]
 
 
 def _model_spec(runtime, model, region: Region, label: int, detail: dict):
@@ -326,10 +328,7 @@ def _model_spec(runtime, model, region: Region, label: int, detail: dict):
         return spec_chain(model.chain, region, label, float32=False), False
     spec = spec_chain(model.chain, region, label, errors=errors)
     lo, hi = point_interval(model.chain, errors, region.x)
-    got = np.asarray(
-        runtime.predict(runtime_inputs(runtime, region, np.zeros((1, len(region.lo))))),
-        dtype=np.float64,
-    )[0]
+    got = _output_at_x(runtime, region)
     ok = got.shape == lo.shape and bool(np.all((got >= lo) & (got <= hi)))
     detail["trusted_bounds"] = ok
     detail["logit_error_bound"] = float(np.max(hi - lo) / 2.0)

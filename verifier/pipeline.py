@@ -321,13 +321,14 @@ def quantized_runners(model: Model, args, data_name: str, out: Path):
 
 
 def runner_error_models(model: Model, runners: dict, described: list) -> dict:
-    """Each runner's error model (or why it has none), noted in its run metadata."""
-    from quantize.error_model import describe_error_model, error_models
+    """name -> error model of each runner that has one; every runner's metadata notes its
+    model or why it has none."""
+    from quantize.error_model import ErrorModel, describe_error_model, error_models
 
     models = error_models(runners, model.network.lower())
     for d in described:
         d["describe"]["error_model"] = describe_error_model(models.get(d["name"]))
-    return models
+    return {k: v for k, v in models.items() if isinstance(v, ErrorModel)}
 
 
 def quantized_file(path: Path, model: Model):
@@ -375,7 +376,7 @@ def run_setting(
 ) -> dict:
     """Decide every input for one (radius, step), commit records, write the report.
 
-    `models`: runner name -> its error model or the reason it has none (see
+    `models`: runner name -> its error model, for the runners that have one (see
     `runner_error_models`)."""
     from verifier.document import build_results, describe_data, describe_model
     from verifier.gate import Thresholds, check_gate, gate_summary, load_baseline
@@ -469,7 +470,7 @@ class WorkerState:
     indices: np.ndarray
     preds: dict
     runner_paths: dict
-    error_models: dict  # name -> ErrorModel or the reason there is none (built once)
+    error_models: dict  # name -> ErrorModel, for the runners that have one (built once)
 
     def checker(self, model=None, runners=None) -> Checker:
         """A checker, reusing loaded runtimes in the parent and loading them in workers."""
