@@ -18,13 +18,13 @@ import numpy as np
 from quantize.runner import (
     DEFAULT_MAX_BATCH,
     check_input,
-    file_sha256,
     package_versions,
     quiet_native,
     run_batched,
     scale_entry,
 )
 from verifier.errors import InputError
+from verifier.store import sha256_file
 
 QUANT_BLOCK = 1 << 16
 WEIGHT_OPS = {"FULLY_CONNECTED": 1, "CONV_2D": 1, "DEPTHWISE_CONV_2D": 1}
@@ -141,7 +141,7 @@ class TfliteRunner:
             },
             **info,
             "path": str(self.path),
-            "sha256": file_sha256(self.path),
+            "sha256": sha256_file(self.path),
             "size_bytes": self.path.stat().st_size,
             "provenance": dict(self.provenance),
             "runtime": {

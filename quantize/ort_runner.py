@@ -23,12 +23,12 @@ from onnx import numpy_helper
 from quantize.runner import (
     DEFAULT_MAX_BATCH,
     check_input,
-    file_sha256,
     package_versions,
     run_batched,
     scale_entry,
 )
 from verifier.errors import InputError, UnsupportedModelError
+from verifier.store import sha256_file
 
 METADATA_KEY = "relrobust.quantize"
 QOPERATOR_OPS = {"QLinearMatMul", "QLinearConv", "QGemm", "QLinearAdd", "QAttention"}
@@ -108,7 +108,7 @@ class OrtRunner:
             "float_weights": float_weights(model, {t["tensor"] for t in scales}),
             "ops": sorted({n.op_type for n in model.graph.node}),
             "path": str(self.path),
-            "sha256": file_sha256(self.path),
+            "sha256": sha256_file(self.path),
             "size_bytes": self.path.stat().st_size,
             "provenance": {**meta.get("provenance", {}), **self.provenance},
             "runtime": {

@@ -7,11 +7,9 @@ A runner maps a batch of float inputs in [0,1], in the float model's layout, to 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -60,11 +58,6 @@ def run_batched(
     if not outs:
         return np.zeros((0, classes), np.float32)
     return np.concatenate(outs).astype(np.float32, copy=False)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def package_versions(*names: str) -> dict[str, str | None]:

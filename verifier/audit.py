@@ -13,7 +13,6 @@ when every check held, 1 when one failed, 2 on a usage or input error.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
 from verifier.records import FLOAT, InputRecord, Outcome
 from verifier.regions import Region
 from verifier.result import CERTIFIED, REFUTED
+from verifier.store import sha256_file
 
 DEFAULT_SAMPLE = 1000  # inputs audited when --sample is not given (all of a smaller run)
 DEFAULT_MAX_POINTS = 200_000
@@ -106,15 +106,6 @@ def read_results(run_dir: Path) -> dict:
     return doc
 
 
-def sha256_of(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def locate(stored: str, run_dir: Path, sha256: str | None, what: str) -> Path:
     """A file the run used, by its stored path (relative paths: from here or a parent of the
     run); refused when missing or when its bytes differ from the run's (`sha256`)."""
@@ -127,7 +118,7 @@ def locate(stored: str, run_dir: Path, sha256: str | None, what: str) -> Path:
             "from here and the run's parent directories: audit from where the run was started)"
         )
     for c in found:
-        if sha256 is None or sha256_of(c) == sha256:
+        if sha256 is None or sha256_file(c) == sha256:
             return c
     raise InputError(f"{what} {found[0]} changed since the run {run_dir} (sha256 differs)")
 
@@ -333,7 +324,7 @@ def audit_run(run_dir: Path, size: int | None, seed: int, max_points: int, say) 
     doc = {
         "audit_version": AUDIT_VERSION,
         "run": str(run_dir),
-        "results_sha256": sha256_of(run_dir / "results.json"),
+        "results_sha256": sha256_file(run_dir / "results.json"),
         "sample": {
             "seed": seed,
             "requested": size,

@@ -18,7 +18,7 @@ from verifier import __version__
 from verifier.errors import InputError
 from verifier.records import InputRecord
 from verifier.relative import Aggregate
-from verifier.store import write_atomic
+from verifier.store import sha256_file, write_atomic
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_FILE = "results.schema.json"
@@ -46,15 +46,6 @@ def jsonable(obj: object) -> object:
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def inputs_sha256(x: np.ndarray) -> str:

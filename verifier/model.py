@@ -7,7 +7,6 @@ read from the graph; `--layout` overrides it.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +17,7 @@ from verifier.data import LAYOUTS
 from verifier.errors import InputError, UnsupportedModelError
 from verifier.network import Network
 from verifier.onnx_import import _first_line, _graph_inputs, import_network, read_onnx
+from verifier.store import sha256_file
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
@@ -71,7 +71,7 @@ class Model:
 
     @cached_property
     def sha256(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        return sha256_file(self.path)
 
 
 def detect_layout(shape: tuple[int, ...]) -> str | None:

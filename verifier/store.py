@@ -219,6 +219,15 @@ class RunStore:
         self.close()
 
 
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks (model files, quantized files, results)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
     """Write `data` to `path` all-or-nothing: temp file in the same directory, fsync, rename."""
     path = Path(path)
