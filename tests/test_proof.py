@@ -137,6 +137,35 @@ def test_whole_region_enumeration_and_z3_leaves_check():
     assert solved.status == CHECKED and solved.points == 0 and solved.leaves["z3"] >= 1
 
 
+def test_optimised_slopes_are_re_derived_by_the_checker(monkeypatch):
+    """Root bounds only optimised slopes certify: the checker's plain bounds equal the search's
+    plain ones and do not close the leaf; its own slope optimisation does."""
+    import verifier.proofcheck as pc
+    from verifier.bounds import linear_bounds
+
+    seen = 0
+    for seed in range(300):
+        chain, runtime, region, label = random_case(seed)
+        spec = spec_chain(chain, region, label)
+        plain = linear_bounds(spec, region.lo, region.hi)
+        alpha = linear_bounds(spec, region.lo, region.hi, alpha_steps=20)
+        if not np.all(alpha.lower > 0) or np.all(plain.lower > 0):
+            continue
+        margin = float(np.min(alpha.lower))
+        whole = single("float32", region.num_generators, "bounds", margin)
+        prob = problem(chain, runtime, region, label, max_points=0)
+        own = pc._node_bounds(prob.spec, region.lo, region.hi, None).lower
+        np.testing.assert_allclose(own, plain.lower, rtol=1e-9, atol=1e-9)
+        assert check_tree(whole, prob).status == CHECKED
+        with monkeypatch.context() as m:
+            m.setattr(pc, "SLOPE_STEPS", 0)
+            assert check_tree(whole, prob).status == NOT_CHECKABLE
+        seen += 1
+        if seen == 3:
+            break
+    assert seen == 3
+
+
 # --- tampering: each must fail -------------------------------------------------------------------
 
 

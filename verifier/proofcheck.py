@@ -7,9 +7,9 @@ each leaf is closed again by its own route:
 - `bounds`: margin lower bounds re-derived here (exact first layer by a fractional knapsack,
   then interval and plain back-substituted linear bounds, ReLU lower slopes 0/1 by the usual
   rule, intermediate bounds intersected with the enclosing box's, as every enclosing box's
-  bounds hold in it); when they do not close the leaf, fixed slope choices (0, 1, the upper
-  slope: any slope in [0, 1] is sound) are tried; a leaf still open is enumerated on the
-  runtime when small enough, else it is not checkable. Its stored margin must not exceed the
+  bounds hold in it); when they do not close the leaf, the ReLU lower slopes are optimised here
+  by projected gradient (any slope in [0, 1] is sound); a leaf still open is enumerated on
+  the runtime when small enough, else it is not checkable. Its stored margin must not exceed the
   margin at the box's point nearest 0, and must be positive.
 - `empty`: the box's least cost must exceed the budget.
 - `enumeration`: the stored point count must equal the box's; the box is enumerated on the
@@ -34,7 +34,8 @@ from verifier.regions import EPS, Region, count_points
 CHECKED, FAILED, NOT_CHECKABLE = "checked", "failed", "not checkable"
 # A stored margin may exceed the true one at a point by float noise only.
 MARGIN_RTOL = 1e-4
-SLOPE_CHOICES = ("zero", "one", "upper")
+SLOPE_STEPS = 60  # gradient steps on the slopes of a bounds leaf plain bounds do not close
+SLOPE_RATE = 0.2
 
 
 @dataclass
@@ -194,11 +195,9 @@ def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict)
     if np.all(worst > 0):
         _tally(out.leaves, "bounds")
         return None
-    for choice in SLOPE_CHOICES:
-        worst = np.maximum(worst, _margin_bounds(spec, lo, hi, b.pre, choice))
-        if np.all(worst > 0):
-            _tally(out.leaves, "bounds")
-            return None
+    if np.all(np.maximum(worst, _optimised_margins(spec, lo, hi, b.pre)) > 0):
+        _tally(out.leaves, "bounds")
+        return None
     count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
     return _by_enumeration(lo, hi, count, problem, out, "bounds")
 
@@ -231,15 +230,17 @@ class _BoxBounds:
     pre: list  # per spec layer: (lower, upper) of its input for Relu / MaxPool layers
 
 
-def _min_linear(a: np.ndarray, c: np.ndarray, lo, hi, cost, budget: float) -> np.ndarray:
+def _min_linear(a: np.ndarray, c: np.ndarray, lo, hi, cost, budget: float, where: bool = False):
     """Per row, the minimum of `a . s + c` over the box [lo, hi] within the L1-cost budget
-    (s real): from the box point nearest 0, move the generators by best gain per cost first."""
+    (s real): from the box point nearest 0, move the generators by best gain per cost first.
+    With `where`, also the minimisers (rows, G)."""
     lo = np.asarray(lo, np.float64)
     hi = np.asarray(hi, np.float64)
     p = np.clip(0.0, lo, hi)
     left = budget + EPS - float(np.abs(p) @ cost)
     if left < 0:
-        return np.full(len(a), np.inf)
+        inf = np.full(len(a), np.inf)
+        return (inf, np.tile(p, (len(a), 1))) if where else inf
     room = np.where(a > 0, p - lo, hi - p)  # units movable in the improving direction
     safe = np.where(cost > 0, cost, 1.0)
     rate = np.where(cost > 0, np.abs(a) / safe, np.inf)
@@ -249,29 +250,34 @@ def _min_linear(a: np.ndarray, c: np.ndarray, lo, hi, cost, budget: float) -> np
     spent_before = np.cumsum(spend, axis=1) - spend
     with np.errstate(divide="ignore", invalid="ignore"):
         part = np.where(spend > 0, np.clip((left - spent_before) / spend, 0.0, 1.0), 1.0)
-    return a @ p + c - (part * gain).sum(axis=1)
+    value = a @ p + c - (part * gain).sum(axis=1)
+    if not where:
+        return value
+    moved = np.zeros_like(a)
+    np.put_along_axis(moved, order, part, axis=1)
+    return value, p + np.where(a > 0, -1.0, 1.0) * moved * room
 
 
-def _relu_lines(l: np.ndarray, u: np.ndarray, choice: str = "default"):
-    """Lower slope, upper slope and upper intercept of ReLU on [l, u]."""
+def _relu_lines(l: np.ndarray, u: np.ndarray, slopes=None):
+    """Lower slope (`slopes` on the unstable neurons if given, else 0 or 1, whichever is
+    closer), upper slope and upper intercept of ReLU on [l, u]."""
     on, off = l >= 0, u <= 0
     mixed = ~on & ~off
     width = np.where(mixed, u - l, 1.0)
     up = np.where(mixed, u / width, on.astype(np.float64))
     icpt = np.where(mixed, -up * l, 0.0)
-    low = {
-        "default": (u > -l).astype(np.float64),
-        "zero": np.zeros_like(l),
-        "one": np.ones_like(l),
-        "upper": up,
-    }[choice]
+    low = (u > -l).astype(np.float64) if slopes is None else slopes
     return np.where(mixed, low, on.astype(np.float64)), up, icpt
 
 
-def _back(spec, pre: list, top: int, lam: np.ndarray, c: np.ndarray, choice="default"):
-    """`lam . (output of layer top-1) + c` bounded below by a linear function of s."""
+def _back(spec, pre: list, top: int, lam: np.ndarray, c: np.ndarray, slopes=None, tape=None):
+    """`lam . (output of layer top-1) + c` bounded below by a linear function of s.
+    `slopes` (Relu layer -> (rows, n) lower slopes) replaces the default ones; `tape`
+    collects (layer, lam on its output) for `_slope_gradients`."""
     for k in range(top - 1, -1, -1):
         layer = spec.layers[k]
+        if tape is not None:
+            tape.append((k, lam))
         if isinstance(layer, Affine):
             c = c + lam @ layer.bias
             if spec.err[k] is not None:
@@ -284,7 +290,7 @@ def _back(spec, pre: list, top: int, lam: np.ndarray, c: np.ndarray, choice="def
             if step is not None:
                 c = c - np.abs(lam) @ step
         elif isinstance(layer, Relu):
-            low, up, icpt = _relu_lines(*pre[k], choice)
+            low, up, icpt = _relu_lines(*pre[k], None if slopes is None else slopes.get(k))
             pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
             c = c + neg @ icpt
             lam = pos * low + neg * up
@@ -375,17 +381,73 @@ def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
             pre[i] = (cur_lo, cur_hi)
             lp, hp = np.append(cur_lo, -np.inf), np.append(cur_hi, -np.inf)
             cur_lo, cur_hi = lp[layer.windows].max(axis=1), hp[layer.windows].max(axis=1)
-    lower = np.maximum(cur_lo, _margin_bounds(spec, lo, hi, pre, "default"))
+    lower = np.maximum(cur_lo, _margin_bounds(spec, lo, hi, pre))
     if parent is not None:
         lower = np.maximum(lower, parent.lower)
     return _BoxBounds(lower, pre)
 
 
-def _margin_bounds(spec, lo, hi, pre: list, choice: str) -> np.ndarray:
-    """Linear lower bounds of the margins over the box with the given ReLU lower slopes."""
+def _margin_bounds(spec, lo, hi, pre: list) -> np.ndarray:
+    """Linear lower bounds of the margins over the box, default ReLU lower slopes."""
     m = len(spec.others)
-    a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m), choice)
+    a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m))
     return _min_linear(a, c, lo, hi, spec.cost, spec.budget)
+
+
+def _optimised_margins(spec, lo, hi, pre: list) -> np.ndarray:
+    """Margin lower bounds with per-margin ReLU lower slopes raised by projected gradient
+    ascent (the minimiser held fixed), the best seen per margin."""
+    m = len(spec.others)
+    slopes = {
+        k: np.tile(_relu_lines(*pre[k])[0], (m, 1))
+        for k, layer in enumerate(spec.layers)
+        if isinstance(layer, Relu)
+    }
+    best = np.full(m, -np.inf)
+    for _ in range(SLOPE_STEPS):
+        tape: list = []
+        a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m), slopes, tape)
+        value, s = _min_linear(a, c, lo, hi, spec.cost, spec.budget, where=True)
+        best = np.maximum(best, value)
+        if np.all(best > 0):
+            break
+        for k, grad in _slope_gradients(spec, pre, tape, s, slopes).items():
+            scale = np.abs(grad).max(axis=1, keepdims=True) + 1e-12
+            slopes[k] = np.clip(slopes[k] + SLOPE_RATE * grad / scale, 0.0, 1.0)
+    return best
+
+
+def _slope_gradients(spec, pre: list, tape: list, s: np.ndarray, slopes: dict) -> dict:
+    """d(bound at the minimisers `s`) / d(lower slopes), back through the `tape` of `_back`."""
+    g = s  # d bound / d (coefficients on s)
+    out = {}
+    for k, lam in reversed(tape):  # from layer 0 up: g is d bound / d (lam below layer k)
+        layer = spec.layers[k]
+        if isinstance(layer, Affine):
+            below = lam @ layer.weight
+            step = spec.input_error(k)
+            if step is not None:
+                g = g - np.sign(below) * step
+            g = g @ layer.weight.T + layer.bias
+            if k == 0 and spec.first_input is not None:
+                w_x, step0, _ = spec.first_input
+                g = g - (np.sign(lam @ w_x) * step0) @ w_x.T
+            if spec.err[k] is not None:
+                g = g - np.sign(lam) * spec.err[k]
+        elif isinstance(layer, Relu):
+            low, up, icpt = _relu_lines(*pre[k], slopes[k])
+            l, u = pre[k]
+            pos = lam >= 0
+            out[k] = np.where(pos & (l < 0) & (u > 0), g * lam, 0.0)
+            g = np.where(pos, g * low, g * up + icpt)
+        else:
+            l, u = pre[k]
+            lp, up_ = np.append(l, -np.inf), np.append(u, -np.inf)
+            w = layer.windows
+            best = w[np.arange(len(w)), np.argmax(lp[w], axis=1)]
+            exact = lp[best] >= up_[np.where(w == best[:, None], -1, w)].max(axis=1)
+            g = np.where((lam >= 0) | exact, g[:, best], up_[w].max(axis=1))
+    return out
 
 
 def _margins_at(spec, s: np.ndarray) -> np.ndarray:
