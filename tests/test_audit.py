@@ -371,3 +371,26 @@ def test_real_mnist_run(real_data, tmp_path, capsys):
     assert doc["checked"]["certified"] > 0 and doc["checked"]["predictions"] == 12
     p = doc["proofs"]
     assert p["checked"] == doc["checked"]["certified"] and p["failed"] == 0
+
+
+def test_quantized_proofs_on_an_error_model_recheck(tmp_path, capsys):
+    """A TFLite dynamic-range copy (it has an error model): its certifications keep proofs on
+    the error model, which the audit re-checks with the model it rebuilds from the file."""
+    import sqlite3
+
+    from verifier.model import load_model
+    from verifier.proof import decode
+
+    model = mlp(tmp_path / "m.onnx", sizes=(16, 80, 40, 4), seed=3)
+    x = np.random.default_rng(0).random((8, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=load_model(model).classify(x.reshape(8, 16)))
+    argv = [model, "--data", tmp_path / "d.npz", "--region", "lattice", "--dims", "3"]
+    argv += ["--radius", "0.75", "--step", "0.125", "--enum-limit", "16", "--modes", "dynamic"]
+    assert verify(*argv, "--quiet", "--examples", "0", "--out", tmp_path / "run") == 0
+    with sqlite3.connect(tmp_path / "run" / "run.sqlite") as conn:
+        specs = {(m, decode(d).spec) for m, d in conn.execute("SELECT model, data FROM proofs")}
+    assert ("float", "float32") in specs and ("tflite-dynamic", "error-model") in specs
+    code, out, _ = audit(capsys, tmp_path / "run")
+    p = json.loads((tmp_path / "run" / "audit.json").read_text())["proofs"]
+    assert code == 0 and p["failed"] == p["not_checkable"] == 0 and p["checked"] >= 2, out
+    assert p["leaves"].get("bounds", 0) >= 2
