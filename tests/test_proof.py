@@ -166,6 +166,21 @@ def test_optimised_slopes_are_re_derived_by_the_checker(monkeypatch):
     assert seen == 3
 
 
+def test_untrusted_error_model_gives_no_bounds_proof():
+    """An error model the runtime contradicts at x: bounds are off, the region is enumerated,
+    and its proof claims no spec (so no bounds can be checked against the wrong one)."""
+    from quantize.error_model import ErrorModel
+    from verifier.network import Affine
+
+    chain, runtime, region, label, _, _ = _hard_robust_case()
+    last = chain[-1]
+    shifted = [*chain[:-1], Affine(last.weight, last.bias + 5.0)]
+    wrong = ErrorModel(prepare_chain(shifted), [None] * len(chain), "shifted logits")
+    d = decide(runtime, chain, region, label, enum_limit=0, quantized=True, error_model=wrong)
+    assert not d.detail["trusted_bounds"] and d.status == CERTIFIED
+    assert proof_of(d).spec == "none" and proof_of(d).leaves() == {"enumeration": 1}
+
+
 # --- tampering: each must fail -------------------------------------------------------------------
 
 

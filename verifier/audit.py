@@ -272,8 +272,8 @@ def check_certified(
 
 def proof_spec(ctx: RunContext, region: Region, label: int, name: str, kind: str):
     """The spec a proof's bounds leaves speak of, rebuilt for this audit; None when there is
-    none (no bounds, or a kind that does not fit the model). Raises ValueError when the
-    quantized runtime's error model does not hold over the region."""
+    none (no bounds, a kind that does not fit the model, or an error model that does not hold
+    over the region): bounds leaves then fail."""
     from verifier.bounds import prepare_chain, rounding_errors, spec_chain
 
     if kind == "float32" and name == FLOAT:
@@ -291,7 +291,10 @@ def proof_spec(ctx: RunContext, region: Region, label: int, name: str, kind: str
     em = ctx.error_models[name]
     if em is None:
         return None
-    errors = rounding_errors(em.chain, region, rounding=em.rounding)
+    try:
+        errors = rounding_errors(em.chain, region, rounding=em.rounding)
+    except ValueError:  # a grid may saturate over the region: its bounds speak for nothing
+        return None
     return spec_chain(em.chain, region, label, errors=errors)
 
 
@@ -299,32 +302,30 @@ def check_kept_proof(
     ctx: RunContext, region: Region, rec: InputRecord, name: str, max_points: int, tally
 ) -> Failure | None:
     """A certified outcome's kept proof, re-checked leaf by leaf (`verifier.proofcheck`)."""
-    from verifier.proof import ProofFormatError, decode
-    from verifier.proofcheck import CHECKED, FAILED, Problem, Verdict, check_tree
+    from verifier import proofcheck as pc
 
     start = time.perf_counter()
     data = ctx.proofs.get((rec.index, name))
     if data is None:
-        verdict = Verdict(status="not checkable", message="no proof kept")
+        verdict = pc.Verdict(pc.NOT_CHECKABLE, "no proof kept")
     else:
         tally.bytes.append(len(data))
-        try:
-            proof = decode(data)
+        proof = pc.read(data)
+        if isinstance(proof, pc.Verdict):
+            verdict = proof
+        else:
             spec = proof_spec(ctx, region, rec.label, name, proof.spec)
-            problem = Problem(region, rec.label, ctx.runtimes[name], spec, ctx.chain, max_points)
-            verdict = check_tree(proof, problem)
-        except ProofFormatError as exc:
-            verdict = Verdict().fail(f"unreadable proof: {exc}")
-        except ValueError as exc:  # the error model does not hold over the region
-            verdict = Verdict().fail(f"its bounds do not apply: {exc}")
+            runtime = ctx.runtimes[name]
+            problem = pc.Problem(region, rec.label, runtime, spec, ctx.chain, max_points)
+            verdict = pc.check_tree(proof, problem)
     tally.seconds += time.perf_counter() - start
     tally.points += verdict.points
     for kind, n in verdict.leaves.items():
         tally.leaves[kind] = tally.leaves.get(kind, 0) + n
-    if verdict.status == CHECKED:
+    if verdict.status == pc.CHECKED:
         tally.checked += 1
         return None
-    if verdict.status == FAILED:
+    if verdict.status == pc.FAILED:
         tally.failed += 1
         return Failure(rec.index, name, "proof", verdict.message)
     tally.not_checkable += 1

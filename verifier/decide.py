@@ -107,11 +107,11 @@ def decide(
     if quantized and error_model is not None:
         spec, trusted = _model_spec(runtime, error_model, region, label, detail)
         threshold = np.zeros(len(spec.others))
-        run.spec = "error-model"
     else:
-        run.spec = "float32" if not quantized else "none"
         spec = spec_chain(chain, region, label, float32=not quantized)
         trusted, threshold = _trust(runtime, chain, spec, region, quantized, detail)
+    if trusted:  # bounds leaves speak of this spec (see verifier.proof.SPECS)
+        run.spec = "error-model" if quantized else "float32"
 
     att = quick_attack(runtime, spec, region, label, seed=seed)
     run.step("attack", evals=att.evaluations)

@@ -68,15 +68,21 @@ class Problem:
     smt_timeout: float = 10.0
 
 
-def check_proof(data: bytes, problem: Problem) -> Verdict:
-    """Re-check the encoded proof `data` against `problem` (see the module docstring)."""
+def read(data: bytes) -> Proof | Verdict:
+    """The proof in `data`, or the verdict on bytes that are not one: failed when unreadable,
+    not checkable when they hold a node kind of a newer version."""
     try:
-        proof = decode(data)
+        return decode(data)
     except ProofFormatError as exc:
         if "unknown node tag" in str(exc):
             return Verdict(NOT_CHECKABLE, f"written by a newer version: {exc}")
         return Verdict().fail(f"unreadable proof: {exc}")
-    return check_tree(proof, problem)
+
+
+def check_proof(data: bytes, problem: Problem) -> Verdict:
+    """Re-check the encoded proof `data` against `problem` (see the module docstring)."""
+    proof = read(data)
+    return proof if isinstance(proof, Verdict) else check_tree(proof, problem)
 
 
 def check_tree(proof: Proof, problem: Problem) -> Verdict:
