@@ -497,7 +497,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="verify audit",
         description="Re-check a finished run on the real runtimes: counterexamples re-run, "
-        "transfer claims replayed, small certified regions enumerated in full. Exit status 0 "
+        "transfer claims replayed, small certified regions enumerated in full, the kept proof "
+        "of every certification re-checked leaf by leaf. Exit status 0 "
         "when every check holds, 1 when one fails, 2 on a usage or input error.",
     )
     p.add_argument("run", type=Path, help="run directory (a sweep root: each sub-directory)")
