@@ -45,6 +45,22 @@ def test_put_records_round_trip(tmp_path):
         assert store.records() == [rec(1), rec(3), rec(5)]
 
 
+def test_proofs_are_kept_apart_from_records(tmp_path):
+    from verifier.proof import from_text, single, to_text
+
+    text = to_text(single("float32", 2, "bounds", 0.5))
+    r = rec(7)
+    r.float.detail["proof"] = text
+    with RunStore.create(tmp_path / "run", CONFIG) as store:
+        store.put(r)
+        store.put(r)  # identical: a no-op
+        assert store.proofs() == {(7, "float"): from_text(text)}
+        assert "proof" not in store.get(7).float.detail
+        assert r.float.detail["proof"] == text  # the caller's record is left as it was
+        store.put(rec(8))
+        assert list(store.proofs()) == [(7, "float")]
+
+
 def test_create_refuses_an_existing_run(tmp_path):
     RunStore.create(tmp_path, CONFIG).close()
     with pytest.raises(InputError, match="--resume"):
