@@ -336,7 +336,7 @@ def test_bab_with_no_nodes_is_unknown():
         enum_limit=0,
     )
     assert out.status == UNKNOWN and len(out.open_leaves) == 1
-    d = decide(runtime, chain, region, label, max_nodes=0, enum_limit=0, use_smt=False)
+    d = decide(runtime, chain, region, label, timeout=30, max_nodes=0, enum_limit=0, use_smt=False)
     assert d.status == UNKNOWN and d.route == "budget"
     full = branch_and_bound(
         runtime,
@@ -443,7 +443,7 @@ def test_replay_matches_predictions():
 def test_decide_rejects_bad_options():
     chain, runtime, region, label = random_case(2)
     with pytest.raises(ValueError):
-        decide(runtime, chain, region, label, error_model=object())
+        decide(runtime, chain, region, label, timeout=30, error_model=object())
     with pytest.raises(ValueError):
         decide(runtime, chain, region, label, timeout=0)
 
