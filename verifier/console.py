@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from verifier.config import Settings
+from verifier.gate import understood
+from verifier.relative import format_range
 
 
 def accuracy_table(y: np.ndarray, preds: dict[str, np.ndarray], classes: int) -> str:
@@ -68,19 +70,16 @@ def summary_table(doc: dict) -> str:
         "RR = relative robustness |R_Q^FP|/|R|; TR = adversarial transfer |R^0|/|R_NOT|; "
         "unk = undecided inputs; lo..hi = the range the undecided inputs leave open"
     )
+    lines += [f"gate: {line}" for line in understood(doc["gate"]["thresholds"])]
     return "\n".join(lines)
 
 
 def _cell(o: dict, measure: str) -> str:
-    """A percentage, or `lo..hi` when undecided inputs could still fall either way."""
-    hits, unknown, total = {
-        "relative_robustness": (o["rq_fp"], o["r_unknown"], o["r"]),
-        "adversarial_transfer": (o["r0"], o["r_not_unknown"], o["r_not"]),
-    }[measure]
-    if total == 0:
+    """A measure's percentage, or `lo..hi` when undecided inputs leave a range; `-` if none."""
+    rng = o[f"{measure}_range"]
+    if rng is None:
         return "-"
-    lo, hi = 100 * hits / total, 100 * (hits + unknown) / total
-    return f"{lo:.2f}" if unknown == 0 else f"{lo:.1f}..{hi:.1f}"
+    return format_range(rng, digits=1 if rng["lo"] != rng["hi"] else 2, unit="")
 
 
 def printer(quiet: bool):

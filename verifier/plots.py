@@ -62,7 +62,8 @@ def plot_label_effective(agg: dict) -> bytes:
 
 
 def plot_label_relative(agg: dict) -> bytes:
-    """Per true label and quantized model: relative robustness and adversarial transfer."""
+    """Per true label and quantized model: relative robustness and adversarial transfer (solid
+    up to lo, hatched from lo to hi where undecided inputs leave a range)."""
     models = agg["quantized"]
     labels = list(agg["float"]["per_label"])
     fig = _figure(max(8.0, 0.9 * len(labels) + 3), 3.2)
@@ -76,8 +77,14 @@ def plot_label_relative(agg: dict) -> bytes:
         ax = fig.add_subplot(1, 2, i + 1)
         for j, (name, m) in enumerate(models.items()):
             xs = x + (j - (len(models) - 1) / 2) * width
-            values = [m["per_label"].get(k, {}).get(measure) for k in labels]
-            ax.bar(xs, [_nan(v) for v in values], width, label=name)
+            per = [m["per_label"].get(k, {}) for k in labels]
+            values = [o.get(measure) for o in per]
+            bars = ax.bar(xs, [_nan(v) for v in values], width, label=name)
+            ranges = [o.get(f"{measure}_range") for o in per]  # undecided: hatched up to hi
+            lo = [r["lo"] if r else math.nan for r in ranges]
+            spread = [r["hi"] - r["lo"] if r else math.nan for r in ranges]
+            colour = bars.patches[0].get_facecolor() if bars.patches else None
+            ax.bar(xs, spread, width, bottom=lo, color="none", edgecolor=colour, hatch="///")
             for xv, v in zip(xs, values, strict=True):
                 if v is None:  # an empty denominator, not a zero
                     ax.text(xv, 1, "n/a", ha="center", va="bottom", fontsize=6)

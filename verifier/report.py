@@ -18,11 +18,12 @@ from fractions import Fraction
 from pathlib import Path
 
 from verifier.document import write_results
+from verifier.gate import understood
 from verifier.junit import junit_xml
 from verifier.perturbations import write_perturbations
 from verifier.plots import Example, plot_examples, plot_label_effective, plot_label_relative
 from verifier.records import FLOAT, InputRecord
-from verifier.relative import Aggregate, R
+from verifier.relative import Aggregate, R, format_range
 from verifier.store import write_atomic
 
 MAX_EXAMPLES = 24  # per example grid, to keep report.html readable
@@ -56,7 +57,8 @@ HOW_TO_READ = (
     "float model gets right). The inputs of {RNOT} split into {RQ} (the float model's "
     "counterexample no longer fools the quantized model) and {R0} (it still does: the attack "
     "transfers). Relative robustness = |{RQFP}| / |{R}|; adversarial transfer = "
-    "|{R0}| / |{RNOT}|."
+    "|{R0}| / |{RNOT}|. Where undecided inputs could fall either way, a measure is shown as "
+    "the range lo..hi they leave open (lo: none of them in the set; hi: all of them)."
 )
 
 
@@ -74,6 +76,12 @@ class Block:
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}%"
+
+
+def _share(o: dict, measure: str) -> str:
+    """A measure as `lo..hi` when undecided inputs leave it a range, else one value."""
+    key = f"{measure}_range"
+    return format_range(o[key]) if key in o else _pct(o[measure])
 
 
 def _plain(text: str) -> str:
@@ -183,7 +191,7 @@ def _gate_blocks(gate: dict) -> list[Block]:
         return blocks + [
             Block("p", "No thresholds and no baseline were set: the gate passes.", cls="pass")
         ]
-    checked = ", ".join(f"{k} {v:g}%" for k, v in gate["thresholds"].items())
+    checked = "; ".join(understood(gate["thresholds"]))
     if gate.get("baseline"):
         checked += (", " if checked else "") + (
             f"baseline {gate['baseline']} (tolerance {gate['tolerance']:g} points)"
@@ -201,8 +209,8 @@ def _float_blocks(fl: dict) -> list[Block]:
     text = (
         f"Of {o['inputs']} inputs the float model classifies {o['l_cc']} correctly "
         f"({_pct(o['accuracy'])}). Of those it is robust ({{R}}) on {o['r']} "
-        f"({_pct(o['robust'])}), has a confirmed counterexample ({{RNOT}}) on {o['r_not']} "
-        f"({_pct(o['effective'])}), and leaves {o['unknown']} undecided "
+        f"({_share(o, 'robust')}), has a confirmed counterexample ({{RNOT}}) on {o['r_not']} "
+        f"({_share(o, 'effective')}), and leaves {o['unknown']} undecided "
         f"({_pct(o['unknown_share'])})."
     )
     headers = [
@@ -224,8 +232,8 @@ def _float_blocks(fl: dict) -> list[Block]:
         o["r_not"],
         o["unknown"],
         _pct(o["accuracy"]),
-        _pct(o["robust"]),
-        _pct(o["effective"]),
+        _share(o, "robust"),
+        _share(o, "effective"),
     ]
     return [
         Block("h2", "The float model"),
@@ -237,9 +245,9 @@ def _float_blocks(fl: dict) -> list[Block]:
 def _model_sentence(name: str, o: dict) -> str:
     return (
         f"{name}: keeps robustness on {o['rq_fp']} of the {o['r']} inputs of {{R}} "
-        f"({_pct(o['relative_robustness'])}), loses it on {o['r_fp']} ({{RFP}}), "
+        f"({_share(o, 'relative_robustness')}), loses it on {o['r_fp']} ({{RFP}}), "
         f"{o['r_unknown']} undecided. The float counterexamples still fool it on {o['r0']} "
-        f"of the {o['r_not']} inputs of {{RNOT}} ({_pct(o['adversarial_transfer'])}), "
+        f"of the {o['r_not']} inputs of {{RNOT}} ({_share(o, 'adversarial_transfer')}), "
         f"no longer on {o['r_q']} ({{RQ}}), {o['r_not_unknown']} not decided. "
         f"Clean accuracy {_pct(o['accuracy'])}, agreement with the float model "
         f"{_pct(o['agreement'])}."
@@ -277,8 +285,8 @@ def _model_blocks(models: dict) -> list[Block]:
                 o["r_fp"],
                 o["r_q"],
                 o["r0"],
-                _pct(o["relative_robustness"]),
-                _pct(o["adversarial_transfer"]),
+                _share(o, "relative_robustness"),
+                _share(o, "adversarial_transfer"),
                 f"{o['ep_transferred']}/{o['ep_replayed']} ({_pct(o['ep_transfer'])})",
             ]
         )
@@ -297,7 +305,7 @@ def _model_blocks(models: dict) -> list[Block]:
 def _per_class_blocks(agg: dict) -> list[Block]:
     blocks = [Block("h2", "Per class"), Block("h3", "Float model")]
     rows = [
-        [lab, o["inputs"], o["l_cc"], o["r"], o["r_not"], o["unknown"], _pct(o["effective"])]
+        [lab, o["inputs"], o["l_cc"], o["r"], o["r_not"], o["unknown"], _share(o, "effective")]
         for lab, o in agg["float"]["per_label"].items()
     ]
     blocks.append(
@@ -315,12 +323,12 @@ def _per_class_blocks(agg: dict) -> list[Block]:
                 o["rq_fp"],
                 o["r_fp"],
                 o["r_unknown"],
-                _pct(o["relative_robustness"]),
+                _share(o, "relative_robustness"),
                 o["r_not"],
                 o["r_q"],
                 o["r0"],
                 o["r_not_unknown"],
-                _pct(o["adversarial_transfer"]),
+                _share(o, "adversarial_transfer"),
             ]
             for lab, o in m["per_label"].items()
         ]
@@ -483,7 +491,7 @@ def _plot_blocks(agg: dict, examples: Sequence[Example]) -> list[Block]:
             Block(
                 "img",
                 "Relative robustness and adversarial transfer per true label "
-                "(no bar: empty denominator).",
+                "(hatched: the range undecided inputs leave open; no bar: empty denominator).",
                 png=plot_label_relative(agg),
             )
         )
@@ -534,7 +542,7 @@ def sweep_tables(runs: Sequence[tuple[float, float, Aggregate | dict]]) -> str:
             for r, s, a in aggs:
                 if name in a["quantized"]:
                     o = a["quantized"][name]["overall"]
-                    cells[(r, s)] = f"{o[num]}/{o[den]} ({_pct(o[pct])})"
+                    cells[(r, s)] = f"{o[num]}/{o[den]} ({_share(o, pct)})"
             lines = [
                 f"### {title} of {name}: {formula}",
                 "",
