@@ -19,6 +19,9 @@ from verifier.records import InputRecord, Outcome
 from verifier.regions import Region, feature_region, lattice_region
 from verifier.result import CERTIFIED, NOT_REFUTED, REFUTED, Decision
 
+# MCTS mode: explored IP / EP points kept per input for the ladder graph
+EXPLORED_KEPT = 32
+
 
 @dataclass
 class Checker:
@@ -98,6 +101,7 @@ class Checker:
             self.model, region, rec.label, rollouts=s.rollouts, time_budget=s.timeout, seed=seed
         )
         rec.float = outcome(res.decision)
+        rec.float.detail.update(explored(res))
         for name, runner in self.runners.items():
             rec.quantized[name] = replay_outcome(runner, region, res, rec.label)
         return rec
@@ -120,6 +124,15 @@ def outcome(d: Decision) -> Outcome:
     return Outcome(
         d.status, d.route, round(d.seconds, 6), int(d.nodes), coeffs, d.adv_label, detail=detail
     )
+
+
+def explored(res, limit: int = EXPLORED_KEPT) -> dict:
+    """The first `limit` EP and IP points an MCTS search evaluated (coefficient lists), kept
+    with the record so the report's ladder graph can show them (SPEC section 2)."""
+    return {
+        "explored_ep": [[int(v) for v in p] for p in res.ep[:limit]],
+        "explored_ip": [[int(v) for v in p] for p in res.ip[:limit]],
+    }
 
 
 def transfer_outcome(runner, region: Region, d: Decision, label: int) -> Outcome:

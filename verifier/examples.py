@@ -1,5 +1,6 @@
-"""The example images of a report: robust inputs with a random point of their region, refuted
-inputs with their counterexample, and every model's answer on the perturbed image."""
+"""The evidence a report pictures: example images (robust inputs with a random point of their
+region, refuted inputs with their counterexample, every model's answer on the perturbed image)
+and the ladders of refuted inputs with every model's margin at each rung (SPEC section 2)."""
 
 from __future__ import annotations
 
@@ -10,37 +11,76 @@ from verifier.data import from_layout
 from verifier.enumeration import runtime_inputs
 from verifier.inputs import Inputs
 from verifier.model import Model
-from verifier.records import InputRecord
+from verifier.records import FLOAT, InputRecord
 from verifier.regions import Region
 from verifier.result import REFUTED
 
 
+class Regions:
+    """The regions of a setting's inputs, built on first use (the report's images and ladders
+    ask for the same ones)."""
+
+    def __init__(self, st: Settings, chain, inputs: Inputs) -> None:
+        self.st, self.chain, self.inputs = st, chain, inputs
+        self.pos = {int(i): p for p, i in enumerate(inputs.dataset.indices)}
+        self._cache: dict[int, Region] = {}
+
+    def __call__(self, rec: InputRecord) -> Region:
+        from verifier.check import build_region
+
+        if rec.index not in self._cache:
+            x = self.inputs.x[self.pos[rec.index]]
+            self._cache[rec.index] = build_region(self.st, x, self.chain, rec.label, rec.index)
+        return self._cache[rec.index]
+
+
+def refuted_ladders(
+    regions: Regions, model: Model, runners: dict, records: list[InputRecord]
+) -> list:
+    """Per refuted input, the ladder from x to its counterexample with the float model's and
+    every quantized model's margin at each rung (`ladders.MarginLadder`); in MCTS mode also
+    the ladders to the IP / EP points the search explored (kept in the record's detail), for
+    every input it searched."""
+    from verifier.ladders import margin_ladders
+
+    cases = []
+    for rec in records:
+        if rec.float is None:
+            continue
+        ends, kinds = [], []
+        if rec.float.status == REFUTED and rec.float.coeffs is not None:
+            ends, kinds = [rec.float.coeffs], ["counterexample"]
+        for kind, key in (("effective", "explored_ep"), ("ineffective", "explored_ip")):
+            found = rec.float.detail.get(key, [])
+            ends += found
+            kinds += [kind] * len(found)
+        if ends:
+            cases.append((rec.index, rec.label, regions(rec), np.asarray(ends), kinds))
+    return margin_ladders(cases, {FLOAT: model, **runners})
+
+
 def report_examples(
-    st: Settings,
+    regions: Regions,
     model: Model,
-    chain,
-    inputs: Inputs,
     runners: dict,
     records: list[InputRecord],
     count: int,
 ) -> list:
     """Original / perturbed image pairs for the report: robust inputs and refuted ones."""
-    from verifier.check import build_region
     from verifier.plots import Example
 
     if count <= 0:
         return []
-    pos_of = {int(i): p for p, i in enumerate(inputs.dataset.indices)}
+    inputs, pos_of = regions.inputs, regions.pos
     robust = [r for r in records if r.float and r.float.status != REFUTED and r.correct][:count]
     refuted = [r for r in records if r.float and r.float.status == REFUTED][:count]
     chosen = robust + refuted
     if not chosen:
         return []
-    rng = np.random.default_rng(st.seed)
+    rng = np.random.default_rng(regions.st.seed)
     points = []
     for rec in chosen:
-        pos = pos_of[rec.index]
-        region = build_region(st, inputs.x[pos], chain, rec.label, rec.index)
+        region = regions(rec)
         if rec.float.status == REFUTED:
             coeffs = np.asarray(rec.float.coeffs)
         else:

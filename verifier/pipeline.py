@@ -226,14 +226,14 @@ def results_document(job: Run, st: Settings, records: list, baseline: dict | Non
 
 
 def write_outputs(job: Run, st: Settings, run_dir: Path, doc: dict, records: list) -> dict:
-    """results.json, the reports, junit.xml and the perturbations of one setting."""
-    from verifier.examples import report_examples
+    """results.json, the reports, junit.xml, the perturbations and the ladders of one setting."""
+    from verifier.examples import Regions, refuted_ladders, report_examples
     from verifier.report import write_report
 
-    examples = report_examples(
-        st, job.model, job.chain, job.inputs, job.runners, records, job.config.examples
-    )
-    return write_report(run_dir, doc, examples)
+    regions = Regions(st, job.chain, job.inputs)
+    examples = report_examples(regions, job.model, job.runners, records, job.config.examples)
+    ladders = refuted_ladders(regions, job.model, job.runners, records)
+    return write_report(run_dir, doc, examples, ladders)
 
 
 @dataclass

@@ -129,3 +129,27 @@ def plot_examples(examples: Sequence[Example], columns: int = 6) -> bytes:
         top.set_title(f"#{ex.index}, label {ex.label}", fontsize=7)
         bottom.set_xlabel("\n".join(answers), fontsize=7)
     return _png(fig)
+
+
+def plot_ladders(ladders: Sequence, columns: int = 4) -> bytes:
+    """Per refuted input, every model's margin along the ladder to its counterexample (the
+    first ladder of a `ladders.MarginLadder`): where each line crosses 0, that model flips."""
+    from matplotlib.ticker import MaxNLocator
+
+    cols = min(len(ladders), columns)
+    rows = math.ceil(len(ladders) / cols)
+    fig = _figure(3.0 * cols, 2.4 * rows)
+    for i, lad in enumerate(ladders):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        first = np.asarray(lad.ladder) == 0
+        depth = np.abs(np.asarray(lad.rungs)[first]).sum(axis=1)
+        for name, margin in lad.margins.items():
+            ax.plot(depth, np.asarray(margin)[first], marker=".", label=name)
+        ax.axhline(0.0, color="#888888", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"#{lad.index}, label {lad.label}", fontsize=8)
+        ax.set_xlabel("rung (manipulations)", fontsize=7)
+        ax.set_ylabel("margin", fontsize=7)
+        ax.tick_params(labelsize=7)
+    fig.axes[0].legend(fontsize=6)
+    return _png(fig)

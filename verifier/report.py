@@ -20,13 +20,21 @@ from pathlib import Path
 from verifier.document import write_results
 from verifier.gate import understood
 from verifier.junit import junit_xml
+from verifier.ladders import graphml, margin_graph
 from verifier.perturbations import write_perturbations
-from verifier.plots import Example, plot_examples, plot_label_effective, plot_label_relative
+from verifier.plots import (
+    Example,
+    plot_examples,
+    plot_label_effective,
+    plot_label_relative,
+    plot_ladders,
+)
 from verifier.records import FLOAT, InputRecord
 from verifier.relative import Aggregate, R, format_range
 from verifier.store import write_atomic
 
 MAX_EXAMPLES = 24  # per example grid, to keep report.html readable
+MAX_LADDERS = 12  # refuted inputs whose ladders are drawn
 
 
 # -- document blocks, rendered to Markdown and HTML -----------------------------------------
@@ -460,7 +468,9 @@ def _config_blocks(doc: dict) -> list[Block]:
     ]
 
 
-def report_blocks(doc: dict, examples: Sequence[Example] = (), plots: bool = True) -> list[Block]:
+def report_blocks(
+    doc: dict, examples: Sequence[Example] = (), plots: bool = True, ladders: Sequence = ()
+) -> list[Block]:
     """The whole report for one results document (plots drawn only when `plots`)."""
     agg = doc["aggregates"]
     blocks = _intro_blocks(doc) + _gate_blocks(doc["gate"])
@@ -470,7 +480,7 @@ def report_blocks(doc: dict, examples: Sequence[Example] = (), plots: bool = Tru
         blocks += _model_blocks(agg["quantized"])
     blocks += _per_class_blocks(agg) + _route_blocks(doc)
     if plots:
-        blocks += _plot_blocks(agg, examples)
+        blocks += _plot_blocks(agg, examples) + _ladder_blocks(ladders)
     return blocks + _matrix_blocks(agg) + _config_blocks(doc)
 
 
@@ -515,6 +525,23 @@ def _plot_blocks(agg: dict, examples: Sequence[Example]) -> list[Block]:
         if group:
             blocks.append(Block("img", caption, png=plot_examples(group)))
     return blocks
+
+
+def _ladder_blocks(ladders: Sequence) -> list[Block]:
+    """Margins along the ladders of refuted inputs: where each model flips."""
+    refuted = [lad for lad in ladders if lad.kinds and lad.kinds[0] == "counterexample"]
+    if not refuted:
+        return []
+    shown = refuted[:MAX_LADDERS]
+    caption = (
+        "Ladders (SPEC section 2): each refuted input's path from x to its counterexample, one "
+        "manipulation per rung, with every model's margin logit[label] - max other logit; "
+        "a model misclassifies where its line is below 0. Every rung of every refuted input "
+        "(and, in MCTS mode, of the explored IP / EP points) is in ladders.graphml."
+    )
+    if len(refuted) > len(shown):
+        caption += f" The first {len(shown)} of {len(refuted)} refuted inputs."
+    return [Block("h3", "Ladders"), Block("img", caption, png=plot_ladders(shown))]
 
 
 # -- sweep tables (the paper's Tables II and III) -------------------------------------------
@@ -569,12 +596,14 @@ def write_sweep_tables(
 
 
 def write_report(
-    run_dir: str | Path, doc: dict, examples: Sequence[Example] = ()
+    run_dir: str | Path, doc: dict, examples: Sequence[Example] = (), ladders: Sequence = ()
 ) -> dict[str, Path]:
-    """Write results.json, report.md, report.html, junit.xml and perturbations.npz."""
+    """Write results.json, report.md, report.html, junit.xml, perturbations.npz and
+    ladders.graphml (`ladders.MarginLadder`s of the refuted inputs)."""
     run_dir = Path(run_dir)
     out = {"results": write_results(run_dir, doc)}
-    blocks = report_blocks(doc, examples)
+    out["ladders"] = write_atomic(run_dir / "ladders.graphml", graphml(margin_graph(ladders)))
+    blocks = report_blocks(doc, examples, ladders=ladders)
     out["markdown"] = write_atomic(run_dir / "report.md", render_markdown(blocks))
     out["html"] = write_atomic(run_dir / "report.html", render_html(blocks))
     out["junit"] = write_atomic(run_dir / "junit.xml", junit_xml(doc))
