@@ -7,6 +7,8 @@ import ast
 import dataclasses
 import inspect
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
@@ -99,3 +101,20 @@ def test_no_import_cycle_and_argparse_only_in_commands():
     assert list(nx.simple_cycles(ours)) == []
     commands = {"verifier.cli", "quantize.cli", "verifier.show", "verifier.audit"}
     assert set(graph.predecessors("argparse")) <= commands
+
+
+def test_one_point_counter_and_evaluator_and_search_without_z3():
+    graph = _imports()
+    defined = {
+        f"{pkg}.{f.stem}": {
+            n.name for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.FunctionDef)
+        }
+        for pkg in ("verifier", "quantize")
+        for f in (ROOT / pkg).glob("*.py")
+    }
+    for name in ("count_points", "box_size", "runtime_inputs", "predict_points", "region_inputs"):
+        assert [m for m, names in defined.items() if name in names] in ([], ["verifier.points"])
+    code = "import sys, verifier.search, verifier.ladders; print('z3' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "False", out.stderr
+    assert "verifier.smt" not in nx.descendants(graph, "verifier.search")
