@@ -118,3 +118,9 @@ def test_one_point_counter_and_evaluator_and_search_without_z3():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr
     assert "verifier.smt" not in nx.descendants(graph, "verifier.search")
+
+
+def test_help_prints_percent_signs_once(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "90 means 90%," in text and "%%" not in text

@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group(
         "CI gate (exit status 1 when breached)",
-        "Thresholds are percentages from 0 to 100 (90 means 90%%, 0.9 means 0.9%%). Where "
+        "Thresholds are percentages from 0 to 100 (90 means 90%, 0.9 means 0.9%). Where "
         "undecided inputs leave a measure a range lo..hi, a minimum is checked against lo "
         "and a maximum against hi. Default: not checked.",
     )
