@@ -25,6 +25,7 @@ import numpy as np
 
 from verifier.check import Settings, build_region
 from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
+from verifier.points import predict_points
 from verifier.records import FLOAT, InputRecord, Outcome
 from verifier.regions import Region
 from verifier.result import CERTIFIED, REFUTED
@@ -202,8 +203,7 @@ def labels_at(runtime, region: Region, s: np.ndarray) -> np.ndarray:
     out = np.empty(len(s), dtype=np.int64)
     for start in range(0, len(s), BATCH):
         part = s[start : start + BATCH]
-        x = region.points(part).astype(np.float32).reshape((len(part), *runtime.input_shape))
-        out[start : start + len(part)] = np.asarray(runtime.predict(x)).argmax(axis=1)
+        out[start : start + len(part)] = predict_points(runtime, region, part).argmax(axis=1)
     return out
 
 

@@ -69,7 +69,7 @@ def decide(
     region: Region,
     label: int,
     *,
-    timeout: float = 30.0,
+    timeout: float,
     max_nodes: int = 20000,
     enum_limit: int = 8192,
     use_smt: bool = True,

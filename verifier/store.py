@@ -93,29 +93,52 @@ class RunStore:
 
     @classmethod
     def create(cls, run_dir: str | Path, config: dict) -> RunStore:
-        """A new store in `run_dir` (created if needed); refuses a directory holding a run."""
+        """A new store in `run_dir` (created if needed); refuses a directory holding a run.
+
+        The file is built aside (schema and configuration) and renamed into place, so a run
+        killed while creating it leaves either no `run.sqlite` or a complete one."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / DB_NAME
-        conn = cls._connect(path)
-        store = cls(path, conn)
-        if store._meta("config") is not None:
-            conn.close()
+        if path.exists():
             raise InputError(
                 f"{run_dir} already holds a run ({DB_NAME}): pass --resume to "
                 "continue it, or choose another output directory"
             )
         text = canonical_json(config)
-        with store._transaction():
-            conn.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?)",
-                [
-                    ("config", text),
-                    ("config_hash", hashlib.sha256(text.encode()).hexdigest()),
-                    ("store_version", str(STORE_VERSION)),
-                ],
-            )
-        return store
+        for stale in run_dir.glob(f".{DB_NAME}.*.tmp"):  # left by a run killed while creating
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{DB_NAME}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=DELETE")  # one file to rename, no WAL beside it
+                conn.executescript(_SCHEMA)
+                conn.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [
+                        ("config", text),
+                        ("config_hash", hashlib.sha256(text.encode()).hexdigest()),
+                        ("store_version", str(STORE_VERSION)),
+                    ],
+                )
+            finally:
+                conn.close()
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.link(tmp, path)  # fails if another run created the store meanwhile
+        except FileExistsError:
+            raise InputError(
+                f"{run_dir} already holds a run ({DB_NAME}): pass --resume to "
+                "continue it, or choose another output directory"
+            ) from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        _fsync_dir(run_dir)
+        return cls(path, cls._connect(path))
 
     @classmethod
     def open(
