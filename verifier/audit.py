@@ -22,6 +22,7 @@ import numpy as np
 
 from verifier.check import Settings, build_region
 from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
+from verifier.model_files import model_sha256
 from verifier.records import FLOAT, InputRecord, Outcome
 from verifier.regions import Region
 from verifier.result import CERTIFIED, REFUTED
@@ -118,7 +119,7 @@ def locate(stored: str, run_dir: Path, sha256: str | None, what: str) -> Path:
             "from here and the run's parent directories: audit from where the run was started)"
         )
     for c in found:
-        if sha256 is None or sha256_file(c) == sha256:
+        if sha256 is None or model_sha256(c) == sha256:
             return c
     raise InputError(f"{what} {found[0]} changed since the run {run_dir} (sha256 differs)")
 
