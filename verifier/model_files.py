@@ -70,7 +70,7 @@ def external_files(path: str | Path, proto: onnx.ModelProto | None = None) -> li
         proto = parse_graph(path)
     folder = path.parent.resolve()
     found: dict[str, ExternalFile] = {}
-    for tensor in _tensors(proto.graph):
+    for tensor in _all_tensors(proto.graph):
         if not uses_external_data(tensor):
             continue
         info = ExternalDataInfo(tensor)
@@ -84,8 +84,10 @@ def external_files(path: str | Path, proto: onnx.ModelProto | None = None) -> li
 def _checked_file(model: Path, folder: Path, loc: str, tensor: str) -> ExternalFile:
     """The file at location `loc`, refused when outside the model's folder or not a file."""
     where = f"{model}: external data {loc!r} of tensor {tensor!r}"
+    if not loc:
+        raise InputError(f"{where} names no file")
     pure = PurePosixPath(loc.replace("\\", "/"))
-    if not loc or pure.is_absolute() or PureWindowsPath(loc).drive or ".." in pure.parts:
+    if pure.is_absolute() or PureWindowsPath(loc).drive or ".." in pure.parts:
         raise InputError(f"{where} is outside the model's folder {folder}")
     target = model.parent / pure
     if not target.resolve().is_relative_to(folder):
@@ -131,7 +133,7 @@ def tensor_bytes(tensor: TensorProto) -> int | None:
     return count * item
 
 
-def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
     """Every tensor of a graph that can hold external data: initializers and attribute tensors,
     in subgraphs too."""
     yield from graph.initializer
@@ -141,9 +143,9 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
                 yield a.t
             yield from a.tensors
             if a.HasField("g"):
-                yield from _tensors(a.g)
+                yield from _all_tensors(a.g)
             for g in a.graphs:
-                yield from _tensors(g)
+                yield from _all_tensors(g)
 
 
 def load_external_data(proto: onnx.ModelProto, path: str | Path) -> list[ExternalFile]:
@@ -156,11 +158,6 @@ def load_external_data(proto: onnx.ModelProto, path: str | Path) -> list[Externa
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise InputError(f"{path}: cannot read its external data: {first}") from None
     return files
-
-
-def model_files(path: str | Path) -> list[Path]:
-    """Every file the model at `path` consists of: the graph, then its external data files."""
-    return [Path(path), *(f.path for f in external_files(path))]
 
 
 def model_sha256(path: str | Path) -> str:
