@@ -109,7 +109,7 @@ def read_results(run_dir: Path) -> dict:
 
 def locate(stored: str, run_dir: Path, sha256: str | None, what: str) -> Path:
     """A file the run used, by its stored path (relative paths: from here or a parent of the
-    run); refused when missing or when its bytes differ from the run's (`sha256`)."""
+    run); refused when missing or when it differs from the run's (`sha256`: `model_sha256`)."""
     p = Path(stored)
     cands = [p] if p.is_absolute() else [p, *(a / p for a in run_dir.resolve().parents)]
     found = [c for c in cands if c.is_file()]
