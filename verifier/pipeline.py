@@ -187,6 +187,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
         )
     out = args.out or fresh_run_dir(Path("runs"))
     model = load_model(model_path, args.layout, cache_dir=out / "models")
+    if args.resume:  # the same model (graph and weights), before anything is rebuilt
+        from verifier.store import check_same_model
+
+        check_same_model(out, model.sha256)
     _ = model.network  # the layer list now: an unsupported operator is named before long work
     if args.baseline:
         from verifier.gate import load_baseline
