@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from verifier.network import Affine, Relu
+from verifier.points import count_points
 from verifier.proof import SPLIT, Proof, ProofFormatError, decode
-from verifier.regions import EPS, Region, count_points
+from verifier.regions import EPS, Region
 
 CHECKED, FAILED, NOT_CHECKABLE = "checked", "failed", "not checkable"
 # A stored margin may exceed the true one at a point by float noise only.
@@ -156,7 +157,7 @@ def _check_leaf(node, lo, hi, parent, problem: Problem, out: Verdict) -> str | N
         _tally(out.leaves, kind)
         return None
     if kind == "enumeration":
-        count = count_points(lo, hi, region.cost, region.budget)
+        count = count_points(lo, hi, region.cost, region.budget, exact=True)
         if count != node.get("points"):
             return f"the box has {count} points, the proof says {node.get('points')}"
         return _by_enumeration(lo, hi, count, problem, out, kind)
