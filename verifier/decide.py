@@ -44,6 +44,7 @@ from verifier.bounds import (
 from verifier.enumeration import box_size, confirm, enumerate_box, runtime_inputs
 from verifier.network import LoweredLayer, forward_lowered
 from verifier.regions import Region
+from verifier.relu_split import POLICIES, relu_branch_and_bound
 from verifier.result import CERTIFIED, REFUTED, UNKNOWN, Decision
 
 # z3 only gets leaves with at most this many undecided ReLUs: on bigger ones (the MNIST MLP's
@@ -83,12 +84,15 @@ def decide(
     alpha_steps: int = 20,
     beam: int = 8,
     attack_share: float = 0.05,
+    splits: str = "generator",
 ) -> Decision:
     """Certified / refuted / unknown for `region` around its input, and the route that decided.
 
     `timeout` (seconds) and `max_nodes` bound the whole call; regions or B&B leaves with at
     most `enum_limit` points are enumerated on the runtime; `attack_share` of the time may go
     to the search attack. See the module docstring for `quantized` and `error_model`.
+    `splits`: "generator" (branch and bound on generator ranges), or "relu" / "mixed" (ReLU
+    phase splits too, `verifier.relu_split`; closes leaves by route "relu-split").
     Pass `bounds.prepare_chain(chain)` when deciding many regions of one model (saves copies).
 
     `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3, milp),
@@ -97,7 +101,9 @@ def decide(
     "root_margin" (worst root lower bound minus the threshold), z3 and enumeration notes.
     """
     chain = prepare_chain(chain)
-    _check(chain.layers, region, label, timeout, max_nodes, enum_limit, quantized, error_model)
+    _check(
+        chain.layers, region, label, timeout, max_nodes, enum_limit, quantized, error_model, splits
+    )
     start = time.perf_counter()
     deadline = start + timeout
     detail: dict = {"leaves": {}, "points": 0, "attack_evals": 0, "steps": {}}
@@ -154,7 +160,18 @@ def decide(
 
     smt = _smt_function(use_smt, quantized)
     return _refine(
-        run, spec, chain, root, threshold, gap, smt, deadline, max_nodes, enum_limit, alpha_steps
+        run,
+        spec,
+        chain,
+        root,
+        threshold,
+        gap,
+        smt,
+        deadline,
+        max_nodes,
+        enum_limit,
+        alpha_steps,
+        splits,
     )
 
 
@@ -170,6 +187,7 @@ def _refine(
     max_nodes: int,
     enum_limit: int,
     alpha_steps: int,
+    splits: str = "generator",
 ) -> Decision:
     """Branch and bound from the root bounds; the exact back end on the open leaves small enough
     for it; branch and bound again on what is left, until the budget runs out."""
@@ -197,17 +215,27 @@ def _refine(
                 return hit
             continue
         share = SMT_BAB_SHARE if exact is not None and exact[0] not in closed else 1.0
-        out = branch_and_bound(
-            run.runtime,
-            region,
-            run.label,
-            leaves,
-            bound,
-            threshold,
-            deadline=time.perf_counter() + share * (deadline - time.perf_counter()),
-            max_nodes=max_nodes - run.nodes,
-            enum_limit=enum_limit,
-        )
+        budget = {
+            "deadline": time.perf_counter() + share * (deadline - time.perf_counter()),
+            "max_nodes": max_nodes - run.nodes,
+            "enum_limit": enum_limit,
+        }
+        if splits == "generator":
+            out = branch_and_bound(
+                run.runtime, region, run.label, leaves, bound, threshold, **budget
+            )
+        else:
+            out = relu_branch_and_bound(
+                run.runtime,
+                region,
+                run.label,
+                spec,
+                leaves,
+                bound,
+                threshold,
+                policy=splits,
+                **budget,
+            )
         run.nodes += out.nodes
         run.detail["points"] += out.points
         for key, count in out.closed.items():
@@ -225,6 +253,7 @@ def _refine(
         "enumeration": closed.get("enumeration", 0),
         "z3": closed.get("z3", 0),
         "milp": closed.get("milp", 0),
+        "relu-split": closed.get("relu-split", 0),
     }
     return run.done(CERTIFIED, max(counts, key=lambda k: counts[k]))
 
@@ -276,7 +305,7 @@ class _Run:
 
 
 def _check(
-    chain, region: Region, label, timeout, max_nodes, enum_limit, quantized, error_model
+    chain, region: Region, label, timeout, max_nodes, enum_limit, quantized, error_model, splits
 ) -> None:
     """Reject inconsistent calls before any work."""
     if not chain:
@@ -291,6 +320,8 @@ def _check(
         raise ValueError("timeout must be positive; max_nodes and enum_limit non-negative")
     if error_model is not None and not quantized:
         raise ValueError("error_model applies to quantized runtimes: pass quantized=True")
+    if splits not in POLICIES:
+        raise ValueError(f"splits must be one of {', '.join(POLICIES)}, got {splits!r}")
 
 
 def _trust(

@@ -154,12 +154,19 @@ def _encode(spec: SpecChain, lo, hi, bounds: Bounds):
             l, u = bounds.pre[i + 1]
         else:
             l, u = np.full(len(bias), -np.inf), np.full(len(bias), np.inf)
-        on = np.flatnonzero(u > 0) if isinstance(layers[i + 1], Relu) else np.arange(len(bias))
-        p = mod.cols(l[on], u[on])
-        _tie(mod, p, cur, w[on], bias[on], err[on])
         if not isinstance(layers[i + 1], Relu):
+            p = mod.cols(l, u)
+            _tie(mod, p, cur, w, bias, err)
             cur, keep = p, np.arange(len(bias))
             continue
+        # inactive neurons drop out; those with upper bound exactly 0 (a ReLU split fixed them,
+        # see verifier.relu_split) keep their constraint pre-activation <= 0
+        fixed = np.flatnonzero((u == 0) & (l < 0))
+        if len(fixed):
+            _tie(mod, mod.cols(l[fixed], u[fixed]), cur, w[fixed], bias[fixed], err[fixed])
+        on = np.flatnonzero(u > 0)
+        p = mod.cols(l[on], u[on])
+        _tie(mod, p, cur, w[on], bias[on], err[on])
         lon, uon = l[on], u[on]
         unstable = lon < 0
         y = p.copy()  # active neurons: the output is the pre-activation
