@@ -11,7 +11,7 @@ from verifier.bounds import linear_bounds, spec_chain
 from verifier.decide import decide
 from verifier.milp import milp_decide
 from verifier.network import forward_lowered
-from verifier.relu_split import contradictory, fix_phase, relu_branch_and_bound
+from verifier.relu_split import contradictory, fix_phase, relu_branch_and_bound, with_beta
 from verifier.result import CERTIFIED, REFUTED
 
 
@@ -35,6 +35,9 @@ def test_phase_fixed_bounds_hold_on_the_points_of_that_phase(seed):
                 continue
             assert not contradictory(child)
             assert np.all(child.lower <= margins[mask].min(axis=0) + 1e-9)
+            tight = with_beta(spec, child, region.lo, region.hi, np.full(len(spec.others), 9e9), 15)
+            assert tight.method == "beta-crown"
+            assert np.all(tight.lower <= margins[mask].min(axis=0) + 1e-9)
             cl, cu = child.pre[1]
             assert (cl[j] >= 0) if active else (cu[j] <= 0)
 

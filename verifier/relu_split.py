@@ -29,7 +29,7 @@ from dataclasses import replace
 import numpy as np
 
 from verifier.bab import BabOutcome, Leaf, _try_minimisers, split
-from verifier.bounds import Bounds, SpecChain, _backsub
+from verifier.bounds import Bounds, SpecChain, _backsub, optimise_alpha
 from verifier.enumeration import box_size, confirm, enumerate_box
 from verifier.network import Relu
 from verifier.regions import Region
@@ -76,6 +76,36 @@ def contradictory(b: Bounds) -> bool:
     return any(p is not None and bool(np.any(p[0] > p[1])) for p in b.pre)
 
 
+def split_signs(spec: SpecChain, b: Bounds) -> dict:
+    """Per Relu layer, +1 where the input's lower bound is exactly 0 (fixed active), -1 where
+    its upper bound is (fixed inactive), else 0: the split constraints of the node."""
+    out = {}
+    for k, layer in enumerate(spec.layers):
+        if isinstance(layer, Relu) and b.pre[k] is not None:
+            l, u = b.pre[k]
+            out[k] = np.where(l == 0.0, 1.0, np.where(u == 0.0, -1.0, 0.0))
+    return out
+
+
+def with_beta(spec: SpecChain, b: Bounds, lo, hi, threshold, steps: int) -> Bounds:
+    """The margins' bounds tightened by optimised multipliers of the node's split constraints
+    (and slopes), when they are not yet above `threshold`."""
+    if steps <= 0 or b.empty or contradictory(b) or np.all(b.lower > threshold):
+        return b
+    signs = split_signs(spec, b)
+    if not any(np.any(v) for v in signs.values()):
+        return b
+    lam, _, vals, argmin = optimise_alpha(spec, b.pre, lo, hi, steps, threshold, split_signs=signs)
+    better = vals > b.lower
+    return replace(
+        b,
+        lower=np.maximum(b.lower, vals),
+        coeffs=np.where(better[:, None], lam, b.coeffs),
+        argmin=np.where(better[:, None], argmin, b.argmin),
+        method="beta-crown",
+    )
+
+
 def unstable_count(b: Bounds) -> int:
     """Pre-activations straddling 0 over all Relu layers."""
     return sum(int(np.sum((p[0] < 0) & (p[1] > 0))) for p in b.pre if p is not None)
@@ -96,6 +126,7 @@ def relu_branch_and_bound(
     policy: str = "mixed",
     exact: Callable | None = None,
     exact_max_unstable: int = 96,
+    beta_steps: int = 20,
 ) -> BabOutcome:
     """Refine `roots` by ReLU and generator splits until all close, a counterexample is
     confirmed on the runtime, or the budget runs out. `exact(leaf, seconds)` (a
@@ -161,7 +192,7 @@ def relu_branch_and_bound(
                     return out
             stuck.append(leaf)
             continue
-        for child, relu in _children(spec, leaf, bound, threshold, policy):
+        for child, relu in _children(spec, leaf, bound, threshold, policy, beta_steps):
             push(child, splits + int(relu))
     out.open_leaves = stuck + [e[2] for e in sorted(heap, key=lambda e: (e[0], e[1]))]
     if not out.open_leaves:
@@ -172,12 +203,22 @@ def relu_branch_and_bound(
     return out
 
 
-def _children(spec: SpecChain, leaf: Leaf, bound, threshold, policy: str):
+def _children(spec: SpecChain, leaf: Leaf, bound, threshold, policy: str, beta_steps: int):
     """The children of the chosen split, each with whether it was a ReLU split."""
-    relu = _relu_children(spec, leaf, bound, threshold) if policy != "generator" else None
+
+    def tight(children: list[Leaf]) -> list[Leaf]:
+        return [
+            Leaf(c.lo, c.hi, with_beta(spec, c.bounds, c.lo, c.hi, threshold, beta_steps))
+            for c in children
+        ]
+
+    relu = None if policy == "generator" else _relu_children(spec, leaf, bound, threshold)
     gen = None
     if (policy != "relu" or relu is None) and np.any(leaf.hi > leaf.lo):
         gen = [Leaf(lo, hi, bound(lo, hi, leaf.bounds)) for lo, hi in split(leaf, threshold)]
+    if policy != "generator":
+        relu = None if relu is None else tight(relu)
+        gen = None if gen is None else tight(gen)
     if relu is None:
         return [(c, False) for c in gen or []]
     if gen is None:
