@@ -66,14 +66,26 @@ def _hard_case(maxpool: bool):
     pytest.skip("no robust region with failing root bounds among the seeds")
 
 
-@pytest.mark.parametrize("maxpool", [False, True], ids=["milp", "z3"])
-def test_decide_routes_leaves_to_the_exact_back_end(maxpool):
-    """The program takes the leaves of chains it encodes; z3 those with a max pool."""
+@pytest.mark.parametrize(
+    "maxpool, exact, route",
+    [(False, "milp", "milp"), (True, "milp", "z3"), (False, "z3", "z3")],
+    ids=["milp", "maxpool-z3", "asked-z3"],
+)
+def test_decide_routes_leaves_to_the_exact_back_end(maxpool, exact, route):
+    """The program takes the leaves of chains it encodes; z3 those with a max pool, or all
+    when asked."""
     chain, runtime, region, label = _hard_case(maxpool)
-    d = decide(runtime, chain, region, label, max_nodes=0, enum_limit=0, use_smt=True, timeout=30)
+    d = decide(runtime, chain, region, label, max_nodes=0, enum_limit=0, timeout=30, exact=exact)
     check_decision(d, runtime, region, label)
-    route = "z3" if maxpool else "milp"
     assert d.status == CERTIFIED and d.detail["leaves"].get(route, 0) >= 1
+
+
+def test_decide_rejects_unknown_back_ends():
+    chain, runtime, region, label = random_case(2)
+    with pytest.raises(ValueError):
+        decide(runtime, chain, region, label, exact="lp")
+    with pytest.raises(ValueError):
+        decide(runtime, chain, region, label, splits="random")
 
 
 @pytest.mark.parametrize("seed", range(24))

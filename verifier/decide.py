@@ -85,6 +85,7 @@ def decide(
     beam: int = 8,
     attack_share: float = 0.05,
     splits: str = "generator",
+    exact: str = "milp",
 ) -> Decision:
     """Certified / refuted / unknown for `region` around its input, and the route that decided.
 
@@ -92,7 +93,8 @@ def decide(
     most `enum_limit` points are enumerated on the runtime; `attack_share` of the time may go
     to the search attack. See the module docstring for `quantized` and `error_model`.
     `splits`: "generator" (branch and bound on generator ranges), or "relu" / "mixed" (ReLU
-    phase splits too, `verifier.relu_split`; closes leaves by route "relu-split").
+    phase splits too, `verifier.relu_split`; closes leaves by route "relu-split"). `exact`: the
+    back end for small leaves, "milp" (z3 where the program cannot encode the chain) or "z3".
     Pass `bounds.prepare_chain(chain)` when deciding many regions of one model (saves copies).
 
     `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3, milp),
@@ -102,7 +104,16 @@ def decide(
     """
     chain = prepare_chain(chain)
     _check(
-        chain.layers, region, label, timeout, max_nodes, enum_limit, quantized, error_model, splits
+        chain.layers,
+        region,
+        label,
+        timeout,
+        max_nodes,
+        enum_limit,
+        quantized,
+        error_model,
+        splits,
+        exact,
     )
     start = time.perf_counter()
     deadline = start + timeout
@@ -172,6 +183,7 @@ def decide(
         enum_limit,
         alpha_steps,
         splits,
+        exact,
     )
 
 
@@ -188,12 +200,13 @@ def _refine(
     enum_limit: int,
     alpha_steps: int,
     splits: str = "generator",
+    exact_backend: str = "milp",
 ) -> Decision:
     """Branch and bound from the root bounds; the exact back end on the open leaves small enough
     for it; branch and bound again on what is left, until the budget runs out."""
     region = run.region
     leaves = [Leaf(region.lo, region.hi, root)]
-    exact = _exact_function(smt, spec, threshold)
+    exact = _exact_function(smt, spec, threshold, exact_backend)
     if exact is not None and _unstable(leaves[0], spec) > 2 * EXACT_MAX_UNSTABLE:
         exact = None  # leaves of this network will rarely be small enough: all time to B&B
     closed: dict = {}
@@ -305,7 +318,16 @@ class _Run:
 
 
 def _check(
-    chain, region: Region, label, timeout, max_nodes, enum_limit, quantized, error_model, splits
+    chain,
+    region: Region,
+    label,
+    timeout,
+    max_nodes,
+    enum_limit,
+    quantized,
+    error_model,
+    splits,
+    exact,
 ) -> None:
     """Reject inconsistent calls before any work."""
     if not chain:
@@ -322,6 +344,8 @@ def _check(
         raise ValueError("error_model applies to quantized runtimes: pass quantized=True")
     if splits not in POLICIES:
         raise ValueError(f"splits must be one of {', '.join(POLICIES)}, got {splits!r}")
+    if exact not in ("milp", "z3"):
+        raise ValueError(f"exact must be 'milp' or 'z3', got {exact!r}")
 
 
 def _trust(
@@ -409,7 +433,7 @@ def _smt_function(use_smt: bool, quantized: bool):
     return smt_decide
 
 
-def _exact_function(smt, spec: SpecChain, threshold):
+def _exact_function(smt, spec: SpecChain, threshold, backend: str = "milp"):
     """(route, function) of the exact back end for small leaves: the mixed-integer program when
     it encodes this spec (faster than z3 on every leaf measured, see verifier.milp), else z3;
     None when neither may speak for the runtime (z3 off means both are)."""
@@ -417,7 +441,7 @@ def _exact_function(smt, spec: SpecChain, threshold):
         return None
     from verifier import milp
 
-    if not milp.supported(spec):
+    if backend == "z3" or not milp.supported(spec):
         return "z3", smt
 
     def solve(chain, region, label, left, lo, hi, leaf):
