@@ -125,7 +125,7 @@ def relu_branch_and_bound(
     enum_limit: int,
     policy: str = "mixed",
     exact: Callable | None = None,
-    exact_max_unstable: int = 96,
+    exact_max_unstable: int = 64,
     beta_steps: int = 20,
 ) -> BabOutcome:
     """Refine `roots` by ReLU and generator splits until all close, a counterexample is
