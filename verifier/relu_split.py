@@ -192,7 +192,8 @@ def relu_branch_and_bound(
                     return out
             stuck.append(leaf)
             continue
-        for child, relu in _children(spec, leaf, bound, threshold, policy, beta_steps):
+        kids = _children(spec, leaf, bound, threshold, policy, beta_steps, deadline)
+        for child, relu in kids:
             push(child, splits + int(relu))
     out.open_leaves = stuck + [e[2] for e in sorted(heap, key=lambda e: (e[0], e[1]))]
     if not out.open_leaves:
@@ -203,18 +204,23 @@ def relu_branch_and_bound(
     return out
 
 
-def _children(spec: SpecChain, leaf: Leaf, bound, threshold, policy: str, beta_steps: int):
-    """The children of the chosen split, each with whether it was a ReLU split."""
+def _children(
+    spec: SpecChain, leaf: Leaf, bound, threshold, policy: str, beta_steps: int, deadline: float
+):
+    """The children of the chosen split, each with whether it was a ReLU split. Past the
+    deadline no second candidate is bounded and multipliers are not optimised."""
 
     def tight(children: list[Leaf]) -> list[Leaf]:
+        steps = beta_steps if time.perf_counter() < deadline else 0
         return [
-            Leaf(c.lo, c.hi, with_beta(spec, c.bounds, c.lo, c.hi, threshold, beta_steps))
+            Leaf(c.lo, c.hi, with_beta(spec, c.bounds, c.lo, c.hi, threshold, steps))
             for c in children
         ]
 
     relu = None if policy == "generator" else _relu_children(spec, leaf, bound, threshold)
     gen = None
-    if (policy != "relu" or relu is None) and np.any(leaf.hi > leaf.lo):
+    late = relu is not None and time.perf_counter() > deadline
+    if (policy != "relu" or relu is None) and not late and np.any(leaf.hi > leaf.lo):
         gen = [Leaf(lo, hi, bound(lo, hi, leaf.bounds)) for lo, hi in split(leaf, threshold)]
     if policy != "generator":
         relu = None if relu is None else tight(relu)
