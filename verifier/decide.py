@@ -54,7 +54,7 @@ SMT_MAX_UNSTABLE = 64
 SMT_BAB_SHARE = 0.6
 # The mixed-integer program (verifier.milp) takes leaves with at most this many too: on the
 # same regions of small random MLPs (11-46 unstable ReLUs) it answered in 0.1-11 s where z3
-# took 1.3-20 s or timed out at 30 s (one of 26 timed out for both).
+# took 1.3-20 s or timed out at 30 s (one of 24 timed out for both).
 EXACT_MAX_UNSTABLE = 64
 
 # Slopes are optimised (a few percent tighter, 5-20x the cost of plain linear bounds) only when
