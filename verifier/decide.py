@@ -98,10 +98,11 @@ def decide(
     back end for small leaves, "milp" (z3 where the program cannot encode the chain) or "z3".
     Pass `bounds.prepare_chain(chain)` when deciding many regions of one model (saves copies).
 
-    `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3, milp),
-    "open_leaves", "points" (enumerated on the runtime), "attack_evals", "steps" (seconds per
-    step), "trusted_bounds" (and "chain_gap" / "untrusted_reason"), "bounds_method" and
-    "root_margin" (worst root lower bound minus the threshold), z3 and enumeration notes.
+    `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3, milp,
+    relu-split), "open_leaves", "points" (enumerated on the runtime), "attack_evals", "steps"
+    (seconds per step), "trusted_bounds" (and "chain_gap" / "untrusted_reason"),
+    "bounds_method" and "root_margin" (worst root lower bound minus the threshold), z3, milp
+    and enumeration notes.
     """
     chain = prepare_chain(chain)
     _check(
