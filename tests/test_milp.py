@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_engine import check_decision, random_case, truth
+from test_engine import ChainRuntime, check_decision, random_case, truth
 
 from verifier.bounds import linear_bounds, spec_chain
 from verifier.decide import decide
 from verifier.milp import SAFETY, milp_decide
-from verifier.network import forward_lowered
+from verifier.network import Affine, forward_lowered
 from verifier.result import CERTIFIED
 
 
@@ -93,3 +93,25 @@ def test_decide_with_milp_agrees_with_enumeration(seed):
     chain, runtime, region, label = random_case(seed)
     d = decide(runtime, chain, region, label, max_nodes=2, enum_limit=0, timeout=20, seed=seed)
     check_decision(d, runtime, region, label)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_milp_with_consecutive_affine_layers(seed):
+    """An affine output feeding another affine layer is a free variable of the program."""
+    chain, runtime, region, label = random_case(seed)
+    rng = np.random.default_rng(seed)
+    n = region.x.size
+    chain = [Affine(np.eye(n) + 0.1 * rng.normal(size=(n, n)), 0.1 * rng.normal(size=n)), *chain]
+    runtime = ChainRuntime(chain, n)
+    label = int(runtime.predict(region.x[None]).argmax())
+    spec = spec_chain(chain, region, label)
+    pts = np.concatenate(list(region.enumerate()))
+    exact = forward_lowered(chain, region.points(pts))
+    exact_min = (exact[:, [label]] - exact[:, spec.others]).min()
+    res = milp_decide(spec, region.lo, region.hi, linear_bounds(spec, region.lo, region.hi), 20.0)
+    if res.status == "unsat":
+        assert exact_min > 0
+    if exact_min < -0.01:
+        assert res.status == "sat"
+    if exact_min > 2 * SAFETY + 1e-3:
+        assert res.status == "unsat"

@@ -27,11 +27,10 @@ from verifier.bounds import Bounds, SpecChain
 from verifier.network import Affine, Relu
 from verifier.regions import EPS
 
-# A margin counts as positive only when the solver proves it above this (logits). HiGHS's
-# primal/integrality tolerances (1e-7 / 1e-6) scaled by the weights stay below 1e-4 here.
+# A margin counts as positive only when the solver proves it above this (logits): HiGHS's
+# feasibility tolerances (1e-7 primal and dual) act on values of order 1-100 in these programs.
+# Its integrality tolerance (1e-6) only loosens the candidates it finds, which are confirmed.
 SAFETY = 1e-3
-
-STATUSES = ("unsat", "sat", "unknown")
 
 
 @dataclass
@@ -150,15 +149,12 @@ def _encode(spec: SpecChain, lo, hi, bounds: Bounds):
             continue
         w, bias = layer.weight[:, keep], layer.bias
         err = spec.err[i] if spec.err[i] is not None else np.zeros(len(bias))
-        if isinstance(layers[i + 1], Relu):
-            l, u = bounds.pre[i + 1]
-        else:
-            l, u = np.full(len(bias), -np.inf), np.full(len(bias), np.inf)
-        if not isinstance(layers[i + 1], Relu):
-            p = mod.cols(l, u)
+        if not isinstance(layers[i + 1], Relu):  # an affine output feeding an affine layer
+            p = mod.cols(np.full(len(bias), -np.inf), np.full(len(bias), np.inf))
             _tie(mod, p, cur, w, bias, err)
             cur, keep = p, np.arange(len(bias))
             continue
+        l, u = bounds.pre[i + 1]
         # inactive neurons drop out; those with upper bound exactly 0 (a ReLU split fixed them,
         # see verifier.relu_split) keep their constraint pre-activation <= 0
         fixed = np.flatnonzero((u == 0) & (l < 0))
