@@ -31,6 +31,7 @@ RUNTIME_PACKAGES = (
     "tensorflow-cpu",
     "ai-edge-litert",
     "z3-solver",
+    "highspy",
     "matplotlib",
     "jsonschema",
 )
