@@ -83,9 +83,9 @@ def test_decide_routes_leaves_to_the_exact_back_end(maxpool, exact, route):
 def test_decide_rejects_unknown_back_ends():
     chain, runtime, region, label = random_case(2)
     with pytest.raises(ValueError):
-        decide(runtime, chain, region, label, exact="lp")
+        decide(runtime, chain, region, label, timeout=5.0, exact="lp")
     with pytest.raises(ValueError):
-        decide(runtime, chain, region, label, splits="random")
+        decide(runtime, chain, region, label, timeout=5.0, splits="random")
 
 
 @pytest.mark.parametrize("seed", range(24))

@@ -123,18 +123,21 @@ def test_bab_proof_is_a_tree_of_many_leaves_and_checks(bab_case):
     assert verdict.status == CHECKED and verdict.nodes == len(proof.nodes)
 
 
-def test_whole_region_enumeration_and_z3_leaves_check():
+def test_whole_region_enumeration_z3_and_milp_leaves_check():
     chain, runtime, region, label, _, _ = _hard_robust_case()
     d = decide(runtime, chain, region, label, timeout=20)  # small: enumerated outright
     assert d.route == "enumeration" and proof_of(d).leaves() == {"enumeration": 1}
     assert check_proof(from_text(d.detail["proof"]), problem(chain, runtime, region, label)).status
-    z = decide(runtime, chain, region, label, max_nodes=1, enum_limit=0, use_smt=True, timeout=30)
-    assert z.status == CERTIFIED and proof_of(z).leaves().get("z3", 0) >= 1
     prob = problem(chain, runtime, region, label)
-    assert check_tree(proof_of(z), prob).status == CHECKED
-    # too large to enumerate here: z3 re-solves the leaf
-    solved = check_tree(proof_of(z), replace(prob, max_points=0))
-    assert solved.status == CHECKED and solved.points == 0 and solved.leaves["z3"] >= 1
+    for route in ("z3", "milp"):  # either exact back end closes leaves the proof keeps
+        z = decide(
+            runtime, chain, region, label, max_nodes=1, enum_limit=0, timeout=30, exact=route
+        )
+        assert z.status == CERTIFIED and proof_of(z).leaves().get(route, 0) >= 1
+        assert check_tree(proof_of(z), prob).status == CHECKED
+        # too large to enumerate here: z3 re-solves the leaf
+        solved = check_tree(proof_of(z), replace(prob, max_points=0))
+        assert solved.status == CHECKED and solved.points == 0 and solved.leaves[route] >= 1
 
 
 def test_optimised_slopes_are_re_derived_by_the_checker(monkeypatch):
