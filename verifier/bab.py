@@ -32,6 +32,17 @@ class Leaf:
     bounds: Bounds
 
 
+@dataclass(frozen=True)
+class Proof:
+    """How a region was certified on the float chain, for reuse: the spec the bounds are on,
+    the root bounds, and the leaves that closed it (each with its bounds; one leaf, the root
+    box, when the root bounds certified)."""
+
+    spec: object  # verifier.bounds.SpecChain
+    root: Bounds
+    leaves: list[Leaf]
+
+
 @dataclass
 class BabOutcome:
     """What branch and bound decided, how, and what it left open."""
@@ -44,6 +55,7 @@ class BabOutcome:
     open_leaves: list[Leaf] = field(default_factory=list)  # worst lower bound first
     nodes: int = 0
     points: int = 0
+    closed_leaves: list[Leaf] = field(default_factory=list)  # with `keep_closed`: bab / enum
 
 
 def branch_and_bound(
@@ -57,12 +69,14 @@ def branch_and_bound(
     deadline: float,
     max_nodes: int,
     enum_limit: int,
+    keep_closed: bool = False,
 ) -> BabOutcome:
     """Refine the `roots` (sub-boxes with their bounds) until every leaf is closed, a
     counterexample is confirmed, or the budget (`max_nodes` processed nodes, `deadline` on
     `time.perf_counter()`) runs out.
 
     `bound(lo, hi, parent_bounds)` bounds a child box (the parent's bounds stay valid in it).
+    `keep_closed` keeps the leaves closed by bounds or enumeration (a proof to reuse).
     """
     out = BabOutcome(UNKNOWN, "budget")
     tie = itertools.count()
@@ -75,6 +89,8 @@ def branch_and_bound(
             out.closed["empty"] += 1
         elif np.all(leaf.bounds.lower > threshold):
             out.closed["bab"] += 1
+            if keep_closed:
+                out.closed_leaves.append(leaf)
         else:
             heapq.heappush(heap, (_key(leaf.bounds, threshold), next(tie), leaf))
 
@@ -99,6 +115,8 @@ def branch_and_bound(
                 return out
             if res.clean:
                 out.closed["enumeration"] += 1
+                if keep_closed:
+                    out.closed_leaves.append(leaf)
                 continue
             stuck.append(leaf)  # out of time, or the runtime's answer depends on the batch
             if not res.complete:

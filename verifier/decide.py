@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from verifier.attack import quick_attack, search_attack
-from verifier.bab import Leaf, branch_and_bound
+from verifier.bab import Leaf, Proof, branch_and_bound
 from verifier.bounds import (
     PreparedChain,
     SpecChain,
@@ -78,6 +78,7 @@ def decide(
     alpha_steps: int = 20,
     beam: int = 8,
     attack_share: float = 0.05,
+    keep_proof: bool = False,
 ) -> Decision:
     """Certified / refuted / unknown for `region` around its input, and the route that decided.
 
@@ -89,7 +90,8 @@ def decide(
     `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3),
     "open_leaves", "points" (enumerated on the runtime), "attack_evals", "steps" (seconds per
     step), "trusted_bounds" (and "chain_gap" / "untrusted_reason"), "bounds_method" and
-    "root_margin" (worst root lower bound minus the threshold), z3 and enumeration notes.
+    "root_margin" (worst root lower bound minus the threshold), z3 and enumeration notes;
+    with `keep_proof`, a certificate from bounds leaves its `bab.Proof` in "proof".
     """
     chain = prepare_chain(chain)
     _check(chain.layers, region, label, timeout, max_nodes, enum_limit, quantized, error_model)
@@ -122,6 +124,8 @@ def decide(
         root = _root_bounds(spec, region, threshold, alpha_steps, gap, detail)
         run.step("bounds")
         if np.all(root.lower > threshold):
+            if keep_proof:
+                detail["proof"] = Proof(spec, root, [Leaf(region.lo, region.hi, root)])
             return run.done(CERTIFIED, "bounds")
 
     att = search_attack(
@@ -149,7 +153,18 @@ def decide(
 
     smt = _smt_function(use_smt, quantized)
     return _refine(
-        run, spec, chain, root, threshold, gap, smt, deadline, max_nodes, enum_limit, alpha_steps
+        run,
+        spec,
+        chain,
+        root,
+        threshold,
+        gap,
+        smt,
+        deadline,
+        max_nodes,
+        enum_limit,
+        alpha_steps,
+        keep_proof,
     )
 
 
@@ -165,14 +180,17 @@ def _refine(
     max_nodes: int,
     enum_limit: int,
     alpha_steps: int,
+    keep_proof: bool = False,
 ) -> Decision:
     """Branch and bound from the root bounds; z3 on the open leaves small enough for it; branch
-    and bound again on what is left, until the budget runs out."""
+    and bound again on what is left, until the budget runs out (`keep_proof`: the closed leaves
+    go to `detail["proof"]`)."""
     region = run.region
     leaves = [Leaf(region.lo, region.hi, root)]
     if smt is not None and _unstable(leaves[0], spec) > 2 * SMT_MAX_UNSTABLE:
         smt = None  # leaves of this network will rarely be small enough for z3: all time to B&B
     closed: dict = {}
+    proof_leaves: list[Leaf] = []
 
     def bound(lo, hi, parent):
         return linear_bounds(
@@ -185,8 +203,12 @@ def _refine(
         if stage == "z3":
             if smt is None:
                 continue
+            before = leaves
             hit, leaves, n_closed = _smt_leaves(run, smt, spec, chain.layers, leaves, deadline)
             closed["z3"] = closed.get("z3", 0) + n_closed
+            if keep_proof:
+                still = {id(leaf) for leaf in leaves}
+                proof_leaves += [leaf for leaf in before if id(leaf) not in still]
             if hit is not None:
                 return hit
             continue
@@ -201,7 +223,9 @@ def _refine(
             deadline=time.perf_counter() + share * (deadline - time.perf_counter()),
             max_nodes=max_nodes - run.nodes,
             enum_limit=enum_limit,
+            keep_closed=keep_proof,
         )
+        proof_leaves += out.closed_leaves
         run.nodes += out.nodes
         run.detail["points"] += out.points
         for key, count in out.closed.items():
@@ -214,6 +238,8 @@ def _refine(
     run.detail["open_leaves"] = len(leaves)
     if leaves:
         return run.done(UNKNOWN, "budget")
+    if keep_proof:
+        run.detail["proof"] = Proof(spec, root, proof_leaves)
     counts = {
         "bab": closed.get("bab", 0) + closed.get("empty", 0),
         "enumeration": closed.get("enumeration", 0),

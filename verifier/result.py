@@ -14,6 +14,8 @@ STATUSES = (CERTIFIED, REFUTED, UNKNOWN, NOT_REFUTED)
 
 # Routes that can decide: which step of the procedure gave the answer.
 ROUTES = ("attack", "bounds", "bab", "enumeration", "z3", "mcts", "budget", "replay")
+# quantized models decided from the float model's proof (verifier.diffdecide)
+ROUTES += ("diff-root", "diff-leaves", "diff-bab")
 
 
 @dataclass
