@@ -81,6 +81,8 @@ def summarise(doc: dict) -> list[dict]:
         routes: dict[str, int] = {}
         for _, q in outs:
             routes[f"{q['status']}/{q['route']}"] = routes.get(f"{q['status']}/{q['route']}", 0) + 1
+        gains = [q["detail"].get("diff_root_gain") for _, q in outs]
+        gains = [g for g in gains if g is not None]
         rows.append(
             {
                 "model": name,
@@ -92,6 +94,9 @@ def summarise(doc: dict) -> list[dict]:
                 "mean_s": sum(q["seconds"] for _, q in outs) / len(outs) if outs else None,
                 "float_mean_s": sum(f["seconds"] for f, _ in outs) / len(outs) if outs else None,
                 "routes": routes,
+                # the differential root bound beside the runtime's own (inputs where computed)
+                "diff_root_computed": len(gains),
+                "diff_root_better": sum(g > 0 for g in gains),
             }
         )
     return rows

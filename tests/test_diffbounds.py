@@ -198,12 +198,13 @@ def test_wrong_error_model_is_caught(tiny):
         assert refused > 0, wrong.source
 
 
+@pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
 @pytest.mark.parametrize("seed", range(24))
-def test_difference_bounds_on_perturbed_chains(seed):
+def test_difference_bounds_on_perturbed_chains(seed, maxpool):
     """A random chain and a copy with perturbed weights, both exact: on every point of random
     sub-boxes, the copy's margin minus the original's is at least the difference's bound, and
     the copy's margin at least the joint bound (the runtime's own bounds switched off)."""
-    chain, _, region, label = random_case(seed)
+    chain, _, region, label = random_case(seed, maxpool)
     rng = np.random.default_rng(seed + 500)
     pert = [
         Affine(

@@ -27,11 +27,14 @@ from verifier.bounds import (
     _affine_exact,
     _affine_interval,
     _first_err,
+    _pool_max,
+    _pool_relax,
     _relu_relax,
+    _scatter_cols,
     _spec_interval,
     knapsack_min,
 )
-from verifier.network import Affine, Relu
+from verifier.network import Affine, MaxPool, Relu
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,11 @@ def diff_spec(float_spec: SpecChain, quant_spec: SpecChain) -> DiffSpec:
         if isinstance(a, Affine) and isinstance(b, Affine) and a.weight.shape == b.weight.shape:
             dw.append(b.weight - a.weight)
             db.append(b.bias - a.bias)
-        elif isinstance(a, Relu) and isinstance(b, Relu):
+        elif (isinstance(a, Relu) and isinstance(b, Relu)) or (
+            isinstance(a, MaxPool)
+            and isinstance(b, MaxPool)
+            and np.array_equal(a.windows, b.windows)
+        ):
             dw.append(None)
             db.append(None)
         else:
@@ -194,9 +201,17 @@ def _relaxations(ds: DiffSpec, lo, hi, base: Bounds, direct: Bounds, refine: boo
                 known = base.pre[i + 1]
                 f_lo, f_hi = np.maximum(f_lo, known[0]), np.minimum(f_hi, known[1])
             continue
-        l, u = f_lo, f_hi  # Relu: diff_spec admits nothing else
+        l, u = f_lo, f_hi  # Relu or MaxPool: diff_spec admits nothing else
+        if base.pre[i] is not None:
+            l, u = np.maximum(l, base.pre[i][0]), np.minimum(u, base.pre[i][1])
         ql, qu = np.maximum(l + d_lo, direct.pre[i][0]), np.minimum(u + d_hi, direct.pre[i][1])
         d_lo, d_hi = np.maximum(d_lo, ql - u), np.minimum(d_hi, qu - l)
+        if isinstance(layer, MaxPool):  # both pools relaxed on their own (no difference lines)
+            relax[i] = ((l, u), (ql, qu))
+            w = layer.windows
+            f_lo, f_hi = _pool_max(l, w), _pool_max(u, w)
+            d_lo, d_hi = _pool_max(ql, w) - f_hi, _pool_max(qu, w) - f_lo
+            continue
         rows = np.flatnonzero(~(((l >= 0) & (ql >= 0)) | ((u <= 0) & (qu <= 0))))
         if refine and len(rows):
             m, n = len(rows), len(l)
@@ -284,6 +299,11 @@ def _joint_backsub(ds: DiffSpec, relax: dict, upto: int, lam_f, lam_d, c):
             if step is not None:
                 c = c - np.abs(lam_d) @ step
             continue
+        if isinstance(layer, MaxPool):
+            (fl, fu), (ql, qu) = relax[k]
+            lam_f, lam_d, extra = _pool_pair(layer.windows, fl, fu, ql, qu, lam_f, lam_d)
+            c = c + extra
+            continue
         r = relax[k]
         (su, iu, alpha), (qsu, qiu, qalpha), (ls, lb, us, ub), (gf, gq, gd) = (
             r.flt,
@@ -304,3 +324,16 @@ def _joint_backsub(ds: DiffSpec, relax: dict, upto: int, lam_f, lam_d, c):
         c = c + np.where(split, c_b, c_a).sum(axis=1)
         lam_f, lam_d = np.where(split, f_b, f_a), np.where(split, q, d_a)
     raise AssertionError("the chain on s starts with an Affine layer")
+
+
+def _pool_pair(windows, fl, fu, ql, qu, lam_f, lam_d):
+    """A pair of max pools in the joint back-substitution: lam_d on the quantized pool,
+    lam_f - lam_d on the float pool, each with its own relaxation (as `bounds._backsub`)."""
+    n = len(fl)
+    out = []
+    for l, u, lam in ((ql, qu, lam_d), (fl, fu, lam_f - lam_d)):
+        arg, dom, umax = _pool_relax(l, u, windows)
+        pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+        out.append(((neg * ~dom) @ umax, _scatter_cols(pos + neg * dom, arg, n)))
+    (cq, q), (cf, f) = out
+    return q + f, q, cq + cf

@@ -21,10 +21,26 @@ import numpy as np
 
 from verifier.attack import quick_attack, search_attack
 from verifier.bab import Leaf, Proof, branch_and_bound
-from verifier.bounds import Bounds, PreparedChain, linear_bounds, prepare_chain
-from verifier.decide import ALPHA_NEAR, _check, _model_spec, _root_bounds, _Run, decide
+from verifier.bounds import (
+    Bounds,
+    PreparedChain,
+    linear_bounds,
+    point_interval,
+    prepare_chain,
+    rounding_errors,
+    spec_chain,
+)
+from verifier.decide import (
+    ALPHA_NEAR,
+    _check,
+    _model_spec,
+    _root_bounds,
+    _Run,
+    decide,
+)
 from verifier.diffbounds import DiffBounds, diff_spec, quantized_bounds, wrap_direct
-from verifier.enumeration import box_size
+from verifier.dynamic_input import fold_first_input, split_for_fold
+from verifier.enumeration import box_size, runtime_inputs
 from verifier.network import LoweredLayer
 from verifier.regions import Region
 from verifier.result import CERTIFIED, REFUTED, UNKNOWN, Decision
@@ -93,9 +109,13 @@ def decide_from_float(
 
     threshold = np.zeros(len(qspec.others))
     gap = ALPHA_NEAR * max(att.best_margin, 1e-6)
-    direct = _root_bounds(qspec, region, threshold, ALPHA_STEPS, gap, detail)
+    # slopes are optimised in branch and bound; the folded input (below) gains more at the root
+    direct = _root_bounds(qspec, region, threshold, 0, gap, detail)
     run.step("bounds")
     if np.all(direct.lower > 0):
+        return run.done(CERTIFIED, "bounds")
+    if _folded_bounds(runtime, error_model, region, label, threshold, gap, detail, deadline):
+        run.step("bounds")
         return run.done(CERTIFIED, "bounds")
     leaves = _reuse(ds, qspec, region, proof, direct, detail, deadline)
     run.step("differential")
@@ -156,6 +176,40 @@ def decide_from_float(
     return run.done(UNKNOWN, "budget")
 
 
+def _folded_bounds(
+    runtime, model, region: Region, label: int, threshold, gap, detail, deadline: float
+) -> bool:
+    """Whether the runtime's own bounds certify every sub-region of `region` once the first
+    layer's input quantization is folded into it (`dynamic_input`): sub-regions with a fixed
+    input scale, each guarded by the runtime's logits at its point nearest 0."""
+    parts = split_for_fold(region)
+    if parts is None:
+        return False
+    detail["input_fold"] = f"{len(parts)} sub-regions"
+    for part in parts:
+        if time.perf_counter() > deadline:
+            return False
+        folded = fold_first_input(model, part)
+        if folded is None:
+            return False
+        region_q, residual = folded
+        try:
+            out, inputs = rounding_errors(model.chain, part, rounding=model.rounding)
+        except ValueError:  # a static grid may saturate: no bound
+            return False
+        inputs = [residual, *inputs[1:]]
+        p = np.clip(0, part.lo, part.hi)
+        lo, hi = point_interval(model.chain, (out, inputs), region_q.points(p[None])[0])
+        got = np.asarray(runtime.predict(runtime_inputs(runtime, region, p[None])), np.float64)[0]
+        if not (got.shape == lo.shape and np.all((got >= lo) & (got <= hi))):
+            detail["input_fold"] = "the runtime's logits lie outside the folded model's interval"
+            return False
+        spec = spec_chain(model.chain, region_q, label, errors=(out, inputs))
+        if not np.all(linear_bounds(spec, part.lo, part.hi).lower > threshold):
+            return False
+    return True
+
+
 def _root_only(proof: Proof) -> bool:
     return len(proof.leaves) == 1 and proof.leaves[0].bounds is proof.root
 
@@ -178,6 +232,8 @@ def _reuse(
         b = quantized_bounds(ds, region.lo, region.hi, proof.root, direct)
         detail["diff_root_margin"] = float(np.min(b.lower))
         detail["diff_root_delta"] = float(np.min(b.delta))
+        # how much the differential bound adds to the runtime's own on the worst margin
+        detail["diff_root_gain"] = float(np.min(b.lower) - np.min(direct.lower))
         return [] if np.all(b.lower > 0) else [Leaf(region.lo, region.hi, b)]
     left = []
     for leaf in proof.leaves:
