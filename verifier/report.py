@@ -415,7 +415,8 @@ def _route_blocks(doc: dict) -> list[Block]:
 
 
 QUANTIZED_ROUTES = {
-    "bounds": "the runtime's own bounds (its error model) over the whole region",
+    "bounds": "the runtime's own bounds (its error model) over the whole region, or over "
+    "sub-regions with its run-time input quantization folded in",
     "diff-root": "the float model's root bound plus the bound on the quantized-minus-float "
     "difference",
     "diff-leaves": "every branch-and-bound leaf of the float model's proof, reused with the "
