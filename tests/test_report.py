@@ -21,7 +21,7 @@ from verifier.plots import Example
 from verifier.records import InputRecord
 from verifier.regions import lattice_region
 from verifier.relative import aggregate
-from verifier.report import sweep_tables, write_report
+from verifier.report import render_markdown, report_blocks, sweep_tables, write_report
 
 CONFIG = {"radius": 20, "step": 0.25, "family": "lattice", "mode": "exact", "seed": 0}
 
@@ -296,3 +296,18 @@ def test_float_only_run(tmp_path):
     assert (root.get("tests"), root.get("failures"), root.get("skipped")) == ("7", "2", "2")
     assert "What quantization changed" not in (tmp_path / "report.md").read_text()
     assert check_gate(doc["aggregates"], Thresholds(max_unknown=10))[0].model == "float"
+
+
+def test_markdown_says_how_quantized_models_were_decided():
+    """A quantized model decided from the float proof: its route is explained, and the line on
+    its rounding names what was mapped."""
+    doc = results_doc()
+    doc["quantized"][0]["describe"]["error_model"]["source"] = "litert dynamic range"
+    rec = next(r for r in doc["records"] if r["float"] and r["float"]["status"] == "certified")
+    rec["quantized"]["int8"]["route"] = "diff-leaves"
+    md = render_markdown(report_blocks(doc, plots=False))
+    assert "int8: error model of its rounding (litert dynamic range; dynamic int8 input)" in md
+    assert "- diff-leaves: every branch-and-bound leaf of the float model's proof" in md
+    del doc["quantized"][0]["describe"]["error_model"]["source"]
+    rec["quantized"]["int8"]["route"] = "bounds"
+    assert "start from its proof" not in render_markdown(report_blocks(doc, plots=False))

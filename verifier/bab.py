@@ -33,6 +33,17 @@ class Leaf:
     bounds: Bounds
 
 
+@dataclass(frozen=True)
+class ClosedLeaves:
+    """How a region was certified on the float chain, for reuse: the spec the bounds are on,
+    the root bounds, and the leaves that closed it (each with its bounds; one leaf, the root
+    box, when the root bounds certified)."""
+
+    spec: object  # verifier.bounds.SpecChain
+    root: Bounds
+    leaves: list[Leaf]
+
+
 @dataclass
 class BabOutcome:
     """What branch and bound decided, how, and what it left open."""
@@ -45,6 +56,7 @@ class BabOutcome:
     open_leaves: list[Leaf] = field(default_factory=list)  # worst lower bound first
     nodes: int = 0
     points: int = 0
+    closed_leaves: list[Leaf] = field(default_factory=list)  # with `keep_closed`: bab / enum
 
 
 def branch_and_bound(
@@ -59,6 +71,7 @@ def branch_and_bound(
     max_nodes: int,
     enum_limit: int,
     cover: Cover | None = None,
+    keep_closed: bool = False,
 ) -> BabOutcome:
     """Refine the `roots` (sub-boxes with their bounds) until every leaf is closed, a
     counterexample is confirmed, or the budget (`max_nodes` processed nodes, `deadline` on
@@ -66,6 +79,8 @@ def branch_and_bound(
 
     `bound(lo, hi, parent_bounds)` bounds a child box (the parent's bounds stay valid in it).
     `cover` (a `verifier.proof.Cover`) records every split and closed leaf with its evidence.
+    `keep_closed` also keeps the leaves closed by bounds or enumeration in `closed_leaves` (for
+    the quantized decision to reuse).
     """
     out = BabOutcome(UNKNOWN, "budget")
     tie = itertools.count()
@@ -78,6 +93,8 @@ def branch_and_bound(
             out.closed["empty" if leaf.bounds.empty else "bab"] += 1
             if cover is not None:
                 close_by_bounds(cover, leaf, region, threshold)
+            if keep_closed and not leaf.bounds.empty:
+                out.closed_leaves.append(leaf)
         else:
             heapq.heappush(heap, (_key(leaf.bounds, threshold), next(tie), leaf))
 
@@ -104,6 +121,8 @@ def branch_and_bound(
                 out.closed["enumeration"] += 1
                 if cover is not None:
                     cover.close(leaf.lo, leaf.hi, "enumeration", res.points)
+                if keep_closed:
+                    out.closed_leaves.append(leaf)
                 continue
             stuck.append(leaf)  # out of time, or the runtime's answer depends on the batch
             if not res.complete:

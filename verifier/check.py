@@ -64,9 +64,8 @@ class Checker:
         rec.float = outcome(decision)
         for name, runner in self.runners.items():
             if decision.status == CERTIFIED:
-                model = self.error_models.get(name)
                 rec.quantized[name] = outcome(
-                    self._decide(runner, region, label, seed, quantized=True, error_model=model)
+                    self._decide_quantized(runner, region, label, seed, decision, name)
                 )
             elif decision.status == REFUTED:
                 rec.quantized[name] = transfer_outcome(runner, region, decision, label)
@@ -89,6 +88,26 @@ class Checker:
             use_smt=s.use_smt,
             quantized=quantized,
             error_model=error_model,
+            seed=seed,
+            keep_leaves=not quantized,
+        )
+
+    def _decide_quantized(self, runner, region: Region, label: int, seed: int, decision, name):
+        """A quantized model on a region the float model certified: from the float proof
+        (`verifier.diffdecide`), with the runner's error model when it has one."""
+        from verifier.diffdecide import decide_from_float
+
+        s = self.settings
+        return decide_from_float(
+            runner,
+            self.chain,
+            region,
+            label,
+            decision.detail.get("reuse"),
+            self.error_models.get(name),
+            timeout=s.timeout,
+            max_nodes=s.max_nodes,
+            enum_limit=s.enum_limit,
             seed=seed,
         )
 

@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from verifier.attack import quick_attack, search_attack
-from verifier.bab import Leaf, branch_and_bound, close_by_bounds
+from verifier.bab import ClosedLeaves, Leaf, branch_and_bound, close_by_bounds
 from verifier.bounds import (
     PreparedChain,
     SpecChain,
@@ -88,6 +88,7 @@ def decide(
     attack_share: float = 0.05,
     splits: str = "generator",
     exact: str = "milp",
+    keep_leaves: bool = False,
 ) -> Decision:
     """Certified / refuted / unknown for `region` around its input, and the route that decided.
 
@@ -104,7 +105,9 @@ def decide(
     (seconds per step), "trusted_bounds" (and "chain_gap" / "untrusted_reason"),
     "bounds_method" and "root_margin" (worst root lower bound minus the threshold), z3, milp
     and enumeration notes, and on certification "proof": the cover that proved it
-    (`verifier.proof`, as ASCII; generator splits only: ReLU phase splits keep no proof yet).
+    (`verifier.proof`, as ASCII; generator splits only: ReLU phase splits keep no proof yet);
+    with `keep_leaves`, a certificate from bounds leaves its `bab.ClosedLeaves` in "reuse"
+    (what the quantized decision starts from, `verifier.diffdecide`).
     """
     chain = prepare_chain(chain)
     _check(
@@ -151,6 +154,8 @@ def decide(
         run.step("bounds")
         if np.all(root.lower > threshold):
             close_by_bounds(run.cover, Leaf(region.lo, region.hi, root), region, threshold)
+            if keep_leaves:
+                detail["reuse"] = ClosedLeaves(spec, root, [Leaf(region.lo, region.hi, root)])
             return run.done(CERTIFIED, "bounds")
 
     att = search_attack(
@@ -191,6 +196,7 @@ def decide(
         alpha_steps,
         splits,
         exact,
+        keep_leaves,
     )
 
 
@@ -208,17 +214,21 @@ def _refine(
     alpha_steps: int,
     splits: str = "generator",
     exact_backend: str = "milp",
+    keep_leaves: bool = False,
 ) -> Decision:
     """Branch and bound from the root bounds; the exact back end on the open leaves small enough
-    for it; branch and bound again on what is left, until the budget runs out."""
+    for it; branch and bound again on what is left, until the budget runs out (`keep_leaves`: the
+    closed leaves go to `detail["reuse"]`)."""
     region = run.region
     leaves = [Leaf(region.lo, region.hi, root)]
     if splits != "generator":
         run.cover = None  # a ReLU phase split shares its parent's box: no cover to keep yet
+        keep_leaves = False  # nor leaves to reuse
     exact = _exact_function(smt, spec, threshold, exact_backend)
     if exact is not None and _unstable(leaves[0], spec) > 2 * EXACT_MAX_UNSTABLE:
         exact = None  # leaves of this network will rarely be small enough: all time to B&B
     closed: dict = {}
+    reuse: list[Leaf] = []  # leaves that closed the float model's region, with their bounds
 
     def bound(lo, hi, parent):
         return linear_bounds(
@@ -231,8 +241,12 @@ def _refine(
         if stage == "exact":
             if exact is None:
                 continue
+            before = leaves
             hit, leaves, n_closed = _exact_leaves(run, exact, spec, chain.layers, leaves, deadline)
             closed[exact[0]] = closed.get(exact[0], 0) + n_closed
+            if keep_leaves:
+                still = {id(leaf) for leaf in leaves}
+                reuse += [leaf for leaf in before if id(leaf) not in still]
             if hit is not None:
                 return hit
             continue
@@ -244,7 +258,15 @@ def _refine(
         }
         if splits == "generator":
             out = branch_and_bound(
-                run.runtime, region, run.label, leaves, bound, threshold, cover=run.cover, **budget
+                run.runtime,
+                region,
+                run.label,
+                leaves,
+                bound,
+                threshold,
+                cover=run.cover,
+                keep_closed=keep_leaves,
+                **budget,
             )
         else:
             out = relu_branch_and_bound(
@@ -258,6 +280,7 @@ def _refine(
                 policy=splits,
                 **budget,
             )
+        reuse += out.closed_leaves
         run.nodes += out.nodes
         run.detail["points"] += out.points
         for key, count in out.closed.items():
@@ -270,6 +293,8 @@ def _refine(
     run.detail["open_leaves"] = len(leaves)
     if leaves:
         return run.done(UNKNOWN, "budget")
+    if keep_leaves:
+        run.detail["reuse"] = ClosedLeaves(spec, root, reuse)
     counts = {
         "bab": closed.get("bab", 0) + closed.get("empty", 0),
         "enumeration": closed.get("enumeration", 0),

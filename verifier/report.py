@@ -417,16 +417,50 @@ def _route_blocks(doc: dict) -> list[Block]:
             counts.items(), key=lambda kv: (kv[0][0] != FLOAT, kv[0])
         )
     ]
+    return (
+        [
+            Block("h2", "How the answers were reached"),
+            Block(
+                "p",
+                "Per model, the step that decided each input (bounds, branch and bound, "
+                "enumeration and z3 prove; attack and search find counterexamples, confirmed "
+                "on the runtime; budget means the time or node limit ran out).",
+            ),
+            Block("table", items=rows, headers=["model", "route", "status", "inputs", "seconds"]),
+        ]
+        + _quantized_route_blocks(doc)
+        + _error_model_blocks(doc)
+    )
+
+
+QUANTIZED_ROUTES = {
+    "bounds": "the runtime's own bounds (its error model) over the whole region, or over "
+    "sub-regions with its run-time input quantization folded in",
+    "diff-root": "the float model's root bound plus the bound on the quantized-minus-float "
+    "difference",
+    "diff-leaves": "every branch-and-bound leaf of the float model's proof, reused with the "
+    "difference bound or the runtime's own bounds on the leaf",
+    "diff-bab": "the float proof's leaves split further, bounded on the quantized runtime",
+    "enumeration": "every point run on the quantized runtime (the region or small leaves)",
+    "attack": "a counterexample found and confirmed on the quantized runtime",
+}
+
+
+def _quantized_route_blocks(doc: dict) -> list[Block]:
+    """What the routes of quantized models on R mean (inputs the float model certified)."""
+    seen = {
+        o["route"]
+        for rec in doc["records"]
+        if rec["float"] is not None and rec["float"]["status"] == "certified"
+        for o in rec["quantized"].values()
+    }
+    items = [f"{route}: {text}" for route, text in QUANTIZED_ROUTES.items() if route in seen]
+    if not any(r.startswith("diff-") for r in seen):
+        return []
     return [
-        Block("h2", "How the answers were reached"),
-        Block(
-            "p",
-            "Per model, the step that decided each input (bounds, branch and bound, "
-            "enumeration and z3 prove; attack and search find counterexamples, confirmed "
-            "on the runtime; budget means the time or node limit ran out).",
-        ),
-        Block("table", items=rows, headers=["model", "route", "status", "inputs", "seconds"]),
-    ] + _error_model_blocks(doc)
+        Block("p", "Quantized models on inputs the float model certified start from its proof:"),
+        Block("ul", items=items),
+    ]
 
 
 def _error_model_blocks(doc: dict) -> list[Block]:
@@ -439,7 +473,8 @@ def _error_model_blocks(doc: dict) -> list[Block]:
             continue
         if em.get("error_model"):
             kinds = ", ".join(em.get("affine_layers", []))
-            items.append(f"{q['name']}: error model of its rounding ({kinds})")
+            source = f"{em['source']}; " if em.get("source") else ""
+            items.append(f"{q['name']}: error model of its rounding ({source}{kinds})")
         else:
             items.append(
                 f"{q['name']}: no error model ({em.get('reason')}): certified only by enumeration"

@@ -25,6 +25,8 @@ ROUTES = (
     "budget",
     "replay",
 )
+# quantized models decided from the float model's proof (verifier.diffdecide)
+ROUTES += ("diff-root", "diff-leaves", "diff-bab")
 
 
 @dataclass

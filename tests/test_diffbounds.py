@@ -1,0 +1,255 @@
+"""Differential bounds and the quantized decision from the float proof: every runtime margin
+of small regions above the bounds, decisions that agree with enumeration on the quantized
+runtime, the guard against a wrong error model, the proof the float decision hands back."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from onnx_builders import mlp
+from test_engine import all_points, check_decision, random_case
+
+from quantize.error_model import ErrorModel, error_model
+from quantize.modes import float_runner, quantize_model
+from verifier.bounds import linear_bounds, prepare_chain, rounding_errors, spec_chain
+from verifier.decide import decide
+from verifier.diffbounds import diff_spec, quantized_bounds
+from verifier.diffdecide import decide_from_float
+from verifier.enumeration import box_size, runtime_inputs
+from verifier.model import load_model
+from verifier.network import Affine, forward_lowered
+from verifier.regions import lattice_region
+from verifier.result import CERTIFIED
+
+MODES = ["dynamic", "dynamic-per-tensor", "int8", "float16"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 16-80-40-4 MLP, its quantized runners per mode, and a few inputs."""
+    d = tmp_path_factory.mktemp("diff")
+    model = load_model(mlp(d / "mlp.onnx", sizes=(16, 80, 40, 4), seed=3))
+    rng = np.random.default_rng(0)
+    calib = rng.random((128, 16), dtype=np.float32)
+    runners = {m: quantize_model(model, m, d, calib) for m in MODES}
+    return model, runners, rng.random((6, 16), dtype=np.float32)
+
+
+def _region(x: np.ndarray, seed: int, step: float, radius: float):
+    pos = np.random.default_rng(seed).choice(x.size, 3, replace=False)
+    return lattice_region(x, pos, step, radius)
+
+
+def _steps(mode: str) -> tuple[float, float]:
+    """int8 grids are tight on this net: small moves keep them unsaturated."""
+    return (0.004, 0.02) if mode == "int8" else (0.125, 0.75)
+
+
+def _specs(model, runner, region, label):
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    errors = rounding_errors(em.chain, region, rounding=em.rounding)
+    fs = spec_chain(chain, region, label)
+    qs = spec_chain(em.chain, region, label, errors=errors)
+    return chain, fs, qs
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_margins_above_differential_bounds(tiny, mode):
+    """On every point of small regions and random sub-boxes: the runtime's margin is at least
+    the combined lower bound and at least the float lower bound + the difference's lower
+    bound, and the runtime's margin minus the float chain's is at least that difference bound
+    (with the runtime's own bounds switched off, so only the differential ones speak)."""
+    model, runners, xs = tiny
+    runner = runners[mode]
+    rng = np.random.default_rng(1)
+    checked = 0
+    for i, x in enumerate(xs):
+        region = _region(x, i, *_steps(mode))
+        label = int(runner.predict(x[None]).argmax())
+        try:
+            chain, fs, qs = _specs(model, runner, region, label)
+        except ValueError:  # a static grid may saturate over this region: no bound at all
+            continue
+        ds = diff_spec(fs, qs)
+        for _ in range(3):
+            lo = rng.integers(region.lo, region.hi + 1)
+            hi = np.maximum(lo, rng.integers(region.lo, region.hi + 1))
+            base = linear_bounds(fs, lo, hi)
+            direct = linear_bounds(qs, lo, hi)
+            if base.empty:
+                continue
+            off = replace(direct, lower=np.full_like(direct.lower, -np.inf))
+            pts = all_points(region)
+            pts = pts[np.all((pts >= lo) & (pts <= hi), axis=1)]
+            q = np.asarray(runner.predict(runtime_inputs(runner, region, pts)), np.float64)
+            q_margin = q[:, [label]] - q[:, fs.others]
+            logits = forward_lowered(chain.layers, region.points(pts).astype(np.float64))
+            f_margin = logits[:, [label]] - logits[:, fs.others]
+            for refine in (True, False):
+                b = quantized_bounds(ds, lo, hi, base, off, refine=refine)
+                assert np.all(q_margin >= b.lower - 1e-9), (refine, (q_margin - b.lower).min())
+                assert np.all(q_margin >= base.lower + b.delta - 1e-9)
+                assert np.all(q_margin - f_margin >= b.delta - 1e-9)
+                full = quantized_bounds(ds, lo, hi, base, direct, refine=refine)
+                assert np.all(full.lower >= direct.lower) and np.all(q_margin >= full.lower)
+            checked += len(pts)
+    assert checked > 100
+
+
+def test_difference_bound_is_tight_without_rounding(tiny):
+    """float16 rounds little: the difference's bound is small next to the margins' ranges (a
+    differential bound that only ever said "anything" would pass the soundness test)."""
+    model, runners, xs = tiny
+    runner = runners["float16"]
+    region = _region(xs[0], 0, 0.125, 0.75)
+    label = int(runner.predict(xs[:1]).argmax())
+    _, fs, qs = _specs(model, runner, region, label)
+    base = linear_bounds(fs, region.lo, region.hi)
+    b = quantized_bounds(diff_spec(fs, qs), region.lo, region.hi, base, base)
+    assert np.all(b.delta > -0.05), b.delta
+
+
+def _float_then_quantized(model, runner, em, chain, region, label, enum_limit):
+    fd = decide(
+        float_runner(model),
+        chain,
+        region,
+        label,
+        timeout=30.0,
+        enum_limit=enum_limit,
+        keep_leaves=True,
+    )
+    if fd.status != CERTIFIED:
+        return fd, None
+    return fd, decide_from_float(
+        runner,
+        chain,
+        region,
+        label,
+        fd.detail.get("reuse"),
+        em,
+        timeout=30.0,
+        enum_limit=enum_limit,
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decisions_agree_with_enumeration(tiny, mode):
+    """Regions above the enumeration limit, forced through the bounds route: certified only
+    where the quantized runtime misclassifies no point, refutations confirmed on it, and the
+    float proof used for some."""
+    model, runners, xs = tiny
+    runner = runners[mode]
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    statuses, routes = [], []
+    for i, x in enumerate(xs):
+        for step, radius in (_steps(mode), (0.03125, 0.25)):
+            region = _region(x, 10 + i, step, radius)
+            label = int(runner.predict(x[None]).argmax())
+            assert box_size(region.lo, region.hi, region.cost, region.budget, 10**6) > 64
+            fd, d = _float_then_quantized(model, runner, em, chain, region, label, 64)
+            if d is None:
+                continue
+            check_decision(d, runner, region, label)
+            statuses.append(d.status)
+            routes.append(d.route)
+    assert CERTIFIED in statuses, routes
+    if mode != "int8":
+        assert {"bounds", "diff-root", "diff-leaves", "diff-bab"} & set(routes), routes
+
+
+def test_proof_is_handed_back(tiny):
+    """decide(keep_leaves=True): a certificate from bounds carries its root bounds and closed
+    leaves, each certifying its box (bounds) or enumerated; none without the flag."""
+    model, _, xs = tiny
+    chain = prepare_chain(model.network.lower())
+    runtime = float_runner(model)
+    found = 0
+    for i, x in enumerate(xs):
+        region = _region(x, 20 + i, 0.125, 0.75)
+        label = int(runtime.predict(x[None]).argmax())
+        d = decide(runtime, chain, region, label, timeout=30.0, enum_limit=16, keep_leaves=True)
+        assert (
+            "reuse" not in decide(runtime, chain, region, label, timeout=30.0, enum_limit=16).detail
+        )
+        if d.status != CERTIFIED or d.route not in ("bounds", "bab"):
+            continue
+        proof = d.detail["reuse"]
+        assert proof.leaves and proof.root is not None
+        for leaf in proof.leaves:
+            size = box_size(leaf.lo, leaf.hi, region.cost, region.budget, 17)
+            assert np.all(leaf.bounds.lower > 0) or size <= 16
+        found += 1
+    assert found
+
+
+def test_wrong_error_model_is_caught(tiny):
+    """Float weights with no rounding, or weights at a wrong scale: the runtime's output at x
+    leaves the model's interval at some input, and the decision falls back without bounds."""
+    model, runners, xs = tiny
+    runner = runners["dynamic"]
+    chain = prepare_chain(model.network.lower())
+    right = error_model(runner, chain)
+    scaled = [
+        Affine(layer.weight * 2.0, layer.bias) if isinstance(layer, Affine) else layer
+        for layer in right.chain.layers
+    ]
+    wrongs = [
+        ErrorModel(chain, [None] * len(chain.layers), "float weights, no rounding"),
+        ErrorModel(prepare_chain(scaled), right.rounding, "weights at twice their scale"),
+    ]
+    for wrong in wrongs:
+        refused = 0
+        for i, x in enumerate(xs):
+            region = _region(x, i, 0.125, 0.75)
+            label = int(runner.predict(x[None]).argmax())
+            fd, d = _float_then_quantized(model, runner, wrong, chain, region, label, 0)
+            if d is None:
+                continue
+            refused += "outside" in d.detail.get("differential", "")
+            check_decision(d, runner, region, label)
+        assert refused > 0, wrong.source
+
+
+@pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
+@pytest.mark.parametrize("seed", range(24))
+def test_difference_bounds_on_perturbed_chains(seed, maxpool):
+    """A random chain and a copy with perturbed weights, both exact: on every point of random
+    sub-boxes, the copy's margin minus the original's is at least the difference's bound, and
+    the copy's margin at least the joint bound (the runtime's own bounds switched off)."""
+    chain, _, region, label = random_case(seed, maxpool)
+    rng = np.random.default_rng(seed + 500)
+    pert = [
+        Affine(
+            layer.weight + rng.normal(size=layer.weight.shape) * 0.3 * np.abs(layer.weight),
+            layer.bias + rng.normal(size=layer.bias.shape) * 0.05,
+        )
+        if isinstance(layer, Affine)
+        else layer
+        for layer in chain
+    ]
+    fs = spec_chain(chain, region, label, float32=False)
+    qs = spec_chain(pert, region, label, float32=False)
+    ds = diff_spec(fs, qs)
+    pts_all = all_points(region)
+    xs = region.points(pts_all).astype(np.float64)
+    f_logits, q_logits = forward_lowered(chain, xs), forward_lowered(pert, xs)
+    f_margin = f_logits[:, [label]] - f_logits[:, fs.others]
+    q_margin = q_logits[:, [label]] - q_logits[:, fs.others]
+    for _ in range(4):
+        lo = rng.integers(region.lo, region.hi + 1)
+        hi = np.maximum(lo, rng.integers(region.lo, region.hi + 1))
+        inside = np.all((pts_all >= lo) & (pts_all <= hi), axis=1)
+        base, direct = linear_bounds(fs, lo, hi), linear_bounds(qs, lo, hi)
+        if base.empty or not inside.any():
+            continue
+        off = replace(direct, lower=np.full_like(direct.lower, -np.inf))
+        for refine in (True, False):
+            b = quantized_bounds(ds, lo, hi, base, off, refine=refine)
+            gap = (q_margin - f_margin)[inside] - b.delta
+            assert gap.min() >= -1e-9, (refine, gap.min())
+            assert (q_margin[inside] - b.lower).min() >= -1e-9

@@ -1,0 +1,151 @@
+"""The dynamic-range input quantization folded per region: sub-regions that cover the region,
+the real runtime's logits within the folded model's bounds at every point, decisions that
+agree with enumeration on the runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx_builders import mlp
+from test_engine import all_points, check_decision
+
+from quantize.error_model import error_model
+from quantize.modes import float_runner, quantize_model
+from verifier.bounds import point_interval, prepare_chain, rounding_errors
+from verifier.decide import decide
+from verifier.diffdecide import decide_from_float
+from verifier.dynamic_input import fold_first_input, split_for_fold
+from verifier.enumeration import runtime_inputs
+from verifier.model import load_model
+from verifier.regions import feature_region, lattice_region
+from verifier.result import CERTIFIED
+
+MODES = ["dynamic", "dynamic-per-tensor"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 16-80-40-4 MLP, its dynamic-range runners, and inputs on the 1/255 grid (as images
+    are) with a value at 1."""
+    d = tmp_path_factory.mktemp("dyn")
+    model = load_model(mlp(d / "mlp.onnx", sizes=(16, 80, 40, 4), seed=5))
+    runners = {m: quantize_model(model, m, d, None) for m in MODES}
+    rng = np.random.default_rng(2)
+    xs = rng.integers(0, 256, (5, 16)) / 255.0
+    xs[:, :2] = 1.0
+    return model, runners, xs
+
+
+def _regions(x: np.ndarray, seed: int):
+    """Feature regions over every value (the values at 1 move: the scale may change) and a
+    lattice that leaves the values at 1 alone (several coefficient values per generator)."""
+    perm = np.random.default_rng(seed).permutation(16)
+    yield feature_region(x, np.array_split(perm, 8), 0.125, 0.75)
+    yield feature_region(x, np.array_split(perm, 8), 0.25, 1.0)
+    yield lattice_region(x, np.array([3, 7, 11]), 0.125, 0.5)
+
+
+def test_sub_regions_cover_the_region(tiny):
+    _, _, xs = tiny
+    split = 0
+    for i, x in enumerate(xs):
+        for region in _regions(x, i):
+            parts = split_for_fold(region)
+            assert parts is not None
+            got = np.concatenate([all_points(p) for p in parts])
+            want = all_points(region)
+            assert len(got) == len(want) == len(np.unique(got, axis=0))
+            assert {tuple(s) for s in got} == {tuple(s) for s in want}
+            split += len(parts) > 1
+    assert split
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_runtime_logits_within_the_folded_model(tiny, mode):
+    """At every point of every sub-region the runtime's logits lie within the folded model's
+    interval, which is narrower than the unfolded one on the first layer."""
+    model, runners, xs = tiny
+    runner = runners[mode]
+    em = error_model(runner, prepare_chain(model.network.lower()))
+    checked = 0
+    for i, x in enumerate(xs):
+        for region in _regions(x, i):
+            for part in split_for_fold(region):
+                folded = fold_first_input(em, part)
+                assert folded is not None
+                region_q, residual = folded
+                out, inputs = rounding_errors(em.chain, part, rounding=em.rounding)
+                assert np.all(residual <= inputs[0] + 1e-12)
+                inputs = [residual, *inputs[1:]]
+                pts = all_points(part)
+                got = np.asarray(runner.predict(runtime_inputs(runner, part, pts)), np.float64)
+                for s, g in zip(pts, got, strict=True):
+                    lo, hi = point_interval(em.chain, (out, inputs), region_q.points(s[None])[0])
+                    assert np.all((g >= lo) & (g <= hi)), (s, g - lo, hi - g)
+                checked += len(pts)
+    assert checked > 200
+
+
+def test_scale_that_may_change_is_not_folded(tiny):
+    """Every value at the top movable within budget and no split: no fold."""
+    model, runners, xs = tiny
+    em = error_model(runners["dynamic"], prepare_chain(model.network.lower()))
+    x = xs[0].copy()
+    region = feature_region(x, [np.arange(16)], 0.125, 3.0)
+    assert fold_first_input(em, region) is None
+    assert len(split_for_fold(region)) == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decisions_with_the_fold_agree_with_enumeration(tiny, mode):
+    model, runners, xs = tiny
+    runner = runners[mode]
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    folds, statuses = 0, []
+    for i, x in enumerate(xs):
+        for region in _regions(x, i):
+            label = int(float_runner(model).predict(x[None].astype(np.float32)).argmax())
+            fd = decide(
+                float_runner(model),
+                chain,
+                region,
+                label,
+                timeout=30.0,
+                enum_limit=4,
+                keep_leaves=True,
+            )
+            if fd.status != CERTIFIED:
+                continue
+            proof = fd.detail.get("reuse")
+            d = decide_from_float(
+                runner, chain, region, label, proof, em, timeout=30.0, enum_limit=4
+            )
+            check_decision(d, runner, region, label)
+            folds += "input_fold" in d.detail
+            statuses.append(d.status)
+    assert folds and CERTIFIED in statuses
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_layer_logits_within_the_folded_model(tiny, tmp_path, mode):
+    """One hybrid layer (its input quantization is all the runtime rounds): at every point the
+    logits lie within the folded model's interval, a few float32 roundings wide."""
+    _, _, xs = tiny
+    model = load_model(mlp(tmp_path / "one.onnx", sizes=(16, 80), seed=7))
+    runner = quantize_model(model, mode, tmp_path, None)
+    em = error_model(runner, prepare_chain(model.network.lower()))
+    assert em.rounding[0].dynamic_input
+    for i, x in enumerate(xs):
+        for region in _regions(x, i):
+            for part in split_for_fold(region):
+                region_q, residual = fold_first_input(em, part)
+                out, inputs = rounding_errors(em.chain, part, rounding=em.rounding)
+                errors = (out, [residual])
+                pts = all_points(part)
+                got = np.asarray(runner.predict(runtime_inputs(runner, part, pts)), np.float64)
+                for s, g in zip(pts, got, strict=True):
+                    lo, hi = point_interval(em.chain, errors, region_q.points(s[None])[0])
+                    assert np.all((g >= lo) & (g <= hi)), (s, (g - lo).min(), (hi - g).min())
+                    wide = point_interval(em.chain, (out, inputs), part.points(s[None])[0])
+                    assert np.max(hi - lo) < 0.5 * np.max(wide[1] - wide[0])
