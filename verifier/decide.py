@@ -367,8 +367,8 @@ def _check(
     enum_limit,
     quantized,
     error_model,
-    splits,
-    exact,
+    splits: str = "generator",
+    exact: str = "milp",
 ) -> None:
     """Reject inconsistent calls before any work."""
     if not chain:

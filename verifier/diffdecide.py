@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from verifier.attack import quick_attack, search_attack
-from verifier.bab import ClosedLeaves, Leaf, branch_and_bound
+from verifier.bab import ClosedLeaves, Leaf, branch_and_bound, close_by_bounds
 from verifier.bounds import (
     Bounds,
     PreparedChain,
@@ -48,6 +48,7 @@ from verifier.diffbounds import DiffBounds, diff_spec, quantized_bounds, wrap_di
 from verifier.dynamic_input import fold_first_input, split_for_fold
 from verifier.enumeration import box_size, runtime_inputs
 from verifier.network import LoweredLayer
+from verifier.proof import Cover
 from verifier.regions import Region
 from verifier.result import CERTIFIED, REFUTED, UNKNOWN, Decision
 
@@ -100,6 +101,9 @@ def decide_from_float(
     deadline = start + timeout
     detail: dict = {"leaves": {}, "points": 0, "attack_evals": 0, "steps": {}}
     run = _Run(runtime, region, label, start, detail)
+    # only the runtime's own bounds over the whole region keep a proof: differential and folded
+    # leaves have no kept-proof kind yet (the audit still enumerates such regions when small)
+    run.cover, run.spec = None, "error-model"
     qspec, trusted = _model_spec(runtime, error_model, region, label, detail)
     if not trusted:
         return fallback(detail.get("untrusted_reason", "error model not trusted"))
@@ -119,6 +123,8 @@ def decide_from_float(
     direct = _root_bounds(qspec, region, threshold, 0, gap, detail)
     run.step("bounds")
     if np.all(direct.lower > 0):
+        run.cover = Cover()
+        close_by_bounds(run.cover, Leaf(region.lo, region.hi, direct), region, threshold)
         return run.done(CERTIFIED, "bounds")
     if _folded_bounds(runtime, error_model, region, label, threshold, gap, detail, deadline):
         run.step("bounds")

@@ -17,7 +17,6 @@ from dataclasses import replace
 
 import numpy as np
 
-from verifier.enumeration import _disjoint_columns
 from verifier.network import Affine
 from verifier.regions import EPS, Region
 
@@ -35,7 +34,9 @@ def fold_first_input(model, region: Region) -> tuple[Region, np.ndarray] | None:
     r = model.rounding[0] if model.rounding else None
     if r is None or not r.dynamic_input or r.symmetric_input:
         return None
-    if not isinstance(model.chain.layers[0], Affine) or _disjoint_columns(region) is None:
+    if not isinstance(model.chain.layers[0], Affine):
+        return None
+    if np.any(np.count_nonzero(region.directions, axis=0) > 1):  # a value moved by several
         return None
     d = region.directions
     s_lo, s_hi = region.lo.astype(np.float64), region.hi.astype(np.float64)
