@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     g.add_argument("--workers", type=int, default=1, help="worker processes")
+    g.add_argument(
+        "--cluster",
+        default=None,
+        metavar="ADDR",
+        help="run the checks on the Dask scheduler at ADDR (tcp://HOST:PORT); its workers "
+        "need relrobust installed, not the model files (see the README, 'On a cluster')",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress and no tables")
     g.add_argument("--json", action="store_true", help="print the summary as JSON to stdout")
     g.add_argument("--examples", type=int, default=12, help="example images per grid in the report")

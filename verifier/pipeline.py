@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sqlite3
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 from verifier.check import Checker, Settings
 from verifier.data import Dataset, from_layout, load_dataset, select, to_layout
 from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError, RelrobustError
+from verifier.executor import WorkerState, check_inputs
 from verifier.model import Model, load_model
 from verifier.progress import Progress
 from verifier.records import InputRecord
@@ -35,8 +34,6 @@ DEFAULT_MODES = ("dynamic", "ort-qdq")
 DEFAULT_EXAMPLE_LIMIT = 100
 # Options that may differ on --resume (they do not change any decision).
 OUTPUT_KEYS = ("workers", "quiet", "json", "out", "resume", "examples", "gate")
-# Test hook (tests/test_faults.py): a worker process dies (os._exit) on this input index.
-CRASH_ENV = "RELROBUST_TEST_CRASH_INDEX"
 
 
 @dataclass
@@ -417,7 +414,7 @@ def run_setting(
             label=f"r={st.radius:g} step={st.step:g}",
             quiet=args.quiet or args.json,
         )
-        for rec in check_inputs(state, todo, args.workers, runners, model):
+        for rec in check_inputs(state, todo, args.workers, runners, model, args.cluster):
             store.put(rec)
             progress.update(rec)
         progress.close()
@@ -456,80 +453,6 @@ def run_setting(
         print(f"gate failed: {f.message}", file=sys.stderr)
     say(f"report: {paths['html']}")
     return doc
-
-
-@dataclass
-class WorkerState:
-    """What a worker process needs to rebuild a `Checker` (plain, picklable data)."""
-
-    settings: Settings
-    model_path: Path
-    layout: str
-    x: np.ndarray
-    y: np.ndarray
-    indices: np.ndarray
-    preds: dict
-    runner_paths: dict
-    error_models: dict  # name -> ErrorModel, for the runners that have one (built once)
-
-    def checker(self, model=None, runners=None) -> Checker:
-        """A checker, reusing loaded runtimes in the parent and loading them in workers."""
-        if model is None:
-            from quantize import load_quantized
-
-            model = load_model(self.model_path, self.layout)
-            runners = {n: load_quantized(p, self.layout) for n, p in self.runner_paths.items()}
-        qpred = {k: v for k, v in self.preds.items() if k != "float"}
-        return Checker(
-            self.settings,
-            model,
-            model.network.lower(),
-            self.x,
-            self.y,
-            self.indices,
-            self.preds["float"],
-            runners,
-            qpred,
-            self.error_models,
-        )
-
-
-_WORKER: Checker | None = None
-
-
-def _init_worker(state: WorkerState) -> None:
-    global _WORKER
-    _WORKER = state.checker()
-
-
-def _check_in_worker(pos: int) -> dict:
-    assert _WORKER is not None, "worker not initialised"
-    if os.environ.get(CRASH_ENV) == str(int(_WORKER.indices[pos])):
-        os._exit(1)  # test hook only: a worker that dies, as tests/test_faults.py needs
-    return _WORKER.check(pos).to_dict()
-
-
-def check_inputs(state: WorkerState, todo: list[int], workers: int, runners: dict, model):
-    """Yield the record of each input in `todo`, in one process or in `workers` processes."""
-    if workers <= 1 or len(todo) <= 1:
-        checker = state.checker(model, runners)
-        for pos in todo:
-            yield checker.check(pos)
-        return
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, (state,)) as pool:
-        futures = [pool.submit(_check_in_worker, pos) for pos in todo]
-        try:
-            for fut in as_completed(futures):
-                yield InputRecord.from_dict(fut.result())
-        except Exception as exc:  # a worker died (BrokenProcessPool) or raised
-            for f in futures:
-                f.cancel()
-            raise InputError(
-                f"a worker process failed ({type(exc).__name__}: {exc}); the records decided so "
-                "far are stored: continue with --resume"
-            ) from None
 
 
 def report_examples(

@@ -1,0 +1,147 @@
+"""What a task of per-input checks carries, and what a worker loads once to run it.
+
+`WorkerState` is one setting's work (settings, model files, inputs, clean predictions);
+`Batch` is the slice of it one task checks; `Shipment` is the run's model files as bytes, so a
+worker that does not share the driver's filesystem can write and load them; `Loaded` holds the
+runtimes built from them. All plain, picklable data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from verifier.check import Checker, Settings
+from verifier.errors import InputError
+from verifier.model import load_model
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The inputs of one task: exactly the arrays `Checker.check` reads, for those inputs."""
+
+    settings: Settings
+    x: np.ndarray
+    y: np.ndarray
+    indices: np.ndarray
+    preds: dict  # "float" and each runner name -> clean predictions
+
+
+@dataclass
+class WorkerState:
+    """What the checks of one setting need: settings, model files, inputs, clean predictions."""
+
+    settings: Settings
+    model_path: Path
+    layout: str
+    x: np.ndarray
+    y: np.ndarray
+    indices: np.ndarray
+    preds: dict  # "float" and each runner name -> clean predictions (N,)
+    runner_paths: dict  # runner name -> quantized file
+    error_models: dict  # name -> ErrorModel, for the runners that have one (built once)
+
+    def batch(self, positions: list[int]) -> Batch:
+        """The inputs at `positions`, as one task's argument."""
+        p = np.asarray(positions, dtype=np.int64)
+        preds = {k: np.asarray(v)[p] for k, v in self.preds.items()}
+        return Batch(self.settings, self.x[p], self.y[p], self.indices[p], preds)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The runtimes every check uses: float model, its lowered chain, quantized runners."""
+
+    model: object  # verifier.model.Model
+    chain: list
+    runners: dict
+    error_models: dict
+
+    def checker(self, batch: Batch) -> Checker:
+        """A checker of the batch's inputs (positions 0..len-1) on these runtimes."""
+        qpred = {k: v for k, v in batch.preds.items() if k != "float"}
+        return Checker(
+            batch.settings,
+            self.model,
+            self.chain,
+            batch.x,
+            batch.y,
+            batch.indices,
+            batch.preds["float"],
+            self.runners,
+            qpred,
+            self.error_models,
+        )
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """A run's model files as bytes, by path relative to a scratch directory."""
+
+    files: dict  # relative POSIX path -> bytes
+    model: str  # relative path of the float model
+    layout: str
+    runners: dict  # runner name -> relative path of its file
+    error_models: dict
+
+    def load(self, root: Path) -> Loaded:
+        """Write the files under `root`, then load the float model and the runners from there."""
+        from quantize import load_quantized
+
+        for rel, data in self.files.items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        model = load_model(root / self.model, self.layout)
+        runners = {n: load_quantized(root / p, self.layout) for n, p in self.runners.items()}
+        return Loaded(model, model.network.lower(), runners, self.error_models)
+
+
+def shipment(state: WorkerState) -> Shipment:
+    """The state's model files, each with the external data files it names, read once."""
+    files: dict = {}
+
+    def add(tag: str, path: Path) -> str:
+        path = Path(path)
+        for rel in [path.name, *onnx_external_files(path)]:
+            files[f"{tag}/{rel}"] = (path.parent / rel).read_bytes()
+        return f"{tag}/{path.name}"
+
+    model = add("float", state.model_path)
+    runners = {n: add(f"q{i}", p) for i, (n, p) in enumerate(state.runner_paths.items())}
+    return Shipment(files, model, state.layout, runners, state.error_models)
+
+
+def onnx_external_files(path: Path) -> list[str]:
+    """The external data files an ONNX file names (relative to its folder); none for others."""
+    if path.suffix.lower() != ".onnx":
+        return []
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            rel = PurePosixPath(loc)
+            if not loc or rel.is_absolute() or ".." in rel.parts:
+                raise InputError(f"{path}: external data location {loc!r} is outside its folder")
+            names.add(str(rel))
+    return sorted(names)
+
+
+def _tensors(graph) -> Iterator:
+    """Every tensor of an ONNX graph: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for g in attr.graphs:
+                yield from _tensors(g)
