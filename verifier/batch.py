@@ -88,15 +88,18 @@ class Shipment:
     error_models: dict
 
     def load(self, root: Path) -> Loaded:
-        """Write the files under `root`, then load the float model and the runners from there."""
+        """Write the files under `root`, then load the float model and the runners from there,
+        each runtime on one thread (a worker process is one core's worth of work)."""
         from quantize import load_quantized
 
         for rel, data in self.files.items():
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-        model = load_model(root / self.model, self.layout)
-        runners = {n: load_quantized(root / p, self.layout) for n, p in self.runners.items()}
+        model = load_model(root / self.model, self.layout, num_threads=1)
+        runners = {
+            n: load_quantized(root / p, self.layout, num_threads=1) for n, p in self.runners.items()
+        }
         return Loaded(model, model.network.lower(), runners, self.error_models)
 
 

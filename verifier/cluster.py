@@ -80,9 +80,16 @@ def run_on_cluster(client: Client, state: WorkerState, todo: list[int]) -> Itera
                 records, seconds = task_result(fut, state, positions)
                 pace.observe(len(positions), seconds)
                 yield from records
+    except OSError as exc:  # the scheduler or its connection went away (CommClosedError, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"the Dask cluster failed ({type(exc).__name__}: {first}); the records decided so "
+            "far are stored: continue with --resume"
+        ) from None
     finally:
         if pending:
-            client.cancel(list(pending))
+            with contextlib.suppress(Exception):  # the cluster may be gone
+                client.cancel(list(pending))
         unregister(client, name)
 
 
@@ -115,9 +122,10 @@ def task_result(fut, state: WorkerState, positions: list[int]) -> tuple[list[Inp
     try:
         dicts, seconds = fut.result()
     except KilledWorker:
-        idx = [int(state.indices[p]) for p in positions]
+        idx = [str(int(state.indices[p])) for p in positions]
+        shown = ", ".join(idx[:5]) + (f", ... ({len(idx)} inputs)" if len(idx) > 5 else "")
         raise InputError(
-            f"worker processes died on each try of inputs {idx}; the records decided so far "
+            f"worker processes died on each try of inputs {shown}; the records decided so far "
             "are stored: continue with --resume"
         ) from None
     return [InputRecord.from_dict(d) for d in dicts], seconds

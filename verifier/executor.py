@@ -31,7 +31,7 @@ def check_inputs(
         raise InputError("pass --cluster ADDR or --workers N, not both: the cluster has workers")
     if not todo:
         return
-    if cluster is None and workers <= 1:
+    if cluster is None and (workers <= 1 or len(todo) == 1):  # no cluster for one input
         loaded = Loaded(model, model.network.lower(), runners, state.error_models)
         checker = loaded.checker(state.batch(list(range(len(state.y)))))
         for pos in todo:
