@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,88 @@ def test_tampered_claim_fails(run, tmp_path, capsys, tamper):
     assert f"FAILED input {index}" in out
 
 
+# --- kept proofs --------------------------------------------------------------------------------
+
+
+def test_every_certification_keeps_a_proof_that_rechecks(run, capsys):
+    code, out, _ = audit(capsys, run)
+    doc = json.loads((run / "audit.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    certified = sum(o["status"] == "certified" for _, _, o in outcomes(results))
+    p = doc["proofs"]
+    assert code == 0 and certified > 0
+    assert (p["checked"], p["failed"], p["not_checkable"]) == (certified, 0, 0)
+    assert sum(p["leaves"].values()) >= certified and 0 < p["bytes_median"] <= p["bytes_max"]
+    assert f"kept proofs re-checked: {certified} checked, 0 failed, 0 not checkable" in out
+    assert "proof" not in (run / "results.json").read_text()  # kept in the store only
+
+
+def edit_proofs(run: Path, dest: Path, change: Callable[[dict], object]) -> tuple[Path, object]:
+    """A copy of the run whose kept proofs (index, model) -> Proof went through `change`."""
+    import sqlite3
+
+    from verifier.proof import decode, encode
+
+    shutil.copytree(run, dest)
+    conn = sqlite3.connect(dest / "run.sqlite")
+    rows = conn.execute("SELECT idx, model, data FROM proofs").fetchall()
+    proofs = {(i, m): decode(d) for i, m, d in rows}
+    answer = change(proofs)
+    conn.execute("DELETE FROM proofs")
+    conn.executemany(
+        "INSERT INTO proofs VALUES (?, ?, ?)", [(i, m, encode(p)) for (i, m), p in proofs.items()]
+    )
+    conn.commit()
+    conn.close()
+    return dest, answer
+
+
+def drop_last_leaf(proofs: dict):
+    key = max(proofs, key=lambda k: len(proofs[k].nodes))
+    proofs[key] = replace(proofs[key], nodes=proofs[key].nodes[:-1])
+    return key
+
+
+def alter_evidence(proofs: dict):
+    """A bounds leaf's margin made negative, or an enumeration leaf's count off by one."""
+    from verifier.proof import Node
+
+    for key, p in proofs.items():
+        for i, n in enumerate(p.nodes):
+            if n.kind in ("bounds", "enumeration"):
+                value = -1.0 if n.kind == "bounds" else n.values[0] + 1
+                nodes = list(p.nodes)
+                nodes[i] = Node(n.kind, (value,))
+                proofs[key] = replace(p, nodes=tuple(nodes))
+                return key
+    raise AssertionError("no bounds or enumeration leaf")
+
+
+@pytest.mark.parametrize("tamper", [drop_last_leaf, alter_evidence])
+def test_tampered_proof_fails(run, tmp_path, capsys, tamper):
+    copy, (index, model) = edit_proofs(run, tmp_path / "run", tamper)
+    code, out, _ = audit(capsys, copy)
+    doc = json.loads((copy / "audit.json").read_text())
+    assert code == 1 and doc["proofs"]["failed"] == 1
+    assert [(f["index"], f["model"], f["check"]) for f in doc["failures"]] == [
+        (index, model, "proof")
+    ]
+    assert f"FAILED input {index}, {model}, proof" in out
+
+
+def test_missing_proof_is_not_checkable(run, tmp_path, capsys):
+    def drop(proofs: dict):
+        key = next(iter(proofs))
+        del proofs[key]
+        return key
+
+    copy, (index, model) = edit_proofs(run, tmp_path / "run", drop)
+    code, out, _ = audit(capsys, copy)
+    p = json.loads((copy / "audit.json").read_text())["proofs"]
+    assert code == 0 and p["not_checkable"] == 1 and p["failed"] == 0
+    assert p["not_checked"] == [{"index": index, "model": model, "reason": "no proof kept"}]
+
+
 # --- usage and input errors: exit 2, no audit.json ----------------------------------------------
 
 
@@ -286,3 +369,28 @@ def test_real_mnist_run(real_data, tmp_path, capsys):
     doc = json.loads((out / "audit.json").read_text())
     assert code == 0 and doc["passed"], out_text
     assert doc["checked"]["certified"] > 0 and doc["checked"]["predictions"] == 12
+    p = doc["proofs"]
+    assert p["checked"] == doc["checked"]["certified"] and p["failed"] == 0
+
+
+def test_quantized_proofs_on_an_error_model_recheck(tmp_path, capsys):
+    """A TFLite dynamic-range copy (it has an error model): its certifications keep proofs on
+    the error model, which the audit re-checks with the model it rebuilds from the file."""
+    import sqlite3
+
+    from verifier.model import load_model
+    from verifier.proof import decode
+
+    model = mlp(tmp_path / "m.onnx", sizes=(16, 80, 40, 4), seed=3)
+    x = np.random.default_rng(0).random((8, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=load_model(model).classify(x.reshape(8, 16)))
+    argv = [model, "--data", tmp_path / "d.npz", "--region", "lattice", "--dims", "3"]
+    argv += ["--radius", "0.75", "--step", "0.125", "--enum-limit", "16", "--modes", "dynamic"]
+    assert verify(*argv, "--quiet", "--examples", "0", "--out", tmp_path / "run") == 0
+    with sqlite3.connect(tmp_path / "run" / "run.sqlite") as conn:
+        specs = {(m, decode(d).spec) for m, d in conn.execute("SELECT model, data FROM proofs")}
+    assert ("float", "float32") in specs and ("tflite-dynamic", "error-model") in specs
+    code, out, _ = audit(capsys, tmp_path / "run")
+    p = json.loads((tmp_path / "run" / "audit.json").read_text())["proofs"]
+    assert code == 0 and p["failed"] == p["not_checkable"] == 0 and p["checked"] >= 2, out
+    assert p["leaves"].get("bounds", 0) >= 2

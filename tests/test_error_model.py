@@ -105,7 +105,16 @@ def test_wrong_model_is_caught(tiny):
     for i, x in enumerate(xs):
         region = _region(x, i)
         label = int(runner.predict(x[None]).argmax())
-        d = decide(runner, chain, region, label, enum_limit=0, quantized=True, error_model=wrong)
+        d = decide(
+            runner,
+            chain,
+            region,
+            label,
+            timeout=30,
+            enum_limit=0,
+            quantized=True,
+            error_model=wrong,
+        )
         refused += not d.detail["trusted_bounds"]
     assert refused > 0
 
@@ -124,7 +133,16 @@ def test_decide_agrees_with_enumeration(tiny, mode):
             region = _region(x, 10 + i, step, radius)
             label = int(runner.predict(x[None]).argmax())
             assert box_size(region.lo, region.hi, region.cost, region.budget, 10**6) > 64
-            d = decide(runner, chain, region, label, enum_limit=64, quantized=True, error_model=em)
+            d = decide(
+                runner,
+                chain,
+                region,
+                label,
+                timeout=30,
+                enum_limit=64,
+                quantized=True,
+                error_model=em,
+            )
             check_decision(d, runner, region, label)
             if mode != "int8":
                 assert d.detail["trusted_bounds"], d.detail.get("untrusted_reason")

@@ -11,6 +11,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import networkx as nx
 import pytest
 from conftest import EXAMPLES
 
@@ -89,6 +90,49 @@ def test_outputs_valid(finished_run):
     html = (finished_run / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2 and "http" not in html
     assert (finished_run / "perturbations.npz").is_file()
+
+
+# the paper's feature regions, large enough that some of inputs 0-7 are refuted
+REFUTING = ["--region", "features", "--radius", "10", "--step", "1", "--indices", "0:8"]
+
+
+@pytest.fixture(scope="module", params=["exact", "mcts"])
+def refuting_run(request, real_data, quantized, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ladders") / request.param
+    extra = ["--rollouts", "60"] if request.param == "mcts" else []
+    argv = [MODEL, "--data-dir", real_data, "--quantized", quantized, "--out", out, *REFUTING]
+    assert verify(*argv, "--search", request.param, "--timeout", "2", "--quiet", *extra) == 0
+    return out
+
+
+def test_ladders_of_refuted_inputs(refuting_run):
+    doc = json.loads((refuting_run / "results.json").read_text())
+    graph = nx.read_graphml(refuting_run / "ladders.graphml")
+    refuted = [r for r in doc["records"] if r["float"] and r["float"]["status"] == "refuted"]
+    assert refuted, "the run refuted no input: nothing to check"
+    names = ["float", *(q["name"] for q in doc["quantized"])]
+    for rec in refuted:
+        coeffs = ",".join(str(v) for v in rec["float"]["coeffs"])
+        end = graph.nodes[f"{rec['index']}:{coeffs}"]
+        assert end["kind"] == "counterexample" and end["label_float"] != rec["label"]
+        assert end["margin_float"] <= 0
+        start = graph.nodes[f"{rec['index']}:" + ",".join("0" * len(rec["float"]["coeffs"]))]
+        assert start["depth"] == 0 and start["label_float"] == rec["label"]
+        for name in names:  # every model's margin at every rung
+            assert f"margin_{name}" in end and f"label_{name}" in start
+        transfer = {
+            n: q["transfer"] for n, q in rec["quantized"].items() if q["transfer"] is not None
+        }
+        for name, fooled in transfer.items():  # the ladder's end is the replayed point
+            assert (end[f"label_{name}"] != rec["label"]) == fooled
+    html = (refuting_run / "report.html").read_text()
+    assert "<h3>Ladders</h3>" in html
+    if doc["config"]["search"] == "mcts":  # the explored IP / EP points are in the graph too
+        kinds = {k for _, k in graph.nodes(data="kind") if k}
+        assert "ineffective" in kinds
+        for rec in doc["records"]:
+            for p in (rec["float"] or {}).get("detail", {}).get("explored_ip", []):
+                assert f"{rec['index']}:" + ",".join(map(str, p)) in graph
 
 
 def test_gate_exit_status_both_ways(finished_run, real_data, quantized):

@@ -99,7 +99,10 @@ def test_round_trip_tiny(tiny, tmp_path, net, variant):
     out = runner.predict(x)
     assert out.shape == (len(x), model.num_classes) and out.dtype == np.float32
     y = model.predict(x).argmax(1)
-    assert agreement(model, runner, x, y)["agreement"] >= 0.95
+    # entropy and percentile calibration clip the activation range by design, so on random
+    # weights and inputs they may flip a few more near-tied labels than min-max does
+    clipping = opts.get("calibration") in ("entropy", "percentile")
+    assert agreement(model, runner, x, y)["agreement"] >= (0.9 if clipping else 0.95)
     one = np.concatenate([runner.predict(x[i : i + 1]) for i in range(len(x))])
     np.testing.assert_array_equal(out, one)  # batching never changes an answer
     info = runner.describe()

@@ -8,7 +8,14 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from verifier.ladders import ladder, ladder_graph, save_ladders
+from verifier.ladders import (
+    graphml,
+    ladder,
+    ladder_graph,
+    margin_graph,
+    margin_ladders,
+    save_ladders,
+)
 from verifier.network import Affine, Relu, forward_lowered
 from verifier.regions import Region, feature_region, lattice_region
 from verifier.result import CERTIFIED, NOT_REFUTED, REFUTED
@@ -238,3 +245,41 @@ def test_ladder_graph_of_search_sets(tmp_path):
     assert len(data["links"]) == graph.number_of_edges()
     back = nx.read_graphml(save_ladders(graph, tmp_path / "ladders.graphml"))
     assert back.number_of_nodes() == graph.number_of_nodes()
+
+
+def test_margin_ladders_follow_each_model_to_the_counterexample(tmp_path):
+    rt, region, label = random_case(MIXED)
+    res = mcts_search(rt, region, label, rollouts=200, seed=0)
+    assert res.decision.status == REFUTED and len(res.ep) and len(res.ip)
+    first = np.concatenate([res.decision.coeffs[None], res.ip[:3]]).astype(np.int64)
+    cases = [
+        (7, label, region, first, ["counterexample"] + ["ineffective"] * (len(first) - 1)),
+        (9, label, region, res.ep[-1:].astype(np.int64), ["counterexample"]),
+    ]
+    runtimes = {"float": rt, "copy": ChainRuntime(rt.chain, rt.input_shape[0])}
+    rt.calls = 0
+    ladders = margin_ladders(cases, runtimes)
+    assert rt.calls == 1 and runtimes["copy"].calls == 1  # every rung in one call per model
+    for lad, (index, _, _, ends, _) in zip(ladders, cases, strict=True):
+        assert lad.index == index and lad.rungs.shape[1] == region.num_generators
+        rungs = lad.rungs[lad.ladder == 0]
+        assert_ladder(region, ends[0], list(rungs))
+        logits = rt.predict(region.points(rungs).astype(np.float32)).astype(np.float64)
+        want = logits[:, label] - np.delete(logits, label, axis=1).max(axis=1)
+        for name in runtimes:
+            assert np.allclose(lad.margins[name][lad.ladder == 0], want)
+        assert lad.labels["float"][lad.ladder == 0][-1] != label  # the counterexample flips
+        assert lad.margins["float"][0] > 0  # x itself is classified correctly
+        assert len(lad.kinds) == len(ends) == lad.ladder.max() + 1
+    graph = margin_graph(ladders)
+    path = tmp_path / "ladders.graphml"
+    path.write_text(graphml(graph))
+    back = nx.read_graphml(path)
+    assert back.number_of_nodes() == graph.number_of_nodes() > 0
+    node = "7:" + ",".join(str(int(v)) for v in first[0])
+    assert back.nodes[node]["kind"] == "counterexample"
+    assert {"margin_float", "margin_copy", "label_float", "coeffs"} <= set(back.nodes[node])
+    for a, b in back.edges:
+        ca = np.array(back.nodes[a]["coeffs"].split(","), int)
+        cb = np.array(back.nodes[b]["coeffs"].split(","), int)
+        assert np.abs(cb - ca).sum() == 1

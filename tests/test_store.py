@@ -3,6 +3,7 @@ atomic file writes."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -43,6 +44,22 @@ def test_put_records_round_trip(tmp_path):
         assert store.config == CONFIG and len(store.config_hash) == 64
     with RunStore.open(tmp_path / "run", CONFIG) as store:
         assert store.records() == [rec(1), rec(3), rec(5)]
+
+
+def test_proofs_are_kept_apart_from_records(tmp_path):
+    from verifier.proof import from_text, single, to_text
+
+    text = to_text(single("float32", 2, "bounds", 0.5))
+    r = rec(7)
+    r.float.detail["proof"] = text
+    with RunStore.create(tmp_path / "run", CONFIG) as store:
+        store.put(r)
+        store.put(r)  # identical: a no-op
+        assert store.proofs() == {(7, "float"): from_text(text)}
+        assert "proof" not in store.get(7).float.detail
+        assert r.float.detail["proof"] == text  # the caller's record is left as it was
+        store.put(rec(8))
+        assert list(store.proofs()) == [(7, "float")]
 
 
 def test_create_refuses_an_existing_run(tmp_path):
@@ -169,3 +186,43 @@ def test_write_atomic_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
         write_atomic(tmp_path / "report.html", "x" * 1000)
     assert err.value.errno == errno.ENOSPC
     assert os.listdir(tmp_path) == []
+
+
+class _DiesAfter:
+    """A sqlite3 connection that is killed (KeyboardInterrupt) at its `calls`-th statement."""
+
+    def __init__(self, conn: sqlite3.Connection, calls: int) -> None:
+        self._conn, self._left = conn, calls
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._conn, name)
+        if name not in ("execute", "executemany", "executescript"):
+            return attr
+
+        def call(*args, **kwargs):
+            if self._left == 0:
+                raise KeyboardInterrupt
+            self._left -= 1
+            return attr(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("calls", range(6))
+def test_run_killed_while_creating_the_store_can_start_again(tmp_path, monkeypatch, calls):
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(
+        sqlite3, "connect", lambda *a, **k: _DiesAfter(real_connect(*a, **k), calls)
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        RunStore.create(tmp_path, CONFIG).close()
+    monkeypatch.setattr(sqlite3, "connect", real_connect)
+    # what `verify --resume` does: open the store if there is one, else create it
+    if (tmp_path / DB_NAME).exists():
+        store = RunStore.open(tmp_path, CONFIG)
+    else:
+        store = RunStore.create(tmp_path, CONFIG)
+    with store:
+        assert store.config == CONFIG and len(store) == 0
+        store.put(rec(1))
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

@@ -6,7 +6,10 @@ run built it) and must be misclassified by its runtime with the stored label; ev
 claim (the float counterexample replayed on a quantized model) must give the stored label; and
 every certified region of at most `--max-points` points is enumerated in full on the runtime
 it was certified for, where every point must keep the label. Larger regions are counted as not
-enumerable, never failed. The answer is printed and written to RUN/audit.json; exit status 0
+enumerable, never failed. Every certified outcome's kept proof (the cover of sub-boxes that
+proved it, in the run store) is re-checked leaf by leaf by `verifier.proofcheck`: counted as
+checked, failed, or not checkable (no proof kept, or leaves too large to re-close here).
+The answer is printed and written to RUN/audit.json; exit status 0
 when every check held, 1 when one failed, 2 on a usage or input error.
 """
 
@@ -22,6 +25,7 @@ import numpy as np
 
 from verifier.check import Settings, build_region
 from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
+from verifier.points import predict_points
 from verifier.records import FLOAT, InputRecord, Outcome
 from verifier.regions import Region
 from verifier.result import CERTIFIED, REFUTED
@@ -58,6 +62,20 @@ class Tally:
 
 
 @dataclass
+class ProofTally:
+    """Kept proofs re-checked, by verdict, and their leaves by route."""
+
+    checked: int = 0
+    failed: int = 0
+    not_checkable: int = 0
+    leaves: dict = field(default_factory=dict)  # route -> leaves re-closed
+    points: int = 0  # enumerated on the runtimes for leaves
+    seconds: float = 0.0
+    bytes: list = field(default_factory=list)  # size of each proof re-checked
+    not_checked: list[dict] = field(default_factory=list)  # index, model, reason
+
+
+@dataclass
 class RunContext:
     """What re-checking one run needs: its document, settings, runtimes and inputs."""
 
@@ -68,6 +86,8 @@ class RunContext:
     chain: list
     runtimes: dict  # model name -> runtime ("float" first)
     x: dict  # input index -> x in the model's layout
+    proofs: dict = field(default_factory=dict)  # (index, model) -> kept proof bytes
+    error_models: dict = field(default_factory=dict)  # quantized name -> ErrorModel or None
 
 
 # --- finding and loading a run ---------------------------------------------------------------
@@ -154,7 +174,24 @@ def load_context(run_dir: Path) -> RunContext:
             "(data sha256 differs): point --data-dir / RELROBUST_DATA at the run's data"
         )
     xs = {int(i): x[p] for p, i in enumerate(ds.indices)}
-    return RunContext(run_dir, doc, settings, model, model.network.lower(), runtimes, xs)
+    ctx = RunContext(run_dir, doc, settings, model, model.network.lower(), runtimes, xs)
+    ctx.proofs = stored_proofs(run_dir)
+    return ctx
+
+
+def stored_proofs(run_dir: Path) -> dict:
+    """The kept proofs of the run's store, keyed by (input index, model name)."""
+    import sqlite3
+
+    from verifier.store import DB_NAME, RunStore
+
+    if not (run_dir / DB_NAME).is_file():
+        return {}
+    try:
+        with RunStore.open(run_dir) as store:
+            return store.proofs()
+    except sqlite3.DatabaseError as exc:
+        raise InputError(f"{run_dir / DB_NAME} is unreadable: {exc}") from None
 
 
 # --- the checks ------------------------------------------------------------------------------
@@ -166,8 +203,7 @@ def labels_at(runtime, region: Region, s: np.ndarray) -> np.ndarray:
     out = np.empty(len(s), dtype=np.int64)
     for start in range(0, len(s), BATCH):
         part = s[start : start + BATCH]
-        x = region.points(part).astype(np.float32).reshape((len(part), *runtime.input_shape))
-        out[start : start + len(part)] = np.asarray(runtime.predict(x)).argmax(axis=1)
+        out[start : start + len(part)] = predict_points(runtime, region, part).argmax(axis=1)
     return out
 
 
@@ -234,7 +270,72 @@ def check_certified(
     return None
 
 
-def audit_record(ctx: RunContext, rec: InputRecord, max_points: int, tally: Tally) -> list:
+def proof_spec(ctx: RunContext, region: Region, label: int, name: str, kind: str):
+    """The spec a proof's bounds leaves speak of, rebuilt for this audit; None when there is
+    none (no bounds, a kind that does not fit the model, or an error model that does not hold
+    over the region): bounds leaves then fail."""
+    from verifier.bounds import prepare_chain, rounding_errors, spec_chain
+
+    if kind == "float32" and name == FLOAT:
+        return spec_chain(prepare_chain(ctx.chain), region, label, float32=True)
+    if kind != "error-model" or name == FLOAT:
+        return None
+    if name not in ctx.error_models:
+        from quantize.error_model import error_model
+        from verifier.errors import UnsupportedModelError
+
+        try:
+            ctx.error_models[name] = error_model(ctx.runtimes[name], ctx.chain)
+        except UnsupportedModelError:
+            ctx.error_models[name] = None
+    em = ctx.error_models[name]
+    if em is None:
+        return None
+    try:
+        errors = rounding_errors(em.chain, region, rounding=em.rounding)
+    except ValueError:  # a grid may saturate over the region: its bounds speak for nothing
+        return None
+    return spec_chain(em.chain, region, label, errors=errors)
+
+
+def check_kept_proof(
+    ctx: RunContext, region: Region, rec: InputRecord, name: str, max_points: int, tally
+) -> Failure | None:
+    """A certified outcome's kept proof, re-checked leaf by leaf (`verifier.proofcheck`)."""
+    from verifier import proofcheck as pc
+
+    start = time.perf_counter()
+    data = ctx.proofs.get((rec.index, name))
+    if data is None:
+        verdict = pc.Verdict(pc.NOT_CHECKABLE, "no proof kept")
+    else:
+        tally.bytes.append(len(data))
+        proof = pc.read(data)
+        if isinstance(proof, pc.Verdict):
+            verdict = proof
+        else:
+            spec = proof_spec(ctx, region, rec.label, name, proof.spec)
+            runtime = ctx.runtimes[name]
+            problem = pc.Problem(region, rec.label, runtime, spec, ctx.chain, max_points)
+            verdict = pc.check_tree(proof, problem)
+    tally.seconds += time.perf_counter() - start
+    tally.points += verdict.points
+    for kind, n in verdict.leaves.items():
+        tally.leaves[kind] = tally.leaves.get(kind, 0) + n
+    if verdict.status == pc.CHECKED:
+        tally.checked += 1
+        return None
+    if verdict.status == pc.FAILED:
+        tally.failed += 1
+        return Failure(rec.index, name, "proof", verdict.message)
+    tally.not_checkable += 1
+    tally.not_checked.append({"index": rec.index, "model": name, "reason": verdict.message})
+    return None
+
+
+def audit_record(
+    ctx: RunContext, rec: InputRecord, max_points: int, tally: Tally, proofs: ProofTally
+) -> list:
     """Every claim of one input's record, re-checked; returns the failures."""
     out: list[Failure] = []
     tally.inputs += 1
@@ -255,6 +356,9 @@ def audit_record(ctx: RunContext, rec: InputRecord, max_points: int, tally: Tall
             check_transfer(runtime, region, rec, name, o, out)
         if o.status == CERTIFIED:
             fail = check_certified(runtime, region, rec, name, max_points, tally)
+            if fail is not None:
+                out.append(fail)
+            fail = check_kept_proof(ctx, region, rec, name, max_points, proofs)
             if fail is not None:
                 out.append(fail)
     return out
@@ -316,11 +420,11 @@ def audit_run(run_dir: Path, size: int | None, seed: int, max_points: int, say) 
     ctx = load_context(run_dir)
     records = [InputRecord.from_dict(r) for r in ctx.doc["records"]]
     chosen = sample(records, size, seed)
-    tally = Tally()
+    tally, proofs = Tally(), ProofTally()
     failures = check_predictions(ctx, chosen, tally) if chosen else []
     failures += check_perturbations(ctx, chosen)
     for rec in chosen:
-        failures += audit_record(ctx, rec, max_points, tally)
+        failures += audit_record(ctx, rec, max_points, tally, proofs)
     doc = {
         "audit_version": AUDIT_VERSION,
         "run": str(run_dir),
@@ -335,6 +439,7 @@ def audit_run(run_dir: Path, size: int | None, seed: int, max_points: int, say) 
         "max_points": max_points,
         "checked": {k: v for k, v in asdict(tally).items() if k != "not_enumerable"},
         "not_enumerable": tally.not_enumerable,
+        "proofs": proof_summary(proofs),
         "failures": [asdict(f) for f in failures],
         "passed": not failures,
         "seconds": round(time.perf_counter() - start, 3),
@@ -342,6 +447,22 @@ def audit_run(run_dir: Path, size: int | None, seed: int, max_points: int, say) 
     write_atomic(run_dir / "audit.json", json.dumps(doc, indent=1) + "\n")
     say(describe(doc))
     return doc
+
+
+def proof_summary(p: ProofTally) -> dict:
+    """The proofs section of audit.json: verdict counts, leaves, sizes and time."""
+    sizes = sorted(p.bytes)
+    return {
+        "checked": p.checked,
+        "failed": p.failed,
+        "not_checkable": p.not_checkable,
+        "leaves": dict(sorted(p.leaves.items())),
+        "points": p.points,
+        "bytes_median": int(np.median(sizes)) if sizes else 0,
+        "bytes_max": sizes[-1] if sizes else 0,
+        "seconds": round(p.seconds, 3),
+        "not_checked": p.not_checked,
+    }
 
 
 def describe(doc: dict) -> str:
@@ -356,6 +477,13 @@ def describe(doc: dict) -> str:
         f"  certified regions not enumerable (over {doc['max_points']:,} points): "
         f"{len(doc['not_enumerable'])}",
     ]
+    p = doc.get("proofs")
+    if p is not None:
+        leaves = ", ".join(f"{v} {k}" for k, v in p["leaves"].items()) or "none"
+        lines.append(
+            f"  kept proofs re-checked: {p['checked']} checked, {p['failed']} failed, "
+            f"{p['not_checkable']} not checkable (leaves re-closed: {leaves})"
+        )
     for f in doc["failures"]:
         at = "" if f["coeffs"] is None else f" at coefficients {f['coeffs']}"
         lines.append(f"  FAILED input {f['index']}, {f['model']}, {f['check']}: {f['message']}{at}")
@@ -369,7 +497,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="verify audit",
         description="Re-check a finished run on the real runtimes: counterexamples re-run, "
-        "transfer claims replayed, small certified regions enumerated in full. Exit status 0 "
+        "transfer claims replayed, small certified regions enumerated in full, the kept proof "
+        "of every certification re-checked leaf by leaf. Exit status 0 "
         "when every check holds, 1 when one fails, 2 on a usage or input error.",
     )
     p.add_argument("run", type=Path, help="run directory (a sweep root: each sub-directory)")

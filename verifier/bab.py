@@ -19,6 +19,7 @@ import numpy as np
 
 from verifier.bounds import Bounds
 from verifier.enumeration import box_size, confirm, enumerate_box, margins_and_labels
+from verifier.proof import Cover, margin_evidence
 from verifier.regions import Region
 from verifier.result import CERTIFIED, REFUTED, UNKNOWN
 
@@ -57,12 +58,14 @@ def branch_and_bound(
     deadline: float,
     max_nodes: int,
     enum_limit: int,
+    cover: Cover | None = None,
 ) -> BabOutcome:
     """Refine the `roots` (sub-boxes with their bounds) until every leaf is closed, a
     counterexample is confirmed, or the budget (`max_nodes` processed nodes, `deadline` on
     `time.perf_counter()`) runs out.
 
     `bound(lo, hi, parent_bounds)` bounds a child box (the parent's bounds stay valid in it).
+    `cover` (a `verifier.proof.Cover`) records every split and closed leaf with its evidence.
     """
     out = BabOutcome(UNKNOWN, "budget")
     tie = itertools.count()
@@ -71,10 +74,10 @@ def branch_and_bound(
 
     def push(leaf: Leaf) -> None:
         """Close the leaf at once when its bounds settle it, else queue it."""
-        if leaf.bounds.empty:
-            out.closed["empty"] += 1
-        elif np.all(leaf.bounds.lower > threshold):
-            out.closed["bab"] += 1
+        if leaf.bounds.empty or np.all(leaf.bounds.lower > threshold):
+            out.closed["empty" if leaf.bounds.empty else "bab"] += 1
+            if cover is not None:
+                close_by_bounds(cover, leaf, region, threshold)
         else:
             heapq.heappush(heap, (_key(leaf.bounds, threshold), next(tie), leaf))
 
@@ -99,11 +102,17 @@ def branch_and_bound(
                 return out
             if res.clean:
                 out.closed["enumeration"] += 1
+                if cover is not None:
+                    cover.close(leaf.lo, leaf.hi, "enumeration", res.points)
                 continue
             stuck.append(leaf)  # out of time, or the runtime's answer depends on the batch
             if not res.complete:
                 break
-        for lo, hi in split(leaf, threshold):
+        children = split(leaf, threshold)
+        if cover is not None:
+            g = int(np.flatnonzero(children[0][1] != leaf.hi)[0])
+            cover.split(leaf.lo, leaf.hi, g, int(children[0][1][g]))
+        for lo, hi in children:
             push(Leaf(lo, hi, bound(lo, hi, leaf.bounds)))
     out.open_leaves = stuck + [entry[2] for entry in sorted(heap, key=lambda e: (e[0], e[1]))]
     if not out.open_leaves:
@@ -160,3 +169,13 @@ def _try_minimisers(
         if adv is not None:
             return cands[i].astype(np.int64), adv
     return None
+
+
+def close_by_bounds(cover: Cover, leaf: Leaf, region: Region, threshold: np.ndarray) -> None:
+    """Record a leaf its bounds close: empty (with its least cost) or by its worst margin."""
+    if leaf.bounds.empty:
+        cost = float(np.abs(np.clip(0, leaf.lo, leaf.hi)) @ region.cost)
+        cover.close(leaf.lo, leaf.hi, "empty", cost)
+    else:
+        margin = margin_evidence(float(np.min(leaf.bounds.lower - threshold)))
+        cover.close(leaf.lo, leaf.hi, "bounds", margin)

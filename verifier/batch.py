@@ -14,7 +14,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from verifier.check import Checker, Settings
+from verifier.check import Checker
+from verifier.config import Settings
 from verifier.errors import InputError
 from verifier.model import load_model
 
@@ -56,7 +57,7 @@ class Loaded:
     """The runtimes every check uses: float model, its lowered chain, quantized runners."""
 
     model: object  # verifier.model.Model
-    chain: list
+    chain: object  # bounds.PreparedChain of the float model
     runners: dict
     error_models: dict
 
@@ -91,6 +92,7 @@ class Shipment:
         """Write the files under `root`, then load the float model and the runners from there,
         each runtime on one thread (a worker process is one core's worth of work)."""
         from quantize import load_quantized
+        from verifier.bounds import prepare_chain
 
         for rel, data in self.files.items():
             path = root / rel
@@ -100,7 +102,7 @@ class Shipment:
         runners = {
             n: load_quantized(root / p, self.layout, num_threads=1) for n, p in self.runners.items()
         }
-        return Loaded(model, model.network.lower(), runners, self.error_models)
+        return Loaded(model, prepare_chain(model.network.lower()), runners, self.error_models)
 
 
 def shipment(state: WorkerState) -> Shipment:

@@ -11,30 +11,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from verifier.bounds import prepare_chain
+from verifier.config import Settings
 from verifier.enumeration import replay
 from verifier.features import chunk, select_positions
 from verifier.records import InputRecord, Outcome
 from verifier.regions import Region, feature_region, lattice_region
 from verifier.result import CERTIFIED, NOT_REFUTED, REFUTED, Decision
 
-
-@dataclass(frozen=True)
-class Settings:
-    """How regions are built and decided; part of the run configuration."""
-
-    radius: float = 20.0
-    step: float = 0.25
-    region: str = "features"  # or "lattice"
-    dims: int = 10  # lattice: how many values move
-    feature_dims: int = 10  # features: values per feature
-    selection: str = "activation"
-    search: str = "exact"  # or "mcts"
-    timeout: float = 10.0  # seconds per input and model
-    max_nodes: int = 20000
-    enum_limit: int = 8192
-    rollouts: int = 2000  # mcts
-    use_smt: bool = True
-    seed: int = 0
+# MCTS mode: explored IP / EP points kept per input for the ladder graph
+EXPLORED_KEPT = 32
 
 
 @dataclass
@@ -50,9 +36,12 @@ class Checker:
     pred: np.ndarray  # float clean predictions
     runners: dict = field(default_factory=dict)  # name -> runner
     qpred: dict = field(default_factory=dict)  # name -> clean predictions
-    # name -> quantize.error_model.ErrorModel (built once, see `pipeline.runner_error_models`);
+    # name -> quantize.error_model.ErrorModel (built once, see `quantized.runner_error_models`);
     # a runner missing here gets no bounds
     error_models: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.chain = prepare_chain(self.chain)  # once per checker, not once per decision
 
     def region(self, pos: int) -> Region:
         """The region around input `pos`."""
@@ -112,6 +101,7 @@ class Checker:
             self.model, region, rec.label, rollouts=s.rollouts, time_budget=s.timeout, seed=seed
         )
         rec.float = outcome(res.decision)
+        rec.float.detail.update(explored(res))
         for name, runner in self.runners.items():
             rec.quantized[name] = replay_outcome(runner, region, res, rec.label)
         return rec
@@ -120,7 +110,8 @@ class Checker:
 def build_region(s: Settings, x: np.ndarray, chain: list, label: int, index: int) -> Region:
     """The region around one input; feature selection is per input (seeded by its index)."""
     x = np.asarray(x).reshape(-1)
-    order = select_positions(s.selection, x, chain=chain, label=label, seed=s.seed + index)
+    layers = getattr(chain, "layers", chain)  # a PreparedChain or the lowered list
+    order = select_positions(s.selection, x, chain=layers, label=label, seed=s.seed + index)
     if s.region == "lattice":
         return lattice_region(x, order[: s.dims], s.step, s.radius)
     return feature_region(x, chunk(order, s.feature_dims), s.step, s.radius)
@@ -133,6 +124,15 @@ def outcome(d: Decision) -> Outcome:
     return Outcome(
         d.status, d.route, round(d.seconds, 6), int(d.nodes), coeffs, d.adv_label, detail=detail
     )
+
+
+def explored(res, limit: int = EXPLORED_KEPT) -> dict:
+    """The first `limit` EP and IP points an MCTS search evaluated (coefficient lists), kept
+    with the record so the report's ladder graph can show them (SPEC section 2)."""
+    return {
+        "explored_ep": [[int(v) for v in p] for p in res.ep[:limit]],
+        "explored_ip": [[int(v) for v in p] for p in res.ip[:limit]],
+    }
 
 
 def transfer_outcome(runner, region: Region, d: Decision, label: int) -> Outcome:

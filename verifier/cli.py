@@ -1,5 +1,7 @@
 """The `verify` command: argument parsing and exit statuses, nothing else.
 
+The parsed options become one `config.RunConfig`; nothing below this module sees argparse.
+
 `verify [options] [MODEL]` runs the main job (see `verifier.pipeline`); `verify quantize ...`
 writes a quantized copy of a model. Every `RelrobustError` becomes one line on stderr and exit
 status 2; a breached CI gate is exit status 1.
@@ -13,10 +15,20 @@ import sys
 from pathlib import Path
 
 from verifier import __version__
+from verifier.config import (
+    DEFAULT_EXAMPLE_LIMIT,
+    DEFAULT_MODEL,
+    DEFAULT_MODES,
+    DEFAULTS,
+    REGION_FAMILIES,
+    SEARCHES,
+    build_config,
+    gate_warnings,
+    uses_example_limit,
+)
+from verifier.data import DATASETS, LAYOUTS
 from verifier.errors import EXIT_USAGE, RelrobustError
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-DEFAULT_MODEL = EXAMPLES / "mnist_mlp.onnx"
+from verifier.features import SELECTIONS
 
 
 def _fraction(text: str) -> float:
@@ -35,8 +47,17 @@ def _number_list(text: str) -> list[float]:
     return [_fraction(t) for t in text.split(",") if t.strip()]
 
 
+def _shown(value: object) -> str:
+    """A default as `--help` prints it."""
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The main command's parser; every option is documented in `--help`."""
+    """The main command's parser; options not given are absent from the parsed namespace, so
+    `config.build_config` knows what the user said (and `--resume` what to take from the run)."""
+    d = DEFAULTS
     p = argparse.ArgumentParser(
         prog="verify",
         description=(
@@ -46,97 +67,100 @@ def build_parser() -> argparse.ArgumentParser:
             "`verify show RUN INDEX` writes an input and its perturbation as PNG; "
             "`verify audit RUN` re-checks a finished run on the real runtimes."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--version", action="version", version=f"relrobust {__version__}")
     p.add_argument(
         "model",
         nargs="?",
         type=Path,
-        default=None,
-        help="ONNX (.onnx) or Keras (.keras/.h5) classifier; default: the embedded "
-        f"{DEFAULT_MODEL.name}",
+        default=None,  # a positional's default is not suppressed: None means not given
+        help="ONNX (.onnx) or Keras (.keras/.h5) classifier (default: the embedded "
+        f"{DEFAULT_MODEL.name}, first {DEFAULT_EXAMPLE_LIMIT} inputs)",
     )
     g = p.add_argument_group("model and data")
     g.add_argument(
         "--layout",
-        choices=["flat", "flat-chw", "nchw", "nhwc"],
+        choices=LAYOUTS,
         help="input layout of the model (default: read from the graph); flat = HWC "
         "order (Keras), flat-chw = CHW order (PyTorch)",
     )
     g.add_argument(
         "--data",
-        default=None,
-        help="dataset: mnist, cifar10 or a .npz with x and y (default: from the "
+        help=f"dataset: {', '.join(DATASETS)} or a .npz with x and y (default: from the "
         "model's input size)",
     )
     g.add_argument(
         "--data-dir",
         type=Path,
-        default=None,
         help="where datasets are looked for (default: $RELROBUST_DATA, else "
         "~/.cache/relrobust/data)",
     )
-    g.add_argument("--limit", type=int, default=None, help="use the first N selected inputs")
-    g.add_argument("--indices", default=None, help="input positions, START:STOP or a,b,c")
-    g.add_argument("--labels", default=None, help="only inputs with these true labels, e.g. 1,7")
+    g.add_argument("--limit", type=int, help="use the first N selected inputs (default: all)")
+    g.add_argument("--indices", help="input positions, START:STOP or a,b,c (default: all)")
+    g.add_argument("--labels", help="only inputs with these true labels, e.g. 1,7 (default: all)")
 
     g = p.add_argument_group("regions (SPEC section 3)")
     g.add_argument(
         "--radius",
         type=_number_list,
-        default=[20.0],
-        help="Manhattan radius r; a comma list sweeps several (10,20)",
+        help=f"Manhattan radius r; a comma list sweeps several, e.g. 10,20 (default: "
+        f"{_shown(d.radius)})",
     )
     g.add_argument(
         "--step",
         type=_number_list,
-        default=[0.25],
         help="manipulation step delta in (0,1]; fractions allowed; a comma list "
-        "sweeps several (1,1/2,1/4)",
+        f"sweeps several, e.g. 1,1/2,1/4 (default: {_shown(d.step)})",
     )
     g.add_argument(
         "--region",
-        choices=["features", "lattice"],
-        default="features",
+        choices=REGION_FAMILIES,
         help="features: subsets of features, each moved once by the step away from "
-        "0.5 (the paper's); lattice: --dims values moved by multiples of the step",
+        "0.5 (the paper's); lattice: --dims values moved by multiples of the step "
+        f"(default: {d.region})",
     )
-    g.add_argument("--dims", type=int, default=10, help="lattice: how many input values move")
-    g.add_argument("--feature-dims", type=int, default=10, help="input values per feature")
+    g.add_argument(
+        "--dims", type=int, help=f"lattice: how many input values move (default: {d.dims})"
+    )
+    g.add_argument(
+        "--feature-dims",
+        type=int,
+        help=f"input values per feature (default: {d.feature_dims})",
+    )
     g.add_argument(
         "--selection",
-        choices=["activation", "gradient", "random"],
-        default="activation",
+        choices=SELECTIONS,
         help="feature selection: DLV's |x_i - mean(x)|, gradient saliency of the "
-        "logit margin, or seeded random",
+        f"logit margin, or seeded random (default: {d.selection})",
     )
 
     g = p.add_argument_group("decision")
     g.add_argument(
         "--search",
-        choices=["exact", "mcts"],
-        default="exact",
+        choices=SEARCHES,
         help="exact: attack, bounds, branch and bound, enumeration, z3 (certified / "
         "refuted / unknown); mcts: the paper's Monte-Carlo tree search "
-        "(refuted / not-refuted) with replay of its IP / EP sets",
+        f"(refuted / not-refuted) with replay of its IP / EP sets (default: {d.search})",
     )
     g.add_argument(
         "--timeout",
         type=float,
-        default=2.0,
-        help="seconds per input and model before the answer is unknown",
+        help="seconds per input and model before the answer is unknown "
+        f"(default: {_shown(d.timeout)})",
     )
     g.add_argument(
-        "--max-nodes", type=int, default=20000, help="branch-and-bound nodes per input and model"
+        "--max-nodes",
+        type=int,
+        help=f"branch-and-bound nodes per input and model (default: {d.max_nodes})",
     )
     g.add_argument(
         "--enum-limit",
         type=int,
-        default=8192,
-        help="regions or leaves with at most this many points are enumerated",
+        help="regions or leaves with at most this many points are enumerated "
+        f"(default: {d.enum_limit})",
     )
-    g.add_argument("--rollouts", type=int, default=2000, help="mcts: rollouts per input")
+    g.add_argument("--rollouts", type=int, help=f"mcts: rollouts per input (default: {d.rollouts})")
     g.add_argument("--no-smt", action="store_true", help="skip the z3 step")
 
     g = p.add_argument_group("quantized models (SPEC section 5)")
@@ -144,70 +168,95 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantized",
         type=Path,
         action="append",
-        default=[],
         metavar="FILE",
         help="a quantized model you already have (.tflite or .onnx); repeatable",
     )
     g.add_argument(
         "--modes",
-        default=None,
-        help="quantization modes to build, comma list (default: dynamic,ort-qdq "
-        "when no --quantized file is given; 'none' for none); see "
-        "`verify quantize --list-modes`",
+        help="quantization modes to build, comma list (default: "
+        f"{','.join(DEFAULT_MODES)} when no --quantized file is given; 'none' for none); "
+        "see `verify quantize --list-modes`",
     )
     g.add_argument(
         "--calib-data",
-        default=None,
         help="calibration dataset (default: the training side of --data; required "
         "for static modes when --data is an .npz)",
     )
     g.add_argument(
         "--calib-size",
         type=int,
-        default=500,
-        help="calibration inputs drawn from the training side of the dataset",
+        help="calibration inputs drawn from the training side of the dataset "
+        f"(default: {d.calib_size})",
     )
 
     g = p.add_argument_group("output and runs")
-    g.add_argument(
-        "--out", type=Path, default=None, help="run directory (default runs/<timestamp>)"
-    )
+    g.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
     g.add_argument(
         "--resume",
         type=Path,
-        default=None,
         metavar="RUN",
-        help="continue an interrupted run in RUN; decided inputs are not recomputed",
+        help="continue an interrupted run in RUN; decided inputs are not recomputed and "
+        "options not given take RUN's values",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    g.add_argument("--workers", type=int, default=1, help="worker processes")
+    g.add_argument("--seed", type=int, help=f"seed of every random choice (default: {d.seed})")
+    g.add_argument("--workers", type=int, help=f"worker processes (default: {d.workers})")
     g.add_argument(
         "--cluster",
-        default=None,
         metavar="ADDR",
-        help="run the checks on the Dask scheduler at ADDR (tcp://HOST:PORT); its workers "
-        "need relrobust installed, not the model files (see the README, 'On a cluster')",
+        help="run the checks on the Dask scheduler at ADDR (tcp://HOST:PORT) instead of "
+        "--workers; its workers need relrobust installed, not the model files (README: "
+        "'On a cluster')",
     )
     g.add_argument("--quiet", action="store_true", help="no progress and no tables")
     g.add_argument("--json", action="store_true", help="print the summary as JSON to stdout")
-    g.add_argument("--examples", type=int, default=12, help="example images per grid in the report")
+    g.add_argument(
+        "--examples",
+        type=int,
+        help=f"example images per grid in the report (default: {d.examples})",
+    )
 
-    g = p.add_argument_group("CI gate (percentages; exit status 1 when breached)")
-    g.add_argument("--min-relative-robustness", type=float, default=None)
-    g.add_argument("--max-transfer", type=float, default=None)
-    g.add_argument("--max-unknown", type=float, default=None)
-    g.add_argument("--min-accuracy", type=float, default=None)
+    g = p.add_argument_group(
+        "CI gate (exit status 1 when breached)",
+        "Thresholds are percentages from 0 to 100 (90 means 90%, 0.9 means 0.9%). Where "
+        "undecided inputs leave a measure a range lo..hi, a minimum is checked against lo "
+        "and a maximum against hi. Default: not checked.",
+    )
+    g.add_argument(
+        "--min-relative-robustness",
+        type=float,
+        metavar="PCT",
+        help="fail when a quantized model's relative robustness |R_Q^FP|/|R| is below PCT percent",
+    )
+    g.add_argument(
+        "--max-transfer",
+        type=float,
+        metavar="PCT",
+        help="fail when a quantized model's adversarial transfer |R^0|/|R_NOT| is above PCT "
+        "percent",
+    )
+    g.add_argument(
+        "--max-unknown",
+        type=float,
+        metavar="PCT",
+        help="fail when more than PCT percent of the correctly classified inputs are undecided",
+    )
+    g.add_argument(
+        "--min-accuracy",
+        type=float,
+        metavar="PCT",
+        help="fail when a model's clean accuracy is below PCT percent",
+    )
     g.add_argument(
         "--baseline",
         type=Path,
-        default=None,
         help="results.json of the previous release: fail when a measure got worse",
     )
     g.add_argument(
         "--tolerance",
         type=float,
-        default=0.0,
-        help="percentage points a measure may get worse than the baseline",
+        metavar="POINTS",
+        help="percentage points a measure may get worse than the baseline "
+        f"(default: {_shown(d.tolerance)})",
     )
     return p
 
@@ -229,11 +278,20 @@ def main(argv: list[str] | None = None) -> int:
             from verifier.audit import main as audit_main
 
             return audit_main(argv[1:])
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        parsed = vars(build_parser().parse_args(argv))
+        given = {k: v for k, v in parsed.items() if v is not None}
+        config = build_config(given)
+        if uses_example_limit(given):
+            print(
+                f"notice: embedded default model, first {DEFAULT_EXAMPLE_LIMIT} inputs (pass "
+                "--limit, --indices or --labels for others)",
+                file=sys.stderr,
+            )
+        for line in gate_warnings(config):
+            print(line, file=sys.stderr)
         from verifier.pipeline import run
 
-        return run(args, parser)
+        return run(config)
     except RelrobustError as exc:
         print(f"verify: error: {exc}", file=sys.stderr)
         return exc.exit_status

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from verifier.attack import quick_attack, search_attack
-from verifier.bab import Leaf, branch_and_bound
+from verifier.bab import Leaf, branch_and_bound, close_by_bounds
 from verifier.bounds import (
     PreparedChain,
     SpecChain,
@@ -41,6 +41,7 @@ from verifier.bounds import (
 )
 from verifier.enumeration import box_size, confirm, enumerate_box, runtime_inputs
 from verifier.network import LoweredLayer, forward_lowered
+from verifier.proof import Cover, to_text
 from verifier.regions import Region
 from verifier.result import CERTIFIED, REFUTED, UNKNOWN, Decision
 
@@ -68,7 +69,7 @@ def decide(
     region: Region,
     label: int,
     *,
-    timeout: float = 30.0,
+    timeout: float,
     max_nodes: int = 20000,
     enum_limit: int = 8192,
     use_smt: bool = True,
@@ -89,7 +90,8 @@ def decide(
     `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3),
     "open_leaves", "points" (enumerated on the runtime), "attack_evals", "steps" (seconds per
     step), "trusted_bounds" (and "chain_gap" / "untrusted_reason"), "bounds_method" and
-    "root_margin" (worst root lower bound minus the threshold), z3 and enumeration notes.
+    "root_margin" (worst root lower bound minus the threshold), z3 and enumeration notes, and
+    on certification "proof": the cover that proved it (`verifier.proof`, as ASCII).
     """
     chain = prepare_chain(chain)
     _check(chain.layers, region, label, timeout, max_nodes, enum_limit, quantized, error_model)
@@ -108,6 +110,8 @@ def decide(
     else:
         spec = spec_chain(chain, region, label, float32=not quantized)
         trusted, threshold = _trust(runtime, chain, spec, region, quantized, detail)
+    if trusted:  # bounds leaves speak of this spec (see verifier.proof.SPECS)
+        run.spec = "error-model" if quantized else "float32"
 
     att = quick_attack(runtime, spec, region, label, seed=seed)
     run.step("attack", evals=att.evaluations)
@@ -122,6 +126,7 @@ def decide(
         root = _root_bounds(spec, region, threshold, alpha_steps, gap, detail)
         run.step("bounds")
         if np.all(root.lower > threshold):
+            close_by_bounds(run.cover, Leaf(region.lo, region.hi, root), region, threshold)
             return run.done(CERTIFIED, "bounds")
 
     att = search_attack(
@@ -201,6 +206,7 @@ def _refine(
             deadline=time.perf_counter() + share * (deadline - time.perf_counter()),
             max_nodes=max_nodes - run.nodes,
             enum_limit=enum_limit,
+            cover=run.cover,
         )
         run.nodes += out.nodes
         run.detail["points"] += out.points
@@ -230,6 +236,8 @@ class _Run:
         self.start = self.mark = start
         self.detail = detail
         self.nodes = 0
+        self.cover = Cover()  # the proof of a certification, as the steps close boxes
+        self.spec = "none"  # what bounds leaves are computed on (verifier.proof.SPECS)
 
     def step(self, name: str, evals: int = 0) -> None:
         now = time.perf_counter()
@@ -242,6 +250,9 @@ class _Run:
         if coeffs is not None:
             coeffs = np.asarray(coeffs, dtype=np.int64)
             adv_label = None if adv_label is None else int(adv_label)
+        if status == CERTIFIED:
+            proof = self.cover.proof(self.region.lo, self.region.hi, self.spec)
+            self.detail["proof"] = to_text(proof)
         return Decision(
             status,
             route,
@@ -262,6 +273,7 @@ class _Run:
             return self.done(REFUTED, "enumeration", res.coeffs, res.adv_label)
         if res.clean:
             self.detail["leaves"]["enumeration"] = 1
+            self.cover.close(self.region.lo, self.region.hi, "enumeration", res.points)
             return self.done(CERTIFIED, "enumeration")
         if res.ambiguous:
             self.detail["ambiguous"] = "misclassified in a batch but not when re-run alone"
@@ -400,6 +412,7 @@ def _smt_leaves(run: _Run, smt, spec: SpecChain, chain, leaves: list[Leaf], dead
         )
         if res.status == "unsat":
             closed += 1
+            run.cover.close(leaf.lo, leaf.hi, "z3")
             continue
         if res.status == "sat" and res.coeffs is not None:
             adv = confirm(run.runtime, run.region, res.coeffs, run.label)

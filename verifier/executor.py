@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from verifier.batch import Loaded, WorkerState
-from verifier.errors import InputError
+from verifier.bounds import prepare_chain
 from verifier.records import InputRecord
 
 __all__ = ["WorkerState", "check_inputs"]
@@ -27,12 +27,11 @@ def check_inputs(
 ) -> Iterator[InputRecord]:
     """Yield the record of each input position in `todo`: in this process (reusing `model`
     and `runners`) when `workers` is 1, else on `workers` local processes or on `cluster`."""
-    if cluster and workers > 1:
-        raise InputError("pass --cluster ADDR or --workers N, not both: the cluster has workers")
     if not todo:
         return
     if cluster is None and (workers <= 1 or len(todo) == 1):  # no cluster for one input
-        loaded = Loaded(model, model.network.lower(), runners, state.error_models)
+        chain = prepare_chain(model.network.lower())
+        loaded = Loaded(model, chain, runners, state.error_models)
         checker = loaded.checker(state.batch(list(range(len(state.y)))))
         for pos in todo:
             yield checker.check(pos)

@@ -3,7 +3,9 @@
 All thresholds, values and the baseline tolerance are percentages (0-100, tolerance in
 percentage points), the unit the reports print. A measure that is undefined (no input in its
 denominator, e.g. relative robustness with an empty `R`) is not checked: there is nothing to
-lose. The caller maps "no failures" to exit status 0 and any failure to 1.
+lose. Where undecided inputs leave a measure a range `lo..hi`, a minimum is checked against
+`lo` and a maximum against `hi` (SPEC section 4): an unknown never passes a gate it could fail.
+The caller maps "no failures" to exit status 0 and any failure to 1.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ MEASURES = {
     "adversarial_transfer": ("max", "quantized"),
     "unknown_share": ("max", "both"),
     "accuracy": ("min", "both"),
+}
+# measures that undecided inputs leave a range, and where the range lives in the aggregates
+RANGES = {
+    "relative_robustness": "relative_robustness_range",
+    "adversarial_transfer": "adversarial_transfer_range",
 }
 
 
@@ -51,6 +58,22 @@ class Thresholds:
         return {m: (MEASURES[m][0], v) for m, v in pairs.items() if v is not None}
 
 
+# each threshold as the gate understands it (the summary and the report echo these)
+UNDERSTOOD = {
+    "min_relative_robustness": "relative robustness of each quantized model at least {v:g}% "
+    "(checked against the lower end of its range)",
+    "max_transfer": "adversarial transfer of each quantized model at most {v:g}% "
+    "(checked against the upper end of its range)",
+    "max_unknown": "undecided inputs at most {v:g}% of the correctly classified ones",
+    "min_accuracy": "clean accuracy of every model at least {v:g}%",
+}
+
+
+def understood(thresholds: dict) -> list[str]:
+    """One line per set threshold (option name -> percent), saying how it is checked."""
+    return [UNDERSTOOD[k].format(v=v) for k, v in thresholds.items() if v is not None]
+
+
 @dataclass(frozen=True)
 class GateFailure:
     """One measure of one model that missed its limit, and by how many percentage points."""
@@ -70,8 +93,12 @@ class GateFailure:
         if self.against == "baseline":
             sign = "minus" if self.direction == "min" else "plus"
             source = f" (baseline {sign} tolerance)"
+        end = ""
+        if self.measure in RANGES:
+            end = " (lower end of its range)" if self.direction == "min" else " (upper end)"
         return (
-            f"{self.measure} of {self.model} is {self.value:.2f}%, {side} {self.limit:.2f}%"
+            f"{self.measure}{end} of {self.model} is {self.value:.2f}%, {side} "
+            f"{self.limit:.2f}%"
             f"{source} by {self.miss:.2f} percentage points"
         )
 
@@ -80,7 +107,8 @@ class GateFailure:
 
 
 def measures(aggregates: Aggregate | dict) -> dict[tuple[str, str], float]:
-    """(measure, model) -> value for every gated measure that is defined in `aggregates`."""
+    """(measure, model) -> value for every gated measure that is defined in `aggregates`: the
+    `lo` end of a ranged "min" measure, the `hi` end of a ranged "max" one."""
     agg = aggregates.to_dict() if isinstance(aggregates, Aggregate) else aggregates
     out: dict[tuple[str, str], float | None] = {}
     quantized = agg.get("quantized", {})
@@ -89,8 +117,10 @@ def measures(aggregates: Aggregate | dict) -> dict[tuple[str, str], float]:
     if not quantized:
         out[("unknown_share", FLOAT)] = fl.get("unknown_share")
     for name, m in quantized.items():
-        for measure in MEASURES:
-            out[(measure, name)] = m["overall"].get(measure)
+        for measure, (direction, _) in MEASURES.items():
+            rng = m["overall"].get(RANGES.get(measure, ""))
+            end = "lo" if direction == "min" else "hi"
+            out[(measure, name)] = rng[end] if rng else m["overall"].get(measure)
     return {k: v for k, v in out.items() if v is not None}
 
 

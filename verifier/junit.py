@@ -1,4 +1,7 @@
-"""junit.xml: one suite per quantized model (or the float model), one case per input, for CI."""
+"""junit.xml: one suite per quantized model (or the float model), one case per input, for CI.
+
+Each suite's `<properties>` hold its measures, overall and per true label, as the reports print
+them (`lo..hi` when undecided inputs leave a range) and as numbers (`.lo`, `.hi`)."""
 
 from __future__ import annotations
 
@@ -14,8 +17,31 @@ from verifier.relative import (
     R_NOT_UNKNOWN,
     R_UNKNOWN,
     float_set,
+    format_range,
     quant_set,
 )
+
+# suite -> the measures its properties report (the float suite when there is no quantized model)
+SUITE_MEASURES = {
+    "float": ("robust", "effective"),
+    "quantized": ("relative_robustness", "adversarial_transfer"),
+}
+
+
+def _properties(suite: ET.Element, agg: dict, name: str | None) -> None:
+    """The suite's measures overall and per true label, as text ranges and as numbers."""
+    part = agg["float"] if name is None else agg["quantized"][name]
+    props = ET.SubElement(suite, "properties")
+    groups = [("", part["overall"])]
+    groups += [(f"[label={lab}]", o) for lab, o in part["per_label"].items()]
+    for measure in SUITE_MEASURES["float" if name is None else "quantized"]:
+        for tag, o in groups:
+            rng = o.get(f"{measure}_range")
+            ET.SubElement(props, "property", name=measure + tag, value=format_range(rng))
+            if rng is not None:
+                for end in ("lo", "hi"):
+                    value = f"{rng[end]:.6g}"
+                    ET.SubElement(props, "property", name=f"{measure}{tag}.{end}", value=value)
 
 
 def _junit_verdict(rec: InputRecord, name: str | None) -> tuple[str, str]:
@@ -62,6 +88,7 @@ def junit_xml(doc: dict) -> bytes:
     seconds_total = 0.0
     for name in names:
         suite = ET.SubElement(root, "testsuite", name=name or FLOAT)
+        _properties(suite, doc["aggregates"], name)
         counts = dict.fromkeys(totals, 0)
         seconds_suite = 0.0
         for rec in records:

@@ -9,6 +9,7 @@ linear, reshapes and transposes all folded into matrices) separated by `Relu` an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -97,7 +98,12 @@ class Network:
         return a.reshape(len(a), -1)
 
     def lower(self) -> list[LoweredLayer]:
-        """The flat affine/ReLU/max-pool chain the engine verifies; see `lower`."""
+        """The flat affine/ReLU/max-pool chain the engine verifies (see `lower`), computed once
+        per network."""
+        return self._lowered
+
+    @cached_property
+    def _lowered(self) -> list[LoweredLayer]:
         return lower(self)
 
 

@@ -62,7 +62,8 @@ def plot_label_effective(agg: dict) -> bytes:
 
 
 def plot_label_relative(agg: dict) -> bytes:
-    """Per true label and quantized model: relative robustness and adversarial transfer."""
+    """Per true label and quantized model: relative robustness and adversarial transfer (solid
+    up to lo, hatched from lo to hi where undecided inputs leave a range)."""
     models = agg["quantized"]
     labels = list(agg["float"]["per_label"])
     fig = _figure(max(8.0, 0.9 * len(labels) + 3), 3.2)
@@ -76,8 +77,14 @@ def plot_label_relative(agg: dict) -> bytes:
         ax = fig.add_subplot(1, 2, i + 1)
         for j, (name, m) in enumerate(models.items()):
             xs = x + (j - (len(models) - 1) / 2) * width
-            values = [m["per_label"].get(k, {}).get(measure) for k in labels]
-            ax.bar(xs, [_nan(v) for v in values], width, label=name)
+            per = [m["per_label"].get(k, {}) for k in labels]
+            values = [o.get(measure) for o in per]
+            bars = ax.bar(xs, [_nan(v) for v in values], width, label=name)
+            ranges = [o.get(f"{measure}_range") for o in per]  # undecided: hatched up to hi
+            lo = [r["lo"] if r else math.nan for r in ranges]
+            spread = [r["hi"] - r["lo"] if r else math.nan for r in ranges]
+            colour = bars.patches[0].get_facecolor() if bars.patches else None
+            ax.bar(xs, spread, width, bottom=lo, color="none", edgecolor=colour, hatch="///")
             for xv, v in zip(xs, values, strict=True):
                 if v is None:  # an empty denominator, not a zero
                     ax.text(xv, 1, "n/a", ha="center", va="bottom", fontsize=6)
@@ -121,4 +128,28 @@ def plot_examples(examples: Sequence[Example], columns: int = 6) -> bytes:
             ax.set_yticks([])
         top.set_title(f"#{ex.index}, label {ex.label}", fontsize=7)
         bottom.set_xlabel("\n".join(answers), fontsize=7)
+    return _png(fig)
+
+
+def plot_ladders(ladders: Sequence, columns: int = 4) -> bytes:
+    """Per refuted input, every model's margin along the ladder to its counterexample (the
+    first ladder of a `ladders.MarginLadder`): where each line crosses 0, that model flips."""
+    from matplotlib.ticker import MaxNLocator
+
+    cols = min(len(ladders), columns)
+    rows = math.ceil(len(ladders) / cols)
+    fig = _figure(3.0 * cols, 2.4 * rows)
+    for i, lad in enumerate(ladders):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        first = np.asarray(lad.ladder) == 0
+        depth = np.abs(np.asarray(lad.rungs)[first]).sum(axis=1)
+        for name, margin in lad.margins.items():
+            ax.plot(depth, np.asarray(margin)[first], marker=".", label=name)
+        ax.axhline(0.0, color="#888888", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"#{lad.index}, label {lad.label}", fontsize=8)
+        ax.set_xlabel("rung (manipulations)", fontsize=7)
+        ax.set_ylabel("margin", fontsize=7)
+        ax.tick_params(labelsize=7)
+    fig.axes[0].legend(fontsize=6)
     return _png(fig)

@@ -50,32 +50,16 @@ class Region:
         return in_box & (np.abs(s) @ self.cost <= self.budget + EPS)
 
     def size(self, limit: int = 10**12) -> int:
-        """Number of points (capped at `limit`): a knapsack count over the generators."""
-        return count_points(self.lo, self.hi, self.cost, self.budget, limit)
+        """Number of points (capped at `limit`): an exact knapsack count over the generators."""
+        from verifier.points import count_points
+
+        return min(limit, count_points(self.lo, self.hi, self.cost, self.budget, limit, True))
 
     def enumerate(self, batch: int = 65536, lo=None, hi=None) -> Iterator[np.ndarray]:
         """All coefficient vectors of the (sub)box `[lo, hi]` within budget, in batches."""
         lo = self.lo if lo is None else np.asarray(lo)
         hi = self.hi if hi is None else np.asarray(hi)
         yield from enumerate_box(lo, hi, self.cost, self.budget, batch)
-
-
-def count_points(lo, hi, cost, budget: float, limit: int = 10**12) -> int:
-    """Integer points of a box under the L1-cost budget, by dynamic programming over generators."""
-    # Costs are multiples of a common unit for lattice regions; features have 0/1 ranges. The DP
-    # runs over distinct remaining budgets (a dict), exact for both.
-    states = {0.0: 1}
-    for g in range(len(lo)):
-        nxt: dict[float, int] = {}
-        for used, n in states.items():
-            for v in range(int(lo[g]), int(hi[g]) + 1):
-                c = round(used + abs(v) * float(cost[g]), 9)
-                if c <= budget + EPS:
-                    nxt[c] = min(limit, nxt.get(c, 0) + n)
-        states = nxt
-        if not states:
-            return 0
-    return min(limit, sum(states.values()))
 
 
 def enumerate_box(lo, hi, cost, budget: float, batch: int = 65536) -> Iterator[np.ndarray]:

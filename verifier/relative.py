@@ -3,7 +3,9 @@
 Every input lands in exactly one float set (`L_ic`, `R`, `R_NOT`, float unknown) and, for each
 quantized model, inputs of `R` in exactly one of `R_Q^FP`, `R^FP`, unknown, inputs of `R_NOT`
 in exactly one of `R_Q`, `R^0`, unknown. Unknowns are counted, never hidden. All shares are
-percentages in [0, 100], or None when the denominator is 0.
+percentages in [0, 100], or None when the denominator is 0. Each measure a set's unknowns can
+move also comes as a range `{lo, hi}` (`*_range`): its value when every undecided input falls
+outside, or inside, the set.
 
 MCTS mode (the float outcome is `not-refuted`): the search's IP set plays the region, so the
 input counts as robust (`R`) and the quantized model keeps it (`R_Q^FP`) when it is
@@ -30,6 +32,24 @@ QUANT_SETS = (RQ_FP, R_FP, R_UNKNOWN, R_Q, R_0, R_NOT_UNKNOWN)
 def percent(num: int, den: int) -> float | None:
     """100 * num / den, or None when there is nothing to divide by."""
     return None if den == 0 else 100.0 * num / den
+
+
+def percent_range(hits: int, unknown: int, total: int) -> dict | None:
+    """`{"lo", "hi"}` in percent: the share when every undecided input falls outside (lo) or
+    inside (hi) the set; None when there is nothing to divide by (SPEC section 4)."""
+    if total == 0:
+        return None
+    return {"lo": 100.0 * hits / total, "hi": 100.0 * (hits + unknown) / total}
+
+
+def format_range(rng: dict | None, digits: int = 2, unit: str = "%") -> str:
+    """`12.50%`, or `12.50..20.00%` when undecided inputs leave a range, or `n/a`."""
+    if rng is None:
+        return "n/a"
+    lo, hi = rng["lo"], rng["hi"]
+    if abs(hi - lo) < 1e-12:
+        return f"{lo:.{digits}f}{unit}"
+    return f"{lo:.{digits}f}..{hi:.{digits}f}{unit}"
 
 
 def float_set(rec: InputRecord) -> str:
@@ -130,6 +150,8 @@ class FloatCounts:
         d["robust"] = percent(self.r, self.l_cc)
         d["effective"] = percent(self.r_not, self.l_cc)  # the paper's Fig. 6 measure
         d["unknown_share"] = percent(self.unknown, self.l_cc)
+        d["robust_range"] = percent_range(self.r, self.unknown, self.l_cc)
+        d["effective_range"] = percent_range(self.r_not, self.unknown, self.l_cc)
         return d
 
 
@@ -191,6 +213,8 @@ class QuantCounts:
         d = asdict(self)
         d["relative_robustness"] = percent(self.rq_fp, self.r)
         d["adversarial_transfer"] = percent(self.r0, self.r_not)
+        d["relative_robustness_range"] = percent_range(self.rq_fp, self.r_unknown, self.r)
+        d["adversarial_transfer_range"] = percent_range(self.r0, self.r_not_unknown, self.r_not)
         d["ep_transfer"] = percent(self.ep_transferred, self.ep_replayed)
         d["undecided"] = self.undecided
         d["unknown_share"] = percent(self.undecided, self.l_cc)

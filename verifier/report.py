@@ -18,14 +18,23 @@ from fractions import Fraction
 from pathlib import Path
 
 from verifier.document import write_results
+from verifier.gate import understood
 from verifier.junit import junit_xml
+from verifier.ladders import graphml, margin_graph
 from verifier.perturbations import write_perturbations
-from verifier.plots import Example, plot_examples, plot_label_effective, plot_label_relative
+from verifier.plots import (
+    Example,
+    plot_examples,
+    plot_label_effective,
+    plot_label_relative,
+    plot_ladders,
+)
 from verifier.records import FLOAT, InputRecord
-from verifier.relative import Aggregate, R
+from verifier.relative import Aggregate, R, format_range
 from verifier.store import write_atomic
 
 MAX_EXAMPLES = 24  # per example grid, to keep report.html readable
+MAX_LADDERS = 12  # refuted inputs whose ladders are drawn
 
 
 # -- document blocks, rendered to Markdown and HTML -----------------------------------------
@@ -56,7 +65,8 @@ HOW_TO_READ = (
     "float model gets right). The inputs of {RNOT} split into {RQ} (the float model's "
     "counterexample no longer fools the quantized model) and {R0} (it still does: the attack "
     "transfers). Relative robustness = |{RQFP}| / |{R}|; adversarial transfer = "
-    "|{R0}| / |{RNOT}|."
+    "|{R0}| / |{RNOT}|. Where undecided inputs could fall either way, a measure is shown as "
+    "the range lo..hi they leave open (lo: none of them in the set; hi: all of them)."
 )
 
 
@@ -74,6 +84,12 @@ class Block:
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}%"
+
+
+def _share(o: dict, measure: str) -> str:
+    """A measure as `lo..hi` when undecided inputs leave it a range, else one value."""
+    key = f"{measure}_range"
+    return format_range(o[key]) if key in o else _pct(o[measure])
 
 
 def _plain(text: str) -> str:
@@ -183,7 +199,7 @@ def _gate_blocks(gate: dict) -> list[Block]:
         return blocks + [
             Block("p", "No thresholds and no baseline were set: the gate passes.", cls="pass")
         ]
-    checked = ", ".join(f"{k} {v:g}%" for k, v in gate["thresholds"].items())
+    checked = "; ".join(understood(gate["thresholds"]))
     if gate.get("baseline"):
         checked += (", " if checked else "") + (
             f"baseline {gate['baseline']} (tolerance {gate['tolerance']:g} points)"
@@ -201,8 +217,8 @@ def _float_blocks(fl: dict) -> list[Block]:
     text = (
         f"Of {o['inputs']} inputs the float model classifies {o['l_cc']} correctly "
         f"({_pct(o['accuracy'])}). Of those it is robust ({{R}}) on {o['r']} "
-        f"({_pct(o['robust'])}), has a confirmed counterexample ({{RNOT}}) on {o['r_not']} "
-        f"({_pct(o['effective'])}), and leaves {o['unknown']} undecided "
+        f"({_share(o, 'robust')}), has a confirmed counterexample ({{RNOT}}) on {o['r_not']} "
+        f"({_share(o, 'effective')}), and leaves {o['unknown']} undecided "
         f"({_pct(o['unknown_share'])})."
     )
     headers = [
@@ -224,8 +240,8 @@ def _float_blocks(fl: dict) -> list[Block]:
         o["r_not"],
         o["unknown"],
         _pct(o["accuracy"]),
-        _pct(o["robust"]),
-        _pct(o["effective"]),
+        _share(o, "robust"),
+        _share(o, "effective"),
     ]
     return [
         Block("h2", "The float model"),
@@ -237,9 +253,9 @@ def _float_blocks(fl: dict) -> list[Block]:
 def _model_sentence(name: str, o: dict) -> str:
     return (
         f"{name}: keeps robustness on {o['rq_fp']} of the {o['r']} inputs of {{R}} "
-        f"({_pct(o['relative_robustness'])}), loses it on {o['r_fp']} ({{RFP}}), "
+        f"({_share(o, 'relative_robustness')}), loses it on {o['r_fp']} ({{RFP}}), "
         f"{o['r_unknown']} undecided. The float counterexamples still fool it on {o['r0']} "
-        f"of the {o['r_not']} inputs of {{RNOT}} ({_pct(o['adversarial_transfer'])}), "
+        f"of the {o['r_not']} inputs of {{RNOT}} ({_share(o, 'adversarial_transfer')}), "
         f"no longer on {o['r_q']} ({{RQ}}), {o['r_not_unknown']} not decided. "
         f"Clean accuracy {_pct(o['accuracy'])}, agreement with the float model "
         f"{_pct(o['agreement'])}."
@@ -277,8 +293,8 @@ def _model_blocks(models: dict) -> list[Block]:
                 o["r_fp"],
                 o["r_q"],
                 o["r0"],
-                _pct(o["relative_robustness"]),
-                _pct(o["adversarial_transfer"]),
+                _share(o, "relative_robustness"),
+                _share(o, "adversarial_transfer"),
                 f"{o['ep_transferred']}/{o['ep_replayed']} ({_pct(o['ep_transfer'])})",
             ]
         )
@@ -297,7 +313,7 @@ def _model_blocks(models: dict) -> list[Block]:
 def _per_class_blocks(agg: dict) -> list[Block]:
     blocks = [Block("h2", "Per class"), Block("h3", "Float model")]
     rows = [
-        [lab, o["inputs"], o["l_cc"], o["r"], o["r_not"], o["unknown"], _pct(o["effective"])]
+        [lab, o["inputs"], o["l_cc"], o["r"], o["r_not"], o["unknown"], _share(o, "effective")]
         for lab, o in agg["float"]["per_label"].items()
     ]
     blocks.append(
@@ -315,12 +331,12 @@ def _per_class_blocks(agg: dict) -> list[Block]:
                 o["rq_fp"],
                 o["r_fp"],
                 o["r_unknown"],
-                _pct(o["relative_robustness"]),
+                _share(o, "relative_robustness"),
                 o["r_not"],
                 o["r_q"],
                 o["r0"],
                 o["r_not_unknown"],
-                _pct(o["adversarial_transfer"]),
+                _share(o, "adversarial_transfer"),
             ]
             for lab, o in m["per_label"].items()
         ]
@@ -452,7 +468,9 @@ def _config_blocks(doc: dict) -> list[Block]:
     ]
 
 
-def report_blocks(doc: dict, examples: Sequence[Example] = (), plots: bool = True) -> list[Block]:
+def report_blocks(
+    doc: dict, examples: Sequence[Example] = (), plots: bool = True, ladders: Sequence = ()
+) -> list[Block]:
     """The whole report for one results document (plots drawn only when `plots`)."""
     agg = doc["aggregates"]
     blocks = _intro_blocks(doc) + _gate_blocks(doc["gate"])
@@ -462,7 +480,7 @@ def report_blocks(doc: dict, examples: Sequence[Example] = (), plots: bool = Tru
         blocks += _model_blocks(agg["quantized"])
     blocks += _per_class_blocks(agg) + _route_blocks(doc)
     if plots:
-        blocks += _plot_blocks(agg, examples)
+        blocks += _plot_blocks(agg, examples) + _ladder_blocks(ladders)
     return blocks + _matrix_blocks(agg) + _config_blocks(doc)
 
 
@@ -483,7 +501,7 @@ def _plot_blocks(agg: dict, examples: Sequence[Example]) -> list[Block]:
             Block(
                 "img",
                 "Relative robustness and adversarial transfer per true label "
-                "(no bar: empty denominator).",
+                "(hatched: the range undecided inputs leave open; no bar: empty denominator).",
                 png=plot_label_relative(agg),
             )
         )
@@ -507,6 +525,23 @@ def _plot_blocks(agg: dict, examples: Sequence[Example]) -> list[Block]:
         if group:
             blocks.append(Block("img", caption, png=plot_examples(group)))
     return blocks
+
+
+def _ladder_blocks(ladders: Sequence) -> list[Block]:
+    """Margins along the ladders of refuted inputs: where each model flips."""
+    refuted = [lad for lad in ladders if lad.kinds and lad.kinds[0] == "counterexample"]
+    if not refuted:
+        return []
+    shown = refuted[:MAX_LADDERS]
+    caption = (
+        "Ladders (SPEC section 2): each refuted input's path from x to its counterexample, one "
+        "manipulation per rung, with every model's margin logit[label] - max other logit; "
+        "a model misclassifies where its line is below 0. Every rung of every refuted input "
+        "(and, in MCTS mode, of the explored IP / EP points) is in ladders.graphml."
+    )
+    if len(refuted) > len(shown):
+        caption += f" The first {len(shown)} of {len(refuted)} refuted inputs."
+    return [Block("h3", "Ladders"), Block("img", caption, png=plot_ladders(shown))]
 
 
 # -- sweep tables (the paper's Tables II and III) -------------------------------------------
@@ -534,7 +569,7 @@ def sweep_tables(runs: Sequence[tuple[float, float, Aggregate | dict]]) -> str:
             for r, s, a in aggs:
                 if name in a["quantized"]:
                     o = a["quantized"][name]["overall"]
-                    cells[(r, s)] = f"{o[num]}/{o[den]} ({_pct(o[pct])})"
+                    cells[(r, s)] = f"{o[num]}/{o[den]} ({_share(o, pct)})"
             lines = [
                 f"### {title} of {name}: {formula}",
                 "",
@@ -561,12 +596,14 @@ def write_sweep_tables(
 
 
 def write_report(
-    run_dir: str | Path, doc: dict, examples: Sequence[Example] = ()
+    run_dir: str | Path, doc: dict, examples: Sequence[Example] = (), ladders: Sequence = ()
 ) -> dict[str, Path]:
-    """Write results.json, report.md, report.html, junit.xml and perturbations.npz."""
+    """Write results.json, report.md, report.html, junit.xml, perturbations.npz and
+    ladders.graphml (`ladders.MarginLadder`s of the refuted inputs)."""
     run_dir = Path(run_dir)
     out = {"results": write_results(run_dir, doc)}
-    blocks = report_blocks(doc, examples)
+    out["ladders"] = write_atomic(run_dir / "ladders.graphml", graphml(margin_graph(ladders)))
+    blocks = report_blocks(doc, examples, ladders=ladders)
     out["markdown"] = write_atomic(run_dir / "report.md", render_markdown(blocks))
     out["html"] = write_atomic(run_dir / "report.html", render_html(blocks))
     out["junit"] = write_atomic(run_dir / "junit.xml", junit_xml(doc))

@@ -27,9 +27,9 @@ from functools import cached_property
 import networkx as nx
 import numpy as np
 
+from verifier.points import predict_points
 from verifier.regions import EPS, Region
 from verifier.result import NOT_REFUTED, REFUTED, Decision
-from verifier.smt import predict_points
 
 
 @dataclass

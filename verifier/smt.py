@@ -340,7 +340,7 @@ def smt_decide(
     "unsat" proves `logit[label] - logit[j] > margin_j` at every point for every other class j
     (`margin`: a scalar or one value per other class in increasing class order; with 0, ties
     count as leaving the label); "sat" returns coefficients that the caller must confirm on the
-    runtime (see `confirm`); "unknown" when `timeout_s` (encoding included) ran out.
+    runtime (see `enumeration.confirm`); "unknown" when `timeout_s` (encoding included) ran out.
     """
     start = time.perf_counter()
     lo = np.asarray(region.lo if lo is None else lo, dtype=np.int64)
@@ -372,43 +372,3 @@ def smt_decide(
     if answer == z3.sat:
         return SmtResult("sat", read(solver.model()), seconds)
     return SmtResult("unknown", None, seconds)
-
-
-# --- confirming on the runtime -----------------------------------------------------------------
-
-
-def region_inputs(region: Region, coeffs: np.ndarray) -> np.ndarray:
-    """`region.points(coeffs)` as float32 (B, n), computing only the columns generators move.
-
-    Where each value is moved by one generator (both of DLV's families) a column is the single
-    product `x_c + s_g * D_gc`, bit-identical to the matrix product (its other terms are exact
-    zeros); values moved by several generators take the matrix product.
-    """
-    s = np.asarray(coeffs, dtype=np.float64).reshape(-1, region.num_generators)
-    d = region.directions
-    movers = np.count_nonzero(d, axis=0)
-    out = np.broadcast_to(region.x.astype(np.float32), (len(s), region.x.size)).copy()
-    one = np.flatnonzero(movers == 1)
-    if len(one):
-        owner = np.argmax(d[:, one] != 0, axis=0)
-        out[:, one] = (region.x[one] + s[:, owner] * d[owner, one]).astype(np.float32)
-    many = np.flatnonzero(movers > 1)
-    if len(many):
-        out[:, many] = (region.x[many] + s @ d[:, many]).astype(np.float32)
-    return out
-
-
-def predict_points(runtime, region: Region, coeffs: np.ndarray) -> np.ndarray:
-    """The runtime's logits (B, classes) at the points of `coeffs` (B, G), in its input shape."""
-    pts = region_inputs(region, coeffs)
-    shape = tuple(getattr(runtime, "input_shape", (region.x.size,)))
-    return np.asarray(runtime.predict(pts.reshape((len(pts), *shape))))
-
-
-def confirm(runtime, region: Region, coeffs: np.ndarray, label: int) -> int | None:
-    """The runtime's label at `coeffs` when it is a region point classified otherwise, else None."""
-    coeffs = np.asarray(coeffs, dtype=np.int64).reshape(1, -1)
-    if not region.contains(coeffs)[0]:
-        return None
-    adv = int(np.argmax(predict_points(runtime, region, coeffs)[0]))
-    return None if adv == label else adv

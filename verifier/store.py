@@ -5,6 +5,8 @@ input, keyed by the input's index. Each `put` is its own transaction, so a run k
 point keeps every record committed before the kill and never a partial one. A second `put` of
 the same index is a no-op when the record is identical and refused (ValueError) when it
 differs, unless `replace=True`: a committed decision is never silently overwritten.
+The kept proofs of certified outcomes (`verifier.proof`) go to a table of their own, committed
+with their record.
 
 `write_atomic` is how every output file of a run is written: temp file, fsync, rename.
 """
@@ -29,7 +31,13 @@ STORE_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (idx INTEGER PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS proofs (
+    idx INTEGER NOT NULL, model TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (idx, model)
+);
 """
+# An outcome's detail key holding its kept proof (verifier.proof, as ASCII): stored in the
+# proofs table as bytes, not in the record (results.json stays small).
+PROOF_KEY = "proof"
 
 
 def canonical_json(obj: object) -> str:
@@ -85,29 +93,52 @@ class RunStore:
 
     @classmethod
     def create(cls, run_dir: str | Path, config: dict) -> RunStore:
-        """A new store in `run_dir` (created if needed); refuses a directory holding a run."""
+        """A new store in `run_dir` (created if needed); refuses a directory holding a run.
+
+        The file is built aside (schema and configuration) and renamed into place, so a run
+        killed while creating it leaves either no `run.sqlite` or a complete one."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / DB_NAME
-        conn = cls._connect(path)
-        store = cls(path, conn)
-        if store._meta("config") is not None:
-            conn.close()
+        if path.exists():
             raise InputError(
                 f"{run_dir} already holds a run ({DB_NAME}): pass --resume to "
                 "continue it, or choose another output directory"
             )
         text = canonical_json(config)
-        with store._transaction():
-            conn.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?)",
-                [
-                    ("config", text),
-                    ("config_hash", hashlib.sha256(text.encode()).hexdigest()),
-                    ("store_version", str(STORE_VERSION)),
-                ],
-            )
-        return store
+        for stale in run_dir.glob(f".{DB_NAME}.*.tmp"):  # left by a run killed while creating
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{DB_NAME}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=DELETE")  # one file to rename, no WAL beside it
+                conn.executescript(_SCHEMA)
+                conn.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [
+                        ("config", text),
+                        ("config_hash", hashlib.sha256(text.encode()).hexdigest()),
+                        ("store_version", str(STORE_VERSION)),
+                    ],
+                )
+            finally:
+                conn.close()
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.link(tmp, path)  # fails if another run created the store meanwhile
+        except FileExistsError:
+            raise InputError(
+                f"{run_dir} already holds a run ({DB_NAME}): pass --resume to "
+                "continue it, or choose another output directory"
+            ) from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        _fsync_dir(run_dir)
+        return cls(path, cls._connect(path))
 
     @classmethod
     def open(
@@ -173,7 +204,8 @@ class RunStore:
 
     def put(self, record: InputRecord, replace: bool = False) -> None:
         """Commit one input's record (identical re-put: no-op; a different one needs `replace`)."""
-        text = canonical_json(record.to_dict())
+        doc, proofs = _split_proofs(record.to_dict())
+        text = canonical_json(doc)
         with self._transaction():
             row = self._conn.execute(
                 "SELECT data FROM records WHERE idx = ?", (record.index,)
@@ -191,6 +223,10 @@ class RunStore:
                 self._conn.execute(
                     "UPDATE records SET data = ? WHERE idx = ?", (text, record.index)
                 )
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO proofs (idx, model, data) VALUES (?, ?, ?)",
+                [(record.index, name, data) for name, data in proofs.items()],
+            )
 
     def get(self, index: int) -> InputRecord | None:
         """The record of one input, or None if it is not decided yet."""
@@ -206,6 +242,11 @@ class RunStore:
         rows = self._conn.execute("SELECT data FROM records ORDER BY idx")
         return [InputRecord.from_dict(json.loads(r[0])) for r in rows]
 
+    def proofs(self) -> dict[tuple[int, str], bytes]:
+        """Every kept proof, keyed by (input index, model name)."""
+        rows = self._conn.execute("SELECT idx, model, data FROM proofs")
+        return {(int(i), str(m)): bytes(d) for i, m, d in rows}
+
     def __len__(self) -> int:
         return self._conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]
 
@@ -217,6 +258,19 @@ class RunStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _split_proofs(doc: dict) -> tuple[dict, dict[str, bytes]]:
+    """A record's dict without its outcomes' proofs, and the proofs (model name -> bytes)."""
+    from verifier.proof import from_text
+    from verifier.records import FLOAT
+
+    proofs: dict[str, bytes] = {}
+    named = [(FLOAT, doc.get("float")), *doc.get("quantized", {}).items()]
+    for name, o in named:
+        if o and PROOF_KEY in o.get("detail", {}):
+            proofs[name] = from_text(o["detail"].pop(PROOF_KEY))
+    return doc, proofs
 
 
 def sha256_file(path: str | Path) -> str:
