@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from verifier.batch import WorkerState, shipment
-from verifier.check import Settings
 from verifier.cluster import CHUNK_SECONDS, dask_client, run_on_cluster
+from verifier.config import Settings
 from verifier.data import load_dataset, select, to_layout
 from verifier.executor import check_inputs
 from verifier.model import load_model
@@ -157,14 +157,29 @@ def load_seconds(state) -> float:
     return time.perf_counter() - t0
 
 
-def projections(overhead_fraction: float, load: float) -> dict:
+def store_rate(record, count: int = 200) -> float:
+    """Records per second the driver commits to a run store (one transaction and fsync each):
+    the rate no cluster can exceed."""
+    from verifier.records import InputRecord
+    from verifier.store import RunStore
+
+    with tempfile.TemporaryDirectory() as tmp, RunStore.create(tmp, {"bench": 1}) as store:
+        t0 = time.perf_counter()
+        for i in range(count):
+            store.put(InputRecord.from_dict({**record.to_dict(), "index": i}))
+        return count / (time.perf_counter() - t0)
+
+
+def projections(overhead_fraction: float, load: float, puts_per_second: float) -> dict:
     """Wall hours of each full grid on 1, 64 and 512 cores: per cell, the inputs spread over the
-    cores (plus the task overhead), one model load per worker and one chunk of tail."""
+    cores (plus the task overhead), one model load per worker and one chunk of tail; never less
+    than the driver needs to store every record."""
     out = {}
     for grid, per_input in GRIDS.items():
         row = {"seconds_per_input": round(per_input, 3)}
         for cores in (1, *CORES):
-            cell = GRID_IMAGES * per_input * (1 + overhead_fraction) / cores + load + CHUNK_SECONDS
+            spread = GRID_IMAGES * per_input * (1 + overhead_fraction) / cores
+            cell = max(spread, GRID_IMAGES / puts_per_second) + load + CHUNK_SECONDS
             row[f"hours_{cores}_cores"] = round(GRID_CELLS * cell / 3600, 2)
         out[grid] = row
     return out
@@ -207,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         pool = process_pool(state, 2)
         print(f"process pool, 2 workers: {pool['seconds']:.1f} s (start included)", flush=True)
         load = load_seconds(state)
+        puts = store_rate(next(iter(check_inputs(state, [0], 1, runners, model))))
     for result in [*clusters, pool]:  # a timeout can end a check sooner on a slower worker
         recs = result.pop("records")
         result["records_equal_in_process"] = sum(recs[i] == r for i, r in ref["records"].items())
@@ -229,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_process_pool_2": ref["seconds"] / pool["seconds"],
         "overhead_fraction_of_task": overhead_fraction,
         "worker_load_seconds": load,
-        "projected_grids": projections(overhead_fraction, load),
+        "driver_store_records_per_second": puts,
+        "projected_grids": projections(overhead_fraction, load, puts),
         "note": "shared 2-core machine under load: upper bounds on time, lower bounds on speedup",
     }
     for k in ("speedup_1_worker", "speedup_2_workers", "speedup_process_pool_2"):
         print(f"{k}: {results[k]:.2f}x")
-    print(f"overhead: {100 * overhead_fraction:.2f}% of a task")
+    print(f"overhead: {100 * overhead_fraction:.2f}% of a task; store: {puts:.0f} records/s")
     print(json.dumps(results["projected_grids"], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

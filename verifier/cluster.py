@@ -4,7 +4,8 @@ The driver ships the run's model files once, inside a worker plugin that writes 
 worker's own scratch directory and loads them on its first task, so workers need no shared
 filesystem and a worker that joins or restarts later gets them too. Inputs go out in chunks
 sized from the measured cost per input to take about `CHUNK_SECONDS`, with at most two chunks
-per worker thread outstanding, and each record is yielded as its chunk completes. A chunk
+per worker thread outstanding, and each record is yielded as its chunk completes (a callback
+queues finished futures, so the driver's work per task does not grow with the cluster). A chunk
 whose worker dies is run again by the scheduler (up to its `allowed-failures`, then a one-line
 error); the per-input timeout is enforced inside `decide` on the worker.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import queue
 import shutil
 import threading
 import time
@@ -22,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from distributed import Client, KilledWorker, LocalCluster, get_worker, wait
+from distributed import Client, KilledWorker, LocalCluster, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from verifier.batch import Batch, Loaded, Shipment, WorkerState, shipment
@@ -66,17 +68,21 @@ def run_on_cluster(client: Client, state: WorkerState, todo: list[int]) -> Itera
     """Check the input positions `todo` on the client's workers; yield records as they come."""
     name = f"relrobust-{uuid.uuid4().hex[:12]}"
     client.register_plugin(ModelFiles(name, shipment(state)), name=name)
-    queue, pending, pace = list(reversed(todo)), {}, ChunkPace()
+    todo, pending, pace = list(reversed(todo)), {}, ChunkPace()
+    finished: queue.SimpleQueue = queue.SimpleQueue()  # futures, as their tasks end
     try:
-        while queue or pending:
+        while todo or pending:
             slots = free_slots(client)
-            while queue and len(pending) < slots:
-                size = pace.size(len(queue), slots)
-                positions = [queue.pop() for _ in range(min(size, len(queue)))]
+            while todo and len(pending) < slots:
+                size = pace.size(len(todo), slots)
+                positions = [todo.pop() for _ in range(min(size, len(todo)))]
                 fut = client.submit(check_batch, name, state.batch(positions), pure=False)
                 pending[fut] = positions
-            for fut in first_done(pending):
-                positions = pending.pop(fut)
+                fut.add_done_callback(finished.put)
+            for fut in drain(finished):
+                positions = pending.pop(fut, None)
+                if positions is None:  # already taken (a callback can repeat)
+                    continue
                 records, seconds = task_result(fut, state, positions)
                 pace.observe(len(positions), seconds)
                 yield from records
@@ -93,13 +99,15 @@ def run_on_cluster(client: Client, state: WorkerState, todo: list[int]) -> Itera
         unregister(client, name)
 
 
-def first_done(pending: dict) -> list:
-    """The finished futures among `pending`, after waiting at most POLL_SECONDS for one."""
+def drain(finished: queue.SimpleQueue) -> list:
+    """The futures that ended, after waiting at most POLL_SECONDS for the first."""
     try:
-        done, _ = wait(list(pending), timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
-    except TimeoutError:  # none finished yet: the caller looks at the cluster again
+        out = [finished.get(timeout=POLL_SECONDS)]
+    except queue.Empty:  # none ended yet: the caller looks at the cluster again
         return []
-    return list(done)
+    while not finished.empty():
+        out.append(finished.get())
+    return out
 
 
 def free_slots(client: Client) -> int:
