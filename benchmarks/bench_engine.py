@@ -1,14 +1,28 @@
-"""Benchmark of the decision procedure on the MNIST MLP: share decided, time per input and route.
+"""Benchmark of the decision procedure: share decided, time per input and route, cactus curves.
 
-Usage: python benchmarks/bench_engine.py [--model examples/mnist_mlp.onnx] [--n 1000]
-       [--configs a,b,c] [--timeout 2] [--baseline 3] [--no-smt] [--out runs/bench_engine.json]
+Usage: python benchmarks/bench_engine.py [--models examples/mnist_mlp.onnx,...] [--n 1000]
+       [--configs a,b,d] [--timeouts 2,10] [--engines today,mixed] [--baseline 3] [--no-smt]
+       [--out runs/bench_engine.json]
+
+The defaults are the full setting: the first 1,000 test images, the MNIST MLP and CNN, three
+regions, 2 s and 10 s per input, today's engine beside the new one. Scale down with --n,
+--models, --configs, --timeouts. CIFAR-10: --models examples/cifar_cnn.onnx --n 200
+--configs d (a model whose name holds "cifar" is run on CIFAR-10, others on MNIST).
 
 Configurations (SPEC section 3, activation heuristic):
   a  lattice of the 10 most salient values, radius 20, step 0.25
-  b  features (chunks of 10, all 79), radius 20, step 0.25
-  c  features (chunks of 10, all 79), radius 10, step 1/64
+  b  features (chunks of 10, all), radius 20, step 0.25
+  c  features (chunks of 10, all), radius 10, step 1/64
+  d  features (chunks of 10, all), radius 10, step 1/8
+Engines (`decide` options):
+  today  branch and bound on generators, z3 on small leaves
+  milp   branch and bound on generators, the mixed-integer program on small leaves
+  mixed  ReLU-phase and generator splits with split multipliers, the program on small leaves
+  relu   as mixed, preferring ReLU splits
 The baseline is plain exhaustive enumeration on the runtime, run on `--baseline` inputs of (a)
 (the feature regions are far too large to enumerate; their sizes are reported instead).
+Writes the JSON (`--out`) and one cactus-curve PNG per model and configuration beside it:
+inputs decided within t seconds against t, one line per engine and timeout.
 """
 
 from __future__ import annotations
@@ -39,6 +53,14 @@ CONFIGS = {
     "a": ("lattice", 0.25, 20.0),
     "b": ("features", 0.25, 20.0),
     "c": ("features", 1 / 64, 10.0),
+    "d": ("features", 1 / 8, 10.0),
+}
+
+ENGINES = {
+    "today": {"splits": "generator", "exact": "z3"},
+    "milp": {"splits": "generator", "exact": "milp"},
+    "mixed": {"splits": "mixed", "exact": "milp"},
+    "relu": {"splits": "relu", "exact": "milp"},
 }
 
 
@@ -83,15 +105,24 @@ def _stats(secs: np.ndarray) -> dict:
     }
 
 
-def run_config(config: str, model, chain, xs, labels, args) -> tuple[list[dict], dict]:
-    """Decide every input of one configuration; print progress; return rows and summary."""
+def run_config(config: str, model, chain, xs, labels, args, engine: str, timeout: float):
+    """Decide every input of one configuration with one engine and timeout; print progress;
+    return rows and summary."""
     rows = []
     t0 = time.perf_counter()
+    tag = f"{config} {engine}@{timeout:g}s"
     for i, (x, label) in enumerate(zip(xs, labels, strict=True)):
         region = make_region(config, x)
         cpu = time.process_time()
         d = decide(
-            model, chain, region, int(label), timeout=args.timeout, use_smt=not args.no_smt, seed=i
+            model,
+            chain,
+            region,
+            int(label),
+            timeout=timeout,
+            use_smt=not args.no_smt,
+            seed=i,
+            **ENGINES[engine],
         )
         rows.append(
             {
@@ -110,12 +141,42 @@ def run_config(config: str, model, chain, xs, labels, args) -> tuple[list[dict],
         if (i + 1) % 50 == 0 or i + 1 == len(xs):
             s = summarise(rows)
             print(
-                f"  [{config}] {i + 1}/{len(xs)} decided {s['decided_share']:.3f} "
+                f"  [{tag}] {i + 1}/{len(xs)} decided {s['decided_share']:.3f} "
                 f"mean {s['mean_s'] * 1000:.0f} ms ({time.perf_counter() - t0:.0f} s)",
                 file=sys.stderr,
                 flush=True,
             )
     return rows, summarise(rows)
+
+
+def cactus(rows: list[dict]) -> list[float]:
+    """Seconds of the decided inputs, sorted: the k-th value is the time within which k inputs
+    were decided (a cactus curve)."""
+    return sorted(r["seconds"] for r in rows if r["status"] in ("certified", "refuted"))
+
+
+def plot_cactus(
+    curves: dict[str, list[float]], inputs: int, title: str, path: Path, right: float
+) -> None:
+    """Inputs decided against seconds (log scale, up to `right`), one step line per engine and
+    timeout, as a PNG."""
+    from verifier.plots import _figure, _png
+
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    left = 0.005
+    for name, secs in curves.items():
+        xs = [left, *[max(s, left) for s in secs], right]
+        ax.step(xs, [0, *range(1, len(secs) + 1), len(secs)], where="post", label=name)
+    ax.set_xscale("log")
+    ax.set_xlim(left, right)
+    ax.set_ylim(0, inputs * 1.02)
+    ax.set_xlabel("seconds per input")
+    ax.set_ylabel(f"inputs decided (of {inputs})")
+    ax.set_title(title)
+    ax.axhline(inputs, color="grey", linewidth=0.5)
+    ax.legend(loc="lower right")
+    path.write_bytes(_png(fig))
 
 
 def baseline(config: str, model, xs, labels, count: int) -> dict:
@@ -160,84 +221,115 @@ def _jsonable(obj):
 
 
 def print_table(results: dict) -> None:
-    """One line per configuration, then one per (status, route)."""
+    """One line per (model, configuration, engine, timeout), then one per (status, route)."""
     print(
-        f"{'config':<8}{'inputs':>7}{'cert':>7}{'refut':>7}{'unkn':>6}{'decided':>9}"
-        f"{'mean ms':>9}{'med ms':>8}{'p95 ms':>8}{'cpu ms':>8}"
+        f"{'run':<34}{'inputs':>7}{'cert':>7}{'refut':>7}{'unkn':>6}{'decided':>9}"
+        f"{'mean ms':>9}{'med ms':>8}{'p95 ms':>8}{'cpu ms':>8}{'dec. ms':>9}"
     )
-    for name, res in results["configs"].items():
-        s = res["summary"]
-        print(
-            f"{name:<8}{s['inputs']:>7}{s['certified']:>7}{s['refuted']:>7}{s['unknown']:>6}"
-            f"{100 * s['decided_share']:>8.2f}%{1000 * s['mean_s']:>9.1f}"
-            f"{1000 * s['median_s']:>8.1f}{1000 * s['p95_s']:>8.1f}"
-            f"{1000 * s['mean_cpu_s']:>8.1f}"
-        )
-        for route, r in s["routes"].items():
-            print(
-                f"  {route:<22}{r['count']:>7}{'':>22}{1000 * r['mean_s']:>9.1f}"
-                f"{1000 * r['median_s']:>8.1f}{1000 * r['p95_s']:>8.1f}"
-            )
-        if "baseline" in res:
-            b = res["baseline"]
-            pts = np.mean([r["points"] for r in b["inputs"]])
-            print(
-                f"  {'baseline enumeration':<22}{len(b['inputs']):>7}   {pts:>12.0f} pts/input"
-                f"     {1000 * b['mean_s']:>9.1f}{1000 * b['median_s']:>8.1f}"
-            )
-        if "region_sizes" in res:
-            print(f"  region points (median): {res['region_sizes']['median_points']:.3g}")
+    for model, per_model in results["models"].items():
+        for config, res in per_model["configs"].items():
+            for run, entry in res["runs"].items():
+                s = entry["summary"]
+                name = f"{Path(model).stem}/{config}/{run}"
+                dec = entry["decided_mean_s"]
+                print(
+                    f"{name:<34}{s['inputs']:>7}{s['certified']:>7}{s['refuted']:>7}"
+                    f"{s['unknown']:>6}{100 * s['decided_share']:>8.2f}%{1000 * s['mean_s']:>9.1f}"
+                    f"{1000 * s['median_s']:>8.1f}{1000 * s['p95_s']:>8.1f}"
+                    f"{1000 * s['mean_cpu_s']:>8.1f}"
+                    f"{'-' if dec is None else f'{1000 * dec:.1f}':>9}"
+                )
+                for route, r in s["routes"].items():
+                    print(
+                        f"  {route:<32}{r['count']:>7}{'':>22}{1000 * r['mean_s']:>9.1f}"
+                        f"{1000 * r['median_s']:>8.1f}{1000 * r['p95_s']:>8.1f}"
+                    )
+            if "baseline" in res:
+                b = res["baseline"]
+                pts = np.mean([r["points"] for r in b["inputs"]])
+                print(
+                    f"  {'baseline enumeration':<32}{len(b['inputs']):>7}   {pts:>12.0f} pts/input"
+                    f"     {1000 * b['mean_s']:>9.1f}{1000 * b['median_s']:>8.1f}"
+                )
+            if "region_sizes" in res:
+                print(f"  region points (median): {res['region_sizes']['median_points']:.3g}")
+
+
+def load_inputs(model, n: int):
+    """The first `n` test inputs of the model's dataset, flat, the correctly classified ones."""
+    name = "cifar10" if "cifar" in Path(model.path).name.lower() else "mnist"
+    ds = load_dataset(name, "test", data_dir=os.environ.get("RELROBUST_DATA", "/work/shared/data"))
+    x = to_layout(ds.images[:n], model.layout, model.input_shape)
+    y = ds.labels[:n]
+    correct = model.predict(x).argmax(axis=1) == y
+    xs = x[correct].reshape(int(correct.sum()), -1).astype(np.float64)
+    return xs, y[correct], len(y)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="examples/mnist_mlp.onnx")
+    p.add_argument("--models", default="examples/mnist_mlp.onnx,examples/mnist_cnn.onnx")
     p.add_argument("--n", type=int, default=1000, help="first N test inputs (then correct only)")
-    p.add_argument("--configs", default="a,b,c")
-    p.add_argument("--timeout", type=float, default=2.0, help="seconds per input")
+    p.add_argument("--configs", default="a,b,d")
+    p.add_argument("--timeouts", default="2,10", help="seconds per input, comma-separated")
+    p.add_argument("--engines", default="today,mixed", help=f"of {', '.join(ENGINES)}")
     p.add_argument("--baseline", type=int, default=3, help="inputs enumerated plainly for (a)")
-    p.add_argument("--no-smt", action="store_true")
+    p.add_argument("--no-smt", action="store_true", help="no exact back end on small leaves")
     p.add_argument("--out", default="runs/bench_engine.json")
     args = p.parse_args(argv)
-
-    model = load_model(args.model)
-    chain = prepare_chain(model.network.lower())
-    ds = load_dataset(
-        "mnist", "test", data_dir=os.environ.get("RELROBUST_DATA", "/work/shared/data")
-    )
-    x = to_layout(ds.images[: args.n], model.layout, model.input_shape)
-    y = ds.labels[: args.n]
-    correct = model.predict(x).argmax(axis=1) == y
-    xs = x[correct].reshape(int(correct.sum()), -1).astype(np.float64)
-    labels = y[correct]
-    print(
-        f"{args.model}: {int(correct.sum())} of {len(y)} inputs correctly classified",
-        file=sys.stderr,
-    )
-    results = {
-        "load_average_start": os.getloadavg(),
-        "model": str(args.model),
-        "n": args.n,
-        "correct": int(correct.sum()),
-        "timeout_s": args.timeout,
-        "use_smt": not args.no_smt,
-        "configs": {},
-    }
-    for config in args.configs.split(","):
-        rows, summary = run_config(config, model, chain, xs, labels, args)
-        entry = {
-            "region": dict(zip(("family", "step", "radius"), CONFIGS[config], strict=True)),
-            "summary": summary,
-            "rows": rows,
-        }
-        if config == "a" and args.baseline > 0:
-            entry["baseline"] = baseline(config, model, xs, labels, args.baseline)
-        elif CONFIGS[config][0] == "features":
-            entry["region_sizes"] = region_sizes(config, xs)
-        results["configs"][config] = entry
-    results["load_average_end"] = os.getloadavg()
+    configs = args.configs.split(",")
+    engines = args.engines.split(",")
+    timeouts = [float(v) for v in args.timeouts.split(",")]
+    bad = [c for c in configs if c not in CONFIGS] + [e for e in engines if e not in ENGINES]
+    if bad:
+        p.error(f"unknown configuration or engine: {', '.join(bad)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    results = {
+        "load_average_start": os.getloadavg(),
+        "n": args.n,
+        "timeouts_s": timeouts,
+        "engines": {e: ENGINES[e] for e in engines},
+        "use_smt": not args.no_smt,
+        "models": {},
+    }
+    for model_path in args.models.split(","):
+        model = load_model(model_path)
+        chain = prepare_chain(model.network.lower())
+        xs, labels, total = load_inputs(model, args.n)
+        print(f"{model_path}: {len(xs)} of {total} inputs correctly classified", file=sys.stderr)
+        per_model = {"correct": len(xs), "configs": {}}
+        results["models"][model_path] = per_model
+        for config in configs:
+            entry = {
+                "region": dict(zip(("family", "step", "radius"), CONFIGS[config], strict=True)),
+                "runs": {},
+            }
+            curves = {}
+            for timeout in timeouts:
+                for engine in engines:
+                    rows, summary = run_config(
+                        config, model, chain, xs, labels, args, engine, timeout
+                    )
+                    run = f"{engine}@{timeout:g}s"
+                    curves[run] = cactus(rows)
+                    entry["runs"][run] = {
+                        "summary": summary,
+                        "decided_mean_s": float(np.mean(curves[run])) if curves[run] else None,
+                        "cactus_s": curves[run],
+                        "rows": rows,
+                    }
+            if config == "a" and args.baseline > 0:
+                entry["baseline"] = baseline(config, model, xs, labels, args.baseline)
+            elif CONFIGS[config][0] == "features":
+                entry["region_sizes"] = region_sizes(config, xs)
+            family, step, radius = CONFIGS[config]
+            png = out.with_name(f"{out.stem}_{Path(model_path).stem}_{config}.png")
+            title = f"{Path(model_path).stem}, {family} r={radius:g} step {step:g}"
+            plot_cactus(curves, len(xs), title, png, 1.2 * max(timeouts))
+            entry["cactus_png"] = str(png)
+            per_model["configs"][config] = entry
+    results["load_average_end"] = os.getloadavg()
     out.write_text(json.dumps(_jsonable(results), indent=1))
     print_table(results)
     print(f"written {out}", file=sys.stderr)

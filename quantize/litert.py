@@ -24,7 +24,7 @@ from quantize.runner import (
     scale_entry,
 )
 from verifier.errors import InputError
-from verifier.store import sha256_file
+from verifier.model_files import model_sha256
 
 QUANT_BLOCK = 1 << 16
 WEIGHT_OPS = {"FULLY_CONNECTED": 1, "CONV_2D": 1, "DEPTHWISE_CONV_2D": 1}
@@ -141,7 +141,7 @@ class TfliteRunner:
             },
             **info,
             "path": str(self.path),
-            "sha256": sha256_file(self.path),
+            "sha256": model_sha256(self.path),
             "size_bytes": self.path.stat().st_size,
             "provenance": dict(self.provenance),
             "runtime": {

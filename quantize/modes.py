@@ -25,6 +25,7 @@ from quantize.tflite_convert import write_tflite
 from verifier.data import LAYOUTS
 from verifier.errors import InputError
 from verifier.model import Model, detect_layout
+from verifier.onnx_import import read_onnx
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def _build_ort(fmt: str | None) -> Builder:
 def _build_simulated(
     model: Model, out: Path, calib: np.ndarray | None, mode: str, opts: dict[str, Any]
 ) -> DescribedRunner:
-    proto, scales = simulate(onnx.load(str(model.path)), model.input_name, calib, **opts)
+    proto, scales = simulate(read_onnx(model.path), model.input_name, calib, **opts)
     record = {
         "source_sha256": model.sha256,
         "calibration_inputs": len(calib) if opts["act_bits"] and calib is not None else 0,

@@ -2,7 +2,9 @@
 
 The float graph is first run through `quant_pre_process` (shape inference and graph
 optimisation, which onnxruntime recommends before quantizing); if that step fails the original
-graph is quantized and the record says so.
+graph is quantized and the record says so. Both steps see a self-contained copy of the model:
+they write graphs into temporary folders of their own, without the external data files
+(`verifier.model_files`) a graph's weights may live in.
 """
 
 from __future__ import annotations
@@ -66,6 +68,14 @@ def preprocess(src: Path, dst: Path) -> bool:
         return False
 
 
+def self_contained(src: Path, dst: Path) -> Path:
+    """Write the model `src`, its external data (checked) read back in, as the one file `dst`."""
+    from verifier.onnx_import import read_onnx
+
+    onnx.save(read_onnx(src), str(dst))
+    return dst
+
+
 def _qtype(name: str) -> Any:
     from onnxruntime.quantization import QuantType
 
@@ -117,7 +127,7 @@ def quantize_static_file(
     batch = fixed or calib_batch(len(calib))
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
-        done = preprocess(src, pre)
+        done = preprocess(self_contained(src, Path(tmp) / "src.onnx"), pre)
         with _quiet():
             try:
                 quantize_static(
@@ -148,7 +158,7 @@ def quantize_dynamic_file(
 
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
-        done = preprocess(src, pre)
+        done = preprocess(self_contained(src, Path(tmp) / "src.onnx"), pre)
         with _quiet():
             try:
                 quantize_dynamic(

@@ -28,7 +28,8 @@ from quantize.runner import (
     scale_entry,
 )
 from verifier.errors import InputError, UnsupportedModelError
-from verifier.store import sha256_file
+from verifier.model_files import describe_files
+from verifier.onnx_import import read_onnx
 
 METADATA_KEY = "relrobust.quantize"
 QOPERATOR_OPS = {"QLinearMatMul", "QLinearConv", "QGemm", "QLinearAdd", "QAttention"}
@@ -54,12 +55,15 @@ class OrtRunner:
         import onnxruntime as ort
 
         self.path = Path(self.path)
+        # the graph with its external data read in (and checked): onnxruntime loading a path
+        # cannot infer shapes from external constants (a Reshape target) of such a graph
+        proto = read_onnx(self.path)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = self.num_threads or 0
         try:
             self._session = ort.InferenceSession(
-                str(self.path), opts, providers=["CPUExecutionProvider"]
+                proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime's own exception types
             raise InputError(f"onnxruntime cannot load {self.path}: {_first_line(exc)}") from None
@@ -96,8 +100,9 @@ class OrtRunner:
 
     def describe(self) -> dict[str, Any]:
         """Backend, mode, options, quantization scales, file, runtime versions."""
-        model = onnx.load(str(self.path))
+        model = read_onnx(self.path)
         meta = read_metadata(model)
+        files = describe_files(self.path)
         scales = meta.get("scales") or onnx_scales(model)
         return {
             "name": self.name,
@@ -108,8 +113,9 @@ class OrtRunner:
             "float_weights": float_weights(model, {t["tensor"] for t in scales}),
             "ops": sorted({n.op_type for n in model.graph.node}),
             "path": str(self.path),
-            "sha256": sha256_file(self.path),
-            "size_bytes": self.path.stat().st_size,
+            "sha256": files["sha256"],
+            "size_bytes": files["bytes"],
+            "external_data": files["external_data"],
             "provenance": {**meta.get("provenance", {}), **self.provenance},
             "runtime": {
                 **package_versions("onnxruntime", "onnx", "numpy"),

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import set_external_data
 
 OPSET = 17
 
@@ -128,3 +129,112 @@ def with_unsupported_op(path: Path) -> Path:
         helper.make_node("Erf", ["h"], ["logits"], name="erf_1"),
     ]
     return _save(nodes, [_init("W", w)], [4], [4], path)
+
+
+def torch_export_cnn(path: Path, seed=0) -> Path:
+    """A CNN on (1,8,8) in the shape `torch.onnx.export(..., dynamo=True)` writes it: opset 18,
+    IR 10, a static batch of 1, every attribute spelled out, parameter names like `conv1.weight`,
+    node metadata, Conv/MaxPool in NCHW, `view` as a Reshape with a constant shape, Gemm."""
+    rng = np.random.default_rng(seed)
+    f = np.float32
+    inits = [
+        _init("conv1.weight", rng.normal(0, 0.5, (4, 1, 3, 3)).astype(f)),
+        _init("conv1.bias", rng.normal(0, 0.1, 4).astype(f)),
+        _init("conv2.weight", rng.normal(0, 0.3, (6, 4, 3, 3)).astype(f)),
+        _init("conv2.bias", rng.normal(0, 0.1, 6).astype(f)),
+        _init("fc.weight", rng.normal(0, 0.3, (3, 6 * 2 * 2)).astype(f)),
+        _init("fc.bias", rng.normal(0, 0.1, 3).astype(f)),
+        _init("val_0", np.array([1, 6 * 2 * 2], np.int64)),
+    ]
+    conv = {"auto_pad": "NOTSET", "dilations": [1, 1], "group": 1, "strides": [1, 1]}
+    pool = {"ceil_mode": 0, "dilations": [1, 1], "kernel_shape": [2, 2], "strides": [2, 2]}
+    nodes = [
+        helper.make_node(
+            "Conv",
+            ["x", "conv1.weight", "conv1.bias"],
+            ["conv2d"],
+            "node_conv2d",
+            pads=[1, 1, 1, 1],
+            **conv,
+        ),
+        helper.make_node("Relu", ["conv2d"], ["relu"], "node_relu"),
+        helper.make_node(
+            "MaxPool", ["relu"], ["max_pool2d"], "node_max_pool2d", pads=[0, 0, 0, 0], **pool
+        ),
+        helper.make_node(
+            "Conv",
+            ["max_pool2d", "conv2.weight", "conv2.bias"],
+            ["conv2d_1"],
+            "node_conv2d_1",
+            pads=[0, 0, 0, 0],
+            **conv,
+        ),
+        helper.make_node("Relu", ["conv2d_1"], ["relu_1"], "node_relu_1"),
+        helper.make_node("Reshape", ["relu_1", "val_0"], ["view"], "node_view", allowzero=0),
+        helper.make_node(
+            "Gemm",
+            ["view", "fc.weight", "fc.bias"],
+            ["linear"],
+            "node_linear",
+            alpha=1.0,
+            beta=1.0,
+            transA=0,
+            transB=1,
+        ),
+    ]
+    for node in nodes:
+        meta = node.metadata_props.add()
+        meta.key, meta.value = "namespace", f": __main__.Net/{node.output[0]}"
+    shapes = {
+        "conv2d": [1, 4, 8, 8],
+        "relu": [1, 4, 8, 8],
+        "max_pool2d": [1, 4, 4, 4],
+        "conv2d_1": [1, 6, 2, 2],
+        "relu_1": [1, 6, 2, 2],
+        "view": [1, 24],
+    }
+    graph = helper.make_graph(
+        nodes,
+        "main_graph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("linear", TensorProto.FLOAT, [1, 3])],
+        initializer=inits,
+        value_info=[
+            helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    model.producer_name, model.producer_version = "pytorch", "2.9.0"
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def with_external_data(path: Path, location="{name}.data", split=False) -> Path:
+    """Re-save the model at `path` with every tensor in external data, as exporters do.
+
+    `location` is relative to the model's folder (a sub-folder is created); `{name}` is the
+    model file's name. `split=True` spreads the tensors over two files (`.0` / `.1` suffixes).
+    """
+    model = onnx.load(str(path))
+    loc = location.format(name=path.name)
+    if not split:
+        (path.parent / loc).parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / loc).unlink(missing_ok=True)  # the writer appends to existing files
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=loc,
+            size_threshold=0,
+        )
+        return path
+    for i, tensor in enumerate(model.graph.initializer):
+        target = f"{loc}.{i % 2}"
+        (path.parent / target).parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / target).unlink(missing_ok=True)  # the writer appends to existing files
+        set_external_data(tensor, target)
+    onnx.save_model(model, str(path))
+    return path

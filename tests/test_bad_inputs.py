@@ -1,6 +1,6 @@
 """Bad inputs to `verify`, table-driven: every case exits with status 2 and one message naming
 the problem, prints no traceback, never reaches quantization (the long work), and leaves no
-results.json behind (none written, none changed). `CASES` lists them: 60 cases."""
+results.json behind (none written, none changed). `CASES` lists them: 65 cases."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnx_builders import mlp, with_unsupported_op
+from onnx_builders import mlp, with_external_data, with_unsupported_op
 
 from verifier.cli import main
 
@@ -145,6 +145,39 @@ def two_inputs(p: Path) -> Path:
     m = onnx.load(str(path))
     m.graph.input.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["N", 16]))
     onnx.save(m, str(path))
+    return path
+
+
+def external(p: Path) -> Path:
+    """The tiny model with its weights in the external data file `<name>.data` next to it."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return with_external_data(mlp(p, sizes=SIZES))
+
+
+def external_missing(p: Path) -> Path:
+    path = external(p)
+    (p.parent / f"{p.name}.data").unlink()
+    return path
+
+
+def external_truncated(p: Path) -> Path:
+    path = external(p)
+    data = p.parent / f"{p.name}.data"
+    data.write_bytes(data.read_bytes()[:-8])
+    return path
+
+
+def external_outside(p: Path, location: Callable[[Path], str]) -> Path:
+    """A model in `p`'s folder whose (intact) data file sits in the parent folder, its
+    location written as `location(data file)`."""
+    path = external(p)
+    moved = (p.parent / f"{p.name}.data").rename(p.parent.parent / "w.data")
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location(moved)
+    path.write_bytes(proto.SerializeToString())
     return path
 
 
@@ -306,6 +339,26 @@ CASES = [
         ],
         r"unsupported operator\(s\): Erf \(node 'erf_1'\)",
     ),
+    Case(
+        "external-data-missing",
+        bad_model(external_missing),
+        r"external data 'bad\.onnx\.data' .*: file \S*bad\.onnx\.data not found",
+    ),
+    Case(
+        "external-data-truncated",
+        bad_model(external_truncated),
+        r"external data file \S*bad\.onnx\.data is truncated",
+    ),
+    Case(
+        "external-data-in-parent-folder",
+        bad_model(lambda p: external_outside(p.parent / "m" / p.name, lambda f: "../w.data")),
+        r"external data '\.\./w\.data' .* is outside the model's folder",
+    ),
+    Case(
+        "external-data-absolute-path",
+        bad_model(lambda p: external_outside(p.parent / "m" / p.name, lambda f: str(f))),
+        r"external data '/\S*w\.data' .* is outside the model's folder",
+    ),
     Case("branching-graph", bad_model(branching), "branches or merges"),
     Case("dynamic-image-dims", bad_model(dynamic_image), "dynamic sizes beyond the batch axis"),
     Case("no-batch-axis", bad_model(no_batch_axis), "no batch axis"),
@@ -396,6 +449,11 @@ CASES = [
         "cannot load the quantized model",
     ),
     Case(
+        "quantized-external-data-missing",
+        lambda e, t: run_args(e.model, e.data, t, "--quantized", external_missing(t / "q.onnx")),
+        r"external data 'q\.onnx\.data' .*: file \S*q\.onnx\.data not found",
+    ),
+    Case(
         "quantized-other-classes",
         lambda e, t: run_args(e.model, e.data, t, "--quantized", e.q_other_classes),
         "has 5 outputs, the float model 4",
@@ -449,7 +507,7 @@ def results_files(root: Path) -> dict:
 
 
 def test_case_count():
-    assert len(CASES) == 60 and len({c.name for c in CASES}) == len(CASES)
+    assert len(CASES) == 65 and len({c.name for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -232,3 +232,30 @@ def test_chunks_grow_to_the_target_and_shrink_at_the_end():
     assert pace.size(20, 4) == 5  # the last inputs spread over every slot
     pace.observe(10**6, 1.0)  # very cheap inputs
     assert pace.size(10**7, 4) == MAX_CHUNK
+
+
+def test_shipment_carries_external_data_files(tmp_path):
+    """A model whose weights live in external files (in a sub-folder) is shipped with them and
+    loads from the shipped copy alone, giving the same logits."""
+    from onnx_builders import mlp, with_external_data
+
+    from verifier.batch import WorkerState, shipment
+    from verifier.config import Settings
+    from verifier.model import load_model
+
+    src = tmp_path / "src"
+    src.mkdir()
+    path = with_external_data(mlp(src / "m.onnx"), location="weights/{name}.bin", split=True)
+    assert sorted(p.name for p in (src / "weights").iterdir()) == ["m.onnx.bin.0", "m.onnx.bin.1"]
+    model = load_model(path)
+    x = np.random.default_rng(0).uniform(0, 1, (5, *model.input_shape)).astype(np.float32)
+    state = WorkerState(Settings(), path, model.layout, x, None, None, {}, {}, {})
+    shipped = shipment(state)
+    assert sorted(shipped.files) == [
+        "float/m.onnx",
+        "float/weights/m.onnx.bin.0",
+        "float/weights/m.onnx.bin.1",
+    ]
+    shutil.rmtree(src)
+    loaded = shipped.load(tmp_path / "worker")
+    assert np.array_equal(loaded.model.predict(x), model.predict(x))

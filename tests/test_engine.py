@@ -353,11 +353,10 @@ def test_bab_with_no_nodes_is_unknown():
     assert full.status == CERTIFIED and full.nodes > 1
 
 
-def test_decide_with_z3_on_remaining_leaves():
-    pytest.importorskip("verifier.smt")
+def test_decide_with_milp_on_remaining_leaves():
     chain, runtime, region, label, _, _ = _hard_robust_case()
     d = decide(runtime, chain, region, label, max_nodes=1, enum_limit=0, use_smt=True, timeout=30)
-    assert d.status == CERTIFIED and d.detail["leaves"].get("z3", 0) >= 1
+    assert d.status == CERTIFIED and d.detail["leaves"].get("milp", 0) >= 1
     check_decision(d, runtime, region, label)
 
 

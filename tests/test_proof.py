@@ -11,6 +11,7 @@ from test_engine import _hard_robust_case, random_case, truth
 
 from verifier.bounds import prepare_chain, rounding_errors, spec_chain
 from verifier.decide import decide
+from verifier.points import count_points
 from verifier.proof import (
     SPLIT,
     Cover,
@@ -24,7 +25,6 @@ from verifier.proof import (
     to_text,
 )
 from verifier.proofcheck import CHECKED, FAILED, NOT_CHECKABLE, Problem, check_proof, check_tree
-from verifier.regions import count_points
 from verifier.result import CERTIFIED, REFUTED
 
 
@@ -123,18 +123,21 @@ def test_bab_proof_is_a_tree_of_many_leaves_and_checks(bab_case):
     assert verdict.status == CHECKED and verdict.nodes == len(proof.nodes)
 
 
-def test_whole_region_enumeration_and_z3_leaves_check():
+def test_whole_region_enumeration_z3_and_milp_leaves_check():
     chain, runtime, region, label, _, _ = _hard_robust_case()
     d = decide(runtime, chain, region, label, timeout=20)  # small: enumerated outright
     assert d.route == "enumeration" and proof_of(d).leaves() == {"enumeration": 1}
     assert check_proof(from_text(d.detail["proof"]), problem(chain, runtime, region, label)).status
-    z = decide(runtime, chain, region, label, max_nodes=1, enum_limit=0, use_smt=True, timeout=30)
-    assert z.status == CERTIFIED and proof_of(z).leaves().get("z3", 0) >= 1
     prob = problem(chain, runtime, region, label)
-    assert check_tree(proof_of(z), prob).status == CHECKED
-    # too large to enumerate here: z3 re-solves the leaf
-    solved = check_tree(proof_of(z), replace(prob, max_points=0))
-    assert solved.status == CHECKED and solved.points == 0 and solved.leaves["z3"] >= 1
+    for route in ("z3", "milp"):  # either exact back end closes leaves the proof keeps
+        z = decide(
+            runtime, chain, region, label, max_nodes=1, enum_limit=0, timeout=30, exact=route
+        )
+        assert z.status == CERTIFIED and proof_of(z).leaves().get(route, 0) >= 1
+        assert check_tree(proof_of(z), prob).status == CHECKED
+        # too large to enumerate here: z3 re-solves the leaf
+        solved = check_tree(proof_of(z), replace(prob, max_points=0))
+        assert solved.status == CHECKED and solved.points == 0 and solved.leaves[route] >= 1
 
 
 def test_optimised_slopes_are_re_derived_by_the_checker(monkeypatch):
@@ -176,7 +179,9 @@ def test_untrusted_error_model_gives_no_bounds_proof():
     last = chain[-1]
     shifted = [*chain[:-1], Affine(last.weight, last.bias + 5.0)]
     wrong = ErrorModel(prepare_chain(shifted), [None] * len(chain), "shifted logits")
-    d = decide(runtime, chain, region, label, enum_limit=0, quantized=True, error_model=wrong)
+    d = decide(
+        runtime, chain, region, label, timeout=30.0, enum_limit=0, quantized=True, error_model=wrong
+    )
     assert not d.detail["trusted_bounds"] and d.status == CERTIFIED
     assert proof_of(d).spec == "none" and proof_of(d).leaves() == {"enumeration": 1}
 
@@ -279,7 +284,7 @@ def test_enumeration_leaf_over_a_misclassified_point_fails():
         _, bad = truth(runtime, region, label)
         if bad.any():
             break
-    n = count_points(region.lo, region.hi, region.cost, region.budget)
+    n = count_points(region.lo, region.hi, region.cost, region.budget, exact=True)
     forged = single("none", region.num_generators, "enumeration", n)
     prob = problem(chain, runtime, region, label)
     verdict = check_tree(forged, prob)
@@ -292,7 +297,7 @@ def test_enumeration_leaf_over_a_misclassified_point_fails():
 
 def test_large_enumeration_leaf_is_not_checkable_and_unknown_kinds_too(bab_case):
     chain, runtime, region, label, _ = bab_case
-    n = count_points(region.lo, region.hi, region.cost, region.budget)
+    n = count_points(region.lo, region.hi, region.cost, region.budget, exact=True)
     whole = single("none", region.num_generators, "enumeration", n)
     prob = problem(chain, runtime, region, label, max_points=n - 1)
     assert check_tree(whole, prob).status == NOT_CHECKABLE
@@ -321,7 +326,9 @@ def test_quantized_proofs_on_the_error_model_check(tmp_path):
         pos = np.random.default_rng(10 + i).choice(16, 3, replace=False)
         region = lattice_region(x, pos, 0.125, 0.75)
         label = int(runner.predict(x[None]).argmax())
-        dec = decide(runner, chain, region, label, enum_limit=0, quantized=True, error_model=em)
+        dec = decide(
+            runner, chain, region, label, timeout=30.0, enum_limit=0, quantized=True, error_model=em
+        )
         if dec.status != CERTIFIED:
             continue
         _, bad = truth(runner, region, label)

@@ -25,6 +25,7 @@ import numpy as np
 
 from verifier.check import Settings, build_region
 from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
+from verifier.model_files import model_sha256
 from verifier.points import predict_points
 from verifier.records import FLOAT, InputRecord, Outcome
 from verifier.regions import Region
@@ -128,7 +129,7 @@ def read_results(run_dir: Path) -> dict:
 
 def locate(stored: str, run_dir: Path, sha256: str | None, what: str) -> Path:
     """A file the run used, by its stored path (relative paths: from here or a parent of the
-    run); refused when missing or when its bytes differ from the run's (`sha256`)."""
+    run); refused when missing or when it differs from the run's (`sha256`: `model_sha256`)."""
     p = Path(stored)
     cands = [p] if p.is_absolute() else [p, *(a / p for a in run_dir.resolve().parents)]
     found = [c for c in cands if c.is_file()]
@@ -138,7 +139,7 @@ def locate(stored: str, run_dir: Path, sha256: str | None, what: str) -> Path:
             "from here and the run's parent directories: audit from where the run was started)"
         )
     for c in found:
-        if sha256 is None or sha256_file(c) == sha256:
+        if sha256 is None or model_sha256(c) == sha256:
             return c
     raise InputError(f"{what} {found[0]} changed since the run {run_dir} (sha256 differs)")
 

@@ -8,16 +8,15 @@ runtimes built from them. All plain, picklable data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
 from verifier.check import Checker
 from verifier.config import Settings
-from verifier.errors import InputError
 from verifier.model import load_model
+from verifier.model_files import external_files
 
 
 @dataclass(frozen=True)
@@ -106,47 +105,17 @@ class Shipment:
 
 
 def shipment(state: WorkerState) -> Shipment:
-    """The state's model files, each with the external data files it names, read once."""
+    """The state's model files, each with the external data files its graph names
+    (`model_files.external_files`), read once."""
     files: dict = {}
 
     def add(tag: str, path: Path) -> str:
         path = Path(path)
-        for rel in [path.name, *onnx_external_files(path)]:
-            files[f"{tag}/{rel}"] = (path.parent / rel).read_bytes()
+        files[f"{tag}/{path.name}"] = path.read_bytes()
+        for ext in external_files(path):  # checked: inside the model's folder, long enough
+            files[f"{tag}/{ext.location}"] = ext.path.read_bytes()
         return f"{tag}/{path.name}"
 
     model = add("float", state.model_path)
     runners = {n: add(f"q{i}", p) for i, (n, p) in enumerate(state.runner_paths.items())}
     return Shipment(files, model, state.layout, runners, state.error_models)
-
-
-def onnx_external_files(path: Path) -> list[str]:
-    """The external data files an ONNX file names (relative to its folder); none for others."""
-    if path.suffix.lower() != ".onnx":
-        return []
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    names = set()
-    for tensor in _tensors(proto.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            loc = {e.key: e.value for e in tensor.external_data}.get("location", "")
-            rel = PurePosixPath(loc)
-            if not loc or rel.is_absolute() or ".." in rel.parts:
-                raise InputError(f"{path}: external data location {loc!r} is outside its folder")
-            names.add(str(rel))
-    return sorted(names)
-
-
-def _tensors(graph) -> Iterator:
-    """Every tensor of an ONNX graph: initializers and node attributes, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for g in attr.graphs:
-                yield from _tensors(g)

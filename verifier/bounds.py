@@ -70,7 +70,7 @@ class Bounds:
     coeffs: np.ndarray  # (K-1, G) the linear lower bound's coefficients on s (zeros for IBP)
     argmin: np.ndarray  # (K-1, G) relaxed minimiser of each linear bound
     pre: list  # per layer: (lower, upper) of its input for Relu / MaxPool layers, else None
-    method: str  # "ibp", "crown", "alpha-crown" or "empty"
+    method: str  # "ibp", "crown", "alpha-crown", "beta-crown" (relu_split) or "empty"
     first: tuple | None = None  # (lower, upper) of the first layer's outputs (exact, reusable)
 
     @property
@@ -665,12 +665,20 @@ def _pool_relax(l: np.ndarray, u: np.ndarray, windows: np.ndarray):
 
 
 def _backsub(
-    spec: SpecChain, pre: list, upto: int, lam: np.ndarray, c: np.ndarray, alphas=None, tape=None
+    spec: SpecChain,
+    pre: list,
+    upto: int,
+    lam: np.ndarray,
+    c: np.ndarray,
+    alphas=None,
+    tape=None,
+    betas=None,
 ):
     """Lower bound `lam . v_upto + c` as a linear function of s, through layers upto-1 .. 0.
 
     `lam` are coefficients on the output of layer `upto - 1`; every affine layer passed charges
-    its rounding bound |lam| . err.
+    its rounding bound |lam| . err. `betas` (Relu layer -> (m, n) signed multipliers of split
+    constraints on its input, see `verifier.relu_split`) are added to lam on that input.
     """
     for k in range(upto - 1, -1, -1):
         layer = spec.layers[k]
@@ -692,6 +700,8 @@ def _backsub(
             pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
             c = c + neg @ iu
             lam = pos * alpha + neg * su
+            if betas is not None and k in betas:
+                lam = lam + betas[k]
         else:
             l, u = pre[k]
             arg, dom, umax = _pool_relax(l, u, layer.windows)
@@ -719,11 +729,15 @@ def optimise_alpha(
     steps: int,
     target: np.ndarray | float = 0.0,
     lr: float = 0.2,
+    split_signs: dict | None = None,
 ):
     """Projected gradient ascent on per-margin ReLU lower slopes, intermediate bounds fixed.
 
     Any slope in [0, 1] gives a sound bound, so the best one seen is kept. The gradient is
     exact for the piecewise-linear back-substitution (the knapsack minimiser is fixed, Danskin).
+    `split_signs` (Relu layer -> +1 / -1 / 0 per neuron: input >= 0 / <= 0 holds on every point
+    of the sub-box, see `verifier.relu_split`) adds one multiplier >= 0 per such constraint and
+    margin (beta-CROWN): the bound minus beta * sign * input is a lower bound there.
     """
     top = len(spec.layers)
     m = spec.layers[-1].weight.shape[0]
@@ -733,10 +747,14 @@ def optimise_alpha(
         if isinstance(layer, Relu)
     }
     moment = {k: np.zeros_like(a) for k, a in alphas.items()}
+    signs = {k: v for k, v in (split_signs or {}).items() if np.any(v)}
+    betas = {k: np.zeros((m, len(v))) for k, v in signs.items()}
+    beta_moment = {k: np.zeros_like(b) for k, b in betas.items()}
     best = None
     for _ in range(steps + 1):
         tape: list = []
-        lam, c = _backsub(spec, pre, top, np.eye(m), np.zeros(m), alphas, tape)
+        signed = {k: -signs[k] * b for k, b in betas.items()} if betas else None
+        lam, c = _backsub(spec, pre, top, np.eye(m), np.zeros(m), alphas, tape, signed)
         vals, argmin = knapsack_min(lam, c, lo, hi, spec.cost, spec.budget)
         if best is None:
             best = [lam, c, vals, argmin]
@@ -746,15 +764,25 @@ def optimise_alpha(
                 best[j][up] = arr[up]
         if np.all(best[2] > target):
             break
-        for k, gk in _alpha_grads(spec, pre, tape, argmin, alphas).items():
+        values: dict | None = {} if betas else None
+        for k, gk in _alpha_grads(spec, pre, tape, argmin, alphas, values).items():
             moment[k] = 0.5 * moment[k] + gk
             scale = np.abs(moment[k]).max(axis=1, keepdims=True) + 1e-12
             alphas[k] = np.clip(alphas[k] + lr * moment[k] / scale, 0.0, 1.0)
+        for k in betas:
+            beta_moment[k] = 0.5 * beta_moment[k] - signs[k] * values[k]
+            scale = np.abs(beta_moment[k]).max(axis=1, keepdims=True) + 1e-12
+            betas[k] = np.maximum(betas[k] + lr * beta_moment[k] / scale, 0.0)
     return best[0], best[1], best[2], best[3]
 
 
-def _alpha_grads(spec: SpecChain, pre: list, tape, argmin: np.ndarray, alphas: dict) -> dict:
-    """Gradient of each row's bound w.r.t. its lower slopes, by reverse mode over the tape."""
+def _alpha_grads(
+    spec: SpecChain, pre: list, tape, argmin: np.ndarray, alphas: dict, values=None
+) -> dict:
+    """Gradient of each row's bound w.r.t. its lower slopes, by reverse mode over the tape.
+
+    `values` (a dict), when given, receives for each Relu layer k the gradient w.r.t. lam on
+    its input (the relaxed input values at the minimiser): the gradient of `betas[k]`."""
     grad = argmin  # d bound / d lam at s-level (m, G)
     out = {}
     for k, lam_in in reversed(tape):  # from layer 0 back up to the query
@@ -769,6 +797,8 @@ def _alpha_grads(spec: SpecChain, pre: list, tape, argmin: np.ndarray, alphas: d
                 grad = grad - (np.sign(lam_in @ w0) * step0) @ w0.T
             if spec.err[k] is not None:
                 grad = grad - np.sign(lam_in) * spec.err[k]
+            if values is not None and k + 1 < len(spec.layers):
+                values[k + 1] = grad
         elif isinstance(layer, Relu):
             su, iu, _, unstable = _relu_relax(*pre[k])
             pos = lam_in >= 0

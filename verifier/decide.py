@@ -2,9 +2,11 @@
 
 Order: a region small enough is enumerated on the runtime outright; otherwise a cheap attack,
 bounds over the whole region, a search attack, branch and bound on generators (small leaves
-enumerated on the runtime), and z3 on what is left. Every step is sound on its own:
+enumerated on the runtime), and an exact back end (a mixed-integer program, or z3 where it
+cannot encode the chain) on small leaves left. Every step is sound on its own:
 counterexamples are re-run on the runtime, certificates come from enumeration on the runtime,
-from bounds on the chain the runtime evaluates, or from z3 on that chain.
+from bounds on the chain the runtime evaluates, or from z3 / the program on that chain (the
+program includes the float32 rounding bounds).
 
 Which runtimes bounds speak for (and z3, which reasons about the same float chain):
 - `quantized=False`: the runtime evaluates the float chain in float32. Bounds include a sound
@@ -43,6 +45,7 @@ from verifier.enumeration import box_size, confirm, enumerate_box, runtime_input
 from verifier.network import LoweredLayer, forward_lowered
 from verifier.proof import Cover, to_text
 from verifier.regions import Region
+from verifier.relu_split import POLICIES, relu_branch_and_bound
 from verifier.result import CERTIFIED, REFUTED, UNKNOWN, Decision
 
 # z3 only gets leaves with at most this many undecided ReLUs: on bigger ones (the MNIST MLP's
@@ -50,6 +53,10 @@ from verifier.result import CERTIFIED, REFUTED, UNKNOWN, Decision
 # overrun the timeout by seconds. When z3 is in play, branch and bound gets this share of time.
 SMT_MAX_UNSTABLE = 64
 SMT_BAB_SHARE = 0.6
+# The mixed-integer program (verifier.milp) takes leaves with at most this many too: on the
+# same regions of small random MLPs (11-46 unstable ReLUs) it answered in 0.1-11 s where z3
+# took 1.3-20 s or timed out at 30 s (one of 24 timed out for both).
+EXACT_MAX_UNSTABLE = 64
 
 # Slopes are optimised (a few percent tighter, 5-20x the cost of plain linear bounds) only when
 # the worst margin bound is within this fraction of the attack's best margin below zero.
@@ -79,22 +86,39 @@ def decide(
     alpha_steps: int = 20,
     beam: int = 8,
     attack_share: float = 0.05,
+    splits: str = "generator",
+    exact: str = "milp",
 ) -> Decision:
     """Certified / refuted / unknown for `region` around its input, and the route that decided.
 
     `timeout` (seconds) and `max_nodes` bound the whole call; regions or B&B leaves with at
     most `enum_limit` points are enumerated on the runtime; `attack_share` of the time may go
     to the search attack. See the module docstring for `quantized` and `error_model`.
+    `splits`: "generator" (branch and bound on generator ranges), or "relu" / "mixed" (ReLU
+    phase splits too, `verifier.relu_split`; closes leaves by route "relu-split"). `exact`: the
+    back end for small leaves, "milp" (z3 where the program cannot encode the chain) or "z3".
     Pass `bounds.prepare_chain(chain)` when deciding many regions of one model (saves copies).
 
-    `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3),
-    "open_leaves", "points" (enumerated on the runtime), "attack_evals", "steps" (seconds per
-    step), "trusted_bounds" (and "chain_gap" / "untrusted_reason"), "bounds_method" and
-    "root_margin" (worst root lower bound minus the threshold), z3 and enumeration notes, and
-    on certification "proof": the cover that proved it (`verifier.proof`, as ASCII).
+    `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3, milp,
+    relu-split), "open_leaves", "points" (enumerated on the runtime), "attack_evals", "steps"
+    (seconds per step), "trusted_bounds" (and "chain_gap" / "untrusted_reason"),
+    "bounds_method" and "root_margin" (worst root lower bound minus the threshold), z3, milp
+    and enumeration notes, and on certification "proof": the cover that proved it
+    (`verifier.proof`, as ASCII; generator splits only: ReLU phase splits keep no proof yet).
     """
     chain = prepare_chain(chain)
-    _check(chain.layers, region, label, timeout, max_nodes, enum_limit, quantized, error_model)
+    _check(
+        chain.layers,
+        region,
+        label,
+        timeout,
+        max_nodes,
+        enum_limit,
+        quantized,
+        error_model,
+        splits,
+        exact,
+    )
     start = time.perf_counter()
     deadline = start + timeout
     detail: dict = {"leaves": {}, "points": 0, "attack_evals": 0, "steps": {}}
@@ -154,7 +178,19 @@ def decide(
 
     smt = _smt_function(use_smt, quantized)
     return _refine(
-        run, spec, chain, root, threshold, gap, smt, deadline, max_nodes, enum_limit, alpha_steps
+        run,
+        spec,
+        chain,
+        root,
+        threshold,
+        gap,
+        smt,
+        deadline,
+        max_nodes,
+        enum_limit,
+        alpha_steps,
+        splits,
+        exact,
     )
 
 
@@ -170,13 +206,18 @@ def _refine(
     max_nodes: int,
     enum_limit: int,
     alpha_steps: int,
+    splits: str = "generator",
+    exact_backend: str = "milp",
 ) -> Decision:
-    """Branch and bound from the root bounds; z3 on the open leaves small enough for it; branch
-    and bound again on what is left, until the budget runs out."""
+    """Branch and bound from the root bounds; the exact back end on the open leaves small enough
+    for it; branch and bound again on what is left, until the budget runs out."""
     region = run.region
     leaves = [Leaf(region.lo, region.hi, root)]
-    if smt is not None and _unstable(leaves[0], spec) > 2 * SMT_MAX_UNSTABLE:
-        smt = None  # leaves of this network will rarely be small enough for z3: all time to B&B
+    if splits != "generator":
+        run.cover = None  # a ReLU phase split shares its parent's box: no cover to keep yet
+    exact = _exact_function(smt, spec, threshold, exact_backend)
+    if exact is not None and _unstable(leaves[0], spec) > 2 * EXACT_MAX_UNSTABLE:
+        exact = None  # leaves of this network will rarely be small enough: all time to B&B
     closed: dict = {}
 
     def bound(lo, hi, parent):
@@ -184,30 +225,39 @@ def _refine(
             spec, lo, hi, alpha_steps=alpha_steps, target=threshold, parent=parent, alpha_gap=gap
         )
 
-    for stage in ("bab", "z3", "bab"):
+    for stage in ("bab", "exact", "bab"):
         if not leaves or time.perf_counter() > deadline:
             break
-        if stage == "z3":
-            if smt is None:
+        if stage == "exact":
+            if exact is None:
                 continue
-            hit, leaves, n_closed = _smt_leaves(run, smt, spec, chain.layers, leaves, deadline)
-            closed["z3"] = closed.get("z3", 0) + n_closed
+            hit, leaves, n_closed = _exact_leaves(run, exact, spec, chain.layers, leaves, deadline)
+            closed[exact[0]] = closed.get(exact[0], 0) + n_closed
             if hit is not None:
                 return hit
             continue
-        share = SMT_BAB_SHARE if smt is not None and "z3" not in closed else 1.0
-        out = branch_and_bound(
-            run.runtime,
-            region,
-            run.label,
-            leaves,
-            bound,
-            threshold,
-            deadline=time.perf_counter() + share * (deadline - time.perf_counter()),
-            max_nodes=max_nodes - run.nodes,
-            enum_limit=enum_limit,
-            cover=run.cover,
-        )
+        share = SMT_BAB_SHARE if exact is not None and exact[0] not in closed else 1.0
+        budget = {
+            "deadline": time.perf_counter() + share * (deadline - time.perf_counter()),
+            "max_nodes": max_nodes - run.nodes,
+            "enum_limit": enum_limit,
+        }
+        if splits == "generator":
+            out = branch_and_bound(
+                run.runtime, region, run.label, leaves, bound, threshold, cover=run.cover, **budget
+            )
+        else:
+            out = relu_branch_and_bound(
+                run.runtime,
+                region,
+                run.label,
+                spec,
+                leaves,
+                bound,
+                threshold,
+                policy=splits,
+                **budget,
+            )
         run.nodes += out.nodes
         run.detail["points"] += out.points
         for key, count in out.closed.items():
@@ -224,6 +274,8 @@ def _refine(
         "bab": closed.get("bab", 0) + closed.get("empty", 0),
         "enumeration": closed.get("enumeration", 0),
         "z3": closed.get("z3", 0),
+        "milp": closed.get("milp", 0),
+        "relu-split": closed.get("relu-split", 0),
     }
     return run.done(CERTIFIED, max(counts, key=lambda k: counts[k]))
 
@@ -236,7 +288,8 @@ class _Run:
         self.start = self.mark = start
         self.detail = detail
         self.nodes = 0
-        self.cover = Cover()  # the proof of a certification, as the steps close boxes
+        # the proof of a certification, as the steps close boxes (None: a route keeps none)
+        self.cover: Cover | None = Cover()
         self.spec = "none"  # what bounds leaves are computed on (verifier.proof.SPECS)
 
     def step(self, name: str, evals: int = 0) -> None:
@@ -250,7 +303,7 @@ class _Run:
         if coeffs is not None:
             coeffs = np.asarray(coeffs, dtype=np.int64)
             adv_label = None if adv_label is None else int(adv_label)
-        if status == CERTIFIED:
+        if status == CERTIFIED and self.cover is not None:
             proof = self.cover.proof(self.region.lo, self.region.hi, self.spec)
             self.detail["proof"] = to_text(proof)
         return Decision(
@@ -281,7 +334,16 @@ class _Run:
 
 
 def _check(
-    chain, region: Region, label, timeout, max_nodes, enum_limit, quantized, error_model
+    chain,
+    region: Region,
+    label,
+    timeout,
+    max_nodes,
+    enum_limit,
+    quantized,
+    error_model,
+    splits,
+    exact,
 ) -> None:
     """Reject inconsistent calls before any work."""
     if not chain:
@@ -296,6 +358,10 @@ def _check(
         raise ValueError("timeout must be positive; max_nodes and enum_limit non-negative")
     if error_model is not None and not quantized:
         raise ValueError("error_model applies to quantized runtimes: pass quantized=True")
+    if splits not in POLICIES:
+        raise ValueError(f"splits must be one of {', '.join(POLICIES)}, got {splits!r}")
+    if exact not in ("milp", "z3"):
+        raise ValueError(f"exact must be 'milp' or 'z3', got {exact!r}")
 
 
 def _trust(
@@ -383,44 +449,70 @@ def _smt_function(use_smt: bool, quantized: bool):
     return smt_decide
 
 
+def _exact_function(smt, spec: SpecChain, threshold, backend: str = "milp"):
+    """(route, function) of the exact back end for small leaves: the mixed-integer program when
+    it encodes this spec (faster than z3 on every leaf measured, see verifier.milp), else z3;
+    None when neither may speak for the runtime (z3 off means both are)."""
+    if smt is None:
+        return None
+    try:
+        from verifier import milp
+    except ImportError:  # highspy missing: z3 as before
+        return "z3", smt
+    if backend == "z3" or not milp.supported(spec):
+        return "z3", smt
+
+    def solve(chain, region, label, left, lo, hi, leaf):
+        return milp.milp_decide(spec, lo, hi, leaf.bounds, left, threshold)
+
+    return "milp", solve
+
+
 def _unstable(leaf: Leaf, spec: SpecChain) -> int:
     """ReLUs whose pre-activation bounds straddle 0 in this leaf (what z3 must branch on)."""
     return sum(int(np.sum((lo < 0) & (hi > 0))) for lo, hi in relu_pre_bounds(leaf.bounds, spec))
 
 
-def _smt_leaves(run: _Run, smt, spec: SpecChain, chain, leaves: list[Leaf], deadline: float):
-    """z3 on the leaves small enough for it (worst first), each with the remaining time.
+def _exact_leaves(run: _Run, exact, spec: SpecChain, chain, leaves: list[Leaf], deadline):
+    """The exact back end (`exact` = (route, function)) on the leaves small enough for it
+    (worst first), each with the remaining time.
 
     Returns (a refutation confirmed on the runtime or None, the leaves still open, the number
-    z3 closed); a sat model the runtime does not confirm leaves its leaf open.
+    closed); a sat model the runtime does not confirm leaves its leaf open.
     """
+    route, solve = exact
+    limit = SMT_MAX_UNSTABLE if route == "z3" else EXACT_MAX_UNSTABLE
     still_open = []
     closed = unconfirmed = 0
     for leaf in leaves:
         left = deadline - time.perf_counter()
-        if left <= 0 or _unstable(leaf, spec) > SMT_MAX_UNSTABLE:
+        if left <= 0 or _unstable(leaf, spec) > limit:
             still_open.append(leaf)
             continue
-        res = smt(
-            chain,
-            run.region,
-            run.label,
-            left,
-            lo=leaf.lo,
-            hi=leaf.hi,
-            pre_bounds=relu_pre_bounds(leaf.bounds, spec),
-        )
+        if route == "z3":
+            res = solve(
+                chain,
+                run.region,
+                run.label,
+                left,
+                lo=leaf.lo,
+                hi=leaf.hi,
+                pre_bounds=relu_pre_bounds(leaf.bounds, spec),
+            )
+        else:
+            res = solve(chain, run.region, run.label, left, leaf.lo, leaf.hi, leaf)
         if res.status == "unsat":
             closed += 1
-            run.cover.close(leaf.lo, leaf.hi, "z3")
+            if run.cover is not None:
+                run.cover.close(leaf.lo, leaf.hi, route)
             continue
         if res.status == "sat" and res.coeffs is not None:
             adv = confirm(run.runtime, run.region, res.coeffs, run.label)
             if adv is not None:
-                run.step("z3")
-                return run.done(REFUTED, "z3", res.coeffs, adv), [], closed
+                run.step(route)
+                return run.done(REFUTED, route, res.coeffs, adv), [], closed
             unconfirmed += 1
         still_open.append(leaf)
-    run.detail["z3_unconfirmed"] = run.detail.get("z3_unconfirmed", 0) + unconfirmed
-    run.step("z3")
+    run.detail[f"{route}_unconfirmed"] = run.detail.get(f"{route}_unconfirmed", 0) + unconfirmed
+    run.step(route)
     return None, still_open, closed

@@ -16,9 +16,10 @@ import numpy as np
 
 from verifier import __version__
 from verifier.errors import InputError
+from verifier.model_files import describe_files
 from verifier.records import InputRecord
 from verifier.relative import Aggregate
-from verifier.store import sha256_file, write_atomic
+from verifier.store import write_atomic
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_FILE = "results.schema.json"
@@ -30,6 +31,7 @@ RUNTIME_PACKAGES = (
     "tensorflow-cpu",
     "ai-edge-litert",
     "z3-solver",
+    "highspy",
     "matplotlib",
     "jsonschema",
 )
@@ -57,9 +59,9 @@ def inputs_sha256(x: np.ndarray) -> str:
 
 
 def describe_model(path: str | Path, **extra: object) -> dict:
-    """The `model` section: path, file hash and size, plus whatever the caller adds."""
-    path = Path(path)
-    return {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
+    """The `model` section: path, hash and size over the graph and its external data files
+    (`verifier.model_files`), those files, plus whatever the caller adds."""
+    return {"path": str(path), **describe_files(path), **extra}
 
 
 def describe_data(name: str, source: str, inputs: np.ndarray, **extra: object) -> dict:

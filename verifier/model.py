@@ -15,9 +15,9 @@ import numpy as np
 
 from verifier.data import LAYOUTS
 from verifier.errors import InputError, UnsupportedModelError
+from verifier.model_files import model_sha256
 from verifier.network import Network
 from verifier.onnx_import import _first_line, _graph_inputs, import_network, read_onnx
-from verifier.store import sha256_file
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
@@ -71,7 +71,8 @@ class Model:
 
     @cached_property
     def sha256(self) -> str:
-        return sha256_file(self.path)
+        """The model's identity: graph and external data (`verifier.model_files`)."""
+        return model_sha256(self.path)
 
 
 def detect_layout(shape: tuple[int, ...]) -> str | None:

@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from verifier.errors import InputError, UnsupportedModelError
+from verifier.model_files import load_external_data, parse_graph
 from verifier.network import (
     Conv,
     Dense,
@@ -178,24 +179,34 @@ def load_network(path: str | Path) -> Network:
 
 
 def read_onnx(path: str | Path) -> onnx.ModelProto:
-    """Parse an ONNX file, refusing corrupt bytes and absurdly large declared tensors."""
+    """Parse an ONNX file with its external data, refusing corrupt bytes, bad external data
+    (`verifier.model_files`) and absurdly large declared tensors."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"model file not found: {path}")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise InputError(f"{path} is not a valid ONNX file: {_first_line(exc)}") from None
+    model = parse_graph(path)
     if not model.graph.node:
         raise InputError(f"{path} is not a valid ONNX model: the graph has no nodes")
-    check_sizes(model, path)
+    check_declared_sizes(model, path)
+    load_external_data(model, path)
+    check_shape_values(model, path)
     return model
 
 
-def check_sizes(model: onnx.ModelProto, path: Path) -> None:
+def _tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant-node tensors by name."""
+    tensors = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.HasField("t"):
+                    tensors[node.output[0]] = a.t
+    return tensors
+
+
+def check_declared_sizes(model: onnx.ModelProto, path: Path) -> None:
     """Refuse graphs whose declared tensors would not fit in memory, before allocating them.
 
-    Covers graph inputs, outputs and value_info, initializers and Constant tensors, and the
+    Covers graph inputs, outputs and value_info, initializers and Constant tensors (their
+    dimensions only: it runs before external data is read). `check_shape_values` covers the
     constant shape tensors of the ops that allocate from them (Reshape targets, Expand,
     ConstantOfShape, Tile repeats, Resize sizes): onnxruntime folds such constants when it
     loads a model, so an absurd shape there would be allocated by loading alone.
@@ -204,15 +215,14 @@ def check_sizes(model: onnx.ModelProto, path: Path) -> None:
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.dim_value > 0]
         if dims and _elements(dims) > MAX_TENSOR_ELEMENTS:
             raise InputError(f"{path}: tensor {vi.name!r} declares absurd dimensions {dims}")
-    tensors = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.HasField("t"):
-                    tensors[node.output[0]] = a.t
-    for name, t in tensors.items():
+    for name, t in _tensors(model).items():
         if _elements(t.dims) > MAX_TENSOR_ELEMENTS:
             raise InputError(f"{path}: tensor {name!r} declares absurd dimensions {list(t.dims)}")
+
+
+def check_shape_values(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse absurd constant shapes fed to the ops that allocate from them (reads the data)."""
+    tensors = _tensors(model)
     for node in model.graph.node:
         slot = SHAPE_INPUTS.get(node.op_type)
         if slot is None or slot >= len(node.input) or node.input[slot] not in tensors:

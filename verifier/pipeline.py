@@ -51,10 +51,12 @@ def run(config: RunConfig) -> int:
     from verifier.bounds import prepare_chain
     from verifier.document import describe_data
     from verifier.quantized import quantized_runners, runner_error_models
-    from verifier.store import write_atomic
+    from verifier.store import check_same_model, write_atomic
 
     out = config.out or fresh_run_dir(Path("runs"))
     model = load_model(config.model_path, config.layout, cache_dir=out / "models")
+    if config.resume:  # the same model (graph and weights), before anything is rebuilt
+        check_same_model(out, model.sha256)
     chain = prepare_chain(model.network.lower())  # an unsupported operator is named now
     baseline = load_gate_baseline(config)  # an unreadable baseline fails now, not after the run
     config = replace(config, data=dataset_name(model, config.data))

@@ -7,7 +7,8 @@ a leaf names the route that closed its box and that route's evidence:
 - `bounds`: the worst margin lower bound minus the threshold (float32, rounded down), > 0;
 - `empty`: the box's least cost (its point nearest 0), over the budget: no point;
 - `enumeration`: the box's point count, every point run on the runtime;
-- `z3`: no evidence (z3 answered unsat on the box).
+- `z3`: no evidence (z3 answered unsat on the box);
+- `milp`: no evidence (the mixed-integer program proved every margin positive on the box).
 
 Boxes are not stored: they follow from the root (the region's box) and the splits, so a tree
 that parses covers the region by construction. Whole-region routes are trees of one leaf.
@@ -38,6 +39,7 @@ KINDS: dict[str, tuple[int, str, tuple[str, ...]]] = {
     "empty": (2, "<f", ("min_cost",)),
     "enumeration": (3, "<I", ("points",)),
     "z3": (4, "", ()),
+    "milp": (5, "", ()),
 }
 _BY_TAG = {tag: (kind, fmt, names) for kind, (tag, fmt, names) in KINDS.items()}
 _HEADER = "<4sBI"

@@ -14,7 +14,7 @@ each leaf is closed again by its own route:
 - `empty`: the box's least cost must exceed the budget.
 - `enumeration`: the stored point count must equal the box's; the box is enumerated on the
   runtime (at most `max_points` points, else not checkable) and every point must keep the label.
-- `z3`: enumerated on the runtime when small enough, else re-solved by z3 on the box.
+- `z3` and `milp`: enumerated on the runtime when small enough, else re-solved by z3 on the box.
 
 Only the problem statement is shared with the search: the region and the chain composed with
 it and its rounding bounds (`bounds.spec_chain`, what "the margin" means); the bound
@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from verifier.network import Affine, Relu
+from verifier.points import count_points
 from verifier.proof import SPLIT, Proof, ProofFormatError, decode
-from verifier.regions import EPS, Region, count_points
+from verifier.regions import EPS, Region
 
 CHECKED, FAILED, NOT_CHECKABLE = "checked", "failed", "not checkable"
 # A stored margin may exceed the true one at a point by float noise only.
@@ -156,14 +157,14 @@ def _check_leaf(node, lo, hi, parent, problem: Problem, out: Verdict) -> str | N
         _tally(out.leaves, kind)
         return None
     if kind == "enumeration":
-        count = count_points(lo, hi, region.cost, region.budget)
+        count = count_points(lo, hi, region.cost, region.budget, exact=True)
         if count != node.get("points"):
             return f"the box has {count} points, the proof says {node.get('points')}"
         return _by_enumeration(lo, hi, count, problem, out, kind)
     if kind == "bounds":
         return _check_bounds(node.get("margin"), lo, hi, parent, problem, out)
-    if kind == "z3":
-        return _check_z3(lo, hi, parent, problem, out)
+    if kind in ("z3", "milp"):  # both re-checked by enumeration or by z3
+        return _check_z3(lo, hi, parent, problem, out, kind)
     _tally(out.unchecked, kind)  # a kind this checker does not know
     return None
 
@@ -208,12 +209,12 @@ def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict)
     return _by_enumeration(lo, hi, count, problem, out, "bounds")
 
 
-def _check_z3(lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
-    """A z3 leaf: enumerated when small, else z3 again with the bounds computed here."""
+def _check_z3(lo, hi, parent, problem: Problem, out: Verdict, kind: str = "z3") -> str | None:
+    """A z3 or MILP leaf: enumerated when small, else z3 (again) with the bounds computed here."""
     region = problem.region
     count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
     if count <= problem.max_points or problem.spec is None or problem.chain is None:
-        return _by_enumeration(lo, hi, count, problem, out, "z3")
+        return _by_enumeration(lo, hi, count, problem, out, kind)
     from verifier.smt import smt_decide
 
     b = _node_bounds(problem.spec, lo, hi, parent)
@@ -223,7 +224,7 @@ def _check_z3(lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
     )
     if res.status == "sat":
         return f"z3 finds a point leaving the label: {[int(v) for v in res.coeffs]}"
-    _tally(out.leaves if res.status == "unsat" else out.unchecked, "z3")
+    _tally(out.leaves if res.status == "unsat" else out.unchecked, kind)
     return None
 
 

@@ -179,8 +179,11 @@ def _intro_blocks(doc: dict) -> list[Block]:
     cfg, model, data = doc["config"], doc["model"], doc["data"]
     names = [q["name"] for q in doc["quantized"]] or list(doc["aggregates"]["quantized"])
     sha = (model.get("sha256") or "")[:16]
+    external = [f"{e['location']} ({e['bytes']:,} bytes)" for e in model.get("external_data", [])]
     lines = [
-        f"Float model: {model['path']}" + (f" (sha256 {sha}…)" if sha else ""),
+        f"Float model: {model['path']}"
+        + (f" (sha256 {sha}…)" if sha else "")
+        + ("; weights in external data: " + ", ".join(external) if external else ""),
         "Quantized copies: " + (", ".join(names) if names else "none"),
         f"Data: {data['name']} from {data['source']}, {data['count']} inputs",
     ]

@@ -13,7 +13,18 @@ NOT_REFUTED = "not-refuted"  # a search (MCTS) found nothing; proves nothing
 STATUSES = (CERTIFIED, REFUTED, UNKNOWN, NOT_REFUTED)
 
 # Routes that can decide: which step of the procedure gave the answer.
-ROUTES = ("attack", "bounds", "bab", "enumeration", "z3", "mcts", "budget", "replay")
+ROUTES = (
+    "attack",
+    "bounds",
+    "bab",
+    "enumeration",
+    "z3",
+    "milp",
+    "relu-split",
+    "mcts",
+    "budget",
+    "replay",
+)
 
 
 @dataclass

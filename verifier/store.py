@@ -282,6 +282,31 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def check_same_model(run_dir: str | Path, sha256: str) -> None:
+    """On resume, refuse a model other than the one the run's stores were started with.
+
+    Checked before any work, so that nothing (the quantized copies in RUN/models) is rebuilt
+    over the run's files from another model. Stores without a readable configuration are left
+    to `RunStore.open`, which names their problem.
+    """
+    run_dir = Path(run_dir)
+    for db in sorted([run_dir / DB_NAME, *run_dir.glob(f"*/{DB_NAME}")]):
+        if not db.is_file():
+            continue
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+            old = json.loads(row[0]).get("model_sha256") if row else None
+        except (sqlite3.Error, ValueError, AttributeError):
+            continue
+        if old is not None and old != sha256:
+            diff = config_diff({"model_sha256": old}, {"model_sha256": sha256})
+            raise InputError(
+                f"cannot resume {run_dir}: it was started with a different model (its graph "
+                "or weights changed):\n  " + "\n  ".join(diff)
+            )
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
     """Write `data` to `path` all-or-nothing: temp file in the same directory, fsync, rename."""
     path = Path(path)
