@@ -1,7 +1,7 @@
 """Fig. 6 of the paper: per-label share of MNIST inputs with an effective perturbation.
 
 Usage: python experiments/fig6.py [--radius 10,20] [--step 1,1/2,1/4] [--search mcts]
-       [--timeout 5] [--rollouts 2000] [--workers 1] [--from-run DIR]
+       [--timeout 5] [--rollouts 2000] [--workers 1] [--cluster ADDR] [--from-run DIR]
        [--limit N] [--out experiments/results/fig6] [--data-dir DIR]
 
 Runs one `verify` sweep of the MNIST network with no quantized model (`--modes none`) into
@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per input")
     p.add_argument("--rollouts", type=int, default=2000, help="MCTS rollouts per input")
     p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument(
+        "--cluster", default=None, help="run the checks on this Dask scheduler (tcp://HOST:PORT)"
+    )
     p.add_argument("--from-run", type=Path, default=None, help="read this finished MNIST sweep")
     args = p.parse_args(argv)
     number_list(args.radius), number_list(args.step)
@@ -63,6 +66,8 @@ def verify_argv(args, run_dir: Path) -> list[str]:
         argv += ["--limit", str(args.limit)]
     if args.data_dir is not None:
         argv += ["--data-dir", str(args.data_dir)]
+    if args.cluster is not None:
+        argv += ["--cluster", args.cluster]
     return argv + out_or_resume(run_dir)
 
 

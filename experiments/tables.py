@@ -3,8 +3,8 @@
 Usage: python experiments/tables.py [--models mnist,cifar] [--search mcts,exact]
        [--radius 10,20] [--step 1,1/2,1/4,1/8,1/16,1/32,1/64] [--exact-step ...]
        [--modes dynamic-per-tensor,dynamic,int8,ort-qdq] [--timeout 5] [--rollouts 2000]
-       [--workers 1] [--limit N] [--out experiments/results/tables] [--data-dir DIR]
-       [--report-only]
+       [--workers 1] [--cluster tcp://HOST:PORT] [--limit N] [--out experiments/results/tables]
+       [--data-dir DIR] [--report-only]
 
 Each (model, search) pair is one `verify` sweep over the grid, run in-process through the CLI
 into `OUT/<model>/<search>/` (one sub-directory per (r, delta) with results.json); a run
@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--rollouts", type=int, default=2000, help="MCTS rollouts per input")
     p.add_argument("--workers", type=int, default=1, help="worker processes per sweep")
     p.add_argument(
+        "--cluster", default=None, help="run the checks on this Dask scheduler (tcp://HOST:PORT)"
+    )
+    p.add_argument(
         "--setting-timeout",
         type=float,
         default=None,
@@ -126,6 +129,8 @@ def verify_argv(
         argv += ["--limit", str(args.limit)]
     if args.data_dir is not None:
         argv += ["--data-dir", str(args.data_dir)]
+    if args.cluster is not None:
+        argv += ["--cluster", args.cluster]
     return argv + out_or_resume(run_dir)
 
 

@@ -1,6 +1,6 @@
 """Bad inputs to `verify`, table-driven: every case exits with status 2 and one message naming
 the problem, prints no traceback, never reaches quantization (the long work), and leaves no
-results.json behind (none written, none changed). `CASES` lists them: 64 cases."""
+results.json behind (none written, none changed). `CASES` lists them: 65 cases."""
 
 from __future__ import annotations
 
@@ -415,6 +415,11 @@ CASES = [
     Case("step-not-a-number", ok("--step", "abc"), "not a number or fraction"),
     Case("dims-zero", ok("--dims", "0"), "--dims must be positive"),
     Case("workers-zero", ok("--workers", "0"), "--workers must be positive"),
+    Case(
+        "cluster-and-workers",
+        ok("--cluster", "tcp://127.0.0.1:8786", "--workers", "2"),
+        "--cluster ADDR or --workers N, not both",
+    ),
     Case("timeout-zero", ok("--timeout", "0"), "--timeout must be positive"),
     Case(
         "mcts-on-lattice",
@@ -502,7 +507,7 @@ def results_files(root: Path) -> dict:
 
 
 def test_case_count():
-    assert len(CASES) == 64 and len({c.name for c in CASES}) == len(CASES)
+    assert len(CASES) == 65 and len({c.name for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -139,3 +139,15 @@ def test_simchain_matches_simulated_mode(real_data: Path, tmp_path: Path) -> Non
     runner = quantize_model(t.model, "simulated", tmp_path, calib, weight_bits=4, act_bits=4)
     sc = simchain.sim_chain(t.model.network.lower(), 4, 4, calib)
     np.testing.assert_allclose(simchain.logits(sc, t.x), runner.predict(t.x), atol=1e-3)
+
+
+def test_tables_and_fig6_pass_cluster_to_verify(tmp_path: Path) -> None:
+    addr = "tcp://10.0.0.1:8786"
+    tables = script("tables")
+    args = tables.parse_args(["--cluster", addr, "--out", str(tmp_path)])
+    argv = tables.verify_argv("mnist", "exact", tmp_path / "run", args)
+    assert argv[argv.index("--cluster") + 1] == addr
+    fig6 = script("fig6")
+    argv = fig6.verify_argv(fig6.parse_args(["--cluster", addr]), tmp_path / "run")
+    assert argv[argv.index("--cluster") + 1] == addr
+    assert "--cluster" not in fig6.verify_argv(fig6.parse_args([]), tmp_path / "run")

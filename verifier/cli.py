@@ -200,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=int, help=f"seed of every random choice (default: {d.seed})")
     g.add_argument("--workers", type=int, help=f"worker processes (default: {d.workers})")
+    g.add_argument(
+        "--cluster",
+        metavar="ADDR",
+        help="run the checks on the Dask scheduler at ADDR (tcp://HOST:PORT) instead of "
+        "--workers; its workers need relrobust installed, not the model files (README: "
+        "'On a cluster')",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress and no tables")
     g.add_argument("--json", action="store_true", help="print the summary as JSON to stdout")
     g.add_argument(

@@ -26,6 +26,7 @@ OUTPUT_OPTIONS = (
     "out",
     "resume",
     "workers",
+    "cluster",
     "quiet",
     "json",
     "examples",
@@ -90,6 +91,7 @@ class RunConfig:
     out: Path | None = None
     resume: Path | None = None
     workers: int = 1
+    cluster: str | None = None  # a Dask scheduler's address: run the checks there
     quiet: bool = False
     json: bool = False
     examples: int = 12
@@ -154,6 +156,8 @@ class RunConfig:
             raise InputError(
                 "--search mcts searches feature subsets: use it with --region features"
             )
+        if self.cluster and self.workers > 1:
+            raise InputError("pass --cluster ADDR or --workers N, not both: a cluster has workers")
         self.thresholds()  # refuses limits outside [0, 100] now, not after every input is decided
 
 

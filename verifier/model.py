@@ -84,8 +84,14 @@ def detect_layout(shape: tuple[int, ...]) -> str | None:
     return "nchw" if shape[0] < shape[2] else "nhwc"
 
 
-def load_model(path: str | Path, layout: str | None = None, cache_dir: Path | None = None) -> Model:
-    """Load an ONNX or Keras model file into a `Model` (Keras converted and cached as ONNX)."""
+def load_model(
+    path: str | Path,
+    layout: str | None = None,
+    cache_dir: Path | None = None,
+    num_threads: int | None = None,
+) -> Model:
+    """Load an ONNX or Keras model file into a `Model` (Keras converted and cached as ONNX);
+    `num_threads`: onnxruntime's intra-op threads (default: its own choice, every core)."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -125,6 +131,7 @@ def load_model(path: str | Path, layout: str | None = None, cache_dir: Path | No
         raise InputError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = num_threads or 0
     try:
         session = ort.InferenceSession(
             model.SerializeToString(), opts, providers=["CPUExecutionProvider"]

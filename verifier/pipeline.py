@@ -10,27 +10,23 @@ one sub-directory per setting and a Markdown table per measure at the top.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from verifier.check import Checker, Settings
+from verifier.check import Settings
 from verifier.config import RunConfig
 from verifier.console import accuracy_table, printer, summary, summary_table
 from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
+from verifier.executor import WorkerState, check_inputs
 from verifier.inputs import Inputs, dataset_name, load_inputs
 from verifier.model import Model, load_model
 from verifier.progress import Progress
 from verifier.records import InputRecord
-
-# Test hook (tests/test_faults.py): a worker process dies (os._exit) on this input index.
-CRASH_ENV = "RELROBUST_TEST_CRASH_INDEX"
 
 
 @dataclass(frozen=True)
@@ -189,7 +185,9 @@ def decide_inputs(job: Run, st: Settings, run_dir: Path) -> list[InputRecord]:
             label=f"r={st.radius:g} step={st.step:g}",
             quiet=config.quiet or config.json,
         )
-        for rec in check_inputs(state, todo, config.workers, job.runners, job.model):
+        for rec in check_inputs(
+            state, todo, config.workers, job.runners, job.model, config.cluster
+        ):
             store.put(rec)
             progress.update(rec)
         progress.close()
@@ -236,77 +234,3 @@ def write_outputs(job: Run, st: Settings, run_dir: Path, doc: dict, records: lis
     examples = report_examples(regions, job.model, job.runners, records, job.config.examples)
     ladders = refuted_ladders(regions, job.model, job.runners, records)
     return write_report(run_dir, doc, examples, ladders)
-
-
-@dataclass
-class WorkerState:
-    """What a worker process needs to rebuild a `Checker` (plain, picklable data)."""
-
-    settings: Settings
-    model_path: Path
-    layout: str
-    x: np.ndarray
-    y: np.ndarray
-    indices: np.ndarray
-    preds: dict
-    runner_paths: dict
-    error_models: dict  # name -> ErrorModel, for the runners that have one (built once)
-
-    def checker(self, model=None, runners=None) -> Checker:
-        """A checker, reusing loaded runtimes in the parent and loading them in workers."""
-        if model is None:
-            from quantize import load_quantized
-
-            model = load_model(self.model_path, self.layout)
-            runners = {n: load_quantized(p, self.layout) for n, p in self.runner_paths.items()}
-        qpred = {k: v for k, v in self.preds.items() if k != "float"}
-        return Checker(
-            self.settings,
-            model,
-            model.network.lower(),
-            self.x,
-            self.y,
-            self.indices,
-            self.preds["float"],
-            runners,
-            qpred,
-            self.error_models,
-        )
-
-
-_WORKER: Checker | None = None
-
-
-def _init_worker(state: WorkerState) -> None:
-    global _WORKER
-    _WORKER = state.checker()
-
-
-def _check_in_worker(pos: int) -> dict:
-    assert _WORKER is not None, "worker not initialised"
-    if os.environ.get(CRASH_ENV) == str(int(_WORKER.indices[pos])):
-        os._exit(1)  # test hook only: a worker that dies, as tests/test_faults.py needs
-    return _WORKER.check(pos).to_dict()
-
-
-def check_inputs(state: WorkerState, todo: list[int], workers: int, runners: dict, model):
-    """Yield the record of each input in `todo`, in one process or in `workers` processes."""
-    if workers <= 1 or len(todo) <= 1:
-        checker = state.checker(model, runners)
-        for pos in todo:
-            yield checker.check(pos)
-        return
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, (state,)) as pool:
-        futures = [pool.submit(_check_in_worker, pos) for pos in todo]
-        try:
-            for fut in as_completed(futures):
-                yield InputRecord.from_dict(fut.result())
-        except Exception as exc:  # a worker died (BrokenProcessPool) or raised
-            for f in futures:
-                f.cancel()
-            raise InputError(
-                f"a worker process failed ({type(exc).__name__}: {exc}); the records decided so "
-                "far are stored: continue with --resume"
-            ) from None

@@ -1,0 +1,267 @@
+"""Per-input checks on Dask: per-task overhead, throughput with 1 and 2 local workers against the
+in-process run (and the former process pool), and projected wall times of the full grids.
+
+    nice python benchmarks/bench_cluster.py --n 120 --out benchmarks/results/cluster.json
+
+The work is one cell of the MCTS grid of experiments/README.md (MNIST MLP, features of 10
+values, r=10, delta=1/4, 300 rollouts, 2 s per input) with one TFLite dynamic-range model, on
+the first N MNIST test images (`--data-dir` or $RELROBUST_DATA). The exact engine's cells are
+not used: a branch-and-bound leaf's enumeration can overrun the 1 s timeout by minutes on some
+inputs, depending on timing, which would measure that overrun instead of the cluster. The
+projections take the per-input costs the experiments measured (experiments/README.md) and this
+run's overhead, model-load time and store rate. Timings on a shared machine are upper bounds;
+the JSON records the load average. With a 2 s budget some decisions depend on the clock, so the
+JSON counts the records equal to the in-process run's instead of requiring all
+(tests/test_cluster.py requires all, without timeouts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+from verifier.batch import WorkerState, shipment
+from verifier.cluster import CHUNK_SECONDS, dask_client, run_on_cluster
+from verifier.config import Settings
+from verifier.data import load_dataset, select, to_layout
+from verifier.executor import check_inputs
+from verifier.model import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "examples" / "mnist_mlp.onnx"
+# Seconds per input and grid cell, from experiments/README.md (one core, shared machine):
+# MNIST MCTS 46 min for 100 images x 14 cells; MNIST exact 1,020 s for 100 x 14; CIFAR-10 exact
+# 803 s for 50 x 14; CIFAR-10 MCTS: the README's "about 80 hours per dataset" for 10,000 x 14.
+GRIDS = {
+    "mnist-mcts": 46 * 60 / 1400,
+    "mnist-exact": 1020 / 1400,
+    "cifar10-exact": 803 / 700,
+    "cifar10-mcts": 80 * 3600 / 140_000,
+}
+GRID_IMAGES, GRID_CELLS = 10_000, 14  # 2 radii x 7 steps on the whole test set
+CORES = (64, 512)
+
+
+def work(n: int, data_dir: str | None, tmp: Path) -> tuple[WorkerState, dict, object]:
+    """The benchmark's state, runners and float model (a TFLite dynamic-range copy built here)."""
+    from quantize import quantize_model
+    from quantize.error_model import ErrorModel, error_models
+
+    model = load_model(MODEL)
+    runner = quantize_model(model, "dynamic", tmp, None)
+    ds = select(load_dataset("mnist", "test", data_dir), f"0:{n}", None, None)
+    x = to_layout(ds.images, model.layout, model.input_shape)
+    preds = {"float": model.classify(x), runner.name: runner.predict(x).argmax(axis=1)}
+    ems = error_models({runner.name: runner}, model.network.lower())
+    state = WorkerState(
+        Settings(10.0, 0.25, "features", search="mcts", timeout=2.0, rollouts=300),
+        model.path,
+        model.layout,
+        x,
+        ds.labels,
+        ds.indices,
+        preds,
+        {runner.name: Path(runner.describe()["path"])},
+        {k: v for k, v in ems.items() if isinstance(v, ErrorModel)},
+    )
+    return state, {runner.name: runner}, model
+
+
+def in_process(state, runners, model) -> dict:
+    """One process, no cluster: the reference records and time (after one warm-up input)."""
+    list(check_inputs(state, [0], 1, runners, model))
+    t0 = time.perf_counter()
+    recs = list(check_inputs(state, list(range(len(state.y))), 1, runners, model))
+    wall = time.perf_counter() - t0
+    return {"seconds": wall, "per_input": wall / len(recs), "records": _keyed(recs)}
+
+
+def on_local_cluster(state, workers: int) -> dict:
+    """A LocalCluster of `workers` processes: start time, run time, tasks and their compute."""
+    from distributed import get_task_stream
+
+    t0 = time.perf_counter()
+    with dask_client(workers, None) as client:
+        started = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        with get_task_stream(client) as ts:
+            recs = list(run_on_cluster(client, state, list(range(len(state.y)))))
+        run = time.perf_counter() - t1
+        overhead = task_overhead(client, 400)
+    tasks = [
+        sum(s["stop"] - s["start"] for s in t["startstops"] if s["action"] == "compute")
+        for t in ts.data
+        if str(t["key"]).startswith("check_batch")
+    ]
+    return {
+        "workers": workers,
+        "start_seconds": started,
+        "run_seconds": run,
+        "inputs_per_second": len(recs) / run,
+        "tasks": len(tasks),
+        "mean_task_seconds": float(np.mean(tasks)),
+        "per_task_overhead_ms": overhead * 1e3,
+        "records": _keyed(recs),
+    }
+
+
+def task_overhead(client, count: int) -> float:
+    """Seconds per task of a no-op task, submitted with two outstanding per worker thread."""
+    from distributed import wait
+
+    slots, pending, done = 2 * sum(client.nthreads().values()), set(), 0
+    t0 = time.perf_counter()
+    while done < count:
+        while len(pending) < slots and done + len(pending) < count:
+            pending.add(client.submit(int, done + len(pending), pure=False))
+        finished, pending = wait(pending, return_when="FIRST_COMPLETED")
+        done += len(finished)
+    return (time.perf_counter() - t0) / count
+
+
+_POOL_STATE = None
+
+
+def _pool_init(files) -> None:
+    global _POOL_STATE
+    _POOL_STATE = files.load(Path(tempfile.mkdtemp()))
+
+
+def _pool_check(batch) -> dict:
+    return _POOL_STATE.checker(batch).check(0).to_dict()
+
+
+def process_pool(state, workers: int) -> dict:
+    """The former --workers path's design: a spawn ProcessPoolExecutor, one future per input
+    (runtimes loaded as a cluster worker loads them)."""
+    from verifier.records import InputRecord
+
+    t0 = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, ctx, _pool_init, (shipment(state),)) as pool:
+        futs = [pool.submit(_pool_check, state.batch([p])) for p in range(len(state.y))]
+        recs = [InputRecord.from_dict(f.result()) for f in as_completed(futs)]
+    wall = time.perf_counter() - t0
+    return {"workers": workers, "seconds": wall, "records": _keyed(recs)}
+
+
+def load_seconds(state) -> float:
+    """What a worker pays once per run and setting: write the model files and load them."""
+    t0 = time.perf_counter()
+    shipment(state).load(Path(tempfile.mkdtemp()))
+    return time.perf_counter() - t0
+
+
+def store_rate(record, count: int = 200) -> float:
+    """Records per second the driver commits to a run store (one transaction and fsync each):
+    the rate no cluster can exceed."""
+    from verifier.records import InputRecord
+    from verifier.store import RunStore
+
+    with tempfile.TemporaryDirectory() as tmp, RunStore.create(tmp, {"bench": 1}) as store:
+        t0 = time.perf_counter()
+        for i in range(count):
+            store.put(InputRecord.from_dict({**record.to_dict(), "index": i}))
+        return count / (time.perf_counter() - t0)
+
+
+def projections(overhead_fraction: float, load: float, puts_per_second: float) -> dict:
+    """Wall hours of each full grid on 1, 64 and 512 cores: per cell, the inputs spread over the
+    cores (plus the task overhead), one model load per worker and one chunk of tail; never less
+    than the driver needs to store every record."""
+    out = {}
+    for grid, per_input in GRIDS.items():
+        row = {"seconds_per_input": round(per_input, 3)}
+        for cores in (1, *CORES):
+            spread = GRID_IMAGES * per_input * (1 + overhead_fraction) / cores
+            cell = max(spread, GRID_IMAGES / puts_per_second) + load + CHUNK_SECONDS
+            row[f"hours_{cores}_cores"] = round(GRID_CELLS * cell / 3600, 2)
+        out[grid] = row
+    return out
+
+
+def _keyed(recs) -> dict:
+    """Records by index, without timings: what must equal the in-process run's."""
+
+    def strip(o):
+        return None if o is None else {k: v for k, v in o.items() if k not in ("seconds", "detail")}
+
+    out = {}
+    for r in recs:
+        d = r.to_dict()
+        d["float"] = strip(d["float"])
+        d["quantized"] = {k: strip(v) for k, v in d["quantized"].items()}
+        out[r.index] = d
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=40, help="first N MNIST test images")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default="benchmarks/results/cluster.json")
+    args = p.parse_args(argv)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        state, runners, model = work(args.n, args.data_dir, Path(tmp))
+        ref = in_process(state, runners, model)
+        print(f"in-process: {ref['seconds']:.1f} s, {ref['per_input']:.3f} s an input", flush=True)
+        clusters = [on_local_cluster(state, w) for w in (1, 2)]
+        for c in clusters:
+            print(
+                f"local cluster, {c['workers']} worker(s): start {c['start_seconds']:.1f} s, run "
+                f"{c['run_seconds']:.1f} s, {c['tasks']} tasks of {c['mean_task_seconds']:.2f} s, "
+                f"{c['per_task_overhead_ms']:.1f} ms a task",
+                flush=True,
+            )
+        pool = process_pool(state, 2)
+        print(f"process pool, 2 workers: {pool['seconds']:.1f} s (start included)", flush=True)
+        load = load_seconds(state)
+        puts = store_rate(next(iter(check_inputs(state, [0], 1, runners, model))))
+    for result in [*clusters, pool]:  # a timeout can end a check sooner on a slower worker
+        recs = result.pop("records")
+        result["records_equal_in_process"] = sum(recs[i] == r for i, r in ref["records"].items())
+    ref.pop("records")
+    two = clusters[1]
+    with_start = two["run_seconds"] + two["start_seconds"]
+    overhead_fraction = two["per_task_overhead_ms"] / 1e3 / two["mean_task_seconds"]
+    results = {
+        "what": "MCTS, MNIST MLP + TFLite dynamic, features r=10 delta=1/4, 300 rollouts, 2 s",
+        "images": args.n,
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "in_process": ref,
+        "local_cluster": clusters,
+        "process_pool_2": pool,
+        "speedup_1_worker": ref["seconds"] / clusters[0]["run_seconds"],
+        "speedup_2_workers": ref["seconds"] / two["run_seconds"],
+        "speedup_2_over_1_worker": clusters[0]["run_seconds"] / two["run_seconds"],
+        "speedup_2_workers_with_start": ref["seconds"] / with_start,
+        "speedup_process_pool_2": ref["seconds"] / pool["seconds"],
+        "overhead_fraction_of_task": overhead_fraction,
+        "worker_load_seconds": load,
+        "driver_store_records_per_second": puts,
+        "projected_grids": projections(overhead_fraction, load, puts),
+        "note": "shared 2-core machine under load: upper bounds on time, lower bounds on speedup",
+    }
+    for k in ("speedup_1_worker", "speedup_2_workers", "speedup_2_over_1_worker"):
+        print(f"{k}: {results[k]:.2f}x")
+    print(f"overhead: {100 * overhead_fraction:.2f}% of a task; store: {puts:.0f} records/s")
+    print(json.dumps(results["projected_grids"], indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""Runs on a Dask cluster (real MNIST inputs, RELROBUST_DATA): the records equal an in-process
+run's whatever fails on the way. One 2-process `LocalCluster` is shared by the tests; its
+workers start in an empty directory, so nothing they check can come from a model file path.
+
+Faults: a worker killed mid-run (the scheduler reruns its task), a task that kills every worker
+it runs on (a one-line error), the driver killed (then `--resume`), an unreachable scheduler
+(exit 2). Workers are killed by a test-only worker plugin (`KillOnStart`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import EXAMPLES
+from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
+from test_faults import check_survivors, count, decisions, kill_when, start, stored
+
+from verifier.cli import main
+
+MODEL = EXAMPLES / "mnist_mlp.onnx"
+N = 12  # real MNIST test inputs
+OPTIONS = [
+    *["--region", "lattice", "--dims", "6", "--radius", "2", "--step", "0.25"],
+    *["--indices", f"0:{N}", "--timeout", "120", "--quiet", "--examples", "0"],
+]
+
+
+def verify(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+class KillOnStart(WorkerPlugin):
+    """Test only: the worker process dies (os._exit) as a check task starts on it, `times`
+    times in all (counted by marker files, which survive the worker)."""
+
+    def __init__(self, marker_dir: Path, times: int) -> None:
+        self.marker_dir, self.times = marker_dir, times
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if finish != "executing" or not str(key).startswith("check_batch"):
+            return
+        deaths = len(list(self.marker_dir.iterdir()))
+        if deaths < self.times:
+            (self.marker_dir / f"death-{deaths}").write_text(str(key))
+            os._exit(1)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 2-process local cluster whose workers run in an empty directory."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    cwd = Path.cwd()
+    os.chdir(elsewhere)
+    try:
+        local = LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+    finally:
+        os.chdir(cwd)
+    with local, Client(local) as client:
+        assert set(client.run(os.getcwd).values()) == {str(elsewhere)}
+        yield local, client
+
+
+@pytest.fixture(scope="module")
+def quantized(real_data, tmp_path_factory) -> Path:
+    """A quantized copy of the example model (simulated 8-bit weights: built in a blink)."""
+    from quantize import quantize_model
+    from verifier.model import load_model
+
+    out = tmp_path_factory.mktemp("q")
+    return Path(quantize_model(load_model(MODEL), "simulated", out, None).describe()["path"])
+
+
+@pytest.fixture(scope="module")
+def base(real_data, quantized) -> list:
+    return [MODEL, "--data-dir", real_data, "--quantized", quantized, *OPTIONS]
+
+
+@pytest.fixture(scope="module")
+def reference(base, tmp_path_factory) -> list[dict]:
+    """The decisions of an in-process run (--workers 1)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert verify(*base, "--out", out) == 0
+    got = decisions(out)
+    assert [r["index"] for r in got] == list(range(N))
+    assert any(r["quantized"] for r in got), "no quantized decisions to compare"
+    return got
+
+
+def test_cluster_records_equal_in_process_run(base, reference, cluster, tmp_path):
+    local, _ = cluster
+    out = tmp_path / "run"
+    assert verify(*base, "--out", out, "--cluster", local.scheduler_address) == 0
+    assert decisions(out) == reference
+
+
+def test_worker_killed_mid_run_then_same_records(base, reference, cluster, tmp_path):
+    local, client = cluster
+    deaths = tmp_path / "deaths"
+    deaths.mkdir()
+    client.register_plugin(KillOnStart(deaths, 1), name="kill-once")
+    try:
+        out = tmp_path / "run"
+        assert verify(*base, "--out", out, "--cluster", local.scheduler_address) == 0
+    finally:
+        client.unregister_worker_plugin("kill-once")
+    assert len(list(deaths.iterdir())) == 1, "no worker was killed"
+    assert decisions(out) == reference
+    client.wait_for_workers(2, timeout=120)
+
+
+def test_task_that_kills_every_worker_is_one_line_error():
+    from distributed import KilledWorker
+
+    from verifier.batch import WorkerState
+    from verifier.cluster import task_result
+    from verifier.errors import InputError
+
+    class Killed:  # a future whose task the scheduler gave up on
+        def result(self):
+            raise KilledWorker("check_batch-1", "tcp://127.0.0.1:1", 2)
+
+    state = WorkerState(None, Path("m.onnx"), "flat", None, None, np.arange(10, 20), {}, {}, {})
+    with pytest.raises(InputError, match=r"died on each try of inputs 12, 15; .*--resume"):
+        task_result(Killed(), state, [2, 5])
+
+
+def test_driver_killed_then_resume_same_records(base, reference, cluster, tmp_path):
+    addr = cluster[0].scheduler_address
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    kill_when(start([*base, "--out", out, "--cluster", addr], log), lambda: count(out) >= 4)
+    before = check_survivors(out, {})
+    assert 0 < len(before) < N, "the kill came before any record or after the last one"
+    assert verify("--resume", out, "--cluster", addr) == 0, log.read_text()
+    check_survivors(out, before)
+    assert decisions(out) == reference
+    assert "Traceback" not in log.read_text()
+
+
+def test_worker_without_the_model_files(real_data, quantized, cluster, tmp_path, monkeypatch):
+    """The driver's model files vanish once read: workers (another cwd) check from the
+    shipped bytes and give the records of the in-process route."""
+    import verifier.cluster
+    from quantize import load_quantized
+    from verifier.batch import WorkerState
+    from verifier.check import Settings
+    from verifier.data import load_dataset, select, to_layout
+    from verifier.executor import check_inputs
+    from verifier.model import load_model
+
+    local, _ = cluster
+    src = tmp_path / "models"
+    src.mkdir()
+    shutil.copy(MODEL, src / "m.onnx")
+    qfile = Path("q" + quantized.suffix)
+    shutil.copy(quantized, src / qfile)
+    model, runner = load_model(src / "m.onnx"), load_quantized(src / qfile)
+    ds = select(load_dataset("mnist", "test", real_data), f"0:{N}", None, None)
+    x = to_layout(ds.images, model.layout, model.input_shape)
+    state = WorkerState(
+        Settings(2.0, 0.25, "lattice", 6, timeout=120.0),
+        Path("m.onnx"),  # relative to the driver's directory only
+        model.layout,
+        x,
+        ds.labels,
+        ds.indices,
+        {"float": model.classify(x), runner.name: runner.predict(x).argmax(axis=1)},
+        {runner.name: qfile},  # paths relative to the driver's directory only
+        {},
+    )
+    monkeypatch.chdir(src)
+    runners = {runner.name: runner}
+    want = [r.to_dict() for r in check_inputs(state, list(range(N)), 1, runners, model)]
+    real_shipment = verifier.cluster.shipment
+
+    def ship_then_hide(st):
+        shipped = real_shipment(st)
+        src.rename(tmp_path / "hidden")
+        return shipped
+
+    monkeypatch.setattr(verifier.cluster, "shipment", ship_then_hide)
+    got = check_inputs(state, list(range(N)), 1, runners, model, local.scheduler_address)
+    got = sorted((r.to_dict() for r in got), key=lambda r: r["index"])
+    assert not src.exists()
+
+    def strip(o):
+        return None if o is None else {k: v for k, v in o.items() if k not in ("seconds", "detail")}
+
+    def decided(recs):
+        return [
+            {**r, "float": strip(r["float"]), "quantized": {k: strip(v) for k, v in q.items()}}
+            for r, q in ((r, r["quantized"]) for r in recs)
+        ]
+
+    assert any(r["quantized"] for r in want), "no quantized decisions to compare"
+    assert decided(got) == decided(want)
+
+
+def test_unreachable_scheduler_is_exit_2(base, tmp_path, monkeypatch, capsys):
+    import verifier.cluster
+
+    monkeypatch.setattr(verifier.cluster, "CONNECT_TIMEOUT", 1.0)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    assert verify(*base, "--out", out, "--cluster", f"tcp://127.0.0.1:{port}") == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert stored(out) == {}
+
+
+def test_chunks_grow_to_the_target_and_shrink_at_the_end():
+    from verifier.cluster import CHUNK_SECONDS, MAX_CHUNK, ChunkPace
+
+    pace = ChunkPace()
+    assert pace.size(1000, 4) == 1  # nothing measured yet
+    pace.observe(4, 0.4)  # 0.1 s an input
+    assert pace.size(1000, 4) == round(CHUNK_SECONDS / 0.1)
+    assert pace.size(20, 4) == 5  # the last inputs spread over every slot
+    pace.observe(10**6, 1.0)  # very cheap inputs
+    assert pace.size(10**7, 4) == MAX_CHUNK
+
+
+def test_shipment_carries_external_data_files(tmp_path):
+    """A model whose weights live in external files (in a sub-folder) is shipped with them and
+    loads from the shipped copy alone, giving the same logits."""
+    from onnx_builders import mlp, with_external_data
+
+    from verifier.batch import WorkerState, shipment
+    from verifier.config import Settings
+    from verifier.model import load_model
+
+    src = tmp_path / "src"
+    src.mkdir()
+    path = with_external_data(mlp(src / "m.onnx"), location="weights/{name}.bin", split=True)
+    assert sorted(p.name for p in (src / "weights").iterdir()) == ["m.onnx.bin.0", "m.onnx.bin.1"]
+    model = load_model(path)
+    x = np.random.default_rng(0).uniform(0, 1, (5, *model.input_shape)).astype(np.float32)
+    state = WorkerState(Settings(), path, model.layout, x, None, None, {}, {}, {})
+    shipped = shipment(state)
+    assert sorted(shipped.files) == [
+        "float/m.onnx",
+        "float/weights/m.onnx.bin.0",
+        "float/weights/m.onnx.bin.1",
+    ]
+    shutil.rmtree(src)
+    loaded = shipped.load(tmp_path / "worker")
+    assert np.array_equal(loaded.model.predict(x), model.predict(x))
