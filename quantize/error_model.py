@@ -41,6 +41,36 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class Event:
+    """One rounding of a tensor v = gain * t + shift (per element t of an Affine layer's input
+    or output, flat): to the fixed `grid` (in v's units; round to nearest, then clamp), or,
+    with no grid, dynamically (asymmetric, `levels` steps over [min(v, 0), max(v, 0)] of the
+    whole tensor, as ONNX Runtime's DynamicQuantizeLinear). `extra`: further error in steps."""
+
+    gain: np.ndarray | float
+    shift: np.ndarray | float
+    grid: Grid | None
+    levels: int = 255
+    extra: float = 0.0
+
+
+@dataclass(frozen=True)
+class PairSums:
+    """An integer kernel that adds u8 x s8 products in pairs into int16 with saturation
+    (x86 AVX2 VPMADDUBSW, used by ONNX Runtime's u8s8 GEMM and convolution without VNNI).
+
+    Per Affine output row j, |integer weight ji| = |W_ji| / (unit_j |gain_i|); the kernel's
+    unsigned input is (gain_i t_i + shift_i) / grid.scale + offset (offset: the zero point, +128
+    for an int8 input run as uint8); with no grid the input is quantized per run (dynamic)."""
+
+    unit: np.ndarray
+    gain: np.ndarray | float
+    shift: np.ndarray | float
+    grid: Grid | None
+    offset: float = 0.0
+
+
+@dataclass(frozen=True)
 class Rounding:
     """What the runtime rounds around one Affine layer besides float32 arithmetic."""
 
@@ -49,6 +79,9 @@ class Rounding:
     input_grid: Grid | None = None  # the input is quantized to this fixed grid (model input)
     output_grid: Grid | None = None  # the output is requantized to this grid, then clamped
     multiplier: float = 0.0  # largest requantization multiplier s_in * s_w / s_out
+    inputs: tuple = ()  # further Events on the input, in order (after input_grid)
+    outputs: tuple = ()  # further Events on the output, in order (before output_grid)
+    pairs: PairSums | None = None  # int16 pair sums that may saturate in the accumulation
 
 
 @dataclass(frozen=True)
@@ -58,19 +91,42 @@ class ErrorModel:
     chain: PreparedChain
     rounding: list  # per layer: Rounding for Affine layers, None for Relu / MaxPool
     source: str  # what was mapped, e.g. "litert dynamic range (hybrid int8)"
+    how: str = ""  # one line: how the runtime's rounding is modelled (for the report)
 
     def describe(self) -> dict[str, Any]:
         """A short record for run metadata."""
         kinds = [_kind(r) for r in self.rounding if r is not None]
-        return {"error_model": True, "source": self.source, "affine_layers": kinds}
+        return {
+            "error_model": True,
+            "source": self.source,
+            "affine_layers": kinds,
+            "how": self.how,
+        }
 
 
 def _kind(r: Rounding) -> str:
-    if r.dynamic_input:
+    if r.dynamic_input or any(e.grid is None for e in r.inputs):
         return "dynamic int8 input"
-    if r.output_grid is not None:
+    if r.output_grid is not None or any(e.grid is not None for e in r.outputs):
         return "static int8"
+    if any(e.grid is not None for e in r.inputs):
+        return "quantized input"
     return "float32"
+
+
+# How each kind of TFLite layer is modelled, one phrase each (ErrorModel.how).
+TFLITE_HOW = {
+    "dynamic range (hybrid int8)": (
+        "hybrid layers: int8 weights from the file, the float input quantized per run to int8 "
+        "(scale from its range over the region, half a step per value)"
+    ),
+    "float": "float layers: the file's weights (float16 or float32)",
+    "int8": (
+        "int8 layers: weights and int32 biases from the file, inputs and outputs on the file's "
+        "grids (half a step per requantization plus the fixed-point multiplier's rounding, "
+        "saturation bounded by how far the region's intervals leave the grid)"
+    ),
+}
 
 
 def error_model(runner: Any, chain: list[LoweredLayer] | PreparedChain) -> ErrorModel:
@@ -80,11 +136,16 @@ def error_model(runner: Any, chain: list[LoweredLayer] | PreparedChain) -> Error
     cannot be mapped onto the chain.
     """
     from quantize.litert import TfliteRunner
+    from quantize.onnx_error_model import onnx_error_model
+    from quantize.ort_runner import OrtRunner
 
-    if not isinstance(runner, TfliteRunner):
+    if isinstance(runner, TfliteRunner):
+        model = tflite_error_model(runner.path)
+    elif isinstance(runner, OrtRunner):
+        model = onnx_error_model(runner.path)
+    else:
         backend = getattr(runner, "describe", lambda: {})().get("backend", type(runner).__name__)
         raise UnsupportedModelError(f"no error model for {backend} runtimes")
-    model = tflite_error_model(runner.path)
     _check_shapes(model.chain.layers, prepare_chain(chain).layers)
     return model
 
@@ -158,7 +219,8 @@ def tflite_error_model(path: str | Path) -> ErrorModel:
         raise UnsupportedModelError("the last mapped op does not produce the model's output")
     if not mapper.layers:
         raise UnsupportedModelError("no FULLY_CONNECTED op found")
-    return ErrorModel(prepare_chain(mapper.layers), mapper.rounding, mapper.source())
+    how = "; ".join(TFLITE_HOW[k] for k in sorted(mapper.kinds)) + "; float32 bounded per neuron"
+    return ErrorModel(prepare_chain(mapper.layers), mapper.rounding, mapper.source(), how)
 
 
 class _TfliteMapper:
