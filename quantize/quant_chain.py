@@ -40,6 +40,7 @@ class Mark:
     position: int
     grid: Grid | None
     levels: int = 255
+    extra: float = 0.0  # further error in steps (a fixed-point multiplier's own rounding)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,6 @@ def lower_marked(
     layers: list[Layer],
     marks: list[Mark],
     pairs: list[PairMark] = (),
-    extra: float = 0.0,
 ) -> tuple[list[LoweredLayer], list]:
     """The lowered chain and, per chain layer, its `Rounding` (Affine) or None.
 
@@ -134,13 +134,13 @@ def lower_marked(
         before, after = layers[a:p], layers[p:b]
         if all(_monomial(x) for x in before):
             gain, shift, _ = _gain_shift(before, shapes[a])
-            ins[k].append(Event(gain, shift, mark.grid, mark.levels))
+            ins[k].append(Event(gain, shift, mark.grid, mark.levels, mark.extra))
         elif all(_monomial(x) for x in after):
             g, s, perm = _gain_shift(after, shapes[p])  # y = g v + s, indexed by v
             g, s = g[perm], s[perm]  # indexed by y
             if np.any(g == 0):
                 raise UnsupportedModelError("a rounding scaled by zero")
-            outs[k].append(Event(1.0 / g, -s / g, mark.grid, mark.levels, extra))
+            outs[k].append(Event(1.0 / g, -s / g, mark.grid, mark.levels, mark.extra))
         else:
             raise UnsupportedModelError(
                 "a rounding between two weighted layers with no activation between them"
