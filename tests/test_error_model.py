@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_builders import cnn_nchw, cnn_nhwc, mlp
+from onnx_builders import cnn_nchw, cnn_nhwc, cnn_pool_nhwc, mlp, two_linear
 from test_engine import check_decision, truth
 
 from quantize.error_model import ErrorModel, Grid, Rounding, error_model, error_models
@@ -28,7 +28,7 @@ from verifier.regions import lattice_region
 from verifier.result import CERTIFIED, REFUTED, UNKNOWN
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ["dynamic", "dynamic-per-tensor", "int8", "float16"]
+MODES = ["dynamic", "dynamic-per-tensor", "int8", "16x8", "float16"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_pointwise_soundness(tiny, mode):
     runner = runners[mode]
     em = error_model(runner, model.network.lower())
     kinds = em.describe()["affine_layers"]
-    assert ("static int8" in kinds) == (mode == "int8")
+    assert ("static int8" in kinds) == (mode in ("int8", "16x8"))
     assert ("dynamic int8 input" in kinds) == mode.startswith("dynamic")
     checked = 0
     for i, x in enumerate(xs):
@@ -139,18 +139,20 @@ def test_decide_agrees_with_enumeration(tiny, mode):
 
 
 def test_unsupported_graphs(tmp_path):
-    """A TFLite convolution: a reason naming what is missing; decide without a model never
+    """Int8 rounding between two weighted layers with no activation between them (the float
+    chain folds them into one Affine): a reason naming it; decide without a model never
     certifies a region it cannot enumerate."""
-    model = load_model(cnn_nhwc(tmp_path / "cnn.onnx"))
-    runner = quantize_model(model, "dynamic", tmp_path, None)
+    model = load_model(two_linear(tmp_path / "two.onnx"))
+    calib = np.random.default_rng(1).random((64, 8), dtype=np.float32)
+    runner = quantize_model(model, "int8", tmp_path, calib)
     chain = model.network.lower()
-    with pytest.raises(UnsupportedModelError, match="CONV_2D"):
+    with pytest.raises(UnsupportedModelError, match="two weighted layers"):
         error_model(runner, chain)
     reasons = error_models({"q": runner, "f": float_runner(model)}, chain)
-    assert "CONV_2D" in reasons["q"] and isinstance(reasons["f"], ErrorModel)
-    x = np.random.default_rng(0).random(model.input_shape, dtype=np.float32).reshape(-1)
-    region = lattice_region(x, np.arange(12), 0.01, 1.0)
-    label = int(runner.predict(x.reshape(1, *model.input_shape)).argmax())
+    assert "two weighted layers" in reasons["q"] and isinstance(reasons["f"], ErrorModel)
+    x = np.random.default_rng(0).random(8, dtype=np.float32)
+    region = lattice_region(x, np.arange(8), 0.01, 1.0)
+    label = int(runner.predict(x[None]).argmax())
     d = decide(runner, chain, region, label, timeout=1, enum_limit=16, quantized=True)
     assert d.status in (UNKNOWN, REFUTED)
     assert d.detail["trusted_bounds"] is False
@@ -207,7 +209,7 @@ def ort_models(tmp_path_factory):
     d = tmp_path_factory.mktemp("ortem")
     rng = np.random.default_rng(1)
     out = {}
-    for name, build in GRAPHS.items():
+    for name, build in {**GRAPHS, "cnn-pool-nhwc": cnn_pool_nhwc}.items():
         model = load_model(build(d / f"{name}.onnx"))
         calib = rng.random((64, *model.input_shape), dtype=np.float32)
         out[name] = (model, calib, rng.random((3, *model.input_shape), dtype=np.float32), d)
@@ -229,6 +231,28 @@ def test_onnxruntime_pointwise_soundness(ort_models, graph, mode, opts):
     assert any(not np.allclose(a, b) for a, b in zip(float_w, file_w, strict=True))
     for i, x in enumerate(xs):
         region = _region(x.reshape(-1), i)
+        bad, n = _violations(em, runner, region)
+        assert bad == 0 and n > 100
+
+
+TFLITE_CNN_MODES = ["dynamic", "dynamic-per-tensor", "int8", "16x8", "float16"]
+
+
+@pytest.mark.parametrize("graph", ["cnn-nchw", "cnn-pool-nhwc"])
+@pytest.mark.parametrize("mode", TFLITE_CNN_MODES)
+def test_tflite_cnn_pointwise_soundness(ort_models, graph, mode):
+    """TFLite CNNs (hybrid, int8 and 16x8 CONV_2D, max pools, the converter's layout
+    transposes): the runtime's logits at every point of small regions lie within the error
+    model's bounds, and the model reads the file's quantized layers."""
+    model, calib, xs, d = ort_models[graph]
+    runner = quantize_model(model, mode, d / graph, calib)
+    em = error_model(runner, model.network.lower())
+    kinds = em.describe()["affine_layers"]
+    if graph == "cnn-pool-nhwc":  # weights large enough for every mode to quantize them
+        want = {"dynamic": "dynamic int8 input", "int8": "static int8", "16x8": "static int8"}
+        assert kinds[0] == want.get(mode.split("-")[0], "float32")
+    for i, x in enumerate(xs[:2]):
+        region = _region(x.reshape(-1), i, 0.03125, 0.25)
         bad, n = _violations(em, runner, region)
         assert bad == 0 and n > 100
 
