@@ -211,7 +211,8 @@ def rounding_errors(
     first layer (`input_cast`); doubled as a margin for runtimes that run a folded layer as
     several float32 steps. `rounding` (per layer, `quantize.error_model.Rounding` or None) adds
     a quantized runtime's rounding (`_input_rounding`, `_output_rounding`), with the first
-    layer's outputs bounded over the region's budget, not only its box. Saturation of a fixed
+    layer's outputs bounded over the region's budget, not only its box, and later layers' by
+    linear bounds in s (chords through ReLUs) intersected with intervals. Saturation of a fixed
     grid is the clamp's own bounded error (how far the interval leaves the grid), so wide
     intervals loosen the bound but never void it. Input rounding stays on the inputs, where
     back-substitution charges |lambda W| . rounding, far below |lambda| |W| . rounding.
@@ -220,6 +221,8 @@ def rounding_errors(
     in_err = U32 * np.maximum(np.abs(lo), np.abs(hi)) if input_cast else None
     out: list = []
     inputs: list = []
+    sym = None  # quantized runtimes: linear lower / upper bounds of the values in s
+    knap = (region.lo, region.hi, region.cost.astype(np.float64), float(region.budget))
     for i, (layer, aw) in enumerate(zip(chain.layers, chain.absw, strict=True)):
         if isinstance(layer, Affine):
             n = layer.weight.shape[1] + 1
@@ -239,33 +242,65 @@ def rounding_errors(
                 in_err = None
             if i == 0 and rounding is not None:  # the budget matters: knapsack, not the box
                 wide = e if step is None else e + aw @ step
-                lo, hi = _affine_exact(
-                    _on_coefficients(layer, region),
-                    wide,
-                    region.lo,
-                    region.hi,
-                    region.cost.astype(np.float64),
-                    float(region.budget),
-                )
+                first = _on_coefficients(layer, region)
+                lo, hi = _affine_exact(first, wide, *knap)
+                sym = (first.weight, first.bias - wide, first.weight, first.bias + wide)
             elif step is None:
                 lo, hi = _affine_interval(layer, aw, lo, hi, e)
             else:
                 lo, hi = _affine_interval(layer, aw, lo - step, hi + step, e)
+            if sym is not None and i > 0:
+                sym, lo, hi = _symbolic_affine(layer, sym, step, e, lo, hi, knap)
             if r is not None:
                 relu_next = i + 1 < len(chain.layers) and isinstance(chain.layers[i + 1], Relu)
+                before = e
                 e, lo, hi = _output_rounding(r, e, lo, hi, relu_next, i)
+                if sym is not None:
+                    acc = e - before
+                    sym = (sym[0], sym[1] - acc, sym[2], sym[3] + acc)
             out.append(e)
             inputs.append(step)
         elif isinstance(layer, Relu):
+            if sym is not None:
+                sym = _symbolic_relu(sym, lo, hi)
             lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
             out.append(None)
             inputs.append(None)
         else:
             lo, hi = _pool_max(lo, layer.windows), _pool_max(hi, layer.windows)
             in_err = None if in_err is None else _pool_max(in_err, layer.windows)
+            if sym is not None:  # max pools keep only their intervals
+                zero = np.zeros((len(lo), sym[0].shape[1]))
+                sym = (zero, lo.copy(), zero, hi.copy())
             out.append(None)
             inputs.append(None)
     return out, inputs
+
+
+def _symbolic_affine(layer: Affine, sym, step, e, lo, hi, knap):
+    """Linear bounds in s of an Affine layer's runtime outputs, from its inputs' (perturbed by
+    `step`, the output by `e`), and the intervals intersected with their concretisation."""
+    al, cl, au, cu = sym
+    st = 0.0 if step is None else step
+    wp, wn = np.maximum(layer.weight, 0.0), np.minimum(layer.weight, 0.0)
+    au2, cu2 = wp @ au + wn @ al, wp @ (cu + st) + wn @ (cl - st) + layer.bias + e
+    al2, cl2 = wp @ al + wn @ au, wp @ (cl - st) + wn @ (cu + st) + layer.bias - e
+    low, _ = knapsack_min(al2, cl2, *knap, argmin=False)
+    neg, _ = knapsack_min(-au2, -cu2, *knap, argmin=False)
+    lo, hi = np.maximum(lo, low), np.minimum(hi, -neg)
+    return (al2, cl2, au2, cu2), lo, np.maximum(hi, lo)
+
+
+def _symbolic_relu(sym, lo: np.ndarray, hi: np.ndarray):
+    """Linear bounds in s through a ReLU whose inputs lie in [lo, hi]: identity when active,
+    zero when dead, else the chord above and 0 or the input below (the tighter)."""
+    al, cl, au, cu = sym
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = np.where(hi > lo, hi / (hi - lo), 0.0)
+    up = np.where(lo >= 0.0, 1.0, np.where(hi <= 0.0, 0.0, slope))
+    shift = np.where((lo < 0.0) & (hi > 0.0), -slope * lo, 0.0)
+    down = np.where(lo >= 0.0, 1.0, np.where((hi > 0.0) & (hi > -lo), 1.0, 0.0))
+    return (al * down[:, None], cl * down, au * up[:, None], cu * up + shift)
 
 
 def _on_coefficients(layer: Affine, region: Region) -> Affine:
@@ -361,7 +396,9 @@ def _output_rounding(r, e: np.ndarray, lo: np.ndarray, hi: np.ndarray, relu_next
     """Add requantization of the output (`Rounding.outputs` in order, then the output grid):
     half a step each, plus the fixed-point multiplier's intermediate rounding (<= the
     multiplier, in output steps), plus how far the interval may leave each grid's range (the
-    clamp's move; the last grid's clamp at or below 0 before a ReLU is the ReLU's own)."""
+    clamp's move; the last grid's clamp at or below 0 before a ReLU is the ReLU's own). The
+    returned interval is cut to the last grid's range (its top only before a ReLU, where the
+    value below the grid is the unclamped one the ReLU zeroes)."""
     events = [(ev.gain, ev.shift, ev.grid, ev.levels, ev.extra) for ev in r.outputs]
     if r.output_grid is not None:
         events.append((1.0, 0.0, r.output_grid, 255, min(0.5, r.multiplier)))
@@ -370,7 +407,11 @@ def _output_rounding(r, e: np.ndarray, lo: np.ndarray, hi: np.ndarray, relu_next
         plain = grid is not None and np.all(gain == 1.0) and np.all(shift == 0.0)
         last = k == len(events) - 1 and relu_next and plain and np.all(grid.lo <= 0.0)
         acc = acc + _event_error(gain, shift, grid, levels, extra, lo - acc, hi + acc, last)
-    return e + acc, lo - acc, hi + acc
+    lo, hi = lo - acc, hi + acc
+    if events and plain:  # the requantized output lies on its grid (below: the ReLU's clamp)
+        hi = np.minimum(hi, grid.hi)
+        lo = np.maximum(lo, grid.lo) if not last else lo
+    return e + acc, lo, np.maximum(hi, lo)
 
 
 def point_interval(chain: PreparedChain, errors: tuple, x: np.ndarray):
