@@ -269,14 +269,25 @@ def _wrong_scale(em: ErrorModel, factor: float) -> ErrorModel:
     return ErrorModel(prepare_chain(layers), em.rounding, "wrong weight scale")
 
 
-@pytest.mark.parametrize("graph", ["mlp", "cnn-nchw"])
-def test_onnxruntime_wrong_models_are_caught(ort_models, graph):
-    """Float weights with no rounding, the file's weights with no rounding, and the file's
-    model with its weight scales 20% too small: the pointwise check finds runtime logits
+WRONG_CASES = [
+    ("mlp", "ort-qdq", {}),
+    ("cnn-nchw", "ort-qdq", {}),
+    ("cnn-nchw", "ort-dynamic", {}),
+    ("cnn-nchw", "simulated", {"act_bits": 8}),
+    ("cnn-pool-nhwc", "int8", {}),
+    ("cnn-pool-nhwc", "dynamic", {}),
+]
+
+
+@pytest.mark.parametrize(("graph", "mode", "opts"), WRONG_CASES)
+def test_wrong_models_are_caught(ort_models, graph, mode, opts):
+    """ONNX Runtime (QDQ, dynamic, simulated) and TFLite (int8, hybrid) files: float weights
+    with no rounding, the file's weights with no rounding, and the file's model with its weight
+    scales 20% too small: the pointwise check finds runtime logits
     outside their bounds. (Too large a scale can hide behind the clamps' bounds, which grow
     with the intervals they clamp.)"""
     model, calib, xs, d = ort_models[graph]
-    runner = quantize_model(model, "ort-qdq", d / graph, calib)
+    runner = quantize_model(model, mode, d / graph, calib, **opts)
     em = error_model(runner, model.network.lower())
     chain = prepare_chain(model.network.lower())
     wrong = [
