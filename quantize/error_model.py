@@ -227,8 +227,30 @@ def tflite_error_model(path: str | Path) -> ErrorModel:
     if not mapper.kinds:
         raise UnsupportedModelError("no FULLY_CONNECTED or CONV_2D op found")
     chain, rounding = lower_marked(mapper.input_shape, mapper.layers, mapper.marks)
+    rounding = [None if r is None else _plain_fields(r) for r in rounding]
     how = "; ".join(TFLITE_HOW[k] for k in sorted(mapper.kinds)) + "; float32 bounded per neuron"
     return ErrorModel(prepare_chain(chain), rounding, mapper.source(), how)
+
+
+def _plain(e: Event) -> bool:
+    return bool(np.all(np.asarray(e.gain) == 1.0) and np.all(np.asarray(e.shift) == 0.0))
+
+
+def _plain_fields(r: Rounding) -> Rounding:
+    """TFLite roundings on the layer's own input / output in the plain fields (a hybrid row
+    quantization, the input and output grids), as consumers of those fields expect."""
+    from dataclasses import replace
+
+    ins, outs = list(r.inputs), list(r.outputs)
+    if ins and _plain(ins[0]) and ins[0].grid is None:
+        r = replace(r, dynamic_input=True, symmetric_input=ins[0].levels != 255)
+        ins.pop(0)
+    elif ins and _plain(ins[0]) and ins[0].extra == 0.0:
+        r = replace(r, input_grid=ins.pop(0).grid)
+    if outs and _plain(outs[-1]) and outs[-1].grid is not None:
+        last = outs.pop()
+        r = replace(r, output_grid=last.grid, multiplier=last.extra)
+    return replace(r, inputs=tuple(ins), outputs=tuple(outs))
 
 
 class _TfliteMapper:
