@@ -41,6 +41,36 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class Event:
+    """One rounding of a tensor v = gain * t + shift (per element t of an Affine layer's input
+    or output, flat): to the fixed `grid` (in v's units; round to nearest, then clamp), or,
+    with no grid, dynamically (asymmetric, `levels` steps over [min(v, 0), max(v, 0)] of the
+    whole tensor, as ONNX Runtime's DynamicQuantizeLinear). `extra`: further error in steps."""
+
+    gain: np.ndarray | float
+    shift: np.ndarray | float
+    grid: Grid | None
+    levels: int = 255
+    extra: float = 0.0
+
+
+@dataclass(frozen=True)
+class PairSums:
+    """An integer kernel that adds u8 x s8 products in pairs into int16 with saturation
+    (x86 AVX2 VPMADDUBSW, used by ONNX Runtime's u8s8 GEMM and convolution without VNNI).
+
+    Per Affine output row j, |integer weight ji| = |W_ji| / (unit_j |gain_i|); the kernel's
+    unsigned input is (gain_i t_i + shift_i) / grid.scale + offset (offset: the zero point, +128
+    for an int8 input run as uint8); with no grid the input is quantized per run (dynamic)."""
+
+    unit: np.ndarray
+    gain: np.ndarray | float
+    shift: np.ndarray | float
+    grid: Grid | None
+    offset: float = 0.0
+
+
+@dataclass(frozen=True)
 class Rounding:
     """What the runtime rounds around one Affine layer besides float32 arithmetic."""
 
@@ -49,6 +79,9 @@ class Rounding:
     input_grid: Grid | None = None  # the input is quantized to this fixed grid (model input)
     output_grid: Grid | None = None  # the output is requantized to this grid, then clamped
     multiplier: float = 0.0  # largest requantization multiplier s_in * s_w / s_out
+    inputs: tuple = ()  # further Events on the input, in order (after input_grid)
+    outputs: tuple = ()  # further Events on the output, in order (before output_grid)
+    pairs: PairSums | None = None  # int16 pair sums that may saturate in the accumulation
 
 
 @dataclass(frozen=True)
@@ -58,19 +91,47 @@ class ErrorModel:
     chain: PreparedChain
     rounding: list  # per layer: Rounding for Affine layers, None for Relu / MaxPool
     source: str  # what was mapped, e.g. "litert dynamic range (hybrid int8)"
+    how: str = ""  # one line: how the runtime's rounding is modelled (for the report)
 
     def describe(self) -> dict[str, Any]:
         """A short record for run metadata."""
         kinds = [_kind(r) for r in self.rounding if r is not None]
-        return {"error_model": True, "source": self.source, "affine_layers": kinds}
+        return {
+            "error_model": True,
+            "source": self.source,
+            "affine_layers": kinds,
+            "how": self.how,
+        }
 
 
 def _kind(r: Rounding) -> str:
-    if r.dynamic_input:
+    if r.dynamic_input or any(e.grid is None for e in r.inputs):
         return "dynamic int8 input"
-    if r.output_grid is not None:
+    if r.output_grid is not None or any(e.grid is not None for e in r.outputs):
         return "static int8"
+    if any(e.grid is not None for e in r.inputs):
+        return "quantized input"
     return "float32"
+
+
+# How each kind of TFLite layer is modelled, one phrase each (ErrorModel.how).
+TFLITE_HOW = {
+    "dynamic range (hybrid int8)": (
+        "hybrid layers: int8 weights from the file, the float input quantized per run to int8 "
+        "(scale from its range over the region, half a step per value)"
+    ),
+    "float": "float layers: the file's weights (float16 or float32)",
+    "16x8": (
+        "16x8 layers: int8 weights and int64 biases from the file, int16 inputs and outputs on "
+        "the file's grids (half a step per requantization plus the multiplier's rounding, "
+        "saturation bounded by how far the region's intervals leave the grid)"
+    ),
+    "int8": (
+        "int8 layers: weights and int32 biases from the file, inputs and outputs on the file's "
+        "grids (half a step per requantization plus the fixed-point multiplier's rounding, "
+        "saturation bounded by how far the region's intervals leave the grid)"
+    ),
+}
 
 
 def error_model(runner: Any, chain: list[LoweredLayer] | PreparedChain) -> ErrorModel:
@@ -80,11 +141,16 @@ def error_model(runner: Any, chain: list[LoweredLayer] | PreparedChain) -> Error
     cannot be mapped onto the chain.
     """
     from quantize.litert import TfliteRunner
+    from quantize.onnx_error_model import onnx_error_model
+    from quantize.ort_runner import OrtRunner
 
-    if not isinstance(runner, TfliteRunner):
+    if isinstance(runner, TfliteRunner):
+        model = tflite_error_model(runner.path)
+    elif isinstance(runner, OrtRunner):
+        model = onnx_error_model(runner.path)
+    else:
         backend = getattr(runner, "describe", lambda: {})().get("backend", type(runner).__name__)
         raise UnsupportedModelError(f"no error model for {backend} runtimes")
-    model = tflite_error_model(runner.path)
     _check_shapes(model.chain.layers, prepare_chain(chain).layers)
     return model
 
@@ -129,9 +195,11 @@ def _check_shapes(got: list[LoweredLayer], want: list[LoweredLayer]) -> None:
 
 
 def tflite_error_model(path: str | Path) -> ErrorModel:
-    """Map a .tflite file's ops (in order) onto Affine / Relu layers with their rounding."""
+    """Map a .tflite file's ops (in order) onto the chain, with the rounding of each layer."""
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from quantize.quant_chain import lower_marked
 
     path = Path(path)
     fb = schema.Model.GetRootAsModel(path.read_bytes(), 0)
@@ -148,36 +216,68 @@ def tflite_error_model(path: str | Path) -> ErrorModel:
     interp.allocate_tensors()
     tensors = {d["index"]: d for d in interp.get_tensor_details()}
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    mapper = _TfliteMapper(interp, tensors, int(graph.Inputs(0)))
+    mapper = _TfliteMapper(interp, tensors, int(graph.Inputs(0)), schema)
     for k in range(graph.OperatorsLength()):
         op = graph.Operators(k)
         code = fb.OperatorCodes(op.OpcodeIndex())
         name = names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "CUSTOM")
-        mapper.op(k, name, op, schema)
+        mapper.op(k, name, op)
     if mapper.act != int(graph.Outputs(0)):
         raise UnsupportedModelError("the last mapped op does not produce the model's output")
-    if not mapper.layers:
-        raise UnsupportedModelError("no FULLY_CONNECTED op found")
-    return ErrorModel(prepare_chain(mapper.layers), mapper.rounding, mapper.source())
+    if not mapper.kinds:
+        raise UnsupportedModelError("no FULLY_CONNECTED or CONV_2D op found")
+    chain, rounding = lower_marked(mapper.input_shape, mapper.layers, mapper.marks)
+    rounding = [None if r is None else _plain_fields(r) for r in rounding]
+    how = "; ".join(TFLITE_HOW[k] for k in sorted(mapper.kinds)) + "; float32 bounded per neuron"
+    return ErrorModel(prepare_chain(chain), rounding, mapper.source(), how)
+
+
+def _plain(e: Event) -> bool:
+    return bool(np.all(np.asarray(e.gain) == 1.0) and np.all(np.asarray(e.shift) == 0.0))
+
+
+def _plain_fields(r: Rounding) -> Rounding:
+    """TFLite roundings on the layer's own input / output in the plain fields (a hybrid row
+    quantization, the input and output grids), as consumers of those fields expect."""
+    from dataclasses import replace
+
+    ins, outs = list(r.inputs), list(r.outputs)
+    if ins and _plain(ins[0]) and ins[0].grid is None:
+        r = replace(r, dynamic_input=True, symmetric_input=ins[0].levels != 255)
+        ins.pop(0)
+    elif ins and _plain(ins[0]) and ins[0].extra == 0.0:
+        r = replace(r, input_grid=ins.pop(0).grid)
+    if outs and _plain(outs[-1]) and outs[-1].grid is not None:
+        last = outs.pop()
+        r = replace(r, output_grid=last.grid, multiplier=last.extra)
+    return replace(r, inputs=tuple(ins), outputs=tuple(outs))
 
 
 class _TfliteMapper:
-    """Walks the ops in order, following the one running activation tensor."""
+    """Walks the ops in order, following the one running activation tensor (NHWC as stored;
+    convolutions and pools are wrapped in layout transposes, which fold away)."""
 
-    def __init__(self, interp: Any, tensors: dict, input_index: int):
-        self.interp, self.tensors = interp, tensors
+    def __init__(self, interp: Any, tensors: dict, input_index: int, schema: Any):
+        from quantize.quant_chain import Mark
+
+        self.interp, self.tensors, self.schema = interp, tensors, schema
         self.act = input_index
         self.consts: dict[int, np.ndarray] = {}  # float values of DEQUANTIZE'd constants
         self.layers: list[LoweredLayer] = []
-        self.rounding: list = []
+        self.marks: list = []
         self.kinds: set[str] = set()
-        self.pending_grid: Grid | None = None  # the model input's QUANTIZE grid
+        self.input_shape = tuple(int(v) for v in tensors[input_index]["shape"][1:])
+        self.shape = self.input_shape
+        self.on_grid: Grid | None = None
         detail = tensors[input_index]
         if detail["dtype"] != np.float32:  # integer input: the runner quantizes it
-            self.pending_grid = _grid(detail)
+            self.on_grid = _grid(detail)
+            self.marks.append(Mark(0, self.on_grid))
 
-    def op(self, k: int, name: str, op: Any, schema: Any) -> None:
+    def op(self, k: int, name: str, op: Any) -> None:
         """Map op number `k` onto the chain, or raise naming it."""
+        from verifier.network import Reshape, Transpose
+
         ins = [int(i) for i in op.InputsAsNumpy()] if op.InputsLength() else []
         outs = [int(i) for i in op.OutputsAsNumpy()]
         if name == "DEQUANTIZE" and ins and ins[0] != self.act:
@@ -185,81 +285,174 @@ class _TfliteMapper:
             return
         if not ins or ins[0] != self.act:
             raise UnsupportedModelError(f"op {name} (#{k}) does not take the running activation")
-        if name == "FULLY_CONNECTED":
-            self._fully_connected(k, op, ins, outs[0], schema)
+        x, y = self.tensors[ins[0]], self.tensors[outs[0]]
+        if name in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D"):
+            self._weighted(k, name, op, ins, x, y)
         elif name == "RESHAPE":
-            before, after = self.tensors[ins[0]]["shape"], self.tensors[outs[0]]["shape"]
-            if before[0] != after[0] or np.prod(before) != np.prod(after):
-                raise UnsupportedModelError(f"op RESHAPE (#{k}) is not a flatten")
-        elif name == "QUANTIZE" and not self.layers and self.pending_grid is None:
-            if self.tensors[outs[0]]["dtype"] != np.int8:
-                raise UnsupportedModelError(f"op QUANTIZE (#{k}) to a non-int8 type")
-            self.pending_grid = _grid(self.tensors[outs[0]])
-        elif name == "DEQUANTIZE" and self.tensors[ins[0]]["dtype"] == np.int8:
-            pass  # the int8 logits to float: exact values of the grid
-        elif name == "RELU" and self.tensors[ins[0]]["dtype"] == np.float32:
-            self.layers.append(Relu())
-            self.rounding.append(None)
+            self._add([Reshape(tuple(int(v) for v in y["shape"][1:]))])
+        elif name == "TRANSPOSE":
+            perm = [int(v) for v in self.interp.get_tensor(ins[1])]
+            if perm[0] != 0:
+                raise UnsupportedModelError(f"op TRANSPOSE (#{k}) moves the batch axis")
+            self._add([Transpose(tuple(p - 1 for p in perm[1:]))])
+        elif name in ("MAX_POOL_2D", "AVERAGE_POOL_2D"):
+            self._pool(k, name, op, x, y)
+        elif name == "QUANTIZE":
+            if y["dtype"] not in (np.int8, np.int16):
+                raise UnsupportedModelError(f"op QUANTIZE (#{k}) to {np.dtype(y['dtype']).name}")
+            self._round(_grid(y))
+        elif name == "DEQUANTIZE" and x["dtype"] in (np.int8, np.int16):
+            if _grid(x) != self.on_grid:
+                raise UnsupportedModelError(f"op DEQUANTIZE (#{k}) off its input's grid")
+        elif name == "RELU":
+            self._add([Relu()])
+            if x["dtype"] != np.float32:
+                self._round(_grid(y))
         else:
             raise UnsupportedModelError(f"op {name} (#{k}) is not supported")
         self.act = outs[0]
 
-    def _fully_connected(self, k: int, op: Any, ins: list, out: int, schema: Any) -> None:
-        opts = schema.FullyConnectedOptions()
+    def _add(self, new: list) -> None:
+        from quantize.quant_chain import structural
+        from verifier.network import Transpose, apply_layer
+
+        for layer in new:
+            if isinstance(layer, Transpose) and self._cancel(layer):
+                continue
+            self.shape = tuple(apply_layer(layer, np.zeros((1, *self.shape))).shape[1:])
+            self.layers.append(layer)
+            if not structural(layer):
+                self.on_grid = None
+
+    def _cancel(self, t: Any) -> bool:
+        """Drop a layout transpose that undoes the one before it (across a ReLU, which
+        commutes with it), so pools and convolutions meet as in the float chain."""
+        from dataclasses import replace
+
+        from verifier.network import Transpose
+
+        last = len(self.layers) - 1
+        at = last - 1 if last >= 0 and isinstance(self.layers[last], Relu) else last
+        prev = self.layers[at] if at >= 0 else None
+        if not isinstance(prev, Transpose) or [prev.perm[p] for p in t.perm] != sorted(t.perm):
+            return False
+        self.shape = tuple(self.shape[p] for p in np.argsort(prev.perm))
+        del self.layers[at]
+        self.marks = [
+            m if m.position <= at else replace(m, position=m.position - 1) for m in self.marks
+        ]
+        return True
+
+    def _round(self, grid: Grid | None, levels: int = 255, extra: float = 0.0) -> None:
+        from quantize.quant_chain import Mark
+
+        if grid is not None and grid == self.on_grid:
+            return
+        self.marks.append(Mark(len(self.layers), grid, levels, extra))
+        self.on_grid = grid
+
+    def _options(self, op: Any, cls: Any) -> Any:
+        opts = cls()
         table = op.BuiltinOptions()
         opts.Init(table.Bytes, table.Pos)
-        if opts.WeightsFormat() != 0 or opts.KeepNumDims():
-            raise UnsupportedModelError(f"op FULLY_CONNECTED (#{k}): weights format / keep dims")
-        act_fn = opts.FusedActivationFunction()
-        if act_fn not in (schema.ActivationFunctionType.NONE, schema.ActivationFunctionType.RELU):
-            raise UnsupportedModelError(f"op FULLY_CONNECTED (#{k}): fused activation {act_fn}")
-        x, w_idx, out_d = self.tensors[ins[0]], ins[1], self.tensors[out]
+        return opts
+
+    def _activation(self, k: int, name: str, opts: Any) -> bool:
+        """Whether the op has a fused ReLU (other fused activations are refused)."""
+        act = opts.FusedActivationFunction()
+        kinds = self.schema.ActivationFunctionType
+        if act not in (kinds.NONE, kinds.RELU):
+            raise UnsupportedModelError(f"op {name} (#{k}): fused activation {act}")
+        return act == kinds.RELU
+
+    def _weighted(self, k: int, name: str, op: Any, ins: list, x: dict, y: dict) -> None:
+        """FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D: float, hybrid or integer."""
+        schema = self.schema
+        w_idx = ins[1]
         weight = self._value(w_idx).astype(np.float64)
-        if weight.ndim != 2:
-            raise UnsupportedModelError(f"op FULLY_CONNECTED (#{k}): weight of rank {weight.ndim}")
         has_bias = len(ins) > 2 and ins[2] >= 0
-        if x["dtype"] == np.float32 and out_d["dtype"] == np.float32:
-            bias = self._value(ins[2]) if has_bias else np.zeros(len(weight))
+        if name == "FULLY_CONNECTED":
+            opts = self._options(op, schema.FullyConnectedOptions)
+            if opts.WeightsFormat() != 0 or opts.KeepNumDims():
+                raise UnsupportedModelError(f"op {name} (#{k}): weights format / keep dims")
+            hybrid_sym = not opts.AsymmetricQuantizeInputs()
+        elif name == "CONV_2D":
+            opts = self._options(op, schema.Conv2DOptions)
+            hybrid_sym = True  # symmetric (per-channel kernels: asymmetric); 127 levels cover both
+        else:
+            opts = self._options(op, schema.DepthwiseConv2DOptions)
+            hybrid_sym = False
+        relu = self._activation(k, name, opts)
+        n_out = weight.shape[0] if name != "DEPTHWISE_CONV_2D" else weight.shape[-1]
+        xt, yt = x["dtype"], y["dtype"]
+        if xt == np.float32 and yt == np.float32:
+            bias = self._value(ins[2]) if has_bias else np.zeros(n_out)
             hybrid = w_idx not in self.consts and self.tensors[w_idx]["dtype"] == np.int8
-            rounding = Rounding(hybrid, hybrid and not opts.AsymmetricQuantizeInputs())
+            if hybrid:
+                self._round(None, 127 if hybrid_sym else 255)
             self.kinds.add("dynamic range (hybrid int8)" if hybrid else "float")
-        elif x["dtype"] == np.int8 and out_d["dtype"] == np.int8:
-            bias, rounding = self._static(k, x, w_idx, ins[2] if has_bias else -1, out_d, weight)
-            self.kinds.add("int8")
+            out_grid, extra = None, 0.0
+        elif xt in (np.int8, np.int16) and yt == xt:
+            in_grid = _grid(x)
+            if in_grid != self.on_grid:
+                raise UnsupportedModelError(f"op {name} (#{k}): integer input of unknown origin")
+            s_w = np.broadcast_to(_scales(self.tensors[w_idx]), (n_out,))
+            acc = in_grid.scale * s_w
+            bias = self.interp.get_tensor(ins[2]).astype(np.float64) * acc if has_bias else 0
+            bias = np.broadcast_to(bias, (n_out,))
+            out_grid = _grid(y)
+            extra = min(0.5, float(acc.max() / out_grid.scale))
+            self.kinds.add("int8" if xt == np.int8 else "16x8")
         else:
             raise UnsupportedModelError(
-                f"op FULLY_CONNECTED (#{k}): {np.dtype(x['dtype']).name} input, "
-                f"{np.dtype(out_d['dtype']).name} output"
+                f"op {name} (#{k}): {np.dtype(xt).name} input, {np.dtype(yt).name} output"
             )
-        if rounding.input_grid is None and self.pending_grid is not None and not self.layers:
-            raise UnsupportedModelError(f"op FULLY_CONNECTED (#{k}) after an input QUANTIZE")
-        self.layers.append(Affine(weight, np.asarray(bias, dtype=np.float64)))
-        self.rounding.append(rounding)
-        if act_fn == schema.ActivationFunctionType.RELU:
-            self.layers.append(Relu())
-            self.rounding.append(None)
+        self._add(self._layers(k, name, opts, weight, np.asarray(bias, np.float64)))
+        if out_grid is not None:
+            self._round(out_grid, extra=extra)
+        if relu:
+            self._add([Relu()])
+            self.on_grid = out_grid
 
-    def _static(self, k: int, x: dict, w_idx: int, b_idx: int, out_d: dict, weight: np.ndarray):
-        """Bias and rounding of an int8 FULLY_CONNECTED (grids from the file)."""
-        s_in = _scales(x)
-        s_w = _scales(self.tensors[w_idx])
-        if s_in.size != 1 or s_w.size not in (1, len(weight)):
-            raise UnsupportedModelError(f"op FULLY_CONNECTED (#{k}): scale shapes")
-        acc_scale = s_in[0] * np.broadcast_to(s_w, (len(weight),))
-        if b_idx >= 0:  # the kernel adds the int32 bias to the accumulator as is
-            bias = self.interp.get_tensor(b_idx).astype(np.float64) * acc_scale
-        else:
-            bias = np.zeros(len(weight))
-        out_grid = _grid(out_d)
-        first = not self.layers
-        in_grid = self.pending_grid if first else None
-        if first and in_grid is None:
-            raise UnsupportedModelError(f"op FULLY_CONNECTED (#{k}): int8 input of unknown origin")
-        return bias, Rounding(
-            input_grid=in_grid,
-            output_grid=out_grid,
-            multiplier=float(acc_scale.max() / out_grid.scale),
-        )
+    def _layers(self, k: int, name: str, opts: Any, weight: np.ndarray, bias: np.ndarray):
+        """The network layers of a weighted op on the NHWC activation."""
+        from verifier.network import Conv, Dense, Reshape, Transpose
+
+        if name == "FULLY_CONNECTED":
+            if weight.ndim != 2 or int(np.prod(self.shape)) != weight.shape[1]:
+                raise UnsupportedModelError(f"op {name} (#{k}): weight {weight.shape}")
+            flat = [] if len(self.shape) == 1 else [Reshape((weight.shape[1],))]
+            return [*flat, Dense(weight, bias)]
+        if len(self.shape) != 3:
+            raise UnsupportedModelError(f"op {name} (#{k}) on a {len(self.shape)}-D activation")
+        if name == "CONV_2D":
+            w, group = weight.transpose(0, 3, 1, 2), 1  # OHWI -> OIHW
+        else:  # depthwise (1, kh, kw, C * m) -> (C * m, 1, kh, kw), one group per channel
+            w, group = weight[0].transpose(2, 0, 1)[:, None], self.shape[2]
+        dil = (opts.DilationHFactor(), opts.DilationWFactor())
+        strides = (opts.StrideH(), opts.StrideW())
+        pads = _same_pads(opts.Padding(), self.shape[:2], w.shape[2:], strides, dil)
+        conv = Conv(np.ascontiguousarray(w), bias, strides, pads, dil, group)
+        return [Transpose((2, 0, 1)), conv, Transpose((1, 2, 0))]
+
+    def _pool(self, k: int, name: str, op: Any, x: dict, y: dict) -> None:
+        from verifier.network import Pool, Transpose
+
+        opts = self._options(op, self.schema.Pool2DOptions)
+        relu = self._activation(k, name, opts)
+        kernel = (opts.FilterHeight(), opts.FilterWidth())
+        strides = (opts.StrideH(), opts.StrideW())
+        pads = _same_pads(opts.Padding(), self.shape[:2], kernel, strides, (1, 1))
+        kind = "max" if name == "MAX_POOL_2D" else "avg"
+        grid = self.on_grid
+        self._add([Transpose((2, 0, 1)), Pool(kind, kernel, strides, pads), Transpose((1, 2, 0))])
+        if x["dtype"] != np.float32:
+            if kind == "max" and _grid(y) == grid:
+                self.on_grid = grid
+            else:
+                self._round(_grid(y))
+        if relu:
+            self._add([Relu()])
 
     def _value(self, idx: int) -> np.ndarray:
         """A constant tensor's float value: dequantized with its scales / zero points."""
@@ -283,14 +476,26 @@ class _TfliteMapper:
         return "litert " + " + ".join(sorted(self.kinds))
 
 
+def _same_pads(padding: int, hw, kernel, strides, dil) -> tuple[int, int, int, int]:
+    """TFLite's padding (0: SAME, 1: VALID) as (top, left, bottom, right)."""
+    if padding == 1:
+        return (0, 0, 0, 0)
+    pads = []
+    for size, k, s, d in zip(hw, kernel, strides, dil, strict=True):
+        out = -(-size // s)
+        pads.append(max((out - 1) * s + (k - 1) * d + 1 - size, 0))
+    return (pads[0] // 2, pads[1] // 2, pads[0] - pads[0] // 2, pads[1] - pads[1] // 2)
+
+
 def _scales(d: dict) -> np.ndarray:
     return np.asarray(d["quantization_parameters"]["scales"], dtype=np.float64)
 
 
 def _grid(d: dict) -> Grid:
-    """The int8 grid of a per-tensor quantized activation tensor."""
+    """The int8 / int16 grid of a per-tensor quantized activation tensor."""
     q = d["quantization_parameters"]
-    if len(q["scales"]) != 1 or d["dtype"] != np.int8:
+    if len(q["scales"]) != 1 or d["dtype"] not in (np.int8, np.int16):
         raise UnsupportedModelError(f"tensor {d['name']}: not a per-tensor int8 activation")
     s, zp = float(q["scales"][0]), int(q["zero_points"][0])
-    return Grid(s, s * (-128 - zp), s * (127 - zp))
+    lo, hi = (-128, 127) if d["dtype"] == np.int8 else (-32768, 32767)
+    return Grid(s, s * (lo - zp), s * (hi - zp))

@@ -121,6 +121,45 @@ def cnn_nhwc(path: Path, seed=0) -> Path:
     return _save(nodes, inits, [6, 6, 2], [4], path)
 
 
+def cnn_pool_nhwc(path: Path, seed=0) -> Path:
+    """tf2onnx style CNN on (4,4,3) NHWC whose convolution is large enough for TFLite's dynamic
+    range (>= 1024 weights): Transpose, Conv 48 3x3, Relu, MaxPool 2x2, Transpose, Reshape,
+    MatMul, Add."""
+    rng = np.random.default_rng(seed)
+    f = np.float32
+    inits = [
+        _init("cw", rng.normal(0, 0.2, (48, 3, 3, 3)).astype(f)),
+        _init("cb", rng.normal(0, 0.1, 48).astype(f)),
+        _init("shape", np.array([-1, 192], np.int64)),
+        _init("fw", rng.normal(0, 0.1, (192, 4)).astype(f)),
+        _init("fb", rng.normal(0, 0.1, 4).astype(f)),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "cw", "cb"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Transpose", ["p"], ["nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["nhwc", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fw"], ["mm"]),
+        helper.make_node("Add", ["mm", "fb"], ["logits"]),
+    ]
+    return _save(nodes, inits, [4, 4, 3], [4], path)
+
+
+def two_linear(path: Path, seed=0) -> Path:
+    """Two MatMuls with no activation between them (one affine map for the float engine)."""
+    rng = np.random.default_rng(seed)
+    f = np.float32
+    inits = [_init("w1", rng.normal(0, 0.5, (8, 6)).astype(f))]
+    inits.append(_init("w2", rng.normal(0, 0.5, (6, 3)).astype(f)))
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["logits"]),
+    ]
+    return _save(nodes, inits, [8], [3], path)
+
+
 def with_unsupported_op(path: Path) -> Path:
     """A flat model with an Erf node (not supported by the engine, fine for onnxruntime)."""
     w = np.eye(4, dtype=np.float32)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_builders import cnn_nhwc, mlp
+from onnx_builders import cnn_nchw, cnn_nhwc, cnn_pool_nhwc, mlp, two_linear
 from test_engine import check_decision, truth
 
 from quantize.error_model import ErrorModel, Grid, Rounding, error_model, error_models
@@ -28,7 +28,7 @@ from verifier.regions import lattice_region
 from verifier.result import CERTIFIED, REFUTED, UNKNOWN
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ["dynamic", "dynamic-per-tensor", "int8", "float16"]
+MODES = ["dynamic", "dynamic-per-tensor", "int8", "16x8", "float16"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def _violations(model: ErrorModel, runner, region) -> tuple[int, int]:
     errors = rounding_errors(model.chain, region, rounding=model.rounding)
     pts = np.concatenate(list(region.enumerate()))
     xs = region.points(pts).astype(np.float32)
-    got = runner.predict(xs).astype(np.float64)
+    got = runner.predict(xs.reshape(len(xs), *runner.input_shape)).astype(np.float64)
     bad = 0
     for xp, g in zip(xs, got, strict=True):
         lo, hi = point_interval(model.chain, errors, xp.astype(np.float64))
@@ -70,7 +70,7 @@ def test_pointwise_soundness(tiny, mode):
     runner = runners[mode]
     em = error_model(runner, model.network.lower())
     kinds = em.describe()["affine_layers"]
-    assert ("static int8" in kinds) == (mode == "int8")
+    assert ("static int8" in kinds) == (mode in ("int8", "16x8"))
     assert ("dynamic int8 input" in kinds) == mode.startswith("dynamic")
     checked = 0
     for i, x in enumerate(xs):
@@ -157,31 +157,168 @@ def test_decide_agrees_with_enumeration(tiny, mode):
 
 
 def test_unsupported_graphs(tmp_path):
-    """A convolution, or an ONNX Runtime file: a reason naming what is missing; decide without
-    a model never certifies a region it cannot enumerate."""
-    model = load_model(cnn_nhwc(tmp_path / "cnn.onnx"))
-    runner = quantize_model(model, "dynamic", tmp_path, None)
+    """Int8 rounding between two weighted layers with no activation between them (the float
+    chain folds them into one Affine): a reason naming it; decide without a model never
+    certifies a region it cannot enumerate."""
+    model = load_model(two_linear(tmp_path / "two.onnx"))
+    calib = np.random.default_rng(1).random((64, 8), dtype=np.float32)
+    runner = quantize_model(model, "int8", tmp_path, calib)
     chain = model.network.lower()
-    with pytest.raises(UnsupportedModelError, match="CONV_2D"):
+    with pytest.raises(UnsupportedModelError, match="two weighted layers"):
         error_model(runner, chain)
     reasons = error_models({"q": runner, "f": float_runner(model)}, chain)
-    assert "CONV_2D" in reasons["q"] and "onnxruntime" in reasons["f"]
-    x = np.random.default_rng(0).random(model.input_shape, dtype=np.float32).reshape(-1)
-    region = lattice_region(x, np.arange(12), 0.01, 1.0)
-    label = int(runner.predict(x.reshape(1, *model.input_shape)).argmax())
+    assert "two weighted layers" in reasons["q"] and isinstance(reasons["f"], ErrorModel)
+    x = np.random.default_rng(0).random(8, dtype=np.float32)
+    region = lattice_region(x, np.arange(8), 0.01, 1.0)
+    label = int(runner.predict(x[None]).argmax())
     d = decide(runner, chain, region, label, timeout=1, enum_limit=16, quantized=True)
     assert d.status in (UNKNOWN, REFUTED)
     assert d.detail["trusted_bounds"] is False
 
 
-def test_saturating_grid_gives_no_bounds():
-    """A static output grid the region's values may leave: no error bound, a reason instead."""
+def _clamped(x: np.ndarray, grid: Grid) -> np.ndarray:
+    """What a runtime computes for `test_saturating_grid_is_bounded`'s chain."""
+    y = np.clip(np.round(4.0 * x / grid.scale) * grid.scale, grid.lo, grid.hi)
+    return np.maximum(y, 0.0) + np.array([1.0, 0.0])
+
+
+def test_saturating_grid_is_bounded():
+    """An output grid the region's values leave: the clamp's move is part of the bound, which
+    holds at every point (and is wider than the unsaturated half step)."""
     chain = prepare_chain([Affine(np.eye(2) * 4.0, np.zeros(2)), Relu(), Affine(np.eye(2), [1, 0])])
-    tight = Rounding(output_grid=Grid(0.01, -1.28, 1.27), multiplier=0.5)
-    em = ErrorModel(chain, [tight, None, Rounding()], "test")
+    tight = Grid(0.01, -1.28, 1.27)
+    em = ErrorModel(chain, [Rounding(output_grid=tight, multiplier=0.5), None, Rounding()], "t")
     region = lattice_region(np.array([0.5, 0.5]), np.arange(2), 0.1, 0.5)
-    with pytest.raises(ValueError, match="saturate"):
-        rounding_errors(em.chain, region, rounding=em.rounding)
+    errors = rounding_errors(em.chain, region, rounding=em.rounding)
+    assert errors[0][0].max() > 0.5  # the clamp's move, not only half a step
+    pts = np.concatenate(list(region.enumerate()))
+    xs = region.points(pts)
+    for x, y in zip(xs, _clamped(xs, tight), strict=True):
+        lo, hi = point_interval(em.chain, errors, x)
+        assert np.all(lo <= y) and np.all(y <= hi)
+    loose = ErrorModel(chain, [Rounding(), None, Rounding()], "no clamp")
+    errs = rounding_errors(loose.chain, region, rounding=loose.rounding)
+    out = [point_interval(loose.chain, errs, x) for x in xs]
+    y = _clamped(xs, tight)
+    assert any(np.any(v < lo) or np.any(v > hi) for v, (lo, hi) in zip(y, out, strict=True))
+
+
+ORT_CASES = [
+    ("ort-qdq", {}),
+    ("ort-qdq", {"per_channel": True}),
+    ("ort-qdq", {"activation_type": "uint8"}),
+    ("ort-qoperator", {}),
+    ("ort-qoperator", {"per_channel": True}),
+    ("ort-dynamic", {}),
+    ("ort-dynamic", {"per_channel": True}),
+    ("simulated", {"act_bits": 8}),
+    ("simulated", {"weight_bits": 4, "act_bits": 4, "per_channel": True}),
+]
+GRAPHS = {
+    "mlp": lambda p: mlp(p, sizes=(16, 40, 20, 4), seed=5, gemm=False),
+    "cnn-nhwc": cnn_nhwc,
+    "cnn-nchw": cnn_nchw,
+}
+
+
+@pytest.fixture(scope="module")
+def ort_models(tmp_path_factory):
+    """The three tiny graphs, float, with calibration inputs and a few test inputs each."""
+    d = tmp_path_factory.mktemp("ortem")
+    rng = np.random.default_rng(1)
+    out = {}
+    for name, build in {**GRAPHS, "cnn-pool-nhwc": cnn_pool_nhwc}.items():
+        model = load_model(build(d / f"{name}.onnx"))
+        calib = rng.random((64, *model.input_shape), dtype=np.float32)
+        out[name] = (model, calib, rng.random((3, *model.input_shape), dtype=np.float32), d)
+    return out
+
+
+@pytest.mark.parametrize("graph", list(GRAPHS))
+@pytest.mark.parametrize(("mode", "opts"), ORT_CASES)
+def test_onnxruntime_pointwise_soundness(ort_models, graph, mode, opts):
+    """ONNX Runtime files (static QDQ / QOperator, dynamic, simulated; MLP and CNNs, per tensor
+    and per channel): the runtime's logits at every point of small regions lie within the
+    error model's bounds, read from the file (its weights differ from the float model's)."""
+    model, calib, xs, d = ort_models[graph]
+    runner = quantize_model(model, mode, d / graph, calib, **opts)
+    em = error_model(runner, model.network.lower())
+    assert em.describe()["how"] and em.source.startswith("onnxruntime")
+    float_w = [x.weight for x in model.network.lower() if isinstance(x, Affine)]
+    file_w = [x.weight for x in em.chain.layers if isinstance(x, Affine)]
+    assert any(not np.allclose(a, b) for a, b in zip(float_w, file_w, strict=True))
+    for i, x in enumerate(xs):
+        region = _region(x.reshape(-1), i)
+        bad, n = _violations(em, runner, region)
+        assert bad == 0 and n > 100
+
+
+TFLITE_CNN_MODES = ["dynamic", "dynamic-per-tensor", "int8", "16x8", "float16"]
+
+
+@pytest.mark.parametrize("graph", ["cnn-nchw", "cnn-pool-nhwc"])
+@pytest.mark.parametrize("mode", TFLITE_CNN_MODES)
+def test_tflite_cnn_pointwise_soundness(ort_models, graph, mode):
+    """TFLite CNNs (hybrid, int8 and 16x8 CONV_2D, max pools, the converter's layout
+    transposes): the runtime's logits at every point of small regions lie within the error
+    model's bounds, and the model reads the file's quantized layers."""
+    model, calib, xs, d = ort_models[graph]
+    runner = quantize_model(model, mode, d / graph, calib)
+    em = error_model(runner, model.network.lower())
+    kinds = em.describe()["affine_layers"]
+    if graph == "cnn-pool-nhwc":  # weights large enough for every mode to quantize them
+        want = {"dynamic": "dynamic int8 input", "int8": "static int8", "16x8": "static int8"}
+        assert kinds[0] == want.get(mode.split("-")[0], "float32")
+    for i, x in enumerate(xs[:2]):
+        region = _region(x.reshape(-1), i, 0.03125, 0.25)
+        bad, n = _violations(em, runner, region)
+        assert bad == 0 and n > 100
+
+
+def _no_rounding(chain) -> list:
+    return [Rounding() if isinstance(x, Affine) else None for x in chain.layers]
+
+
+def _wrong_scale(em: ErrorModel, factor: float) -> ErrorModel:
+    """`em` with every weight scale off by `factor` (its rounding kept)."""
+    layers = [
+        Affine(x.weight * factor, x.bias) if isinstance(x, Affine) else x for x in em.chain.layers
+    ]
+    return ErrorModel(prepare_chain(layers), em.rounding, "wrong weight scale")
+
+
+WRONG_CASES = [
+    ("mlp", "ort-qdq", {}),
+    ("cnn-nchw", "ort-qdq", {}),
+    ("cnn-nchw", "ort-dynamic", {}),
+    ("cnn-nchw", "simulated", {"act_bits": 8}),
+    ("cnn-pool-nhwc", "int8", {}),
+    ("cnn-pool-nhwc", "dynamic", {}),
+]
+
+
+@pytest.mark.parametrize(("graph", "mode", "opts"), WRONG_CASES)
+def test_wrong_models_are_caught(ort_models, graph, mode, opts):
+    """ONNX Runtime (QDQ, dynamic, simulated) and TFLite (int8, hybrid) files: float weights
+    with no rounding, the file's weights with no rounding, and the file's model with its weight
+    scales 20% too small: the pointwise check finds runtime logits
+    outside their bounds. (Too large a scale can hide behind the clamps' bounds, which grow
+    with the intervals they clamp.)"""
+    model, calib, xs, d = ort_models[graph]
+    runner = quantize_model(model, mode, d / graph, calib, **opts)
+    em = error_model(runner, model.network.lower())
+    chain = prepare_chain(model.network.lower())
+    wrong = [
+        ErrorModel(chain, _no_rounding(chain), "float weights, no rounding"),
+        ErrorModel(em.chain, _no_rounding(em.chain), "no rounding"),
+        _wrong_scale(em, 0.8),
+    ]
+    for bad in wrong:
+        found = sum(
+            _violations(bad, runner, _region(x.reshape(-1), i, 0.03125, 0.25))[0]
+            for i, x in enumerate(xs)
+        )
+        assert found > 0, bad.source
 
 
 def test_truth_helper_sees_errors(tiny):

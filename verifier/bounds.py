@@ -211,15 +211,18 @@ def rounding_errors(
     first layer (`input_cast`); doubled as a margin for runtimes that run a folded layer as
     several float32 steps. `rounding` (per layer, `quantize.error_model.Rounding` or None) adds
     a quantized runtime's rounding (`_input_rounding`, `_output_rounding`), with the first
-    layer's outputs bounded over the region's budget, not only its box; raises ValueError when
-    a fixed grid may saturate over the region (its clamp is not modelled). Input rounding stays
-    on the inputs, where back-substitution charges |lambda W| . rounding, far below
-    |lambda| |W| . rounding.
+    layer's outputs bounded over the region's budget, not only its box, and later layers' by
+    linear bounds in s (chords through ReLUs) intersected with intervals. Saturation of a fixed
+    grid is the clamp's own bounded error (how far the interval leaves the grid), so wide
+    intervals loosen the bound but never void it. Input rounding stays on the inputs, where
+    back-substitution charges |lambda W| . rounding, far below |lambda| |W| . rounding.
     """
     lo, hi = _input_box(region)
     in_err = U32 * np.maximum(np.abs(lo), np.abs(hi)) if input_cast else None
     out: list = []
     inputs: list = []
+    sym = None  # quantized runtimes: linear lower / upper bounds of the values in s
+    knap = (region.lo, region.hi, region.cost.astype(np.float64), float(region.budget))
     for i, (layer, aw) in enumerate(zip(chain.layers, chain.absw, strict=True)):
         if isinstance(layer, Affine):
             n = layer.weight.shape[1] + 1
@@ -231,38 +234,73 @@ def rounding_errors(
                 step = _input_rounding(r, lo, hi, amag, i)
                 step = None if not np.any(step) else np.broadcast_to(step, amag.shape)
             e = gamma * (aw @ (amag if step is None else amag + step) + np.abs(layer.bias))
+            if r is not None and r.pairs is not None:
+                wide = 0.0 if step is None else step
+                e = e + _pair_saturation(r.pairs, aw, lo - wide, hi + wide)
             if in_err is not None:
                 e = e + aw @ in_err
                 in_err = None
             if i == 0 and rounding is not None:  # the budget matters: knapsack, not the box
                 wide = e if step is None else e + aw @ step
-                lo, hi = _affine_exact(
-                    _on_coefficients(layer, region),
-                    wide,
-                    region.lo,
-                    region.hi,
-                    region.cost.astype(np.float64),
-                    float(region.budget),
-                )
+                first = _on_coefficients(layer, region)
+                lo, hi = _affine_exact(first, wide, *knap)
+                sym = (first.weight, first.bias - wide, first.weight, first.bias + wide)
             elif step is None:
                 lo, hi = _affine_interval(layer, aw, lo, hi, e)
             else:
                 lo, hi = _affine_interval(layer, aw, lo - step, hi + step, e)
-            if r is not None and r.output_grid is not None:
+            if sym is not None and i > 0:
+                sym, lo, hi = _symbolic_affine(layer, sym, step, e, lo, hi, knap)
+            if r is not None:
                 relu_next = i + 1 < len(chain.layers) and isinstance(chain.layers[i + 1], Relu)
+                before = e
                 e, lo, hi = _output_rounding(r, e, lo, hi, relu_next, i)
+                if sym is not None:
+                    acc = e - before
+                    sym = (sym[0], sym[1] - acc, sym[2], sym[3] + acc)
             out.append(e)
             inputs.append(step)
         elif isinstance(layer, Relu):
+            if sym is not None:
+                sym = _symbolic_relu(sym, lo, hi)
             lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
             out.append(None)
             inputs.append(None)
         else:
             lo, hi = _pool_max(lo, layer.windows), _pool_max(hi, layer.windows)
             in_err = None if in_err is None else _pool_max(in_err, layer.windows)
+            if sym is not None:  # max pools keep only their intervals
+                zero = np.zeros((len(lo), sym[0].shape[1]))
+                sym = (zero, lo.copy(), zero, hi.copy())
             out.append(None)
             inputs.append(None)
     return out, inputs
+
+
+def _symbolic_affine(layer: Affine, sym, step, e, lo, hi, knap):
+    """Linear bounds in s of an Affine layer's runtime outputs, from its inputs' (perturbed by
+    `step`, the output by `e`), and the intervals intersected with their concretisation."""
+    al, cl, au, cu = sym
+    st = 0.0 if step is None else step
+    wp, wn = np.maximum(layer.weight, 0.0), np.minimum(layer.weight, 0.0)
+    au2, cu2 = wp @ au + wn @ al, wp @ (cu + st) + wn @ (cl - st) + layer.bias + e
+    al2, cl2 = wp @ al + wn @ au, wp @ (cl - st) + wn @ (cu + st) + layer.bias - e
+    low, _ = knapsack_min(al2, cl2, *knap, argmin=False)
+    neg, _ = knapsack_min(-au2, -cu2, *knap, argmin=False)
+    lo, hi = np.maximum(lo, low), np.minimum(hi, -neg)
+    return (al2, cl2, au2, cu2), lo, np.maximum(hi, lo)
+
+
+def _symbolic_relu(sym, lo: np.ndarray, hi: np.ndarray):
+    """Linear bounds in s through a ReLU whose inputs lie in [lo, hi]: identity when active,
+    zero when dead, else the chord above and 0 or the input below (the tighter)."""
+    al, cl, au, cu = sym
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = np.where(hi > lo, hi / (hi - lo), 0.0)
+    up = np.where(lo >= 0.0, 1.0, np.where(hi <= 0.0, 0.0, slope))
+    shift = np.where((lo < 0.0) & (hi > 0.0), -slope * lo, 0.0)
+    down = np.where(lo >= 0.0, 1.0, np.where((hi > 0.0) & (hi > -lo), 1.0, 0.0))
+    return (al * down[:, None], cl * down, au * up[:, None], cu * up + shift)
 
 
 def _on_coefficients(layer: Affine, region: Region) -> Affine:
@@ -290,40 +328,90 @@ def _input_rounding(r, lo: np.ndarray, hi: np.ndarray, amag: np.ndarray, i: int)
     by <= 1/2, so a / scale + zp lies in [-128.5, 127.5] and rounding then clamping to
     [-128, 127] moves it by <= 1/2 too. A row of zeros is exact (scale 0 or 1, all values 0),
     and so is every value that is 0 throughout the region (0 is on both grids: an integer zero
-    point). Fixed grid: half its step, when the input stays within half a step of the grid's
-    range (else the clamp would add more).
+    point). Fixed grid: half its step, plus how far the input may leave the grid's range (the
+    clamp moves it back by at most that). Further events (`Rounding.inputs`) in order, each on
+    the input as perturbed by the ones before it.
     """
+    step = np.zeros_like(lo)
     if r.dynamic_input:
         scale = (max(float(hi.max(initial=0.0)), 0.0) - min(float(lo.min(initial=0.0)), 0.0)) / 255
         if r.symmetric_input:
             scale = max(scale, float(amag.max(initial=0.0)) / 127.0)
-        step = scale * (1.0 + 1e-6) * HALF_STEP
-        return np.where((lo == 0.0) & (hi == 0.0), 0.0, step)
-    if r.input_grid is not None:
-        g = r.input_grid
-        if lo.min() < g.lo - 0.49 * g.scale or hi.max() > g.hi + 0.49 * g.scale:
-            raise ValueError(
-                f"layer {i}: the input leaves the int8 grid [{g.lo:.4g}, {g.hi:.4g}] over the "
-                "region"
-            )
-        return g.scale * HALF_STEP
-    return 0.0
+        step = np.where((lo == 0.0) & (hi == 0.0), 0.0, scale * (1.0 + 1e-6) * HALF_STEP)
+    events = [(1.0, 0.0, r.input_grid, 255, 0.0)] if r.input_grid is not None else []
+    events += [(ev.gain, ev.shift, ev.grid, ev.levels, ev.extra) for ev in r.inputs]
+    for ev in events:
+        step = step + _event_error(*ev, lo - step, hi + step, False)
+    return step
+
+
+def _event_error(gain, shift, grid, levels, extra, lo, hi, relu_next: bool) -> np.ndarray:
+    """Per element t in [lo, hi], a bound on |t' - t| when v = gain t + shift is rounded to
+    `grid` (or dynamically over `levels` steps when it is None) and moved back to t."""
+    vlo = np.minimum(gain * lo, gain * hi) + shift
+    vhi = np.maximum(gain * lo, gain * hi) + shift
+    if grid is None:  # dynamic: the scale spans the tensor's range and 0
+        scale = max(float(vhi.max(initial=0.0)), 0.0) - min(float(vlo.min(initial=0.0)), 0.0)
+        half = scale / levels * (1.0 + 1e-6) * HALF_STEP
+        err = np.where((vlo == 0.0) & (vhi == 0.0), 0.0, half)
+    else:
+        over = np.maximum(vhi - grid.hi, 0.0)
+        if not relu_next:  # a clamp at or below 0 before a ReLU is the ReLU's own
+            over = np.maximum(over, grid.lo - vlo)
+        err = grid.scale * (HALF_STEP + extra) + over
+    return err / np.abs(np.asarray(gain, dtype=np.float64))
+
+
+# Largest |u8 x s8| product whose pair sums cannot saturate int16 (two of them: 32767).
+PAIR_HALF = 16383.5
+
+
+def _pair_saturation(p, aw: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Bound on what int16 saturation of pairwise product sums removes from each output.
+
+    A pair sum p1 + p2 saturates only when |p1| + |p2| > 32767, and then loses at most
+    (|p1| - 16383.5)+ + (|p2| - 16383.5)+, whatever the kernel's pairing: so per output row the
+    loss is at most the sum over inputs of (A_i |q_ji| - 16383.5)+, A_i the largest unsigned
+    input value over the region, q the integer weights; in output units times s_in s_w."""
+    vlo = np.minimum(p.gain * lo, p.gain * hi) + p.shift
+    vhi = np.maximum(p.gain * lo, p.gain * hi) + p.shift
+    if p.grid is not None:
+        scale = p.grid.scale
+        big = np.clip(np.ceil(vhi / scale + p.offset + 0.5), 0.0, 255.0)
+    else:  # dynamic uint8: zero point 0 when nothing is negative, scale at least max(lo) / 255
+        scale = (
+            max(float(vhi.max(initial=0.0)), 0.0) - min(float(vlo.min(initial=0.0)), 0.0)
+        ) / 255
+        least = max(float(vlo.max(initial=0.0)), 0.0) / 255
+        big = np.full_like(vhi, 255.0)
+        if vlo.min(initial=0.0) >= 0.0 and least > 0.0:
+            big = np.minimum(255.0, np.ceil(np.maximum(vhi, 0.0) / least + 0.5))
+    gain = np.abs(np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape))
+    q = aw / (p.unit[:, None] * gain[None, :]) * (1.0 + 1e-6)
+    loss = np.maximum(q * big[None, :] - PAIR_HALF, 0.0).sum(axis=1)
+    return p.unit * scale * loss
 
 
 def _output_rounding(r, e: np.ndarray, lo: np.ndarray, hi: np.ndarray, relu_next: bool, i: int):
-    """Add requantization to the output grid: half a step, plus the fixed-point multiplier's
-    intermediate rounding (<= the multiplier, in output steps); check the clamp cannot act
-    (a clamp at or below 0 before a ReLU is the ReLU's own)."""
-    g = r.output_grid
-    if hi.max() > g.hi + 0.49 * g.scale or (
-        lo.min() < g.lo - 0.49 * g.scale and not (relu_next and g.lo <= 0.0)
-    ):
-        raise ValueError(
-            f"layer {i}: the output may saturate the int8 grid [{g.lo:.4g}, {g.hi:.4g}] over "
-            f"the region (interval [{lo.min():.4g}, {hi.max():.4g}])"
-        )
-    extra = g.scale * (HALF_STEP + min(0.5, r.multiplier))
-    return e + extra, lo - extra, hi + extra
+    """Add requantization of the output (`Rounding.outputs` in order, then the output grid):
+    half a step each, plus the fixed-point multiplier's intermediate rounding (<= the
+    multiplier, in output steps), plus how far the interval may leave each grid's range (the
+    clamp's move; the last grid's clamp at or below 0 before a ReLU is the ReLU's own). The
+    returned interval is cut to the last grid's range (its top only before a ReLU, where the
+    value below the grid is the unclamped one the ReLU zeroes)."""
+    events = [(ev.gain, ev.shift, ev.grid, ev.levels, ev.extra) for ev in r.outputs]
+    if r.output_grid is not None:
+        events.append((1.0, 0.0, r.output_grid, 255, min(0.5, r.multiplier)))
+    acc = np.zeros_like(e)
+    for k, (gain, shift, grid, levels, extra) in enumerate(events):
+        plain = grid is not None and np.all(gain == 1.0) and np.all(shift == 0.0)
+        last = k == len(events) - 1 and relu_next and plain and np.all(grid.lo <= 0.0)
+        acc = acc + _event_error(gain, shift, grid, levels, extra, lo - acc, hi + acc, last)
+    lo, hi = lo - acc, hi + acc
+    if events and plain:  # the requantized output lies on its grid (below: the ReLU's clamp)
+        hi = np.minimum(hi, grid.hi)
+        lo = np.maximum(lo, grid.lo) if not last else lo
+    return e + acc, lo, np.maximum(hi, lo)
 
 
 def point_interval(chain: PreparedChain, errors: tuple, x: np.ndarray):
