@@ -283,6 +283,29 @@ def test_enumeration_of_many_binary_generators_under_a_tight_budget():
     assert keys == sorted(keys)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_enumeration_of_boxes_with_late_generators_forced_away_from_zero(seed):
+    """A branch-and-bound leaf: late generators fixed at +-1 or +-2 use most of the budget, so
+    most prefixes of the early ones have no completion. Exactly the brute-force points, in
+    order (the least-cost pruning of prefixes drops only dead ones)."""
+    import itertools
+
+    from verifier.regions import enumerate_box
+
+    rng = np.random.default_rng(seed)
+    g = 12
+    lo = rng.integers(-1, 1, g)
+    hi = lo + rng.integers(0, 3, g)
+    forced = rng.choice(g, 3, replace=False)
+    lo[forced] = hi[forced] = rng.choice([-2, -1, 1, 2], 3)
+    cost = rng.choice([0.25, 0.5, 1.0], g)
+    budget = float(np.abs(np.clip(0, lo, hi)) @ cost + rng.uniform(0.5, 2.0))
+    grid = itertools.product(*[range(a, b + 1) for a, b in zip(lo, hi, strict=True)])
+    want = [p for p in grid if np.abs(np.array(p)) @ cost <= budget + 1e-9]
+    got = [tuple(p) for b in enumerate_box(lo, hi, cost, budget, batch=32) for p in b]
+    assert got == want and len(want) > 1
+
+
 # --- the decision procedure --------------------------------------------------------------------
 
 

@@ -66,9 +66,9 @@ def enumerate_box(lo, hi, cost, budget: float, batch: int = 65536) -> Iterator[n
     """Yield (B, G) int64 coefficient arrays covering the box within budget, batch by batch.
 
     Points come in lexicographic order. The generators are split into an outer part, expanded
-    one generator at a time keeping only prefixes within budget (depth first over chunks of at
-    most `batch` prefixes, so memory stays bounded and over-budget prefixes are never visited:
-    a region of many 0/1 generators and a tight budget costs its points, not 2^G), and an inner
+    one generator at a time keeping only prefixes some completion fits (depth first over chunks
+    of at most `batch` prefixes, so memory stays bounded and dead prefixes are never visited: a
+    region of many 0/1 generators and a tight budget costs its points, not 2^G), and an inner
     block of at most `batch` points (a numpy meshgrid) joined to each prefix.
     """
     lo = np.asarray(lo, dtype=np.int64)
@@ -90,6 +90,12 @@ def enumerate_box(lo, hi, cost, budget: float, batch: int = 65536) -> Iterator[n
     block = np.stack([a.reshape(-1) for a in grids], axis=1)
     block_cost = np.abs(block) @ cost[outer:]
     limit = budget + EPS
+    # least cost of generators d.. (each at its value nearest 0): a prefix is kept only when some
+    # completion fits the budget, so a box whose late generators are forced away from 0 (a
+    # branch-and-bound leaf) never expands dead prefixes; the slack only keeps more (the block
+    # join below is the exact test)
+    least = np.abs(np.clip(0, lo, hi)) * cost
+    tail = np.concatenate([np.cumsum(least[::-1])[::-1], [0.0]]) - 1e-6
     # prefixes joined to the block per step: at most about 4M (prefix, block row) pairs
     join = max(1, (1 << 22) // len(block))
     stack = [(np.zeros((1, 0), dtype=np.int64), np.zeros(1))]
@@ -112,7 +118,7 @@ def enumerate_box(lo, hi, cost, budget: float, batch: int = 65536) -> Iterator[n
             continue
         vals = np.arange(lo[depth], hi[depth] + 1, dtype=np.int64)
         new_used = used[:, None] + np.abs(vals)[None, :] * cost[depth]
-        ri, vi = np.nonzero(new_used <= limit)
+        ri, vi = np.nonzero(new_used + tail[depth + 1] <= limit)
         if not len(ri):
             continue
         rows = np.concatenate([rows[ri], vals[vi, None]], axis=1)
