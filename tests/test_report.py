@@ -308,6 +308,9 @@ def test_markdown_says_how_quantized_models_were_decided():
     md = render_markdown(report_blocks(doc, plots=False))
     assert "int8: error model of its rounding (litert dynamic range; dynamic int8 input)" in md
     assert "- diff-leaves: every branch-and-bound leaf of the float model's proof" in md
+    doc["quantized"][0]["describe"]["error_model"]["how"] = "int8 inputs: half a step per value"
+    md = render_markdown(report_blocks(doc, plots=False))
+    assert "dynamic int8 input): int8 inputs: half a step per value" in md
     del doc["quantized"][0]["describe"]["error_model"]["source"]
     rec["quantized"]["int8"]["route"] = "bounds"
     assert "start from its proof" not in render_markdown(report_blocks(doc, plots=False))

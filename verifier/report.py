@@ -474,7 +474,8 @@ def _error_model_blocks(doc: dict) -> list[Block]:
         if em.get("error_model"):
             kinds = ", ".join(em.get("affine_layers", []))
             source = f"{em['source']}; " if em.get("source") else ""
-            items.append(f"{q['name']}: error model of its rounding ({source}{kinds})")
+            how = f": {em['how']}" if em.get("how") else ""
+            items.append(f"{q['name']}: error model of its rounding ({source}{kinds}){how}")
         else:
             items.append(
                 f"{q['name']}: no error model ({em.get('reason')}): certified only by enumeration"
