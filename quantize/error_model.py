@@ -20,99 +20,15 @@ Runtime behaviours assumed (TFLite kernels and XNNPACK alike):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from quantize.rounding import ErrorModel, Event, Grid, Rounding
 from verifier.bounds import PreparedChain, prepare_chain
 from verifier.errors import UnsupportedModelError
 from verifier.network import Affine, LoweredLayer, MaxPool, Relu
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A fixed quantization grid: step `scale`, dequantized range [lo, hi]."""
-
-    scale: float
-    lo: float
-    hi: float
-
-
-@dataclass(frozen=True)
-class Event:
-    """One rounding of a tensor v = gain * t + shift (per element t of an Affine layer's input
-    or output, flat): to the fixed `grid` (in v's units; round to nearest, then clamp), or,
-    with no grid, dynamically (asymmetric, `levels` steps over [min(v, 0), max(v, 0)] of the
-    whole tensor, as ONNX Runtime's DynamicQuantizeLinear). `extra`: further error in steps."""
-
-    gain: np.ndarray | float
-    shift: np.ndarray | float
-    grid: Grid | None
-    levels: int = 255
-    extra: float = 0.0
-
-
-@dataclass(frozen=True)
-class PairSums:
-    """An integer kernel that adds u8 x s8 products in pairs into int16 with saturation
-    (x86 AVX2 VPMADDUBSW, used by ONNX Runtime's u8s8 GEMM and convolution without VNNI).
-
-    Per Affine output row j, |integer weight ji| = |W_ji| / (unit_j |gain_i|); the kernel's
-    unsigned input is (gain_i t_i + shift_i) / grid.scale + offset (offset: the zero point, +128
-    for an int8 input run as uint8); with no grid the input is quantized per run (dynamic)."""
-
-    unit: np.ndarray
-    gain: np.ndarray | float
-    shift: np.ndarray | float
-    grid: Grid | None
-    offset: float = 0.0
-
-
-@dataclass(frozen=True)
-class Rounding:
-    """What the runtime rounds around one Affine layer besides float32 arithmetic."""
-
-    dynamic_input: bool = False  # the input row is quantized to int8 at run time (hybrid)
-    symmetric_input: bool = False  # ... possibly symmetric (the file's kernel option)
-    input_grid: Grid | None = None  # the input is quantized to this fixed grid (model input)
-    output_grid: Grid | None = None  # the output is requantized to this grid, then clamped
-    multiplier: float = 0.0  # largest requantization multiplier s_in * s_w / s_out
-    inputs: tuple = ()  # further Events on the input, in order (after input_grid)
-    outputs: tuple = ()  # further Events on the output, in order (before output_grid)
-    pairs: PairSums | None = None  # int16 pair sums that may saturate in the accumulation
-
-
-@dataclass(frozen=True)
-class ErrorModel:
-    """The runtime's chain (weights from its file) and the rounding of each of its layers."""
-
-    chain: PreparedChain
-    rounding: list  # per layer: Rounding for Affine layers, None for Relu / MaxPool
-    source: str  # what was mapped, e.g. "litert dynamic range (hybrid int8)"
-    how: str = ""  # one line: how the runtime's rounding is modelled (for the report)
-
-    def describe(self) -> dict[str, Any]:
-        """A short record for run metadata."""
-        kinds = [_kind(r) for r in self.rounding if r is not None]
-        return {
-            "error_model": True,
-            "source": self.source,
-            "affine_layers": kinds,
-            "how": self.how,
-        }
-
-
-def _kind(r: Rounding) -> str:
-    if r.dynamic_input or any(e.grid is None for e in r.inputs):
-        return "dynamic int8 input"
-    if r.output_grid is not None or any(e.grid is not None for e in r.outputs):
-        return "static int8"
-    if any(e.grid is not None for e in r.inputs):
-        return "quantized input"
-    return "float32"
-
 
 # How each kind of TFLite layer is modelled, one phrase each (ErrorModel.how).
 TFLITE_HOW = {

@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quantize.error_model import ErrorModel, Grid
 from quantize.quant_chain import Mark, PairMark, lower_marked, structural
+from quantize.rounding import ErrorModel, Grid
 from verifier.bounds import prepare_chain
 from verifier.errors import UnsupportedModelError
 from verifier.network import Conv, Dense, Layer, Pool, Relu

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quantize.error_model import Event, Grid, PairSums, Rounding
+from quantize.rounding import Event, Grid, PairSums, Rounding
 from verifier.errors import UnsupportedModelError
 from verifier.network import (
     Affine,
