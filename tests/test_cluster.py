@@ -156,7 +156,7 @@ def test_worker_without_the_model_files(real_data, quantized, cluster, tmp_path,
     from verifier.batch import WorkerState
     from verifier.check import Settings
     from verifier.data import load_dataset, select, to_layout
-    from verifier.executor import check_inputs
+    from verifier.executor import check_batches
     from verifier.model import load_model
 
     local, _ = cluster
@@ -181,7 +181,7 @@ def test_worker_without_the_model_files(real_data, quantized, cluster, tmp_path,
     )
     monkeypatch.chdir(src)
     runners = {runner.name: runner}
-    want = [r.to_dict() for r in check_inputs(state, list(range(N)), 1, runners, model)]
+    want = [r.to_dict() for b in check_batches(state, list(range(N)), 1, runners, model) for r in b]
     real_shipment = verifier.cluster.shipment
 
     def ship_then_hide(st):
@@ -190,8 +190,8 @@ def test_worker_without_the_model_files(real_data, quantized, cluster, tmp_path,
         return shipped
 
     monkeypatch.setattr(verifier.cluster, "shipment", ship_then_hide)
-    got = check_inputs(state, list(range(N)), 1, runners, model, local.scheduler_address)
-    got = sorted((r.to_dict() for r in got), key=lambda r: r["index"])
+    got = check_batches(state, list(range(N)), 1, runners, model, local.scheduler_address)
+    got = sorted((r.to_dict() for b in got for r in b), key=lambda r: r["index"])
     assert not src.exists()
 
     def strip(o):

@@ -158,21 +158,21 @@ def test_full_disk_while_recording_and_writing_results(
     from verifier.store import RunStore
 
     out = tmp_path / "run"
-    real_put, puts = RunStore.put, []
+    real_put, puts = RunStore.put_many, []
 
-    def put_until_full(self, record, replace=False):
+    def put_until_full(self, records, replace=False):
         if len(puts) == 7:
             raise sqlite3.OperationalError("database or disk is full")
-        puts.append(record.index)
-        return real_put(self, record, replace)
+        puts.extend(r.index for r in records)
+        return real_put(self, records, replace)
 
-    monkeypatch.setattr(RunStore, "put", put_until_full)
+    monkeypatch.setattr(RunStore, "put_many", put_until_full)
     assert verify(*base, "--out", out) == 2
     err = capsys.readouterr().err
     assert "disk is full" in err and f"--resume {out}" in err and "Traceback" not in err
     assert sorted(stored(out)) == sorted(puts) and len(puts) == 7
     assert not (out / "results.json").exists()
-    monkeypatch.setattr(RunStore, "put", real_put)
+    monkeypatch.setattr(RunStore, "put_many", real_put)
 
     real_fsync = os.fsync
 

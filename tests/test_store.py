@@ -96,6 +96,17 @@ def test_re_put_never_duplicates(tmp_path):
         assert len(store) == 1 and store.get(7).float.status == "unknown"
 
 
+def test_put_many_commits_a_batch_whole_or_not_at_all(tmp_path):
+    with RunStore.create(tmp_path, CONFIG) as store:
+        store.put_many([rec(1), rec(2), rec(3)])
+        assert store.done_indices() == {1, 2, 3} and store.get(2) == rec(2)
+        with pytest.raises(ValueError, match="input 2 is already recorded"):
+            store.put_many([rec(4), rec(2, status="unknown"), rec(5)])
+        assert store.done_indices() == {1, 2, 3}  # the failed batch left nothing behind
+        store.put_many([rec(4), rec(2, status="unknown")], replace=True)
+        assert store.done_indices() == {1, 2, 3, 4} and store.get(2).float.status == "unknown"
+
+
 KILLED_WRITER = textwrap.dedent("""
     import sys
     from verifier.records import InputRecord, Outcome

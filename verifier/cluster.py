@@ -4,7 +4,7 @@ The driver ships the run's model files once, inside a worker plugin that writes 
 worker's own scratch directory and loads them on its first task, so workers need no shared
 filesystem and a worker that joins or restarts later gets them too. Inputs go out in chunks
 sized from the measured cost per input to take about `CHUNK_SECONDS`, with at most two chunks
-per worker thread outstanding, and each record is yielded as its chunk completes (a callback
+per worker thread outstanding, and each chunk's records are yielded as it completes (a callback
 queues finished futures, so the driver's work per task does not grow with the cluster). A chunk
 whose worker dies is run again by the scheduler (up to its `allowed-failures`, then a one-line
 error); the per-input timeout is enforced inside `decide` on the worker.
@@ -64,8 +64,11 @@ def dask_client(workers: int, address: str | None) -> Iterator[Client]:
         yield client
 
 
-def run_on_cluster(client: Client, state: WorkerState, todo: list[int]) -> Iterator[InputRecord]:
-    """Check the input positions `todo` on the client's workers; yield records as they come."""
+def run_on_cluster(
+    client: Client, state: WorkerState, todo: list[int]
+) -> Iterator[list[InputRecord]]:
+    """Check the input positions `todo` on the client's workers; yield each chunk's records as
+    it completes."""
     name = f"relrobust-{uuid.uuid4().hex[:12]}"
     client.register_plugin(ModelFiles(name, shipment(state)), name=name)
     todo, pending, pace = list(reversed(todo)), {}, ChunkPace()
@@ -85,7 +88,7 @@ def run_on_cluster(client: Client, state: WorkerState, todo: list[int]) -> Itera
                     continue
                 records, seconds = task_result(fut, state, positions)
                 pace.observe(len(positions), seconds)
-                yield from records
+                yield records
     except OSError as exc:  # the scheduler or its connection went away (CommClosedError, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(

@@ -3,7 +3,8 @@ path for both a local cluster of N processes (`--workers N`) and a running sched
 (`--cluster tcp://HOST:PORT`); see `verifier.cluster`.
 
 `Checker.check` depends only on the input (its seed is the dataset index), so every route
-yields the same records; they arrive in completion order and the caller stores each at once.
+yields the same records; they arrive in completion order, in batches (one input in this
+process, a chunk on Dask) that the caller stores at once, each batch in one transaction.
 """
 
 from __future__ import annotations
@@ -14,19 +15,20 @@ from verifier.batch import Loaded, WorkerState
 from verifier.bounds import prepare_chain
 from verifier.records import InputRecord
 
-__all__ = ["WorkerState", "check_inputs"]
+__all__ = ["WorkerState", "check_batches"]
 
 
-def check_inputs(
+def check_batches(
     state: WorkerState,
     todo: list[int],
     workers: int,
     runners: dict,
     model,
     cluster: str | None = None,
-) -> Iterator[InputRecord]:
-    """Yield the record of each input position in `todo`: in this process (reusing `model`
-    and `runners`) when `workers` is 1, else on `workers` local processes or on `cluster`."""
+) -> Iterator[list[InputRecord]]:
+    """Yield the records of the input positions in `todo`, batch by batch as they finish: in
+    this process (reusing `model` and `runners`; one record a batch) when `workers` is 1, else
+    on `workers` local processes or on `cluster` (a chunk's records a batch)."""
     if not todo:
         return
     if cluster is None and (workers <= 1 or len(todo) == 1):  # no cluster for one input
@@ -34,7 +36,7 @@ def check_inputs(
         loaded = Loaded(model, chain, runners, state.error_models)
         checker = loaded.checker(state.batch(list(range(len(state.y)))))
         for pos in todo:
-            yield checker.check(pos)
+            yield [checker.check(pos)]
         return
     from verifier.cluster import dask_client, run_on_cluster  # Dask only when it is used
 

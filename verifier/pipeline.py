@@ -22,7 +22,7 @@ from verifier.check import Settings
 from verifier.config import RunConfig
 from verifier.console import accuracy_table, printer, summary, summary_table
 from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
-from verifier.executor import WorkerState, check_inputs
+from verifier.executor import WorkerState, check_batches
 from verifier.inputs import Inputs, dataset_name, load_inputs
 from verifier.model import Model, load_model
 from verifier.progress import Progress
@@ -185,11 +185,12 @@ def decide_inputs(job: Run, st: Settings, run_dir: Path) -> list[InputRecord]:
             label=f"r={st.radius:g} step={st.step:g}",
             quiet=config.quiet or config.json,
         )
-        for rec in check_inputs(
+        for batch in check_batches(
             state, todo, config.workers, job.runners, job.model, config.cluster
         ):
-            store.put(rec)
-            progress.update(rec)
+            store.put_many(batch)
+            for rec in batch:
+                progress.update(rec)
         progress.close()
         return store.records()
 

@@ -204,29 +204,36 @@ class RunStore:
 
     def put(self, record: InputRecord, replace: bool = False) -> None:
         """Commit one input's record (identical re-put: no-op; a different one needs `replace`)."""
+        self.put_many([record], replace)
+
+    def put_many(self, records: list[InputRecord], replace: bool = False) -> None:
+        """Commit several inputs' records in one transaction (one sync for a cluster's chunk),
+        each as `put` would: all of them or, on an error, none."""
+        with self._transaction():
+            for record in records:
+                self._put_one(record, replace)
+
+    def _put_one(self, record: InputRecord, replace: bool) -> None:
         doc, proofs = _split_proofs(record.to_dict())
         text = canonical_json(doc)
-        with self._transaction():
-            row = self._conn.execute(
-                "SELECT data FROM records WHERE idx = ?", (record.index,)
-            ).fetchone()
-            if row is None:
-                self._conn.execute(
-                    "INSERT INTO records (idx, data) VALUES (?, ?)", (record.index, text)
-                )
-            elif row[0] != text:
-                if not replace:
-                    raise ValueError(
-                        f"input {record.index} is already recorded with a different "
-                        "result; pass replace=True to overwrite it"
-                    )
-                self._conn.execute(
-                    "UPDATE records SET data = ? WHERE idx = ?", (text, record.index)
-                )
-            self._conn.executemany(
-                "INSERT OR REPLACE INTO proofs (idx, model, data) VALUES (?, ?, ?)",
-                [(record.index, name, data) for name, data in proofs.items()],
+        row = self._conn.execute(
+            "SELECT data FROM records WHERE idx = ?", (record.index,)
+        ).fetchone()
+        if row is None:
+            self._conn.execute(
+                "INSERT INTO records (idx, data) VALUES (?, ?)", (record.index, text)
             )
+        elif row[0] != text:
+            if not replace:
+                raise ValueError(
+                    f"input {record.index} is already recorded with a different "
+                    "result; pass replace=True to overwrite it"
+                )
+            self._conn.execute("UPDATE records SET data = ? WHERE idx = ?", (text, record.index))
+        self._conn.executemany(
+            "INSERT OR REPLACE INTO proofs (idx, model, data) VALUES (?, ?, ?)",
+            [(record.index, name, data) for name, data in proofs.items()],
+        )
 
     def get(self, index: int) -> InputRecord | None:
         """The record of one input, or None if it is not decided yet."""
