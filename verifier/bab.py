@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from verifier.bounds import Bounds
-from verifier.enumeration import box_size, confirm, enumerate_box, margins_and_labels
+from verifier.enumeration import (
+    EnumResult,
+    box_size,
+    confirm,
+    enumerate_box,
+    margins_and_labels,
+)
 from verifier.proof import Cover, margin_evidence
 from verifier.regions import Region
 from verifier.result import CERTIFIED, REFUTED, UNKNOWN
@@ -105,18 +111,10 @@ def branch_and_bound(
             break
         _, _, leaf = heapq.heappop(heap)
         out.nodes += 1
-        hit = _try_minimisers(runtime, region, label, leaf.bounds, threshold)
-        if hit is not None:
-            out.status, out.route, (out.coeffs, out.adv_label) = REFUTED, "bab", hit
+        res = settle_node(runtime, region, label, leaf, threshold, enum_limit, deadline, out)
+        if out.status == REFUTED:
             return out
-        limit = max(enum_limit, 1)  # a single point is always run, never split
-        if box_size(leaf.lo, leaf.hi, region.cost, region.budget, limit) <= limit:
-            res = enumerate_box(runtime, region, label, leaf.lo, leaf.hi, deadline=deadline)
-            out.points += res.points
-            if res.coeffs is not None:
-                out.status, out.route = REFUTED, "enumeration"
-                out.coeffs, out.adv_label = res.coeffs, res.adv_label
-                return out
+        if res is not None:
             if res.clean:
                 out.closed["enumeration"] += 1
                 if cover is not None:
@@ -142,6 +140,35 @@ def branch_and_bound(
         }
         out.route = max(counts, key=lambda k: counts[k])
     return out
+
+
+def settle_node(
+    runtime,
+    region: Region,
+    label: int,
+    leaf: Leaf,
+    threshold: np.ndarray,
+    enum_limit: int,
+    deadline: float,
+    out: BabOutcome,
+) -> EnumResult | None:
+    """What every branch-and-bound loop does with a popped node before splitting it: run its
+    rounded relaxed minimisers on the runtime, then every point when it holds at most
+    `enum_limit` (a single point is always run, never split). A counterexample goes into `out`
+    (status REFUTED); returns the enumeration's result, or None when it was not enumerated."""
+    hit = _try_minimisers(runtime, region, label, leaf.bounds, threshold)
+    if hit is not None:
+        out.status, out.route, (out.coeffs, out.adv_label) = REFUTED, "bab", hit
+        return None
+    limit = max(enum_limit, 1)
+    if box_size(leaf.lo, leaf.hi, region.cost, region.budget, limit) > limit:
+        return None
+    res = enumerate_box(runtime, region, label, leaf.lo, leaf.hi, deadline=deadline)
+    out.points += res.points
+    if res.coeffs is not None:
+        out.status, out.route = REFUTED, "enumeration"
+        out.coeffs, out.adv_label = res.coeffs, res.adv_label
+    return res
 
 
 def _key(b: Bounds, threshold: np.ndarray) -> float:

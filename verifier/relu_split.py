@@ -28,9 +28,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from verifier.bab import BabOutcome, Leaf, _try_minimisers, split
+from verifier.bab import BabOutcome, Leaf, settle_node, split
 from verifier.bounds import Bounds, SpecChain, _backsub, optimise_alpha
-from verifier.enumeration import box_size, confirm, enumerate_box
+from verifier.enumeration import confirm
 from verifier.network import Relu
 from verifier.regions import Region
 from verifier.result import CERTIFIED, REFUTED, UNKNOWN
@@ -157,18 +157,10 @@ def relu_branch_and_bound(
             break
         _, _, leaf, splits = heapq.heappop(heap)
         out.nodes += 1
-        hit = _try_minimisers(runtime, region, label, leaf.bounds, threshold)
-        if hit is not None:
-            out.status, out.route, (out.coeffs, out.adv_label) = REFUTED, "bab", hit
+        res = settle_node(runtime, region, label, leaf, threshold, enum_limit, deadline, out)
+        if out.status == REFUTED:
             return out
-        limit = max(enum_limit, 1)
-        if box_size(leaf.lo, leaf.hi, region.cost, region.budget, limit) <= limit:
-            res = enumerate_box(runtime, region, label, leaf.lo, leaf.hi, deadline=deadline)
-            out.points += res.points
-            if res.coeffs is not None:
-                out.status, out.route = REFUTED, "enumeration"
-                out.coeffs, out.adv_label = res.coeffs, res.adv_label
-                return out
+        if res is not None:
             if res.clean:
                 out.closed["enumeration"] += 1
                 continue
