@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from verifier.batch import WorkerState, shipment
-from verifier.cluster import CHUNK_SECONDS, dask_client, run_on_cluster
-from verifier.config import Settings
-from verifier.data import load_dataset, select, to_layout
-from verifier.executor import check_batches
-from verifier.model import load_model
+from verifier.engine.data import load_dataset, select, to_layout
+from verifier.engine.model import load_model
+from verifier.run.batch import WorkerState, shipment
+from verifier.run.cluster import CHUNK_SECONDS, dask_client, run_on_cluster
+from verifier.run.config import Settings
+from verifier.run.executor import check_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "examples" / "mnist_mlp.onnx"
@@ -145,7 +145,7 @@ def _pool_check(batch) -> dict:
 def process_pool(state, workers: int) -> dict:
     """The former --workers path's design: a spawn ProcessPoolExecutor, one future per input
     (runtimes loaded as a cluster worker loads them)."""
-    from verifier.records import InputRecord
+    from verifier.run.records import InputRecord
 
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")
@@ -167,8 +167,8 @@ def store_rate(record, count: int = 640, batch: int = 1) -> float:
     """Records per second the driver commits to a run store, `batch` records a transaction
     (one sync each; the driver commits a chunk's records at once): the rate no cluster can
     exceed."""
-    from verifier.records import InputRecord
-    from verifier.store import RunStore
+    from verifier.run.records import InputRecord
+    from verifier.run.store import RunStore
 
     recs = [InputRecord.from_dict({**record.to_dict(), "index": i}) for i in range(count)]
     with tempfile.TemporaryDirectory() as tmp, RunStore.create(tmp, {"bench": 1}) as store:

@@ -41,13 +41,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from verifier.bounds import prepare_chain  # noqa: E402
-from verifier.data import load_dataset, to_layout  # noqa: E402
-from verifier.decide import decide  # noqa: E402
-from verifier.enumeration import box_size, enumerate_box  # noqa: E402
-from verifier.features import activation_order, chunk  # noqa: E402
-from verifier.model import load_model  # noqa: E402
-from verifier.regions import feature_region, lattice_region  # noqa: E402
+from verifier.engine.bounds import prepare_chain  # noqa: E402
+from verifier.engine.data import load_dataset, to_layout  # noqa: E402
+from verifier.engine.decide import decide  # noqa: E402
+from verifier.engine.enumeration import box_size, enumerate_box  # noqa: E402
+from verifier.engine.features import activation_order, chunk  # noqa: E402
+from verifier.engine.model import load_model  # noqa: E402
+from verifier.engine.regions import feature_region, lattice_region  # noqa: E402
 
 CONFIGS = {
     "a": ("lattice", 0.25, 20.0),
@@ -160,7 +160,7 @@ def plot_cactus(
 ) -> None:
     """Inputs decided against seconds (log scale, up to `right`), one step line per engine and
     timeout, as a PNG."""
-    from verifier.plots import _figure, _png
+    from verifier.outputs.plots import _figure, _png
 
     fig = _figure(6.0, 4.0)
     ax = fig.add_subplot()

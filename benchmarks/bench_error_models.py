@@ -2,7 +2,7 @@
 
 Per model and mode: the share of regions (features, r=10, step 1/8, one per test image) where
 the error model is trusted (its rounding bounds hold over the region and the runtime's logits
-at the image lie within them: the guard `verifier.decide` applies) and the logit error
+at the image lie within them: the guard `verifier.engine.decide` applies) and the logit error
 half-width there (decide's detail "logit_error_bound"), or why there is no model.
 
     python benchmarks/bench_error_models.py --images 40 --out benchmarks/results/error_models.json
@@ -20,11 +20,11 @@ import numpy as np
 from quantize.calibration import calibration_inputs
 from quantize.error_model import error_model
 from quantize.modes import quantize_model
-from verifier.bounds import point_interval, prepare_chain, rounding_errors
-from verifier.check import Settings, build_region
-from verifier.data import load_dataset, to_layout
+from verifier.engine.bounds import point_interval, prepare_chain, rounding_errors
+from verifier.engine.data import load_dataset, to_layout
+from verifier.engine.model import load_model
 from verifier.errors import UnsupportedModelError
-from verifier.model import load_model
+from verifier.run.check import Settings, build_region
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = [

@@ -35,11 +35,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small products; threads on
 
 import numpy as np  # noqa: E402
 
-from verifier.data import load_dataset, to_layout  # noqa: E402
-from verifier.features import activation_order, chunk  # noqa: E402
-from verifier.model import load_model  # noqa: E402
-from verifier.regions import feature_region  # noqa: E402
-from verifier.search import mcts_search  # noqa: E402
+from verifier.engine.data import load_dataset, to_layout  # noqa: E402
+from verifier.engine.features import activation_order, chunk  # noqa: E402
+from verifier.engine.model import load_model  # noqa: E402
+from verifier.engine.regions import feature_region  # noqa: E402
+from verifier.engine.search import mcts_search  # noqa: E402
 
 LEVEL_SECONDS = 30.0  # the paper's MCTS_level_maximal_time for MNIST
 

@@ -27,8 +27,8 @@ from onnx import TensorProto, helper, numpy_helper
 from quantize.calibration import calibration_inputs
 from quantize.modes import float_runner, quantize_model
 from quantize.runner import package_versions, tensorflow_version
-from verifier.data import load_dataset, to_layout
-from verifier.model import load_model
+from verifier.engine.data import load_dataset, to_layout
+from verifier.engine.model import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "mnist_mlp.onnx"

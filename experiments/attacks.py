@@ -1,6 +1,6 @@
 """Adversarial points on feature regions for the analyses: the engine's attack on one runtime.
 
-`attack` runs `verifier.attack.quick_attack`, then `search_attack` until the timeout, on the
+`attack` runs `verifier.engine.attack.quick_attack`, then `search_attack` until the timeout, on the
 given runtime (guided by the margins of the given lowered chain: the float chain, or a
 fake-quantized one for a quantized source). It returns the confirmed counterexample when one
 is found, else the lowest-margin point seen, so every attempted input has a point to replay.
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from verifier.attack import quick_attack, search_attack
-from verifier.bounds import spec_chain
-from verifier.check import Settings, build_region
-from verifier.regions import Region
+from verifier.engine.attack import quick_attack, search_attack
+from verifier.engine.bounds import spec_chain
+from verifier.engine.regions import Region
+from verifier.run.check import Settings, build_region
 
 
 @dataclass(frozen=True)

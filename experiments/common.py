@@ -18,8 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from verifier.data import load_dataset, select, to_layout  # noqa: E402
-from verifier.model import Model, load_model  # noqa: E402
+from verifier.engine.data import load_dataset, select, to_layout  # noqa: E402
+from verifier.engine.model import Model, load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
@@ -174,8 +174,8 @@ def sweep_docs(run_dir: Path) -> list[dict]:
 def partial_doc(store: Path) -> dict:
     """A results.json-like document (config, aggregates, records) from a run store, with
     `incomplete` = the number of inputs decided so far."""
-    from verifier.records import InputRecord
-    from verifier.relative import aggregate
+    from verifier.run.records import InputRecord
+    from verifier.run.relative import aggregate
 
     conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
     try:

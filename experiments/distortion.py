@@ -34,10 +34,10 @@ from common import (  # noqa: E402
     write_text,
 )
 
-from verifier.check import Settings, build_region  # noqa: E402
-from verifier.data import load_dataset, to_layout  # noqa: E402
-from verifier.model import load_model  # noqa: E402
-from verifier.result import REFUTED  # noqa: E402
+from verifier.engine.data import load_dataset, to_layout  # noqa: E402
+from verifier.engine.model import load_model  # noqa: E402
+from verifier.engine.result import REFUTED  # noqa: E402
+from verifier.run.check import Settings, build_region  # noqa: E402
 
 NORMS = ("L0", "L1", "L2", "Linf")
 

@@ -5,8 +5,8 @@ Usage: python experiments/gradients.py [--model mnist] [--bits 8,4,2]
        [--pixels K] [--limit N] [--out experiments/results/gradients] [--data-dir DIR]
 
 1. Misalignment (seeds 000 and 004): the input gradient of the logit margin
-   `logit[label] - max other` (`verifier.features.margin_gradient`) on the lowered float chain
-   and on copies with fake-quantized weights (`sim-wX`, X bits per tensor; activation
+   `logit[label] - max other` (`verifier.engine.features.margin_gradient`) on the lowered float
+   chain and on copies with fake-quantized weights (`sim-wX`, X bits per tensor; activation
    quantization is a straight-through identity, as in the studies' STE gradients). Cosine
    similarity for every pair of precisions, mean / median over the inputs the float model
    classifies correctly.
@@ -43,7 +43,7 @@ from common import (  # noqa: E402
 )
 from simchain import quantize_weights  # noqa: E402
 
-from verifier.features import activation_order, margin_gradient  # noqa: E402
+from verifier.engine.features import activation_order, margin_gradient  # noqa: E402
 
 
 def parse_args(argv: list[str] | None):

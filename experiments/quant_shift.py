@@ -101,7 +101,7 @@ def run_setting(t, chains: list[SimChain], radius: float, step: float, args) -> 
     ]
     adv_ok = np.array([f.success for f in found])
     rng = np.random.default_rng(args.seed)
-    from verifier.examples import random_point
+    from verifier.outputs.examples import random_point
 
     x_adv = points(regs, [f.coeffs for f in found])
     x_rand = points(regs, [random_point(reg, rng) for reg in regs])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quantize.simulated import activation_scale, fake_quantize
-from verifier.network import Affine, LoweredLayer, MaxPool, Relu
+from verifier.engine.network import Affine, LoweredLayer, MaxPool, Relu
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 
-from verifier.data import Dataset, load_dataset, to_layout  # noqa: E402
+from verifier.engine.data import Dataset, load_dataset, to_layout  # noqa: E402
 from verifier.errors import RelrobustError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +186,7 @@ def train_one(name: str, out_dir: Path, seed: int, data_dir: Path) -> Result:
     import keras
     import onnxruntime as ort
 
-    from verifier.keras_convert import keras_to_onnx
+    from verifier.engine.keras_convert import keras_to_onnx
 
     spec = SPECS[name]
     train, heldout, test = load_data(spec, data_dir)
@@ -259,10 +259,11 @@ README = """\
 # Example models
 
 Small classifiers trained by `experiments/train.py` and exported to ONNX by
-`verifier.keras_convert.keras_to_onnx` (tf2onnx, opset 17). Each takes float32 pixels in [0, 1]
-(uint8 values divided by 255) with the batch dimension first, as the tensor `input`, and returns
-10 logits (no softmax) as `logits`. A `flat` input is the image flattened in height-width-channel
-order (`verifier.data.to_layout(images, "flat", shape)`); the CNNs take NHWC images.
+`verifier.engine.keras_convert.keras_to_onnx` (tf2onnx, opset 17). Each takes float32 pixels
+in [0, 1] (uint8 values divided by 255) with the batch dimension first, as the tensor
+`input`, and returns 10 logits (no softmax) as `logits`. A `flat` input is the image
+flattened in height-width-channel order
+(`verifier.engine.data.to_layout(images, "flat", shape)`); the CNNs take NHWC images.
 
 | file | input | layers after the input | training data |
 |---|---|---|---|

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from verifier.data import load_dataset, to_layout
+from verifier.engine.data import load_dataset, to_layout
 from verifier.errors import InputError
 
 CALIB_SPLIT = "train"

@@ -14,7 +14,7 @@ from typing import Any
 from quantize.agreement import agreement
 from quantize.calibration import DEFAULT_CALIB_SIZE, calibration_inputs
 from quantize.modes import MODES, build, check_compatible, default_path, get_mode, list_modes
-from verifier.data import LAYOUTS, load_dataset, select, to_layout
+from verifier.engine.data import LAYOUTS, load_dataset, select, to_layout
 from verifier.errors import EXIT_OK, EXIT_USAGE, InputError, RelrobustError
 
 
@@ -69,7 +69,7 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Quantize, evaluate both models on the test split, print and return the record."""
-    from verifier.model import load_model
+    from verifier.engine.model import load_model
 
     mode = get_mode(args.mode)
     options = parse_options(args.option)

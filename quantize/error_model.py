@@ -2,9 +2,9 @@
 
 An `ErrorModel` is the lowered chain with the weights and biases the quantized file holds
 (dequantized from the file, never taken from the float model), and per Affine layer a
-`Rounding`: what the runtime rounds besides its float32 arithmetic. `verifier.bounds` turns it
-into per-neuron error bounds over a region (`rounding_errors`), so bounds and branch and bound
-speak for the runtime itself.
+`Rounding`: what the runtime rounds besides its float32 arithmetic.
+`verifier.engine.bounds` turns it into per-neuron error bounds over a region
+(`rounding_errors`), so bounds and branch and bound speak for the runtime itself.
 
 Runtime behaviours assumed (TFLite kernels and XNNPACK alike):
 - dynamic range (hybrid) FULLY_CONNECTED: the float input row is quantized to int8 at run time,
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from quantize.rounding import ErrorModel, Event, Grid, Rounding
-from verifier.bounds import PreparedChain, prepare_chain
+from verifier.engine.bounds import PreparedChain, prepare_chain
+from verifier.engine.network import Affine, LoweredLayer, MaxPool, Relu
 from verifier.errors import UnsupportedModelError
-from verifier.network import Affine, LoweredLayer, MaxPool, Relu
 
 # How each kind of TFLite layer is modelled, one phrase each (ErrorModel.how).
 TFLITE_HOW = {
@@ -192,7 +192,7 @@ class _TfliteMapper:
 
     def op(self, k: int, name: str, op: Any) -> None:
         """Map op number `k` onto the chain, or raise naming it."""
-        from verifier.network import Reshape, Transpose
+        from verifier.engine.network import Reshape, Transpose
 
         ins = [int(i) for i in op.InputsAsNumpy()] if op.InputsLength() else []
         outs = [int(i) for i in op.OutputsAsNumpy()]
@@ -230,7 +230,7 @@ class _TfliteMapper:
 
     def _add(self, new: list) -> None:
         from quantize.quant_chain import structural
-        from verifier.network import Transpose, apply_layer
+        from verifier.engine.network import Transpose, apply_layer
 
         for layer in new:
             if isinstance(layer, Transpose) and self._cancel(layer):
@@ -245,7 +245,7 @@ class _TfliteMapper:
         commutes with it), so pools and convolutions meet as in the float chain."""
         from dataclasses import replace
 
-        from verifier.network import Transpose
+        from verifier.engine.network import Transpose
 
         last = len(self.layers) - 1
         at = last - 1 if last >= 0 and isinstance(self.layers[last], Relu) else last
@@ -332,7 +332,7 @@ class _TfliteMapper:
 
     def _layers(self, k: int, name: str, opts: Any, weight: np.ndarray, bias: np.ndarray):
         """The network layers of a weighted op on the NHWC activation."""
-        from verifier.network import Conv, Dense, Reshape, Transpose
+        from verifier.engine.network import Conv, Dense, Reshape, Transpose
 
         if name == "FULLY_CONNECTED":
             if weight.ndim != 2 or int(np.prod(self.shape)) != weight.shape[1]:
@@ -352,7 +352,7 @@ class _TfliteMapper:
         return [Transpose((2, 0, 1)), conv, Transpose((1, 2, 0))]
 
     def _pool(self, k: int, name: str, op: Any, x: dict, y: dict) -> None:
-        from verifier.network import Pool, Transpose
+        from verifier.engine.network import Pool, Transpose
 
         opts = self._options(op, self.schema.Pool2DOptions)
         relu = self._activation(k, name, opts)

@@ -23,8 +23,8 @@ from quantize.runner import (
     run_batched,
     scale_entry,
 )
+from verifier.engine.model_files import model_sha256
 from verifier.errors import InputError
-from verifier.model_files import model_sha256
 
 QUANT_BLOCK = 1 << 16
 WEIGHT_OPS = {"FULLY_CONNECTED": 1, "CONV_2D": 1, "DEPTHWISE_CONV_2D": 1}

@@ -22,10 +22,10 @@ from quantize.ort_runner import OrtRunner, infer_onnx_mode, read_metadata, write
 from quantize.runner import DescribedRunner, tensorflow_version
 from quantize.simulated import simulate
 from quantize.tflite_convert import write_tflite
-from verifier.data import LAYOUTS
+from verifier.engine.data import LAYOUTS
+from verifier.engine.model import Model, detect_layout
+from verifier.engine.onnx_import import read_onnx
 from verifier.errors import InputError
-from verifier.model import Model, detect_layout
-from verifier.onnx_import import read_onnx
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ What runs: onnxruntime's optimizer fuses each DequantizeLinear -> op -> Quantize
 into QLinearConv / QLinearMatMul / QGemm and MatMulInteger groups into DynamicQuantizeMatMul.
 Those kernels accumulate in int32 exactly and requantize with one float multiplier, rounding to
 nearest even and saturating: the same value as the unfused graph up to float32 rounding, which
-the half step's margin (`verifier.bounds.HALF_STEP`) and the per-layer float32 bound cover.
+the half step's margin (`verifier.engine.bounds.HALF_STEP`) and the per-layer float32 bound cover.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from onnx import helper, numpy_helper
 
 from quantize.quant_chain import Mark, PairMark, lower_marked, structural
 from quantize.rounding import ErrorModel, Grid
-from verifier.bounds import prepare_chain
+from verifier.engine.bounds import prepare_chain
+from verifier.engine.network import Conv, Dense, Layer, Pool, Relu
 from verifier.errors import UnsupportedModelError
-from verifier.network import Conv, Dense, Layer, Pool, Relu
 
 RANGES = {
     np.dtype(np.int8): (-128, 127),
@@ -63,7 +63,7 @@ HOW = {
 
 def onnx_error_model(path: str | Path) -> ErrorModel:
     """Map an ONNX file onto Affine / Relu / MaxPool layers with the rounding of each."""
-    from verifier.onnx_import import fold_constants
+    from verifier.engine.onnx_import import fold_constants
 
     model = fold_constants(onnx.load(str(path)))
     walker = _Walker(model)
@@ -86,7 +86,7 @@ class _Walker:
     """Follows the running activation through the nodes in order."""
 
     def __init__(self, model: onnx.ModelProto):
-        from verifier.onnx_import import _graph_inputs
+        from verifier.engine.onnx_import import _graph_inputs
 
         inits = {i.name for i in model.graph.initializer}
         inputs = _graph_inputs(model)
@@ -159,7 +159,7 @@ class _Walker:
     # --- layers -----------------------------------------------------------------------------
 
     def _add(self, new: list[Layer]) -> None:
-        from verifier.onnx_import import _shape_after
+        from verifier.engine.onnx_import import _shape_after
 
         for layer in new:
             if isinstance(layer, Relu) and self.layers and isinstance(self.layers[-1], Relu):
@@ -175,7 +175,7 @@ class _Walker:
 
     def _float(self, node: onnx.NodeProto, real: onnx.NodeProto) -> None:
         """A float op (or the float op a quantized one computes) through the float importer."""
-        from verifier.onnx_import import HANDLERS
+        from verifier.engine.onnx_import import HANDLERS
 
         if node.op_type not in HANDLERS:
             raise UnsupportedModelError(f"op {real.op_type} (node {real.name!r}) is not supported")

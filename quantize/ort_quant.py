@@ -4,7 +4,7 @@ The float graph is first run through `quant_pre_process` (shape inference and gr
 optimisation, which onnxruntime recommends before quantizing); if that step fails the original
 graph is quantized and the record says so. Both steps see a self-contained copy of the model:
 they write graphs into temporary folders of their own, without the external data files
-(`verifier.model_files`) a graph's weights may live in.
+(`verifier.engine.model_files`) a graph's weights may live in.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def preprocess(src: Path, dst: Path) -> bool:
 
 def self_contained(src: Path, dst: Path) -> Path:
     """Write the model `src`, its external data (checked) read back in, as the one file `dst`."""
-    from verifier.onnx_import import read_onnx
+    from verifier.engine.onnx_import import read_onnx
 
     onnx.save(read_onnx(src), str(dst))
     return dst

@@ -27,9 +27,9 @@ from quantize.runner import (
     run_batched,
     scale_entry,
 )
+from verifier.engine.model_files import describe_files
+from verifier.engine.onnx_import import read_onnx
 from verifier.errors import InputError, UnsupportedModelError
-from verifier.model_files import describe_files
-from verifier.onnx_import import read_onnx
 
 METADATA_KEY = "relrobust.quantize"
 QOPERATOR_OPS = {"QLinearMatMul", "QLinearConv", "QGemm", "QLinearAdd", "QAttention"}

@@ -1,6 +1,7 @@
 """A quantized graph's layers plus where the runtime rounds, lowered to the engine's chain.
 
-Mappers of quantized files (ONNX, TFLite) produce `verifier.network` layers with the file's own
+Mappers of quantized files (ONNX, TFLite) produce `verifier.engine.network` layers with the
+file's own
 (dequantized) weights and `Mark`s: "after layer p, the running tensor is rounded" to a fixed
 grid or by a run-time (dynamic) quantization. `lower_marked` folds the layers into the chain
 `Network.lower` builds and attaches every mark to the Affine layer whose input or output it
@@ -16,8 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quantize.rounding import Event, Grid, PairSums, Rounding
-from verifier.errors import UnsupportedModelError
-from verifier.network import (
+from verifier.engine.network import (
     Affine,
     Elementwise,
     Layer,
@@ -30,6 +30,7 @@ from verifier.network import (
     apply_layer,
     lower,
 )
+from verifier.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)

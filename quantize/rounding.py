@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from verifier.bounds import PreparedChain
+from verifier.engine.bounds import PreparedChain
 
 
 @dataclass(frozen=True)

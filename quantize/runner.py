@@ -21,7 +21,7 @@ DEFAULT_MAX_BATCH = 4096
 
 @runtime_checkable
 class Runner(Protocol):
-    """Anything with a batched `predict`; `verifier.model.Model` satisfies it."""
+    """Anything with a batched `predict`; `verifier.engine.model.Model` satisfies it."""
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Float scores (N, classes) for float inputs (N, *input_shape) in [0,1]."""

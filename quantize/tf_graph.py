@@ -16,8 +16,17 @@ from typing import Any
 
 import numpy as np
 
+from verifier.engine.network import (
+    Conv,
+    Dense,
+    Elementwise,
+    Network,
+    Pool,
+    Relu,
+    Reshape,
+    Transpose,
+)
 from verifier.errors import UnsupportedModelError
-from verifier.network import Conv, Dense, Elementwise, Network, Pool, Relu, Reshape, Transpose
 
 
 def import_tensorflow() -> Any:

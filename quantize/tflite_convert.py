@@ -17,8 +17,8 @@ import numpy as np
 
 from quantize.runner import quiet_native
 from quantize.tf_graph import build_tf_function, import_tensorflow
+from verifier.engine.network import Network
 from verifier.errors import InputError, UnsupportedModelError
-from verifier.network import Network
 
 TFLITE_MODES = ("dynamic", "int8", "16x8", "float16")
 

@@ -28,7 +28,7 @@ def verify(*argv) -> int:
 def sweep(tmp_path_factory) -> Path:
     """A finished sweep (radius 1.5 and 2) of a tiny model on inputs it classifies correctly,
     with a simulated 8-bit quantized copy built by the run itself."""
-    from verifier.model import load_model
+    from verifier.engine.model import load_model
 
     root = tmp_path_factory.mktemp("audit")
     model = mlp(root / "m.onnx", sizes=(16, 12, 4), seed=5)
@@ -228,7 +228,8 @@ def test_every_certification_keeps_a_proof_that_rechecks(run, capsys):
     results = json.loads((run / "results.json").read_text())
     certified = sum(o["status"] == "certified" for _, _, o in outcomes(results))
     # every float certification keeps a proof that re-checks; quantized models decided from
-    # the float model's leaves (verifier.diffdecide) keep none yet: not checkable, never failed
+    # the float model's leaves (verifier.engine.diffdecide) keep none yet: not checkable, never
+    # failed
     floats = sum(o["status"] == "certified" for _, name, o in outcomes(results) if name == "float")
     p = doc["proofs"]
     assert code == 0 and floats > 0
@@ -243,7 +244,7 @@ def edit_proofs(run: Path, dest: Path, change: Callable[[dict], object]) -> tupl
     """A copy of the run whose kept proofs (index, model) -> Proof went through `change`."""
     import sqlite3
 
-    from verifier.proof import decode, encode
+    from verifier.engine.proof import decode, encode
 
     shutil.copytree(run, dest)
     conn = sqlite3.connect(dest / "run.sqlite")
@@ -267,7 +268,7 @@ def drop_last_leaf(proofs: dict):
 
 def alter_evidence(proofs: dict):
     """A bounds leaf's margin made negative, or an enumeration leaf's count off by one."""
-    from verifier.proof import Node
+    from verifier.engine.proof import Node
 
     for key, p in proofs.items():
         for i, n in enumerate(p.nodes):
@@ -361,7 +362,7 @@ def test_usage_errors_exit_2(run, tmp_path, capsys):
 def test_real_mnist_run(real_data, tmp_path, capsys):
     """The example model on real MNIST inputs with a quantized copy: the audit holds."""
     from quantize import quantize_model
-    from verifier.model import load_model
+    from verifier.engine.model import load_model
 
     model = EXAMPLES / "mnist_mlp.onnx"
     q = quantize_model(load_model(model), "simulated", tmp_path / "q", None).describe()["path"]
@@ -382,8 +383,8 @@ def test_quantized_proofs_on_an_error_model_recheck(tmp_path, capsys):
     the error model, which the audit re-checks with the model it rebuilds from the file."""
     import sqlite3
 
-    from verifier.model import load_model
-    from verifier.proof import decode
+    from verifier.engine.model import load_model
+    from verifier.engine.proof import decode
 
     model = mlp(tmp_path / "m.onnx", sizes=(16, 80, 40, 4), seed=3)
     x = np.random.default_rng(0).random((8, 4, 4)).astype(np.float32)

@@ -216,7 +216,7 @@ def npz(path: Path, x, y) -> Path:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Env:
     from quantize import quantize_model
-    from verifier.model import load_model
+    from verifier.engine.model import load_model
 
     root = tmp_path_factory.mktemp("bad")
     model = mlp(root / "m.onnx", sizes=SIZES)

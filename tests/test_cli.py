@@ -108,7 +108,7 @@ def test_bad_input_exit_2(tmp_path, capsys, case, match):
 
 def test_unsupported_operator_exit_2(tmp_path, capsys):
     # The clean-accuracy path does not need the layer list; importing it must name the op.
-    from verifier.model import load_model
+    from verifier.engine.model import load_model
 
     model = load_model(with_unsupported_op(tmp_path / "u.onnx"))
     with pytest.raises(Exception, match="Erf"):

@@ -76,7 +76,7 @@ def cluster(tmp_path_factory):
 def quantized(real_data, tmp_path_factory) -> Path:
     """A quantized copy of the example model (simulated 8-bit weights: built in a blink)."""
     from quantize import quantize_model
-    from verifier.model import load_model
+    from verifier.engine.model import load_model
 
     out = tmp_path_factory.mktemp("q")
     return Path(quantize_model(load_model(MODEL), "simulated", out, None).describe()["path"])
@@ -123,9 +123,9 @@ def test_worker_killed_mid_run_then_same_records(base, reference, cluster, tmp_p
 def test_task_that_kills_every_worker_is_one_line_error():
     from distributed import KilledWorker
 
-    from verifier.batch import WorkerState
-    from verifier.cluster import task_result
     from verifier.errors import InputError
+    from verifier.run.batch import WorkerState
+    from verifier.run.cluster import task_result
 
     class Killed:  # a future whose task the scheduler gave up on
         def result(self):
@@ -151,13 +151,13 @@ def test_driver_killed_then_resume_same_records(base, reference, cluster, tmp_pa
 def test_worker_without_the_model_files(real_data, quantized, cluster, tmp_path, monkeypatch):
     """The driver's model files vanish once read: workers (another cwd) check from the
     shipped bytes and give the records of the in-process route."""
-    import verifier.cluster
+    import verifier.run.cluster
     from quantize import load_quantized
-    from verifier.batch import WorkerState
-    from verifier.check import Settings
-    from verifier.data import load_dataset, select, to_layout
-    from verifier.executor import check_batches
-    from verifier.model import load_model
+    from verifier.engine.data import load_dataset, select, to_layout
+    from verifier.engine.model import load_model
+    from verifier.run.batch import WorkerState
+    from verifier.run.check import Settings
+    from verifier.run.executor import check_batches
 
     local, _ = cluster
     src = tmp_path / "models"
@@ -182,14 +182,14 @@ def test_worker_without_the_model_files(real_data, quantized, cluster, tmp_path,
     monkeypatch.chdir(src)
     runners = {runner.name: runner}
     want = [r.to_dict() for b in check_batches(state, list(range(N)), 1, runners, model) for r in b]
-    real_shipment = verifier.cluster.shipment
+    real_shipment = verifier.run.cluster.shipment
 
     def ship_then_hide(st):
         shipped = real_shipment(st)
         src.rename(tmp_path / "hidden")
         return shipped
 
-    monkeypatch.setattr(verifier.cluster, "shipment", ship_then_hide)
+    monkeypatch.setattr(verifier.run.cluster, "shipment", ship_then_hide)
     got = check_batches(state, list(range(N)), 1, runners, model, local.scheduler_address)
     got = sorted((r.to_dict() for b in got for r in b), key=lambda r: r["index"])
     assert not src.exists()
@@ -208,9 +208,9 @@ def test_worker_without_the_model_files(real_data, quantized, cluster, tmp_path,
 
 
 def test_unreachable_scheduler_is_exit_2(base, tmp_path, monkeypatch, capsys):
-    import verifier.cluster
+    import verifier.run.cluster
 
-    monkeypatch.setattr(verifier.cluster, "CONNECT_TIMEOUT", 1.0)
+    monkeypatch.setattr(verifier.run.cluster, "CONNECT_TIMEOUT", 1.0)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -223,7 +223,7 @@ def test_unreachable_scheduler_is_exit_2(base, tmp_path, monkeypatch, capsys):
 
 
 def test_chunks_grow_to_the_target_and_shrink_at_the_end():
-    from verifier.cluster import CHUNK_SECONDS, MAX_CHUNK, ChunkPace
+    from verifier.run.cluster import CHUNK_SECONDS, MAX_CHUNK, ChunkPace
 
     pace = ChunkPace()
     assert pace.size(1000, 4) == 1  # nothing measured yet
@@ -239,9 +239,9 @@ def test_shipment_carries_external_data_files(tmp_path):
     loads from the shipped copy alone, giving the same logits."""
     from onnx_builders import mlp, with_external_data
 
-    from verifier.batch import WorkerState, shipment
-    from verifier.config import Settings
-    from verifier.model import load_model
+    from verifier.engine.model import load_model
+    from verifier.run.batch import WorkerState, shipment
+    from verifier.run.config import Settings
 
     src = tmp_path / "src"
     src.mkdir()

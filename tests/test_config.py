@@ -14,10 +14,11 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from verifier import check, config, decide
 from verifier.cli import build_parser, main
-from verifier.config import DEFAULTS, RunConfig, Settings, build_config, gate_warnings
+from verifier.engine import decide
 from verifier.errors import InputError
+from verifier.run import check, config
+from verifier.run.config import DEFAULTS, RunConfig, Settings, build_config, gate_warnings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,20 +79,30 @@ def test_min_threshold_of_at_most_one_warns_that_it_is_percent(capsys, tmp_path)
     assert any("--min-accuracy 1 means 1%" in line for line in err)
 
 
+PACKAGES = ("verifier", "verifier.engine", "verifier.run", "verifier.outputs", "quantize")
+
+
+def _modules() -> list:
+    return [f for pkg in ("verifier", "quantize") for f in sorted((ROOT / pkg).rglob("*.py"))]
+
+
+def _module_name(f) -> str:
+    return ".".join(f.relative_to(ROOT).with_suffix("").parts)
+
+
 def _imports() -> nx.DiGraph:
     graph = nx.DiGraph()
-    for pkg in ("verifier", "quantize"):
-        for f in (ROOT / pkg).glob("*.py"):
-            mod = f"{pkg}.{f.stem}"
-            graph.add_node(mod)
-            for node in ast.walk(ast.parse(f.read_text())):
-                if isinstance(node, ast.Import):
-                    graph.add_edges_from((mod, a.name) for a in node.names)
-                elif isinstance(node, ast.ImportFrom) and node.module:
-                    target = node.module
-                    if target in ("verifier", "quantize"):
-                        target += ".__init__"
-                    graph.add_edge(mod, target)
+    for f in _modules():
+        mod = _module_name(f)
+        graph.add_node(mod)
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                graph.add_edges_from((mod, a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                target = node.module
+                if target in PACKAGES:
+                    target += ".__init__"
+                graph.add_edge(mod, target)
     return graph
 
 
@@ -103,21 +114,42 @@ def test_no_import_cycle_and_argparse_only_in_commands():
     assert set(graph.predecessors("argparse")) <= commands
 
 
+def test_imports_flow_one_way_engine_run_outputs():
+    """The engine uses no run or output code, the run no output code, quantize no run code."""
+    graph = _imports()
+    above = {
+        "verifier.engine": ("verifier.run", "verifier.outputs", "quantize", "verifier.cli"),
+        "verifier.run": ("verifier.outputs", "verifier.cli", "verifier.pipeline"),
+        "quantize": ("verifier.run", "verifier.outputs", "verifier.pipeline"),
+    }
+    wrong = [
+        (a, b)
+        for a, b in graph.edges
+        for pkg, banned in above.items()
+        if a.startswith(pkg + ".") and b.startswith(banned)
+    ]
+    assert wrong == []
+    assert len([n for n in graph if n.startswith("verifier.engine.")]) > 20
+
+
 def test_one_point_counter_and_evaluator_and_search_without_z3():
     graph = _imports()
     defined = {
-        f"{pkg}.{f.stem}": {
+        _module_name(f): {
             n.name for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.FunctionDef)
         }
-        for pkg in ("verifier", "quantize")
-        for f in (ROOT / pkg).glob("*.py")
+        for f in _modules()
     }
+    assert "verifier.engine.points" in defined
     for name in ("count_points", "box_size", "runtime_inputs", "predict_points", "region_inputs"):
-        assert [m for m, names in defined.items() if name in names] in ([], ["verifier.points"])
-    code = "import sys, verifier.search, verifier.ladders; print('z3' in sys.modules)"
+        assert [m for m, names in defined.items() if name in names] in (
+            [],
+            ["verifier.engine.points"],
+        )
+    code = "import sys, verifier.engine.search, verifier.engine.ladders; print('z3' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr
-    assert "verifier.smt" not in nx.descendants(graph, "verifier.search")
+    assert "verifier.engine.smt" not in nx.descendants(graph, "verifier.engine.search")
 
 
 def test_help_prints_percent_signs_once(capsys):

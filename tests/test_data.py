@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from verifier.data import (
+from verifier.engine.data import (
     from_layout,
     load_dataset,
     load_npz,

@@ -13,15 +13,15 @@ from test_engine import all_points, check_decision, random_case
 
 from quantize.error_model import ErrorModel, error_model
 from quantize.modes import float_runner, quantize_model
-from verifier.bounds import linear_bounds, prepare_chain, rounding_errors, spec_chain
-from verifier.decide import decide
-from verifier.diffbounds import diff_spec, quantized_bounds
-from verifier.diffdecide import decide_from_float
-from verifier.enumeration import box_size, runtime_inputs
-from verifier.model import load_model
-from verifier.network import Affine, forward_lowered
-from verifier.regions import lattice_region
-from verifier.result import CERTIFIED
+from verifier.engine.bounds import linear_bounds, prepare_chain, rounding_errors, spec_chain
+from verifier.engine.decide import decide
+from verifier.engine.diffbounds import diff_spec, quantized_bounds
+from verifier.engine.diffdecide import decide_from_float
+from verifier.engine.enumeration import box_size, runtime_inputs
+from verifier.engine.model import load_model
+from verifier.engine.network import Affine, forward_lowered
+from verifier.engine.regions import lattice_region
+from verifier.engine.result import CERTIFIED
 
 MODES = ["dynamic", "dynamic-per-tensor", "int8", "float16"]
 

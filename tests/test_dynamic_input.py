@@ -11,14 +11,14 @@ from test_engine import all_points, check_decision
 
 from quantize.error_model import error_model
 from quantize.modes import float_runner, quantize_model
-from verifier.bounds import point_interval, prepare_chain, rounding_errors
-from verifier.decide import decide
-from verifier.diffdecide import decide_from_float
-from verifier.dynamic_input import fold_first_input, split_for_fold
-from verifier.enumeration import runtime_inputs
-from verifier.model import load_model
-from verifier.regions import feature_region, lattice_region
-from verifier.result import CERTIFIED
+from verifier.engine.bounds import point_interval, prepare_chain, rounding_errors
+from verifier.engine.decide import decide
+from verifier.engine.diffdecide import decide_from_float
+from verifier.engine.dynamic_input import fold_first_input, split_for_fold
+from verifier.engine.enumeration import runtime_inputs
+from verifier.engine.model import load_model
+from verifier.engine.regions import feature_region, lattice_region
+from verifier.engine.result import CERTIFIED
 
 MODES = ["dynamic", "dynamic-per-tensor"]
 

@@ -7,14 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verifier.attack import greedy_extreme
-from verifier.bab import Leaf, branch_and_bound
-from verifier.bounds import interval_bounds, knapsack_min, linear_bounds, spec_chain
-from verifier.decide import decide
-from verifier.enumeration import box_size, margins_and_labels, replay
-from verifier.network import Affine, MaxPool, Relu, forward_lowered
-from verifier.regions import feature_region, lattice_region
-from verifier.result import CERTIFIED, REFUTED, UNKNOWN
+from verifier.engine.attack import greedy_extreme
+from verifier.engine.bab import Leaf, branch_and_bound
+from verifier.engine.bounds import interval_bounds, knapsack_min, linear_bounds, spec_chain
+from verifier.engine.decide import decide
+from verifier.engine.enumeration import box_size, margins_and_labels, replay
+from verifier.engine.network import Affine, MaxPool, Relu, forward_lowered
+from verifier.engine.regions import feature_region, lattice_region
+from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN
 
 
 class ChainRuntime:
@@ -128,7 +128,7 @@ def test_bounds_never_exclude_a_real_margin(seed, maxpool):
 @pytest.mark.parametrize("seed", range(6))
 def test_folded_relu_step_equals_plain_back_substitution(seed):
     """The W / |W| shortcut for a ReLU above an affine layer changes no number."""
-    from verifier.bounds import _backsub, _query_both
+    from verifier.engine.bounds import _backsub, _query_both
 
     chain, _, region, label = random_case(seed)
     spec = spec_chain(chain, region, label)
@@ -163,7 +163,7 @@ def test_child_bounds_reusing_parent_are_sound_and_tighter(seed):
 
 @pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
 def test_chain_in_coefficient_space_matches_the_network(maxpool):
-    from verifier.attack import spec_forward, spec_jacobian
+    from verifier.engine.attack import spec_forward, spec_jacobian
 
     for seed in range(6):
         chain, _, region, label = random_case(seed, maxpool)
@@ -251,7 +251,7 @@ def test_box_size_counts_or_overcounts(seed):
 
 
 def test_box_size_with_many_binary_generators():
-    from verifier.points import count_points
+    from verifier.engine.points import count_points
 
     rng = np.random.default_rng(5)
     for _ in range(10):
@@ -269,8 +269,8 @@ def test_box_size_with_many_binary_generators():
 def test_enumeration_of_many_binary_generators_under_a_tight_budget():
     """A feature region at a large step: 79 features, a budget for one or two of them. Its few
     hundred points are listed without visiting the 2^79 over-budget combinations, in order."""
-    from verifier.points import count_points
-    from verifier.regions import enumerate_box
+    from verifier.engine.points import count_points
+    from verifier.engine.regions import enumerate_box
 
     rng = np.random.default_rng(2)
     g = 79
@@ -290,7 +290,7 @@ def test_enumeration_of_boxes_with_late_generators_forced_away_from_zero(seed):
     order (the least-cost pruning of prefixes drops only dead ones)."""
     import itertools
 
-    from verifier.regions import enumerate_box
+    from verifier.engine.regions import enumerate_box
 
     rng = np.random.default_rng(seed)
     g = 12
@@ -402,7 +402,7 @@ def test_runtime_that_disagrees_with_chain_gets_no_bounds():
 def test_quantized_runtime(seed):
     """Rounded weights: certified only by enumeration, or by bounds on an error model."""
     from quantize.error_model import ErrorModel, Rounding
-    from verifier.bounds import prepare_chain
+    from verifier.engine.bounds import prepare_chain
 
     chain, _, region, label = random_case(seed)
     q = [
@@ -476,7 +476,7 @@ def test_onnxruntime_model(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from verifier.model import load_model
+    from verifier.engine.model import load_model
 
     rng = np.random.default_rng(11)
     n, h, k = 10, 12, 4

@@ -12,20 +12,20 @@ from test_engine import check_decision, truth
 
 from quantize.error_model import ErrorModel, Grid, Rounding, error_model, error_models
 from quantize.modes import float_runner, quantize_model
-from verifier.bounds import (
+from verifier.engine.bounds import (
     linear_bounds,
     point_interval,
     prepare_chain,
     rounding_errors,
     spec_chain,
 )
-from verifier.decide import decide
-from verifier.enumeration import box_size
+from verifier.engine.decide import decide
+from verifier.engine.enumeration import box_size
+from verifier.engine.model import load_model
+from verifier.engine.network import Affine, Relu
+from verifier.engine.regions import lattice_region
+from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN
 from verifier.errors import UnsupportedModelError
-from verifier.model import load_model
-from verifier.network import Affine, Relu
-from verifier.regions import lattice_region
-from verifier.result import CERTIFIED, REFUTED, UNKNOWN
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ["dynamic", "dynamic-per-tensor", "int8", "16x8", "float16"]
@@ -331,8 +331,8 @@ def test_truth_helper_sees_errors(tiny):
 def test_mnist_dynamic_certifies_beyond_enumeration(real_data, tmp_path):
     """examples/mnist_mlp.onnx, TFLite dynamic range, real MNIST: feature regions far larger
     than the enumeration cap are certified on the quantized runtime through its error model."""
-    from verifier.check import Settings, build_region
-    from verifier.data import load_dataset
+    from verifier.engine.data import load_dataset
+    from verifier.run.check import Settings, build_region
 
     model = load_model(ROOT / "examples" / "mnist_mlp.onnx")
     runner = quantize_model(model, "dynamic", tmp_path, None)

@@ -19,11 +19,10 @@ from onnx_builders import mlp, torch_export_cnn, with_external_data
 from quantize import calibration_inputs, load_quantized, quantize_model
 from quantize.modes import MODES
 from verifier.cli import main
+from verifier.engine.model import load_model
+from verifier.engine.model_files import describe_files, external_files, model_sha256, sha256_file
+from verifier.engine.network import Conv, Dense, Pool, Relu, Reshape
 from verifier.errors import InputError
-from verifier.model import load_model
-from verifier.model_files import describe_files, external_files, model_sha256
-from verifier.network import Conv, Dense, Pool, Relu, Reshape
-from verifier.store import sha256_file
 
 NETS = {"mlp": lambda p: mlp(p, sizes=(16, 8, 4)), "torch-export-cnn": torch_export_cnn}
 LAYOUTS = {

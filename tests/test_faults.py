@@ -38,7 +38,7 @@ OPTIONS = [*REGION, "--indices", f"0:{N}", "--timeout", "120", "--quiet", "--exa
 def quantized(real_data, tmp_path_factory) -> Path:
     """A quantized copy of the example model (simulated 8-bit weights: built in a blink)."""
     from quantize import quantize_model
-    from verifier.model import load_model
+    from verifier.engine.model import load_model
 
     out = tmp_path_factory.mktemp("q")
     return Path(quantize_model(load_model(MODEL), "simulated", out, None).describe()["path"])
@@ -155,7 +155,7 @@ def test_sigkill_at_random_points_then_resume(base, reference, tmp_path):
 def test_full_disk_while_recording_and_writing_results(
     base, reference, tmp_path, monkeypatch, capsys
 ):
-    from verifier.store import RunStore
+    from verifier.run.store import RunStore
 
     out = tmp_path / "run"
     real_put, puts = RunStore.put_many, []

@@ -11,9 +11,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import verifier.keras_convert as kc
+import verifier.engine.keras_convert as kc
+from verifier.engine.keras_convert import convert_keras_file
 from verifier.errors import InputError
-from verifier.keras_convert import convert_keras_file
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

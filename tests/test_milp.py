@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from test_engine import ChainRuntime, check_decision, random_case, truth
 
-from verifier.bounds import linear_bounds, spec_chain
-from verifier.decide import decide
-from verifier.milp import SAFETY, milp_decide
-from verifier.network import Affine, forward_lowered
-from verifier.result import CERTIFIED
+from verifier.engine.bounds import linear_bounds, spec_chain
+from verifier.engine.decide import decide
+from verifier.engine.milp import SAFETY, milp_decide
+from verifier.engine.network import Affine, forward_lowered
+from verifier.engine.result import CERTIFIED
 
 
 def _boxes(region, seed: int):

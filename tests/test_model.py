@@ -8,10 +8,10 @@ import pytest
 from onnx import TensorProto, helper
 from onnx_builders import cnn_nchw, cnn_nhwc, mlp, with_unsupported_op
 
+from verifier.engine.model import detect_layout, load_model
+from verifier.engine.network import forward_lowered
+from verifier.engine.onnx_import import load_network
 from verifier.errors import InputError, UnsupportedModelError
-from verifier.model import detect_layout, load_model
-from verifier.network import forward_lowered
-from verifier.onnx_import import load_network
 
 BUILDERS = {
     "mlp-gemm": lambda p: mlp(p),

@@ -16,7 +16,7 @@ import pytest
 from conftest import EXAMPLES
 
 from verifier.cli import main
-from verifier.document import validate_results
+from verifier.outputs.document import validate_results
 
 MODEL = EXAMPLES / "mnist_mlp.onnx"
 # A lattice region decides fast; 24 inputs keep the run to seconds.
@@ -41,7 +41,7 @@ BASE = [
 def quantized(real_data, tmp_path_factory) -> Path:
     """A TFLite dynamic-range copy of the example model, built once for these tests."""
     from quantize import quantize_model
-    from verifier.model import load_model
+    from verifier.engine.model import load_model
 
     out = tmp_path_factory.mktemp("q")
     return Path(quantize_model(load_model(MODEL), "dynamic", out, None).describe()["path"])

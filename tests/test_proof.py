@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from test_engine import _hard_robust_case, random_case, truth
 
-from verifier.bounds import prepare_chain, rounding_errors, spec_chain
-from verifier.decide import decide
-from verifier.points import count_points
-from verifier.proof import (
+from verifier.engine.bounds import prepare_chain, rounding_errors, spec_chain
+from verifier.engine.decide import decide
+from verifier.engine.points import count_points
+from verifier.engine.proof import (
     SPLIT,
     Cover,
     Node,
@@ -24,8 +24,8 @@ from verifier.proof import (
     single,
     to_text,
 )
-from verifier.proofcheck import CHECKED, FAILED, NOT_CHECKABLE, Problem, check_proof, check_tree
-from verifier.result import CERTIFIED, REFUTED
+from verifier.engine.result import CERTIFIED, REFUTED
+from verifier.run.proofcheck import CHECKED, FAILED, NOT_CHECKABLE, Problem, check_proof, check_tree
 
 
 def leaf_boxes(proof: Proof, lo: np.ndarray, hi: np.ndarray) -> list[tuple]:
@@ -143,8 +143,8 @@ def test_whole_region_enumeration_z3_and_milp_leaves_check():
 def test_optimised_slopes_are_re_derived_by_the_checker(monkeypatch):
     """Root bounds only optimised slopes certify: the checker's plain bounds equal the search's
     plain ones and do not close the leaf; its own slope optimisation does."""
-    import verifier.proofcheck as pc
-    from verifier.bounds import linear_bounds
+    import verifier.run.proofcheck as pc
+    from verifier.engine.bounds import linear_bounds
 
     seen = 0
     for seed in range(300):
@@ -173,7 +173,7 @@ def test_untrusted_error_model_gives_no_bounds_proof():
     """An error model the runtime contradicts at x: bounds are off, the region is enumerated,
     and its proof claims no spec (so no bounds can be checked against the wrong one)."""
     from quantize.error_model import ErrorModel
-    from verifier.network import Affine
+    from verifier.engine.network import Affine
 
     chain, runtime, region, label, _, _ = _hard_robust_case()
     last = chain[-1]
@@ -313,8 +313,8 @@ def test_quantized_proofs_on_the_error_model_check(tmp_path):
 
     from quantize.error_model import error_model
     from quantize.modes import quantize_model
-    from verifier.model import load_model
-    from verifier.regions import lattice_region
+    from verifier.engine.model import load_model
+    from verifier.engine.regions import lattice_region
 
     model = load_model(mlp(tmp_path / "mlp.onnx", sizes=(16, 80, 40, 4), seed=3))
     rng = np.random.default_rng(0)

@@ -17,15 +17,15 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verifier.bounds import interval_bounds, linear_bounds, spec_chain
-from verifier.network import Affine, MaxPool, Relu, forward_lowered
-from verifier.records import InputRecord, Outcome
-from verifier.regions import Region, feature_region, lattice_region
-from verifier.relative import aggregate
-from verifier.result import CERTIFIED, NOT_REFUTED, REFUTED, UNKNOWN
+from verifier.engine.bounds import interval_bounds, linear_bounds, spec_chain
+from verifier.engine.network import Affine, MaxPool, Relu, forward_lowered
+from verifier.engine.regions import Region, feature_region, lattice_region
+from verifier.engine.result import CERTIFIED, NOT_REFUTED, REFUTED, UNKNOWN
+from verifier.run.records import InputRecord, Outcome
+from verifier.run.relative import aggregate
 
 STEPS = [2.0**-k for k in range(7)]  # 1, 1/2, ..., 1/64
-TOL = 1e-9  # the regions' own rounding slack (verifier.regions.EPS)
+TOL = 1e-9  # the regions' own rounding slack (verifier.engine.regions.EPS)
 
 # --- strategies ---------------------------------------------------------------------------------
 

@@ -17,9 +17,8 @@ from quantize.modes import MODES, build, get_mode, load_quantized, quantize_mode
 from quantize.runner import DescribedRunner, Runner
 from quantize.simulated import fake_quantize
 from quantize.tf_graph import build_tf_function, check_supported
-from verifier.errors import InputError, UnsupportedModelError
-from verifier.model import load_model
-from verifier.network import (
+from verifier.engine.model import load_model
+from verifier.engine.network import (
     Conv,
     Dense,
     Elementwise,
@@ -30,6 +29,7 @@ from verifier.network import (
     Transpose,
     apply_layer,
 )
+from verifier.errors import InputError, UnsupportedModelError
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST_MLP = ROOT / "examples" / "mnist_mlp.onnx"
@@ -392,7 +392,7 @@ def test_cli_round_trip(tiny, tmp_path, capsys):
 def mnist(real_data):
     if not MNIST_MLP.is_file():
         pytest.skip(f"{MNIST_MLP} is not built yet (examples are trained separately)")
-    from verifier.data import load_dataset, to_layout
+    from verifier.engine.data import load_dataset, to_layout
 
     model = load_model(MNIST_MLP)
     test = load_dataset("mnist", "test", real_data)

@@ -10,12 +10,12 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from verifier.console import summary_table
-from verifier.document import build_results, validate_results
-from verifier.gate import Thresholds, check_gate, gate_summary
-from verifier.records import InputRecord, Outcome
-from verifier.relative import aggregate
-from verifier.report import sweep_tables, write_report
+from verifier.outputs.console import summary_table
+from verifier.outputs.document import build_results, validate_results
+from verifier.outputs.report import sweep_tables, write_report
+from verifier.run.gate import Thresholds, check_gate, gate_summary
+from verifier.run.records import InputRecord, Outcome
+from verifier.run.relative import aggregate
 
 CERT = Outcome("certified", "bounds")
 UNK = Outcome("unknown", "budget")

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verifier.records import InputRecord, Outcome
-from verifier.relative import aggregate
-from verifier.result import CERTIFIED, NOT_REFUTED, REFUTED, STATUSES, UNKNOWN
+from verifier.engine.result import CERTIFIED, NOT_REFUTED, REFUTED, STATUSES, UNKNOWN
+from verifier.run.records import InputRecord, Outcome
+from verifier.run.relative import aggregate
 
 
 def out(status: str, **kw) -> Outcome:

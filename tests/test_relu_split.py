@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from test_engine import check_decision, random_case, truth
 
-from verifier.bab import Leaf
-from verifier.bounds import linear_bounds, spec_chain
-from verifier.decide import decide
-from verifier.milp import milp_decide
-from verifier.network import forward_lowered
-from verifier.relu_split import contradictory, fix_phase, relu_branch_and_bound, with_beta
-from verifier.result import CERTIFIED, REFUTED
+from verifier.engine.bab import Leaf
+from verifier.engine.bounds import linear_bounds, spec_chain
+from verifier.engine.decide import decide
+from verifier.engine.milp import milp_decide
+from verifier.engine.network import forward_lowered
+from verifier.engine.relu_split import contradictory, fix_phase, relu_branch_and_bound, with_beta
+from verifier.engine.result import CERTIFIED, REFUTED
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -8,20 +8,21 @@ import copy
 import json
 import re
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from test_relative import sample_records
 
-from verifier.document import build_results, validate_results
+from verifier.engine.regions import lattice_region
 from verifier.errors import InputError
-from verifier.gate import GateFailure, Thresholds, check_gate, gate_summary, load_baseline
-from verifier.perturbations import read_perturbations, write_perturbations
-from verifier.plots import Example
-from verifier.records import InputRecord
-from verifier.regions import lattice_region
-from verifier.relative import aggregate
-from verifier.report import render_markdown, report_blocks, sweep_tables, write_report
+from verifier.outputs.document import build_results, validate_results
+from verifier.outputs.perturbations import read_perturbations, write_perturbations
+from verifier.outputs.plots import Example
+from verifier.outputs.report import render_markdown, report_blocks, sweep_tables, write_report
+from verifier.run.gate import GateFailure, Thresholds, check_gate, gate_summary, load_baseline
+from verifier.run.records import InputRecord
+from verifier.run.relative import aggregate
 
 CONFIG = {"radius": 20, "step": 0.25, "family": "lattice", "mode": "exact", "seed": 0}
 
@@ -314,3 +315,22 @@ def test_markdown_says_how_quantized_models_were_decided():
     del doc["quantized"][0]["describe"]["error_model"]["source"]
     rec["quantized"]["int8"]["route"] = "bounds"
     assert "start from its proof" not in render_markdown(report_blocks(doc, plots=False))
+
+
+def test_progress_line_off_a_terminal_and_a_bar_on_one():
+    import io
+
+    from verifier.outputs.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    rec = SimpleNamespace(float=SimpleNamespace(status="certified"))
+    for stream, want in ((io.StringIO(), "r=1 5/5 "), (Tty(), "5/5 [")):
+        p = Progress(5, 1, label="r=1", stream=stream)
+        for _ in range(4):
+            p.update(rec)
+        p.close()
+        text = stream.getvalue()
+        assert text.startswith("resuming: 1 of 5") and want in text and "certified 4" in text

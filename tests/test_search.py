@@ -8,7 +8,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from verifier.ladders import (
+from verifier.engine.ladders import (
     graphml,
     ladder,
     ladder_graph,
@@ -16,10 +16,10 @@ from verifier.ladders import (
     margin_ladders,
     save_ladders,
 )
-from verifier.network import Affine, Relu, forward_lowered
-from verifier.regions import Region, feature_region, lattice_region
-from verifier.result import CERTIFIED, NOT_REFUTED, REFUTED
-from verifier.search import mcts_search
+from verifier.engine.network import Affine, Relu, forward_lowered
+from verifier.engine.regions import Region, feature_region, lattice_region
+from verifier.engine.result import CERTIFIED, NOT_REFUTED, REFUTED
+from verifier.engine.search import mcts_search
 
 
 class ChainRuntime:

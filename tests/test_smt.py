@@ -7,10 +7,10 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from verifier.enumeration import confirm
-from verifier.network import Affine, MaxPool, Relu, forward_lowered
-from verifier.regions import Region, feature_region, lattice_region
-from verifier.smt import _dyadic, interval_pre_bounds, smt_decide
+from verifier.engine.enumeration import confirm
+from verifier.engine.network import Affine, MaxPool, Relu, forward_lowered
+from verifier.engine.regions import Region, feature_region, lattice_region
+from verifier.engine.smt import _dyadic, interval_pre_bounds, smt_decide
 
 # Margins within this distance of 0 are ties: the exact answer there depends on the last bits,
 # which float64 enumeration cannot settle, so such cases are skipped (never counted as agreeing).

@@ -16,8 +16,8 @@ import time
 import pytest
 
 from verifier.errors import InputError
-from verifier.records import InputRecord, Outcome
-from verifier.store import DB_NAME, RunStore, write_atomic
+from verifier.run.records import InputRecord, Outcome
+from verifier.run.store import DB_NAME, RunStore, write_atomic
 
 CONFIG = {"radius": 20, "step": 0.25, "data": {"name": "mnist", "count": 100}, "seed": 0}
 
@@ -47,7 +47,7 @@ def test_put_records_round_trip(tmp_path):
 
 
 def test_proofs_are_kept_apart_from_records(tmp_path):
-    from verifier.proof import from_text, single, to_text
+    from verifier.engine.proof import from_text, single, to_text
 
     text = to_text(single("float32", 2, "bounds", 0.5))
     r = rec(7)
@@ -109,8 +109,8 @@ def test_put_many_commits_a_batch_whole_or_not_at_all(tmp_path):
 
 KILLED_WRITER = textwrap.dedent("""
     import sys
-    from verifier.records import InputRecord, Outcome
-    from verifier.store import RunStore
+    from verifier.run.records import InputRecord, Outcome
+    from verifier.run.store import RunStore
 
     store = RunStore.create(sys.argv[1], {"seed": 1})
     i = 0

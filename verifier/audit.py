@@ -7,7 +7,7 @@ claim (the float counterexample replayed on a quantized model) must give the sto
 every certified region of at most `--max-points` points is enumerated in full on the runtime
 it was certified for, where every point must keep the label. Larger regions are counted as not
 enumerable, never failed. Every certified outcome's kept proof (the cover of sub-boxes that
-proved it, in the run store) is re-checked leaf by leaf by `verifier.proofcheck`: counted as
+proved it, in the run store) is re-checked leaf by leaf by `verifier.run.proofcheck`: counted as
 checked, failed, or not checkable (no proof kept, or leaves too large to re-close here).
 The answer is printed and written to RUN/audit.json; exit status 0
 when every check held, 1 when one failed, 2 on a usage or input error.
@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from verifier.check import Settings, build_region
+from verifier.engine.model_files import model_sha256, sha256_file
+from verifier.engine.points import labels_at
+from verifier.engine.regions import Region
+from verifier.engine.result import CERTIFIED, REFUTED
 from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
-from verifier.model_files import model_sha256
-from verifier.points import predict_points
-from verifier.records import FLOAT, InputRecord, Outcome
-from verifier.regions import Region
-from verifier.result import CERTIFIED, REFUTED
-from verifier.store import sha256_file
+from verifier.run.check import Settings, build_region
+from verifier.run.records import FLOAT, InputRecord, Outcome
 
 DEFAULT_SAMPLE = 1000  # inputs audited when --sample is not given (all of a smaller run)
 DEFAULT_MAX_POINTS = 200_000
@@ -83,7 +82,7 @@ class RunContext:
     run_dir: Path
     doc: dict
     settings: Settings
-    model: object  # verifier.model.Model, the float model on onnxruntime
+    model: object  # verifier.engine.model.Model, the float model on onnxruntime
     chain: list
     runtimes: dict  # model name -> runtime ("float" first)
     x: dict  # input index -> x in the model's layout
@@ -115,7 +114,7 @@ def run_dirs(path: Path) -> tuple[list[Path], list[Path]]:
 
 def read_results(run_dir: Path) -> dict:
     """results.json of a run, checked against the results schema."""
-    from verifier.document import validate_results
+    from verifier.outputs.document import validate_results
 
     try:
         doc = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
@@ -147,9 +146,9 @@ def locate(stored: str, run_dir: Path, sha256: str | None, what: str) -> Path:
 def load_context(run_dir: Path) -> RunContext:
     """Rebuild what the run used: settings, float model, quantized runtimes, selected inputs."""
     from quantize import load_quantized
-    from verifier.data import load_dataset, select, to_layout
-    from verifier.document import inputs_sha256
-    from verifier.model import load_model
+    from verifier.engine.data import load_dataset, select, to_layout
+    from verifier.engine.model import load_model
+    from verifier.outputs.document import inputs_sha256
 
     doc = read_results(run_dir)
     cfg = doc["config"]
@@ -184,7 +183,7 @@ def stored_proofs(run_dir: Path) -> dict:
     """The kept proofs of the run's store, keyed by (input index, model name)."""
     import sqlite3
 
-    from verifier.store import DB_NAME, RunStore
+    from verifier.run.store import DB_NAME, RunStore
 
     if not (run_dir / DB_NAME).is_file():
         return {}
@@ -196,16 +195,6 @@ def stored_proofs(run_dir: Path) -> dict:
 
 
 # --- the checks ------------------------------------------------------------------------------
-
-
-def labels_at(runtime, region: Region, s: np.ndarray) -> np.ndarray:
-    """The runtime's labels at the region points with coefficients `s` (B, G)."""
-    s = np.asarray(s, dtype=np.int64).reshape(-1, region.num_generators)
-    out = np.empty(len(s), dtype=np.int64)
-    for start in range(0, len(s), BATCH):
-        part = s[start : start + BATCH]
-        out[start : start + len(part)] = predict_points(runtime, region, part).argmax(axis=1)
-    return out
 
 
 def check_point(
@@ -250,7 +239,7 @@ def check_certified(
     runtime, region: Region, rec: InputRecord, name: str, max_points: int, tally: Tally
 ) -> Failure | None:
     """A certified region: enumerated in full on the runtime, every point keeps the label."""
-    from verifier.enumeration import box_size
+    from verifier.engine.enumeration import box_size
 
     size = box_size(region.lo, region.hi, region.cost, region.budget, max_points)
     if size > max_points:
@@ -275,7 +264,7 @@ def proof_spec(ctx: RunContext, region: Region, label: int, name: str, kind: str
     """The spec a proof's bounds leaves speak of, rebuilt for this audit; None when there is
     none (no bounds, a kind that does not fit the model, or an error model that does not hold
     over the region): bounds leaves then fail."""
-    from verifier.bounds import prepare_chain, rounding_errors, spec_chain
+    from verifier.engine.bounds import prepare_chain, rounding_errors, spec_chain
 
     if kind == "float32" and name == FLOAT:
         return spec_chain(prepare_chain(ctx.chain), region, label, float32=True)
@@ -302,8 +291,8 @@ def proof_spec(ctx: RunContext, region: Region, label: int, name: str, kind: str
 def check_kept_proof(
     ctx: RunContext, region: Region, rec: InputRecord, name: str, max_points: int, tally
 ) -> Failure | None:
-    """A certified outcome's kept proof, re-checked leaf by leaf (`verifier.proofcheck`)."""
-    from verifier import proofcheck as pc
+    """A certified outcome's kept proof, re-checked leaf by leaf (`verifier.run.proofcheck`)."""
+    from verifier.run import proofcheck as pc
 
     start = time.perf_counter()
     data = ctx.proofs.get((rec.index, name))
@@ -384,7 +373,7 @@ def check_predictions(ctx: RunContext, recs: list[InputRecord], tally: Tally) ->
 
 def check_perturbations(ctx: RunContext, recs: list[InputRecord]) -> list:
     """perturbations.npz (the compact form) holds the same coefficients as results.json."""
-    from verifier.perturbations import read_perturbations
+    from verifier.outputs.perturbations import read_perturbations
 
     path = ctx.run_dir / "perturbations.npz"
     if not path.is_file():
@@ -415,7 +404,7 @@ def sample(recs: list[InputRecord], size: int | None, seed: int) -> list[InputRe
 
 def audit_run(run_dir: Path, size: int | None, seed: int, max_points: int, say) -> dict:
     """Audit one run directory; returns the audit document (also written to audit.json)."""
-    from verifier.store import write_atomic
+    from verifier.run.store import write_atomic
 
     start = time.perf_counter()
     ctx = load_context(run_dir)

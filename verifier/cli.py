@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 
 from verifier import __version__
-from verifier.config import (
+from verifier.engine.data import DATASETS, LAYOUTS
+from verifier.engine.features import SELECTIONS
+from verifier.errors import EXIT_USAGE, RelrobustError
+from verifier.run.config import (
     DEFAULT_EXAMPLE_LIMIT,
     DEFAULT_MODEL,
     DEFAULT_MODES,
@@ -26,9 +29,6 @@ from verifier.config import (
     gate_warnings,
     uses_example_limit,
 )
-from verifier.data import DATASETS, LAYOUTS
-from verifier.errors import EXIT_USAGE, RelrobustError
-from verifier.features import SELECTIONS
 
 
 def _fraction(text: str) -> float:

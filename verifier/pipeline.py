@@ -18,15 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from verifier.check import Settings
-from verifier.config import RunConfig
-from verifier.console import accuracy_table, printer, summary, summary_table
+from verifier.engine.model import Model, load_model
 from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
-from verifier.executor import WorkerState, check_batches
-from verifier.inputs import Inputs, dataset_name, load_inputs
-from verifier.model import Model, load_model
-from verifier.progress import Progress
-from verifier.records import InputRecord
+from verifier.outputs.console import accuracy_table, printer, summary, summary_table
+from verifier.outputs.progress import Progress
+from verifier.run.check import Settings
+from verifier.run.config import RunConfig
+from verifier.run.executor import WorkerState, check_batches
+from verifier.run.inputs import Inputs, dataset_name, load_inputs
+from verifier.run.records import InputRecord
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,10 @@ class Run:
 
 def run(config: RunConfig) -> int:
     """Run the main job; returns the exit status."""
-    from verifier.bounds import prepare_chain
-    from verifier.document import describe_data
-    from verifier.quantized import quantized_runners, runner_error_models
-    from verifier.store import check_same_model, write_atomic
+    from verifier.engine.bounds import prepare_chain
+    from verifier.outputs.document import describe_data
+    from verifier.run.quantized import quantized_runners, runner_error_models
+    from verifier.run.store import check_same_model, write_atomic
 
     out = config.out or fresh_run_dir(Path("runs"))
     model = load_model(config.model_path, config.layout, cache_dir=out / "models")
@@ -99,7 +99,7 @@ def run(config: RunConfig) -> int:
             ) from None
         results.append((st, doc))
     if sweep:
-        from verifier.report import write_sweep_tables
+        from verifier.outputs.report import write_sweep_tables
 
         write_sweep_tables(
             out / "sweep.md", [(st.radius, st.step, doc["aggregates"]) for st, doc in results]
@@ -118,7 +118,7 @@ def run(config: RunConfig) -> int:
 
 def load_gate_baseline(config: RunConfig) -> dict | None:
     """The `--baseline` run's aggregates, or None."""
-    from verifier.gate import load_baseline
+    from verifier.run.gate import load_baseline
 
     return load_baseline(config.baseline) if config.baseline else None
 
@@ -147,7 +147,7 @@ def run_setting(job: Run, st: Settings, run_dir: Path, baseline: dict | None, sa
 
 def decide_inputs(job: Run, st: Settings, run_dir: Path) -> list[InputRecord]:
     """Every input's record for one setting: the stored ones, then the rest as decided."""
-    from verifier.store import DB_NAME, RunStore
+    from verifier.run.store import DB_NAME, RunStore
 
     config, inputs = job.config, job.inputs
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -197,9 +197,9 @@ def decide_inputs(job: Run, st: Settings, run_dir: Path) -> list[InputRecord]:
 
 def results_document(job: Run, st: Settings, records: list, baseline: dict | None) -> dict:
     """Aggregate the records, check the gate, and build the results document."""
-    from verifier.document import build_results, describe_model
-    from verifier.gate import check_gate, gate_summary
-    from verifier.relative import aggregate
+    from verifier.outputs.document import build_results, describe_model
+    from verifier.run.gate import check_gate, gate_summary
+    from verifier.run.relative import aggregate
 
     config, model = job.config, job.model
     agg = aggregate(records, [d["name"] for d in job.described])
@@ -228,8 +228,8 @@ def results_document(job: Run, st: Settings, records: list, baseline: dict | Non
 
 def write_outputs(job: Run, st: Settings, run_dir: Path, doc: dict, records: list) -> dict:
     """results.json, the reports, junit.xml, the perturbations and the ladders of one setting."""
-    from verifier.examples import Regions, refuted_ladders, report_examples
-    from verifier.report import write_report
+    from verifier.outputs.examples import Regions, refuted_ladders, report_examples
+    from verifier.outputs.report import write_report
 
     regions = Regions(st, job.chain, job.inputs)
     examples = report_examples(regions, job.model, job.runners, records, job.config.examples)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from verifier.check import Settings, build_region
-from verifier.data import from_layout, load_dataset, to_layout
+from verifier.engine.data import from_layout, load_dataset, to_layout
+from verifier.engine.model import load_model
 from verifier.errors import InputError
-from verifier.model import load_model
-from verifier.records import InputRecord
+from verifier.run.check import Settings, build_region
+from verifier.run.records import InputRecord
 
 
 def perturbed_input(run_dir: Path, index: int, which: str = "float"):

@@ -1,0 +1,227 @@
+"""Branch and bound on generator ranges: split, re-bound, enumerate small leaves on the runtime.
+
+Nodes are sub-boxes [lo, hi] of the coefficient box (the budget applies throughout), explored
+worst lower bound first. A node closes when its margins' lower bounds all exceed the threshold
+(route "bab"), when it holds no point within budget, or when it is small enough to enumerate
+(`enum_limit` points; a single point always is) and every point keeps the label on the runtime
+(route "enumeration"). Each bounded node also runs its rounded relaxed minimisers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from verifier.engine.bounds import Bounds
+from verifier.engine.enumeration import (
+    EnumResult,
+    box_size,
+    confirm,
+    enumerate_box,
+    margins_and_labels,
+)
+from verifier.engine.proof import Cover, margin_evidence
+from verifier.engine.regions import Region
+from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN
+
+
+@dataclass
+class Leaf:
+    """An undecided sub-box with its bounds."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    bounds: Bounds
+
+
+@dataclass(frozen=True)
+class ClosedLeaves:
+    """How a region was certified on the float chain, for reuse: the spec the bounds are on,
+    the root bounds, and the leaves that closed it (each with its bounds; one leaf, the root
+    box, when the root bounds certified)."""
+
+    spec: object  # verifier.engine.bounds.SpecChain
+    root: Bounds
+    leaves: list[Leaf]
+
+
+@dataclass
+class BabOutcome:
+    """What branch and bound decided, how, and what it left open."""
+
+    status: str
+    route: str  # the route that found the counterexample, or closed most leaves
+    coeffs: np.ndarray | None = None
+    adv_label: int | None = None
+    closed: dict = field(default_factory=lambda: {"bab": 0, "empty": 0, "enumeration": 0})
+    open_leaves: list[Leaf] = field(default_factory=list)  # worst lower bound first
+    nodes: int = 0
+    points: int = 0
+    closed_leaves: list[Leaf] = field(default_factory=list)  # with `keep_closed`: bab / enum
+
+
+def branch_and_bound(
+    runtime,
+    region: Region,
+    label: int,
+    roots: list[Leaf],
+    bound: Callable[[np.ndarray, np.ndarray, Bounds], Bounds],
+    threshold: np.ndarray,
+    *,
+    deadline: float,
+    max_nodes: int,
+    enum_limit: int,
+    cover: Cover | None = None,
+    keep_closed: bool = False,
+) -> BabOutcome:
+    """Refine the `roots` (sub-boxes with their bounds) until every leaf is closed, a
+    counterexample is confirmed, or the budget (`max_nodes` processed nodes, `deadline` on
+    `time.perf_counter()`) runs out.
+
+    `bound(lo, hi, parent_bounds)` bounds a child box (the parent's bounds stay valid in it).
+    `cover` (a `verifier.engine.proof.Cover`) records every split and closed leaf with its evidence.
+    `keep_closed` also keeps the leaves closed by bounds or enumeration in `closed_leaves` (for
+    the quantized decision to reuse).
+    """
+    out = BabOutcome(UNKNOWN, "budget")
+    tie = itertools.count()
+    heap: list = []
+    stuck: list[Leaf] = []  # enumerated without a verdict
+
+    def push(leaf: Leaf) -> None:
+        """Close the leaf at once when its bounds settle it, else queue it."""
+        if leaf.bounds.empty or np.all(leaf.bounds.lower > threshold):
+            out.closed["empty" if leaf.bounds.empty else "bab"] += 1
+            if cover is not None:
+                close_by_bounds(cover, leaf, region, threshold)
+            if keep_closed and not leaf.bounds.empty:
+                out.closed_leaves.append(leaf)
+        else:
+            heapq.heappush(heap, (_key(leaf.bounds, threshold), next(tie), leaf))
+
+    for root in roots:
+        push(root)
+    while heap:
+        if out.nodes >= max_nodes or time.perf_counter() > deadline:
+            break
+        _, _, leaf = heapq.heappop(heap)
+        out.nodes += 1
+        res = settle_node(runtime, region, label, leaf, threshold, enum_limit, deadline, out)
+        if out.status == REFUTED:
+            return out
+        if res is not None:
+            if res.clean:
+                out.closed["enumeration"] += 1
+                if cover is not None:
+                    cover.close(leaf.lo, leaf.hi, "enumeration", res.points)
+                if keep_closed:
+                    out.closed_leaves.append(leaf)
+                continue
+            stuck.append(leaf)  # out of time, or the runtime's answer depends on the batch
+            if not res.complete:
+                break
+        children = split(leaf, threshold)
+        if cover is not None:
+            g = int(np.flatnonzero(children[0][1] != leaf.hi)[0])
+            cover.split(leaf.lo, leaf.hi, g, int(children[0][1][g]))
+        for lo, hi in children:
+            push(Leaf(lo, hi, bound(lo, hi, leaf.bounds)))
+    out.open_leaves = stuck + [entry[2] for entry in sorted(heap, key=lambda e: (e[0], e[1]))]
+    if not out.open_leaves:
+        out.status = CERTIFIED
+        counts = {
+            "bab": out.closed["bab"] + out.closed["empty"],
+            "enumeration": out.closed["enumeration"],
+        }
+        out.route = max(counts, key=lambda k: counts[k])
+    return out
+
+
+def settle_node(
+    runtime,
+    region: Region,
+    label: int,
+    leaf: Leaf,
+    threshold: np.ndarray,
+    enum_limit: int,
+    deadline: float,
+    out: BabOutcome,
+) -> EnumResult | None:
+    """What every branch-and-bound loop does with a popped node before splitting it: run its
+    rounded relaxed minimisers on the runtime, then every point when it holds at most
+    `enum_limit` (a single point is always run, never split). A counterexample goes into `out`
+    (status REFUTED); returns the enumeration's result, or None when it was not enumerated."""
+    hit = _try_minimisers(runtime, region, label, leaf.bounds, threshold)
+    if hit is not None:
+        out.status, out.route, (out.coeffs, out.adv_label) = REFUTED, "bab", hit
+        return None
+    limit = max(enum_limit, 1)
+    if box_size(leaf.lo, leaf.hi, region.cost, region.budget, limit) > limit:
+        return None
+    res = enumerate_box(runtime, region, label, leaf.lo, leaf.hi, deadline=deadline)
+    out.points += res.points
+    if res.coeffs is not None:
+        out.status, out.route = REFUTED, "enumeration"
+        out.coeffs, out.adv_label = res.coeffs, res.adv_label
+    return res
+
+
+def _key(b: Bounds, threshold: np.ndarray) -> float:
+    """Heap order: the most violated margin first (empty boxes last)."""
+    return float(np.min(b.lower - threshold)) if not b.empty else np.inf
+
+
+def split(leaf: Leaf, threshold: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Halve the range of the generator with the largest |coefficient| x range on the
+    violated margins' linear bounds (the widest weighted range when there are none)."""
+    lo, hi = leaf.lo, leaf.hi
+    width = (hi - lo).astype(np.float64)
+    bad = leaf.bounds.lower <= threshold
+    assert np.any(width > 0), "a single-point box is enumerated, not split"
+    score = (np.abs(leaf.bounds.coeffs[bad]).sum(axis=0) + 1e-12) * width
+    g = int(np.argmax(score))
+    mid = (int(lo[g]) + int(hi[g])) // 2
+    left_hi, right_lo = hi.copy(), lo.copy()
+    left_hi[g], right_lo[g] = mid, mid + 1
+    return [(lo.copy(), left_hi), (right_lo, hi.copy())]
+
+
+def round_into(s: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Integer points of the sub-box no costlier than `s`: truncated toward the box point
+    nearest 0 (each coordinate moves toward it, so |s_g| and the cost only shrink)."""
+    p = np.clip(0, lo, hi)
+    return np.clip(p + np.trunc(s - p + 1e-9 * np.sign(s - p)), lo, hi).astype(np.int64)
+
+
+def _try_minimisers(
+    runtime, region: Region, label: int, b: Bounds, threshold: np.ndarray
+) -> tuple[np.ndarray, int] | None:
+    """Run the rounded relaxed minimisers of the violated margins on the runtime."""
+    bad = np.flatnonzero(b.lower <= threshold)
+    if not len(bad):
+        return None
+    cands = np.unique(round_into(b.argmin[bad], region.lo, region.hi), axis=0)
+    cands = cands[region.contains(cands)]
+    if not len(cands):
+        return None
+    _, labels = margins_and_labels(runtime, region, cands, label)
+    for i in np.flatnonzero(labels != label)[:4]:
+        adv = confirm(runtime, region, cands[i], label)
+        if adv is not None:
+            return cands[i].astype(np.int64), adv
+    return None
+
+
+def close_by_bounds(cover: Cover, leaf: Leaf, region: Region, threshold: np.ndarray) -> None:
+    """Record a leaf its bounds close: empty (with its least cost) or by its worst margin."""
+    if leaf.bounds.empty:
+        cost = float(np.abs(np.clip(0, leaf.lo, leaf.hi)) @ region.cost)
+        cover.close(leaf.lo, leaf.hi, "empty", cost)
+    else:
+        margin = margin_evidence(float(np.min(leaf.bounds.lower - threshold)))
+        cover.close(leaf.lo, leaf.hi, "bounds", margin)

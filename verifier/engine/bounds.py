@@ -1,0 +1,905 @@
+"""Sound lower bounds on the label's logit margins over a region (IBP, then CROWN-style).
+
+The network is rewritten as a function of the generator coefficients `s` (the first affine
+layer absorbs `x + s @ D`, the last one the difference matrix `logit[label] - logit[j]`), and
+every linear bound is concretised exactly over the relaxed region {s in [lo, hi],
+sum |s_g| cost_g <= budget} by a fractional knapsack. The relaxation contains every integer point
+of the region, so a positive lower bound certifies all of them.
+
+Float32: by default the bounds hold for the runtime's float32 evaluation, not only for the chain
+in exact arithmetic. Each affine layer's own rounding is bounded per neuron
+(|fl(W a + b) - (W a + b)| <= gamma_n (|W| |a| + |b|), any summation order, FMA or not; the input
+cast to float32 too) and treated as a bounded extra input of that layer: intervals are widened by
+it and back-substitution charges |lambda| . err at every affine layer, so ReLU relaxations stay
+valid for the perturbed values and the errors are not amplified through |W| products.
+
+Quantized runtimes: the same slot holds their rounding. Given the runtime's own chain (weights
+from its file) and per layer what it rounds (`quantize.error_model.Rounding`: an int8 input
+quantized per row at run time, a fixed input grid, an output requantized to a grid),
+`rounding_errors` adds |W| . (input rounding) and the output rounding to each layer's bound,
+from interval bounds over the whole region.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from verifier.engine.network import Affine, LoweredLayer, MaxPool, Relu
+from verifier.engine.regions import EPS, Region
+
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+@dataclass(frozen=True)
+class PreparedChain:
+    """The lowered chain with C-contiguous float64 weights and their |W| (BLAS is several times
+    slower on the transposed views `lower()` returns): prepare once per model."""
+
+    layers: list[LoweredLayer]
+    absw: list  # per layer: |W| for Affine layers, else None
+
+
+@dataclass(frozen=True)
+class SpecChain:
+    """The chain as a map from coefficients `s` to the margins `logit[label] - logit[others]`."""
+
+    layers: list[LoweredLayer]  # starts with an Affine on s, ends with the margin Affine
+    absw: list  # per layer, as in PreparedChain
+    label: int
+    others: np.ndarray  # (K-1,) the class of each margin row
+    cost: np.ndarray  # (G,)
+    budget: float
+    err: list  # per layer: float32 rounding bound of each Affine output (None: exact / other)
+    in_err: list | None = None  # per layer: rounding bound of each Affine input (quantized)
+    # the first layer's input rounding, on x' (the composed layer's input is s): its weight on
+    # x', the bound per value of x', and |weight| . bound (what intervals are widened by)
+    first_input: tuple | None = None
+
+    def input_error(self, k: int):
+        """The rounding bound of Affine layer `k`'s input values, or None."""
+        return None if self.in_err is None else self.in_err[k]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Lower bounds of the margins over a sub-box, with what produced them."""
+
+    lower: np.ndarray  # (K-1,); +inf when the sub-box holds no point within budget
+    coeffs: np.ndarray  # (K-1, G) the linear lower bound's coefficients on s (zeros for IBP)
+    argmin: np.ndarray  # (K-1, G) relaxed minimiser of each linear bound
+    pre: list  # per layer: (lower, upper) of its input for Relu / MaxPool layers, else None
+    method: str  # "ibp", "crown", "alpha-crown", "beta-crown" (relu_split) or "empty"
+    first: tuple | None = None  # (lower, upper) of the first layer's outputs (exact, reusable)
+
+    @property
+    def empty(self) -> bool:
+        return self.method == "empty"
+
+
+# --- the chain on s ----------------------------------------------------------------------------
+
+
+def prepare_chain(chain: list[LoweredLayer] | PreparedChain) -> PreparedChain:
+    """Contiguous float64 copies of the weights and their |W| (a PreparedChain is kept as is)."""
+    if isinstance(chain, PreparedChain):
+        return chain
+    layers = [
+        Affine(
+            np.ascontiguousarray(layer.weight, dtype=np.float64),
+            np.ascontiguousarray(layer.bias, dtype=np.float64),
+        )
+        if isinstance(layer, Affine)
+        else layer
+        for layer in chain
+    ]
+    return PreparedChain(layers, _abs_weights(layers))
+
+
+def _abs_weights(layers: list[LoweredLayer]) -> list:
+    return [np.abs(layer.weight) if isinstance(layer, Affine) else None for layer in layers]
+
+
+def spec_chain(
+    chain: list[LoweredLayer] | PreparedChain,
+    region: Region,
+    label: int,
+    *,
+    float32: bool = True,
+    errors: list | None = None,
+) -> SpecChain:
+    """Compose `x + s @ D` into the first layer and the margin matrix into the last one.
+
+    `float32=True` bounds the runtime's float32 evaluation (see the module docstring);
+    `False` bounds the chain in exact arithmetic. `errors` (output and input bounds per layer
+    of `chain`, from `rounding_errors` with a quantized runtime's rounding) replaces the float32
+    bounds.
+    """
+    prep = prepare_chain(chain)
+    layers = list(prep.layers)
+    absw = list(prep.absw)
+    n = region.x.size
+    inserted = not isinstance(layers[0], Affine)
+    if not inserted:
+        w = layers[0].weight
+        assert w.shape[1] == n, f"chain input {w.shape[1]} != region input {n}"
+        layers[0] = _on_coefficients(layers[0], region)
+    else:
+        layers.insert(0, Affine(np.ascontiguousarray(region.directions.T), region.x.copy()))
+        absw.insert(0, None)
+    k = _output_size(prep.layers, n)
+    others = np.array([j for j in range(k) if j != label], dtype=np.int64)
+    diff = np.zeros((k - 1, k))
+    diff[:, label] = 1.0
+    diff[np.arange(k - 1), others] = -1.0
+    if isinstance(layers[-1], Affine) and len(layers) > 1:
+        w, b = layers[-1].weight, layers[-1].bias
+        layers[-1] = Affine(w[label] - w[others], b[label] - b[others])
+    else:
+        layers.append(Affine(diff, np.zeros(k - 1)))
+        absw.append(None)
+    for i in (0, len(layers) - 1):  # the two composed layers get their own |W|
+        absw[i] = np.abs(layers[i].weight)
+    err: list = [None] * len(layers)
+    in_err: list = [None] * len(layers)
+    first_input = None
+    if errors is not None:
+        assert len(errors[1]) == len(prep.layers), "one input error entry per layer"
+        in_err[int(inserted) : int(inserted) + len(errors[1])] = errors[1]
+        if not inserted and errors[1][0] is not None:
+            step = errors[1][0]
+            first_input = (prep.layers[0].weight, step, prep.absw[0] @ step)
+            in_err[0] = None
+    if float32 or errors is not None:
+        own = errors[0] if errors is not None else rounding_errors(prep, region, not inserted)[0]
+        assert len(own) == len(prep.layers), "one error entry per layer of the chain"
+        err[int(inserted) : int(inserted) + len(own)] = own
+        if inserted:  # the map s -> x' itself: only the cast of x' to float32
+            err[0] = U32 * _input_magnitude(region)
+        last = err[len(layers) - 1]
+        if last is not None and len(last) == k:
+            err[len(layers) - 1] = last[label] + last[others]
+        elif last is None and not isinstance(prep.layers[-1], Affine):
+            err[len(layers) - 1] = np.zeros(k - 1)
+    return SpecChain(
+        layers,
+        absw,
+        label,
+        others,
+        region.cost.astype(np.float64),
+        float(region.budget),
+        err,
+        in_err,
+        first_input,
+    )
+
+
+def _output_size(chain: list[LoweredLayer], n: int) -> int:
+    size = n
+    for layer in chain:
+        if isinstance(layer, Affine):
+            size = layer.weight.shape[0]
+        elif isinstance(layer, MaxPool):
+            size = layer.windows.shape[0]
+    return size
+
+
+def _input_box(region: Region) -> tuple[np.ndarray, np.ndarray]:
+    """Interval of each input value over the region's box."""
+    s_lo, s_hi = region.lo.astype(np.float64), region.hi.astype(np.float64)
+    d = region.directions
+    lo = region.x + np.minimum(d * s_lo[:, None], d * s_hi[:, None]).sum(axis=0)
+    hi = region.x + np.maximum(d * s_lo[:, None], d * s_hi[:, None]).sum(axis=0)
+    return lo, hi
+
+
+def _input_magnitude(region: Region) -> np.ndarray:
+    """Largest |x'_i| over the region's box."""
+    lo, hi = _input_box(region)
+    return np.maximum(np.abs(lo), np.abs(hi))
+
+
+def rounding_errors(
+    chain: PreparedChain, region: Region, input_cast: bool = True, rounding: list | None = None
+) -> tuple[list, list]:
+    """Per layer of `chain`, bounds on |runtime output - exact output| of each Affine layer,
+    and on |rounded input - input| of each input value (quantized runtimes; None otherwise).
+
+    Float32: gamma_n (|W| |a| + |b|) with n = fan-in + 1 and |a| from float interval bounds over
+    the whole region (so it holds in every sub-box), plus |W| u |x'| for the input cast in the
+    first layer (`input_cast`); doubled as a margin for runtimes that run a folded layer as
+    several float32 steps. `rounding` (per layer, `quantize.error_model.Rounding` or None) adds
+    a quantized runtime's rounding (`_input_rounding`, `_output_rounding`), with the first
+    layer's outputs bounded over the region's budget, not only its box, and later layers' by
+    linear bounds in s (chords through ReLUs) intersected with intervals. Saturation of a fixed
+    grid is the clamp's own bounded error (how far the interval leaves the grid), so wide
+    intervals loosen the bound but never void it. Input rounding stays on the inputs, where
+    back-substitution charges |lambda W| . rounding, far below |lambda| |W| . rounding.
+    """
+    lo, hi = _input_box(region)
+    in_err = U32 * np.maximum(np.abs(lo), np.abs(hi)) if input_cast else None
+    out: list = []
+    inputs: list = []
+    sym = None  # quantized runtimes: linear lower / upper bounds of the values in s
+    knap = (region.lo, region.hi, region.cost.astype(np.float64), float(region.budget))
+    for i, (layer, aw) in enumerate(zip(chain.layers, chain.absw, strict=True)):
+        if isinstance(layer, Affine):
+            n = layer.weight.shape[1] + 1
+            gamma = 2.0 * n * U32 / (1.0 - n * U32)
+            amag = np.maximum(np.abs(lo), np.abs(hi))
+            step = None
+            r = rounding[i] if rounding is not None else None
+            if r is not None:
+                step = _input_rounding(r, lo, hi, amag, i)
+                step = None if not np.any(step) else np.broadcast_to(step, amag.shape)
+            e = gamma * (aw @ (amag if step is None else amag + step) + np.abs(layer.bias))
+            if r is not None and r.pairs is not None:
+                wide = 0.0 if step is None else step
+                e = e + _pair_saturation(r.pairs, aw, lo - wide, hi + wide)
+            if in_err is not None:
+                e = e + aw @ in_err
+                in_err = None
+            if i == 0 and rounding is not None:  # the budget matters: knapsack, not the box
+                wide = e if step is None else e + aw @ step
+                first = _on_coefficients(layer, region)
+                lo, hi = _affine_exact(first, wide, *knap)
+                sym = (first.weight, first.bias - wide, first.weight, first.bias + wide)
+            elif step is None:
+                lo, hi = _affine_interval(layer, aw, lo, hi, e)
+            else:
+                lo, hi = _affine_interval(layer, aw, lo - step, hi + step, e)
+            if sym is not None and i > 0:
+                sym, lo, hi = _symbolic_affine(layer, sym, step, e, lo, hi, knap)
+            if r is not None:
+                relu_next = i + 1 < len(chain.layers) and isinstance(chain.layers[i + 1], Relu)
+                before = e
+                e, lo, hi = _output_rounding(r, e, lo, hi, relu_next, i)
+                if sym is not None:
+                    acc = e - before
+                    sym = (sym[0], sym[1] - acc, sym[2], sym[3] + acc)
+            out.append(e)
+            inputs.append(step)
+        elif isinstance(layer, Relu):
+            if sym is not None:
+                sym = _symbolic_relu(sym, lo, hi)
+            lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
+            out.append(None)
+            inputs.append(None)
+        else:
+            lo, hi = _pool_max(lo, layer.windows), _pool_max(hi, layer.windows)
+            in_err = None if in_err is None else _pool_max(in_err, layer.windows)
+            if sym is not None:  # max pools keep only their intervals
+                zero = np.zeros((len(lo), sym[0].shape[1]))
+                sym = (zero, lo.copy(), zero, hi.copy())
+            out.append(None)
+            inputs.append(None)
+    return out, inputs
+
+
+def _symbolic_affine(layer: Affine, sym, step, e, lo, hi, knap):
+    """Linear bounds in s of an Affine layer's runtime outputs, from its inputs' (perturbed by
+    `step`, the output by `e`), and the intervals intersected with their concretisation."""
+    al, cl, au, cu = sym
+    st = 0.0 if step is None else step
+    wp, wn = np.maximum(layer.weight, 0.0), np.minimum(layer.weight, 0.0)
+    au2, cu2 = wp @ au + wn @ al, wp @ (cu + st) + wn @ (cl - st) + layer.bias + e
+    al2, cl2 = wp @ al + wn @ au, wp @ (cl - st) + wn @ (cu + st) + layer.bias - e
+    low, _ = knapsack_min(al2, cl2, *knap, argmin=False)
+    neg, _ = knapsack_min(-au2, -cu2, *knap, argmin=False)
+    lo, hi = np.maximum(lo, low), np.minimum(hi, -neg)
+    return (al2, cl2, au2, cu2), lo, np.maximum(hi, lo)
+
+
+def _symbolic_relu(sym, lo: np.ndarray, hi: np.ndarray):
+    """Linear bounds in s through a ReLU whose inputs lie in [lo, hi]: identity when active,
+    zero when dead, else the chord above and 0 or the input below (the tighter)."""
+    al, cl, au, cu = sym
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = np.where(hi > lo, hi / (hi - lo), 0.0)
+    up = np.where(lo >= 0.0, 1.0, np.where(hi <= 0.0, 0.0, slope))
+    shift = np.where((lo < 0.0) & (hi > 0.0), -slope * lo, 0.0)
+    down = np.where(lo >= 0.0, 1.0, np.where((hi > 0.0) & (hi > -lo), 1.0, 0.0))
+    return (al * down[:, None], cl * down, au * up[:, None], cu * up + shift)
+
+
+def _on_coefficients(layer: Affine, region: Region) -> Affine:
+    """`layer` composed with x' = x + s @ D: an affine map of the coefficients s."""
+    d = region.directions
+    cols = np.flatnonzero(np.any(d != 0, axis=0))  # D is sparse: only moved values matter
+    w = layer.weight
+    wd = w @ d.T if len(cols) > region.x.size // 2 else w[:, cols] @ d[:, cols].T
+    return Affine(wd, w @ region.x + layer.bias)
+
+
+# Rounding to nearest is off by half a step; the extra covers float32 slop in computing
+# x / scale and the scale itself (relative ~1e-7 of values up to 255 steps).
+HALF_STEP = 0.5 + 1e-3
+
+
+def _input_rounding(r, lo: np.ndarray, hi: np.ndarray, amag: np.ndarray, i: int):
+    """Bound on |dequantized input - input| per input value of Affine layer `i`.
+
+    Dynamic (per-row int8 at run time): the scale is (max(a,0) - min(a,0)) / 255 (asymmetric:
+    TFLite's kernel when the file asks for it, and XNNPACK's always) or max|a| / 127 (TFLite's
+    symmetric kernel: the larger one is taken when the file asks for it), bounded over the
+    region by the interval bounds of the row. Asymmetric: the zero point
+    z* = -128 - min(a,0) / scale maps the row into [-128, 127]; nudged to an integer it moves
+    by <= 1/2, so a / scale + zp lies in [-128.5, 127.5] and rounding then clamping to
+    [-128, 127] moves it by <= 1/2 too. A row of zeros is exact (scale 0 or 1, all values 0),
+    and so is every value that is 0 throughout the region (0 is on both grids: an integer zero
+    point). Fixed grid: half its step, plus how far the input may leave the grid's range (the
+    clamp moves it back by at most that). Further events (`Rounding.inputs`) in order, each on
+    the input as perturbed by the ones before it.
+    """
+    step = np.zeros_like(lo)
+    if r.dynamic_input:
+        scale = (max(float(hi.max(initial=0.0)), 0.0) - min(float(lo.min(initial=0.0)), 0.0)) / 255
+        if r.symmetric_input:
+            scale = max(scale, float(amag.max(initial=0.0)) / 127.0)
+        step = np.where((lo == 0.0) & (hi == 0.0), 0.0, scale * (1.0 + 1e-6) * HALF_STEP)
+    events = [(1.0, 0.0, r.input_grid, 255, 0.0)] if r.input_grid is not None else []
+    events += [(ev.gain, ev.shift, ev.grid, ev.levels, ev.extra) for ev in r.inputs]
+    for ev in events:
+        step = step + _event_error(*ev, lo - step, hi + step, False)
+    return step
+
+
+def _event_error(gain, shift, grid, levels, extra, lo, hi, relu_next: bool) -> np.ndarray:
+    """Per element t in [lo, hi], a bound on |t' - t| when v = gain t + shift is rounded to
+    `grid` (or dynamically over `levels` steps when it is None) and moved back to t."""
+    vlo = np.minimum(gain * lo, gain * hi) + shift
+    vhi = np.maximum(gain * lo, gain * hi) + shift
+    if grid is None:  # dynamic: the scale spans the tensor's range and 0
+        scale = max(float(vhi.max(initial=0.0)), 0.0) - min(float(vlo.min(initial=0.0)), 0.0)
+        half = scale / levels * (1.0 + 1e-6) * HALF_STEP
+        err = np.where((vlo == 0.0) & (vhi == 0.0), 0.0, half)
+    else:
+        over = np.maximum(vhi - grid.hi, 0.0)
+        if not relu_next:  # a clamp at or below 0 before a ReLU is the ReLU's own
+            over = np.maximum(over, grid.lo - vlo)
+        err = grid.scale * (HALF_STEP + extra) + over
+    return err / np.abs(np.asarray(gain, dtype=np.float64))
+
+
+# Largest |u8 x s8| product whose pair sums cannot saturate int16 (two of them: 32767).
+PAIR_HALF = 16383.5
+
+
+def _pair_saturation(p, aw: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Bound on what int16 saturation of pairwise product sums removes from each output.
+
+    A pair sum p1 + p2 saturates only when |p1| + |p2| > 32767, and then loses at most
+    (|p1| - 16383.5)+ + (|p2| - 16383.5)+, whatever the kernel's pairing: so per output row the
+    loss is at most the sum over inputs of (A_i |q_ji| - 16383.5)+, A_i the largest unsigned
+    input value over the region, q the integer weights; in output units times s_in s_w."""
+    vlo = np.minimum(p.gain * lo, p.gain * hi) + p.shift
+    vhi = np.maximum(p.gain * lo, p.gain * hi) + p.shift
+    if p.grid is not None:
+        scale = p.grid.scale
+        big = np.clip(np.ceil(vhi / scale + p.offset + 0.5), 0.0, 255.0)
+    else:  # dynamic uint8: zero point 0 when nothing is negative, scale at least max(lo) / 255
+        scale = (
+            max(float(vhi.max(initial=0.0)), 0.0) - min(float(vlo.min(initial=0.0)), 0.0)
+        ) / 255
+        least = max(float(vlo.max(initial=0.0)), 0.0) / 255
+        big = np.full_like(vhi, 255.0)
+        if vlo.min(initial=0.0) >= 0.0 and least > 0.0:
+            big = np.minimum(255.0, np.ceil(np.maximum(vhi, 0.0) / least + 0.5))
+    gain = np.abs(np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape))
+    q = aw / (p.unit[:, None] * gain[None, :]) * (1.0 + 1e-6)
+    loss = np.maximum(q * big[None, :] - PAIR_HALF, 0.0).sum(axis=1)
+    return p.unit * scale * loss
+
+
+def _output_rounding(r, e: np.ndarray, lo: np.ndarray, hi: np.ndarray, relu_next: bool, i: int):
+    """Add requantization of the output (`Rounding.outputs` in order, then the output grid):
+    half a step each, plus the fixed-point multiplier's intermediate rounding (<= the
+    multiplier, in output steps), plus how far the interval may leave each grid's range (the
+    clamp's move; the last grid's clamp at or below 0 before a ReLU is the ReLU's own). The
+    returned interval is cut to the last grid's range (its top only before a ReLU, where the
+    value below the grid is the unclamped one the ReLU zeroes)."""
+    events = [(ev.gain, ev.shift, ev.grid, ev.levels, ev.extra) for ev in r.outputs]
+    if r.output_grid is not None:
+        events.append((1.0, 0.0, r.output_grid, 255, min(0.5, r.multiplier)))
+    acc = np.zeros_like(e)
+    for k, (gain, shift, grid, levels, extra) in enumerate(events):
+        plain = grid is not None and np.all(gain == 1.0) and np.all(shift == 0.0)
+        last = k == len(events) - 1 and relu_next and plain and np.all(grid.lo <= 0.0)
+        acc = acc + _event_error(gain, shift, grid, levels, extra, lo - acc, hi + acc, last)
+    lo, hi = lo - acc, hi + acc
+    if events and plain:  # the requantized output lies on its grid (below: the ReLU's clamp)
+        hi = np.minimum(hi, grid.hi)
+        lo = np.maximum(lo, grid.lo) if not last else lo
+    return e + acc, lo, np.maximum(hi, lo)
+
+
+def point_interval(chain: PreparedChain, errors: tuple, x: np.ndarray):
+    """Interval of the runtime's outputs at one input `x`, from the chain and its error bounds
+    (each must hold at `x`, e.g. from `rounding_errors` over a region holding it)."""
+    lo = hi = np.asarray(x, dtype=np.float64).reshape(-1)
+    for layer, aw, e, step in zip(chain.layers, chain.absw, *errors, strict=True):
+        if isinstance(layer, Affine):
+            if step is not None:
+                lo, hi = lo - step, hi + step
+            lo, hi = _affine_interval(layer, aw, lo, hi, e)
+        elif isinstance(layer, Relu):
+            lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
+        else:
+            lo, hi = _pool_max(lo, layer.windows), _pool_max(hi, layer.windows)
+    return lo, hi
+
+
+# --- concretisation over the region: a fractional knapsack ------------------------------------
+
+
+def knapsack_min(
+    a: np.ndarray,
+    const: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    cost: np.ndarray,
+    budget: float,
+    *,
+    argmin: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Exact min of `a_i . s + const_i` over s in [lo, hi] with sum |s_g| cost_g <= budget.
+
+    Rows are independent; returns (values (m,), minimisers (m, G) or None). From the box point
+    nearest 0 every move increases |s_g|, so the problem is a fractional knapsack solved
+    greedily by |a_g| / cost_g. An empty set (the nearest point over budget) gives +inf.
+    """
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    m, g = a.shape
+    lo = np.asarray(lo, dtype=np.float64)
+    hi = np.asarray(hi, dtype=np.float64)
+    p = np.clip(0.0, lo, hi)
+    cap = budget + EPS - float(np.abs(p) @ cost)  # the region's own budget slack
+    const = np.asarray(const, dtype=np.float64)
+    if cap < 0:
+        return np.full(m, np.inf), (np.tile(p, (m, 1)) if argmin else None)
+    down = a > 0  # the objective decreases by moving s_g down
+    room = np.where(down, p - lo, hi - p)  # whole units available in the improving direction
+    order = _ratio_order(a, room, cost, cap)
+    w_sorted = np.take_along_axis(room, order, axis=1) * cost[order]
+    before = np.cumsum(w_sorted, axis=1) - w_sorted
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac_sorted = np.clip(np.where(w_sorted > 0, (cap - before) / w_sorted, 1.0), 0.0, 1.0)
+    gain_sorted = np.abs(np.take_along_axis(a, order, axis=1)) * np.take_along_axis(
+        room, order, axis=1
+    )
+    value = a @ p + const - (frac_sorted * gain_sorted).sum(axis=1)
+    if not argmin:
+        return value, None
+    frac = np.zeros((m, g))
+    np.put_along_axis(frac, order, frac_sorted, axis=1)
+    return value, p + np.where(down, -1.0, 1.0) * frac * room
+
+
+def _ratio_order(a: np.ndarray, room: np.ndarray, cost: np.ndarray, cap: float) -> np.ndarray:
+    """Per row, the generators the greedy can touch, by decreasing |a_g| / cost_g.
+
+    Every movable generator with a positive cost uses at least the smallest cost, so at most
+    (free ones) + ceil(cap / smallest cost) + 1 of them are reached: only those are sorted
+    (after a partition) when that is fewer than all.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(cost > 0, np.abs(a) / np.where(cost > 0, cost, 1.0), np.inf)
+    ratio = np.where(room > 0, ratio, -1.0)  # immovable: last
+    g = a.shape[1]
+    positive = cost[cost > 0]
+    reach = g
+    if len(positive):
+        reach = int((cost <= 0).sum()) + int(np.ceil(cap / positive.min() + 1e-9)) + 1
+    if reach >= g:
+        return np.argsort(-ratio, axis=1, kind="stable")
+    part = np.argpartition(-ratio, reach - 1, axis=1)[:, :reach]
+    sub = np.argsort(-np.take_along_axis(ratio, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, sub, axis=1)
+
+
+def _affine_exact(layer: Affine, err, lo, hi, cost, budget) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (relaxed) bounds of an affine function of s over the relaxed region, widened by
+    its rounding bound `err` (None: exact)."""
+    w, b = layer.weight, layer.bias
+    low, _ = knapsack_min(w, b, lo, hi, cost, budget, argmin=False)
+    neg, _ = knapsack_min(-w, -b, lo, hi, cost, budget, argmin=False)
+    e = 0.0 if err is None else err
+    return low - e, -neg + e
+
+
+def _affine_interval(layer: Affine, absw: np.ndarray, lo: np.ndarray, hi: np.ndarray, err=None):
+    """Interval image of [lo, hi] under an affine map (`absw` = |W|), widened by `err`."""
+    mid, rad = (lo + hi) / 2.0, (hi - lo) / 2.0
+    c = layer.weight @ mid + layer.bias
+    r = absw @ rad if err is None else absw @ rad + err
+    return c - r, c + r
+
+
+def _spec_interval(spec: SpecChain, i: int, lo: np.ndarray, hi: np.ndarray):
+    """Interval image under the spec's Affine layer `i`, input and output rounding included."""
+    step = spec.input_error(i)
+    if step is not None:
+        lo, hi = lo - step, hi + step
+    return _affine_interval(spec.layers[i], spec.absw[i], lo, hi, spec.err[i])
+
+
+def _pool_max(v: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """Max over each window of a vector (padding -1 ignored)."""
+    padded = np.concatenate([v, [-np.inf]])
+    return padded[windows].max(axis=1)
+
+
+# --- interval bounds ---------------------------------------------------------------------------
+
+
+def interval_bounds(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> Bounds:
+    """IBP: exact bounds of the first layer over the relaxed region, intervals after it."""
+    g = len(lo)
+    k = len(spec.others)
+    if _infeasible(spec, lo, hi):
+        return _empty(spec, lo, hi)
+    pre: list = [None] * len(spec.layers)
+    cur_lo = cur_hi = None
+    for i, layer in enumerate(spec.layers):
+        if isinstance(layer, Affine):
+            if i == 0:
+                cur_lo, cur_hi = _affine_exact(
+                    layer, _first_err(spec), lo, hi, spec.cost, spec.budget
+                )
+                first = (cur_lo.copy(), cur_hi.copy())
+            else:
+                cur_lo, cur_hi = _spec_interval(spec, i, cur_lo, cur_hi)
+        elif isinstance(layer, Relu):
+            pre[i] = (cur_lo, cur_hi)
+            cur_lo, cur_hi = np.maximum(cur_lo, 0.0), np.maximum(cur_hi, 0.0)
+        else:
+            pre[i] = (cur_lo, cur_hi)
+            cur_lo, cur_hi = _pool_max(cur_lo, layer.windows), _pool_max(cur_hi, layer.windows)
+    p = np.clip(0.0, lo, hi).astype(np.float64)
+    return Bounds(cur_lo, np.zeros((k, g)), np.tile(p, (k, 1)), pre, "ibp", first)
+
+
+def _infeasible(spec: SpecChain, lo, hi) -> bool:
+    p = np.clip(0.0, lo, hi).astype(np.float64)
+    return float(np.abs(p) @ spec.cost) > spec.budget + EPS or bool(np.any(lo > hi))
+
+
+def _empty(spec: SpecChain, lo, hi) -> Bounds:
+    k, g = len(spec.others), len(lo)
+    p = np.clip(0.0, lo, hi).astype(np.float64)
+    return Bounds(
+        np.full(k, np.inf), np.zeros((k, g)), np.tile(p, (k, 1)), [None] * len(spec.layers), "empty"
+    )
+
+
+# --- linear bounds (back-substitution) ---------------------------------------------------------
+
+
+def linear_bounds(
+    spec: SpecChain,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    *,
+    alpha_steps: int = 0,
+    target: np.ndarray | float = 0.0,
+    ibp: Bounds | None = None,
+    parent: Bounds | None = None,
+    alpha_gap: float = np.inf,
+) -> Bounds:
+    """CROWN / DeepPoly: back-substitute every unstable neuron and the margins down to s.
+
+    Intermediate bounds are the tighter of IBP, back-substitution and `parent`'s (bounds of an
+    enclosing box, as branch and bound passes them: only neurons still unstable are redone).
+    ReLU lower slopes are adaptive (0 or 1), then optimised for the margins still at or below
+    `target` (`alpha_steps` > 0 gradient steps), when the worst is at most `alpha_gap` below it
+    (optimising gains a few percent: no use far from the target).
+    """
+    lo = np.asarray(lo)
+    hi = np.asarray(hi)
+    if _infeasible(spec, lo, hi):
+        return _empty(spec, lo, hi)
+    layers = spec.layers
+    pre: list = [None] * len(layers)
+    if parent is not None and parent.empty:
+        parent = None
+    first = None
+    cur_lo = cur_hi = None
+    for i, layer in enumerate(layers):
+        if isinstance(layer, Affine):
+            known = None
+            if parent is not None and i + 1 < len(layers) and parent.pre[i + 1] is not None:
+                known = parent.pre[i + 1]
+            relu_next = i + 1 < len(layers) and isinstance(layers[i + 1], Relu)
+            if i == 0:
+                cur_lo, cur_hi = _first_layer(spec, lo, hi, ibp, known if relu_next else None)
+                first = (cur_lo.copy(), cur_hi.copy())
+                continue
+            cur_lo, cur_hi = _spec_interval(spec, i, cur_lo, cur_hi)
+            if known is not None:
+                cur_lo, cur_hi = np.maximum(cur_lo, known[0]), np.minimum(cur_hi, known[1])
+            if i + 1 == len(layers):
+                continue
+            rows = np.arange(len(cur_lo))
+            if relu_next:
+                rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
+            if len(rows):
+                lam, c = _query_both(spec, pre, i, rows)
+                vals, _ = knapsack_min(lam, c, lo, hi, spec.cost, spec.budget, argmin=False)
+                m = len(rows)
+                cur_lo[rows] = np.maximum(cur_lo[rows], vals[:m])
+                cur_hi[rows] = np.minimum(cur_hi[rows], -vals[m:])
+        elif isinstance(layer, Relu):
+            pre[i] = (cur_lo, cur_hi)
+            cur_lo, cur_hi = np.maximum(cur_lo, 0.0), np.maximum(cur_hi, 0.0)
+        else:
+            pre[i] = (cur_lo, cur_hi)
+            cur_lo, cur_hi = _pool_max(cur_lo, layer.windows), _pool_max(cur_hi, layer.windows)
+    top = len(layers) - 1
+    last = layers[top]
+    lam, c = _backsub(spec, pre, top + 1, np.eye(last.weight.shape[0]), np.zeros(len(last.bias)))
+    vals, argmin = knapsack_min(lam, c, lo, hi, spec.cost, spec.budget)
+    method = "crown"
+    worst = float(np.min(vals - target))
+    if alpha_steps > 0 and top > 0 and -alpha_gap < worst <= 0:
+        lam2, c2, vals2, argmin2 = optimise_alpha(spec, pre, lo, hi, alpha_steps, target)
+        better = vals2 > vals
+        lam[better], c[better], vals[better], argmin[better] = (
+            lam2[better],
+            c2[better],
+            vals2[better],
+            argmin2[better],
+        )
+        method = "alpha-crown"
+    interval = cur_lo  # IBP of the margins from the refined intermediate bounds
+    for other in (ibp, parent):  # bounds over this box or an enclosing one hold here too
+        if other is not None and not other.empty:
+            interval = np.maximum(interval, other.lower)
+    return Bounds(np.maximum(vals, interval), lam, argmin, pre, method, first)
+
+
+def _first_layer(spec: SpecChain, lo, hi, ibp: Bounds | None, known):
+    """Bounds of the first layer's outputs: from `ibp` when given, else the knapsack, only for
+    the neurons `known` (an enclosing box's bounds) leaves unstable."""
+    if ibp is not None and ibp.first is not None:
+        return ibp.first[0].copy(), ibp.first[1].copy()
+    layer = spec.layers[0]
+    if known is None:
+        return _affine_exact(layer, _first_err(spec), lo, hi, spec.cost, spec.budget)
+    cur_lo, cur_hi = known[0].copy(), known[1].copy()
+    rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
+    if len(rows):
+        sub = Affine(layer.weight[rows], layer.bias[rows])
+        full = _first_err(spec)
+        err = None if full is None else full[rows]
+        l, u = _affine_exact(sub, err, lo, hi, spec.cost, spec.budget)
+        cur_lo[rows], cur_hi[rows] = np.maximum(cur_lo[rows], l), np.minimum(cur_hi[rows], u)
+    return cur_lo, cur_hi
+
+
+def _first_err(spec: SpecChain):
+    """What the first layer's outputs are widened by: own rounding plus input rounding."""
+    if spec.first_input is None:
+        return spec.err[0]
+    return spec.first_input[2] if spec.err[0] is None else spec.err[0] + spec.first_input[2]
+
+
+def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray):
+    """Lower bounds of rows `rows` of affine layer `i` and of their negations, as linear
+    functions of s.
+
+    When a ReLU and an affine layer lie below, the relaxation's diagonal is folded into that
+    (narrower) weight matrix: with W+ = (W + |W|) / 2 and W- = (W - |W|) / 2 both signs come
+    from two products, W @ M1 and |W| @ M2 (no m x n elementwise work).
+    """
+    m = len(rows)
+    if (
+        i < 2
+        or (i == 2 and spec.first_input is not None)  # its charge needs the lam on layer 0
+        or not isinstance(spec.layers[i - 1], Relu)
+        or not isinstance(spec.layers[i - 2], Affine)
+    ):
+        eye = np.zeros((2 * m, len(spec.layers[i].bias)))
+        eye[np.arange(m), rows] = 1.0
+        eye[m + np.arange(m), rows] = -1.0
+        return _backsub(spec, pre, i + 1, eye, np.zeros(2 * m))
+    layer, below = spec.layers[i], spec.layers[i - 2]
+    su, iu, alpha, _ = _relu_relax(*pre[i - 1])
+    mid, dif = (alpha + su) / 2.0, (alpha - su) / 2.0
+    low = spec.err[i - 2] if spec.err[i - 2] is not None else np.zeros(len(su))
+    m1 = np.column_stack([mid[:, None] * below.weight, mid * below.bias + iu / 2.0, dif * low])
+    m2 = np.column_stack([dif[:, None] * below.weight, dif * below.bias - iu / 2.0, mid * low])
+    if 2 * m > len(layer.bias):
+        a, b = (layer.weight @ m1)[rows], (spec.absw[i] @ m2)[rows]
+    else:
+        a, b = layer.weight[rows] @ m1, spec.absw[i][rows] @ m2
+    g = below.weight.shape[1]
+    own = spec.err[i][rows] if spec.err[i] is not None else 0.0
+    if spec.input_error(i) is not None:  # unit queries: |lambda W| = |W| on the rows
+        own = own + spec.absw[i][rows] @ spec.input_error(i)
+    bias = layer.bias[rows]
+    lam = np.concatenate([a[:, :g] + b[:, :g], b[:, :g] - a[:, :g]])
+    c = np.concatenate(
+        [
+            bias + a[:, g] + b[:, g] - a[:, g + 1] - b[:, g + 1] - own,
+            -bias - a[:, g] + b[:, g] + a[:, g + 1] - b[:, g + 1] - own,
+        ]
+    )
+    if spec.input_error(i - 2) is not None:  # lam is on the input of the layer below
+        c = c - np.abs(lam) @ spec.input_error(i - 2)
+    return _backsub(spec, pre, i - 2, lam, c)
+
+
+def _relu_relax(l: np.ndarray, u: np.ndarray):
+    """Upper line (slope, intercept) and default lower slope of ReLU over [l, u]."""
+    active = l >= 0
+    unstable = (l < 0) & (u > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        su = np.where(unstable, u / np.where(unstable, u - l, 1.0), active.astype(np.float64))
+    iu = np.where(unstable, -su * l, 0.0)
+    alpha = np.where(unstable, (u > -l).astype(np.float64), active.astype(np.float64))
+    return su, iu, alpha, unstable
+
+
+def _pool_relax(l: np.ndarray, u: np.ndarray, windows: np.ndarray):
+    """Max pool: lower by the input with the largest lower bound; upper exact when it dominates."""
+    lp = np.concatenate([l, [-np.inf]])
+    up = np.concatenate([u, [-np.inf]])
+    arg = windows[np.arange(len(windows)), lp[windows].argmax(axis=1)]
+    others = np.where(windows == arg[:, None], -1, windows)
+    dominated = lp[arg] >= up[others].max(axis=1)
+    umax = up[windows].max(axis=1)
+    return arg, dominated, umax
+
+
+def _backsub(
+    spec: SpecChain,
+    pre: list,
+    upto: int,
+    lam: np.ndarray,
+    c: np.ndarray,
+    alphas=None,
+    tape=None,
+    betas=None,
+):
+    """Lower bound `lam . v_upto + c` as a linear function of s, through layers upto-1 .. 0.
+
+    `lam` are coefficients on the output of layer `upto - 1`; every affine layer passed charges
+    its rounding bound |lam| . err. `betas` (Relu layer -> (m, n) signed multipliers of split
+    constraints on its input, see `verifier.engine.relu_split`) are added to lam on that input.
+    """
+    for k in range(upto - 1, -1, -1):
+        layer = spec.layers[k]
+        if tape is not None:
+            tape.append((k, lam))
+        if isinstance(layer, Affine):
+            c = c + lam @ layer.bias
+            if spec.err[k] is not None:
+                c = c - np.abs(lam) @ spec.err[k]
+            if k == 0 and spec.first_input is not None:
+                c = c - np.abs(lam @ spec.first_input[0]) @ spec.first_input[1]
+            lam = lam @ layer.weight
+            if spec.input_error(k) is not None:
+                c = c - np.abs(lam) @ spec.input_error(k)
+        elif isinstance(layer, Relu):
+            su, iu, alpha, _ = _relu_relax(*pre[k])
+            if alphas is not None and k in alphas:
+                alpha = alphas[k]
+            pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+            c = c + neg @ iu
+            lam = pos * alpha + neg * su
+            if betas is not None and k in betas:
+                lam = lam + betas[k]
+        else:
+            l, u = pre[k]
+            arg, dom, umax = _pool_relax(l, u, layer.windows)
+            pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+            c = c + (neg * ~dom) @ umax
+            lam = _scatter_cols(pos + neg * dom, arg, len(l))
+    return lam, c
+
+
+def _scatter_cols(vals: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
+    """(m, n) matrix with vals[:, j] added to column cols[j]."""
+    out = np.zeros((vals.shape[0], n))
+    np.add.at(out.T, cols, vals.T)
+    return out
+
+
+# --- optimised lower slopes (alpha-CROWN for the margins) --------------------------------------
+
+
+def optimise_alpha(
+    spec: SpecChain,
+    pre: list,
+    lo,
+    hi,
+    steps: int,
+    target: np.ndarray | float = 0.0,
+    lr: float = 0.2,
+    split_signs: dict | None = None,
+):
+    """Projected gradient ascent on per-margin ReLU lower slopes, intermediate bounds fixed.
+
+    Any slope in [0, 1] gives a sound bound, so the best one seen is kept. The gradient is
+    exact for the piecewise-linear back-substitution (the knapsack minimiser is fixed, Danskin).
+    `split_signs` (Relu layer -> +1 / -1 / 0 per neuron: input >= 0 / <= 0 holds on every point
+    of the sub-box, see `verifier.engine.relu_split`) adds one multiplier >= 0 per such constraint
+    and
+    margin (beta-CROWN): the bound minus beta * sign * input is a lower bound there.
+    """
+    top = len(spec.layers)
+    m = spec.layers[-1].weight.shape[0]
+    alphas = {
+        k: np.tile(_relu_relax(*pre[k])[2], (m, 1))
+        for k, layer in enumerate(spec.layers)
+        if isinstance(layer, Relu)
+    }
+    moment = {k: np.zeros_like(a) for k, a in alphas.items()}
+    signs = {k: v for k, v in (split_signs or {}).items() if np.any(v)}
+    betas = {k: np.zeros((m, len(v))) for k, v in signs.items()}
+    beta_moment = {k: np.zeros_like(b) for k, b in betas.items()}
+    best = None
+    for _ in range(steps + 1):
+        tape: list = []
+        signed = {k: -signs[k] * b for k, b in betas.items()} if betas else None
+        lam, c = _backsub(spec, pre, top, np.eye(m), np.zeros(m), alphas, tape, signed)
+        vals, argmin = knapsack_min(lam, c, lo, hi, spec.cost, spec.budget)
+        if best is None:
+            best = [lam, c, vals, argmin]
+        else:
+            up = vals > best[2]
+            for j, arr in enumerate((lam, c, vals, argmin)):
+                best[j][up] = arr[up]
+        if np.all(best[2] > target):
+            break
+        values: dict | None = {} if betas else None
+        for k, gk in _alpha_grads(spec, pre, tape, argmin, alphas, values).items():
+            moment[k] = 0.5 * moment[k] + gk
+            scale = np.abs(moment[k]).max(axis=1, keepdims=True) + 1e-12
+            alphas[k] = np.clip(alphas[k] + lr * moment[k] / scale, 0.0, 1.0)
+        for k in betas:
+            beta_moment[k] = 0.5 * beta_moment[k] - signs[k] * values[k]
+            scale = np.abs(beta_moment[k]).max(axis=1, keepdims=True) + 1e-12
+            betas[k] = np.maximum(betas[k] + lr * beta_moment[k] / scale, 0.0)
+    return best[0], best[1], best[2], best[3]
+
+
+def _alpha_grads(
+    spec: SpecChain, pre: list, tape, argmin: np.ndarray, alphas: dict, values=None
+) -> dict:
+    """Gradient of each row's bound w.r.t. its lower slopes, by reverse mode over the tape.
+
+    `values` (a dict), when given, receives for each Relu layer k the gradient w.r.t. lam on
+    its input (the relaxed input values at the minimiser): the gradient of `betas[k]`."""
+    grad = argmin  # d bound / d lam at s-level (m, G)
+    out = {}
+    for k, lam_in in reversed(tape):  # from layer 0 back up to the query
+        layer = spec.layers[k]
+        if isinstance(layer, Affine):
+            step = spec.input_error(k)
+            if step is not None:  # the charge -|lam_in W| . step
+                grad = grad - np.sign(lam_in @ layer.weight) * step
+            grad = grad @ layer.weight.T + layer.bias
+            if k == 0 and spec.first_input is not None:
+                w0, step0, _ = spec.first_input
+                grad = grad - (np.sign(lam_in @ w0) * step0) @ w0.T
+            if spec.err[k] is not None:
+                grad = grad - np.sign(lam_in) * spec.err[k]
+            if values is not None and k + 1 < len(spec.layers):
+                values[k + 1] = grad
+        elif isinstance(layer, Relu):
+            su, iu, _, unstable = _relu_relax(*pre[k])
+            pos = lam_in >= 0
+            out[k] = np.where(pos & unstable, grad * lam_in, 0.0)
+            grad = np.where(pos, grad * alphas[k], grad * su + iu)
+        else:
+            l, u = pre[k]
+            arg, dom, umax = _pool_relax(l, u, layer.windows)
+            grad = np.where((lam_in >= 0) | dom, grad[:, arg], umax)
+    return out
+
+
+def relu_pre_bounds(bounds: Bounds, spec: SpecChain) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Pre-activation bounds of each Relu in chain order (what the SMT encoding takes)."""
+    return [bounds.pre[i] for i, layer in enumerate(spec.layers) if isinstance(layer, Relu)]

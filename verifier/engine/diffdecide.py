@@ -1,0 +1,259 @@
+"""The quantized decision on a region the float model certified, starting from its proof.
+
+Order: a cheap attack on the quantized runtime; the runtime's own bounds (its error model)
+over the region, then with a dynamic-range first layer's input quantization folded into
+sub-regions of fixed scale (`dynamic_input`); the differential bound (`diffbounds`) on the
+float proof's root bounds, else on each of its closed leaves (each leaf the float margin
+absorbs the difference in is closed as is); a search attack on the quantized runtime (any
+counterexample is an input of R^FP, confirmed on that runtime); then branch and bound on the
+leaves left, the small ones enumerated on the quantized runtime. Nodes of that search are
+bounded by the runtime's own linear bounds only: on the MNIST MLP's dynamic-range and float16
+error models the differential bounds never beat them (their rounding dominates the
+difference, and its ReLU-pair relaxation widens with it), at up to twice the cost.
+Without a proof, an error model the runtime's output at x contradicts, or layers the
+difference is not propagated through, the decision is `decide.decide`'s own.
+
+Routes: "bounds" (the runtime's own bounds, "input_fold" in `detail` when folded),
+"diff-root" (the root bound), "diff-leaves" (every float leaf reused), "diff-bab" (new
+splits), "enumeration", "attack" (found on the quantized runtime), "budget"; `detail` counts
+the leaves reused and split ("float_leaves", "float_leaves_reused", "new_nodes").
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from verifier.engine.attack import quick_attack, search_attack
+from verifier.engine.bab import ClosedLeaves, Leaf, branch_and_bound, close_by_bounds
+from verifier.engine.bounds import (
+    Bounds,
+    PreparedChain,
+    linear_bounds,
+    point_interval,
+    prepare_chain,
+    rounding_errors,
+    spec_chain,
+)
+from verifier.engine.decide import (
+    ALPHA_NEAR,
+    _check,
+    _model_spec,
+    _root_bounds,
+    _Run,
+    decide,
+)
+from verifier.engine.diffbounds import DiffBounds, diff_spec, quantized_bounds, wrap_direct
+from verifier.engine.dynamic_input import fold_first_input, split_for_fold
+from verifier.engine.enumeration import box_size, runtime_inputs
+from verifier.engine.network import LoweredLayer
+from verifier.engine.proof import Cover
+from verifier.engine.regions import Region
+from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN, Decision
+
+ALPHA_STEPS = 20  # optimised slopes of the runtime's own root bounds, as `decide` runs them
+
+
+def decide_from_float(
+    runtime,
+    chain: list[LoweredLayer] | PreparedChain,
+    region: Region,
+    label: int,
+    proof: ClosedLeaves | None,
+    error_model,
+    *,
+    timeout: float,
+    max_nodes: int = 20000,
+    enum_limit: int = 8192,
+    seed: int = 0,
+    attack_share: float = 0.05,
+) -> Decision:
+    """Certified / refuted / unknown for the quantized `runtime` on `region`, which the float
+    `chain` is certified on by `proof` (`decide(..., keep_leaves=True)`'s "reuse")."""
+    chain = prepare_chain(chain)
+    _check(chain.layers, region, label, timeout, max_nodes, enum_limit, True, error_model)
+
+    def fallback(why: str) -> Decision:
+        left = max(timeout - (time.perf_counter() - start), 1e-3)
+        d = decide(
+            runtime,
+            chain,
+            region,
+            label,
+            timeout=left,
+            max_nodes=max_nodes,
+            enum_limit=enum_limit,
+            use_smt=False,
+            quantized=True,
+            error_model=error_model,
+            seed=seed,
+        )
+        d.detail["differential"] = why
+        d.seconds = time.perf_counter() - start
+        return d
+
+    start = time.perf_counter()
+    if proof is None or error_model is None:
+        return fallback("no float proof" if proof is None else "no error model")
+    if box_size(region.lo, region.hi, region.cost, region.budget, enum_limit) <= enum_limit:
+        return fallback("small region")
+    deadline = start + timeout
+    detail: dict = {"leaves": {}, "points": 0, "attack_evals": 0, "steps": {}}
+    run = _Run(runtime, region, label, start, detail)
+    # only the runtime's own bounds over the whole region keep a proof: differential and folded
+    # leaves have no kept-proof kind yet (the audit still enumerates such regions when small)
+    run.cover, run.spec = None, "error-model"
+    qspec, trusted = _model_spec(runtime, error_model, region, label, detail)
+    if not trusted:
+        return fallback(detail.get("untrusted_reason", "error model not trusted"))
+    try:
+        ds = diff_spec(proof.spec, qspec)
+    except ValueError as exc:
+        return fallback(str(exc))
+
+    att = quick_attack(runtime, qspec, region, label, seed=seed)
+    run.step("attack", evals=att.evaluations)
+    if att.coeffs is not None:
+        return run.done(REFUTED, "attack", att.coeffs, att.adv_label)
+
+    threshold = np.zeros(len(qspec.others))
+    gap = ALPHA_NEAR * max(att.best_margin, 1e-6)
+    # slopes are optimised in branch and bound; the folded input (below) gains more at the root
+    direct = _root_bounds(qspec, region, threshold, 0, gap, detail)
+    run.step("bounds")
+    if np.all(direct.lower > 0):
+        run.cover = Cover()
+        close_by_bounds(run.cover, Leaf(region.lo, region.hi, direct), region, threshold)
+        return run.done(CERTIFIED, "bounds")
+    if _folded_bounds(runtime, error_model, region, label, threshold, gap, detail, deadline):
+        run.step("bounds")
+        return run.done(CERTIFIED, "bounds")
+    leaves = _reuse(ds, qspec, region, proof, direct, detail, deadline)
+    run.step("differential")
+    if leaves is None:
+        detail["open_leaves"] = "float leaves not all bounded in time"
+        return run.done(UNKNOWN, "budget")
+    if not leaves:
+        return run.done(CERTIFIED, "diff-root" if _root_only(proof) else "diff-leaves")
+
+    att = search_attack(
+        runtime,
+        qspec,
+        region,
+        label,
+        start=att.best,
+        seed=seed,
+        deadline=min(deadline, time.perf_counter() + attack_share * timeout),
+    )
+    run.step("attack", evals=att.evaluations)
+    if att.coeffs is not None:
+        return run.done(REFUTED, "attack", att.coeffs, att.adv_label)
+
+    def bound(lo, hi, parent):
+        b = linear_bounds(
+            qspec,
+            lo,
+            hi,
+            alpha_steps=ALPHA_STEPS,
+            target=threshold,
+            parent=parent.direct,
+            alpha_gap=gap,
+        )
+        return wrap_direct(None, b)
+
+    out = branch_and_bound(
+        runtime,
+        region,
+        label,
+        leaves,
+        bound,
+        threshold,
+        deadline=deadline,
+        max_nodes=max_nodes,
+        enum_limit=enum_limit,
+    )
+    run.nodes += out.nodes
+    run.step("bab")
+    detail["new_nodes"] = out.nodes
+    detail["points"] += out.points
+    detail["leaves"] = {k: v for k, v in out.closed.items() if v}
+    detail["open_leaves"] = len(out.open_leaves)
+    if out.status == REFUTED:
+        route = "attack" if out.route == "bab" else out.route
+        return run.done(REFUTED, route, out.coeffs, out.adv_label)
+    if out.status == CERTIFIED:
+        by_bounds = out.closed["bab"] + out.closed["empty"]
+        return run.done(CERTIFIED, "diff-bab" if by_bounds else "enumeration")
+    return run.done(UNKNOWN, "budget")
+
+
+def _folded_bounds(
+    runtime, model, region: Region, label: int, threshold, gap, detail, deadline: float
+) -> bool:
+    """Whether the runtime's own bounds certify every sub-region of `region` once the first
+    layer's input quantization is folded into it (`dynamic_input`): sub-regions with a fixed
+    input scale, each guarded by the runtime's logits at its point nearest 0."""
+    parts = split_for_fold(region)
+    if parts is None:
+        return False
+    detail["input_fold"] = f"{len(parts)} sub-regions"
+    for part in parts:
+        if time.perf_counter() > deadline:
+            return False
+        folded = fold_first_input(model, part)
+        if folded is None:
+            return False
+        region_q, residual = folded
+        try:
+            out, inputs = rounding_errors(model.chain, part, rounding=model.rounding)
+        except ValueError:  # a static grid may saturate: no bound
+            return False
+        inputs = [residual, *inputs[1:]]
+        p = np.clip(0, part.lo, part.hi)
+        lo, hi = point_interval(model.chain, (out, inputs), region_q.points(p[None])[0])
+        got = np.asarray(runtime.predict(runtime_inputs(runtime, region, p[None])), np.float64)[0]
+        if not (got.shape == lo.shape and np.all((got >= lo) & (got <= hi))):
+            detail["input_fold"] = "the runtime's logits lie outside the folded model's interval"
+            return False
+        spec = spec_chain(model.chain, region_q, label, errors=(out, inputs))
+        if not np.all(linear_bounds(spec, part.lo, part.hi).lower > threshold):
+            return False
+    return True
+
+
+def _root_only(proof: ClosedLeaves) -> bool:
+    return len(proof.leaves) == 1 and proof.leaves[0].bounds is proof.root
+
+
+def _leaf_bounds(ds, lo, hi, base: Bounds, direct_parent: Bounds) -> DiffBounds:
+    """The quantized bounds of a float proof's leaf (`base`: its float bounds): the runtime's
+    own linear bounds, and where they do not certify, the differential ones."""
+    direct = linear_bounds(ds.quant_spec, lo, hi, parent=direct_parent)
+    if base.empty or direct.empty or np.all(direct.lower > 0):
+        return wrap_direct(base, direct)
+    return quantized_bounds(ds, lo, hi, base, direct, refine=False)
+
+
+def _reuse(
+    ds, qspec, region: Region, proof: ClosedLeaves, direct, detail: dict, deadline: float
+) -> list[Leaf] | None:
+    """The float proof's leaves the difference is not absorbed in, with their quantized bounds
+    (the root alone when the root bounds certified); None when time ran out."""
+    if _root_only(proof):
+        b = quantized_bounds(ds, region.lo, region.hi, proof.root, direct)
+        detail["diff_root_margin"] = float(np.min(b.lower))
+        detail["diff_root_delta"] = float(np.min(b.delta))
+        # how much the differential bound adds to the runtime's own on the worst margin
+        detail["diff_root_gain"] = float(np.min(b.lower) - np.min(direct.lower))
+        return [] if np.all(b.lower > 0) else [Leaf(region.lo, region.hi, b)]
+    left = []
+    for leaf in proof.leaves:
+        if time.perf_counter() > deadline:
+            return None
+        b = _leaf_bounds(ds, leaf.lo, leaf.hi, leaf.bounds, direct)
+        if not (b.empty or np.all(b.lower > 0)):
+            left.append(Leaf(leaf.lo, leaf.hi, b))
+    detail["float_leaves"] = len(proof.leaves)
+    detail["float_leaves_reused"] = len(proof.leaves) - len(left)
+    return left

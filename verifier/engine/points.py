@@ -1,0 +1,165 @@
+"""Points of a region: how many there are, and what a runtime answers at them.
+
+The one point counter (`count_points`) and the one way to run region points on a runtime
+(`runtime_inputs`, `predict_points`): enumeration, z3, the search, the audit, the ladders and
+the report's examples all go through these, so every route evaluates a point bit-identically.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import numpy as np
+
+
+class Region(Protocol):
+    """What evaluation needs of `regions.Region` (named here so `regions` may import this
+    module for its point count)."""
+
+    x: np.ndarray
+    directions: np.ndarray
+
+    @property
+    def num_generators(self) -> int: ...
+
+
+EPS = 1e-9  # as `regions.EPS`: rounding slack for budgets
+
+
+def region_inputs(region: Region, coeffs: np.ndarray) -> np.ndarray:
+    """`region.points(coeffs)` as float32 (B, n), computing only the columns generators move.
+
+    Where each value is moved by one generator (both of DLV's families) a column is the single
+    product `x_c + s_g * D_gc`, bit-identical to the matrix product (its other terms are exact
+    zeros); values moved by several generators take the matrix product.
+    """
+    s = np.asarray(coeffs, dtype=np.float64).reshape(-1, region.num_generators)
+    d = region.directions
+    movers = np.count_nonzero(d, axis=0)
+    out = np.broadcast_to(region.x.astype(np.float32), (len(s), region.x.size)).copy()
+    one = np.flatnonzero(movers == 1)
+    if len(one):
+        owner = np.argmax(d[:, one] != 0, axis=0)
+        out[:, one] = (region.x[one] + s[:, owner] * d[owner, one]).astype(np.float32)
+    many = np.flatnonzero(movers > 1)
+    if len(many):
+        out[:, many] = (region.x[many] + s @ d[:, many]).astype(np.float32)
+    return out
+
+
+def runtime_inputs(runtime, region: Region, coeffs: np.ndarray) -> np.ndarray:
+    """Float32 inputs at `coeffs` (B, G) shaped for `runtime.predict` (flat when the runtime
+    declares no `input_shape`, or is None)."""
+    pts = region_inputs(region, coeffs)
+    shape = getattr(runtime, "input_shape", None)
+    return pts.reshape((len(pts), *shape)) if shape else pts
+
+
+def predict_points(runtime, region: Region, coeffs: np.ndarray) -> np.ndarray:
+    """The runtime's logits (B, classes) at the points of `coeffs` (B, G)."""
+    return np.asarray(runtime.predict(runtime_inputs(runtime, region, coeffs)))
+
+
+def count_points(lo, hi, cost, budget: float, limit: int = 10**12, exact: bool = False) -> int:
+    """Integer points of the box `[lo, hi]` with `sum |s_g| * cost_g <= budget`, capped at
+    `limit + 1` (so "more than `limit`" is seen).
+
+    The budget DP runs on a cost grid: exact when all costs are multiples of a common unit
+    (lattice regions), else on costs rounded down (a superset, so never an under-count: what
+    the decision routes need, fast). `exact=True` runs the DP over the distinct used budgets
+    instead (always exact, slower: for tests and `Region.size`).
+    """
+    lo = np.asarray(lo, dtype=np.int64)
+    hi = np.asarray(hi, dtype=np.int64)
+    cap = limit + 1
+    box = _box_product(lo, hi, cap)
+    if box < cap and _box_fits_budget(lo, hi, cost, budget):
+        return box
+    if box >= cap and _subsets_at_least(lo, hi, cost, budget) >= cap:
+        return cap
+    if exact:
+        return min(box, _exact(lo, hi, cost, budget, cap))
+    return min(box, _dp(lo, hi, cost, budget, cap))
+
+
+def _subsets_at_least(lo, hi, cost, budget: float) -> int:
+    """A lower bound on the points: C(F, k) subsets of the F free 0/1 generators (k = how many
+    of the costliest fit the budget left), or 0 when the free generators are not 0/1."""
+    free = hi > lo
+    if not np.all((lo[free] == 0) & (hi[free] == 1)):
+        return 0
+    left = budget + EPS - float(np.abs(np.clip(0, lo, hi)) @ cost)
+    costs = np.sort(cost[free])[::-1]
+    k = int(np.searchsorted(np.cumsum(costs), left, side="right"))
+    return math.comb(len(costs), k)
+
+
+def _box_fits_budget(lo, hi, cost, budget) -> bool:
+    far = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64)
+    return float(far @ cost) <= budget + EPS
+
+
+def _dp(lo, hi, cost, budget: float, cap: int) -> int:
+    pos = cost[cost > EPS]
+    if len(pos) == 0:
+        return _box_product(lo, hi, cap)
+    units = None
+    for k in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 32, 64):  # a common unit of all costs?
+        unit = float(pos.min()) / k
+        ratios = cost / unit
+        if np.all(np.abs(ratios - np.round(ratios)) < 1e-6):
+            units = np.round(ratios).astype(np.int64)
+            break
+    if units is None:  # no common unit: costs rounded down on a fine grid (an over-count)
+        unit = float(pos.min()) / 64.0
+        units = np.floor(cost / unit + 1e-9).astype(np.int64)
+    total = int(np.floor(budget / unit + 1e-6))
+    if total > 2_000_000:
+        return _box_product(lo, hi, cap)
+    counts = np.zeros(total + 1)
+    counts[0] = 1.0
+    for g in range(len(lo)):
+        nxt = np.zeros_like(counts)
+        for v in range(int(lo[g]), int(hi[g]) + 1):
+            k = abs(v) * int(units[g])
+            if k <= total:
+                nxt[k:] += counts[: total + 1 - k]
+        counts = np.minimum(nxt, float(cap))
+    return int(min(counts.sum(), cap))
+
+
+def _box_product(lo, hi, cap: int) -> int:
+    box = 1
+    for n in (hi - lo + 1).tolist():
+        box = min(box * max(n, 0), cap)
+    return box
+
+
+def _exact(lo, hi, cost, budget: float, cap: int) -> int:
+    """The exact count by a DP over the distinct used budgets."""
+    states = {0.0: 1}
+    for g in range(len(lo)):
+        nxt: dict[float, int] = {}
+        for used, n in states.items():
+            for v in range(int(lo[g]), int(hi[g]) + 1):
+                c = round(used + abs(v) * float(cost[g]), 9)
+                if c <= budget + EPS:
+                    nxt[c] = min(cap, nxt.get(c, 0) + n)
+        states = nxt
+        if not states:
+            return 0
+    return min(cap, sum(states.values()))
+
+
+LABEL_BATCH = 8192  # region points per runtime call when only labels are kept
+
+
+def labels_at(runtime, region: Region, s: np.ndarray) -> np.ndarray:
+    """The runtime's labels at the region points with coefficients `s` (B, G)."""
+    s = np.asarray(s, dtype=np.int64).reshape(-1, region.num_generators)
+    out = np.empty(len(s), dtype=np.int64)
+    for start in range(0, len(s), LABEL_BATCH):
+        part = s[start : start + LABEL_BATCH]
+        out[start : start + len(part)] = predict_points(runtime, region, part).argmax(axis=1)
+    return out

@@ -1,0 +1,1 @@
+"""What a run writes and shows: results.json, Markdown/HTML, JUnit, plots, console, progress."""

@@ -1,0 +1,470 @@
+"""Re-check a kept proof (`verifier.engine.proof`) leaf by leaf, with code of its own.
+
+The tree is walked from the region's box: each split must cut a generator strictly inside its
+range (so the children partition the parent), the stream must end exactly with the tree, and
+each leaf is closed again by its own route:
+
+- `bounds`: margin lower bounds re-derived here (exact first layer by a fractional knapsack,
+  then interval and plain back-substituted linear bounds, ReLU lower slopes 0/1 by the usual
+  rule, intermediate bounds intersected with the enclosing box's, as every enclosing box's
+  bounds hold in it); when they do not close the leaf, the ReLU lower slopes are optimised here
+  by projected gradient (any slope in [0, 1] is sound); a leaf still open is enumerated on
+  the runtime when small enough, else it is not checkable. Its stored margin must not exceed the
+  margin at the box's point nearest 0, and must be positive.
+- `empty`: the box's least cost must exceed the budget.
+- `enumeration`: the stored point count must equal the box's; the box is enumerated on the
+  runtime (at most `max_points` points, else not checkable) and every point must keep the label.
+- `z3` and `milp`: enumerated on the runtime when small enough, else re-solved by z3 on the box.
+
+Only the problem statement is shared with the search: the region and the chain composed with
+it and its rounding bounds (`bounds.spec_chain`, what "the margin" means); the bound
+computation, the knapsack and the tree walk are this module's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from verifier.engine.network import Affine, Relu
+from verifier.engine.points import count_points
+from verifier.engine.proof import SPLIT, Proof, ProofFormatError, decode
+from verifier.engine.regions import EPS, Region
+
+CHECKED, FAILED, NOT_CHECKABLE = "checked", "failed", "not checkable"
+# A stored margin may exceed the true one at a point by float noise only.
+MARGIN_RTOL = 1e-4
+SLOPE_STEPS = 60  # gradient steps on the slopes of a bounds leaf plain bounds do not close
+SLOPE_RATE = 0.2
+
+
+@dataclass
+class Verdict:
+    """The re-check of one proof: its status, why, and leaves re-checked per route."""
+
+    status: str = CHECKED
+    message: str = ""
+    leaves: dict = field(default_factory=dict)  # kind -> leaves re-closed
+    unchecked: dict = field(default_factory=dict)  # kind -> leaves not checkable
+    nodes: int = 0
+    points: int = 0  # enumerated on the runtime
+
+    def fail(self, message: str) -> Verdict:
+        self.status, self.message = FAILED, message
+        return self
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a proof speaks about: the region, the label, the runtime, and the spec (the chain
+    on the region's coefficients with its rounding bounds; None when bounds do not apply)."""
+
+    region: Region
+    label: int
+    runtime: object
+    spec: object = None  # verifier.engine.bounds.SpecChain
+    chain: list | None = None  # the lowered float chain (z3 re-solves)
+    max_points: int = 200_000
+    smt_timeout: float = 10.0
+
+
+def read(data: bytes) -> Proof | Verdict:
+    """The proof in `data`, or the verdict on bytes that are not one: failed when unreadable,
+    not checkable when they hold a node kind of a newer version."""
+    try:
+        return decode(data)
+    except ProofFormatError as exc:
+        if "unknown node tag" in str(exc):
+            return Verdict(NOT_CHECKABLE, f"written by a newer version: {exc}")
+        return Verdict().fail(f"unreadable proof: {exc}")
+
+
+def check_proof(data: bytes, problem: Problem) -> Verdict:
+    """Re-check the encoded proof `data` against `problem` (see the module docstring)."""
+    proof = read(data)
+    return proof if isinstance(proof, Verdict) else check_tree(proof, problem)
+
+
+def check_tree(proof: Proof, problem: Problem) -> Verdict:
+    """Re-check a decoded proof (see the module docstring)."""
+    region = problem.region
+    out = Verdict()
+    if proof.generators != region.num_generators:
+        got = region.num_generators
+        return out.fail(f"proof of {proof.generators} generators, region of {got}")
+    nodes = list(proof.nodes)
+    if any(n.kind == "bounds" for n in nodes) and problem.spec is None:
+        return out.fail(f"bounds leaves on '{proof.spec}' and no spec to re-derive them")
+    # depth first, left child first: the same order the proof lists its nodes in
+    stack = [(region.lo.astype(np.int64), region.hi.astype(np.int64), None)]
+    pos = 0
+    while stack:
+        lo, hi, parent = stack.pop()
+        if pos >= len(nodes):
+            return out.fail(f"truncated: the box {_box(lo, hi)} is not covered")
+        node = nodes[pos]
+        pos += 1
+        out.nodes += 1
+        if node.kind == SPLIT:
+            g, mid = node.values
+            if not 0 <= g < len(lo) or not lo[g] <= mid < hi[g]:
+                return out.fail(
+                    f"node {pos - 1}: split of generator {g} after {mid} does not cut "
+                    f"{_box(lo, hi)} in two"
+                )
+            here = _node_bounds(problem.spec, lo, hi, parent) if problem.spec else None
+            left_hi, right_lo = hi.copy(), lo.copy()
+            left_hi[g], right_lo[g] = mid, mid + 1
+            stack.append((right_lo, hi, here))
+            stack.append((lo, left_hi, here))
+            continue
+        why = _check_leaf(node, lo, hi, parent, problem, out)
+        if why is not None:
+            return out.fail(f"node {pos - 1} ({node.kind} leaf on {_box(lo, hi)}): {why}")
+    if pos != len(nodes):
+        return out.fail(f"{len(nodes) - pos} nodes after the tree ends")
+    if out.unchecked:
+        out.status = NOT_CHECKABLE
+        out.message = "leaves not checkable: " + ", ".join(
+            f"{v} {k}" for k, v in sorted(out.unchecked.items())
+        )
+    return out
+
+
+def _box(lo: np.ndarray, hi: np.ndarray) -> str:
+    moved = np.flatnonzero(lo != hi)
+    return (
+        "{"
+        + ", ".join(f"s{g} in [{lo[g]}, {hi[g]}]" for g in moved[:6])
+        + (", ..." if len(moved) > 6 else "")
+        + "}"
+    )
+
+
+def _tally(d: dict, kind: str) -> None:
+    d[kind] = d.get(kind, 0) + 1
+
+
+def _check_leaf(node, lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
+    """Close one leaf again; returns why it fails, None when it holds (or is not checkable)."""
+    region = problem.region
+    kind = node.kind
+    if kind == "empty":
+        least = float(np.abs(np.clip(0, lo, hi)) @ region.cost)
+        if least <= region.budget + EPS:
+            return f"the box holds points (least cost {least:g} <= budget {region.budget:g})"
+        _tally(out.leaves, kind)
+        return None
+    if kind == "enumeration":
+        count = count_points(lo, hi, region.cost, region.budget, exact=True)
+        if count != node.get("points"):
+            return f"the box has {count} points, the proof says {node.get('points')}"
+        return _by_enumeration(lo, hi, count, problem, out, kind)
+    if kind == "bounds":
+        return _check_bounds(node.get("margin"), lo, hi, parent, problem, out)
+    if kind in ("z3", "milp"):  # both re-checked by enumeration or by z3
+        return _check_z3(lo, hi, parent, problem, out, kind)
+    _tally(out.unchecked, kind)  # a kind this checker does not know
+    return None
+
+
+def _by_enumeration(lo, hi, count: int, problem: Problem, out: Verdict, kind: str) -> str | None:
+    """Every point of the box on the runtime (when at most `max_points`)."""
+    from verifier.engine.points import labels_at
+
+    if count > problem.max_points:
+        _tally(out.unchecked, kind)
+        return None
+    for s in problem.region.enumerate(lo=lo, hi=hi):
+        labels = labels_at(problem.runtime, problem.region, s)
+        out.points += len(s)
+        bad = np.flatnonzero(labels != problem.label)
+        if len(bad):
+            return f"the runtime misclassifies the point {[int(v) for v in s[bad[0]]]}"
+    _tally(out.leaves, kind)
+    return None
+
+
+def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
+    """A bounds leaf: its evidence is consistent, and bounds computed here close it."""
+    region, spec = problem.region, problem.spec
+    if not margin > 0:
+        return f"its margin {margin:g} does not close it"
+    p = np.clip(0, lo, hi).astype(np.float64)
+    if float(np.abs(p) @ region.cost) > region.budget + EPS:
+        return "a bounds leaf on a box with no point (an empty leaf)"
+    at = float(np.min(_margins_at(spec, p)))
+    if margin > at + MARGIN_RTOL * (1.0 + abs(at)):
+        return f"its margin {margin:g} exceeds the margin {at:g} at the point {p.astype(int)}"
+    b = _node_bounds(spec, lo, hi, parent)
+    worst = b.lower
+    if np.all(worst > 0):
+        _tally(out.leaves, "bounds")
+        return None
+    if np.all(np.maximum(worst, _optimised_margins(spec, lo, hi, b.pre)) > 0):
+        _tally(out.leaves, "bounds")
+        return None
+    count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
+    return _by_enumeration(lo, hi, count, problem, out, "bounds")
+
+
+def _check_z3(lo, hi, parent, problem: Problem, out: Verdict, kind: str = "z3") -> str | None:
+    """A z3 or MILP leaf: enumerated when small, else z3 (again) with the bounds computed here."""
+    region = problem.region
+    count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
+    if count <= problem.max_points or problem.spec is None or problem.chain is None:
+        return _by_enumeration(lo, hi, count, problem, out, kind)
+    from verifier.engine.smt import smt_decide
+
+    b = _node_bounds(problem.spec, lo, hi, parent)
+    pre = [b.pre[i] for i, layer in enumerate(problem.spec.layers) if isinstance(layer, Relu)]
+    res = smt_decide(
+        problem.chain, region, problem.label, problem.smt_timeout, lo=lo, hi=hi, pre_bounds=pre
+    )
+    if res.status == "sat":
+        return f"z3 finds a point leaving the label: {[int(v) for v in res.coeffs]}"
+    _tally(out.leaves if res.status == "unsat" else out.unchecked, kind)
+    return None
+
+
+# --- bounds of one box, computed here -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _BoxBounds:
+    lower: np.ndarray  # margin lower bounds (+inf: no point in the box)
+    pre: list  # per spec layer: (lower, upper) of its input for Relu / MaxPool layers
+
+
+def _min_linear(a: np.ndarray, c: np.ndarray, lo, hi, cost, budget: float, where: bool = False):
+    """Per row, the minimum of `a . s + c` over the box [lo, hi] within the L1-cost budget
+    (s real): from the box point nearest 0, move the generators by best gain per cost first.
+    With `where`, also the minimisers (rows, G)."""
+    lo = np.asarray(lo, np.float64)
+    hi = np.asarray(hi, np.float64)
+    p = np.clip(0.0, lo, hi)
+    left = budget + EPS - float(np.abs(p) @ cost)
+    if left < 0:
+        inf = np.full(len(a), np.inf)
+        return (inf, np.tile(p, (len(a), 1))) if where else inf
+    room = np.where(a > 0, p - lo, hi - p)  # units movable in the improving direction
+    safe = np.where(cost > 0, cost, 1.0)
+    rate = np.where(cost > 0, np.abs(a) / safe, np.inf)
+    order = np.argsort(-rate, axis=1, kind="stable")
+    spend = np.take_along_axis(room * cost, order, axis=1)
+    gain = np.take_along_axis(np.abs(a) * room, order, axis=1)
+    spent_before = np.cumsum(spend, axis=1) - spend
+    with np.errstate(divide="ignore", invalid="ignore"):
+        part = np.where(spend > 0, np.clip((left - spent_before) / spend, 0.0, 1.0), 1.0)
+    value = a @ p + c - (part * gain).sum(axis=1)
+    if not where:
+        return value
+    moved = np.zeros_like(a)
+    np.put_along_axis(moved, order, part, axis=1)
+    return value, p + np.where(a > 0, -1.0, 1.0) * moved * room
+
+
+def _relu_lines(l: np.ndarray, u: np.ndarray, slopes=None):
+    """Lower slope (`slopes` on the unstable neurons if given, else 0 or 1, whichever is
+    closer), upper slope and upper intercept of ReLU on [l, u]."""
+    on, off = l >= 0, u <= 0
+    mixed = ~on & ~off
+    width = np.where(mixed, u - l, 1.0)
+    up = np.where(mixed, u / width, on.astype(np.float64))
+    icpt = np.where(mixed, -up * l, 0.0)
+    low = (u > -l).astype(np.float64) if slopes is None else slopes
+    return np.where(mixed, low, on.astype(np.float64)), up, icpt
+
+
+def _back(spec, pre: list, top: int, lam: np.ndarray, c: np.ndarray, slopes=None, tape=None):
+    """`lam . (output of layer top-1) + c` bounded below by a linear function of s.
+    `slopes` (Relu layer -> (rows, n) lower slopes) replaces the default ones; `tape`
+    collects (layer, lam on its output) for `_slope_gradients`."""
+    for k in range(top - 1, -1, -1):
+        layer = spec.layers[k]
+        if tape is not None:
+            tape.append((k, lam))
+        if isinstance(layer, Affine):
+            c = c + lam @ layer.bias
+            if spec.err[k] is not None:
+                c = c - np.abs(lam) @ spec.err[k]
+            if k == 0 and spec.first_input is not None:
+                w_x, step, _ = spec.first_input
+                c = c - np.abs(lam @ w_x) @ step
+            lam = lam @ layer.weight
+            step = spec.input_error(k)
+            if step is not None:
+                c = c - np.abs(lam) @ step
+        elif isinstance(layer, Relu):
+            low, up, icpt = _relu_lines(*pre[k], None if slopes is None else slopes.get(k))
+            pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+            c = c + neg @ icpt
+            lam = pos * low + neg * up
+        else:
+            lam, c = _back_pool(layer.windows, *pre[k], lam, c)
+    return lam, c
+
+
+def _back_pool(windows: np.ndarray, l: np.ndarray, u: np.ndarray, lam, c):
+    """Max pool: below by the input with the largest lower bound; above by it when it
+    dominates the window, else by the window's largest upper bound."""
+    lp, up = np.append(l, -np.inf), np.append(u, -np.inf)
+    best = windows[np.arange(len(windows)), np.argmax(lp[windows], axis=1)]
+    rest = np.where(windows == best[:, None], -1, windows)
+    exact = lp[best] >= up[rest].max(axis=1)
+    pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+    c = c + (neg * ~exact) @ up[windows].max(axis=1)
+    out = np.zeros((lam.shape[0], len(l)))
+    np.add.at(out.T, best, (pos + neg * exact).T)
+    return out, c
+
+
+def _interval(spec, k: int, lo: np.ndarray, hi: np.ndarray):
+    """Interval image under the spec's Affine layer `k`, with its rounding."""
+    layer = spec.layers[k]
+    step = spec.input_error(k)
+    if step is not None:
+        lo, hi = lo - step, hi + step
+    mid, rad = (lo + hi) / 2.0, (hi - lo) / 2.0
+    centre = layer.weight @ mid + layer.bias
+    radius = np.abs(layer.weight) @ rad
+    if spec.err[k] is not None:
+        radius = radius + spec.err[k]
+    return centre - radius, centre + radius
+
+
+def _first_widen(spec):
+    """The rounding the first layer's outputs are widened by."""
+    e = spec.err[0]
+    if spec.first_input is not None:
+        extra = spec.first_input[2]
+        e = extra if e is None else e + extra
+    return 0.0 if e is None else e
+
+
+def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
+    """Margin lower bounds and pre-activation bounds over the box [lo, hi], each intersected
+    with the enclosing box's (`parent`)."""
+    layers = spec.layers
+    n = len(layers)
+    pre: list = [None] * n
+    p = np.clip(0, lo, hi)
+    if float(np.abs(p) @ spec.cost) > spec.budget + EPS:
+        return _BoxBounds(np.full(len(spec.others), np.inf), pre)
+    cur_lo = cur_hi = None
+    for i, layer in enumerate(layers):
+        if isinstance(layer, Affine):
+            if i == 0:
+                w, b = layer.weight, layer.bias
+                e = _first_widen(spec)
+                cur_lo = _min_linear(w, b, lo, hi, spec.cost, spec.budget) - e
+                cur_hi = -_min_linear(-w, -b, lo, hi, spec.cost, spec.budget) + e
+            else:
+                cur_lo, cur_hi = _interval(spec, i, cur_lo, cur_hi)
+            if i + 1 == n:
+                break
+            known = parent.pre[i + 1] if parent is not None else None
+            if known is not None:
+                cur_lo, cur_hi = np.maximum(cur_lo, known[0]), np.minimum(cur_hi, known[1])
+            if i == 0:
+                continue
+            rows = np.arange(len(cur_lo))
+            if isinstance(layers[i + 1], Relu):
+                rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
+            if len(rows):
+                m = len(rows)
+                lam = np.zeros((2 * m, len(cur_lo)))
+                lam[np.arange(m), rows] = 1.0
+                lam[m + np.arange(m), rows] = -1.0
+                a, c = _back(spec, pre, i + 1, lam, np.zeros(2 * m))
+                v = _min_linear(a, c, lo, hi, spec.cost, spec.budget)
+                cur_lo[rows] = np.maximum(cur_lo[rows], v[:m])
+                cur_hi[rows] = np.minimum(cur_hi[rows], -v[m:])
+        elif isinstance(layer, Relu):
+            pre[i] = (cur_lo, cur_hi)
+            cur_lo, cur_hi = np.maximum(cur_lo, 0.0), np.maximum(cur_hi, 0.0)
+        else:
+            pre[i] = (cur_lo, cur_hi)
+            lp, hp = np.append(cur_lo, -np.inf), np.append(cur_hi, -np.inf)
+            cur_lo, cur_hi = lp[layer.windows].max(axis=1), hp[layer.windows].max(axis=1)
+    lower = np.maximum(cur_lo, _margin_bounds(spec, lo, hi, pre))
+    if parent is not None:
+        lower = np.maximum(lower, parent.lower)
+    return _BoxBounds(lower, pre)
+
+
+def _margin_bounds(spec, lo, hi, pre: list) -> np.ndarray:
+    """Linear lower bounds of the margins over the box, default ReLU lower slopes."""
+    m = len(spec.others)
+    a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m))
+    return _min_linear(a, c, lo, hi, spec.cost, spec.budget)
+
+
+def _optimised_margins(spec, lo, hi, pre: list) -> np.ndarray:
+    """Margin lower bounds with per-margin ReLU lower slopes raised by projected gradient
+    ascent (the minimiser held fixed), the best seen per margin."""
+    m = len(spec.others)
+    slopes = {
+        k: np.tile(_relu_lines(*pre[k])[0], (m, 1))
+        for k, layer in enumerate(spec.layers)
+        if isinstance(layer, Relu)
+    }
+    best = np.full(m, -np.inf)
+    for _ in range(SLOPE_STEPS):
+        tape: list = []
+        a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m), slopes, tape)
+        value, s = _min_linear(a, c, lo, hi, spec.cost, spec.budget, where=True)
+        best = np.maximum(best, value)
+        if np.all(best > 0):
+            break
+        for k, grad in _slope_gradients(spec, pre, tape, s, slopes).items():
+            scale = np.abs(grad).max(axis=1, keepdims=True) + 1e-12
+            slopes[k] = np.clip(slopes[k] + SLOPE_RATE * grad / scale, 0.0, 1.0)
+    return best
+
+
+def _slope_gradients(spec, pre: list, tape: list, s: np.ndarray, slopes: dict) -> dict:
+    """d(bound at the minimisers `s`) / d(lower slopes), back through the `tape` of `_back`."""
+    g = s  # d bound / d (coefficients on s)
+    out = {}
+    for k, lam in reversed(tape):  # from layer 0 up: g is d bound / d (lam below layer k)
+        layer = spec.layers[k]
+        if isinstance(layer, Affine):
+            below = lam @ layer.weight
+            step = spec.input_error(k)
+            if step is not None:
+                g = g - np.sign(below) * step
+            g = g @ layer.weight.T + layer.bias
+            if k == 0 and spec.first_input is not None:
+                w_x, step0, _ = spec.first_input
+                g = g - (np.sign(lam @ w_x) * step0) @ w_x.T
+            if spec.err[k] is not None:
+                g = g - np.sign(lam) * spec.err[k]
+        elif isinstance(layer, Relu):
+            low, up, icpt = _relu_lines(*pre[k], slopes[k])
+            l, u = pre[k]
+            pos = lam >= 0
+            out[k] = np.where(pos & (l < 0) & (u > 0), g * lam, 0.0)
+            g = np.where(pos, g * low, g * up + icpt)
+        else:
+            l, u = pre[k]
+            lp, up_ = np.append(l, -np.inf), np.append(u, -np.inf)
+            w = layer.windows
+            best = w[np.arange(len(w)), np.argmax(lp[w], axis=1)]
+            exact = lp[best] >= up_[np.where(w == best[:, None], -1, w)].max(axis=1)
+            g = np.where((lam >= 0) | exact, g[:, best], up_[w].max(axis=1))
+    return out
+
+
+def _margins_at(spec, s: np.ndarray) -> np.ndarray:
+    """The spec's margins at the coefficients `s`, in exact arithmetic (no rounding)."""
+    v = np.asarray(s, np.float64)
+    for layer in spec.layers:
+        if isinstance(layer, Affine):
+            v = layer.weight @ v + layer.bias
+        elif isinstance(layer, Relu):
+            v = np.maximum(v, 0.0)
+        else:
+            v = np.append(v, -np.inf)[layer.windows].max(axis=1)
+    return v
