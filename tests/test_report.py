@@ -83,7 +83,7 @@ def run_dir(tmp_path_factory):
 def test_results_validate_and_round_trip(run_dir):
     doc = json.loads((run_dir / "results.json").read_text())
     validate_results(doc)
-    assert doc["schema_version"] == "1.0" and doc["tool"]["name"] == "relrobust"
+    assert doc["schema_version"] == "1.1" and doc["tool"]["name"] == "relrobust"
     assert [r["index"] for r in doc["records"]] == list(range(7))
     assert doc["aggregates"]["quantized"]["sim4"]["sets"]["R^FP"] == [0, 5]
     assert doc["gate"]["passed"] is True

@@ -21,7 +21,7 @@ from verifier.run.records import InputRecord
 from verifier.run.relative import Aggregate
 from verifier.run.store import write_atomic
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: optional lo..hi ranges (`*_range`, `pctRange`) beside points
 SCHEMA_FILE = "results.schema.json"
 RUNTIME_PACKAGES = (
     "numpy",
