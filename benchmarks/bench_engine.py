@@ -44,10 +44,10 @@ import numpy as np  # noqa: E402
 from verifier.engine.bounds import prepare_chain  # noqa: E402
 from verifier.engine.data import load_dataset, to_layout  # noqa: E402
 from verifier.engine.decide import decide  # noqa: E402
-from verifier.engine.enumeration import box_size, enumerate_box  # noqa: E402
-from verifier.engine.features import activation_order, chunk  # noqa: E402
+from verifier.engine.enumeration import enumerate_box  # noqa: E402
+from verifier.engine.features import activation_order  # noqa: E402
 from verifier.engine.model import load_model  # noqa: E402
-from verifier.engine.regions import feature_region, lattice_region  # noqa: E402
+from verifier.engine.regions import FAMILIES  # noqa: E402
 
 CONFIGS = {
     "a": ("lattice", 0.25, 20.0),
@@ -67,10 +67,7 @@ ENGINES = {
 def make_region(config: str, x: np.ndarray):
     """The region of one configuration around the flat input `x`."""
     family, step, radius = CONFIGS[config]
-    order = activation_order(x)
-    if family == "lattice":
-        return lattice_region(x, order[:10], step, radius)
-    return feature_region(x, chunk(order, 10), step, radius)
+    return FAMILIES[family].build(x, activation_order(x), step, radius, 10, 10)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -204,7 +201,7 @@ def region_sizes(config: str, xs, count: int = 20) -> dict:
     sizes = []
     for x in xs[:count]:
         r = make_region(config, x)
-        sizes.append(box_size(r.lo, r.hi, r.cost, r.budget, 10**15))
+        sizes.append(r.count(10**15))
     return {"median_points": float(np.median(sizes)), "min_points": int(min(sizes))}
 
 

@@ -230,12 +230,12 @@ class _TfliteMapper:
 
     def _add(self, new: list) -> None:
         from quantize.quant_chain import structural
-        from verifier.engine.network import Transpose, apply_layer
+        from verifier.engine.network import Transpose
 
         for layer in new:
             if isinstance(layer, Transpose) and self._cancel(layer):
                 continue
-            self.shape = tuple(apply_layer(layer, np.zeros((1, *self.shape))).shape[1:])
+            self.shape = tuple(layer.forward(np.zeros((1, *self.shape))).shape[1:])
             self.layers.append(layer)
             if not structural(layer):
                 self.on_grid = None

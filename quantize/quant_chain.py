@@ -27,7 +27,6 @@ from verifier.engine.network import (
     Relu,
     Reshape,
     Transpose,
-    apply_layer,
     lower,
 )
 from verifier.errors import UnsupportedModelError
@@ -72,7 +71,7 @@ def _monomial(layer: Layer) -> bool:
 def _shapes(input_shape: tuple[int, ...], layers: list[Layer]) -> list[tuple[int, ...]]:
     out, shape = [], input_shape
     for layer in layers:
-        shape = tuple(apply_layer(layer, np.zeros((1, *shape))).shape[1:])
+        shape = tuple(layer.forward(np.zeros((1, *shape))).shape[1:])
         out.append(shape)
     return out
 
@@ -84,9 +83,9 @@ def _gain_shift(layers: list[Layer], shape: tuple[int, ...]):
     zero, one = np.zeros((1, *shape)), np.ones((1, *shape))
     idx = np.arange(n, dtype=np.float64).reshape((1, *shape))
     for layer in layers:
-        zero, one = apply_layer(layer, zero), apply_layer(layer, one)
+        zero, one = layer.forward(zero), layer.forward(one)
         if not isinstance(layer, Elementwise):
-            idx = apply_layer(layer, idx)
+            idx = layer.forward(idx)
     perm = idx.reshape(-1).astype(np.int64)  # v element j holds t element perm[j]
     gain, shift = np.empty(n), np.empty(n)
     gain[perm] = (one - zero).reshape(-1)

@@ -17,9 +17,9 @@ from verifier.engine.bounds import linear_bounds, prepare_chain, rounding_errors
 from verifier.engine.decide import decide
 from verifier.engine.diffbounds import diff_spec, quantized_bounds
 from verifier.engine.diffdecide import decide_from_float
-from verifier.engine.enumeration import box_size, runtime_inputs
 from verifier.engine.model import load_model
 from verifier.engine.network import Affine, forward_lowered
+from verifier.engine.points import runtime_inputs
 from verifier.engine.regions import lattice_region
 from verifier.engine.result import CERTIFIED
 
@@ -150,7 +150,7 @@ def test_decisions_agree_with_enumeration(tiny, mode):
         for step, radius in (_steps(mode), (0.03125, 0.25)):
             region = _region(x, 10 + i, step, radius)
             label = int(runner.predict(x[None]).argmax())
-            assert box_size(region.lo, region.hi, region.cost, region.budget, 10**6) > 64
+            assert region.count(10**6) > 64
             fd, d = _float_then_quantized(model, runner, em, chain, region, label, 64)
             if d is None:
                 continue
@@ -181,7 +181,7 @@ def test_proof_is_handed_back(tiny):
         proof = d.detail["reuse"]
         assert proof.leaves and proof.root is not None
         for leaf in proof.leaves:
-            size = box_size(leaf.lo, leaf.hi, region.cost, region.budget, 17)
+            size = region.count(17, leaf.lo, leaf.hi)
             assert np.all(leaf.bounds.lower > 0) or size <= 16
         found += 1
     assert found

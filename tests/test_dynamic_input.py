@@ -15,8 +15,8 @@ from verifier.engine.bounds import point_interval, prepare_chain, rounding_error
 from verifier.engine.decide import decide
 from verifier.engine.diffdecide import decide_from_float
 from verifier.engine.dynamic_input import fold_first_input, split_for_fold
-from verifier.engine.enumeration import runtime_inputs
 from verifier.engine.model import load_model
+from verifier.engine.points import runtime_inputs
 from verifier.engine.regions import feature_region, lattice_region
 from verifier.engine.result import CERTIFIED
 

@@ -9,11 +9,12 @@ from hypothesis import strategies as st
 
 from verifier.engine.attack import greedy_extreme
 from verifier.engine.bab import Leaf, branch_and_bound
-from verifier.engine.bounds import interval_bounds, knapsack_min, linear_bounds, spec_chain
+from verifier.engine.bounds import interval_bounds, linear_bounds, spec_chain
 from verifier.engine.decide import decide
-from verifier.engine.enumeration import box_size, margins_and_labels, replay
+from verifier.engine.enumeration import margins_and_labels, replay
 from verifier.engine.network import Affine, MaxPool, Relu, forward_lowered
-from verifier.engine.regions import feature_region, lattice_region
+from verifier.engine.points import count_points
+from verifier.engine.regions import Region, feature_region, lattice_region
 from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN
 
 
@@ -217,7 +218,8 @@ def test_knapsack_equals_linprog(seed):
     budget = float(rng.uniform(0, 6))
     a = rng.normal(size=(3, g))
     const = rng.normal(size=3)
-    vals, argmin = knapsack_min(a, const, lo, hi, cost, budget)
+    box = Region(np.zeros(1), np.zeros((g, 1)), lo, hi, cost, budget, "lattice", 1.0)
+    vals, argmin = box.minimise(a, const, argmin=True)
     for i in range(3):
         ref = _linprog_min(a[i], lo, hi, cost, budget)
         if np.isinf(ref):
@@ -246,12 +248,11 @@ def test_greedy_extreme_stays_in_region():
 def test_box_size_counts_or_overcounts(seed):
     _, _, region, _ = random_case(seed)
     n = len(all_points(region))
-    assert box_size(region.lo, region.hi, region.cost, region.budget, 10**6) == n
-    assert box_size(region.lo, region.hi, region.cost, region.budget, n - 1) >= n
+    assert region.count(10**6) == n
+    assert region.count(n - 1) >= n
 
 
 def test_box_size_with_many_binary_generators():
-    from verifier.engine.points import count_points
 
     rng = np.random.default_rng(5)
     for _ in range(10):
@@ -262,14 +263,13 @@ def test_box_size_with_many_binary_generators():
         budget = float(rng.uniform(2, 12))
         exact = count_points(lo, hi, cost, budget, exact=True)
         for limit in (10, 1000, 10**6):
-            got = box_size(lo, hi, cost, budget, limit)
+            got = count_points(lo, hi, cost, budget, limit)
             assert got == min(exact, limit + 1)
 
 
 def test_enumeration_of_many_binary_generators_under_a_tight_budget():
     """A feature region at a large step: 79 features, a budget for one or two of them. Its few
     hundred points are listed without visiting the 2^79 over-budget combinations, in order."""
-    from verifier.engine.points import count_points
     from verifier.engine.regions import enumerate_box
 
     rng = np.random.default_rng(2)
@@ -520,3 +520,23 @@ def test_onnxruntime_model(tmp_path):
         check_decision(d, runtime, region, label)
         decided.add(d.status)
     assert decided  # at least one answer; both kinds usually
+
+
+def test_region_families_build_the_same_regions_as_their_builders():
+    from verifier.engine.features import chunk
+    from verifier.engine.regions import FAMILIES
+
+    x = np.random.default_rng(0).uniform(size=30)
+    order = np.argsort(-x)
+    got = FAMILIES["features"].build(x, order, 0.25, 2.0, 4, 3)
+    want = feature_region(x, chunk(order, 3), 0.25, 2.0)
+    assert np.array_equal(got.directions, want.directions) and got.family == "features"
+    got = FAMILIES["lattice"].build(x, order, 0.25, 2.0, 4, 3)
+    assert np.array_equal(got.directions, lattice_region(x, order[:4], 0.25, 2.0).directions)
+    assert FAMILIES["features"].subsets and not FAMILIES["lattice"].subsets
+    # the sub-box helpers agree with the region's own point test
+    lo, hi = got.lo.copy(), got.hi.copy()
+    lo[0] = hi[0] = hi[0]
+    pts = np.concatenate(list(got.enumerate(lo=lo, hi=hi)))
+    assert np.all(got.contains(pts)) and got.count(10**6, lo, hi) >= len(pts)
+    assert got.least_cost(lo, hi) == pytest.approx(abs(hi[0]) * got.cost[0])

@@ -20,7 +20,6 @@ from verifier.engine.bounds import (
     spec_chain,
 )
 from verifier.engine.decide import decide
-from verifier.engine.enumeration import box_size
 from verifier.engine.model import load_model
 from verifier.engine.network import Affine, Relu
 from verifier.engine.regions import lattice_region
@@ -132,7 +131,7 @@ def test_decide_agrees_with_enumeration(tiny, mode):
         for step, radius in ((0.125, 0.75), (0.03125, 0.25)):
             region = _region(x, 10 + i, step, radius)
             label = int(runner.predict(x[None]).argmax())
-            assert box_size(region.lo, region.hi, region.cost, region.budget, 10**6) > 64
+            assert region.count(10**6) > 64
             d = decide(
                 runner,
                 chain,
@@ -346,7 +345,7 @@ def test_mnist_dynamic_certifies_beyond_enumeration(real_data, tmp_path):
         if int(runner.predict(x[None]).argmax()) != y:
             continue
         region = build_region(st, x, chain.layers, y, i)
-        assert box_size(region.lo, region.hi, region.cost, region.budget, 10**7) > 10**7
+        assert region.count(10**7) > 10**7
         d = decide(runner, chain, region, y, timeout=3, quantized=True, error_model=em)
         assert d.status != CERTIFIED or d.route in ("bounds", "bab")
         if d.status == REFUTED:

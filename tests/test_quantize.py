@@ -27,7 +27,6 @@ from verifier.engine.network import (
     Relu,
     Reshape,
     Transpose,
-    apply_layer,
 )
 from verifier.errors import InputError, UnsupportedModelError
 
@@ -188,7 +187,7 @@ def _network(input_shape, layers):
     """A Network with its per-layer shapes filled in (computed on a zero sample)."""
     shapes, a = [], np.zeros((1, *input_shape))
     for layer in layers:
-        a = apply_layer(layer, a)
+        a = layer.forward(a)
         shapes.append(tuple(a.shape[1:]))
     return Network(input_shape, layers, shapes=shapes)
 

@@ -239,9 +239,8 @@ def check_certified(
     runtime, region: Region, rec: InputRecord, name: str, max_points: int, tally: Tally
 ) -> Failure | None:
     """A certified region: enumerated in full on the runtime, every point keeps the label."""
-    from verifier.engine.enumeration import box_size
 
-    size = box_size(region.lo, region.hi, region.cost, region.budget, max_points)
+    size = region.count(max_points)
     if size > max_points:
         tally.not_enumerable.append({"index": rec.index, "model": name})
         return None

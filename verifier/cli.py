@@ -17,6 +17,7 @@ from pathlib import Path
 from verifier import __version__
 from verifier.engine.data import DATASETS, LAYOUTS
 from verifier.engine.features import SELECTIONS
+from verifier.engine.regions import FAMILIES
 from verifier.errors import EXIT_USAGE, RelrobustError
 from verifier.run.config import (
     DEFAULT_EXAMPLE_LIMIT,
@@ -116,9 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--region",
         choices=REGION_FAMILIES,
-        help="features: subsets of features, each moved once by the step away from "
-        "0.5 (the paper's); lattice: --dims values moved by multiples of the step "
-        f"(default: {d.region})",
+        help="; ".join(f"{f.name}: {f.help}" for f in FAMILIES.values())
+        + f" (default: {d.region})",
     )
     g.add_argument(
         "--dims", type=int, help=f"lattice: how many input values move (default: {d.dims})"

@@ -14,7 +14,7 @@ import numpy as np
 
 from verifier.engine.bounds import SpecChain
 from verifier.engine.enumeration import confirm, margins_and_labels
-from verifier.engine.network import Affine, Relu, forward_lowered
+from verifier.engine.network import forward_lowered, jacobian
 from verifier.engine.regions import EPS, Region
 
 
@@ -39,34 +39,7 @@ def spec_forward(spec: SpecChain, s: np.ndarray) -> np.ndarray:
 
 def spec_jacobian(spec: SpecChain, s: np.ndarray) -> np.ndarray:
     """Jacobian (K-1, G) of the chain's margins w.r.t. the coefficients at one point `s`."""
-    a = np.asarray(s, dtype=np.float64).reshape(1, -1)
-    tape = []
-    for layer in spec.layers:
-        if isinstance(layer, Affine):
-            tape.append(layer.weight)
-            a = a @ layer.weight.T + layer.bias
-        elif isinstance(layer, Relu):
-            tape.append(a[0] > 0)
-            a = np.maximum(a, 0.0)
-        else:
-            padded = np.concatenate([a, np.full((1, 1), -np.inf)], axis=1)
-            arg = layer.windows[
-                np.arange(len(layer.windows)), padded[0, layer.windows].argmax(axis=1)
-            ]
-            tape.append((arg, a.shape[1]))
-            a = padded[:, layer.windows].max(axis=2)
-    jac = np.eye(a.shape[1])
-    for entry in reversed(tape):
-        if isinstance(entry, np.ndarray) and entry.dtype == bool:
-            jac = jac * entry
-        elif isinstance(entry, np.ndarray):
-            jac = jac @ entry
-        else:
-            arg, n = entry
-            back = np.zeros((jac.shape[0], n))
-            np.add.at(back.T, arg, jac.T)
-            jac = back
-    return jac
+    return jacobian(spec.layers, s)[1]
 
 
 def greedy_extreme(

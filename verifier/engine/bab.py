@@ -20,7 +20,6 @@ import numpy as np
 from verifier.engine.bounds import Bounds
 from verifier.engine.enumeration import (
     EnumResult,
-    box_size,
     confirm,
     enumerate_box,
     margins_and_labels,
@@ -161,7 +160,7 @@ def settle_node(
         out.status, out.route, (out.coeffs, out.adv_label) = REFUTED, "bab", hit
         return None
     limit = max(enum_limit, 1)
-    if box_size(leaf.lo, leaf.hi, region.cost, region.budget, limit) > limit:
+    if region.count(limit, leaf.lo, leaf.hi) > limit:
         return None
     res = enumerate_box(runtime, region, label, leaf.lo, leaf.hi, deadline=deadline)
     out.points += res.points
@@ -220,8 +219,7 @@ def _try_minimisers(
 def close_by_bounds(cover: Cover, leaf: Leaf, region: Region, threshold: np.ndarray) -> None:
     """Record a leaf its bounds close: empty (with its least cost) or by its worst margin."""
     if leaf.bounds.empty:
-        cost = float(np.abs(np.clip(0, leaf.lo, leaf.hi)) @ region.cost)
-        cover.close(leaf.lo, leaf.hi, "empty", cost)
+        cover.close(leaf.lo, leaf.hi, "empty", region.least_cost(leaf.lo, leaf.hi))
     else:
         margin = margin_evidence(float(np.min(leaf.bounds.lower - threshold)))
         cover.close(leaf.lo, leaf.hi, "bounds", margin)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from verifier.engine.network import Affine, LoweredLayer, MaxPool, Relu
+from verifier.engine.network import Affine, LoweredLayer, Relu, forward_lowered
 from verifier.engine.regions import EPS, Region
 
 U32 = 2.0**-24  # unit roundoff of float32
@@ -49,8 +49,7 @@ class SpecChain:
     absw: list  # per layer, as in PreparedChain
     label: int
     others: np.ndarray  # (K-1,) the class of each margin row
-    cost: np.ndarray  # (G,)
-    budget: float
+    region: Region  # the coefficients' box and budget: bounds minimise over it
     err: list  # per layer: float32 rounding bound of each Affine output (None: exact / other)
     in_err: list | None = None  # per layer: rounding bound of each Affine input (quantized)
     # the first layer's input rounding, on x' (the composed layer's input is s): its weight on
@@ -167,8 +166,7 @@ def spec_chain(
         absw,
         label,
         others,
-        region.cost.astype(np.float64),
-        float(region.budget),
+        region,
         err,
         in_err,
         first_input,
@@ -176,13 +174,7 @@ def spec_chain(
 
 
 def _output_size(chain: list[LoweredLayer], n: int) -> int:
-    size = n
-    for layer in chain:
-        if isinstance(layer, Affine):
-            size = layer.weight.shape[0]
-        elif isinstance(layer, MaxPool):
-            size = layer.windows.shape[0]
-    return size
+    return forward_lowered(chain, np.zeros((1, n))).shape[1]
 
 
 def _input_box(region: Region) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +214,6 @@ def rounding_errors(
     out: list = []
     inputs: list = []
     sym = None  # quantized runtimes: linear lower / upper bounds of the values in s
-    knap = (region.lo, region.hi, region.cost.astype(np.float64), float(region.budget))
     for i, (layer, aw) in enumerate(zip(chain.layers, chain.absw, strict=True)):
         if isinstance(layer, Affine):
             n = layer.weight.shape[1] + 1
@@ -243,14 +234,14 @@ def rounding_errors(
             if i == 0 and rounding is not None:  # the budget matters: knapsack, not the box
                 wide = e if step is None else e + aw @ step
                 first = _on_coefficients(layer, region)
-                lo, hi = _affine_exact(first, wide, *knap)
+                lo, hi = _affine_exact(first, wide, region.lo, region.hi, region)
                 sym = (first.weight, first.bias - wide, first.weight, first.bias + wide)
             elif step is None:
                 lo, hi = _affine_interval(layer, aw, lo, hi, e)
             else:
                 lo, hi = _affine_interval(layer, aw, lo - step, hi + step, e)
             if sym is not None and i > 0:
-                sym, lo, hi = _symbolic_affine(layer, sym, step, e, lo, hi, knap)
+                sym, lo, hi = _symbolic_affine(layer, sym, step, e, lo, hi, region)
             if r is not None:
                 relu_next = i + 1 < len(chain.layers) and isinstance(chain.layers[i + 1], Relu)
                 before = e
@@ -260,16 +251,12 @@ def rounding_errors(
                     sym = (sym[0], sym[1] - acc, sym[2], sym[3] + acc)
             out.append(e)
             inputs.append(step)
-        elif isinstance(layer, Relu):
-            if sym is not None:
-                sym = _symbolic_relu(sym, lo, hi)
-            lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
-            out.append(None)
-            inputs.append(None)
         else:
-            lo, hi = _pool_max(lo, layer.windows), _pool_max(hi, layer.windows)
-            in_err = None if in_err is None else _pool_max(in_err, layer.windows)
-            if sym is not None:  # max pools keep only their intervals
+            if sym is not None and isinstance(layer, Relu):
+                sym = _symbolic_relu(sym, lo, hi)
+            lo, hi = layer.interval(lo, hi)
+            in_err = None if in_err is None else layer.interval(in_err, in_err)[1]
+            if sym is not None and not isinstance(layer, Relu):  # others keep their intervals
                 zero = np.zeros((len(lo), sym[0].shape[1]))
                 sym = (zero, lo.copy(), zero, hi.copy())
             out.append(None)
@@ -277,7 +264,7 @@ def rounding_errors(
     return out, inputs
 
 
-def _symbolic_affine(layer: Affine, sym, step, e, lo, hi, knap):
+def _symbolic_affine(layer: Affine, sym, step, e, lo, hi, region: Region):
     """Linear bounds in s of an Affine layer's runtime outputs, from its inputs' (perturbed by
     `step`, the output by `e`), and the intervals intersected with their concretisation."""
     al, cl, au, cu = sym
@@ -285,8 +272,8 @@ def _symbolic_affine(layer: Affine, sym, step, e, lo, hi, knap):
     wp, wn = np.maximum(layer.weight, 0.0), np.minimum(layer.weight, 0.0)
     au2, cu2 = wp @ au + wn @ al, wp @ (cu + st) + wn @ (cl - st) + layer.bias + e
     al2, cl2 = wp @ al + wn @ au, wp @ (cl - st) + wn @ (cu + st) + layer.bias - e
-    low, _ = knapsack_min(al2, cl2, *knap, argmin=False)
-    neg, _ = knapsack_min(-au2, -cu2, *knap, argmin=False)
+    low, _ = region.minimise(al2, cl2)
+    neg, _ = region.minimise(-au2, -cu2)
     lo, hi = np.maximum(lo, low), np.minimum(hi, -neg)
     return (al2, cl2, au2, cu2), lo, np.maximum(hi, lo)
 
@@ -423,87 +410,17 @@ def point_interval(chain: PreparedChain, errors: tuple, x: np.ndarray):
             if step is not None:
                 lo, hi = lo - step, hi + step
             lo, hi = _affine_interval(layer, aw, lo, hi, e)
-        elif isinstance(layer, Relu):
-            lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
         else:
-            lo, hi = _pool_max(lo, layer.windows), _pool_max(hi, layer.windows)
+            lo, hi = layer.interval(lo, hi)
     return lo, hi
 
 
-# --- concretisation over the region: a fractional knapsack ------------------------------------
-
-
-def knapsack_min(
-    a: np.ndarray,
-    const: np.ndarray,
-    lo: np.ndarray,
-    hi: np.ndarray,
-    cost: np.ndarray,
-    budget: float,
-    *,
-    argmin: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Exact min of `a_i . s + const_i` over s in [lo, hi] with sum |s_g| cost_g <= budget.
-
-    Rows are independent; returns (values (m,), minimisers (m, G) or None). From the box point
-    nearest 0 every move increases |s_g|, so the problem is a fractional knapsack solved
-    greedily by |a_g| / cost_g. An empty set (the nearest point over budget) gives +inf.
-    """
-    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
-    m, g = a.shape
-    lo = np.asarray(lo, dtype=np.float64)
-    hi = np.asarray(hi, dtype=np.float64)
-    p = np.clip(0.0, lo, hi)
-    cap = budget + EPS - float(np.abs(p) @ cost)  # the region's own budget slack
-    const = np.asarray(const, dtype=np.float64)
-    if cap < 0:
-        return np.full(m, np.inf), (np.tile(p, (m, 1)) if argmin else None)
-    down = a > 0  # the objective decreases by moving s_g down
-    room = np.where(down, p - lo, hi - p)  # whole units available in the improving direction
-    order = _ratio_order(a, room, cost, cap)
-    w_sorted = np.take_along_axis(room, order, axis=1) * cost[order]
-    before = np.cumsum(w_sorted, axis=1) - w_sorted
-    with np.errstate(divide="ignore", invalid="ignore"):
-        frac_sorted = np.clip(np.where(w_sorted > 0, (cap - before) / w_sorted, 1.0), 0.0, 1.0)
-    gain_sorted = np.abs(np.take_along_axis(a, order, axis=1)) * np.take_along_axis(
-        room, order, axis=1
-    )
-    value = a @ p + const - (frac_sorted * gain_sorted).sum(axis=1)
-    if not argmin:
-        return value, None
-    frac = np.zeros((m, g))
-    np.put_along_axis(frac, order, frac_sorted, axis=1)
-    return value, p + np.where(down, -1.0, 1.0) * frac * room
-
-
-def _ratio_order(a: np.ndarray, room: np.ndarray, cost: np.ndarray, cap: float) -> np.ndarray:
-    """Per row, the generators the greedy can touch, by decreasing |a_g| / cost_g.
-
-    Every movable generator with a positive cost uses at least the smallest cost, so at most
-    (free ones) + ceil(cap / smallest cost) + 1 of them are reached: only those are sorted
-    (after a partition) when that is fewer than all.
-    """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(cost > 0, np.abs(a) / np.where(cost > 0, cost, 1.0), np.inf)
-    ratio = np.where(room > 0, ratio, -1.0)  # immovable: last
-    g = a.shape[1]
-    positive = cost[cost > 0]
-    reach = g
-    if len(positive):
-        reach = int((cost <= 0).sum()) + int(np.ceil(cap / positive.min() + 1e-9)) + 1
-    if reach >= g:
-        return np.argsort(-ratio, axis=1, kind="stable")
-    part = np.argpartition(-ratio, reach - 1, axis=1)[:, :reach]
-    sub = np.argsort(-np.take_along_axis(ratio, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, sub, axis=1)
-
-
-def _affine_exact(layer: Affine, err, lo, hi, cost, budget) -> tuple[np.ndarray, np.ndarray]:
+def _affine_exact(layer: Affine, err, lo, hi, region: Region) -> tuple[np.ndarray, np.ndarray]:
     """Exact (relaxed) bounds of an affine function of s over the relaxed region, widened by
     its rounding bound `err` (None: exact)."""
     w, b = layer.weight, layer.bias
-    low, _ = knapsack_min(w, b, lo, hi, cost, budget, argmin=False)
-    neg, _ = knapsack_min(-w, -b, lo, hi, cost, budget, argmin=False)
+    low, _ = region.minimise(w, b, lo, hi)
+    neg, _ = region.minimise(-w, -b, lo, hi)
     e = 0.0 if err is None else err
     return low - e, -neg + e
 
@@ -524,12 +441,6 @@ def _spec_interval(spec: SpecChain, i: int, lo: np.ndarray, hi: np.ndarray):
     return _affine_interval(spec.layers[i], spec.absw[i], lo, hi, spec.err[i])
 
 
-def _pool_max(v: np.ndarray, windows: np.ndarray) -> np.ndarray:
-    """Max over each window of a vector (padding -1 ignored)."""
-    padded = np.concatenate([v, [-np.inf]])
-    return padded[windows].max(axis=1)
-
-
 # --- interval bounds ---------------------------------------------------------------------------
 
 
@@ -544,25 +455,19 @@ def interval_bounds(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> Bounds:
     for i, layer in enumerate(spec.layers):
         if isinstance(layer, Affine):
             if i == 0:
-                cur_lo, cur_hi = _affine_exact(
-                    layer, _first_err(spec), lo, hi, spec.cost, spec.budget
-                )
+                cur_lo, cur_hi = _affine_exact(layer, _first_err(spec), lo, hi, spec.region)
                 first = (cur_lo.copy(), cur_hi.copy())
             else:
                 cur_lo, cur_hi = _spec_interval(spec, i, cur_lo, cur_hi)
-        elif isinstance(layer, Relu):
-            pre[i] = (cur_lo, cur_hi)
-            cur_lo, cur_hi = np.maximum(cur_lo, 0.0), np.maximum(cur_hi, 0.0)
         else:
             pre[i] = (cur_lo, cur_hi)
-            cur_lo, cur_hi = _pool_max(cur_lo, layer.windows), _pool_max(cur_hi, layer.windows)
+            cur_lo, cur_hi = layer.interval(cur_lo, cur_hi)
     p = np.clip(0.0, lo, hi).astype(np.float64)
     return Bounds(cur_lo, np.zeros((k, g)), np.tile(p, (k, 1)), pre, "ibp", first)
 
 
 def _infeasible(spec: SpecChain, lo, hi) -> bool:
-    p = np.clip(0.0, lo, hi).astype(np.float64)
-    return float(np.abs(p) @ spec.cost) > spec.budget + EPS or bool(np.any(lo > hi))
+    return spec.region.least_cost(lo, hi) > spec.region.budget + EPS or bool(np.any(lo > hi))
 
 
 def _empty(spec: SpecChain, lo, hi) -> Bounds:
@@ -625,20 +530,17 @@ def linear_bounds(
                 rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
             if len(rows):
                 lam, c = _query_both(spec, pre, i, rows)
-                vals, _ = knapsack_min(lam, c, lo, hi, spec.cost, spec.budget, argmin=False)
+                vals, _ = spec.region.minimise(lam, c, lo, hi)
                 m = len(rows)
                 cur_lo[rows] = np.maximum(cur_lo[rows], vals[:m])
                 cur_hi[rows] = np.minimum(cur_hi[rows], -vals[m:])
-        elif isinstance(layer, Relu):
-            pre[i] = (cur_lo, cur_hi)
-            cur_lo, cur_hi = np.maximum(cur_lo, 0.0), np.maximum(cur_hi, 0.0)
         else:
             pre[i] = (cur_lo, cur_hi)
-            cur_lo, cur_hi = _pool_max(cur_lo, layer.windows), _pool_max(cur_hi, layer.windows)
+            cur_lo, cur_hi = layer.interval(cur_lo, cur_hi)
     top = len(layers) - 1
     last = layers[top]
     lam, c = _backsub(spec, pre, top + 1, np.eye(last.weight.shape[0]), np.zeros(len(last.bias)))
-    vals, argmin = knapsack_min(lam, c, lo, hi, spec.cost, spec.budget)
+    vals, argmin = spec.region.minimise(lam, c, lo, hi, argmin=True)
     method = "crown"
     worst = float(np.min(vals - target))
     if alpha_steps > 0 and top > 0 and -alpha_gap < worst <= 0:
@@ -665,14 +567,14 @@ def _first_layer(spec: SpecChain, lo, hi, ibp: Bounds | None, known):
         return ibp.first[0].copy(), ibp.first[1].copy()
     layer = spec.layers[0]
     if known is None:
-        return _affine_exact(layer, _first_err(spec), lo, hi, spec.cost, spec.budget)
+        return _affine_exact(layer, _first_err(spec), lo, hi, spec.region)
     cur_lo, cur_hi = known[0].copy(), known[1].copy()
     rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
     if len(rows):
         sub = Affine(layer.weight[rows], layer.bias[rows])
         full = _first_err(spec)
         err = None if full is None else full[rows]
-        l, u = _affine_exact(sub, err, lo, hi, spec.cost, spec.budget)
+        l, u = _affine_exact(sub, err, lo, hi, spec.region)
         cur_lo[rows], cur_hi[rows] = np.maximum(cur_lo[rows], l), np.minimum(cur_hi[rows], u)
     return cur_lo, cur_hi
 
@@ -704,7 +606,7 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray):
         eye[m + np.arange(m), rows] = -1.0
         return _backsub(spec, pre, i + 1, eye, np.zeros(2 * m))
     layer, below = spec.layers[i], spec.layers[i - 2]
-    su, iu, alpha, _ = _relu_relax(*pre[i - 1])
+    su, iu, alpha, _ = spec.layers[i - 1].relax(*pre[i - 1])
     mid, dif = (alpha + su) / 2.0, (alpha - su) / 2.0
     low = spec.err[i - 2] if spec.err[i - 2] is not None else np.zeros(len(su))
     m1 = np.column_stack([mid[:, None] * below.weight, mid * below.bias + iu / 2.0, dif * low])
@@ -728,28 +630,6 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray):
     if spec.input_error(i - 2) is not None:  # lam is on the input of the layer below
         c = c - np.abs(lam) @ spec.input_error(i - 2)
     return _backsub(spec, pre, i - 2, lam, c)
-
-
-def _relu_relax(l: np.ndarray, u: np.ndarray):
-    """Upper line (slope, intercept) and default lower slope of ReLU over [l, u]."""
-    active = l >= 0
-    unstable = (l < 0) & (u > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        su = np.where(unstable, u / np.where(unstable, u - l, 1.0), active.astype(np.float64))
-    iu = np.where(unstable, -su * l, 0.0)
-    alpha = np.where(unstable, (u > -l).astype(np.float64), active.astype(np.float64))
-    return su, iu, alpha, unstable
-
-
-def _pool_relax(l: np.ndarray, u: np.ndarray, windows: np.ndarray):
-    """Max pool: lower by the input with the largest lower bound; upper exact when it dominates."""
-    lp = np.concatenate([l, [-np.inf]])
-    up = np.concatenate([u, [-np.inf]])
-    arg = windows[np.arange(len(windows)), lp[windows].argmax(axis=1)]
-    others = np.where(windows == arg[:, None], -1, windows)
-    dominated = lp[arg] >= up[others].max(axis=1)
-    umax = up[windows].max(axis=1)
-    return arg, dominated, umax
 
 
 def _backsub(
@@ -781,29 +661,12 @@ def _backsub(
             lam = lam @ layer.weight
             if spec.input_error(k) is not None:
                 c = c - np.abs(lam) @ spec.input_error(k)
-        elif isinstance(layer, Relu):
-            su, iu, alpha, _ = _relu_relax(*pre[k])
-            if alphas is not None and k in alphas:
-                alpha = alphas[k]
-            pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
-            c = c + neg @ iu
-            lam = pos * alpha + neg * su
+        else:
+            slope = alphas.get(k) if alphas is not None else None
+            lam, c = layer.back_step(lam, c, *pre[k], slope=slope)
             if betas is not None and k in betas:
                 lam = lam + betas[k]
-        else:
-            l, u = pre[k]
-            arg, dom, umax = _pool_relax(l, u, layer.windows)
-            pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
-            c = c + (neg * ~dom) @ umax
-            lam = _scatter_cols(pos + neg * dom, arg, len(l))
     return lam, c
-
-
-def _scatter_cols(vals: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
-    """(m, n) matrix with vals[:, j] added to column cols[j]."""
-    out = np.zeros((vals.shape[0], n))
-    np.add.at(out.T, cols, vals.T)
-    return out
 
 
 # --- optimised lower slopes (alpha-CROWN for the margins) --------------------------------------
@@ -831,7 +694,7 @@ def optimise_alpha(
     top = len(spec.layers)
     m = spec.layers[-1].weight.shape[0]
     alphas = {
-        k: np.tile(_relu_relax(*pre[k])[2], (m, 1))
+        k: np.tile(layer.relax(*pre[k])[2], (m, 1))
         for k, layer in enumerate(spec.layers)
         if isinstance(layer, Relu)
     }
@@ -844,7 +707,7 @@ def optimise_alpha(
         tape: list = []
         signed = {k: -signs[k] * b for k, b in betas.items()} if betas else None
         lam, c = _backsub(spec, pre, top, np.eye(m), np.zeros(m), alphas, tape, signed)
-        vals, argmin = knapsack_min(lam, c, lo, hi, spec.cost, spec.budget)
+        vals, argmin = spec.region.minimise(lam, c, lo, hi, argmin=True)
         if best is None:
             best = [lam, c, vals, argmin]
         else:
@@ -888,15 +751,11 @@ def _alpha_grads(
                 grad = grad - np.sign(lam_in) * spec.err[k]
             if values is not None and k + 1 < len(spec.layers):
                 values[k + 1] = grad
-        elif isinstance(layer, Relu):
-            su, iu, _, unstable = _relu_relax(*pre[k])
-            pos = lam_in >= 0
-            out[k] = np.where(pos & unstable, grad * lam_in, 0.0)
-            grad = np.where(pos, grad * alphas[k], grad * su + iu)
         else:
-            l, u = pre[k]
-            arg, dom, umax = _pool_relax(l, u, layer.windows)
-            grad = np.where((lam_in >= 0) | dom, grad[:, arg], umax)
+            if k in alphas:  # d bound / d slope: the input's value where the slope applies
+                unstable = layer.relax(*pre[k])[3]
+                out[k] = np.where((lam_in >= 0) & unstable, grad * lam_in, 0.0)
+            grad = layer.relaxed_value(grad, lam_in, *pre[k], slope=alphas.get(k))
     return out
 
 

@@ -41,8 +41,9 @@ from verifier.engine.bounds import (
     rounding_errors,
     spec_chain,
 )
-from verifier.engine.enumeration import box_size, confirm, enumerate_box, runtime_inputs
+from verifier.engine.enumeration import confirm, enumerate_box
 from verifier.engine.network import LoweredLayer, forward_lowered
+from verifier.engine.points import runtime_inputs
 from verifier.engine.proof import Cover, to_text
 from verifier.engine.regions import Region
 from verifier.engine.relu_split import POLICIES, relu_branch_and_bound
@@ -128,7 +129,7 @@ def decide(
     detail: dict = {"leaves": {}, "points": 0, "attack_evals": 0, "steps": {}}
     run = _Run(runtime, region, label, start, detail)
 
-    size = box_size(region.lo, region.hi, region.cost, region.budget, enum_limit)
+    size = region.count(enum_limit)
     if size <= enum_limit:
         return run.enumerate_all(deadline, "small region")
 
@@ -175,7 +176,7 @@ def decide(
 
     if root is None:
         cap = max(enum_limit, int(ENUM_RATE * timeout))
-        if box_size(region.lo, region.hi, region.cost, region.budget, cap + 1) > cap:
+        if region.count(cap + 1) > cap:
             # Bounds do not speak for this runtime and the region cannot be enumerated in the
             # time given: say unknown now instead of spending the whole budget to say it later.
             detail["enumeration"] = f"region has more than {cap} points; no sound error bound"

@@ -27,12 +27,7 @@ from verifier.engine.bounds import (
     _affine_exact,
     _affine_interval,
     _first_err,
-    _pool_max,
-    _pool_relax,
-    _relu_relax,
-    _scatter_cols,
     _spec_interval,
-    knapsack_min,
 )
 from verifier.engine.network import Affine, MaxPool, Relu
 
@@ -108,8 +103,8 @@ def quantized_bounds(
     eye, zero = np.eye(m), np.zeros((m, m))
     lam_j, c_j = _joint_backsub(ds, relax, top, eye, eye, np.zeros(m))
     lam_d, c_d = _joint_backsub(ds, relax, top, zero, eye, np.zeros(m))
-    delta, _ = knapsack_min(lam_d, c_d, lo, hi, fs.cost, fs.budget, argmin=False)
-    vals, argmin = knapsack_min(lam_j, c_j, lo, hi, fs.cost, fs.budget)
+    delta, _ = fs.region.minimise(lam_d, c_d, lo, hi)
+    vals, argmin = fs.region.minimise(lam_j, c_j, lo, hi, argmin=True)
     joint = np.maximum(vals, base.lower + delta)
     own = direct.lower >= joint  # per margin, the direct bound's linear function and minimiser
     return DiffBounds(
@@ -160,8 +155,8 @@ def _gap(l: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 def _pair(l, u, ql, qu, d_lo, d_hi) -> _PairRelax:
     settled = ((l >= 0) & (ql >= 0)) | ((u <= 0) & (qu <= 0))
-    su, iu, alpha, _ = _relu_relax(l, u)
-    qsu, qiu, qalpha, _ = _relu_relax(ql, qu)
+    su, iu, alpha, _ = Relu().relax(l, u)
+    qsu, qiu, qalpha, _ = Relu().relax(ql, qu)
     gaps = (_gap(l, u), _gap(ql, qu), np.where(settled, 0.0, _gap(d_lo, d_hi)))
     return _PairRelax(
         (su, iu, alpha), (qsu, qiu, qalpha), relu_diff_lines(l, u, d_lo, d_hi, ql, qu), gaps
@@ -186,13 +181,12 @@ def _relaxations(ds: DiffSpec, lo, hi, base: Bounds, direct: Bounds, refine: boo
                     _first_err(ds.quant_spec),
                     lo,
                     hi,
-                    fs.cost,
-                    fs.budget,
+                    fs.region,
                 )
                 f_lo, f_hi = (
                     base.first
                     if base.first is not None
-                    else _affine_exact(layer, None, lo, hi, fs.cost, fs.budget)
+                    else _affine_exact(layer, None, lo, hi, fs.region)
                 )
             else:
                 d_lo, d_hi = _delta_interval(ds, i, f_lo, f_hi, d_lo, d_hi)
@@ -208,9 +202,8 @@ def _relaxations(ds: DiffSpec, lo, hi, base: Bounds, direct: Bounds, refine: boo
         d_lo, d_hi = np.maximum(d_lo, ql - u), np.minimum(d_hi, qu - l)
         if isinstance(layer, MaxPool):  # both pools relaxed on their own (no difference lines)
             relax[i] = ((l, u), (ql, qu))
-            w = layer.windows
-            f_lo, f_hi = _pool_max(l, w), _pool_max(u, w)
-            d_lo, d_hi = _pool_max(ql, w) - f_hi, _pool_max(qu, w) - f_lo
+            f_lo, f_hi = layer.interval(l, u)
+            d_lo, d_hi = layer.window_max(ql) - f_hi, layer.window_max(qu) - f_lo
             continue
         rows = np.flatnonzero(~(((l >= 0) & (ql >= 0)) | ((u <= 0) & (qu <= 0))))
         if refine and len(rows):
@@ -220,7 +213,7 @@ def _relaxations(ds: DiffSpec, lo, hi, base: Bounds, direct: Bounds, refine: boo
             a, c = _joint_backsub(
                 ds, relax, i, np.zeros((2 * m, n)), np.concatenate([unit, -unit]), np.zeros(2 * m)
             )
-            vals, _ = knapsack_min(a, c, lo, hi, fs.cost, fs.budget, argmin=False)
+            vals, _ = fs.region.minimise(a, c, lo, hi)
             d_lo, d_hi = d_lo.copy(), d_hi.copy()
             d_lo[rows] = np.maximum(d_lo[rows], vals[:m])
             d_hi[rows] = np.minimum(d_hi[rows], -vals[m:])
@@ -301,7 +294,7 @@ def _joint_backsub(ds: DiffSpec, relax: dict, upto: int, lam_f, lam_d, c):
             continue
         if isinstance(layer, MaxPool):
             (fl, fu), (ql, qu) = relax[k]
-            lam_f, lam_d, extra = _pool_pair(layer.windows, fl, fu, ql, qu, lam_f, lam_d)
+            lam_f, lam_d, extra = _pool_pair(layer, fl, fu, ql, qu, lam_f, lam_d)
             c = c + extra
             continue
         r = relax[k]
@@ -326,14 +319,10 @@ def _joint_backsub(ds: DiffSpec, relax: dict, upto: int, lam_f, lam_d, c):
     raise AssertionError("the chain on s starts with an Affine layer")
 
 
-def _pool_pair(windows, fl, fu, ql, qu, lam_f, lam_d):
+def _pool_pair(pool: MaxPool, fl, fu, ql, qu, lam_f, lam_d):
     """A pair of max pools in the joint back-substitution: lam_d on the quantized pool,
     lam_f - lam_d on the float pool, each with its own relaxation (as `bounds._backsub`)."""
-    n = len(fl)
-    out = []
-    for l, u, lam in ((ql, qu, lam_d), (fl, fu, lam_f - lam_d)):
-        arg, dom, umax = _pool_relax(l, u, windows)
-        pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
-        out.append(((neg * ~dom) @ umax, _scatter_cols(pos + neg * dom, arg, n)))
-    (cq, q), (cf, f) = out
+    zero = np.zeros(len(lam_d))
+    q, cq = pool.back_step(lam_d, zero, ql, qu)
+    f, cf = pool.back_step(lam_f - lam_d, zero, fl, fu)
     return q + f, q, cq + cf

@@ -46,8 +46,8 @@ from verifier.engine.decide import (
 )
 from verifier.engine.diffbounds import DiffBounds, diff_spec, quantized_bounds, wrap_direct
 from verifier.engine.dynamic_input import fold_first_input, split_for_fold
-from verifier.engine.enumeration import box_size, runtime_inputs
 from verifier.engine.network import LoweredLayer
+from verifier.engine.points import runtime_inputs
 from verifier.engine.proof import Cover
 from verifier.engine.regions import Region
 from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN, Decision
@@ -96,7 +96,7 @@ def decide_from_float(
     start = time.perf_counter()
     if proof is None or error_model is None:
         return fallback("no float proof" if proof is None else "no error model")
-    if box_size(region.lo, region.hi, region.cost, region.budget, enum_limit) <= enum_limit:
+    if region.count(enum_limit) <= enum_limit:
         return fallback("small region")
     deadline = start + timeout
     detail: dict = {"leaves": {}, "points": 0, "attack_evals": 0, "steps": {}}

@@ -103,7 +103,7 @@ def _top_generators(region: Region, top: float) -> np.ndarray | None:
         return None  # a value at the top that stays there
     gens = np.flatnonzero(moving.any(axis=1))
     # moving every value at the top moves each of their generators by at least one step
-    slack = region.budget - float(np.abs(p) @ region.cost)
+    slack = region.budget - region.least_cost()
     return None if float(region.cost[gens].sum()) > slack + EPS else gens
 
 
@@ -117,9 +117,9 @@ def split_for_fold(region: Region, limit: int = 8) -> list[Region] | None:
     todo = [region]
     while todo:
         reg = todo.pop()
-        p = np.clip(0, reg.lo, reg.hi)
-        if float(np.abs(p) @ reg.cost) > reg.budget + EPS:
+        if reg.least_cost() > reg.budget + EPS:
             continue  # no point within budget
+        p = np.clip(0, reg.lo, reg.hi)
         d = reg.directions
         hi = reg.x + np.maximum(d * reg.lo[:, None], d * reg.hi[:, None]).sum(axis=0)
         gens = _top_generators(reg, float(hi.max()))

@@ -12,11 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from verifier.engine.points import count_points, predict_points
-from verifier.engine.points import runtime_inputs as runtime_inputs  # re-exported for the routes
+from verifier.engine.points import predict_points
 from verifier.engine.regions import Region
-
-box_size = count_points  # the one point counter (`verifier.engine.points`), as the routes name it
 
 BATCH = 16384  # points per runtime call: ~50 MB of float32 for a 784-value input
 

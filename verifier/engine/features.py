@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from verifier.engine.network import Affine, LoweredLayer, Relu
+from verifier.engine.network import LoweredLayer, jacobian
 from verifier.errors import InputError
 
 SELECTIONS = ("activation", "gradient", "random")
@@ -23,37 +23,10 @@ def activation_order(x: np.ndarray) -> np.ndarray:
 
 def margin_gradient(chain: list[LoweredLayer], x: np.ndarray, label: int) -> np.ndarray:
     """Gradient of `logit[label] - max other logit` at `x`, through the lowered chain."""
-    a = np.asarray(x, dtype=np.float64).reshape(1, -1)
-    tape = []
-    for layer in chain:
-        if isinstance(layer, Affine):
-            tape.append(layer)
-            a = a @ layer.weight.T + layer.bias
-        elif isinstance(layer, Relu):
-            tape.append(a > 0)
-            a = np.maximum(a, 0.0)
-        else:
-            padded = np.concatenate([a, np.full((1, 1), -np.inf)], axis=1)
-            vals = padded[:, layer.windows]
-            arg = layer.windows[np.arange(len(layer.windows)), vals[0].argmax(axis=1)]
-            tape.append((arg, a.shape[1]))
-            a = vals.max(axis=2)
-    logits = a[0]
+    logits, jac = jacobian(chain, x)
     other = np.delete(np.arange(len(logits)), label)
     runner_up = other[np.argmax(logits[other])]
-    g = np.zeros(len(logits))
-    g[label], g[runner_up] = 1.0, -1.0
-    for entry in reversed(tape):
-        if isinstance(entry, Affine):
-            g = g @ entry.weight
-        elif isinstance(entry, np.ndarray):
-            g = g * entry[0]
-        else:
-            arg, n = entry
-            back = np.zeros(n)
-            np.add.at(back, arg, g)
-            g = back
-    return g
+    return jac[label] - jac[runner_up]
 
 
 def gradient_order(chain: list[LoweredLayer], x: np.ndarray, label: int) -> np.ndarray:

@@ -113,7 +113,7 @@ def margin_ladders(
 ) -> list[MarginLadder]:
     """The ladders to each case's endpoints (index, label, region, endpoints (m, G), kinds) with
     each runtime's margins: every rung of every case goes to one `predict` call per model."""
-    from verifier.engine.enumeration import runtime_inputs
+    from verifier.engine.points import runtime_inputs
 
     if not cases or not runtimes:
         return []

@@ -119,7 +119,7 @@ def _encode(spec: SpecChain, lo, hi, bounds: Bounds):
     s = mod.cols(lo, hi, integer=True)
     # |s_g|: the sign is fixed unless the range straddles 0 (then s = sp - sn, one of them 0)
     up, down = lo >= 0, (hi <= 0) & (lo < 0)
-    cost_cols, cost_vals = [s[up], s[down]], [spec.cost[up], -spec.cost[down]]
+    cost_cols, cost_vals = [s[up], s[down]], [spec.region.cost[up], -spec.region.cost[down]]
     mixed = np.flatnonzero((lo < 0) & (hi > 0))
     if len(mixed):
         k = len(mixed)
@@ -137,9 +137,12 @@ def _encode(spec: SpecChain, lo, hi, bounds: Bounds):
             np.column_stack([sn, b]), np.column_stack([ones, -lo[mixed, None]]), -np.inf, -lo[mixed]
         )
         cost_cols += [sp, sn]
-        cost_vals += [spec.cost[mixed], spec.cost[mixed]]
+        cost_vals += [spec.region.cost[mixed], spec.region.cost[mixed]]
     mod.rows.add(
-        np.concatenate(cost_cols)[None], np.concatenate(cost_vals)[None], -np.inf, spec.budget + EPS
+        np.concatenate(cost_cols)[None],
+        np.concatenate(cost_vals)[None],
+        -np.inf,
+        spec.region.budget + EPS,
     )
     cur = s  # columns of the current layer's input; `keep` selects the weights' columns
     keep = np.arange(len(s))

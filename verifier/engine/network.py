@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Protocol
 
 import numpy as np
 
@@ -22,6 +23,10 @@ class Dense:
 
     weight: np.ndarray
     bias: np.ndarray
+    linear = True
+
+    def forward(self, a: np.ndarray) -> np.ndarray:
+        return a @ self.weight.T + self.bias
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,10 @@ class Conv:
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     dilations: tuple[int, int] = (1, 1)
     group: int = 1
+    linear = True
+
+    def forward(self, a: np.ndarray) -> np.ndarray:
+        return conv2d(a, self)
 
 
 @dataclass(frozen=True)
@@ -42,11 +51,54 @@ class Elementwise:
 
     scale: np.ndarray
     shift: np.ndarray
+    linear = True
+
+    def forward(self, a: np.ndarray) -> np.ndarray:
+        return a * self.scale + self.shift
 
 
 @dataclass(frozen=True)
 class Relu:
-    """max(x, 0)."""
+    """max(x, 0): an imported layer and a nonlinear operator of the lowered chain (`Nonlinear`)."""
+
+    linear = False
+
+    def lowered(self, in_shape: tuple[int, ...]) -> Relu:
+        return self
+
+    def forward(self, a: np.ndarray) -> np.ndarray:
+        return np.maximum(a, 0.0)
+
+    def backward(self, g: np.ndarray, a: np.ndarray) -> np.ndarray:
+        return g * (a > 0)
+
+    def interval(self, lo: np.ndarray, hi: np.ndarray):
+        return np.maximum(lo, 0.0), np.maximum(hi, 0.0)
+
+    def relax(self, lo: np.ndarray, hi: np.ndarray):
+        """Upper line (slope, intercept), default lower slope (0 or 1, whichever is closer)
+        and the unstable mask of ReLU over [lo, hi]."""
+        active = lo >= 0
+        unstable = (lo < 0) & (hi > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            su = np.where(unstable, hi / np.where(unstable, hi - lo, 1.0), active.astype(float))
+        iu = np.where(unstable, -su * lo, 0.0)
+        alpha = np.where(unstable, (hi > -lo).astype(np.float64), active.astype(np.float64))
+        return su, iu, alpha, unstable
+
+    def back_step(self, lam, c, lo, hi, slope=None):
+        su, iu, alpha, _ = self.relax(lo, hi)
+        alpha = alpha if slope is None else slope
+        pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+        return pos * alpha + neg * su, c + neg @ iu
+
+    def relaxed_value(self, v, lam, lo, hi, slope=None):
+        su, iu, alpha, _ = self.relax(lo, hi)
+        alpha = alpha if slope is None else slope
+        return np.where(lam >= 0, v * alpha, v * su + iu)
+
+    def encode(self, enc, forms, lo, hi, tag: str):
+        return enc.relu(forms, lo, hi, tag)
 
 
 @dataclass(frozen=True)
@@ -54,6 +106,10 @@ class Reshape:
     """Change the per-sample shape (Flatten, Reshape); C-order, like ONNX."""
 
     shape: tuple[int, ...]
+    linear = True
+
+    def forward(self, a: np.ndarray) -> np.ndarray:
+        return a.reshape((len(a), *self.shape))
 
 
 @dataclass(frozen=True)
@@ -61,6 +117,10 @@ class Transpose:
     """Permute the per-sample axes (the batch axis excluded)."""
 
     perm: tuple[int, ...]
+    linear = True
+
+    def forward(self, a: np.ndarray) -> np.ndarray:
+        return a.transpose((0, *[p + 1 for p in self.perm]))
 
 
 @dataclass(frozen=True)
@@ -72,6 +132,16 @@ class Pool:
     strides: tuple[int, int]
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     count_include_pad: bool = False
+
+    @property
+    def linear(self) -> bool:
+        return self.kind != "max"
+
+    def forward(self, a: np.ndarray) -> np.ndarray:
+        return pool2d(a, self)
+
+    def lowered(self, in_shape: tuple[int, ...]) -> MaxPool:
+        return MaxPool(_maxpool_windows(self, in_shape))
 
 
 Layer = Dense | Conv | Elementwise | Relu | Reshape | Transpose | Pool
@@ -94,7 +164,7 @@ class Network:
         """Logits (N, classes) in float64 for a batch shaped (N, *input_shape)."""
         a = np.asarray(x, dtype=np.float64)
         for layer in self.layers:
-            a = apply_layer(layer, a)
+            a = layer.forward(a)
         return a.reshape(len(a), -1)
 
     def lower(self) -> list[LoweredLayer]:
@@ -105,25 +175,6 @@ class Network:
     @cached_property
     def _lowered(self) -> list[LoweredLayer]:
         return lower(self)
-
-
-def apply_layer(layer: Layer, a: np.ndarray) -> np.ndarray:
-    """One layer on a batch (N, *shape) in numpy."""
-    if isinstance(layer, Dense):
-        return a @ layer.weight.T + layer.bias
-    if isinstance(layer, Conv):
-        return conv2d(a, layer)
-    if isinstance(layer, Elementwise):
-        return a * layer.scale + layer.shift
-    if isinstance(layer, Relu):
-        return np.maximum(a, 0.0)
-    if isinstance(layer, Reshape):
-        return a.reshape((len(a), *layer.shape))
-    if isinstance(layer, Transpose):
-        return a.transpose((0, *[p + 1 for p in layer.perm]))
-    if isinstance(layer, Pool):
-        return pool2d(a, layer)
-    raise TypeError(f"unknown layer {layer!r}")
 
 
 def conv2d(a: np.ndarray, layer: Conv) -> np.ndarray:
@@ -169,12 +220,53 @@ def pool2d(a: np.ndarray, layer: Pool) -> np.ndarray:
 # --- the lowered chain ------------------------------------------------------------------------
 
 
+class Nonlinear(Protocol):
+    """What the engine needs of a nonlinear operator between two `Affine` maps (`Relu`,
+    `MaxPool`): a new operator is one such class plus one importer handler. Bounds are over
+    boxes [lo, hi] of its inputs; `lam` are linear coefficients on its outputs (rows). Imported
+    layers have `linear` and `forward`; a nonlinear one also `lowered(in_shape)`, its
+    `Nonlinear` on flat vectors."""
+
+    def forward(self, a: np.ndarray) -> np.ndarray:
+        """Outputs for a batch of inputs (N, n)."""
+
+    def backward(self, g: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """Gradient rows `g` on the outputs pulled back to the inputs, at inputs `a` (1, n)."""
+
+    def interval(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Interval image of the box."""
+
+    def back_step(self, lam, c, lo, hi, slope=None) -> tuple[np.ndarray, np.ndarray]:
+        """Back-substitution: `lam . out + c >= lam' . in + c'` on the box; (lam', c')."""
+
+    def relaxed_value(self, v, lam, lo, hi, slope=None) -> np.ndarray:
+        """The linear relaxation `back_step` used, evaluated at inputs `v` (rows as `lam`)."""
+
+    def encode(self, enc, forms, lo, hi, tag: str):
+        """The exact operator in z3 (`verifier.engine.smt`'s encoder)."""
+
+
 @dataclass(frozen=True)
 class Affine:
-    """y = W x + b on flat vectors; W is (out, in) float64."""
+    """y = W x + b on flat vectors; W is (out, in) float64. Every linear layer folds into one."""
 
     weight: np.ndarray
     bias: np.ndarray
+
+    def forward(self, a: np.ndarray) -> np.ndarray:
+        return a @ self.weight.T + self.bias
+
+    def backward(self, g: np.ndarray, a: np.ndarray) -> np.ndarray:
+        return g @ self.weight
+
+    def interval(self, lo: np.ndarray, hi: np.ndarray, absw: np.ndarray | None = None):
+        mid, rad = (lo + hi) / 2.0, (hi - lo) / 2.0
+        absw = np.abs(self.weight) if absw is None else absw
+        c, r = self.weight @ mid + self.bias, absw @ rad
+        return c - r, c + r
+
+    def back_step(self, lam, c, lo=None, hi=None, slope=None):
+        return lam @ self.weight, c + lam @ self.bias
 
 
 @dataclass(frozen=True)
@@ -183,12 +275,54 @@ class MaxPool:
 
     windows: np.ndarray  # (out, k) int64
 
+    def forward(self, a: np.ndarray) -> np.ndarray:
+        padded = np.concatenate([a, np.full((len(a), 1), -np.inf)], axis=1)
+        return padded[:, self.windows].max(axis=2)
+
+    def backward(self, g: np.ndarray, a: np.ndarray) -> np.ndarray:
+        padded = np.concatenate([a[0], [-np.inf]])
+        arg = self.windows[np.arange(len(self.windows)), padded[self.windows].argmax(axis=1)]
+        return scatter_cols(g, arg, a.shape[1])
+
+    def interval(self, lo: np.ndarray, hi: np.ndarray):
+        return self.window_max(lo), self.window_max(hi)
+
+    def window_max(self, v: np.ndarray) -> np.ndarray:
+        """Max over each window of a vector (padding ignored)."""
+        return np.concatenate([v, [-np.inf]])[self.windows].max(axis=1)
+
+    def relax(self, lo: np.ndarray, hi: np.ndarray):
+        """Lower by the input with the largest lower bound (`arg`); upper exact where that input
+        dominates its window (`dominated`), else the window's largest upper bound (`umax`)."""
+        lp = np.concatenate([lo, [-np.inf]])
+        up = np.concatenate([hi, [-np.inf]])
+        w = self.windows
+        arg = w[np.arange(len(w)), lp[w].argmax(axis=1)]
+        others = np.where(w == arg[:, None], -1, w)
+        dominated = lp[arg] >= up[others].max(axis=1)
+        return arg, dominated, up[w].max(axis=1)
+
+    def back_step(self, lam, c, lo, hi, slope=None):
+        arg, dom, umax = self.relax(lo, hi)
+        pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+        return scatter_cols(pos + neg * dom, arg, len(lo)), c + (neg * ~dom) @ umax
+
+    def relaxed_value(self, v, lam, lo, hi, slope=None):
+        arg, dom, umax = self.relax(lo, hi)
+        return np.where((lam >= 0) | dom, v[:, arg], umax)
+
+    def encode(self, enc, forms, lo, hi, tag: str):
+        return enc.maxpool(self, forms, lo, hi, tag)
+
+
+def scatter_cols(vals: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
+    """(m, n) matrix with vals[:, j] added to column cols[j]."""
+    out = np.zeros((vals.shape[0], n))
+    np.add.at(out.T, cols, vals.T)
+    return out
+
 
 LoweredLayer = Affine | Relu | MaxPool
-
-
-def _is_linear(layer: Layer) -> bool:
-    return not isinstance(layer, Relu) and not (isinstance(layer, Pool) and layer.kind == "max")
 
 
 def _linear_map(layers: list[Layer], in_shape: tuple[int, ...]) -> Affine:
@@ -198,14 +332,14 @@ def _linear_map(layers: list[Layer], in_shape: tuple[int, ...]) -> Affine:
     basis = np.eye(n).reshape((n, *in_shape))
     b = zero
     for layer in layers:
-        b = apply_layer(layer, b)
+        b = layer.forward(b)
     bias = b.reshape(-1)
     # columns are images of basis vectors minus the bias; do it in chunks to bound memory
     cols = []
     for start in range(0, n, 1024):
         a = basis[start : start + 1024]
         for layer in layers:
-            a = apply_layer(layer, a)
+            a = layer.forward(a)
         cols.append(a.reshape(len(a), -1) - bias)
     return Affine(np.concatenate(cols).T.copy(), bias.copy())
 
@@ -228,7 +362,7 @@ def lower(net: Network) -> list[LoweredLayer]:
     shapes = [net.input_shape, *net.shapes]
     run_start = net.input_shape
     for i, layer in enumerate(net.layers):
-        if _is_linear(layer):
+        if layer.linear:
             if not run:
                 run_start = shapes[i]
             run.append(layer)
@@ -236,9 +370,7 @@ def lower(net: Network) -> list[LoweredLayer]:
         if run:
             out.append(_fold(run, run_start))
             run = []
-        out.append(
-            Relu() if isinstance(layer, Relu) else MaxPool(_maxpool_windows(layer, shapes[i]))
-        )
+        out.append(layer.lowered(shapes[i]))
     if run:
         out.append(_fold(run, run_start))
     # C-contiguous weights: BLAS is several times slower on the transposed views ONNX gives
@@ -265,11 +397,18 @@ def forward_lowered(chain: list[LoweredLayer], x: np.ndarray) -> np.ndarray:
     """Evaluate the lowered chain on flat inputs (N, n) in float64."""
     a = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     for layer in chain:
-        if isinstance(layer, Affine):
-            a = a @ layer.weight.T + layer.bias
-        elif isinstance(layer, Relu):
-            a = np.maximum(a, 0.0)
-        else:
-            padded = np.concatenate([a, np.full((len(a), 1), -np.inf)], axis=1)
-            a = padded[:, layer.windows].max(axis=2)
+        a = layer.forward(a)
     return a
+
+
+def jacobian(chain: list[LoweredLayer], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Outputs (m,) and Jacobian (m, n) of the lowered chain at one flat input `x`."""
+    a = np.asarray(x, dtype=np.float64).reshape(1, -1)
+    inputs = []
+    for layer in chain:
+        inputs.append(a)
+        a = layer.forward(a)
+    jac = np.eye(a.shape[1])
+    for layer, a_in in zip(reversed(chain), reversed(inputs), strict=True):
+        jac = layer.backward(jac, a_in)
+    return a[0], jac

@@ -516,7 +516,6 @@ HANDLERS: dict[str, Handler] = {
 
 def _shape_after(layer: Layer, shape: tuple[int, ...], node: onnx.NodeProto) -> tuple[int, ...]:
     """Per-sample output shape of `layer`, computed on a zero sample (cheap, exact)."""
-    from verifier.engine.network import apply_layer
 
     if isinstance(layer, Reshape):
         return layer.shape
@@ -526,5 +525,5 @@ def _shape_after(layer: Layer, shape: tuple[int, ...], node: onnx.NodeProto) -> 
         return (layer.weight.shape[0],)
     if isinstance(layer, (Relu, Elementwise)):
         return shape
-    out = apply_layer(layer, np.zeros((1, *shape)))
+    out = layer.forward(np.zeros((1, *shape)))
     return tuple(out.shape[1:])

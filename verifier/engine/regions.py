@@ -8,7 +8,7 @@ moved by multiples of `delta`) and `features` (subsets of features, each moved o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,11 +55,101 @@ class Region:
 
         return min(limit, count_points(self.lo, self.hi, self.cost, self.budget, limit, True))
 
+    def count(self, limit: int, lo=None, hi=None) -> int:
+        """Points of the (sub)box `[lo, hi]` within budget, capped just above `limit` (the fast
+        counter: exact for equal costs, never an under-count)."""
+        from verifier.engine.points import count_points
+
+        lo = self.lo if lo is None else lo
+        hi = self.hi if hi is None else hi
+        return count_points(lo, hi, self.cost, self.budget, limit)
+
+    def least_cost(self, lo=None, hi=None) -> float:
+        """The cost of the (sub)box's point nearest 0: over the budget means the box is empty."""
+        lo = self.lo if lo is None else lo
+        hi = self.hi if hi is None else hi
+        return float(np.abs(np.clip(0, lo, hi)) @ self.cost)
+
+    def minimise(
+        self, a: np.ndarray, const=0.0, lo=None, hi=None, *, argmin: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Exact min of `a_i . s + const_i` per row over the real points of the (sub)box
+        `[lo, hi]` within budget (a fractional knapsack): (values (m,), minimisers (m, G) or
+        None); +inf where the box holds no point within budget."""
+        lo = self.lo if lo is None else lo
+        hi = self.hi if hi is None else hi
+        return _knapsack_min(a, const, lo, hi, self.cost, self.budget, argmin=argmin)
+
     def enumerate(self, batch: int = 65536, lo=None, hi=None) -> Iterator[np.ndarray]:
         """All coefficient vectors of the (sub)box `[lo, hi]` within budget, in batches."""
         lo = self.lo if lo is None else np.asarray(lo)
         hi = self.hi if hi is None else np.asarray(hi)
         yield from enumerate_box(lo, hi, self.cost, self.budget, batch)
+
+
+def _knapsack_min(
+    a: np.ndarray,
+    const: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    cost: np.ndarray,
+    budget: float,
+    *,
+    argmin: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Exact min of `a_i . s + const_i` over s in [lo, hi] with sum |s_g| cost_g <= budget.
+
+    Rows are independent; returns (values (m,), minimisers (m, G) or None). From the box point
+    nearest 0 every move increases |s_g|, so the problem is a fractional knapsack solved
+    greedily by |a_g| / cost_g. An empty set (the nearest point over budget) gives +inf.
+    """
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    m, g = a.shape
+    lo = np.asarray(lo, dtype=np.float64)
+    hi = np.asarray(hi, dtype=np.float64)
+    p = np.clip(0.0, lo, hi)
+    cap = budget + EPS - float(np.abs(p) @ cost)  # the region's own budget slack
+    const = np.asarray(const, dtype=np.float64)
+    if cap < 0:
+        return np.full(m, np.inf), (np.tile(p, (m, 1)) if argmin else None)
+    down = a > 0  # the objective decreases by moving s_g down
+    room = np.where(down, p - lo, hi - p)  # whole units available in the improving direction
+    order = _ratio_order(a, room, cost, cap)
+    w_sorted = np.take_along_axis(room, order, axis=1) * cost[order]
+    before = np.cumsum(w_sorted, axis=1) - w_sorted
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac_sorted = np.clip(np.where(w_sorted > 0, (cap - before) / w_sorted, 1.0), 0.0, 1.0)
+    gain_sorted = np.abs(np.take_along_axis(a, order, axis=1)) * np.take_along_axis(
+        room, order, axis=1
+    )
+    value = a @ p + const - (frac_sorted * gain_sorted).sum(axis=1)
+    if not argmin:
+        return value, None
+    frac = np.zeros((m, g))
+    np.put_along_axis(frac, order, frac_sorted, axis=1)
+    return value, p + np.where(down, -1.0, 1.0) * frac * room
+
+
+def _ratio_order(a: np.ndarray, room: np.ndarray, cost: np.ndarray, cap: float) -> np.ndarray:
+    """Per row, the generators the greedy can touch, by decreasing |a_g| / cost_g.
+
+    Every movable generator with a positive cost uses at least the smallest cost, so at most
+    (free ones) + ceil(cap / smallest cost) + 1 of them are reached: only those are sorted
+    (after a partition) when that is fewer than all.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(cost > 0, np.abs(a) / np.where(cost > 0, cost, 1.0), np.inf)
+    ratio = np.where(room > 0, ratio, -1.0)  # immovable: last
+    g = a.shape[1]
+    positive = cost[cost > 0]
+    reach = g
+    if len(positive):
+        reach = int((cost <= 0).sum()) + int(np.ceil(cap / positive.min() + 1e-9)) + 1
+    if reach >= g:
+        return np.argsort(-ratio, axis=1, kind="stable")
+    part = np.argpartition(-ratio, reach - 1, axis=1)[:, :reach]
+    sub = np.argsort(-np.take_along_axis(ratio, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, sub, axis=1)
 
 
 def enumerate_box(lo, hi, cost, budget: float, batch: int = 65536) -> Iterator[np.ndarray]:
@@ -188,3 +278,42 @@ def feature_region(x: np.ndarray, features: list[np.ndarray], step: float, radiu
         float(step),
         tuple(np.asarray(f, dtype=np.int64) for f in features),
     )
+
+
+# --- the region families: what `--region` names ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """A region family: its help text, its builder from an input and its ranked positions, and
+    whether every coefficient is 0 or 1 (a point is a subset of generators: MCTS applies)."""
+
+    name: str
+    help: str
+    build: Callable[..., Region]  # (x, ranked positions, step, radius, dims, feature_dims)
+    subsets: bool
+
+
+def _features(x, order, step: float, radius: float, dims: int, feature_dims: int) -> Region:
+    from verifier.engine.features import chunk
+
+    return feature_region(x, chunk(order, feature_dims), step, radius)
+
+
+def _lattice(x, order, step: float, radius: float, dims: int, feature_dims: int) -> Region:
+    return lattice_region(x, order[:dims], step, radius)
+
+
+FAMILIES = {
+    f.name: f
+    for f in (
+        Family(
+            "features",
+            "subsets of features (--feature-dims values each), each moved once by the step away "
+            "from 0.5 (the paper's)",
+            _features,
+            subsets=True,
+        ),
+        Family("lattice", "--dims values moved by multiples of the step", _lattice, False),
+    )
+}

@@ -28,7 +28,7 @@ import networkx as nx
 import numpy as np
 
 from verifier.engine.points import predict_points
-from verifier.engine.regions import EPS, Region
+from verifier.engine.regions import EPS, FAMILIES, Region
 from verifier.engine.result import NOT_REFUTED, REFUTED, Decision
 
 
@@ -232,7 +232,7 @@ def mcts_search(
     """
     if evaluate not in ("path", "endpoint"):
         raise ValueError(f"evaluate must be 'path' or 'endpoint', got {evaluate!r}")
-    if region.family != "features" or np.any(region.lo != 0) or np.any(region.hi > 1):
+    if not FAMILIES[region.family].subsets or np.any(region.lo != 0) or np.any(region.hi > 1):
         raise ValueError("mcts_search needs a features region (coefficients in {0, 1})")
     start = time.perf_counter()
     rng = np.random.default_rng(seed)

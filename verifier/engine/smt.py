@@ -144,18 +144,10 @@ def _layer_bounds(chain: list[LoweredLayer], region: Region, lo=None, hi=None) -
             r2 = aw @ r
             slack = _MARGIN * (aw @ mag + np.abs(layer.bias)) + 1e-300
             low, up = c2 - r2 - slack, c2 + r2 + slack
-        elif isinstance(layer, Relu):
-            low, up = np.maximum(low, 0.0), np.maximum(up, 0.0)
         else:
-            low, up = _pool_bounds(layer, low, up)
+            low, up = layer.interval(low, up)
     out.append((low, up))
     return out
-
-
-def _pool_bounds(layer: MaxPool, low: np.ndarray, up: np.ndarray):
-    pad_l = np.concatenate([low, [-np.inf]])[layer.windows]
-    pad_u = np.concatenate([up, [-np.inf]])[layer.windows]
-    return pad_l.max(axis=1), pad_u.max(axis=1)
 
 
 def interval_pre_bounds(chain: list[LoweredLayer], region: Region, lo=None, hi=None) -> list:
@@ -306,12 +298,12 @@ def _encode(solver, ctx, chain, region, label, lo, hi, pre_bounds, margin, deadl
             if isinstance(nxt, Relu):  # rows the next ReLU zeroes need not be computed
                 rows = np.flatnonzero(_relu_bounds(bounds[i + 1], pre_bounds, relu_i)[1] > 0)
             forms = _affine(layer, forms, rows)
-        elif isinstance(layer, Relu):
+        elif isinstance(layer, Relu):  # the caller's pre-activation bounds are per Relu
             low, up = _relu_bounds(bounds[i], pre_bounds, relu_i)
-            forms = enc.relu(forms, low, up, f"r{i}")
+            forms = layer.encode(enc, forms, low, up, f"r{i}")
             relu_i += 1
         else:
-            forms = enc.maxpool(layer, forms, *bounds[i], f"m{i}")
+            forms = layer.encode(enc, forms, *bounds[i], f"m{i}")
     enc.goal(forms, label, margin)
     return read
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from verifier.engine.data import from_layout
-from verifier.engine.enumeration import runtime_inputs
 from verifier.engine.model import Model
+from verifier.engine.points import runtime_inputs
 from verifier.engine.regions import Region
 from verifier.engine.result import REFUTED
 from verifier.run.config import Settings

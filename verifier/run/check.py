@@ -13,8 +13,8 @@ import numpy as np
 
 from verifier.engine.bounds import prepare_chain
 from verifier.engine.enumeration import replay
-from verifier.engine.features import chunk, select_positions
-from verifier.engine.regions import Region, feature_region, lattice_region
+from verifier.engine.features import select_positions
+from verifier.engine.regions import FAMILIES, Region
 from verifier.engine.result import CERTIFIED, NOT_REFUTED, REFUTED, Decision
 from verifier.run.config import Settings
 from verifier.run.records import InputRecord, Outcome
@@ -131,9 +131,7 @@ def build_region(s: Settings, x: np.ndarray, chain: list, label: int, index: int
     x = np.asarray(x).reshape(-1)
     layers = getattr(chain, "layers", chain)  # a PreparedChain or the lowered list
     order = select_positions(s.selection, x, chain=layers, label=label, seed=s.seed + index)
-    if s.region == "lattice":
-        return lattice_region(x, order[: s.dims], s.step, s.radius)
-    return feature_region(x, chunk(order, s.feature_dims), s.step, s.radius)
+    return FAMILIES[s.region].build(x, order, s.step, s.radius, s.dims, s.feature_dims)
 
 
 def outcome(d: Decision) -> Outcome:

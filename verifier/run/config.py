@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from verifier.engine.regions import FAMILIES
 from verifier.errors import InputError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -19,7 +20,7 @@ DEFAULT_MODEL = EXAMPLES / "mnist_mlp.onnx"
 # The README's main command runs the embedded default on this many inputs unless told otherwise.
 DEFAULT_EXAMPLE_LIMIT = 100
 SEARCHES = ("exact", "mcts")
-REGION_FAMILIES = ("features", "lattice")
+REGION_FAMILIES = tuple(FAMILIES)
 DEFAULT_MODES = ("dynamic", "ort-qdq")
 # Options that may differ on --resume: they change no decision.
 OUTPUT_OPTIONS = (
@@ -152,9 +153,10 @@ class RunConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be positive")
         if self.timeout <= 0:
             raise InputError("--timeout must be positive")
-        if self.search == "mcts" and self.region != "features":
+        if self.search == "mcts" and not FAMILIES[self.region].subsets:
             raise InputError(
-                "--search mcts searches feature subsets: use it with --region features"
+                "--search mcts searches subsets of generators: use it with --region "
+                + " or ".join(f.name for f in FAMILIES.values() if f.subsets)
             )
         if self.cluster and self.workers > 1:
             raise InputError("pass --cluster ADDR or --workers N, not both: a cluster has workers")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from verifier.engine.network import Affine, Relu
+from verifier.engine.network import Affine, MaxPool, Relu
 from verifier.engine.points import count_points
 from verifier.engine.proof import SPLIT, Proof, ProofFormatError, decode
 from verifier.engine.regions import EPS, Region
@@ -80,10 +80,19 @@ def read(data: bytes) -> Proof | Verdict:
         return Verdict().fail(f"unreadable proof: {exc}")
 
 
+RECHECKED = (Affine, Relu, MaxPool)  # the operators this module re-derives bounds through
+
+
 def check_proof(data: bytes, problem: Problem) -> Verdict:
     """Re-check the encoded proof `data` against `problem` (see the module docstring)."""
     proof = read(data)
-    return proof if isinstance(proof, Verdict) else check_tree(proof, problem)
+    if isinstance(proof, Verdict):
+        return proof
+    layers = problem.spec.layers if problem.spec is not None else problem.chain or []
+    other = [type(x).__name__ for x in layers if not isinstance(x, RECHECKED)]
+    if other:
+        return Verdict(NOT_CHECKABLE, f"no independent re-check for operator {other[0]}")
+    return check_tree(proof, problem)
 
 
 def check_tree(proof: Proof, problem: Problem) -> Verdict:
@@ -350,7 +359,7 @@ def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
     n = len(layers)
     pre: list = [None] * n
     p = np.clip(0, lo, hi)
-    if float(np.abs(p) @ spec.cost) > spec.budget + EPS:
+    if float(np.abs(p) @ spec.region.cost) > spec.region.budget + EPS:
         return _BoxBounds(np.full(len(spec.others), np.inf), pre)
     cur_lo = cur_hi = None
     for i, layer in enumerate(layers):
@@ -358,8 +367,8 @@ def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
             if i == 0:
                 w, b = layer.weight, layer.bias
                 e = _first_widen(spec)
-                cur_lo = _min_linear(w, b, lo, hi, spec.cost, spec.budget) - e
-                cur_hi = -_min_linear(-w, -b, lo, hi, spec.cost, spec.budget) + e
+                cur_lo = _min_linear(w, b, lo, hi, spec.region.cost, spec.region.budget) - e
+                cur_hi = -_min_linear(-w, -b, lo, hi, spec.region.cost, spec.region.budget) + e
             else:
                 cur_lo, cur_hi = _interval(spec, i, cur_lo, cur_hi)
             if i + 1 == n:
@@ -378,7 +387,7 @@ def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
                 lam[np.arange(m), rows] = 1.0
                 lam[m + np.arange(m), rows] = -1.0
                 a, c = _back(spec, pre, i + 1, lam, np.zeros(2 * m))
-                v = _min_linear(a, c, lo, hi, spec.cost, spec.budget)
+                v = _min_linear(a, c, lo, hi, spec.region.cost, spec.region.budget)
                 cur_lo[rows] = np.maximum(cur_lo[rows], v[:m])
                 cur_hi[rows] = np.minimum(cur_hi[rows], -v[m:])
         elif isinstance(layer, Relu):
@@ -398,7 +407,7 @@ def _margin_bounds(spec, lo, hi, pre: list) -> np.ndarray:
     """Linear lower bounds of the margins over the box, default ReLU lower slopes."""
     m = len(spec.others)
     a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m))
-    return _min_linear(a, c, lo, hi, spec.cost, spec.budget)
+    return _min_linear(a, c, lo, hi, spec.region.cost, spec.region.budget)
 
 
 def _optimised_margins(spec, lo, hi, pre: list) -> np.ndarray:
@@ -414,7 +423,7 @@ def _optimised_margins(spec, lo, hi, pre: list) -> np.ndarray:
     for _ in range(SLOPE_STEPS):
         tape: list = []
         a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m), slopes, tape)
-        value, s = _min_linear(a, c, lo, hi, spec.cost, spec.budget, where=True)
+        value, s = _min_linear(a, c, lo, hi, spec.region.cost, spec.region.budget, where=True)
         best = np.maximum(best, value)
         if np.all(best > 0):
             break
