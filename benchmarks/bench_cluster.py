@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from verifier.batch import WorkerState, shipment
-from verifier.cluster import CHUNK_SECONDS, dask_client, run_on_cluster
+from verifier.cluster import CHUNK_SECONDS, session
 from verifier.config import Settings
 from verifier.data import load_dataset, select, to_layout
 from verifier.executor import check_batches
@@ -79,12 +79,27 @@ def work(n: int, data_dir: str | None, tmp: Path) -> tuple[WorkerState, dict, ob
 def in_process(state, runners, model) -> dict:
     """One process, no cluster: the reference records and time (after one warm-up input)."""
     list(check_batches(state, [0], 1, runners, model))
-    t0 = time.perf_counter()
+    t0, cpu = time.perf_counter(), time.process_time()
     recs = [
         r for b in check_batches(state, list(range(len(state.y))), 1, runners, model) for r in b
     ]
-    wall = time.perf_counter() - t0
-    return {"seconds": wall, "per_input": wall / len(recs), "records": _keyed(recs)}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu
+    return {
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "per_input": wall / len(recs),
+        "records": _keyed(recs),
+    }
+
+
+def in_process_one_thread(state) -> dict:
+    """The in-process run as one cluster worker runs it: runtimes loaded from the shipment on
+    one thread each, BLAS limited to one thread ("one in-process worker")."""
+    from threadpoolctl import threadpool_limits
+
+    with tempfile.TemporaryDirectory() as tmp, threadpool_limits(1):
+        loaded = shipment(state).load(Path(tmp))
+        return in_process(state, loaded.runners, loaded.model)
 
 
 def on_local_cluster(state, workers: int) -> dict:
@@ -92,13 +107,13 @@ def on_local_cluster(state, workers: int) -> dict:
     from distributed import get_task_stream
 
     t0 = time.perf_counter()
-    with dask_client(workers, None) as client:
+    with session(workers, None) as run_session:
         started = time.perf_counter() - t0
         t1 = time.perf_counter()
-        with get_task_stream(client) as ts:
-            recs = [r for b in run_on_cluster(client, state, list(range(len(state.y)))) for r in b]
+        with get_task_stream(run_session.client) as ts:
+            recs = [r for b in run_session.run(state, list(range(len(state.y)))) for r in b]
         run = time.perf_counter() - t1
-        overhead = task_overhead(client, 400)
+        overhead = task_overhead(run_session.client, 400)
     tasks = [
         sum(s["stop"] - s["start"] for s in t["startstops"] if s["action"] == "compute")
         for t in ts.data
@@ -218,7 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         state, runners, model = work(args.n, args.data_dir, Path(tmp))
         ref = in_process(state, runners, model)
-        print(f"in-process: {ref['seconds']:.1f} s, {ref['per_input']:.3f} s an input", flush=True)
+        one = in_process_one_thread(state)
+        for name, r in (("default threads", ref), ("one thread", one)):
+            print(
+                f"in-process, {name}: {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s CPU), "
+                f"{r['per_input']:.3f} s an input",
+                flush=True,
+            )
         clusters = [on_local_cluster(state, w) for w in (1, 2)]
         for c in clusters:
             print(
@@ -233,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         first = next(iter(check_batches(state, [0], 1, runners, model)))[0]
         puts_single = store_rate(first, count=200)
         puts = store_rate(first, batch=32)  # a chunk of 32 inputs (chunks hold up to 256)
-    for result in [*clusters, pool]:  # a timeout can end a check sooner on a slower worker
+    for result in [one, *clusters, pool]:  # a timeout can end a check sooner on a slower worker
         recs = result.pop("records")
         result["records_equal_in_process"] = sum(recs[i] == r for i, r in ref["records"].items())
     ref.pop("records")
@@ -247,11 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "in_process": ref,
+        "in_process_one_thread": one,
         "local_cluster": clusters,
         "process_pool_2": pool,
         "speedup_1_worker": ref["seconds"] / clusters[0]["run_seconds"],
         "speedup_2_workers": ref["seconds"] / two["run_seconds"],
         "speedup_2_over_1_worker": clusters[0]["run_seconds"] / two["run_seconds"],
+        "speedup_1_worker_over_one_thread": one["seconds"] / clusters[0]["run_seconds"],
+        "speedup_2_workers_over_one_thread": one["seconds"] / two["run_seconds"],
         "speedup_2_workers_with_start": ref["seconds"] / with_start,
         "speedup_process_pool_2": ref["seconds"] / pool["seconds"],
         "overhead_fraction_of_task": overhead_fraction,
@@ -261,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "projected_grids": projections(overhead_fraction, load, puts),
         "note": "shared 2-core machine under load: upper bounds on time, lower bounds on speedup",
     }
-    for k in ("speedup_1_worker", "speedup_2_workers", "speedup_2_over_1_worker"):
+    for k in [k for k in results if k.startswith("speedup_")]:
         print(f"{k}: {results[k]:.2f}x")
     print(
         f"overhead: {100 * overhead_fraction:.2f}% of a task; store: {puts:.0f} records/s "

@@ -1,8 +1,12 @@
 """Per-input checks on a Dask cluster: a local one of N processes, or a running scheduler.
 
+A run opens one `Session` for all its settings (one local cluster a sweep, not one a setting).
 The driver ships the run's model files once, inside a worker plugin that writes them to each
 worker's own scratch directory and loads them on its first task, so workers need no shared
-filesystem and a worker that joins or restarts later gets them too. Inputs go out in chunks
+filesystem and a worker that joins or restarts later gets them too; a worker keeps the last
+`CACHED` sets of loaded runtimes by the files' hash, for the next setting or run. The plugin is
+named after the run's client and unregistered however the session ends (SIGTERM included);
+`verifier.janitor` removes it on the scheduler when the client vanishes. Inputs go out in chunks
 sized from the measured cost per input to take about `CHUNK_SECONDS`, with at most two chunks
 per worker thread outstanding, and each chunk's records are yielded as it completes (a callback
 queues finished futures, so the driver's work per task does not grow with the cluster). A chunk
@@ -13,13 +17,16 @@ error); the per-input timeout is enforced inside `decide` on the worker.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
+import platform
 import queue
 import shutil
+import signal
 import threading
 import time
-import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,13 +36,16 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from verifier.batch import Batch, Loaded, Shipment, WorkerState, shipment
 from verifier.errors import InputError
+from verifier.janitor import Janitor, run_plugin_name
 from verifier.records import InputRecord
 
 CHUNK_SECONDS = 2.0  # target wall time of a task: a task's ~2 ms overhead stays near 0.1%
 MAX_CHUNK = 256  # inputs per task at most, so a lost task costs little
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic mmap threshold (64-bit)
 CONNECT_TIMEOUT = 10.0  # seconds to reach a scheduler
 NO_WORKER_TIMEOUT = 120.0  # seconds a cluster may have no worker before the run gives up
 POLL_SECONDS = 1.0  # how often the driver looks at the cluster while tasks are outstanding
+CACHED = 2  # sets of loaded model files a worker keeps (this run's, and the one before)
 
 
 @contextmanager
@@ -64,42 +74,93 @@ def dask_client(workers: int, address: str | None) -> Iterator[Client]:
         yield client
 
 
-def run_on_cluster(
-    client: Client, state: WorkerState, todo: list[int]
-) -> Iterator[list[InputRecord]]:
-    """Check the input positions `todo` on the client's workers; yield each chunk's records as
-    it completes."""
-    name = f"relrobust-{uuid.uuid4().hex[:12]}"
-    client.register_plugin(ModelFiles(name, shipment(state)), name=name)
-    todo, pending, pace = list(reversed(todo)), {}, ChunkPace()
-    finished: queue.SimpleQueue = queue.SimpleQueue()  # futures, as their tasks end
+@contextmanager
+def session(workers: int, address: str | None) -> Iterator[Session]:
+    """A run's Dask session (see `dask_client`); SIGTERM interrupts it like Ctrl-C, so every way
+    out of it unregisters the run's plugins."""
+    with dask_client(workers, address) as client, sigterm_interrupts():
+        with contextlib.suppress(Exception):  # a scheduler that cannot load it: no janitor
+            client.register_plugin(Janitor(), name=Janitor.name, idempotent=True)
+        run = Session(client)
+        try:
+            yield run
+        finally:
+            run.close()
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Raise KeyboardInterrupt on SIGTERM meanwhile (main thread only), so `finally` runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        while todo or pending:
-            slots = free_slots(client)
-            while todo and len(pending) < slots:
-                size = pace.size(len(todo), slots)
-                positions = [todo.pop() for _ in range(min(size, len(todo)))]
-                fut = client.submit(check_batch, name, state.batch(positions), pure=False)
-                pending[fut] = positions
-                fut.add_done_callback(finished.put)
-            for fut in drain(finished):
-                positions = pending.pop(fut, None)
-                if positions is None:  # already taken (a callback can repeat)
-                    continue
-                records, seconds = task_result(fut, state, positions)
-                pace.observe(len(positions), seconds)
-                yield records
-    except OSError as exc:  # the scheduler or its connection went away (CommClosedError, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"the Dask cluster failed ({type(exc).__name__}: {first}); the records decided so "
-            "far are stored: continue with --resume"
-        ) from None
+        yield
     finally:
-        if pending:
-            with contextlib.suppress(Exception):  # the cluster may be gone
-                client.cancel(list(pending))
-        unregister(client, name)
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Session:
+    """A Dask client shared by every setting of a run, with the run's plugins (one per set of
+    model files, registered on first use)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client, self.plugins = client, {}
+
+    def plugin(self, state: WorkerState) -> str:
+        """The name of the plugin carrying the state's model files (registered once)."""
+        files = shipment(state)
+        key = files.key()
+        if key not in self.plugins:
+            name = run_plugin_name(self.client.id, key)
+            self.client.register_plugin(ModelFiles(key, files), name=name)
+            self.plugins[key] = name
+        return self.plugins[key]
+
+    def close(self) -> None:
+        """Unregister the run's plugins; a vanished cluster is no error."""
+        for name in self.plugins.values():
+            with contextlib.suppress(Exception):  # the scheduler or the plugin is gone already
+                self.client.unregister_worker_plugin(name)
+        self.plugins = {}
+
+    def run(self, state: WorkerState, todo: list[int]) -> Iterator[list[InputRecord]]:
+        """Check the input positions `todo` on the workers; yield each chunk's records as it
+        completes."""
+        client, todo, pending, pace = self.client, list(reversed(todo)), {}, ChunkPace()
+        finished: queue.SimpleQueue = queue.SimpleQueue()  # futures, as their tasks end
+        try:
+            name = self.plugin(state)
+            while todo or pending:
+                slots = free_slots(client)
+                while todo and len(pending) < slots:
+                    size = pace.size(len(todo), slots)
+                    positions = [todo.pop() for _ in range(min(size, len(todo)))]
+                    fut = client.submit(check_batch, name, state.batch(positions), pure=False)
+                    pending[fut] = positions
+                    fut.add_done_callback(finished.put)
+                for fut in drain(finished):
+                    positions = pending.pop(fut, None)
+                    if positions is None:  # already taken (a callback can repeat)
+                        continue
+                    records, seconds = task_result(fut, state, positions)
+                    pace.observe(len(positions), seconds)
+                    yield records
+        except OSError as exc:  # the scheduler or its connection went away (CommClosedError...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                f"the Dask cluster failed ({type(exc).__name__}: {first}); the records decided "
+                "so far are stored: continue with --resume"
+            ) from None
+        finally:
+            if pending:
+                with contextlib.suppress(Exception):  # the cluster may be gone
+                    client.cancel(list(pending))
 
 
 def drain(finished: queue.SimpleQueue) -> list:
@@ -142,12 +203,6 @@ def task_result(fut, state: WorkerState, positions: list[int]) -> tuple[list[Inp
     return [InputRecord.from_dict(d) for d in dicts], seconds
 
 
-def unregister(client: Client, name: str) -> None:
-    """Remove the run's plugin and its files from every worker; a vanished cluster is no error."""
-    with contextlib.suppress(Exception):  # the scheduler or the plugin is gone already
-        client.unregister_worker_plugin(name)
-
-
 class ChunkPace:
     """Chunk sizes from the measured seconds per input: about CHUNK_SECONDS a task, but small
     enough near the end that every worker slot still gets work."""
@@ -169,29 +224,47 @@ class ChunkPace:
 
 
 class ModelFiles(WorkerPlugin):
-    """Carries a run's model files to every worker: written to the worker's scratch directory
-    and loaded on its first task, removed on teardown."""
+    """Carries a run's model files to every worker; a task loads them through `loaded`."""
 
-    def __init__(self, name: str, files: Shipment) -> None:
-        self.name, self.files = name, files
+    def __init__(self, key: str, files: Shipment) -> None:
+        self.key, self.files = key, files
 
     def setup(self, worker) -> None:
-        self.root = Path(worker.local_directory) / self.name
-        self.lock = threading.Lock()  # one check at a time: the runtimes are not thread-safe
-        self.loaded: Loaded | None = None
-
-    def teardown(self, worker) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        restore_mmap_threshold()
+        self.root = Path(worker.local_directory) / "relrobust"
 
     def check(self, batch: Batch) -> tuple[list[dict], float]:
         """The records (as dicts) of a batch, and the seconds its checks took."""
-        with self.lock:
-            if self.loaded is None:
-                self.loaded = self.files.load(self.root)
-            checker = self.loaded.checker(batch)
+        with LOCK:
+            checker = loaded(self.root, self.key, self.files).checker(batch)
             t0 = time.perf_counter()
             out = [checker.check(i).to_dict() for i in range(len(batch.y))]
             return out, time.perf_counter() - t0
+
+
+LOCK = threading.Lock()  # one check at a time in a worker: the runtimes are not thread-safe
+LOADED: OrderedDict = OrderedDict()  # in a worker: files' hash -> Loaded, the latest last
+
+
+def loaded(root: Path, key: str, files: Shipment) -> Loaded:
+    """The runtimes of `files` (hash `key`), written under `root` and loaded on first use; a
+    worker keeps the last CACHED sets and deletes the files of older ones."""
+    if key in LOADED:
+        LOADED.move_to_end(key)
+        return LOADED[key]
+    while len(LOADED) >= CACHED:
+        old, _ = LOADED.popitem(last=False)
+        shutil.rmtree(root / old[:16], ignore_errors=True)
+    LOADED[key] = files.load(root / key[:16])
+    return LOADED[key]
+
+
+def restore_mmap_threshold() -> None:
+    """Let glibc keep large blocks again: Dask's nanny starts workers with
+    MALLOC_TRIM_THRESHOLD_ set, which pins the mmap threshold at 128 KiB, so every numpy
+    temporary above it is mapped and unmapped anew (measured: a check costs ~1.7x the CPU)."""
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
 
 
 def check_batch(plugin: str, batch: Batch) -> tuple[list[dict], float]:
