@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from distributed import Client, KilledWorker, LocalCluster, get_worker
+from distributed.client import FutureCancelledError
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from verifier.batch import Batch, Loaded, Shipment, WorkerState, shipment
@@ -53,16 +54,7 @@ def dask_client(workers: int, address: str | None) -> Iterator[Client]:
     """A client of the scheduler at `address`, or of a new local cluster of `workers`
     single-threaded processes (closed on exit); an unreachable scheduler is an InputError."""
     if address is None:
-        with (
-            LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            ) as local,
-            Client(local) as client,
-        ):
+        with local_cluster(workers) as local, Client(local) as client:
             yield client
         return
     try:
@@ -74,18 +66,45 @@ def dask_client(workers: int, address: str | None) -> Iterator[Client]:
         yield client
 
 
+def local_cluster(workers: int) -> LocalCluster:
+    """A cluster of `workers` single-threaded processes on this machine (a context manager)."""
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    )
+
+
 @contextmanager
 def session(workers: int, address: str | None) -> Iterator[Session]:
     """A run's Dask session (see `dask_client`); SIGTERM interrupts it like Ctrl-C, so every way
     out of it unregisters the run's plugins."""
-    with dask_client(workers, address) as client, sigterm_interrupts():
+    with quiet("distributed"), dask_client(workers, address) as client, sigterm_interrupts():
         with contextlib.suppress(Exception):  # a scheduler that cannot load it: no janitor
-            client.register_plugin(Janitor(), name=Janitor.name, idempotent=True)
+            client.register_plugin(Janitor(), name=Janitor.name)
         run = Session(client)
         try:
             yield run
         finally:
             run.close()
+
+
+@contextmanager
+def quiet(logger: str) -> Iterator[None]:
+    """Only critical messages from `logger` and its children meanwhile: the run reports a
+    cluster's failure itself, in one line (Dask would also log a lost scheduler)."""
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(f"{logger}.")]
+    logs = [logging.getLogger(n) for n in [logger, *names]]  # Dask sets some children's levels
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 @contextmanager
@@ -151,16 +170,23 @@ class Session:
                     records, seconds = task_result(fut, state, positions)
                     pace.observe(len(positions), seconds)
                     yield records
-        except OSError as exc:  # the scheduler or its connection went away (CommClosedError...)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except (OSError, FutureCancelledError) as exc:  # the scheduler or its connection is gone
             raise InputError(
-                f"the Dask cluster failed ({type(exc).__name__}: {first}); the records decided "
-                "so far are stored: continue with --resume"
+                f"the Dask cluster failed ({failure(exc)}); the records decided so far are "
+                "stored: continue with --resume"
             ) from None
         finally:
             if pending:
                 with contextlib.suppress(Exception):  # the cluster may be gone
                     client.cancel(list(pending))
+
+
+def failure(exc: Exception) -> str:
+    """What went wrong with the cluster, in a few words (one line)."""
+    if isinstance(exc, FutureCancelledError):  # the scheduler cancels them all when it goes
+        return f"a task was cancelled: {exc.reason}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def drain(finished: queue.SimpleQueue) -> list:

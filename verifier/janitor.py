@@ -30,6 +30,7 @@ class Janitor(SchedulerPlugin):
     client arrives (a plugin left by a scheduler that had no janitor yet)."""
 
     name = NAME
+    idempotent = True  # registered by every run; the first one stays
 
     def __init__(self) -> None:
         self.tasks: set = set()  # running removals (kept referenced until done)
