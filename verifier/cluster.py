@@ -139,6 +139,7 @@ class Session:
             name = run_plugin_name(self.client.id, key)
             self.client.register_plugin(ModelFiles(key, files), name=name)
             self.plugins[key] = name
+            self.client.run(load_plugin, name)  # every worker at once; a bad file fails now
         return self.plugins[key]
 
     def close(self) -> None:
@@ -230,8 +231,9 @@ def task_result(fut, state: WorkerState, positions: list[int]) -> tuple[list[Inp
 
 
 class ChunkPace:
-    """Chunk sizes from the measured seconds per input: about CHUNK_SECONDS a task, but small
-    enough near the end that every worker slot still gets work."""
+    """Chunk sizes from the measured seconds per input: about CHUNK_SECONDS a task, and never
+    more than a share of what is left (remaining / (2 x slots)), so tasks shrink towards the
+    end and no worker is left with a long last task while the others idle."""
 
     def __init__(self) -> None:
         self.inputs, self.seconds = 0, 0.0
@@ -246,11 +248,11 @@ class ChunkPace:
             return 1
         per_input = max(self.seconds / self.inputs, 1e-6)
         target = min(MAX_CHUNK, math.ceil(CHUNK_SECONDS / per_input))
-        return max(1, min(target, math.ceil(remaining / slots)))
+        return max(1, min(target, math.ceil(remaining / (2 * slots))))
 
 
 class ModelFiles(WorkerPlugin):
-    """Carries a run's model files to every worker; a task loads them through `loaded`."""
+    """Carries a run's model files to every worker and loads them there (`loaded`)."""
 
     def __init__(self, key: str, files: Shipment) -> None:
         self.key, self.files = key, files
@@ -259,16 +261,21 @@ class ModelFiles(WorkerPlugin):
         restore_mmap_threshold()
         self.root = Path(worker.local_directory) / "relrobust"
 
+    def load(self) -> Loaded:
+        """The runtimes of the files (loaded on first use)."""
+        with LOCK:
+            return loaded(self.root, self.key, self.files)
+
     def check(self, batch: Batch) -> tuple[list[dict], float]:
         """The records (as dicts) of a batch, and the seconds its checks took."""
         with LOCK:
-            checker = loaded(self.root, self.key, self.files).checker(batch)
+            checker = self.load().checker(batch)
             t0 = time.perf_counter()
             out = [checker.check(i).to_dict() for i in range(len(batch.y))]
             return out, time.perf_counter() - t0
 
 
-LOCK = threading.Lock()  # one check at a time in a worker: the runtimes are not thread-safe
+LOCK = threading.RLock()  # one check at a time in a worker: the runtimes are not thread-safe
 LOADED: OrderedDict = OrderedDict()  # in a worker: files' hash -> Loaded, the latest last
 
 
@@ -291,6 +298,12 @@ def restore_mmap_threshold() -> None:
     temporary above it is mapped and unmapped anew (measured: a check costs ~1.7x the CPU)."""
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+
+
+def load_plugin(name: str, dask_worker=None) -> None:
+    """Load a run plugin's files on this worker now (run on every worker as a run starts;
+    a worker that joins later loads them on its first task)."""
+    dask_worker.plugins[name].load()
 
 
 def check_batch(plugin: str, batch: Batch) -> tuple[list[dict], float]:
