@@ -1,7 +1,15 @@
 """Per-input checks on Dask: per-task overhead, throughput with 1 and 2 local workers against the
 in-process run (and the former process pool), and projected wall times of the full grids.
 
-    nice python benchmarks/bench_cluster.py --n 120 --out benchmarks/results/cluster.json
+    python benchmarks/bench_cluster.py --n 240     (about two minutes on an idle 2-core machine)
+
+The in-process run is timed twice: with the runtimes' default threads (onnxruntime, TFLite and
+BLAS use every core) and on one thread, as a cluster worker runs it ("one in-process worker");
+the `speedup_*_over_one_thread` figures compare like with like. Each cluster run is timed after
+its start, after the workers loaded the model files and after each checked one input (as the
+in-process run does first; all three reported), and the workers' CPU
+seconds are counted beside the in-process CPU seconds (on a loaded machine CPU time says more
+than wall time).
 
 The work is one cell of the MCTS grid of experiments/README.md (MNIST MLP, features of 10
 values, r=10, delta=1/4, 300 rollouts, 2 s per input) with one TFLite dynamic-range model, on
@@ -111,31 +119,54 @@ def on_local_cluster(state, workers: int) -> dict:
         started = time.perf_counter() - t0
         client = run_session.client
         t1 = time.perf_counter()
-        run_session.plugin(state)  # ship the files; every worker loads them (as a run does)
+        name = run_session.plugin(state)  # ship the files; every worker loads them (as a run does)
         shipped = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        client.run(warm_up, name, state.batch([0]))  # one input each, as in-process had
+        warmed = time.perf_counter() - t1
         t1, cpu = time.perf_counter(), client.run(time.process_time)
         with get_task_stream(client) as ts:
             recs = [r for b in run_session.run(state, list(range(len(state.y)))) for r in b]
         run = time.perf_counter() - t1
         cpu = sum(t - cpu[w] for w, t in client.run(time.process_time).items())
         overhead = task_overhead(run_session.client, 400)
+    checks = [t for t in ts.data if str(t["key"]).startswith("check_batch")]
+    computes = [
+        (t["worker"], s["start"], s["stop"])
+        for t in checks
+        for s in t["startstops"]
+        if s["action"] == "compute"
+    ]
     tasks = [
         sum(s["stop"] - s["start"] for s in t["startstops"] if s["action"] == "compute")
-        for t in ts.data
-        if str(t["key"]).startswith("check_batch")
+        for t in checks
     ]
+    last = {}  # worker -> when its last task ended
+    for w, _, stop in computes:
+        last[w] = max(last.get(w, stop), stop)
     return {
         "workers": workers,
         "start_seconds": started,
         "ship_and_load_seconds": shipped,
+        "warm_up_seconds": warmed,
         "run_seconds": run,
         "cpu_seconds": cpu,  # the workers' processes, from the first task to the last
         "inputs_per_second": len(recs) / run,
         "tasks": len(tasks),
         "mean_task_seconds": float(np.mean(tasks)),
         "per_task_overhead_ms": overhead * 1e3,
+        # the share of the run the workers computed, and how long the first worker to run out
+        # of work waited for the last one (the tail)
+        "busy_fraction": sum(tasks) / (workers * run),
+        "tail_seconds": max(last.values()) - min(last.values()),
         "records": _keyed(recs),
     }
+
+
+def warm_up(name: str, batch, dask_worker=None) -> None:
+    """Check one input on this worker, outside the timing: the first check in a process pays
+    for lazy imports and the runtimes' first calls (the in-process run warms up the same way)."""
+    dask_worker.plugins[name].check(batch)
 
 
 def task_overhead(client, count: int) -> float:
@@ -233,7 +264,7 @@ def _keyed(recs) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=40, help="first N MNIST test images")
+    p.add_argument("--n", type=int, default=240, help="first N MNIST test images")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="benchmarks/results/cluster.json")
     args = p.parse_args(argv)
@@ -252,10 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         for c in clusters:
             print(
                 f"local cluster, {c['workers']} worker(s): start {c['start_seconds']:.1f} s, ship "
-                f"and load {c['ship_and_load_seconds']:.1f} s, run "
+                f"and load {c['ship_and_load_seconds']:.1f} s, warm-up "
+                f"{c['warm_up_seconds']:.1f} s, run "
                 f"{c['run_seconds']:.1f} s ({c['cpu_seconds']:.1f} s CPU), {c['tasks']} tasks of "
-                f"{c['mean_task_seconds']:.2f} s, "
-                f"{c['per_task_overhead_ms']:.1f} ms a task",
+                f"{c['mean_task_seconds']:.2f} s, {c['per_task_overhead_ms']:.1f} ms a task, "
+                f"busy {100 * c['busy_fraction']:.0f}%, tail {c['tail_seconds']:.2f} s",
                 flush=True,
             )
         pool = process_pool(state, 2)
@@ -269,8 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         result["records_equal_in_process"] = sum(recs[i] == r for i, r in ref["records"].items())
     ref.pop("records")
     two = clusters[1]
-    with_start = two["run_seconds"] + two["start_seconds"]
+    with_start = sum(
+        two[k] for k in ("start_seconds", "ship_and_load_seconds", "warm_up_seconds", "run_seconds")
+    )
     overhead_fraction = two["per_task_overhead_ms"] / 1e3 / two["mean_task_seconds"]
+    full_task_fraction = two["per_task_overhead_ms"] / 1e3 / CHUNK_SECONDS  # a long run's tasks
     results = {
         "what": "MCTS, MNIST MLP + TFLite dynamic, features r=10 delta=1/4, 300 rollouts, 2 s",
         "images": args.n,
@@ -288,18 +323,20 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_2_workers_over_one_thread": one["seconds"] / two["run_seconds"],
         "speedup_2_workers_with_start": ref["seconds"] / with_start,
         "speedup_process_pool_2": ref["seconds"] / pool["seconds"],
-        "overhead_fraction_of_task": overhead_fraction,
+        "overhead_fraction_of_task": overhead_fraction,  # this run's mean task (short at the end)
+        "overhead_fraction_of_full_task": full_task_fraction,
         "worker_load_seconds": load,
         "driver_store_records_per_second": puts,
         "driver_store_records_per_second_one_a_transaction": puts_single,
-        "projected_grids": projections(overhead_fraction, load, puts),
+        "projected_grids": projections(full_task_fraction, load, puts),
         "note": "shared 2-core machine under load: upper bounds on time, lower bounds on speedup",
     }
     for k in [k for k in results if k.startswith("speedup_")]:
         print(f"{k}: {results[k]:.2f}x")
     print(
-        f"overhead: {100 * overhead_fraction:.2f}% of a task; store: {puts:.0f} records/s "
-        f"(32 a transaction), {puts_single:.0f} records/s one at a time"
+        f"overhead: {100 * overhead_fraction:.2f}% of this run's mean task, "
+        f"{100 * full_task_fraction:.2f}% of a full {CHUNK_SECONDS:g} s task; store: "
+        f"{puts:.0f} records/s (32 a transaction), {puts_single:.0f} records/s one at a time"
     )
     print(json.dumps(results["projected_grids"], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
