@@ -2,9 +2,11 @@
 
 A run opens one `Session` for all its settings (one local cluster a sweep, not one a setting).
 The driver ships the run's model files once, inside a worker plugin that writes them to each
-worker's own scratch directory and loads them on its first task, so workers need no shared
-filesystem and a worker that joins or restarts later gets them too; a worker keeps the last
-`CACHED` sets of loaded runtimes by the files' hash, for the next setting or run. The plugin is
+worker's own scratch directory, where every worker loads them as the run starts, so workers
+need no shared filesystem, and a worker that joins or restarts later gets them too (and loads
+them on its first task); a worker keeps the last `CACHED` sets of loaded runtimes by the files'
+hash, for the next run. Workers run their runtimes on one thread and undo a Dask allocator
+setting that made checks ~1.4x slower (`restore_mmap_threshold`). The plugin is
 named after the run's client and unregistered however the session ends (SIGTERM included);
 `verifier.janitor` removes it on the scheduler when the client vanishes. Inputs go out in chunks
 sized from the measured cost per input to take about `CHUNK_SECONDS`, with at most two chunks
