@@ -357,6 +357,12 @@ def test_sweep_starts_one_local_cluster(base, reference, tmp_path, monkeypatch):
     assert decisions(out / "r2-s0.5") == decisions(half)
 
 
+def test_local_workers_run_without_the_profiler():
+    with verifier.cluster.local_cluster(1) as local, Client(local) as client:
+        profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+    assert list(profiling.values()) == [False]
+
+
 def test_worker_keeps_loaded_runtimes_by_file_hash(tmp_path, monkeypatch):
     from collections import OrderedDict
 
