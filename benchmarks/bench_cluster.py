@@ -125,9 +125,10 @@ def on_local_cluster(state, workers: int) -> dict:
         client.run(warm_up, name, state.batch([0]))  # one input each, as in-process had
         warmed = time.perf_counter() - t1
         t1, cpu = time.perf_counter(), client.run(time.process_time)
+        driver = time.process_time()
         with get_task_stream(client) as ts:
             recs = [r for b in run_session.run(state, list(range(len(state.y)))) for r in b]
-        run = time.perf_counter() - t1
+        run, driver = time.perf_counter() - t1, time.process_time() - driver
         cpu = sum(t - cpu[w] for w, t in client.run(time.process_time).items())
         overhead = task_overhead(run_session.client, 400)
     checks = [t for t in ts.data if str(t["key"]).startswith("check_batch")]
@@ -151,6 +152,7 @@ def on_local_cluster(state, workers: int) -> dict:
         "warm_up_seconds": warmed,
         "run_seconds": run,
         "cpu_seconds": cpu,  # the workers' processes, from the first task to the last
+        "driver_cpu_seconds": driver,  # this process: the driver and the local scheduler
         "inputs_per_second": len(recs) / run,
         "tasks": len(tasks),
         "mean_task_seconds": float(np.mean(tasks)),
@@ -285,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"local cluster, {c['workers']} worker(s): start {c['start_seconds']:.1f} s, ship "
                 f"and load {c['ship_and_load_seconds']:.1f} s, warm-up "
                 f"{c['warm_up_seconds']:.1f} s, run "
-                f"{c['run_seconds']:.1f} s ({c['cpu_seconds']:.1f} s CPU), {c['tasks']} tasks of "
+                f"{c['run_seconds']:.1f} s ({c['cpu_seconds']:.1f} s CPU, driver and scheduler "
+                f"{c['driver_cpu_seconds']:.1f} s), {c['tasks']} tasks of "
                 f"{c['mean_task_seconds']:.2f} s, {c['per_task_overhead_ms']:.1f} ms a task, "
                 f"busy {100 * c['busy_fraction']:.0f}%, tail {c['tail_seconds']:.2f} s",
                 flush=True,
