@@ -1,7 +1,15 @@
 """Per-input checks on Dask: per-task overhead, throughput with 1 and 2 local workers against the
 in-process run (and the former process pool), and projected wall times of the full grids.
 
-    nice python benchmarks/bench_cluster.py --n 120 --out benchmarks/results/cluster.json
+    python benchmarks/bench_cluster.py --n 240     (about two minutes on an idle 2-core machine)
+
+The in-process run is timed twice: with the runtimes' default threads (onnxruntime, TFLite and
+BLAS use every core) and on one thread, as a cluster worker runs it ("one in-process worker");
+the `speedup_*_over_one_thread` figures compare like with like. Each cluster run is timed after
+its start, after the workers loaded the model files and after each checked one input (as the
+in-process run does first; all three reported), and the workers' CPU
+seconds are counted beside the in-process CPU seconds (on a loaded machine CPU time says more
+than wall time).
 
 The work is one cell of the MCTS grid of experiments/README.md (MNIST MLP, features of 10
 values, r=10, delta=1/4, 300 rollouts, 2 s per input) with one TFLite dynamic-range model, on
@@ -32,7 +40,7 @@ import numpy as np
 from verifier.engine.data import load_dataset, select, to_layout
 from verifier.engine.model import load_model
 from verifier.run.batch import WorkerState, shipment
-from verifier.run.cluster import CHUNK_SECONDS, dask_client, run_on_cluster
+from verifier.run.cluster import CHUNK_SECONDS, session
 from verifier.run.config import Settings
 from verifier.run.executor import check_batches
 
@@ -79,12 +87,27 @@ def work(n: int, data_dir: str | None, tmp: Path) -> tuple[WorkerState, dict, ob
 def in_process(state, runners, model) -> dict:
     """One process, no cluster: the reference records and time (after one warm-up input)."""
     list(check_batches(state, [0], 1, runners, model))
-    t0 = time.perf_counter()
+    t0, cpu = time.perf_counter(), time.process_time()
     recs = [
         r for b in check_batches(state, list(range(len(state.y))), 1, runners, model) for r in b
     ]
-    wall = time.perf_counter() - t0
-    return {"seconds": wall, "per_input": wall / len(recs), "records": _keyed(recs)}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu
+    return {
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "per_input": wall / len(recs),
+        "records": _keyed(recs),
+    }
+
+
+def in_process_one_thread(state) -> dict:
+    """The in-process run as one cluster worker runs it: runtimes loaded from the shipment on
+    one thread each, BLAS limited to one thread ("one in-process worker")."""
+    from threadpoolctl import threadpool_limits
+
+    with tempfile.TemporaryDirectory() as tmp, threadpool_limits(1):
+        loaded = shipment(state).load(Path(tmp))
+        return in_process(state, loaded.runners, loaded.model)
 
 
 def on_local_cluster(state, workers: int) -> dict:
@@ -92,28 +115,60 @@ def on_local_cluster(state, workers: int) -> dict:
     from distributed import get_task_stream
 
     t0 = time.perf_counter()
-    with dask_client(workers, None) as client:
+    with session(workers, None) as run_session:
         started = time.perf_counter() - t0
+        client = run_session.client
         t1 = time.perf_counter()
+        name = run_session.plugin(state)  # ship the files; every worker loads them (as a run does)
+        shipped = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        client.run(warm_up, name, state.batch([0]))  # one input each, as in-process had
+        warmed = time.perf_counter() - t1
+        t1, cpu = time.perf_counter(), client.run(time.process_time)
+        driver = time.process_time()
         with get_task_stream(client) as ts:
-            recs = [r for b in run_on_cluster(client, state, list(range(len(state.y)))) for r in b]
-        run = time.perf_counter() - t1
-        overhead = task_overhead(client, 400)
+            recs = [r for b in run_session.run(state, list(range(len(state.y)))) for r in b]
+        run, driver = time.perf_counter() - t1, time.process_time() - driver
+        cpu = sum(t - cpu[w] for w, t in client.run(time.process_time).items())
+        overhead = task_overhead(run_session.client, 400)
+    checks = [t for t in ts.data if str(t["key"]).startswith("check_batch")]
+    computes = [
+        (t["worker"], s["start"], s["stop"])
+        for t in checks
+        for s in t["startstops"]
+        if s["action"] == "compute"
+    ]
     tasks = [
         sum(s["stop"] - s["start"] for s in t["startstops"] if s["action"] == "compute")
-        for t in ts.data
-        if str(t["key"]).startswith("check_batch")
+        for t in checks
     ]
+    last = {}  # worker -> when its last task ended
+    for w, _, stop in computes:
+        last[w] = max(last.get(w, stop), stop)
     return {
         "workers": workers,
         "start_seconds": started,
+        "ship_and_load_seconds": shipped,
+        "warm_up_seconds": warmed,
         "run_seconds": run,
+        "cpu_seconds": cpu,  # the workers' processes, from the first task to the last
+        "driver_cpu_seconds": driver,  # this process: the driver and the local scheduler
         "inputs_per_second": len(recs) / run,
         "tasks": len(tasks),
         "mean_task_seconds": float(np.mean(tasks)),
         "per_task_overhead_ms": overhead * 1e3,
+        # the share of the run the workers computed, and how long the first worker to run out
+        # of work waited for the last one (the tail)
+        "busy_fraction": sum(tasks) / (workers * run),
+        "tail_seconds": max(last.values()) - min(last.values()),
         "records": _keyed(recs),
     }
+
+
+def warm_up(name: str, batch, dask_worker=None) -> None:
+    """Check one input on this worker, outside the timing: the first check in a process pays
+    for lazy imports and the runtimes' first calls (the in-process run warms up the same way)."""
+    dask_worker.plugins[name].check(batch)
 
 
 def task_overhead(client, count: int) -> float:
@@ -157,7 +212,8 @@ def process_pool(state, workers: int) -> dict:
 
 
 def load_seconds(state) -> float:
-    """What a worker pays once per run and setting: write the model files and load them."""
+    """What a worker pays once per run (for all its settings): write the model files and load
+    them."""
     t0 = time.perf_counter()
     shipment(state).load(Path(tempfile.mkdtemp()))
     return time.perf_counter() - t0
@@ -180,15 +236,15 @@ def store_rate(record, count: int = 640, batch: int = 1) -> float:
 
 def projections(overhead_fraction: float, load: float, puts_per_second: float) -> dict:
     """Wall hours of each full grid on 1, 64 and 512 cores: per cell, the inputs spread over the
-    cores (plus the task overhead), one model load per worker and one chunk of tail; never less
-    than the driver needs to store every record."""
+    cores (plus the task overhead) and one chunk of tail, never less than the driver needs to
+    store every record; one model load per worker for the whole sweep."""
     out = {}
     for grid, per_input in GRIDS.items():
         row = {"seconds_per_input": round(per_input, 3)}
         for cores in (1, *CORES):
             spread = GRID_IMAGES * per_input * (1 + overhead_fraction) / cores
-            cell = max(spread, GRID_IMAGES / puts_per_second) + load + CHUNK_SECONDS
-            row[f"hours_{cores}_cores"] = round(GRID_CELLS * cell / 3600, 2)
+            cell = max(spread, GRID_IMAGES / puts_per_second) + CHUNK_SECONDS
+            row[f"hours_{cores}_cores"] = round((GRID_CELLS * cell + load) / 3600, 2)
         out[grid] = row
     return out
 
@@ -210,7 +266,7 @@ def _keyed(recs) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=40, help="first N MNIST test images")
+    p.add_argument("--n", type=int, default=240, help="first N MNIST test images")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="benchmarks/results/cluster.json")
     args = p.parse_args(argv)
@@ -218,13 +274,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         state, runners, model = work(args.n, args.data_dir, Path(tmp))
         ref = in_process(state, runners, model)
-        print(f"in-process: {ref['seconds']:.1f} s, {ref['per_input']:.3f} s an input", flush=True)
+        one = in_process_one_thread(state)
+        for name, r in (("default threads", ref), ("one thread", one)):
+            print(
+                f"in-process, {name}: {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s CPU), "
+                f"{r['per_input']:.3f} s an input",
+                flush=True,
+            )
         clusters = [on_local_cluster(state, w) for w in (1, 2)]
         for c in clusters:
             print(
-                f"local cluster, {c['workers']} worker(s): start {c['start_seconds']:.1f} s, run "
-                f"{c['run_seconds']:.1f} s, {c['tasks']} tasks of {c['mean_task_seconds']:.2f} s, "
-                f"{c['per_task_overhead_ms']:.1f} ms a task",
+                f"local cluster, {c['workers']} worker(s): start {c['start_seconds']:.1f} s, ship "
+                f"and load {c['ship_and_load_seconds']:.1f} s, warm-up "
+                f"{c['warm_up_seconds']:.1f} s, run "
+                f"{c['run_seconds']:.1f} s ({c['cpu_seconds']:.1f} s CPU, driver and scheduler "
+                f"{c['driver_cpu_seconds']:.1f} s), {c['tasks']} tasks of "
+                f"{c['mean_task_seconds']:.2f} s, {c['per_task_overhead_ms']:.1f} ms a task, "
+                f"busy {100 * c['busy_fraction']:.0f}%, tail {c['tail_seconds']:.2f} s",
                 flush=True,
             )
         pool = process_pool(state, 2)
@@ -233,13 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         first = next(iter(check_batches(state, [0], 1, runners, model)))[0]
         puts_single = store_rate(first, count=200)
         puts = store_rate(first, batch=32)  # a chunk of 32 inputs (chunks hold up to 256)
-    for result in [*clusters, pool]:  # a timeout can end a check sooner on a slower worker
+    for result in [one, *clusters, pool]:  # a timeout can end a check sooner on a slower worker
         recs = result.pop("records")
         result["records_equal_in_process"] = sum(recs[i] == r for i, r in ref["records"].items())
     ref.pop("records")
     two = clusters[1]
-    with_start = two["run_seconds"] + two["start_seconds"]
+    with_start = sum(
+        two[k] for k in ("start_seconds", "ship_and_load_seconds", "warm_up_seconds", "run_seconds")
+    )
     overhead_fraction = two["per_task_overhead_ms"] / 1e3 / two["mean_task_seconds"]
+    full_task_fraction = two["per_task_overhead_ms"] / 1e3 / CHUNK_SECONDS  # a long run's tasks
     results = {
         "what": "MCTS, MNIST MLP + TFLite dynamic, features r=10 delta=1/4, 300 rollouts, 2 s",
         "images": args.n,
@@ -247,25 +316,30 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "in_process": ref,
+        "in_process_one_thread": one,
         "local_cluster": clusters,
         "process_pool_2": pool,
         "speedup_1_worker": ref["seconds"] / clusters[0]["run_seconds"],
         "speedup_2_workers": ref["seconds"] / two["run_seconds"],
         "speedup_2_over_1_worker": clusters[0]["run_seconds"] / two["run_seconds"],
+        "speedup_1_worker_over_one_thread": one["seconds"] / clusters[0]["run_seconds"],
+        "speedup_2_workers_over_one_thread": one["seconds"] / two["run_seconds"],
         "speedup_2_workers_with_start": ref["seconds"] / with_start,
         "speedup_process_pool_2": ref["seconds"] / pool["seconds"],
-        "overhead_fraction_of_task": overhead_fraction,
+        "overhead_fraction_of_task": overhead_fraction,  # this run's mean task (short at the end)
+        "overhead_fraction_of_full_task": full_task_fraction,
         "worker_load_seconds": load,
         "driver_store_records_per_second": puts,
         "driver_store_records_per_second_one_a_transaction": puts_single,
-        "projected_grids": projections(overhead_fraction, load, puts),
+        "projected_grids": projections(full_task_fraction, load, puts),
         "note": "shared 2-core machine under load: upper bounds on time, lower bounds on speedup",
     }
-    for k in ("speedup_1_worker", "speedup_2_workers", "speedup_2_over_1_worker"):
+    for k in [k for k in results if k.startswith("speedup_")]:
         print(f"{k}: {results[k]:.2f}x")
     print(
-        f"overhead: {100 * overhead_fraction:.2f}% of a task; store: {puts:.0f} records/s "
-        f"(32 a transaction), {puts_single:.0f} records/s one at a time"
+        f"overhead: {100 * overhead_fraction:.2f}% of this run's mean task, "
+        f"{100 * full_task_fraction:.2f}% of a full {CHUNK_SECONDS:g} s task; store: "
+        f"{puts:.0f} records/s (32 a transaction), {puts_single:.0f} records/s one at a time"
     )
     print(json.dumps(results["projected_grids"], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

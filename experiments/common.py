@@ -7,7 +7,8 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -152,6 +153,20 @@ def verify(argv: list[str]) -> float:
     if status not in (0, 1):
         raise SystemExit(f"verify {' '.join(argv)}: exit status {status}")
     return time.perf_counter() - started
+
+
+@contextmanager
+def shared_cluster(args: argparse.Namespace) -> Iterator[argparse.Namespace]:
+    """The options with one Dask cluster for every `verify` run of an experiment: with
+    --workers N > 1 (and no --cluster) a local cluster of N processes starts once and each run
+    gets its address (--cluster), instead of each sweep or setting starting its own."""
+    if args.cluster is not None or args.workers <= 1:
+        yield args
+        return
+    from verifier.run.cluster import local_cluster
+
+    with local_cluster(args.workers) as local:
+        yield argparse.Namespace(**{**vars(args), "cluster": local.scheduler_address, "workers": 1})
 
 
 def out_or_resume(run_dir: Path) -> list[str]:

@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     out_or_resume,
     pct,
     share,
+    shared_cluster,
     stamp,
     step_text,
     sweep_docs,
@@ -76,7 +77,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--modes", default=DEFAULT_MODES, help="quantization modes (comma list)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per input and model")
     p.add_argument("--rollouts", type=int, default=2000, help="MCTS rollouts per input")
-    p.add_argument("--workers", type=int, default=1, help="worker processes per sweep")
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes (one local cluster for all sweeps)"
+    )
     p.add_argument(
         "--cluster", default=None, help="run the checks on this Dask scheduler (tcp://HOST:PORT)"
     )
@@ -350,6 +353,22 @@ def markdown(rows: list[dict], meta: dict, runs: str) -> str:
     return "\n".join(parts) + "\n"
 
 
+def run_sweeps(args, times: dict, status: dict) -> None:
+    """Every (model, search) sweep, on one cluster for all of them (`shared_cluster`); wall
+    seconds into `times`, per-setting status (--setting-timeout) into `status`."""
+    with shared_cluster(args) as run_args:
+        for which in args.models:
+            for search in args.search:
+                run_dir = args.out / which / search
+                t0 = time.perf_counter()
+                if args.setting_timeout:
+                    status[f"{which}/{search}"] = run_separately(which, search, run_dir, run_args)
+                else:
+                    verify(verify_argv(which, search, run_dir, run_args))
+                times[f"{which}/{search}"] = round(time.perf_counter() - t0, 1)
+                print(f"{which}/{search}: {times[f'{which}/{search}']:.0f} s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the sweeps (unless --report-only), then write tables.json and tables.md."""
     args = parse_args(argv)
@@ -357,16 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict = {}
     status: dict = {}
     if not args.report_only:
-        for which in args.models:
-            for search in args.search:
-                run_dir = args.out / which / search
-                t0 = time.perf_counter()
-                if args.setting_timeout:
-                    status[f"{which}/{search}"] = run_separately(which, search, run_dir, args)
-                else:
-                    verify(verify_argv(which, search, run_dir, args))
-                times[f"{which}/{search}"] = round(time.perf_counter() - t0, 1)
-                print(f"{which}/{search}: {times[f'{which}/{search}']:.0f} s", flush=True)
+        run_sweeps(args, times, status)
     rows = collect(args.out)
     meta = {**stamp(started, args), "sweep_seconds": times, "setting_status": status}
     write_json(

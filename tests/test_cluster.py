@@ -3,15 +3,23 @@ run's whatever fails on the way. One 2-process `LocalCluster` is shared by the t
 workers start in an empty directory, so nothing they check can come from a model file path.
 
 Faults: a worker killed mid-run (the scheduler reruns its task), a task that kills every worker
-it runs on (a one-line error), the driver killed (then `--resume`), an unreachable scheduler
-(exit 2). Workers are killed by a test-only worker plugin (`KillOnStart`)."""
+it runs on (a one-line error), the driver killed (then `--resume`), the scheduler killed (a
+spawned `dask scheduler`: one-line error, then `--resume`), an unreachable scheduler (exit 2).
+Workers are killed by a test-only worker plugin (`KillOnStart`). However the driver ends
+(normally, on an error, SIGINT, SIGTERM, SIGKILL), its worker plugin leaves the scheduler and
+the workers; a stale one from another driver changes nothing."""
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +29,7 @@ from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 from test_faults import check_survivors, count, decisions, kill_when, start, stored
 
+import verifier.run.cluster
 from verifier.cli import main
 
 MODEL = EXAMPLES / "mnist_mlp.onnx"
@@ -98,11 +107,82 @@ def reference(base, tmp_path_factory) -> list[dict]:
     return got
 
 
+def run_plugins(cluster) -> list[str]:
+    """The names of run plugins on the scheduler and on each worker."""
+    local, client = cluster
+    names = [n for n in local.scheduler.worker_plugins if n.startswith("relrobust-run-")]
+    on_workers = client.run(
+        lambda dask_worker: [n for n in dask_worker.plugins if n.startswith("relrobust-run-")]
+    )
+    return sorted(names + [n for found in on_workers.values() for n in found])
+
+
+def wait_no_run_plugins(cluster, seconds: float = 30.0) -> None:
+    """Every run plugin leaves (the janitor removes a dead driver's a moment after it dies)."""
+    end = time.time() + seconds
+    while run_plugins(cluster) and time.time() < end:
+        time.sleep(0.2)
+    assert run_plugins(cluster) == []
+
+
 def test_cluster_records_equal_in_process_run(base, reference, cluster, tmp_path):
-    local, _ = cluster
+    """Also: a stale plugin of a dead driver (bytes that load nothing) changes nothing and is
+    swept away; the run leaves no plugin behind."""
+    from verifier.run.batch import Shipment
+    from verifier.run.janitor import run_plugin_name
+
+    local, client = cluster
+    junk = Shipment({"float/m.onnx": b"not a model"}, "float/m.onnx", "flat", {}, {})
+    stale = run_plugin_name("Client-of-a-killed-driver", junk.key())
+    client.register_plugin(verifier.run.cluster.ModelFiles(junk.key(), junk), name=stale)
+    assert stale in run_plugins(cluster)
     out = tmp_path / "run"
     assert verify(*base, "--out", out, "--cluster", local.scheduler_address) == 0
     assert decisions(out) == reference
+    wait_no_run_plugins(cluster)
+
+
+@pytest.fixture
+def no_janitor(monkeypatch):
+    """The janitor (on the scheduler, which runs in this process) sweeps nothing meanwhile: what
+    leaves, the driver removed itself."""
+    from verifier.run.janitor import Janitor
+
+    async def idle(self, scheduler) -> None:
+        return None
+
+    monkeypatch.setattr(Janitor, "sweep", idle)
+
+
+def test_run_error_leaves_no_plugin(base, cluster, no_janitor, tmp_path, monkeypatch, capsys):
+    import sqlite3
+
+    from verifier.run.store import RunStore
+
+    def full(self, records, replace=False):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(RunStore, "put_many", full)
+    out = tmp_path / "run"
+    assert verify(*base, "--out", out, "--cluster", cluster[0].scheduler_address) == 2
+    assert "disk is full" in capsys.readouterr().err
+    assert run_plugins(cluster) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_driver_stopped_by_signal_leaves_no_plugin(base, cluster, no_janitor, tmp_path, sig):
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start([*base, "--out", out, "--cluster", cluster[0].scheduler_address], log)
+    end = time.time() + 180
+    while proc.poll() is None and count(out) < 2:
+        assert time.time() < end, "the run made no progress"
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal"
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == 130, log.read_text()
+    text = log.read_text()
+    assert "interrupted; decided inputs are stored" in text and "Traceback" not in text
+    assert run_plugins(cluster) == []
 
 
 def test_worker_killed_mid_run_then_same_records(base, reference, cluster, tmp_path):
@@ -142,6 +222,7 @@ def test_driver_killed_then_resume_same_records(base, reference, cluster, tmp_pa
     kill_when(start([*base, "--out", out, "--cluster", addr], log), lambda: count(out) >= 4)
     before = check_survivors(out, {})
     assert 0 < len(before) < N, "the kill came before any record or after the last one"
+    wait_no_run_plugins(cluster)  # the janitor's work: the driver had no chance to
     assert verify("--resume", out, "--cluster", addr) == 0, log.read_text()
     check_survivors(out, before)
     assert decisions(out) == reference
@@ -151,7 +232,6 @@ def test_driver_killed_then_resume_same_records(base, reference, cluster, tmp_pa
 def test_worker_without_the_model_files(real_data, quantized, cluster, tmp_path, monkeypatch):
     """The driver's model files vanish once read: workers (another cwd) check from the
     shipped bytes and give the records of the in-process route."""
-    import verifier.run.cluster
     from quantize import load_quantized
     from verifier.engine.data import load_dataset, select, to_layout
     from verifier.engine.model import load_model
@@ -207,13 +287,163 @@ def test_worker_without_the_model_files(real_data, quantized, cluster, tmp_path,
     assert decided(got) == decided(want)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_scheduler_killed_mid_run_then_resume(base, reference, tmp_path):
+    """A `dask scheduler` process killed mid-run: the driver exits 2 with one line, keeps every
+    finished record, and `--resume` (in this process) completes the same records."""
+    port = free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    dask = [sys.executable, "-m", "dask"]
+    with open(tmp_path / "dask.txt", "ab") as f:
+        scheduler = subprocess.Popen(
+            [*dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        worker = subprocess.Popen(
+            [*dask, "worker", addr, "--nthreads", "1", "--no-dashboard"],
+            cwd=elsewhere,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        out, log = tmp_path / "run", tmp_path / "log.txt"
+        driver = start([*base, "--out", out, "--cluster", addr], log)
+        kill_when(scheduler, lambda: count(out) >= 2 or driver.poll() is not None)
+        assert driver.wait(timeout=120) == 2, log.read_text()
+        lines = log.read_text().strip().splitlines()
+        assert len(lines) == 1 and "the Dask cluster failed" in lines[0], lines
+        assert "--resume" in lines[0]
+        before = check_survivors(out, {})
+        assert 0 < len(before) < N, "the kill came before any record or after the last one"
+        assert verify("--resume", out) == 0
+        check_survivors(out, before)
+        assert decisions(out) == reference
+    finally:
+        for proc in (worker, scheduler):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def test_sweep_starts_one_local_cluster(base, reference, tmp_path, monkeypatch):
+    """`--workers 2` over two steps: one local cluster for both settings, the records of each
+    equal to an in-process run's."""
+    started, real = [], verifier.run.cluster.local_cluster
+
+    def counted(workers):
+        started.append(workers)
+        return real(workers)
+
+    monkeypatch.setattr(verifier.run.cluster, "local_cluster", counted)
+    argv = list(base)
+    argv[argv.index("--step") + 1] = "0.25,0.5"
+    out, half = tmp_path / "sweep", tmp_path / "half"
+    assert verify(*argv, "--out", out, "--workers", "2") == 0
+    assert started == [2]
+    argv[argv.index("--step") + 1] = "0.5"
+    assert verify(*argv, "--out", half) == 0  # in this process
+    assert decisions(out / "r2-s0.25") == reference
+    assert decisions(out / "r2-s0.5") == decisions(half)
+
+
+def test_local_workers_run_without_the_profiler():
+    with verifier.run.cluster.local_cluster(1) as local, Client(local) as client:
+        profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+    assert list(profiling.values()) == [False]
+
+
+def test_worker_keeps_loaded_runtimes_by_file_hash(tmp_path, monkeypatch):
+    from collections import OrderedDict
+
+    from verifier.run.cluster import loaded
+
+    loads = []
+
+    class Files:  # a Shipment's stand-in that counts its loads
+        def __init__(self, tag: str) -> None:
+            self.tag = tag
+
+        def load(self, root: Path) -> object:
+            root.mkdir(parents=True)
+            loads.append(self.tag)
+            return object()
+
+    monkeypatch.setattr(verifier.run.cluster, "LOADED", OrderedDict())
+    monkeypatch.setattr(verifier.run.cluster, "CACHED", 2)
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    first = loaded(tmp_path, a, Files("a"))
+    assert loaded(tmp_path, a, Files("a")) is first  # another plugin, the same files
+    loaded(tmp_path, b, Files("b"))
+    assert loaded(tmp_path, a, Files("a")) is first
+    loaded(tmp_path, c, Files("c"))  # evicts b, the least recently used
+    assert loads == ["a", "b", "c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [a[:16], c[:16]]
+
+
+def test_shipment_key_is_the_files_content(tmp_path):
+    from verifier.run.batch import Shipment
+
+    one = Shipment(
+        {"float/m.onnx": b"abc", "q0/q.tflite": b"def"},
+        "float/m.onnx",
+        "flat",
+        {"q": "q0/q.tflite"},
+        {},
+    )
+    same = Shipment(
+        dict(reversed(one.files.items())), "float/m.onnx", "flat", {"q": "q0/q.tflite"}, {}
+    )
+    assert one.key() == same.key()
+    for other in (
+        Shipment({**one.files, "q0/q.tflite": b"deg"}, one.model, one.layout, one.runners, {}),
+        Shipment(one.files, one.model, "nhwc", one.runners, {}),
+        Shipment(one.files, one.model, one.layout, {"q2": "q0/q.tflite"}, {}),
+    ):
+        assert other.key() != one.key()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator settings")
+def test_worker_takes_large_blocks_from_the_heap_again():
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_, which keeps glibc mapping every
+    block over 128 KiB anew; after `restore_mmap_threshold` a 1 MiB block comes from the heap."""
+    code = (
+        "import ctypes\n"
+        "from verifier.run.cluster import restore_mmap_threshold\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in 'arena ordblks smblks hblks hblkhd "
+        "usmblks fsmblks uordblks fordblks keepcost'.split()]\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.mallinfo2.restype = Info\n"
+        "def mapped():\n"
+        "    before = libc.mallinfo2().hblks\n"
+        "    block = bytearray(1 << 20)\n"
+        "    blocks = libc.mallinfo2().hblks - before\n"
+        "    del block\n"
+        "    return blocks\n"
+        "print(mapped(), mapped(), end=' ')\n"
+        "restore_mmap_threshold()\n"
+        "print(mapped(), mapped())\n"
+    )
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.stdout.split() == ["1", "1", "0", "0"], run.stderr
+
+
 def test_unreachable_scheduler_is_exit_2(base, tmp_path, monkeypatch, capsys):
-    import verifier.run.cluster
 
     monkeypatch.setattr(verifier.run.cluster, "CONNECT_TIMEOUT", 1.0)
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens on it
     out = tmp_path / "run"
     assert verify(*base, "--out", out, "--cluster", f"tcp://127.0.0.1:{port}") == 2
     err = capsys.readouterr().err
@@ -229,7 +459,8 @@ def test_chunks_grow_to_the_target_and_shrink_at_the_end():
     assert pace.size(1000, 4) == 1  # nothing measured yet
     pace.observe(4, 0.4)  # 0.1 s an input
     assert pace.size(1000, 4) == round(CHUNK_SECONDS / 0.1)
-    assert pace.size(20, 4) == 5  # the last inputs spread over every slot
+    assert pace.size(120, 4) == 120 // 8  # a share of what is left
+    assert pace.size(20, 4) == 3  # the last inputs spread over every slot
     pace.observe(10**6, 1.0)  # very cheap inputs
     assert pace.size(10**7, 4) == MAX_CHUNK
 

@@ -151,3 +151,33 @@ def test_tables_and_fig6_pass_cluster_to_verify(tmp_path: Path) -> None:
     argv = fig6.verify_argv(fig6.parse_args(["--cluster", addr]), tmp_path / "run")
     assert argv[argv.index("--cluster") + 1] == addr
     assert "--cluster" not in fig6.verify_argv(fig6.parse_args([]), tmp_path / "run")
+
+
+def test_tables_runs_every_sweep_on_one_local_cluster(tmp_path: Path, monkeypatch) -> None:
+    """--workers 2: one local cluster for all sweeps, each `verify` pointed at it."""
+    import verifier.run.cluster
+
+    tables = script("tables")
+    events, calls = [], []
+
+    class Local:  # a local cluster's stand-in
+        scheduler_address = "tcp://127.0.0.1:9"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            events.append("closed")
+
+    monkeypatch.setattr(
+        verifier.run.cluster, "local_cluster", lambda n: events.append(n) or Local()
+    )
+    monkeypatch.setattr(tables, "verify", lambda argv: calls.append(argv) or 0.0)
+    argv = ["--workers", "2", "--models", "mnist,cifar", "--search", "mcts", "--out", str(tmp_path)]
+    tables.run_sweeps(tables.parse_args(argv), {}, {})
+    assert events == [2, "closed"] and len(calls) == 2
+    for call in calls:
+        assert call[call.index("--cluster") + 1] == Local.scheduler_address
+        assert call[call.index("--workers") + 1] == "1"
+    tables.run_sweeps(tables.parse_args(["--out", str(tmp_path)]), {}, {})  # --workers 1
+    assert events == [2, "closed"] and "--cluster" not in calls[-1]

@@ -24,7 +24,7 @@ from verifier.outputs.console import accuracy_table, printer, summary, summary_t
 from verifier.outputs.progress import Progress
 from verifier.run.check import Settings
 from verifier.run.config import RunConfig
-from verifier.run.executor import WorkerState, check_batches
+from verifier.run.executor import Executor, WorkerState, executor
 from verifier.run.inputs import Inputs, dataset_name, load_inputs
 from verifier.run.records import InputRecord
 
@@ -44,6 +44,7 @@ class Run:
     described: list  # per runner: {"name", "describe"}
     error_models: dict  # name -> ErrorModel, for the runners that have one
     preds: dict  # "float" and each runner -> clean predictions
+    executor: Executor  # where the checks run: one for every setting (one cluster a sweep)
 
 
 def run(config: RunConfig) -> int:
@@ -82,22 +83,22 @@ def run(config: RunConfig) -> int:
         preds[name] = np.asarray(runner.predict(inputs.x)).argmax(axis=1)
     say(accuracy_table(inputs.y, preds, model.num_classes))
     data = describe_data(inputs.dataset.name, inputs.dataset.source, inputs.x, count=len(inputs.y))
-    job = Run(config, out, model, chain, inputs, data, runners, described, models, preds)
-
     settings = config.sweep()
     sweep = len(settings) > 1
     results = []
-    for st in settings:
-        run_dir = out / f"r{st.radius:g}-s{st.step:g}".replace("/", "_") if sweep else out
-        try:
-            doc = run_setting(job, st, run_dir, baseline, say)
-        except (OSError, sqlite3.Error) as exc:  # a full disk, a read-only directory, ...
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise InputError(
-                f"cannot write the run's files in {run_dir}: {reason}; the inputs decided so far "
-                f"are stored: fix this and continue with `verify --resume {out}`"
-            ) from None
-        results.append((st, doc))
+    with executor(config.workers, config.cluster, runners, model) as ex:
+        job = Run(config, out, model, chain, inputs, data, runners, described, models, preds, ex)
+        for st in settings:
+            run_dir = out / f"r{st.radius:g}-s{st.step:g}".replace("/", "_") if sweep else out
+            try:
+                doc = run_setting(job, st, run_dir, baseline, say)
+            except (OSError, sqlite3.Error) as exc:  # a full disk, a read-only directory, ...
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise InputError(
+                    f"cannot write the run's files in {run_dir}: {reason}; the inputs decided so "
+                    f"far are stored: fix this and continue with `verify --resume {out}`"
+                ) from None
+            results.append((st, doc))
     if sweep:
         from verifier.outputs.report import write_sweep_tables
 
@@ -185,9 +186,7 @@ def decide_inputs(job: Run, st: Settings, run_dir: Path) -> list[InputRecord]:
             label=f"r={st.radius:g} step={st.step:g}",
             quiet=config.quiet or config.json,
         )
-        for batch in check_batches(
-            state, todo, config.workers, job.runners, job.model, config.cluster
-        ):
+        for batch in job.executor.check_batches(state, todo):
             store.put_many(batch)
             for rec in batch:
                 progress.update(rec)

@@ -8,6 +8,8 @@ runtimes built from them. All plain, picklable data.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,13 @@ class Shipment:
     layout: str
     runners: dict  # runner name -> relative path of its file
     error_models: dict
+
+    def key(self) -> str:
+        """The hash of the files, their places and the layout: equal keys load equal runtimes."""
+        h = hashlib.sha256(json.dumps([self.model, self.layout, self.runners]).encode())
+        for rel in sorted(self.files):
+            h.update(rel.encode() + b"\0" + hashlib.sha256(self.files[rel]).digest())
+        return h.hexdigest()
 
     def load(self, root: Path) -> Loaded:
         """Write the files under `root`, then load the float model and the runners from there,

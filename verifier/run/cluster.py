@@ -1,8 +1,14 @@
 """Per-input checks on a Dask cluster: a local one of N processes, or a running scheduler.
 
+A run opens one `Session` for all its settings (one local cluster a sweep, not one a setting).
 The driver ships the run's model files once, inside a worker plugin that writes them to each
-worker's own scratch directory and loads them on its first task, so workers need no shared
-filesystem and a worker that joins or restarts later gets them too. Inputs go out in chunks
+worker's own scratch directory, where every worker loads them as the run starts, so workers
+need no shared filesystem, and a worker that joins or restarts later gets them too (and loads
+them on its first task); a worker keeps the last `CACHED` sets of loaded runtimes by the files'
+hash, for the next run. Workers run their runtimes on one thread and undo a Dask allocator
+setting that made checks ~1.4x slower (`restore_mmap_threshold`). The plugin is
+named after the run's client and unregistered however the session ends (SIGTERM included);
+`verifier.run.janitor` removes it on the scheduler when the client vanishes. Inputs go out in chunks
 sized from the measured cost per input to take about `CHUNK_SECONDS`, with at most two chunks
 per worker thread outstanding, and each chunk's records are yielded as it completes (a callback
 queues finished futures, so the driver's work per task does not grow with the cluster). A chunk
@@ -13,29 +19,37 @@ error); the per-input timeout is enforced inside `decide` on the worker.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
+import platform
 import queue
 import shutil
+import signal
 import threading
 import time
-import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import dask
 from distributed import Client, KilledWorker, LocalCluster, get_worker
+from distributed.client import FutureCancelledError
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from verifier.errors import InputError
 from verifier.run.batch import Batch, Loaded, Shipment, WorkerState, shipment
+from verifier.run.janitor import Janitor, run_plugin_name
 from verifier.run.records import InputRecord
 
 CHUNK_SECONDS = 2.0  # target wall time of a task: a task's ~2 ms overhead stays near 0.1%
 MAX_CHUNK = 256  # inputs per task at most, so a lost task costs little
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic mmap threshold (64-bit)
 CONNECT_TIMEOUT = 10.0  # seconds to reach a scheduler
 NO_WORKER_TIMEOUT = 120.0  # seconds a cluster may have no worker before the run gives up
 POLL_SECONDS = 1.0  # how often the driver looks at the cluster while tasks are outstanding
+CACHED = 2  # sets of loaded model files a worker keeps (this run's, and the one before)
 
 
 @contextmanager
@@ -43,16 +57,7 @@ def dask_client(workers: int, address: str | None) -> Iterator[Client]:
     """A client of the scheduler at `address`, or of a new local cluster of `workers`
     single-threaded processes (closed on exit); an unreachable scheduler is an InputError."""
     if address is None:
-        with (
-            LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            ) as local,
-            Client(local) as client,
-        ):
+        with local_cluster(workers) as local, Client(local) as client:
             yield client
         return
     try:
@@ -64,42 +69,131 @@ def dask_client(workers: int, address: str | None) -> Iterator[Client]:
         yield client
 
 
-def run_on_cluster(
-    client: Client, state: WorkerState, todo: list[int]
-) -> Iterator[list[InputRecord]]:
-    """Check the input positions `todo` on the client's workers; yield each chunk's records as
-    it completes."""
-    name = f"relrobust-{uuid.uuid4().hex[:12]}"
-    client.register_plugin(ModelFiles(name, shipment(state)), name=name)
-    todo, pending, pace = list(reversed(todo)), {}, ChunkPace()
-    finished: queue.SimpleQueue = queue.SimpleQueue()  # futures, as their tasks end
+def local_cluster(workers: int) -> LocalCluster:
+    """A cluster of `workers` single-threaded processes on this machine (a context manager),
+    without Dask's sampling profiler in the workers (measured: 2-3% of a core per worker, for a
+    dashboard nobody looks at here)."""
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        return LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+
+
+@contextmanager
+def session(workers: int, address: str | None) -> Iterator[Session]:
+    """A run's Dask session (see `dask_client`); SIGTERM interrupts it like Ctrl-C, so every way
+    out of it unregisters the run's plugins."""
+    with quiet("distributed"), dask_client(workers, address) as client, sigterm_interrupts():
+        with contextlib.suppress(Exception):  # a scheduler that cannot load it: no janitor
+            client.register_plugin(Janitor(), name=Janitor.name)
+        run = Session(client)
+        try:
+            yield run
+        finally:
+            run.close()
+
+
+@contextmanager
+def quiet(logger: str) -> Iterator[None]:
+    """Only critical messages from `logger` and its children meanwhile: the run reports a
+    cluster's failure itself, in one line (Dask would also log a lost scheduler)."""
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(f"{logger}.")]
+    logs = [logging.getLogger(n) for n in [logger, *names]]  # Dask sets some children's levels
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
     try:
-        while todo or pending:
-            slots = free_slots(client)
-            while todo and len(pending) < slots:
-                size = pace.size(len(todo), slots)
-                positions = [todo.pop() for _ in range(min(size, len(todo)))]
-                fut = client.submit(check_batch, name, state.batch(positions), pure=False)
-                pending[fut] = positions
-                fut.add_done_callback(finished.put)
-            for fut in drain(finished):
-                positions = pending.pop(fut, None)
-                if positions is None:  # already taken (a callback can repeat)
-                    continue
-                records, seconds = task_result(fut, state, positions)
-                pace.observe(len(positions), seconds)
-                yield records
-    except OSError as exc:  # the scheduler or its connection went away (CommClosedError, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"the Dask cluster failed ({type(exc).__name__}: {first}); the records decided so "
-            "far are stored: continue with --resume"
-        ) from None
+        yield
     finally:
-        if pending:
-            with contextlib.suppress(Exception):  # the cluster may be gone
-                client.cancel(list(pending))
-        unregister(client, name)
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Raise KeyboardInterrupt on SIGTERM meanwhile (main thread only), so `finally` runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Session:
+    """A Dask client shared by every setting of a run, with the run's plugins (one per set of
+    model files, registered on first use)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client, self.plugins = client, {}
+
+    def plugin(self, state: WorkerState) -> str:
+        """The name of the plugin carrying the state's model files (registered once)."""
+        files = shipment(state)
+        key = files.key()
+        if key not in self.plugins:
+            name = run_plugin_name(self.client.id, key)
+            self.client.register_plugin(ModelFiles(key, files), name=name)
+            self.plugins[key] = name
+            self.client.run(load_plugin, name)  # every worker at once; a bad file fails now
+        return self.plugins[key]
+
+    def close(self) -> None:
+        """Unregister the run's plugins; a vanished cluster is no error."""
+        for name in self.plugins.values():
+            with contextlib.suppress(Exception):  # the scheduler or the plugin is gone already
+                self.client.unregister_worker_plugin(name)
+        self.plugins = {}
+
+    def run(self, state: WorkerState, todo: list[int]) -> Iterator[list[InputRecord]]:
+        """Check the input positions `todo` on the workers; yield each chunk's records as it
+        completes."""
+        client, todo, pending, pace = self.client, list(reversed(todo)), {}, ChunkPace()
+        finished: queue.SimpleQueue = queue.SimpleQueue()  # futures, as their tasks end
+        try:
+            name = self.plugin(state)
+            while todo or pending:
+                slots = free_slots(client)
+                while todo and len(pending) < slots:
+                    size = pace.size(len(todo), slots)
+                    positions = [todo.pop() for _ in range(min(size, len(todo)))]
+                    fut = client.submit(check_batch, name, state.batch(positions), pure=False)
+                    pending[fut] = positions
+                    fut.add_done_callback(finished.put)
+                for fut in drain(finished):
+                    positions = pending.pop(fut, None)
+                    if positions is None:  # already taken (a callback can repeat)
+                        continue
+                    records, seconds = task_result(fut, state, positions)
+                    pace.observe(len(positions), seconds)
+                    yield records
+        except (OSError, FutureCancelledError) as exc:  # the scheduler or its connection is gone
+            raise InputError(
+                f"the Dask cluster failed ({failure(exc)}); the records decided so far are "
+                "stored: continue with --resume"
+            ) from None
+        finally:
+            if pending:
+                with contextlib.suppress(Exception):  # the cluster may be gone
+                    client.cancel(list(pending))
+
+
+def failure(exc: Exception) -> str:
+    """What went wrong with the cluster, in a few words (one line)."""
+    if isinstance(exc, FutureCancelledError):  # the scheduler cancels them all when it goes
+        return f"a task was cancelled: {exc.reason}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def drain(finished: queue.SimpleQueue) -> list:
@@ -142,15 +236,10 @@ def task_result(fut, state: WorkerState, positions: list[int]) -> tuple[list[Inp
     return [InputRecord.from_dict(d) for d in dicts], seconds
 
 
-def unregister(client: Client, name: str) -> None:
-    """Remove the run's plugin and its files from every worker; a vanished cluster is no error."""
-    with contextlib.suppress(Exception):  # the scheduler or the plugin is gone already
-        client.unregister_worker_plugin(name)
-
-
 class ChunkPace:
-    """Chunk sizes from the measured seconds per input: about CHUNK_SECONDS a task, but small
-    enough near the end that every worker slot still gets work."""
+    """Chunk sizes from the measured seconds per input: about CHUNK_SECONDS a task, and never
+    more than a share of what is left (remaining / (2 x slots)), so tasks shrink towards the
+    end and no worker is left with a long last task while the others idle."""
 
     def __init__(self) -> None:
         self.inputs, self.seconds = 0, 0.0
@@ -165,33 +254,66 @@ class ChunkPace:
             return 1
         per_input = max(self.seconds / self.inputs, 1e-6)
         target = min(MAX_CHUNK, math.ceil(CHUNK_SECONDS / per_input))
-        return max(1, min(target, math.ceil(remaining / slots)))
+        return max(1, min(target, math.ceil(remaining / (2 * slots))))
 
 
 class ModelFiles(WorkerPlugin):
-    """Carries a run's model files to every worker: written to the worker's scratch directory
-    and loaded on its first task, removed on teardown."""
+    """Carries a run's model files to every worker and loads them there (`loaded`)."""
 
-    def __init__(self, name: str, files: Shipment) -> None:
-        self.name, self.files = name, files
+    def __init__(self, key: str, files: Shipment) -> None:
+        self.key, self.files = key, files
 
     def setup(self, worker) -> None:
-        self.root = Path(worker.local_directory) / self.name
-        self.lock = threading.Lock()  # one check at a time: the runtimes are not thread-safe
-        self.loaded: Loaded | None = None
+        restore_mmap_threshold()
+        self.root = Path(worker.local_directory) / "relrobust"
 
-    def teardown(self, worker) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+    def load(self) -> Loaded:
+        """The runtimes of the files (loaded on first use)."""
+        with LOCK:
+            return loaded(self.root, self.key, self.files)
 
     def check(self, batch: Batch) -> tuple[list[dict], float]:
         """The records (as dicts) of a batch, and the seconds its checks took."""
-        with self.lock:
-            if self.loaded is None:
-                self.loaded = self.files.load(self.root)
-            checker = self.loaded.checker(batch)
+        with LOCK:
+            checker = self.load().checker(batch)
             t0 = time.perf_counter()
             out = [checker.check(i).to_dict() for i in range(len(batch.y))]
             return out, time.perf_counter() - t0
+
+
+LOCK = threading.RLock()  # one check at a time in a worker: the runtimes are not thread-safe
+LOADED: OrderedDict = OrderedDict()  # in a worker: files' hash -> Loaded, the latest last
+
+
+def loaded(root: Path, key: str, files: Shipment) -> Loaded:
+    """The runtimes of `files` (hash `key`), written under `root` and loaded on first use; a
+    worker keeps the last CACHED sets and deletes the files of older ones."""
+    if key in LOADED:
+        LOADED.move_to_end(key)
+        return LOADED[key]
+    while len(LOADED) >= CACHED:
+        old, _ = LOADED.popitem(last=False)
+        shutil.rmtree(root / old[:16], ignore_errors=True)
+    LOADED[key] = files.load(root / key[:16])
+    return LOADED[key]
+
+
+def restore_mmap_threshold() -> None:
+    """Let glibc keep large blocks again: Dask's nanny starts workers with
+    MALLOC_TRIM_THRESHOLD_ set, which pins the mmap threshold at 128 KiB (every numpy temporary
+    above it mapped and unmapped anew) and trims the task thread's heap at 64 KiB (its pages
+    returned and faulted in again); measured: a check cost ~1.4x the CPU. Set both where glibc's
+    own dynamic thresholds end up."""
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2 * MMAP_THRESHOLD)  # M_TRIM_THRESHOLD
+
+
+def load_plugin(name: str, dask_worker=None) -> None:
+    """Load a run plugin's files on this worker now (run on every worker as a run starts;
+    a worker that joins later loads them on its first task)."""
+    dask_worker.plugins[name].load()
 
 
 def check_batch(plugin: str, batch: Batch) -> tuple[list[dict], float]:
