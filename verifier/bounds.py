@@ -22,7 +22,7 @@ from interval bounds over the whole region.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -56,6 +56,10 @@ class SpecChain:
     # the first layer's input rounding, on x' (the composed layer's input is s): its weight on
     # x', the bound per value of x', and |weight| . bound (what intervals are widened by)
     first_input: tuple | None = None
+    # per margin, a lower bound of the margin that holds on the whole region, or None: margin
+    # lower bounds are capped by it (`verifier.output_clamp`: the runtime's clamp of its logits
+    # to their grid, bounded apart from the chain)
+    cap: np.ndarray | None = None
 
     def input_error(self, k: int):
         """The rounding bound of Affine layer `k`'s input values, or None."""
@@ -108,13 +112,14 @@ def spec_chain(
     *,
     float32: bool = True,
     errors: list | None = None,
+    rows: np.ndarray | None = None,
 ) -> SpecChain:
     """Compose `x + s @ D` into the first layer and the margin matrix into the last one.
 
     `float32=True` bounds the runtime's float32 evaluation (see the module docstring);
     `False` bounds the chain in exact arithmetic. `errors` (output and input bounds per layer
     of `chain`, from `rounding_errors` with a quantized runtime's rounding) replaces the float32
-    bounds.
+    bounds. `rows` (m, K) replaces the margin matrix (its rows are then the spec's outputs).
     """
     prep = prepare_chain(chain)
     layers = list(prep.layers)
@@ -133,11 +138,14 @@ def spec_chain(
     diff = np.zeros((k - 1, k))
     diff[:, label] = 1.0
     diff[np.arange(k - 1), others] = -1.0
+    if rows is not None:
+        diff = np.asarray(rows, dtype=np.float64)
+        others = np.arange(len(diff))
     if isinstance(layers[-1], Affine) and len(layers) > 1:
         w, b = layers[-1].weight, layers[-1].bias
-        layers[-1] = Affine(w[label] - w[others], b[label] - b[others])
+        layers[-1] = Affine(diff @ w, diff @ b)
     else:
-        layers.append(Affine(diff, np.zeros(k - 1)))
+        layers.append(Affine(diff, np.zeros(len(diff))))
         absw.append(None)
     for i in (0, len(layers) - 1):  # the two composed layers get their own |W|
         absw[i] = np.abs(layers[i].weight)
@@ -159,9 +167,9 @@ def spec_chain(
             err[0] = U32 * _input_magnitude(region)
         last = err[len(layers) - 1]
         if last is not None and len(last) == k:
-            err[len(layers) - 1] = last[label] + last[others]
+            err[len(layers) - 1] = np.abs(diff) @ last
         elif last is None and not isinstance(prep.layers[-1], Affine):
-            err[len(layers) - 1] = np.zeros(k - 1)
+            err[len(layers) - 1] = np.zeros(len(diff))
     return SpecChain(
         layers,
         absw,
@@ -201,7 +209,12 @@ def _input_magnitude(region: Region) -> np.ndarray:
 
 
 def rounding_errors(
-    chain: PreparedChain, region: Region, input_cast: bool = True, rounding: list | None = None
+    chain: PreparedChain,
+    region: Region,
+    input_cast: bool = True,
+    rounding: list | None = None,
+    *,
+    clamp_output: bool = False,
 ) -> tuple[list, list]:
     """Per layer of `chain`, bounds on |runtime output - exact output| of each Affine layer,
     and on |rounded input - input| of each input value (quantized runtimes; None otherwise).
@@ -216,6 +229,8 @@ def rounding_errors(
     grid is the clamp's own bounded error (how far the interval leaves the grid), so wide
     intervals loosen the bound but never void it. Input rounding stays on the inputs, where
     back-substitution charges |lambda W| . rounding, far below |lambda| |W| . rounding.
+    `clamp_output`: the last layer's output grids charge their rounding only, not their clamp
+    (the caller bounds that clamp itself: `verifier.output_clamp`).
     """
     lo, hi = _input_box(region)
     in_err = U32 * np.maximum(np.abs(lo), np.abs(hi)) if input_cast else None
@@ -253,6 +268,8 @@ def rounding_errors(
                 sym, lo, hi = _symbolic_affine(layer, sym, step, e, lo, hi, knap)
             if r is not None:
                 relu_next = i + 1 < len(chain.layers) and isinstance(chain.layers[i + 1], Relu)
+                if clamp_output and i + 1 == len(chain.layers):
+                    r = unclamped(r)
                 before = e
                 e, lo, hi = _output_rounding(r, e, lo, hi, relu_next, i)
                 if sym is not None:
@@ -275,6 +292,20 @@ def rounding_errors(
             out.append(None)
             inputs.append(None)
     return out, inputs
+
+
+def unclamped(r):
+    """`r` with its output grids' ranges unbounded: their rounding, not their clamp."""
+    wide = {"lo": -np.inf, "hi": np.inf}
+
+    def free(g):
+        return None if g is None else replace(g, **wide)
+
+    return replace(
+        r,
+        output_grid=free(r.output_grid),
+        outputs=tuple(replace(ev, grid=free(ev.grid)) for ev in r.outputs),
+    )
 
 
 def _symbolic_affine(layer: Affine, sym, step, e, lo, hi, knap):
@@ -557,7 +588,8 @@ def interval_bounds(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> Bounds:
             pre[i] = (cur_lo, cur_hi)
             cur_lo, cur_hi = _pool_max(cur_lo, layer.windows), _pool_max(cur_hi, layer.windows)
     p = np.clip(0.0, lo, hi).astype(np.float64)
-    return Bounds(cur_lo, np.zeros((k, g)), np.tile(p, (k, 1)), pre, "ibp", first)
+    lower = cur_lo if spec.cap is None else np.minimum(cur_lo, spec.cap)
+    return Bounds(lower, np.zeros((k, g)), np.tile(p, (k, 1)), pre, "ibp", first)
 
 
 def _infeasible(spec: SpecChain, lo, hi) -> bool:
@@ -655,7 +687,10 @@ def linear_bounds(
     for other in (ibp, parent):  # bounds over this box or an enclosing one hold here too
         if other is not None and not other.empty:
             interval = np.maximum(interval, other.lower)
-    return Bounds(np.maximum(vals, interval), lam, argmin, pre, method, first)
+    lower = np.maximum(vals, interval)
+    if spec.cap is not None:
+        lower = np.minimum(lower, spec.cap)
+    return Bounds(lower, lam, argmin, pre, method, first)
 
 
 def _first_layer(spec: SpecChain, lo, hi, ibp: Bounds | None, known):

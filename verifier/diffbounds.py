@@ -111,6 +111,8 @@ def quantized_bounds(
     delta, _ = knapsack_min(lam_d, c_d, lo, hi, fs.cost, fs.budget, argmin=False)
     vals, argmin = knapsack_min(lam_j, c_j, lo, hi, fs.cost, fs.budget)
     joint = np.maximum(vals, base.lower + delta)
+    if ds.quant_spec.cap is not None:  # the quantized margins' own bound (output clamp)
+        joint = np.minimum(joint, ds.quant_spec.cap)
     own = direct.lower >= joint  # per margin, the direct bound's linear function and minimiser
     return DiffBounds(
         np.maximum(direct.lower, joint),
