@@ -251,7 +251,7 @@ def rounding_errors(
             e = gamma * (aw @ (amag if step is None else amag + step) + np.abs(layer.bias))
             if r is not None and r.pairs is not None:
                 wide = 0.0 if step is None else step
-                e = e + _pair_saturation(r.pairs, aw, lo - wide, hi + wide)
+                e = e + _pair_saturation(r.pairs, layer.weight, aw, lo - wide, hi + wide)
             if in_err is not None:
                 e = e + aw @ in_err
                 in_err = None
@@ -397,13 +397,18 @@ def _event_error(gain, shift, grid, levels, extra, lo, hi, relu_next: bool) -> n
 PAIR_HALF = 16383.5
 
 
-def _pair_saturation(p, aw: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def _pair_saturation(
+    p, w: np.ndarray, aw: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> np.ndarray:
     """Bound on what int16 saturation of pairwise product sums removes from each output.
 
     A pair sum p1 + p2 saturates only when |p1| + |p2| > 32767, and then loses at most
     (|p1| - 16383.5)+ + (|p2| - 16383.5)+, whatever the kernel's pairing: so per output row the
     loss is at most the sum over inputs of (A_i |q_ji| - 16383.5)+, A_i the largest unsigned
-    input value over the region, q the integer weights; in output units times s_in s_w."""
+    input value over the region, q the integer weights; in output units times s_in s_w. With
+    the pairing known (`p.adjacent`: inputs 2m, 2m+1), a pair of opposite-signed weights
+    cannot saturate (|u8 x s8| <= 32640) and one of like signs loses at most
+    (A_2m |q_2m| + A_2m+1 |q_2m+1| - 32767)+."""
     vlo = np.minimum(p.gain * lo, p.gain * hi) + p.shift
     vhi = np.maximum(p.gain * lo, p.gain * hi) + p.shift
     if p.grid is not None:
@@ -417,10 +422,19 @@ def _pair_saturation(p, aw: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.nd
         big = np.full_like(vhi, 255.0)
         if vlo.min(initial=0.0) >= 0.0 and least > 0.0:
             big = np.minimum(255.0, np.ceil(np.maximum(vhi, 0.0) / least + 0.5))
-    gain = np.abs(np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape))
-    q = aw / (p.unit[:, None] * gain[None, :]) * (1.0 + 1e-6)
-    loss = np.maximum(q * big[None, :] - PAIR_HALF, 0.0).sum(axis=1)
-    return p.unit * scale * loss
+    gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape)
+    q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
+    prod = q * big[None, :]
+    if not p.adjacent:
+        loss = np.maximum(prod - PAIR_HALF, 0.0).sum(axis=1)
+        return p.unit * scale * loss
+    sign = np.sign(w) * np.sign(gain)[None, :]  # the integer weight's sign
+    if prod.shape[1] % 2:  # an odd K is padded with a zero
+        prod = np.pad(prod, ((0, 0), (0, 1)))
+        sign = np.pad(sign, ((0, 0), (0, 1)))
+    like = sign[:, 0::2] * sign[:, 1::2] > 0
+    pair = np.where(like, prod[:, 0::2] + prod[:, 1::2] - 2 * PAIR_HALF, 0.0)
+    return p.unit * scale * np.maximum(pair, 0.0).sum(axis=1)
 
 
 def _output_rounding(r, e: np.ndarray, lo: np.ndarray, hi: np.ndarray, relu_next: bool, i: int):
