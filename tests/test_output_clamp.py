@@ -13,11 +13,11 @@ from test_engine import all_points, check_decision, random_case
 
 from quantize.error_model import ErrorModel, Grid, Rounding, error_model
 from quantize.modes import quantize_model
-from verifier.bounds import interval_bounds, linear_bounds, point_interval, prepare_chain
+from verifier.bounds import interval_bounds, linear_bounds, prepare_chain
 from verifier.decide import decide
 from verifier.model import load_model
 from verifier.network import Affine, forward_lowered
-from verifier.output_clamp import quantized_spec
+from verifier.quantized_spec import quantized_spec
 from verifier.regions import lattice_region
 from verifier.result import CERTIFIED
 
@@ -64,12 +64,12 @@ def test_clamped_logits_within_bounds(seed):
     """At every point: the runtime's logits lie within the widened point interval, and every
     margin lower bound (interval and linear, capped) lies below every runtime margin."""
     runtime, em, _, region, label = _clamp_case(seed)
-    spec, errors, widen = quantized_spec(em, region, label)
+    qs = quantized_spec(em, region, label)
+    spec = qs.spec
     pts = all_points(region)
-    xs = region.points(pts)
-    got = runtime.predict(xs).astype(np.float64)
-    for x, g in zip(xs, got, strict=True):
-        lo, hi = widen(*point_interval(em.chain, errors, x))
+    got = runtime.predict(region.points(pts)).astype(np.float64)
+    for s, g in zip(pts, got, strict=True):
+        lo, hi = qs.interval(em.chain, s)
         assert np.all(lo <= g) and np.all(g <= hi)
     m = _margins(runtime, region, label, spec.others).min(axis=0)
     for b in (
@@ -85,7 +85,7 @@ def test_the_cap_is_needed():
     capped = wrong = 0
     for seed in range(16):
         runtime, em, _, region, label = _clamp_case(seed)
-        spec, _, _ = quantized_spec(em, region, label)
+        spec = quantized_spec(em, region, label).spec
         if spec.cap is None:
             continue
         capped += 1
@@ -136,12 +136,13 @@ def test_real_runtimes_within_bounds(real, name):
         pos = np.random.default_rng(i).choice(16, 3, replace=False)
         region = lattice_region(x, pos, 0.125, 0.75)
         label = int(runner.predict(x[None]).argmax())
-        spec, errors, widen = quantized_spec(em, region, label)
+        qs = quantized_spec(em, region, label)
+        spec = qs.spec
         capped += spec.cap is not None
-        xs_r = region.points(all_points(region)).astype(np.float32)
-        got = runner.predict(xs_r).astype(np.float64)
-        for xp, g in zip(xs_r, got, strict=True):
-            lo, hi = widen(*point_interval(em.chain, errors, xp.astype(np.float64)))
+        pts = all_points(region)
+        got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+        for s, g in zip(pts, got, strict=True):
+            lo, hi = qs.interval(em.chain, s)
             assert np.all(lo <= g) and np.all(g <= hi)
         m = (got[:, [label]] - got[:, spec.others]).min(axis=0)
         assert np.all(linear_bounds(spec, region.lo, region.hi).lower <= m)

@@ -276,7 +276,7 @@ def proof_spec(ctx: RunContext, region: Region, label: int, name: str, kind: str
     none (no bounds, a kind that does not fit the model, or an error model that does not hold
     over the region): bounds leaves then fail."""
     from verifier.bounds import prepare_chain, spec_chain
-    from verifier.output_clamp import quantized_spec
+    from verifier.quantized_spec import quantized_spec
 
     if kind == "float32" and name == FLOAT:
         return spec_chain(prepare_chain(ctx.chain), region, label, float32=True)
@@ -294,7 +294,7 @@ def proof_spec(ctx: RunContext, region: Region, label: int, name: str, kind: str
     if em is None:
         return None
     try:
-        return quantized_spec(em, region, label)[0]
+        return quantized_spec(em, region, label).spec
     except ValueError:  # the rounding has no bound over the region: its bounds say nothing
         return None
 

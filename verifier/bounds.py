@@ -215,6 +215,7 @@ def rounding_errors(
     rounding: list | None = None,
     *,
     clamp_output: bool = False,
+    first_step: np.ndarray | None = None,
 ) -> tuple[list, list]:
     """Per layer of `chain`, bounds on |runtime output - exact output| of each Affine layer,
     and on |rounded input - input| of each input value (quantized runtimes; None otherwise).
@@ -230,7 +231,9 @@ def rounding_errors(
     intervals loosen the bound but never void it. Input rounding stays on the inputs, where
     back-substitution charges |lambda W| . rounding, far below |lambda| |W| . rounding.
     `clamp_output`: the last layer's output grids charge their rounding only, not their clamp
-    (the caller bounds that clamp itself: `verifier.output_clamp`).
+    (the caller bounds that clamp itself: `verifier.output_clamp`). `first_step`: the bound
+    of the first layer's input rounding in place of its Rounding's (what is left of it on a
+    region with that rounding folded in: `verifier.dynamic_input.fold_input_grid`).
     """
     lo, hi = _input_box(region)
     in_err = U32 * np.maximum(np.abs(lo), np.abs(hi)) if input_cast else None
@@ -247,6 +250,8 @@ def rounding_errors(
             r = rounding[i] if rounding is not None else None
             if r is not None:
                 step = _input_rounding(r, lo, hi, amag, i)
+                if i == 0 and first_step is not None:
+                    step = first_step
                 step = None if not np.any(step) else np.broadcast_to(step, amag.shape)
             e = gamma * (aw @ (amag if step is None else amag + step) + np.abs(layer.bias))
             if r is not None and r.pairs is not None:

@@ -35,15 +35,14 @@ from verifier.bounds import (
     SpecChain,
     interval_bounds,
     linear_bounds,
-    point_interval,
     prepare_chain,
     relu_pre_bounds,
     spec_chain,
 )
 from verifier.enumeration import box_size, confirm, enumerate_box, runtime_inputs
 from verifier.network import LoweredLayer, forward_lowered
-from verifier.output_clamp import quantized_spec
 from verifier.proof import Cover, to_text
+from verifier.quantized_spec import quantized_spec
 from verifier.regions import Region
 from verifier.relu_split import POLICIES, relu_branch_and_bound
 from verifier.result import CERTIFIED, REFUTED, UNKNOWN, Decision
@@ -424,17 +423,20 @@ def _model_spec(runtime, model, region: Region, label: int, detail: dict):
     bounds hold over the region and the runtime's logits at x lie within the model's interval
     there (a wrong mapping shows up as a miss)."""
     try:
-        spec, errors, widen = quantized_spec(model, region, label)
+        qs = quantized_spec(model, region, label)
     except ValueError as exc:
         detail["trusted_bounds"] = False
         detail["untrusted_reason"] = f"error model: {exc}"
         return spec_chain(model.chain, region, label, float32=False), False
-    lo, hi = widen(*point_interval(model.chain, errors, region.x))
+    spec = qs.spec
+    lo, hi = qs.interval(model.chain, np.zeros(len(region.lo)))
     got = _output_at_x(runtime, region)
     ok = got.shape == lo.shape and bool(np.all((got >= lo) & (got <= hi)))
     detail["trusted_bounds"] = ok
     detail["logit_error_bound"] = float(np.max(hi - lo) / 2.0)
     detail["output_clamp"] = "bounded apart" if spec.cap is not None else "per logit"
+    if qs.region is not region:
+        detail["input_grid_fold"] = True
     if not ok:
         detail["untrusted_reason"] = "runtime output at x lies outside the error model's bounds"
     return spec, ok

@@ -8,8 +8,9 @@ grids in t's units. So a margin is
     y_l - y_o >= min(t_l - t_o, t_l - L_o, H_l - t_o, H_l - L_o) - E_l - E_o:
 the first term is the spec's margin with rounding only (no saturation charged), the others
 are bounded once over the whole region from per-logit linear bounds and cap every margin
-lower bound (`SpecChain.cap`). When some cap is not positive (a logit may reach its grid's
-end), the clamp is charged per logit as before (`bounds.rounding_errors`).
+lower bound (`SpecChain.cap`; `verifier.quantized_spec` builds the spec). When some cap is not
+positive (a logit may reach its grid's end), the clamp is charged per logit as before
+(`bounds.rounding_errors`).
 """
 
 from __future__ import annotations
@@ -18,33 +19,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from verifier.bounds import SpecChain, linear_bounds, rounding_errors, spec_chain
+from verifier.bounds import linear_bounds, spec_chain
 from verifier.network import Affine
 from verifier.regions import Region
 
 
-def quantized_spec(model, region: Region, label: int) -> tuple[SpecChain, tuple, object]:
-    """The spec of an error model's chain on `region` (ValueError when its rounding has no
-    bound there), its errors, and `widen(lo, hi)`: the runtime's logit interval at a point
-    from `point_interval` with those errors (the clamp added back)."""
-    ends = _grid_ends(model)
-    if ends is not None:
-        errors = rounding_errors(model.chain, region, rounding=model.rounding, clamp_output=True)
-        top, bottom = ends
-        e = errors[0][-1]
-        cap = _caps(model, region, label, errors, top, bottom, e)
-        if cap is not None and np.all(cap > 0):
-            spec = replace(spec_chain(model.chain, region, label, errors=errors), cap=cap)
-            return (
-                spec,
-                errors,
-                lambda lo, hi: (np.minimum(lo, top - e), np.maximum(hi, bottom + e)),
-            )
-    errors = rounding_errors(model.chain, region, rounding=model.rounding)
-    return spec_chain(model.chain, region, label, errors=errors), errors, lambda lo, hi: (lo, hi)
-
-
-def _grid_ends(model) -> tuple[np.ndarray, np.ndarray] | None:
+def grid_ends(model) -> tuple[np.ndarray, np.ndarray] | None:
     """Per logit, the lowest top and highest bottom of the last layer's output grids in its
     output's units, or None when the last layer has no output grid."""
     layers = model.chain.layers
@@ -68,7 +48,7 @@ def _grid_ends(model) -> tuple[np.ndarray, np.ndarray] | None:
     return top, bottom
 
 
-def _caps(model, region: Region, label: int, errors, top, bottom, e) -> np.ndarray | None:
+def margin_caps(model, region: Region, label: int, errors, top, bottom, e) -> np.ndarray | None:
     """Per margin (label against each other class), a lower bound over the region of
     min(t_l - L_o, H_l - t_o, H_l - L_o) - E_l - E_o; None when the logits are unbounded."""
     k = len(top)
