@@ -232,3 +232,32 @@ def test_fold_matches_the_grid(fixed):
                 off = np.abs(region_q.points(pts) - want * g.scale)
                 misses[name] += int(np.sum(off > residual + 1e-9))
     assert misses["right"] == 0 and misses["wrong"] > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_spec_folds_a_fixed_scale(tiny, mode):
+    """Where the run-time scale is the same at every point, the quantized spec itself is
+    folded (so every bound of the decision uses it), and the real runtime's logits and margins
+    lie within its bounds at every point; elsewhere it is not folded."""
+    from verifier.bounds import linear_bounds
+    from verifier.quantized_spec import quantized_spec
+
+    model, runners, xs = tiny
+    runner = runners[mode]
+    em = error_model(runner, model.network.lower())
+    kinds = set()
+    for i, x in enumerate(xs):
+        for region in _regions(x, i):
+            label = int(runner.predict(x[None].astype(np.float32)).argmax())
+            qs = quantized_spec(em, region, label)
+            folded = qs.region is not region
+            assert folded == (fold_first_input(em, region) is not None)
+            kinds.add(folded)
+            pts = all_points(region)
+            got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+            for s, g in zip(pts, got, strict=True):
+                lo, hi = qs.interval(em.chain, s)
+                assert np.all(lo <= g) and np.all(g <= hi)
+            m = (got[:, [label]] - got[:, qs.spec.others]).min(axis=0)
+            assert np.all(linear_bounds(qs.spec, region.lo, region.hi).lower <= m)
+    assert kinds == {True, False}

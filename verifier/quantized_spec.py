@@ -1,6 +1,7 @@
-"""The spec a quantized runtime's error model gives on a region: its rounding bounds, a fixed
-input grid's rounding folded into the region (`dynamic_input.fold_input_grid`) and the
-logits' clamp bounded apart (`output_clamp`) where they apply."""
+"""The spec a quantized runtime's error model gives on a region: its rounding bounds, the first
+layer's input rounding folded into the region (`dynamic_input`: a fixed grid, or the run-time
+quantization where its scale is the same at every point) and the logits' clamp bounded apart
+(`output_clamp`) where they apply."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from verifier.bounds import SpecChain, point_interval, rounding_errors, spec_chain
-from verifier.dynamic_input import fold_input_grid
+from verifier.dynamic_input import fold_first_input, fold_input_grid
 from verifier.output_clamp import grid_ends, margin_caps
 from verifier.regions import Region
 
@@ -39,7 +40,7 @@ class QuantizedSpec:
 def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
     """The error model's spec on `region` for `label`; ValueError when its rounding has no
     bound there."""
-    folded = fold_input_grid(model, region)
+    folded = fold_input_grid(model, region) or fold_first_input(model, region)
     on = region if folded is None else folded[0]
 
     def errors(clamp: bool) -> tuple:
