@@ -192,11 +192,15 @@ def _folded_bounds(
     runtime, model, region: Region, label: int, threshold, gap, detail, deadline: float
 ) -> bool:
     """Whether the runtime's own bounds certify every sub-region of `region` once the first
-    layer's input quantization is folded into it (`dynamic_input`): sub-regions with a fixed
-    input scale, each guarded by the runtime's logits at its point nearest 0."""
+    layer's run-time input quantization is folded into it (`dynamic_input`): sub-regions with
+    a fixed input scale, each guarded by the runtime's logits at its point nearest 0 (a region
+    whose scale is fixed throughout is folded in the quantized spec itself)."""
+    r = model.rounding[0] if model.rounding else None
+    if r is None or not r.dynamic_input or r.symmetric_input:
+        return False  # no run-time input quantization to fold
     parts = split_for_fold(region)
-    if parts is None:
-        return False
+    if parts is None or len(parts) == 1:
+        return False  # one part: the quantized spec folded it already where it could
     detail["input_fold"] = f"{len(parts)} sub-regions"
     for part in parts:
         if time.perf_counter() > deadline:
