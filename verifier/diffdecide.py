@@ -30,6 +30,7 @@ from verifier.bab import ClosedLeaves, Leaf, branch_and_bound, close_by_bounds
 from verifier.bounds import (
     Bounds,
     PreparedChain,
+    SpecChain,
     linear_bounds,
     point_interval,
     prepare_chain,
@@ -126,16 +127,20 @@ def decide_from_float(
         run.cover = Cover()
         close_by_bounds(run.cover, Leaf(region.lo, region.hi, direct), region, threshold)
         return run.done(CERTIFIED, "bounds")
-    if _folded_bounds(runtime, error_model, region, label, threshold, gap, detail, deadline):
-        run.step("bounds")
+    parts = _folded_bounds(runtime, error_model, region, label, threshold, detail, deadline)
+    run.step("bounds")
+    if parts == []:
         return run.done(CERTIFIED, "bounds")
-    leaves = _reuse(ds, qspec, region, proof, direct, detail, deadline)
-    run.step("differential")
-    if leaves is None:
-        detail["open_leaves"] = "float leaves not all bounded in time"
-        return run.done(UNKNOWN, "budget")
-    if not leaves:
-        return run.done(CERTIFIED, "diff-root" if _root_only(proof) else "diff-leaves")
+    if parts is None:
+        leaves = _reuse(ds, qspec, region, proof, direct, detail, deadline)
+        run.step("differential")
+        if leaves is None:
+            detail["open_leaves"] = "float leaves not all bounded in time"
+            return run.done(UNKNOWN, "budget")
+        if not leaves:
+            return run.done(CERTIFIED, "diff-root" if _root_only(proof) else "diff-leaves")
+    else:  # branch and bound inside the folded sub-regions, each on its own spec
+        leaves = [leaf for _, leaf in parts]
 
     att = search_attack(
         runtime,
@@ -152,7 +157,7 @@ def decide_from_float(
 
     def bound(lo, hi, parent):
         b = linear_bounds(
-            qspec,
+            qspec if parts is None else _part_of(parts, lo, hi),
             lo,
             hi,
             alpha_steps=ALPHA_STEPS,
@@ -189,41 +194,54 @@ def decide_from_float(
 
 
 def _folded_bounds(
-    runtime, model, region: Region, label: int, threshold, gap, detail, deadline: float
-) -> bool:
-    """Whether the runtime's own bounds certify every sub-region of `region` once the first
-    layer's run-time input quantization is folded into it (`dynamic_input`): sub-regions with
-    a fixed input scale, each guarded by the runtime's logits at its point nearest 0 (a region
-    whose scale is fixed throughout is folded in the quantized spec itself)."""
+    runtime, model, region: Region, label: int, threshold, detail, deadline: float
+) -> list[tuple[SpecChain, Leaf]] | None:
+    """The sub-regions of `region` the runtime's own bounds do not certify once the first
+    layer's run-time input quantization is folded into each (`dynamic_input`: a fixed input
+    scale in each, guarded by the runtime's logits at its point nearest 0), each with its folded
+    spec and bounds; None when there is no such fold (a region whose scale is fixed throughout
+    is folded in the quantized spec itself) or time ran out."""
     r = model.rounding[0] if model.rounding else None
     if r is None or not r.dynamic_input or r.symmetric_input:
-        return False  # no run-time input quantization to fold
+        return None  # no run-time input quantization to fold
     parts = split_for_fold(region)
     if parts is None or len(parts) == 1:
-        return False  # one part: the quantized spec folded it already where it could
+        return None  # one part: the quantized spec folded it already where it could
     detail["input_fold"] = f"{len(parts)} sub-regions"
+    left = []
     for part in parts:
         if time.perf_counter() > deadline:
-            return False
+            return None
         folded = fold_first_input(model, part)
         if folded is None:
-            return False
+            return None
         region_q, residual = folded
         try:
             out, inputs = rounding_errors(model.chain, part, rounding=model.rounding)
         except ValueError:  # a static grid may saturate: no bound
-            return False
+            return None
         inputs = [residual, *inputs[1:]]
         p = np.clip(0, part.lo, part.hi)
         lo, hi = point_interval(model.chain, (out, inputs), region_q.points(p[None])[0])
         got = np.asarray(runtime.predict(runtime_inputs(runtime, region, p[None])), np.float64)[0]
         if not (got.shape == lo.shape and np.all((got >= lo) & (got <= hi))):
             detail["input_fold"] = "the runtime's logits lie outside the folded model's interval"
-            return False
+            return None
         spec = spec_chain(model.chain, region_q, label, errors=(out, inputs))
-        if not np.all(linear_bounds(spec, part.lo, part.hi).lower > threshold):
-            return False
-    return True
+        b = linear_bounds(spec, part.lo, part.hi)
+        if not (b.empty or np.all(b.lower > threshold)):
+            left.append((spec, Leaf(part.lo, part.hi, wrap_direct(None, b))))
+    detail["input_fold_open"] = len(left)
+    return left
+
+
+def _part_of(parts: list[tuple[SpecChain, Leaf]], lo: np.ndarray, hi: np.ndarray) -> SpecChain:
+    """The folded spec of the sub-region holding the box [lo, hi] (branch and bound splits
+    inside its roots)."""
+    for spec, leaf in parts:
+        if np.all(leaf.lo <= lo) and np.all(hi <= leaf.hi):
+            return spec
+    raise AssertionError("a box outside every folded sub-region")
 
 
 def _root_only(proof: ClosedLeaves) -> bool:
