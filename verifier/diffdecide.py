@@ -261,21 +261,31 @@ def _reuse(
     ds, qspec, region: Region, proof: ClosedLeaves, direct, detail: dict, deadline: float
 ) -> list[Leaf] | None:
     """The float proof's leaves the difference is not absorbed in, with their quantized bounds
-    (the root alone when the root bounds certified); None when time ran out."""
+    (the root alone when the root bounds certified); None when time ran out. Intermediate
+    differences by intervals only (`refine=False`): refined, the root bound gained nothing over
+    the runtime's own on any MNIST input measured, at 0.5-1.5 s an input."""
+    b = quantized_bounds(ds, region.lo, region.hi, proof.root, direct, refine=False)
+    detail["diff_root_margin"] = float(np.min(b.lower))
+    detail["diff_root_delta"] = float(np.min(b.delta))
+    # how much the differential bound adds to the runtime's own on the worst margin
+    detail["diff_root_gain"] = float(np.min(b.lower) - np.min(direct.lower))
     if _root_only(proof):
-        b = quantized_bounds(ds, region.lo, region.hi, proof.root, direct)
-        detail["diff_root_margin"] = float(np.min(b.lower))
-        detail["diff_root_delta"] = float(np.min(b.delta))
-        # how much the differential bound adds to the runtime's own on the worst margin
-        detail["diff_root_gain"] = float(np.min(b.lower) - np.min(direct.lower))
         return [] if np.all(b.lower > 0) else [Leaf(region.lo, region.hi, b)]
-    left = []
+    # the difference's bound over the whole region holds in every leaf: a leaf whose float
+    # bound absorbs it is closed at no cost (the quantized margin is at least the float one
+    # plus the difference, or the spec's positive cap)
+    delta = b.delta if not b.empty else None
+    left, absorbed = [], 0
     for leaf in proof.leaves:
+        if delta is not None and not leaf.bounds.empty and np.all(leaf.bounds.lower + delta > 0):
+            absorbed += 1
+            continue
         if time.perf_counter() > deadline:
             return None
         b = _leaf_bounds(ds, leaf.lo, leaf.hi, leaf.bounds, direct)
         if not (b.empty or np.all(b.lower > 0)):
             left.append(Leaf(leaf.lo, leaf.hi, b))
     detail["float_leaves"] = len(proof.leaves)
+    detail["float_leaves_absorbed"] = absorbed  # closed by the root's difference bound alone
     detail["float_leaves_reused"] = len(proof.leaves) - len(left)
     return left
