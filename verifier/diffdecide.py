@@ -208,26 +208,25 @@ def _folded_bounds(
     if parts is None or len(parts) == 1:
         return None  # one part: the quantized spec folded it already where it could
     detail["input_fold"] = f"{len(parts)} sub-regions"
+    try:  # bounds over the whole region hold in each part: computed once
+        out, inputs = rounding_errors(model.chain, region, rounding=model.rounding)
+    except ValueError:  # a static grid may saturate: no bound
+        return None
+    folds = [fold_first_input(model, part) for part in parts]
+    if any(f is None for f in folds):
+        return None
+    nearest = np.stack([np.clip(0, part.lo, part.hi) for part in parts])
+    got = np.asarray(runtime.predict(runtime_inputs(runtime, region, nearest)), np.float64)
     left = []
-    for part in parts:
+    for part, (region_q, residual), p, g in zip(parts, folds, nearest, got, strict=True):
         if time.perf_counter() > deadline:
             return None
-        folded = fold_first_input(model, part)
-        if folded is None:
-            return None
-        region_q, residual = folded
-        try:
-            out, inputs = rounding_errors(model.chain, part, rounding=model.rounding)
-        except ValueError:  # a static grid may saturate: no bound
-            return None
-        inputs = [residual, *inputs[1:]]
-        p = np.clip(0, part.lo, part.hi)
-        lo, hi = point_interval(model.chain, (out, inputs), region_q.points(p[None])[0])
-        got = np.asarray(runtime.predict(runtime_inputs(runtime, region, p[None])), np.float64)[0]
-        if not (got.shape == lo.shape and np.all((got >= lo) & (got <= hi))):
+        errors = (out, [residual, *inputs[1:]])
+        lo, hi = point_interval(model.chain, errors, region_q.points(p[None])[0])
+        if not (g.shape == lo.shape and np.all((g >= lo) & (g <= hi))):
             detail["input_fold"] = "the runtime's logits lie outside the folded model's interval"
             return None
-        spec = spec_chain(model.chain, region_q, label, errors=(out, inputs))
+        spec = spec_chain(model.chain, region_q, label, errors=errors)
         b = linear_bounds(spec, part.lo, part.hi)
         if not (b.empty or np.all(b.lower > threshold)):
             left.append((spec, Leaf(part.lo, part.hi, wrap_direct(None, b))))
