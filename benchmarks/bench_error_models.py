@@ -3,7 +3,8 @@
 Per model and mode: the share of regions (features, r=10, step 1/8, one per test image) where
 the error model is trusted (its rounding bounds hold over the region and the runtime's logits
 at the image lie within them: the guard `verifier.engine.decide` applies) and the logit error
-half-width there (decide's detail "logit_error_bound"), or why there is no model.
+half-width there (decide's detail "logit_error_bound": the quantized spec's interval, input
+rounding folded and the logit clamp bounded apart where they apply), or why there is no model.
 
     python benchmarks/bench_error_models.py --images 40 --out benchmarks/results/error_models.json
 """
@@ -20,9 +21,10 @@ import numpy as np
 from quantize.calibration import calibration_inputs
 from quantize.error_model import error_model
 from quantize.modes import quantize_model
-from verifier.engine.bounds import point_interval, prepare_chain, rounding_errors
+from verifier.engine.bounds import prepare_chain
 from verifier.engine.data import load_dataset, to_layout
 from verifier.engine.model import load_model
+from verifier.engine.quantized_spec import quantized_spec
 from verifier.errors import UnsupportedModelError
 from verifier.run.check import Settings, build_region
 
@@ -60,9 +62,9 @@ def measure(name: str, images: int, data_dir: str | None, work: Path) -> dict:
         widths = []
         for i in range(images):
             region = build_region(settings, xs[i], chain.layers, int(ds.labels[i]), i)
-            errors = rounding_errors(em.chain, region, rounding=em.rounding)
-            lo, hi = point_interval(em.chain, errors, region.x)
             got = runner.predict(region.x.reshape(1, *model.input_shape).astype(np.float32))[0]
+            qs = quantized_spec(em, region, int(np.argmax(got)))
+            lo, hi = qs.interval(em.chain, np.zeros(len(region.lo)))
             if np.all((got >= lo) & (got <= hi)):
                 widths.append(float(np.max(hi - lo) / 2))
         out[runner.name] = {

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from quantize.cpu import int16_pair_sums
 from quantize.quant_chain import Mark, PairMark, lower_marked, structural
 from quantize.rounding import ErrorModel, Grid
 from verifier.engine.bounds import prepare_chain
@@ -186,6 +187,8 @@ class _Walker:
         input is quantized): its int16 pair sums may saturate."""
         if grid is None and not dynamic:
             return  # a float input: not fused, float32 arithmetic
+        if not int16_pair_sums():
+            return  # this CPU's kernels accumulate in int32 (VNNI) or widen first (SSE)
         shape = self.shape
         ws = np.asarray(weight_scale, dtype=np.float64).reshape(-1)
         if ws.size > 1:

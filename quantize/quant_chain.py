@@ -19,6 +19,7 @@ import numpy as np
 from quantize.rounding import Event, Grid, PairSums, Rounding
 from verifier.engine.network import (
     Affine,
+    Dense,
     Elementwise,
     Layer,
     LoweredLayer,
@@ -152,10 +153,14 @@ def lower_marked(
         before, after = layers[a : pm.layer], layers[pm.layer + 1 : b]
         if not all(_monomial(x) for x in [*before, *after]):
             raise UnsupportedModelError("an integer kernel folded with another weighted layer")
-        gain, shift, _ = _gain_shift(before, shapes[a])
+        gain, shift, order = _gain_shift(before, shapes[a])
         g, _, perm = _gain_shift(after, shapes[pm.layer + 1])
         unit = (np.abs(g) * np.broadcast_to(pm.weight_scale, g.shape))[perm]
-        sums[k] = PairSums(unit, gain, shift, pm.grid, pm.offset)
+        # a MatMul / Gemm reads its K in the Affine's input order unless a layer permutes it
+        adjacent = isinstance(layers[pm.layer], Dense) and np.array_equal(
+            order, np.arange(len(order))
+        )
+        sums[k] = PairSums(unit, gain, shift, pm.grid, pm.offset, adjacent)
     rounding: list = [None] * len(chain)
     for k, at in enumerate(affine_at):
         rounding[at] = Rounding(inputs=tuple(ins[k]), outputs=tuple(outs[k]), pairs=sums[k])

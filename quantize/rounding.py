@@ -46,13 +46,16 @@ class PairSums:
 
     Per Affine output row j, |integer weight ji| = |W_ji| / (unit_j |gain_i|); the kernel's
     unsigned input is (gain_i t_i + shift_i) / grid.scale + offset (offset: the zero point, +128
-    for an int8 input run as uint8); with no grid the input is quantized per run (dynamic)."""
+    for an int8 input run as uint8); with no grid the input is quantized per run (dynamic).
+    `adjacent`: the kernel pairs inputs 2m and 2m+1 of the Affine's own input order (MLAS packs
+    a MatMul / Gemm's K that way: measured with MatMulInteger); else any pairing is assumed."""
 
     unit: np.ndarray
     gain: np.ndarray | float
     shift: np.ndarray | float
     grid: Grid | None
     offset: float = 0.0
+    adjacent: bool = False
 
 
 @dataclass(frozen=True)

@@ -277,3 +277,27 @@ def with_external_data(path: Path, location="{name}.data", split=False) -> Path:
         set_external_data(tensor, target)
     onnx.save_model(model, str(path))
     return path
+
+
+def pair_mlp(path: Path) -> Path:
+    """8-2-2 MatMul+Add MLP whose first weights pair up like-signed (column 0: all +1) and
+    alternate (column 1: +1, -0.3, ...) in K order: with inputs near 1, int16 pair sums of u8 x
+    s8 kernels saturate in column 0 and, when pairs are (2m, 2m+1), never in column 1 (pairs
+    two apart would)."""
+    w1 = np.array([[1.0] * 8, [1.0, -0.3] * 4], dtype=np.float32).T
+    w2 = np.array([[1.0, -0.5], [0.5, 1.0]], dtype=np.float32)
+    inits = [
+        _init("W0", w1),
+        _init("b0", np.array([0.1, 0.2], np.float32)),
+        _init("W1", w2),
+        _init("b1", np.zeros(2, np.float32)),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["input", "W0"], ["h0_mm"]),
+        helper.make_node("Add", ["h0_mm", "b0"], ["h0"]),
+        helper.make_node("Relu", ["h0"], ["h0_r"]),
+        helper.make_node("MatMul", ["h0_r", "W1"], ["h1_mm"]),
+        helper.make_node("Add", ["h1_mm", "b1"], ["h1"]),
+        helper.make_node("Identity", ["h1"], ["logits"]),
+    ]
+    return _save(nodes, inits, [8], [2], path)

@@ -378,9 +378,11 @@ def test_real_mnist_run(real_data, tmp_path, capsys):
     assert p["checked"] == doc["checked"]["certified"] and p["failed"] == 0
 
 
-def test_quantized_proofs_on_an_error_model_recheck(tmp_path, capsys):
-    """A TFLite dynamic-range copy (it has an error model): its certifications keep proofs on
-    the error model, which the audit re-checks with the model it rebuilds from the file."""
+@pytest.mark.parametrize(("mode", "name"), [("dynamic", "tflite-dynamic"), ("int8", "tflite-int8")])
+def test_quantized_proofs_on_an_error_model_recheck(tmp_path, capsys, mode, name):
+    """TFLite dynamic-range and int8 copies (they have error models; int8's spec folds its
+    input grid and caps the margins by the logit clamp's bound): their certifications keep
+    proofs on the error model, which the audit re-checks with the model it rebuilds."""
     import sqlite3
 
     from verifier.engine.model import load_model
@@ -390,11 +392,15 @@ def test_quantized_proofs_on_an_error_model_recheck(tmp_path, capsys):
     x = np.random.default_rng(0).random((8, 4, 4)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=load_model(model).classify(x.reshape(8, 16)))
     argv = [model, "--data", tmp_path / "d.npz", "--region", "lattice", "--dims", "3"]
-    argv += ["--radius", "0.75", "--step", "0.125", "--enum-limit", "16", "--modes", "dynamic"]
+    argv += ["--radius", "0.75", "--step", "0.125", "--enum-limit", "16", "--modes", mode]
+    if mode == "int8":  # static quantization: calibration data of its own
+        c = np.random.default_rng(1).random((64, 4, 4)).astype(np.float32)
+        np.savez(tmp_path / "c.npz", x=c, y=np.zeros(64, dtype=np.int64))
+        argv += ["--calib-data", tmp_path / "c.npz", "--calib-size", "64"]
     assert verify(*argv, "--quiet", "--examples", "0", "--out", tmp_path / "run") == 0
     with sqlite3.connect(tmp_path / "run" / "run.sqlite") as conn:
         specs = {(m, decode(d).spec) for m, d in conn.execute("SELECT model, data FROM proofs")}
-    assert ("float", "float32") in specs and ("tflite-dynamic", "error-model") in specs
+    assert ("float", "float32") in specs and (name, "error-model") in specs
     code, out, _ = audit(capsys, tmp_path / "run")
     p = json.loads((tmp_path / "run" / "audit.json").read_text())["proofs"]
     # certifications by the differential route keep no proof yet: not checkable, never failed

@@ -253,3 +253,25 @@ def test_difference_bounds_on_perturbed_chains(seed, maxpool):
             gap = (q_margin - f_margin)[inside] - b.delta
             assert gap.min() >= -1e-9, (refine, gap.min())
             assert (q_margin[inside] - b.lower).min() >= -1e-9
+
+
+@pytest.mark.parametrize("mode", ["float16", "16x8"])
+def test_absorbed_float_leaves_agree_with_enumeration(tiny, tmp_path, mode):
+    """Float proofs with several leaves: leaves whose float bound absorbs the root's
+    difference bound are closed at no cost (some are), and the decisions agree with
+    enumerating the quantized runtime."""
+    model, runners, xs = tiny
+    calib = np.random.default_rng(0).random((128, 16), dtype=np.float32)
+    runner = runners.get(mode) or quantize_model(model, mode, tmp_path, calib)
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    absorbed = 0
+    for i, x in enumerate(xs):
+        region = _region(x, 10 + i, 0.125, 1.5)
+        label = int(runner.predict(x[None]).argmax())
+        _, d = _float_then_quantized(model, runner, em, chain, region, label, 64)
+        if d is None:
+            continue
+        check_decision(d, runner, region, label)
+        absorbed += d.detail.get("float_leaves_absorbed", 0)
+    assert absorbed > 0

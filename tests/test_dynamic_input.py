@@ -102,7 +102,7 @@ def test_decisions_with_the_fold_agree_with_enumeration(tiny, mode):
     runner = runners[mode]
     chain = prepare_chain(model.network.lower())
     em = error_model(runner, chain)
-    folds, statuses = 0, []
+    folds, split, statuses = 0, 0, []
     for i, x in enumerate(xs):
         for region in _regions(x, i):
             label = int(float_runner(model).predict(x[None].astype(np.float32)).argmax())
@@ -123,8 +123,9 @@ def test_decisions_with_the_fold_agree_with_enumeration(tiny, mode):
             )
             check_decision(d, runner, region, label)
             folds += "input_fold" in d.detail
+            split += d.detail.get("input_fold_open", 0) > 0  # split inside folded parts
             statuses.append(d.status)
-    assert folds and CERTIFIED in statuses
+    assert folds and split and CERTIFIED in statuses
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -149,3 +150,115 @@ def test_one_layer_logits_within_the_folded_model(tiny, tmp_path, mode):
                     assert np.all((g >= lo) & (g <= hi)), (s, (g - lo).min(), (hi - g).min())
                     wide = point_interval(em.chain, (out, inputs), part.points(s[None])[0])
                     assert np.max(hi - lo) < 0.5 * np.max(wide[1] - wide[0])
+
+
+@pytest.fixture(scope="module")
+def fixed(tmp_path_factory):
+    """A 16-80-40-4 MLP quantized with a fixed input grid (TFLite int8, ONNX Runtime QDQ)
+    calibrated on inputs in [0.1, 0.9], and inputs on the 1/255 grid with values at 0 and 1:
+    past the grid's ends (the input clamp)."""
+    d = tmp_path_factory.mktemp("grid")
+    model = load_model(mlp(d / "mlp.onnx", sizes=(16, 80, 40, 4), seed=5, gemm=False))
+    rng = np.random.default_rng(4)
+    calib = 0.1 + 0.8 * rng.random((128, 16), dtype=np.float32)
+    runners = {m: quantize_model(model, m, d, calib) for m in ("int8", "ort-qdq")}
+    xs = rng.integers(0, 256, (4, 16)) / 255.0
+    xs[:, :2] = [0.0, 1.0]
+    return model, runners, xs
+
+
+@pytest.mark.parametrize("mode", ["int8", "ort-qdq"])
+def test_fixed_input_grid_fold_is_sound(fixed, mode):
+    """The fixed input grid folded into the region (exact for two-valued generators and the
+    clamp at the grid's ends; the largest rounding for lattices): the real runtime's logits
+    lie within the folded spec's interval at every point, its margin bounds below every
+    runtime margin, and the folded input is narrower than half a step per value."""
+    from verifier.engine.bounds import linear_bounds
+    from verifier.engine.dynamic_input import fold_input_grid
+    from verifier.engine.quantized_spec import quantized_spec
+
+    model, runners, xs = fixed
+    runner = runners[mode]
+    em = error_model(runner, model.network.lower())
+    folded = 0
+    for i, x in enumerate(xs):
+        for region in [*_regions(x, i), _past_the_ends(x)]:
+            fold = fold_input_grid(em, region)
+            assert fold is not None
+            step = em.rounding[0].input_grid or em.rounding[0].inputs[0].grid
+            exact = region.hi - region.lo <= 1
+            if np.all(exact):
+                assert np.all(fold[1] < 0.01 * step.scale)
+            label = int(runner.predict(x[None].astype(np.float32)).argmax())
+            qs = quantized_spec(em, region, label)
+            folded += qs.region is not region
+            pts = all_points(region)
+            got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+            for s, g in zip(pts, got, strict=True):
+                lo, hi = qs.interval(em.chain, s)
+                assert np.all(lo <= g) and np.all(g <= hi)
+            m = (got[:, [label]] - got[:, qs.spec.others]).min(axis=0)
+            assert np.all(linear_bounds(qs.spec, region.lo, region.hi).lower <= m)
+    assert folded == 4 * len(xs)
+
+
+def _past_the_ends(x: np.ndarray, step: float = 0.125, radius: float = 0.5):
+    """A lattice moving the values at 0 and 1 (and one more)."""
+    return lattice_region(x, np.array([0, 1, 5]), step, radius)
+
+
+def test_fold_matches_the_grid(fixed):
+    """At every point the folded input lies within its residual of the grid's rounding and
+    clamp of the input; a fold that ignores the clamp (values past the grid's ends kept as
+    they are) does not."""
+    from dataclasses import replace as dc_replace
+
+    from quantize.rounding import Grid
+    from verifier.engine.dynamic_input import fold_input_grid
+
+    model, runners, xs = fixed
+    em = error_model(runners["int8"], model.network.lower())
+    r0 = em.rounding[0]
+    g = r0.input_grid
+    wide = Grid(g.scale, g.lo - 1.0, g.hi + 1.0)
+    wrong = dc_replace(em, rounding=[dc_replace(r0, input_grid=wide), *em.rounding[1:]])
+    misses = {"right": 0, "wrong": 0}
+    for i, x in enumerate(xs):
+        for region in [*_regions(x, i), _past_the_ends(x)]:
+            pts = all_points(region)
+            v = region.points(pts)
+            want = np.clip(np.round(v / g.scale), round(g.lo / g.scale), round(g.hi / g.scale))
+            for name, m in (("right", em), ("wrong", wrong)):
+                region_q, residual = fold_input_grid(m, region)
+                off = np.abs(region_q.points(pts) - want * g.scale)
+                misses[name] += int(np.sum(off > residual + 1e-9))
+    assert misses["right"] == 0 and misses["wrong"] > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_spec_folds_a_fixed_scale(tiny, mode):
+    """Where the run-time scale is the same at every point, the quantized spec itself is
+    folded (so every bound of the decision uses it), and the real runtime's logits and margins
+    lie within its bounds at every point; elsewhere it is not folded."""
+    from verifier.engine.bounds import linear_bounds
+    from verifier.engine.quantized_spec import quantized_spec
+
+    model, runners, xs = tiny
+    runner = runners[mode]
+    em = error_model(runner, model.network.lower())
+    kinds = set()
+    for i, x in enumerate(xs):
+        for region in _regions(x, i):
+            label = int(runner.predict(x[None].astype(np.float32)).argmax())
+            qs = quantized_spec(em, region, label)
+            folded = qs.region is not region
+            assert folded == (fold_first_input(em, region) is not None)
+            kinds.add(folded)
+            pts = all_points(region)
+            got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+            for s, g in zip(pts, got, strict=True):
+                lo, hi = qs.interval(em.chain, s)
+                assert np.all(lo <= g) and np.all(g <= hi)
+            m = (got[:, [label]] - got[:, qs.spec.others]).min(axis=0)
+            assert np.all(linear_bounds(qs.spec, region.lo, region.hi).lower <= m)
+    assert kinds == {True, False}

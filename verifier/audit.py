@@ -263,7 +263,8 @@ def proof_spec(ctx: RunContext, region: Region, label: int, name: str, kind: str
     """The spec a proof's bounds leaves speak of, rebuilt for this audit; None when there is
     none (no bounds, a kind that does not fit the model, or an error model that does not hold
     over the region): bounds leaves then fail."""
-    from verifier.engine.bounds import prepare_chain, rounding_errors, spec_chain
+    from verifier.engine.bounds import prepare_chain, spec_chain
+    from verifier.engine.quantized_spec import quantized_spec
 
     if kind == "float32" and name == FLOAT:
         return spec_chain(prepare_chain(ctx.chain), region, label, float32=True)
@@ -281,10 +282,9 @@ def proof_spec(ctx: RunContext, region: Region, label: int, name: str, kind: str
     if em is None:
         return None
     try:
-        errors = rounding_errors(em.chain, region, rounding=em.rounding)
-    except ValueError:  # a grid may saturate over the region: its bounds speak for nothing
+        return quantized_spec(em, region, label).spec
+    except ValueError:  # the rounding has no bound over the region: its bounds say nothing
         return None
-    return spec_chain(em.chain, region, label, errors=errors)
 
 
 def check_kept_proof(

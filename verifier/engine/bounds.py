@@ -22,7 +22,7 @@ from interval bounds over the whole region.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -55,6 +55,10 @@ class SpecChain:
     # the first layer's input rounding, on x' (the composed layer's input is s): its weight on
     # x', the bound per value of x', and |weight| . bound (what intervals are widened by)
     first_input: tuple | None = None
+    # per margin, a lower bound of the margin that holds on the whole region, or None: margin
+    # lower bounds are capped by it (`verifier.engine.output_clamp`: the runtime's clamp of its
+    # logits to their grid, bounded apart from the chain)
+    cap: np.ndarray | None = None
 
     def input_error(self, k: int):
         """The rounding bound of Affine layer `k`'s input values, or None."""
@@ -107,13 +111,14 @@ def spec_chain(
     *,
     float32: bool = True,
     errors: list | None = None,
+    rows: np.ndarray | None = None,
 ) -> SpecChain:
     """Compose `x + s @ D` into the first layer and the margin matrix into the last one.
 
     `float32=True` bounds the runtime's float32 evaluation (see the module docstring);
     `False` bounds the chain in exact arithmetic. `errors` (output and input bounds per layer
     of `chain`, from `rounding_errors` with a quantized runtime's rounding) replaces the float32
-    bounds.
+    bounds. `rows` (m, K) replaces the margin matrix (its rows are then the spec's outputs).
     """
     prep = prepare_chain(chain)
     layers = list(prep.layers)
@@ -132,11 +137,14 @@ def spec_chain(
     diff = np.zeros((k - 1, k))
     diff[:, label] = 1.0
     diff[np.arange(k - 1), others] = -1.0
+    if rows is not None:
+        diff = np.asarray(rows, dtype=np.float64)
+        others = np.arange(len(diff))
     if isinstance(layers[-1], Affine) and len(layers) > 1:
         w, b = layers[-1].weight, layers[-1].bias
-        layers[-1] = Affine(w[label] - w[others], b[label] - b[others])
+        layers[-1] = Affine(diff @ w, diff @ b)
     else:
-        layers.append(Affine(diff, np.zeros(k - 1)))
+        layers.append(Affine(diff, np.zeros(len(diff))))
         absw.append(None)
     for i in (0, len(layers) - 1):  # the two composed layers get their own |W|
         absw[i] = np.abs(layers[i].weight)
@@ -158,9 +166,9 @@ def spec_chain(
             err[0] = U32 * _input_magnitude(region)
         last = err[len(layers) - 1]
         if last is not None and len(last) == k:
-            err[len(layers) - 1] = last[label] + last[others]
+            err[len(layers) - 1] = np.abs(diff) @ last
         elif last is None and not isinstance(prep.layers[-1], Affine):
-            err[len(layers) - 1] = np.zeros(k - 1)
+            err[len(layers) - 1] = np.zeros(len(diff))
     return SpecChain(
         layers,
         absw,
@@ -193,7 +201,13 @@ def _input_magnitude(region: Region) -> np.ndarray:
 
 
 def rounding_errors(
-    chain: PreparedChain, region: Region, input_cast: bool = True, rounding: list | None = None
+    chain: PreparedChain,
+    region: Region,
+    input_cast: bool = True,
+    rounding: list | None = None,
+    *,
+    clamp_output: bool = False,
+    first_step: np.ndarray | None = None,
 ) -> tuple[list, list]:
     """Per layer of `chain`, bounds on |runtime output - exact output| of each Affine layer,
     and on |rounded input - input| of each input value (quantized runtimes; None otherwise).
@@ -208,6 +222,10 @@ def rounding_errors(
     grid is the clamp's own bounded error (how far the interval leaves the grid), so wide
     intervals loosen the bound but never void it. Input rounding stays on the inputs, where
     back-substitution charges |lambda W| . rounding, far below |lambda| |W| . rounding.
+    `clamp_output`: the last layer's output grids charge their rounding only, not their clamp
+    (the caller bounds that clamp itself: `verifier.engine.output_clamp`). `first_step`: the bound
+    of the first layer's input rounding in place of its Rounding's (what is left of it on a
+    region with that rounding folded in: `verifier.engine.dynamic_input.fold_input_grid`).
     """
     lo, hi = _input_box(region)
     in_err = U32 * np.maximum(np.abs(lo), np.abs(hi)) if input_cast else None
@@ -223,11 +241,13 @@ def rounding_errors(
             r = rounding[i] if rounding is not None else None
             if r is not None:
                 step = _input_rounding(r, lo, hi, amag, i)
+                if i == 0 and first_step is not None:
+                    step = first_step
                 step = None if not np.any(step) else np.broadcast_to(step, amag.shape)
             e = gamma * (aw @ (amag if step is None else amag + step) + np.abs(layer.bias))
             if r is not None and r.pairs is not None:
                 wide = 0.0 if step is None else step
-                e = e + _pair_saturation(r.pairs, aw, lo - wide, hi + wide)
+                e = e + _pair_saturation(r.pairs, layer.weight, aw, lo - wide, hi + wide)
             if in_err is not None:
                 e = e + aw @ in_err
                 in_err = None
@@ -244,6 +264,8 @@ def rounding_errors(
                 sym, lo, hi = _symbolic_affine(layer, sym, step, e, lo, hi, region)
             if r is not None:
                 relu_next = i + 1 < len(chain.layers) and isinstance(chain.layers[i + 1], Relu)
+                if clamp_output and i + 1 == len(chain.layers):
+                    r = unclamped(r)
                 before = e
                 e, lo, hi = _output_rounding(r, e, lo, hi, relu_next, i)
                 if sym is not None:
@@ -262,6 +284,20 @@ def rounding_errors(
             out.append(None)
             inputs.append(None)
     return out, inputs
+
+
+def unclamped(r):
+    """`r` with its output grids' ranges unbounded: their rounding, not their clamp."""
+    wide = {"lo": -np.inf, "hi": np.inf}
+
+    def free(g):
+        return None if g is None else replace(g, **wide)
+
+    return replace(
+        r,
+        output_grid=free(r.output_grid),
+        outputs=tuple(replace(ev, grid=free(ev.grid)) for ev in r.outputs),
+    )
 
 
 def _symbolic_affine(layer: Affine, sym, step, e, lo, hi, region: Region):
@@ -353,13 +389,18 @@ def _event_error(gain, shift, grid, levels, extra, lo, hi, relu_next: bool) -> n
 PAIR_HALF = 16383.5
 
 
-def _pair_saturation(p, aw: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def _pair_saturation(
+    p, w: np.ndarray, aw: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> np.ndarray:
     """Bound on what int16 saturation of pairwise product sums removes from each output.
 
     A pair sum p1 + p2 saturates only when |p1| + |p2| > 32767, and then loses at most
     (|p1| - 16383.5)+ + (|p2| - 16383.5)+, whatever the kernel's pairing: so per output row the
     loss is at most the sum over inputs of (A_i |q_ji| - 16383.5)+, A_i the largest unsigned
-    input value over the region, q the integer weights; in output units times s_in s_w."""
+    input value over the region, q the integer weights; in output units times s_in s_w. With
+    the pairing known (`p.adjacent`: inputs 2m, 2m+1), a pair of opposite-signed weights
+    cannot saturate (|u8 x s8| <= 32640) and one of like signs loses at most
+    (A_2m |q_2m| + A_2m+1 |q_2m+1| - 32767)+."""
     vlo = np.minimum(p.gain * lo, p.gain * hi) + p.shift
     vhi = np.maximum(p.gain * lo, p.gain * hi) + p.shift
     if p.grid is not None:
@@ -373,10 +414,19 @@ def _pair_saturation(p, aw: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.nd
         big = np.full_like(vhi, 255.0)
         if vlo.min(initial=0.0) >= 0.0 and least > 0.0:
             big = np.minimum(255.0, np.ceil(np.maximum(vhi, 0.0) / least + 0.5))
-    gain = np.abs(np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape))
-    q = aw / (p.unit[:, None] * gain[None, :]) * (1.0 + 1e-6)
-    loss = np.maximum(q * big[None, :] - PAIR_HALF, 0.0).sum(axis=1)
-    return p.unit * scale * loss
+    gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape)
+    q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
+    prod = q * big[None, :]
+    if not p.adjacent:
+        loss = np.maximum(prod - PAIR_HALF, 0.0).sum(axis=1)
+        return p.unit * scale * loss
+    sign = np.sign(w) * np.sign(gain)[None, :]  # the integer weight's sign
+    if prod.shape[1] % 2:  # an odd K is padded with a zero
+        prod = np.pad(prod, ((0, 0), (0, 1)))
+        sign = np.pad(sign, ((0, 0), (0, 1)))
+    like = sign[:, 0::2] * sign[:, 1::2] > 0
+    pair = np.where(like, prod[:, 0::2] + prod[:, 1::2] - 2 * PAIR_HALF, 0.0)
+    return p.unit * scale * np.maximum(pair, 0.0).sum(axis=1)
 
 
 def _output_rounding(r, e: np.ndarray, lo: np.ndarray, hi: np.ndarray, relu_next: bool, i: int):
@@ -463,7 +513,8 @@ def interval_bounds(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> Bounds:
             pre[i] = (cur_lo, cur_hi)
             cur_lo, cur_hi = layer.interval(cur_lo, cur_hi)
     p = np.clip(0.0, lo, hi).astype(np.float64)
-    return Bounds(cur_lo, np.zeros((k, g)), np.tile(p, (k, 1)), pre, "ibp", first)
+    lower = cur_lo if spec.cap is None else np.minimum(cur_lo, spec.cap)
+    return Bounds(lower, np.zeros((k, g)), np.tile(p, (k, 1)), pre, "ibp", first)
 
 
 def _infeasible(spec: SpecChain, lo, hi) -> bool:
@@ -557,7 +608,10 @@ def linear_bounds(
     for other in (ibp, parent):  # bounds over this box or an enclosing one hold here too
         if other is not None and not other.empty:
             interval = np.maximum(interval, other.lower)
-    return Bounds(np.maximum(vals, interval), lam, argmin, pre, method, first)
+    lower = np.maximum(vals, interval)
+    if spec.cap is not None:
+        lower = np.minimum(lower, spec.cap)
+    return Bounds(lower, lam, argmin, pre, method, first)
 
 
 def _first_layer(spec: SpecChain, lo, hi, ibp: Bounds | None, known):

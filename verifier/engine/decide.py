@@ -35,16 +35,15 @@ from verifier.engine.bounds import (
     SpecChain,
     interval_bounds,
     linear_bounds,
-    point_interval,
     prepare_chain,
     relu_pre_bounds,
-    rounding_errors,
     spec_chain,
 )
 from verifier.engine.enumeration import confirm, enumerate_box
 from verifier.engine.network import LoweredLayer, forward_lowered
 from verifier.engine.points import runtime_inputs
 from verifier.engine.proof import Cover, to_text
+from verifier.engine.quantized_spec import quantized_spec
 from verifier.engine.regions import Region
 from verifier.engine.relu_split import POLICIES, relu_branch_and_bound
 from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN, Decision
@@ -423,20 +422,23 @@ def _output_at_x(runtime, region: Region) -> np.ndarray:
 
 def _model_spec(runtime, model, region: Region, label: int, detail: dict):
     """The spec on a quantized runtime's error model, and whether it is trusted: its rounding
-    bounds hold over the region (no grid may saturate) and the runtime's logits at x lie within
-    the model's interval there (a wrong mapping shows up as a miss)."""
+    bounds hold over the region and the runtime's logits at x lie within the model's interval
+    there (a wrong mapping shows up as a miss)."""
     try:
-        errors = rounding_errors(model.chain, region, rounding=model.rounding)
+        qs = quantized_spec(model, region, label)
     except ValueError as exc:
         detail["trusted_bounds"] = False
         detail["untrusted_reason"] = f"error model: {exc}"
         return spec_chain(model.chain, region, label, float32=False), False
-    spec = spec_chain(model.chain, region, label, errors=errors)
-    lo, hi = point_interval(model.chain, errors, region.x)
+    spec = qs.spec
+    lo, hi = qs.interval(model.chain, np.zeros(len(region.lo)))
     got = _output_at_x(runtime, region)
     ok = got.shape == lo.shape and bool(np.all((got >= lo) & (got <= hi)))
     detail["trusted_bounds"] = ok
     detail["logit_error_bound"] = float(np.max(hi - lo) / 2.0)
+    detail["output_clamp"] = "bounded apart" if spec.cap is not None else "per logit"
+    if qs.region is not region:
+        detail["input_grid_fold"] = True
     if not ok:
         detail["untrusted_reason"] = "runtime output at x lies outside the error model's bounds"
     return spec, ok

@@ -106,6 +106,8 @@ def quantized_bounds(
     delta, _ = fs.region.minimise(lam_d, c_d, lo, hi)
     vals, argmin = fs.region.minimise(lam_j, c_j, lo, hi, argmin=True)
     joint = np.maximum(vals, base.lower + delta)
+    if ds.quant_spec.cap is not None:  # the quantized margins' own bound (output clamp)
+        joint = np.minimum(joint, ds.quant_spec.cap)
     own = direct.lower >= joint  # per margin, the direct bound's linear function and minimiser
     return DiffBounds(
         np.maximum(direct.lower, joint),

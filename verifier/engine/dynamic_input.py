@@ -1,4 +1,5 @@
-"""The run-time int8 quantization of a dynamic-range model's input row, made exact per region.
+"""The int8 quantization of a quantized model's input row, made exact per region: at run time
+(dynamic range, below) or to a fixed grid (`fold_input_grid`: a static int8 model's input).
 
 A hybrid first layer quantizes its whole input row at run time (asymmetric: scale
 (max(x,0) - min(x,0)) / 255, integer zero point). When every value of the region is >= 0 and
@@ -8,7 +9,8 @@ input is a known function of its own generator's coefficient: round(v / scale) *
 generator with two coefficient values that function is linear in it and is folded into the
 region (x and D of the values it moves); for other generators the largest rounding over their
 coefficients bounds it; values near a tie keep half a step. `bounds.rounding_errors` bounds the
-same rounding by half a step per value over the whole region.
+same rounding by half a step per value over the whole region. A fixed grid has a fixed scale
+everywhere: its rounding and clamp are folded the same way, with no sub-regions.
 """
 
 from __future__ import annotations
@@ -34,29 +36,78 @@ def fold_first_input(model, region: Region) -> tuple[Region, np.ndarray] | None:
     r = model.rounding[0] if model.rounding else None
     if r is None or not r.dynamic_input or r.symmetric_input:
         return None
-    if not isinstance(model.chain.layers[0], Affine):
+    if not _foldable(model, region):
         return None
-    if np.any(np.count_nonzero(region.directions, axis=0) > 1):  # a value moved by several
-        return None
-    d = region.directions
-    s_lo, s_hi = region.lo.astype(np.float64), region.hi.astype(np.float64)
-    lo = region.x + np.minimum(d * s_lo[:, None], d * s_hi[:, None]).sum(axis=0)
-    hi = region.x + np.maximum(d * s_lo[:, None], d * s_hi[:, None]).sum(axis=0)
+    lo, hi = _value_range(region)
     top = float(hi.max())
     if lo.min() < 0 or top <= 0 or _top_generators(region, top) is not None:
         return None
     scale = top / LEVELS
+    return _fold(region, lambda v: _rounding(v, scale), scale * (0.5 + SLACK), scale)
+
+
+def fold_input_grid(model, region: Region) -> tuple[Region, np.ndarray] | None:
+    """As `fold_first_input`, for a first layer whose input is quantized to one fixed grid (a
+    static int8 model's input, ONNX Runtime's QuantizeLinear on it): the grid's rounding and
+    clamp of each value folded in; None when the first layer rounds its input otherwise."""
+    grid = _input_grid(model)
+    if grid is None or not _foldable(model, region):
+        return None
+    half = grid.scale * (0.5 + SLACK) + max(_overshoot(region, grid), 0.0)
+    return _fold(region, lambda v: _grid_rounding(v, grid), half, grid.scale)
+
+
+def _input_grid(model):
+    """The one fixed grid the first layer's input is rounded to, or None."""
+    r = model.rounding[0] if model.rounding else None
+    if r is None or r.dynamic_input:
+        return None
+    events = list(r.inputs)
+    if r.input_grid is not None:
+        return r.input_grid if not events else None
+    if len(events) != 1 or events[0].grid is None or events[0].extra:
+        return None
+    ev = events[0]
+    plain = np.all(np.asarray(ev.gain) == 1.0) and np.all(np.asarray(ev.shift) == 0.0)
+    return ev.grid if plain else None
+
+
+def _foldable(model, region: Region) -> bool:
+    """A first Affine layer, and no input value moved by more than one generator."""
+    if not isinstance(model.chain.layers[0], Affine):
+        return False
+    return not np.any(np.count_nonzero(region.directions, axis=0) > 1)
+
+
+def _value_range(region: Region) -> tuple[np.ndarray, np.ndarray]:
+    d = region.directions
+    s_lo, s_hi = region.lo.astype(np.float64), region.hi.astype(np.float64)
+    lo = region.x + np.minimum(d * s_lo[:, None], d * s_hi[:, None]).sum(axis=0)
+    hi = region.x + np.maximum(d * s_lo[:, None], d * s_hi[:, None]).sum(axis=0)
+    return lo, hi
+
+
+def _overshoot(region: Region, grid) -> float:
+    """How far the region's values may leave the grid's range (the clamp's largest move)."""
+    lo, hi = _value_range(region)
+    return float(max((hi - grid.hi).max(initial=0.0), (grid.lo - lo).max(initial=0.0)))
+
+
+def _fold(region: Region, rounding, half: float, scale: float) -> tuple[Region, np.ndarray]:
+    """Fold `rounding(v)` (-> (q(v) - v, clear of a tie)) of every input value into the
+    region: exact for unmoved values and two-valued generators, else the largest over the
+    generator's values; `half` where a value may sit at a tie."""
+    d = region.directions
     owner = np.full(region.x.size, -1)
     g_idx, v_idx = np.nonzero(d)
     owner[v_idx] = g_idx
     x_q, d_q = region.x.copy(), d.copy()
-    half = scale * (0.5 + SLACK)
     residual = np.full(region.x.size, half)
     two = region.hi - region.lo <= 1
     # unmoved values, values of fixed generators and of two-valued ones: folded exactly
     fixed = owner < 0
     base = region.x[fixed]
-    delta0, ok0 = _rounding(base, scale)
+    delta0, ok0 = rounding(base)
     x_q[fixed] += np.where(ok0, delta0, 0.0)
     residual[fixed] = np.where(ok0, SLACK * scale, half)
     sel = np.flatnonzero((owner >= 0) & two[np.maximum(owner, 0)])
@@ -64,8 +115,8 @@ def fold_first_input(model, region: Region) -> tuple[Region, np.ndarray] | None:
     v0 = region.x[sel] + region.lo[g] * d[g, sel]
     v1 = v0 + d[g, sel]
     single = (region.hi == region.lo)[g]  # a fixed coefficient: only v0 occurs
-    e0, ok_a = _rounding(v0, scale)
-    e1, ok_b = _rounding(v1, scale)
+    e0, ok_a = rounding(v0)
+    e1, ok_b = rounding(v1)
     e1 = np.where(single, e0, e1)
     ok = ok_a & (ok_b | single)
     slope = np.where(ok, e1 - e0, 0.0)
@@ -78,9 +129,20 @@ def fold_first_input(model, region: Region) -> tuple[Region, np.ndarray] | None:
         vals = np.flatnonzero(owner == gi)
         coeffs = np.arange(region.lo[gi], region.hi[gi] + 1, dtype=np.float64)
         v = region.x[vals][None, :] + coeffs[:, None] * d[gi, vals][None, :]
-        e, fine = _rounding(v, scale)
+        e, fine = rounding(v)
         residual[vals] = np.where(fine.all(axis=0), np.abs(e).max(axis=0) + SLACK * scale, half)
     return replace(region, x=x_q, directions=d_q), residual
+
+
+def _grid_rounding(v: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray]:
+    """q(v) - v for rounding to `grid` then clamping to its range (an integer zero point:
+    round(v / scale) * scale), and whether v / scale is clear of a tie that decides q."""
+    t = v / grid.scale
+    qlo, qhi = np.round(grid.lo / grid.scale), np.round(grid.hi / grid.scale)
+    q = np.clip(np.round(t), qlo, qhi)
+    frac = np.abs(t - np.round(t))
+    clear = (frac < 0.5 - SLACK) | (t > qhi + 0.5 + SLACK) | (t < qlo - 0.5 - SLACK)
+    return q * grid.scale - v, clear
 
 
 def _rounding(v: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:

@@ -97,9 +97,10 @@ def with_beta(spec: SpecChain, b: Bounds, lo, hi, threshold, steps: int) -> Boun
         return b
     lam, _, vals, argmin = optimise_alpha(spec, b.pre, lo, hi, steps, threshold, split_signs=signs)
     better = vals > b.lower
+    lower = np.maximum(b.lower, vals)
     return replace(
         b,
-        lower=np.maximum(b.lower, vals),
+        lower=lower if spec.cap is None else np.minimum(lower, spec.cap),
         coeffs=np.where(better[:, None], lam, b.coeffs),
         argmin=np.where(better[:, None], argmin, b.argmin),
         method="beta-crown",

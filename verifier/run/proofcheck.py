@@ -400,6 +400,8 @@ def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
     lower = np.maximum(cur_lo, _margin_bounds(spec, lo, hi, pre))
     if parent is not None:
         lower = np.maximum(lower, parent.lower)
+    if getattr(spec, "cap", None) is not None:  # a bound over the whole region (output clamp)
+        lower = np.minimum(lower, spec.cap)
     return _BoxBounds(lower, pre)
 
 

@@ -1,0 +1,82 @@
+"""ONNX Runtime's u8 x s8 kernels on this CPU: whether int16 pair sums saturate (read from the
+CPU's flags, checked against the kernel) and which inputs they pair (2m, 2m+1 of a MatMul's
+K), and the error model's bound of that loss, pointwise on the real runtime."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from onnx_builders import pair_mlp
+
+from quantize.cpu import int16_pair_sums
+from quantize.error_model import ErrorModel, error_model
+from quantize.modes import quantize_model
+from verifier.engine.bounds import point_interval, rounding_errors
+from verifier.engine.model import load_model
+from verifier.engine.regions import lattice_region
+
+
+def _matmul_integer(w: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's MatMulInteger of u8 rows `a` and s8 weights `w` (K, N)."""
+    node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
+    k, n = w.shape
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [None, n])],
+        [numpy_helper.from_array(w.astype(np.int8), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"a": a.astype(np.uint8)})[0]
+
+
+def test_cpu_flags_match_the_kernel():
+    """Like-signed pairs of 255 x 127 saturate exactly when the flags say so; pairs are
+    (2m, 2m+1): alternating signs never saturate, pairs two apart do."""
+    cols = np.array([[127, 127, -127, -127] * 4, [127, -127] * 8, [127, -127, -127, 127] * 4]).T
+    got = _matmul_integer(cols, np.full((1, 16), 255))[0]
+    exact = np.full(16, 255) @ cols
+    assert bool(got[0] != exact[0]) == int16_pair_sums()
+    assert got[0] == (-4 if int16_pair_sums() else 0)  # + pairs at 32767, - pairs at -32768
+    assert got[1] == exact[1] and got[2] == exact[2]
+
+
+def test_adjacent_pair_bound_holds_pointwise(tmp_path):
+    """A QDQ MLP whose first layer saturates its pair sums near x = 1: the runtime's logits lie
+    within the model's bounds at every point; without the pair term they do not (when this CPU
+    saturates); the alternating column is charged nothing (were pairs two apart, its logits
+    would leave the bounds)."""
+    model = load_model(pair_mlp(tmp_path / "pair.onnx"))
+    calib = np.random.default_rng(0).uniform(0.0, 1.0, (64, 8)).astype(np.float32)
+    runner = quantize_model(model, "ort-qdq", tmp_path, calib)
+    em = error_model(runner, model.network.lower())
+    first = em.rounding[0]
+    region = lattice_region(np.full(8, 0.98), np.arange(4), 1 / 64, 1 / 32)
+    errors = rounding_errors(em.chain, region, rounding=em.rounding)
+    pts = np.concatenate(list(region.enumerate()))
+    xs = region.points(pts).astype(np.float32)
+    got = runner.predict(xs).astype(np.float64)
+
+    def misses(m: ErrorModel) -> int:
+        errs = rounding_errors(m.chain, region, rounding=m.rounding)
+        bad = 0
+        for g, x in zip(got, xs, strict=True):
+            lo, hi = point_interval(m.chain, errs, x.astype(np.float64))
+            bad += int(np.any((g < lo) | (g > hi)))
+        return bad
+
+    assert misses(em) == 0
+    if not int16_pair_sums():
+        assert first.pairs is None
+        return
+    assert first.pairs is not None and first.pairs.adjacent
+    bare = replace(first, pairs=None)
+    no_pairs = ErrorModel(em.chain, [bare, *em.rounding[1:]], "no pair sums")
+    assert misses(no_pairs) > 0
+    free = rounding_errors(em.chain, region, rounding=no_pairs.rounding)[0][0]
+    assert errors[0][0][1] == free[1] and errors[0][0][0] > free[0]
