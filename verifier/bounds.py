@@ -491,7 +491,7 @@ def _binary_knapsack_min(a, const, lo, hi, p, cost, cap: float) -> np.ndarray | 
     fc = cost[free]
     if np.any(fc <= 0):
         return None
-    c0 = float(np.median(fc))
+    c0 = float(fc[0] if np.count_nonzero(fc == fc[0]) >= len(fc) - 1 else fc[1])
     odd = np.flatnonzero(free)[fc != c0]
     if len(odd) > 1:
         return None
