@@ -321,6 +321,23 @@ def test_enumeration_of_many_binary_generators_under_a_tight_budget():
     assert keys == sorted(keys)
 
 
+def test_enumeration_of_a_box_with_many_fixed_generators():
+    """A feature-region leaf: 79 generators, all but a few fixed (more than numpy's 32
+    meshgrid dimensions), enumerated exactly."""
+    from verifier.regions import enumerate_box
+
+    g = 79
+    lo, hi = np.zeros(g, dtype=np.int64), np.zeros(g, dtype=np.int64)
+    free = np.array([3, 40, 41, 77, 78])
+    hi[free] = 1
+    lo[60] = hi[60] = 1
+    cost = np.full(g, 2.5)
+    got = np.concatenate(list(enumerate_box(lo, hi, cost, 7.5, batch=64)))
+    assert len(got) == 1 + 5 + 10  # feature 60 in, and at most two of the five free
+    assert np.all(got[:, 60] == 1) and np.all(got.sum(axis=1) <= 3)
+    assert len({tuple(r) for r in got}) == len(got)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_enumeration_of_boxes_with_late_generators_forced_away_from_zero(seed):
     """A branch-and-bound leaf: late generators fixed at +-1 or +-2 use most of the budget, so

@@ -15,6 +15,8 @@ import numpy as np
 
 from verifier.errors import InputError
 
+# Generators the inner block of `enumerate_box` spans at most (numpy's meshgrid takes 32 arrays).
+MESH_DIMS = 32
 # Rounding slack for budgets and ranges: 1/64 steps and radii are exact in binary, but sums of
 # clipped moves are not.
 EPS = 1e-9
@@ -79,7 +81,7 @@ def enumerate_box(lo, hi, cost, budget: float, batch: int = 65536) -> Iterator[n
         yield np.zeros((1, 0), dtype=np.int64)
         return
     sizes = (hi - lo + 1).astype(np.int64)
-    inner = g
+    inner = min(g, MESH_DIMS)
     while inner > 0 and int(np.prod(sizes[g - inner :], dtype=np.float64)) > batch:
         inner -= 1
     inner = max(inner, 1) if int(sizes[-1]) <= batch else 0
