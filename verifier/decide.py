@@ -100,7 +100,7 @@ def decide(
     phase splits too, `verifier.relu_split`; closes leaves by route "relu-split"). `exact`: the
     back end for small leaves, "milp" (z3 where the program cannot encode the chain) or "z3".
     `alpha_steps` optimise the root's slopes; `node_alpha` also each branch-and-bound node's
-    (off: at features r=20 the nodes then cost about a third less CPU for about 10% more of them).
+    (off: at features r=20 a node then costs about a third less CPU, for 5-25% more nodes).
     Pass `bounds.prepare_chain(chain)` when deciding many regions of one model (saves copies).
 
     `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3, milp,
