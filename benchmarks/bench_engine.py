@@ -17,6 +17,7 @@ Configurations (SPEC section 3, activation heuristic):
 Engines (`decide` options):
   today  branch and bound on generators, z3 on small leaves
   milp   branch and bound on generators, the mixed-integer program on small leaves
+  milp-alpha  as milp, with the ReLU slopes optimised at every node too (`node_alpha`)
   mixed  ReLU-phase and generator splits with split multipliers, the program on small leaves
   relu   as mixed, preferring ReLU splits
 The baseline is plain exhaustive enumeration on the runtime, run on `--baseline` inputs of (a)
@@ -59,6 +60,7 @@ CONFIGS = {
 ENGINES = {
     "today": {"splits": "generator", "exact": "z3"},
     "milp": {"splits": "generator", "exact": "milp"},
+    "milp-alpha": {"splits": "generator", "exact": "milp", "node_alpha": True},
     "mixed": {"splits": "mixed", "exact": "milp"},
     "relu": {"splits": "relu", "exact": "milp"},
 }

@@ -232,6 +232,45 @@ def test_knapsack_equals_linprog(seed):
         assert a[i] @ s + const[i] == pytest.approx(vals[i], abs=1e-9)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_knapsack_values_on_binary_boxes_equal_linprog(seed):
+    """The values-only path on 0/1 boxes (uniform costs and at most one odd item, as feature
+    regions' nodes) equals the LP optimum and the greedy with minimisers."""
+    rng = np.random.default_rng(seed)
+    g = int(rng.integers(1, 12))
+    lo, hi = np.zeros(g, dtype=np.int64), np.ones(g, dtype=np.int64)
+    fixed = rng.random(g)
+    hi[fixed < 0.15], lo[fixed > 0.85] = 0, 1
+    cost = np.full(g, float(rng.choice([0.25, 1.0, 2.5])))
+    if rng.random() < 0.6:
+        cost[rng.integers(g)] = float(rng.choice([0.3, 1.0, 4.0, 7.0]))
+    budget = float(lo @ cost + rng.choice([rng.uniform(0, 8), cost[0] * rng.integers(0, 5)]))
+    a = rng.normal(size=(4, g)) * (rng.random((4, g)) < 0.8)
+    const = rng.normal(size=4)
+    box = Region(np.zeros(1), np.zeros((g, 1)), lo, hi, cost, budget, "features", 1.0)
+    fast, none = box.minimise(a, const)
+    full, _ = box.minimise(a, const, argmin=True)
+    assert none is None
+    np.testing.assert_allclose(fast, full, atol=1e-9)
+    for i in range(4):
+        ref = _linprog_min(a[i], lo, hi, cost, budget) + const[i]
+        assert fast[i] == pytest.approx(ref, abs=1e-7)
+
+
+def test_knapsack_values_path_is_taken_on_feature_boxes():
+    """The 0/1 path answers for a feature box with one odd cost, and declines a lattice box."""
+    from verifier.engine.regions import _binary_knapsack_min
+
+    lo, hi = np.zeros(5), np.ones(5)
+    cost = np.array([2.5, 2.5, 2.5, 1.0, 2.5])
+    a = np.array([[-1.0, -2.0, 3.0, -4.0, -0.5]])
+    got = _binary_knapsack_min(a, np.zeros(1), lo, hi, np.zeros(5), cost, 6.0)
+    # greedy by gain per cost: item 3 (4 per 1.0), item 1 (2 per 2.5), item 0 (1 per 2.5)
+    assert got == pytest.approx([-(4.0 + 2.0 + 1.0)])
+    assert _binary_knapsack_min(a, np.zeros(1), lo - 1, hi, np.zeros(5), cost, 6.0) is None
+
+
 def test_greedy_extreme_stays_in_region():
     rng = np.random.default_rng(3)
     for _ in range(50):
@@ -283,6 +322,23 @@ def test_enumeration_of_many_binary_generators_under_a_tight_budget():
     assert keys == sorted(keys)
 
 
+def test_enumeration_of_a_box_with_many_fixed_generators():
+    """A feature-region leaf: 79 generators, all but a few fixed (more than numpy's 32
+    meshgrid dimensions), enumerated exactly."""
+    from verifier.engine.regions import enumerate_box
+
+    g = 79
+    lo, hi = np.zeros(g, dtype=np.int64), np.zeros(g, dtype=np.int64)
+    free = np.array([3, 40, 41, 77, 78])
+    hi[free] = 1
+    lo[60] = hi[60] = 1
+    cost = np.full(g, 2.5)
+    got = np.concatenate(list(enumerate_box(lo, hi, cost, 7.5, batch=64)))
+    assert len(got) == 1 + 5 + 10  # feature 60 in, and at most two of the five free
+    assert np.all(got[:, 60] == 1) and np.all(got.sum(axis=1) <= 3)
+    assert len({tuple(r) for r in got}) == len(got)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_enumeration_of_boxes_with_late_generators_forced_away_from_zero(seed):
     """A branch-and-bound leaf: late generators fixed at +-1 or +-2 use most of the budget, so
@@ -313,7 +369,9 @@ def test_enumeration_of_boxes_with_late_generators_forced_away_from_zero(seed):
 def test_decide_agrees_with_enumeration(seed):
     chain, runtime, region, label = random_case(seed)
     # enum_limit=0 forces bounds and branch and bound (no leaf is enumerated)
-    for kwargs in ({"enum_limit": 0}, {"enum_limit": 16}, {}):
+    # node_alpha: slopes optimised at every node too
+    options = ({"enum_limit": 0}, {"enum_limit": 0, "node_alpha": True}, {"enum_limit": 16}, {})
+    for kwargs in options:
         d = decide(runtime, chain, region, label, timeout=20, use_smt=False, **kwargs)
         assert d.status != UNKNOWN, (kwargs, d)
         check_decision(d, runtime, region, label)

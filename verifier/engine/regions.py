@@ -15,6 +15,8 @@ import numpy as np
 
 from verifier.errors import InputError
 
+# Generators the inner block of `enumerate_box` spans at most (numpy's meshgrid takes 32 arrays).
+MESH_DIMS = 32
 # Rounding slack for budgets and ranges: 1/64 steps and radii are exact in binary, but sums of
 # clipped moves are not.
 EPS = 1e-9
@@ -112,6 +114,10 @@ def _knapsack_min(
     const = np.asarray(const, dtype=np.float64)
     if cap < 0:
         return np.full(m, np.inf), (np.tile(p, (m, 1)) if argmin else None)
+    if not argmin:
+        fast = _binary_knapsack_min(a, const, lo, hi, p, cost, cap)
+        if fast is not None:
+            return fast, None
     down = a > 0  # the objective decreases by moving s_g down
     room = np.where(down, p - lo, hi - p)  # whole units available in the improving direction
     order = _ratio_order(a, room, cost, cap)
@@ -128,6 +134,53 @@ def _knapsack_min(
     frac = np.zeros((m, g))
     np.put_along_axis(frac, order, frac_sorted, axis=1)
     return value, p + np.where(down, -1.0, 1.0) * frac * room
+
+
+def _binary_knapsack_min(a, const, lo, hi, p, cost, cap: float) -> np.ndarray | None:
+    """`_knapsack_min`'s values when every free generator is 0/1 (a feature region's nodes) and
+    all but at most one of them cost the same: the greedy then takes whole items by gain, so a
+    partition of the gains replaces the sort (several times faster on the many rows of
+    intermediate bounds). None when the box is not of that shape."""
+    free = lo < hi
+    if not free.any() or np.any(lo[free] != 0) or np.any(hi[free] != 1):
+        return None
+    fc = cost[free]
+    if np.any(fc <= 0):
+        return None
+    c0 = float(fc[0] if np.count_nonzero(fc == fc[0]) >= len(fc) - 1 else fc[1])
+    odd = np.flatnonzero(free)[fc != c0]
+    if len(odd) > 1:
+        return None
+    base = a @ p + const
+    uni = np.flatnonzero(free & (cost == c0))
+    gains = np.maximum(-a[:, uni], 0.0)  # moving g from 0 to 1 lowers the row by -a_g if > 0
+    n = gains.shape[1]
+    k = min(int(np.floor(cap / c0)), n)  # whole uniform items the capacity holds
+    top = min(k + 1, n)  # the k best, and the one a fraction of it may take
+    best = -np.partition(-gains, top - 1, axis=1)[:, :top] if top < n else gains
+    best = -np.sort(-best, axis=1)
+    prefix = np.concatenate([np.zeros((len(a), 1)), np.cumsum(best, axis=1)], axis=1)
+
+    def uniform_gain(room: float) -> np.ndarray:
+        """The fractional knapsack's gain over the uniform items with `room` capacity left."""
+        units = room / c0
+        j = min(int(np.floor(units + 1e-12)), best.shape[1])
+        part = (units - j) * best[:, j] if j < best.shape[1] else 0.0
+        return prefix[:, j] + part
+
+    gain = uniform_gain(cap)
+    if len(odd):  # the odd item's share x: concave in x, best at an end or a breakpoint
+        q = int(odd[0])
+        vq = np.maximum(-a[:, q], 0.0)
+        x_max = min(1.0, cap / cost[q])
+        xs = {0.0, x_max}
+        for j in range(int(np.floor(cap / c0)) + 1):
+            x = (cap - j * c0) / cost[q]
+            if 0.0 < x < x_max:
+                xs.add(x)
+        for x in xs:
+            gain = np.maximum(gain, x * vq + uniform_gain(max(cap - x * cost[q], 0.0)))
+    return base - gain
 
 
 def _ratio_order(a: np.ndarray, room: np.ndarray, cost: np.ndarray, cap: float) -> np.ndarray:
@@ -169,7 +222,7 @@ def enumerate_box(lo, hi, cost, budget: float, batch: int = 65536) -> Iterator[n
         yield np.zeros((1, 0), dtype=np.int64)
         return
     sizes = (hi - lo + 1).astype(np.int64)
-    inner = g
+    inner = min(g, MESH_DIMS)
     while inner > 0 and int(np.prod(sizes[g - inner :], dtype=np.float64)) > batch:
         inner -= 1
     inner = max(inner, 1) if int(sizes[-1]) <= batch else 0
