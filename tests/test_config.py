@@ -156,3 +156,10 @@ def test_help_prints_percent_signs_once(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "90 means 90%," in text and "%%" not in text
+
+
+def test_the_embedded_default_model_is_found():
+    """The README's main command (`verify` with no model) runs the committed example."""
+    from verifier.run.config import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL.is_file() and DEFAULT_MODEL.parent == ROOT / "examples"

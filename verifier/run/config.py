@@ -15,7 +15,7 @@ from pathlib import Path
 from verifier.engine.regions import FAMILIES
 from verifier.errors import InputError
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DEFAULT_MODEL = EXAMPLES / "mnist_mlp.onnx"
 # The README's main command runs the embedded default on this many inputs unless told otherwise.
 DEFAULT_EXAMPLE_LIMIT = 100
