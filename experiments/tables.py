@@ -58,9 +58,9 @@ DIFFERENCES = (
     "rollout budget, so its IP / EP sets differ in size; the exact engine decides regions "
     "(certified / refuted / unknown) instead of sampling them, and certifies a quantized "
     "runtime on a region too large to enumerate only through an error model of its rounding "
-    "(TFLite dynamic range; int8 grids mostly saturate, ONNX Runtime has none), so its "
-    "relative robustness is a range (certified share to not-refuted share); our TFLite is "
-    "2.x, and `dynamic-per-tensor` "
+    "(read from the quantized file: TFLite and ONNX Runtime modes alike), so where undecided "
+    "inputs remain its relative robustness is a range (certified share to not-refuted "
+    "share); our TFLite is 2.x, and `dynamic-per-tensor` "
     "rebuilds the 2020 per-tensor dynamic-range file while `dynamic` is today's per-channel "
     "default."
 )
