@@ -24,7 +24,6 @@ from verifier.run.config import (
     DEFAULT_MODEL,
     DEFAULT_MODES,
     DEFAULTS,
-    REGION_FAMILIES,
     SEARCHES,
     build_config,
     gate_warnings,
@@ -116,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--region",
-        choices=REGION_FAMILIES,
+        choices=tuple(FAMILIES),
         help="; ".join(f"{f.name}: {f.help}" for f in FAMILIES.values())
         + f" (default: {d.region})",
     )

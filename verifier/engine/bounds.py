@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from verifier.engine.network import Affine, LoweredLayer, Relu, forward_lowered
-from verifier.engine.regions import EPS, Region
+from verifier.engine.regions import Region
 
 U32 = 2.0**-24  # unit roundoff of float32
 
@@ -518,7 +518,7 @@ def interval_bounds(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> Bounds:
 
 
 def _infeasible(spec: SpecChain, lo, hi) -> bool:
-    return spec.region.least_cost(lo, hi) > spec.region.budget + EPS or bool(np.any(lo > hi))
+    return spec.region.empty(lo, hi) or bool(np.any(lo > hi))
 
 
 def _empty(spec: SpecChain, lo, hi) -> Bounds:

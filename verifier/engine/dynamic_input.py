@@ -179,7 +179,7 @@ def split_for_fold(region: Region, limit: int = 8) -> list[Region] | None:
     todo = [region]
     while todo:
         reg = todo.pop()
-        if reg.least_cost() > reg.budget + EPS:
+        if reg.empty():
             continue  # no point within budget
         p = np.clip(0, reg.lo, reg.hi)
         d = reg.directions

@@ -62,15 +62,16 @@ class Region:
         counter: exact for equal costs, never an under-count)."""
         from verifier.engine.points import count_points
 
-        lo = self.lo if lo is None else lo
-        hi = self.hi if hi is None else hi
-        return count_points(lo, hi, self.cost, self.budget, limit)
+        return count_points(*self.box(lo, hi), self.cost, self.budget, limit)
 
     def least_cost(self, lo=None, hi=None) -> float:
-        """The cost of the (sub)box's point nearest 0: over the budget means the box is empty."""
-        lo = self.lo if lo is None else lo
-        hi = self.hi if hi is None else hi
+        """The cost of the (sub)box's point nearest 0."""
+        lo, hi = self.box(lo, hi)
         return float(np.abs(np.clip(0, lo, hi)) @ self.cost)
+
+    def empty(self, lo=None, hi=None) -> bool:
+        """Whether the (sub)box holds no point within budget (even its least cost is over)."""
+        return self.least_cost(lo, hi) > self.budget + EPS
 
     def minimise(
         self, a: np.ndarray, const=0.0, lo=None, hi=None, *, argmin: bool = False
@@ -78,15 +79,19 @@ class Region:
         """Exact min of `a_i . s + const_i` per row over the real points of the (sub)box
         `[lo, hi]` within budget (a fractional knapsack): (values (m,), minimisers (m, G) or
         None); +inf where the box holds no point within budget."""
-        lo = self.lo if lo is None else lo
-        hi = self.hi if hi is None else hi
+        lo, hi = self.box(lo, hi)
         return _knapsack_min(a, const, lo, hi, self.cost, self.budget, argmin=argmin)
 
     def enumerate(self, batch: int = 65536, lo=None, hi=None) -> Iterator[np.ndarray]:
         """All coefficient vectors of the (sub)box `[lo, hi]` within budget, in batches."""
-        lo = self.lo if lo is None else np.asarray(lo)
-        hi = self.hi if hi is None else np.asarray(hi)
-        yield from enumerate_box(lo, hi, self.cost, self.budget, batch)
+        yield from enumerate_box(*self.box(lo, hi), self.cost, self.budget, batch)
+
+    def box(self, lo=None, hi=None) -> tuple[np.ndarray, np.ndarray]:
+        """The sub-box `[lo, hi]` as arrays, the region's own ranges where not given."""
+        return (
+            self.lo if lo is None else np.asarray(lo),
+            self.hi if hi is None else np.asarray(hi),
+        )
 
 
 def _knapsack_min(

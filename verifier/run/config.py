@@ -20,7 +20,6 @@ DEFAULT_MODEL = EXAMPLES / "mnist_mlp.onnx"
 # The README's main command runs the embedded default on this many inputs unless told otherwise.
 DEFAULT_EXAMPLE_LIMIT = 100
 SEARCHES = ("exact", "mcts")
-REGION_FAMILIES = tuple(FAMILIES)
 DEFAULT_MODES = ("dynamic", "ort-qdq")
 # Options that may differ on --resume: they change no decision.
 OUTPUT_OPTIONS = (
@@ -47,7 +46,7 @@ class Settings:
 
     radius: float = 20.0
     step: float = 0.25
-    region: str = "features"  # REGION_FAMILIES
+    region: str = "features"  # a key of regions.FAMILIES
     dims: int = 10  # lattice: how many values move
     feature_dims: int = 10  # features: values per feature
     selection: str = "activation"  # features.SELECTIONS
