@@ -139,9 +139,10 @@ def test_folded_relu_step_equals_plain_back_substitution(seed):
             m = len(layer.bias)
             rows = np.arange(m)
             eye = np.concatenate([np.eye(m), -np.eye(m)])
-            lam, c = _query_both(spec, b.pre, i, rows)
-            lam2, c2 = _backsub(spec, b.pre, i + 1, eye, np.zeros(2 * m))
-            assert np.allclose(lam, lam2) and np.allclose(c, c2)
+            for cut in (None, b.cut):  # the triangle lines, and the knapsack cut's
+                lam, c = _query_both(spec, b.pre, i, rows, cut)
+                lam2, c2 = _backsub(spec, b.pre, i + 1, eye, np.zeros(2 * m), cut=cut)
+                assert np.allclose(lam, lam2) and np.allclose(c, c2)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from verifier.engine.knapsack_cut import KnapsackCut, knapsack_cut
 from verifier.engine.network import Affine, LoweredLayer, Relu, forward_lowered
 from verifier.engine.regions import Region
 
@@ -75,6 +76,7 @@ class Bounds:
     pre: list  # per layer: (lower, upper) of its input for Relu / MaxPool layers, else None
     method: str  # "ibp", "crown", "alpha-crown", "beta-crown" (relu_split) or "empty"
     first: tuple | None = None  # (lower, upper) of the first layer's outputs (exact, reusable)
+    cut: KnapsackCut | None = None  # the first ReLU's upper lines on s over this box
 
     @property
     def empty(self) -> bool:
@@ -559,7 +561,7 @@ def linear_bounds(
     pre: list = [None] * len(layers)
     if parent is not None and parent.empty:
         parent = None
-    first = None
+    first = cut = None
     cur_lo = cur_hi = None
     for i, layer in enumerate(layers):
         if isinstance(layer, Affine):
@@ -580,22 +582,25 @@ def linear_bounds(
             if relu_next:
                 rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
             if len(rows):
-                lam, c = _query_both(spec, pre, i, rows)
+                lam, c = _query_both(spec, pre, i, rows, cut)
                 vals, _ = spec.region.minimise(lam, c, lo, hi)
                 m = len(rows)
                 cur_lo[rows] = np.maximum(cur_lo[rows], vals[:m])
                 cur_hi[rows] = np.minimum(cur_hi[rows], -vals[m:])
         else:
             pre[i] = (cur_lo, cur_hi)
+            if i == 1:
+                cut = first_cut(spec, lo, hi, pre)
             cur_lo, cur_hi = layer.interval(cur_lo, cur_hi)
     top = len(layers) - 1
     last = layers[top]
-    lam, c = _backsub(spec, pre, top + 1, np.eye(last.weight.shape[0]), np.zeros(len(last.bias)))
+    m = last.weight.shape[0]
+    lam, c = _backsub(spec, pre, top + 1, np.eye(m), np.zeros(m), cut=cut)
     vals, argmin = spec.region.minimise(lam, c, lo, hi, argmin=True)
     method = "crown"
     worst = float(np.min(vals - target))
     if alpha_steps > 0 and top > 0 and -alpha_gap < worst <= 0:
-        lam2, c2, vals2, argmin2 = optimise_alpha(spec, pre, lo, hi, alpha_steps, target)
+        lam2, c2, vals2, argmin2 = optimise_alpha(spec, pre, lo, hi, alpha_steps, target, cut=cut)
         better = vals2 > vals
         lam[better], c[better], vals[better], argmin[better] = (
             lam2[better],
@@ -611,7 +616,16 @@ def linear_bounds(
     lower = np.maximum(vals, interval)
     if spec.cap is not None:
         lower = np.minimum(lower, spec.cap)
-    return Bounds(lower, lam, argmin, pre, method, first)
+    return Bounds(lower, lam, argmin, pre, method, first, cut)
+
+
+def first_cut(spec: SpecChain, lo, hi, pre: list) -> KnapsackCut | None:
+    """The knapsack cut of the ReLU right after the spec's first (affine on s) layer, over the
+    box [lo, hi] (`verifier.engine.knapsack_cut`), or None where it does not apply."""
+    if len(spec.layers) < 2 or not isinstance(spec.layers[1], Relu) or pre[1] is None:
+        return None
+    layer = spec.layers[0]
+    return knapsack_cut(layer.weight, layer.bias, _first_err(spec), spec.region, lo, hi, *pre[1])
 
 
 def _first_layer(spec: SpecChain, lo, hi, ibp: Bounds | None, known):
@@ -640,13 +654,14 @@ def _first_err(spec: SpecChain):
     return spec.first_input[2] if spec.err[0] is None else spec.err[0] + spec.first_input[2]
 
 
-def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray):
+def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
     """Lower bounds of rows `rows` of affine layer `i` and of their negations, as linear
     functions of s.
 
-    When a ReLU and an affine layer lie below, the relaxation's diagonal is folded into that
-    (narrower) weight matrix: with W+ = (W + |W|) / 2 and W- = (W - |W|) / 2 both signs come
-    from two products, W @ M1 and |W| @ M2 (no m x n elementwise work).
+    When a ReLU and an affine layer lie below, the relaxation's lower and upper lines are folded
+    into that (narrower) weight matrix: with W+ = (W + |W|) / 2 and W- = (W - |W|) / 2 both
+    signs come from two products, W @ M1 and |W| @ M2 (no m x n elementwise work). Below layer 2
+    the upper lines are the knapsack `cut`'s where it has them.
     """
     m = len(rows)
     if (
@@ -658,13 +673,17 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray):
         eye = np.zeros((2 * m, len(spec.layers[i].bias)))
         eye[np.arange(m), rows] = 1.0
         eye[m + np.arange(m), rows] = -1.0
-        return _backsub(spec, pre, i + 1, eye, np.zeros(2 * m))
+        return _backsub(spec, pre, i + 1, eye, np.zeros(2 * m), cut=cut)
     layer, below = spec.layers[i], spec.layers[i - 2]
     su, iu, alpha, _ = spec.layers[i - 1].relax(*pre[i - 1])
-    mid, dif = (alpha + su) / 2.0, (alpha - su) / 2.0
     low = spec.err[i - 2] if spec.err[i - 2] is not None else np.zeros(len(su))
-    m1 = np.column_stack([mid[:, None] * below.weight, mid * below.bias + iu / 2.0, dif * low])
-    m2 = np.column_stack([dif[:, None] * below.weight, dif * below.bias - iu / 2.0, mid * low])
+    # lower line alpha (W s + b), rounding alpha . err; upper line su (W s + b) + iu, su . err
+    lw, l0, le = alpha[:, None] * below.weight, alpha * below.bias, alpha * low
+    uw, u0, ue = su[:, None] * below.weight, su * below.bias + iu, su * low
+    if cut is not None and i == 2:  # the cut's lines hold the rounding in their constants
+        uw[cut.mask], u0[cut.mask], ue[cut.mask] = cut.slope[cut.mask], cut.const[cut.mask], 0.0
+    m1 = np.column_stack([(lw + uw) / 2.0, (l0 + u0) / 2.0, (le - ue) / 2.0])
+    m2 = np.column_stack([(lw - uw) / 2.0, (l0 - u0) / 2.0, (le + ue) / 2.0])
     if 2 * m > len(layer.bias):
         a, b = (layer.weight @ m1)[rows], (spec.absw[i] @ m2)[rows]
     else:
@@ -683,7 +702,7 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray):
     )
     if spec.input_error(i - 2) is not None:  # lam is on the input of the layer below
         c = c - np.abs(lam) @ spec.input_error(i - 2)
-    return _backsub(spec, pre, i - 2, lam, c)
+    return _backsub(spec, pre, i - 2, lam, c, cut=cut)
 
 
 def _backsub(
@@ -695,13 +714,16 @@ def _backsub(
     alphas=None,
     tape=None,
     betas=None,
+    cut: KnapsackCut | None = None,
 ):
     """Lower bound `lam . v_upto + c` as a linear function of s, through layers upto-1 .. 0.
 
     `lam` are coefficients on the output of layer `upto - 1`; every affine layer passed charges
     its rounding bound |lam| . err. `betas` (Relu layer -> (m, n) signed multipliers of split
     constraints on its input, see `verifier.engine.relu_split`) are added to lam on that input.
+    The first ReLU's upper lines are `cut`'s (on s directly) where it has them.
     """
+    on_s = None
     for k in range(upto - 1, -1, -1):
         layer = spec.layers[k]
         if tape is not None:
@@ -716,11 +738,14 @@ def _backsub(
             if spec.input_error(k) is not None:
                 c = c - np.abs(lam) @ spec.input_error(k)
         else:
+            if cut is not None and k == 1:  # negative lam on a cut neuron: the cut's line
+                through = np.minimum(lam, 0.0) * cut.mask
+                c, on_s, lam = c + through @ cut.const, through @ cut.slope, lam - through
             slope = alphas.get(k) if alphas is not None else None
             lam, c = layer.back_step(lam, c, *pre[k], slope=slope)
             if betas is not None and k in betas:
                 lam = lam + betas[k]
-    return lam, c
+    return (lam, c) if on_s is None else (lam + on_s, c)
 
 
 # --- optimised lower slopes (alpha-CROWN for the margins) --------------------------------------
@@ -735,6 +760,7 @@ def optimise_alpha(
     target: np.ndarray | float = 0.0,
     lr: float = 0.2,
     split_signs: dict | None = None,
+    cut: KnapsackCut | None = None,
 ):
     """Projected gradient ascent on per-margin ReLU lower slopes, intermediate bounds fixed.
 
@@ -760,7 +786,7 @@ def optimise_alpha(
     for _ in range(steps + 1):
         tape: list = []
         signed = {k: -signs[k] * b for k, b in betas.items()} if betas else None
-        lam, c = _backsub(spec, pre, top, np.eye(m), np.zeros(m), alphas, tape, signed)
+        lam, c = _backsub(spec, pre, top, np.eye(m), np.zeros(m), alphas, tape, signed, cut)
         vals, argmin = spec.region.minimise(lam, c, lo, hi, argmin=True)
         if best is None:
             best = [lam, c, vals, argmin]
@@ -771,7 +797,7 @@ def optimise_alpha(
         if np.all(best[2] > target):
             break
         values: dict | None = {} if betas else None
-        for k, gk in _alpha_grads(spec, pre, tape, argmin, alphas, values).items():
+        for k, gk in _alpha_grads(spec, pre, tape, argmin, alphas, values, cut).items():
             moment[k] = 0.5 * moment[k] + gk
             scale = np.abs(moment[k]).max(axis=1, keepdims=True) + 1e-12
             alphas[k] = np.clip(alphas[k] + lr * moment[k] / scale, 0.0, 1.0)
@@ -783,7 +809,7 @@ def optimise_alpha(
 
 
 def _alpha_grads(
-    spec: SpecChain, pre: list, tape, argmin: np.ndarray, alphas: dict, values=None
+    spec: SpecChain, pre: list, tape, argmin: np.ndarray, alphas: dict, values=None, cut=None
 ) -> dict:
     """Gradient of each row's bound w.r.t. its lower slopes, by reverse mode over the tape.
 
@@ -810,6 +836,9 @@ def _alpha_grads(
                 unstable = layer.relax(*pre[k])[3]
                 out[k] = np.where((lam_in >= 0) & unstable, grad * lam_in, 0.0)
             grad = layer.relaxed_value(grad, lam_in, *pre[k], slope=alphas.get(k))
+            if cut is not None and k == 1:  # the cut's lines, at the minimisers
+                cut_value = cut.const + argmin @ cut.slope.T
+                grad = np.where((lam_in < 0) & cut.mask, cut_value, grad)
     return out
 
 

@@ -6,11 +6,12 @@ each leaf is closed again by its own route:
 
 - `bounds`: margin lower bounds re-derived here (exact first layer by a fractional knapsack,
   then interval and plain back-substituted linear bounds, ReLU lower slopes 0/1 by the usual
-  rule, intermediate bounds intersected with the enclosing box's, as every enclosing box's
-  bounds hold in it); when they do not close the leaf, the ReLU lower slopes are optimised here
-  by projected gradient (any slope in [0, 1] is sound); a leaf still open is enumerated on
-  the runtime when small enough, else it is not checkable. Its stored margin must not exceed the
-  margin at the box's point nearest 0, and must be positive.
+  rule, the first ReLU's upper lines taken over the knapsack where every generator's sign is
+  fixed (`_cut_lines`), intermediate bounds intersected with the enclosing box's, as every
+  enclosing box's bounds hold in it); when they do not close the leaf, the ReLU lower slopes
+  are optimised here by projected gradient (any slope in [0, 1] is sound); a leaf still open
+  is enumerated on the runtime when small enough, else it is not checkable. Its stored margin
+  must not exceed the margin at the box's point nearest 0, and must be positive.
 - `empty`: the box's least cost must exceed the budget.
 - `enumeration`: the stored point count must equal the box's; the box is enumerated on the
   runtime (at most `max_points` points, else not checkable) and every point must keep the label.
@@ -211,7 +212,7 @@ def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict)
     if np.all(worst > 0):
         _tally(out.leaves, "bounds")
         return None
-    if np.all(np.maximum(worst, _optimised_margins(spec, lo, hi, b.pre)) > 0):
+    if np.all(np.maximum(worst, _optimised_margins(spec, lo, hi, b)) > 0):
         _tally(out.leaves, "bounds")
         return None
     count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
@@ -244,6 +245,7 @@ def _check_z3(lo, hi, parent, problem: Problem, out: Verdict, kind: str = "z3") 
 class _BoxBounds:
     lower: np.ndarray  # margin lower bounds (+inf: no point in the box)
     pre: list  # per spec layer: (lower, upper) of its input for Relu / MaxPool layers
+    cut: tuple | None = None  # the first ReLU's upper lines on s: (const, slope, mask)
 
 
 def _min_linear(a: np.ndarray, c: np.ndarray, lo, hi, cost, budget: float, where: bool = False):
@@ -286,10 +288,41 @@ def _relu_lines(l: np.ndarray, u: np.ndarray, slopes=None):
     return np.where(mixed, low, on.astype(np.float64)), up, icpt
 
 
-def _back(spec, pre: list, top: int, lam: np.ndarray, c: np.ndarray, slopes=None, tape=None):
+def _cut_lines(spec, lo, hi, l: np.ndarray, u: np.ndarray):
+    """Upper lines `const + slope . s` of the first ReLU's unstable outputs over the box, or
+    None. With every generator's sign fixed, `t = |s - p|` (p the box point nearest 0) spends
+    `rho . t <= 1` of the budget left at p; the line `a + sum_g max(w_g - (a - c) rho_g,
+    -a rho_g) t_g`, `a = max(c, 0)`, `c` the output at p widened by its rounding, is >= 0 and
+    >= the output on every such point."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    mask = (l < 0) & (u > 0)
+    if not isinstance(spec.layers[1], Relu) or not mask.any() or np.any((lo < 0) & (hi > 0)):
+        return None
+    p = np.where(lo > 0, lo, np.where(hi < 0, hi, 0.0))
+    left = spec.region.budget + EPS - float(np.abs(p) @ spec.region.cost)
+    if left <= EPS:
+        return None
+    rho = spec.region.cost / left
+    first = spec.layers[0]
+    w = first.weight[mask]
+    c = w @ p + first.bias[mask] + (_first_widen(spec) + np.zeros(len(mask)))[mask]
+    a = np.maximum(c, 0.0)
+    d, e = (a - c)[:, None] * rho, a[:, None] * rho
+    slope = np.where(hi > 0, np.maximum(w - d, -e), np.minimum(w + d, e))  # d line / d s
+    const = np.zeros(len(mask))
+    full = np.zeros_like(first.weight)
+    const[mask], full[mask] = a - slope @ p, slope
+    return const, full, mask
+
+
+def _back(
+    spec, pre: list, top: int, lam: np.ndarray, c: np.ndarray, slopes=None, tape=None, cut=None
+):
     """`lam . (output of layer top-1) + c` bounded below by a linear function of s.
     `slopes` (Relu layer -> (rows, n) lower slopes) replaces the default ones; `tape`
-    collects (layer, lam on its output) for `_slope_gradients`."""
+    collects (layer, lam on its output) for `_slope_gradients`; `cut` (`_cut_lines`) gives
+    the first ReLU's upper lines where it has them."""
+    extra = 0.0
     for k in range(top - 1, -1, -1):
         layer = spec.layers[k]
         if tape is not None:
@@ -308,11 +341,15 @@ def _back(spec, pre: list, top: int, lam: np.ndarray, c: np.ndarray, slopes=None
         elif isinstance(layer, Relu):
             low, up, icpt = _relu_lines(*pre[k], None if slopes is None else slopes.get(k))
             pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+            if k == 1 and cut is not None:
+                const, slope, mask = cut
+                on_cut = np.where(mask, neg, 0.0)
+                c, extra, neg = c + on_cut @ const, on_cut @ slope, np.where(mask, 0.0, neg)
             c = c + neg @ icpt
             lam = pos * low + neg * up
         else:
             lam, c = _back_pool(layer.windows, *pre[k], lam, c)
-    return lam, c
+    return lam + extra, c
 
 
 def _back_pool(windows: np.ndarray, l: np.ndarray, u: np.ndarray, lam, c):
@@ -361,7 +398,7 @@ def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
     p = np.clip(0, lo, hi)
     if float(np.abs(p) @ spec.region.cost) > spec.region.budget + EPS:
         return _BoxBounds(np.full(len(spec.others), np.inf), pre)
-    cur_lo = cur_hi = None
+    cur_lo = cur_hi = cut = None
     for i, layer in enumerate(layers):
         if isinstance(layer, Affine):
             if i == 0:
@@ -386,36 +423,39 @@ def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
                 lam = np.zeros((2 * m, len(cur_lo)))
                 lam[np.arange(m), rows] = 1.0
                 lam[m + np.arange(m), rows] = -1.0
-                a, c = _back(spec, pre, i + 1, lam, np.zeros(2 * m))
+                a, c = _back(spec, pre, i + 1, lam, np.zeros(2 * m), cut=cut)
                 v = _min_linear(a, c, lo, hi, spec.region.cost, spec.region.budget)
                 cur_lo[rows] = np.maximum(cur_lo[rows], v[:m])
                 cur_hi[rows] = np.minimum(cur_hi[rows], -v[m:])
         elif isinstance(layer, Relu):
             pre[i] = (cur_lo, cur_hi)
+            if i == 1:
+                cut = _cut_lines(spec, lo, hi, cur_lo, cur_hi)
             cur_lo, cur_hi = np.maximum(cur_lo, 0.0), np.maximum(cur_hi, 0.0)
         else:
             pre[i] = (cur_lo, cur_hi)
             lp, hp = np.append(cur_lo, -np.inf), np.append(cur_hi, -np.inf)
             cur_lo, cur_hi = lp[layer.windows].max(axis=1), hp[layer.windows].max(axis=1)
-    lower = np.maximum(cur_lo, _margin_bounds(spec, lo, hi, pre))
+    lower = np.maximum(cur_lo, _margin_bounds(spec, lo, hi, pre, cut))
     if parent is not None:
         lower = np.maximum(lower, parent.lower)
     if getattr(spec, "cap", None) is not None:  # a bound over the whole region (output clamp)
         lower = np.minimum(lower, spec.cap)
-    return _BoxBounds(lower, pre)
+    return _BoxBounds(lower, pre, cut)
 
 
-def _margin_bounds(spec, lo, hi, pre: list) -> np.ndarray:
+def _margin_bounds(spec, lo, hi, pre: list, cut) -> np.ndarray:
     """Linear lower bounds of the margins over the box, default ReLU lower slopes."""
     m = len(spec.others)
-    a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m))
+    a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m), cut=cut)
     return _min_linear(a, c, lo, hi, spec.region.cost, spec.region.budget)
 
 
-def _optimised_margins(spec, lo, hi, pre: list) -> np.ndarray:
+def _optimised_margins(spec, lo, hi, b: _BoxBounds) -> np.ndarray:
     """Margin lower bounds with per-margin ReLU lower slopes raised by projected gradient
     ascent (the minimiser held fixed), the best seen per margin."""
     m = len(spec.others)
+    pre = b.pre
     slopes = {
         k: np.tile(_relu_lines(*pre[k])[0], (m, 1))
         for k, layer in enumerate(spec.layers)
@@ -424,18 +464,18 @@ def _optimised_margins(spec, lo, hi, pre: list) -> np.ndarray:
     best = np.full(m, -np.inf)
     for _ in range(SLOPE_STEPS):
         tape: list = []
-        a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m), slopes, tape)
+        a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m), slopes, tape, b.cut)
         value, s = _min_linear(a, c, lo, hi, spec.region.cost, spec.region.budget, where=True)
         best = np.maximum(best, value)
         if np.all(best > 0):
             break
-        for k, grad in _slope_gradients(spec, pre, tape, s, slopes).items():
+        for k, grad in _slope_gradients(spec, pre, tape, s, slopes, b.cut).items():
             scale = np.abs(grad).max(axis=1, keepdims=True) + 1e-12
             slopes[k] = np.clip(slopes[k] + SLOPE_RATE * grad / scale, 0.0, 1.0)
     return best
 
 
-def _slope_gradients(spec, pre: list, tape: list, s: np.ndarray, slopes: dict) -> dict:
+def _slope_gradients(spec, pre: list, tape: list, s: np.ndarray, slopes: dict, cut) -> dict:
     """d(bound at the minimisers `s`) / d(lower slopes), back through the `tape` of `_back`."""
     g = s  # d bound / d (coefficients on s)
     out = {}
@@ -457,7 +497,10 @@ def _slope_gradients(spec, pre: list, tape: list, s: np.ndarray, slopes: dict) -
             l, u = pre[k]
             pos = lam >= 0
             out[k] = np.where(pos & (l < 0) & (u > 0), g * lam, 0.0)
-            g = np.where(pos, g * low, g * up + icpt)
+            upper = g * up + icpt
+            if k == 1 and cut is not None:  # the cut's line at the minimisers
+                upper = np.where(cut[2], cut[0] + s @ cut[1].T, upper)
+            g = np.where(pos, g * low, upper)
         else:
             l, u = pre[k]
             lp, up_ = np.append(l, -np.inf), np.append(u, -np.inf)

@@ -1,0 +1,114 @@
+"""The first ReLU's upper lines over the knapsack: valid at every point, exact where they should
+be, used by the bounds and re-derived by the proof checker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.test_engine import random_case
+from verifier.engine.bounds import linear_bounds, spec_chain
+from verifier.engine.knapsack_cut import knapsack_cut
+from verifier.engine.network import Affine, Relu, forward_lowered
+from verifier.engine.regions import Region, lattice_region
+
+
+def sign_fixed_boxes(region: Region, rng, count: int):
+    """Random sub-boxes of the region on which every generator keeps one sign."""
+    for _ in range(count):
+        side = rng.integers(0, 2, region.num_generators).astype(bool)
+        lo = np.where(side, np.maximum(region.lo, 0), region.lo)
+        hi = np.where(side, region.hi, np.minimum(region.hi, 0))
+        a, b = rng.integers(lo, hi + 1), rng.integers(lo, hi + 1)
+        yield (
+            np.where(rng.random(len(lo)) < 0.5, lo, np.minimum(a, b)),
+            np.where(rng.random(len(lo)) < 0.5, hi, np.maximum(a, b)),
+        )
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_cut_lines_hold_at_every_point_and_are_exact_at_the_box_point_nearest_zero(seed):
+    rng = np.random.default_rng(seed)
+    g, n = int(rng.integers(3, 7)), int(rng.integers(4, 12))
+    x = rng.uniform(0, 1, g)
+    region = lattice_region(x, np.arange(g), 0.25, float(rng.uniform(0.5, 1.5)))
+    w, b = rng.normal(size=(n, g)), rng.normal(size=n) * 0.3
+    err = rng.uniform(0, 0.05, n) if seed % 2 else None
+    used = 0
+    for lo, hi in sign_fixed_boxes(region, rng, 6):
+        pts = np.concatenate(list(region.enumerate(lo=lo, hi=hi)) or [np.zeros((0, g))])
+        if not len(pts):
+            continue
+        z = pts @ w.T + b + (0.0 if err is None else err)  # the worst rounding
+        cut = knapsack_cut(w, b, err, region, lo, hi, z.min(axis=0) - 1e-9, z.max(axis=0))
+        if cut is None:
+            continue
+        used += 1
+        line = cut.const + pts @ cut.slope.T
+        assert np.all(line[:, cut.mask] >= np.maximum(z, 0.0)[:, cut.mask] - 1e-9)
+        near = np.clip(0, lo, hi)
+        at = near @ w.T + b + (0.0 if err is None else err)
+        assert np.allclose((cut.const + cut.slope @ near)[cut.mask], np.maximum(at, 0)[cut.mask])
+        assert not cut.slope[~cut.mask].any() and not cut.const[~cut.mask].any()
+    assert used, "no box exercised the cut"
+
+
+def test_no_cut_where_a_generator_can_move_both_ways():
+    region = lattice_region(np.full(3, 0.5), np.arange(3), 0.25, 1.0)
+    w, b = np.ones((2, 3)), np.zeros(2)
+    assert knapsack_cut(w, b, None, region, region.lo, region.hi, -np.ones(2), np.ones(2)) is None
+    lo = np.maximum(region.lo, 0)
+    assert knapsack_cut(w, b, None, region, lo, region.hi, -np.ones(2), np.ones(2)) is not None
+
+
+def ring_case():
+    """Four features, any one of them; neuron j sees feature j up and feature j+1 down, so
+    the margin 1 - sum_j relu(-0.5 + s_j - s_j+1) is 0.5 at worst. The triangle lines charge
+    each neuron 0.25 at every point and leave the bound at 0; the cut's lines are exact."""
+    region = Region(
+        np.zeros(4), np.eye(4), np.zeros(4, np.int64), np.ones(4, np.int64), np.ones(4), 1.0,
+        "features", 1.0, tuple(np.array([j]) for j in range(4)),
+    )  # fmt: skip
+    w = np.eye(4) - np.roll(np.eye(4), 1, axis=1)
+    chain = [
+        Affine(w, np.full(4, -0.5)),
+        Relu(),
+        Affine(np.array([[-1.0] * 4, [0.0] * 4]), np.array([1.0, 0.0])),
+    ]
+    return chain, region
+
+
+def test_cut_makes_the_ring_bound_exact():
+    chain, region = ring_case()
+    pts = np.concatenate(list(region.enumerate()))
+    logits = forward_lowered(chain, region.points(pts))
+    assert np.isclose((logits[:, 0] - logits[:, 1]).min(), 0.5)
+    b = linear_bounds(spec_chain(chain, region, 0, float32=False), region.lo, region.hi)
+    assert b.cut is not None and np.isclose(b.lower[0], 0.5)
+
+
+def test_proof_checker_re_derives_the_cut():
+    """The checker's own bounds close the ring's root (its triangle lines alone would not)."""
+    import verifier.run.proofcheck as pc
+
+    chain, region = ring_case()
+    spec = spec_chain(chain, region, 0)
+    own = pc._node_bounds(spec, region.lo, region.hi, None)
+    assert own.cut is not None and own.lower[0] > 0.49
+    assert np.allclose(own.lower, linear_bounds(spec, region.lo, region.hi).lower)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_bounds_with_the_cut_hold_on_sign_fixed_sub_boxes(seed):
+    chain, _, region, label = random_case(seed)
+    spec = spec_chain(chain, region, label)
+    rng = np.random.default_rng(seed + 7)
+    for lo, hi in sign_fixed_boxes(region, rng, 4):
+        parts = list(region.enumerate(lo=lo, hi=hi))
+        if not parts:
+            continue
+        logits = forward_lowered(chain, region.points(np.concatenate(parts)))
+        real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
+        for steps in (0, 15):
+            b = linear_bounds(spec, lo, hi, alpha_steps=steps)
+            assert np.all(b.lower <= real + 1e-9), (b.lower, real)
