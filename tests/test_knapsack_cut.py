@@ -61,6 +61,24 @@ def test_no_cut_where_a_generator_can_move_both_ways():
     assert knapsack_cut(w, b, None, region, lo, region.hi, -np.ones(2), np.ones(2)) is not None
 
 
+def test_cut_is_exact_on_neurons_one_generator_reaches():
+    """A neuron only generator g moves is charged only what g can do (not a share of the
+    whole budget): its line passes through both of its values, like the triangle's."""
+    rng = np.random.default_rng(3)
+    region = Region(
+        np.zeros(5), np.eye(5), np.zeros(5, np.int64), np.ones(5, np.int64), np.ones(5), 3.0,
+        "features", 1.0, tuple(np.array([j]) for j in range(5)),
+    )  # fmt: skip
+    w = np.zeros((10, 5))
+    w[np.arange(10), np.arange(10) % 5] = np.where(np.arange(10) < 5, 2.0, -2.0)
+    b = np.where(np.arange(10) < 5, -1.0, 1.0) * rng.uniform(0.2, 1.5, 10)
+    pts = np.concatenate(list(region.enumerate()))
+    z = pts @ w.T + b
+    cut = knapsack_cut(w, b, None, region, region.lo, region.hi, z.min(axis=0), z.max(axis=0))
+    assert cut.mask.all()
+    assert np.allclose(cut.const + pts @ cut.slope.T, np.maximum(z, 0.0))
+
+
 def ring_case():
     """Four features, any one of them; neuron j sees feature j up and feature j+1 down, so
     the margin 1 - sum_j relu(-0.5 + s_j - s_j+1) is 0.5 at worst. The triangle lines charge

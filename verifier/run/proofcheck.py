@@ -291,9 +291,10 @@ def _relu_lines(l: np.ndarray, u: np.ndarray, slopes=None):
 def _cut_lines(spec, lo, hi, l: np.ndarray, u: np.ndarray):
     """Upper lines `const + slope . s` of the first ReLU's unstable outputs over the box, or
     None. With every generator's sign fixed, `t = |s - p|` (p the box point nearest 0) spends
-    `rho . t <= 1` of the budget left at p; the line `a + sum_g max(w_g - (a - c) rho_g,
-    -a rho_g) t_g`, `a = max(c, 0)`, `c` the output at p widened by its rounding, is >= 0 and
-    >= the output on every such point."""
+    at most `left` (the budget left at p), of it at most `rise` on the generators raising a
+    neuron and `fall` on those lowering it. With `c` the output at p widened by its rounding
+    and `a = max(c, 0)`, the line `a + sum_g max(w_g - (a - c) cost_g / rise, -a cost_g /
+    fall) t_g` is >= the output and >= 0 at every such point."""
     lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
     mask = (l < 0) & (u > 0)
     if not isinstance(spec.layers[1], Relu) or not mask.any() or np.any((lo < 0) & (hi > 0)):
@@ -302,13 +303,19 @@ def _cut_lines(spec, lo, hi, l: np.ndarray, u: np.ndarray):
     left = spec.region.budget + EPS - float(np.abs(p) @ spec.region.cost)
     if left <= EPS:
         return None
-    rho = spec.region.cost / left
+    cost = spec.region.cost
     first = spec.layers[0]
     w = first.weight[mask]
     c = w @ p + first.bias[mask] + (_first_widen(spec) + np.zeros(len(mask)))[mask]
     a = np.maximum(c, 0.0)
-    d, e = (a - c)[:, None] * rho, a[:, None] * rho
-    slope = np.where(hi > 0, np.maximum(w - d, -e), np.minimum(w + d, e))  # d line / d s
+    toward = np.where(hi > 0, w, -w)  # the output's change per unit of t
+    spend = cost * (hi - lo)
+    rise = np.minimum(left, np.where(toward > 0, spend, 0.0).sum(axis=1))
+    fall = np.minimum(left, np.where(toward < 0, spend, 0.0).sum(axis=1))
+    d = np.outer(np.divide(a - c, rise, out=np.zeros_like(c), where=rise > 0), cost)
+    e = np.outer(np.divide(a, fall, out=np.zeros_like(c), where=fall > 0), cost)
+    per_t = np.maximum(toward - d, -e)
+    slope = np.where(hi > 0, per_t, -per_t)  # d line / d s
     const = np.zeros(len(mask))
     full = np.zeros_like(first.weight)
     const[mask], full[mask] = a - slope @ p, slope
