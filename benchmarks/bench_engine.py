@@ -1,11 +1,11 @@
 """Benchmark of the decision procedure: share decided, time per input and route, cactus curves.
 
 Usage: python benchmarks/bench_engine.py [--models examples/mnist_mlp.onnx,...] [--n 1000]
-       [--configs a,b,d] [--timeouts 2,10] [--engines today,mixed] [--baseline 3] [--no-smt]
+       [--configs a,b,d] [--timeouts 2,10] [--engines milp,triangle] [--baseline 3] [--no-smt]
        [--out runs/bench_engine.json]
 
 The defaults are the full setting: the first 1,000 test images, the MNIST MLP and CNN, three
-regions, 2 s and 10 s per input, today's engine beside the new one. Scale down with --n,
+regions, 2 s and 10 s per input, the default engine beside the triangle lines. Scale down with --n,
 --models, --configs, --timeouts. CIFAR-10: --models examples/cifar_cnn.onnx --n 200
 --configs d (a model whose name holds "cifar" is run on CIFAR-10, others on MNIST).
 
@@ -20,6 +20,8 @@ Engines (`decide` options):
   milp-alpha  as milp, with the ReLU slopes optimised at every node too (`node_alpha`)
   mixed  ReLU-phase and generator splits with split multipliers, the program on small leaves
   relu   as mixed, preferring ReLU splits
+  triangle  as milp, with the triangle upper lines on the first ReLU instead of the knapsack
+         cut (`knapsack_cut=False`: the bounds before `verifier/engine/knapsack_cut.py`)
 The baseline is plain exhaustive enumeration on the runtime, run on `--baseline` inputs of (a)
 (the feature regions are far too large to enumerate; their sizes are reported instead).
 Writes the JSON (`--out`) and one cactus-curve PNG per model and configuration beside it:
@@ -63,6 +65,7 @@ ENGINES = {
     "milp-alpha": {"splits": "generator", "exact": "milp", "node_alpha": True},
     "mixed": {"splits": "mixed", "exact": "milp"},
     "relu": {"splits": "relu", "exact": "milp"},
+    "triangle": {"splits": "generator", "exact": "milp", "knapsack_cut": False},
 }
 
 
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000, help="first N test inputs (then correct only)")
     p.add_argument("--configs", default="a,b,d")
     p.add_argument("--timeouts", default="2,10", help="seconds per input, comma-separated")
-    p.add_argument("--engines", default="today,mixed", help=f"of {', '.join(ENGINES)}")
+    p.add_argument("--engines", default="milp,triangle", help=f"of {', '.join(ENGINES)}")
     p.add_argument("--baseline", type=int, default=3, help="inputs enumerated plainly for (a)")
     p.add_argument("--no-smt", action="store_true", help="no exact back end on small leaves")
     p.add_argument("--out", default="runs/bench_engine.json")

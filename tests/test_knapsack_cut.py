@@ -130,3 +130,15 @@ def test_bounds_with_the_cut_hold_on_sign_fixed_sub_boxes(seed):
         for steps in (0, 15):
             b = linear_bounds(spec, lo, hi, alpha_steps=steps)
             assert np.all(b.lower <= real + 1e-9), (b.lower, real)
+
+
+def test_decide_can_bound_without_the_cut_for_comparison():
+    """`knapsack_cut=False` (the benchmark's triangle engine) leaves the ring's root open."""
+    from tests.test_engine import ChainRuntime
+    from verifier.engine.decide import decide
+
+    chain, region = ring_case()
+    runtime = ChainRuntime(chain, 4)
+    opts = dict(timeout=10, max_nodes=0, enum_limit=0, use_smt=False, alpha_steps=0)
+    assert decide(runtime, chain, region, 0, **opts).route == "bounds"
+    assert decide(runtime, chain, region, 0, knapsack_cut=False, **opts).status == "unknown"

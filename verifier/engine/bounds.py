@@ -60,6 +60,9 @@ class SpecChain:
     # lower bounds are capped by it (`verifier.engine.output_clamp`: the runtime's clamp of its
     # logits to their grid, bounded apart from the chain)
     cap: np.ndarray | None = None
+    # the first ReLU's upper lines over the budget (`verifier.engine.knapsack_cut`); False: the
+    # triangle lines only (what bounds were before it, kept for side-by-side benchmarks)
+    knapsack_cut: bool = True
 
     def input_error(self, k: int):
         """The rounding bound of Affine layer `k`'s input values, or None."""
@@ -622,7 +625,9 @@ def linear_bounds(
 def first_cut(spec: SpecChain, lo, hi, pre: list) -> KnapsackCut | None:
     """The knapsack cut of the ReLU right after the spec's first (affine on s) layer, over the
     box [lo, hi] (`verifier.engine.knapsack_cut`), or None where it does not apply."""
-    if len(spec.layers) < 2 or not isinstance(spec.layers[1], Relu) or pre[1] is None:
+    if not spec.knapsack_cut or len(spec.layers) < 2 or not isinstance(spec.layers[1], Relu):
+        return None
+    if pre[1] is None:
         return None
     layer = spec.layers[0]
     return knapsack_cut(layer.weight, layer.bias, _first_err(spec), spec.region, lo, hi, *pre[1])

@@ -25,6 +25,7 @@ Which runtimes bounds speak for (and z3, which reasons about the same float chai
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -90,6 +91,7 @@ def decide(
     exact: str = "milp",
     keep_leaves: bool = False,
     node_alpha: bool = False,
+    knapsack_cut: bool = True,
 ) -> Decision:
     """Certified / refuted / unknown for `region` around its input, and the route that decided.
 
@@ -102,6 +104,7 @@ def decide(
     back end for small leaves, "milp" (z3 where the program cannot encode the chain) or "z3".
     `alpha_steps` optimise the root's slopes; `node_alpha` also each branch-and-bound node's
     (off: at features r=20 a node then costs about a third less CPU, for 5-25% more nodes).
+    `knapsack_cut=False` bounds with the triangle lines only (for side-by-side benchmarks).
     Pass `bounds.prepare_chain(chain)` when deciding many regions of one model (saves copies).
 
     `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3, milp,
@@ -141,6 +144,8 @@ def decide(
     else:
         spec = spec_chain(chain, region, label, float32=not quantized)
         trusted, threshold = _trust(runtime, chain, spec, region, quantized, detail)
+    if not knapsack_cut:
+        spec = replace(spec, knapsack_cut=False)
     if trusted:  # bounds leaves speak of this spec (see verifier.engine.proof.SPECS)
         run.spec = "error-model" if quantized else "float32"
 
