@@ -31,6 +31,9 @@ from verifier.engine.network import Affine, LoweredLayer, Relu, forward_lowered
 from verifier.engine.regions import Region
 
 U32 = 2.0**-24  # unit roundoff of float32
+# a first layer's input rounding whose per-neuron share is at most this fraction of the layer's
+# own rounding is charged as its own, not through back-substitution (`_negligible`)
+SPREAD = 0.05
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ class SpecChain:
     err: list  # per layer: float32 rounding bound of each Affine output (None: exact / other)
     in_err: list | None = None  # per layer: rounding bound of each Affine input (quantized)
     # the first layer's input rounding, on x' (the composed layer's input is s): its weight on
-    # x', the bound per value of x', and |weight| . bound (what intervals are widened by)
+    # x', the bound per value of x', and |weight| . bound (what intervals are widened by); None
+    # when it is negligible and charged in err[0] (`_negligible`)
     first_input: tuple | None = None
     # per margin, a lower bound of the margin that holds on the whole region, or None: margin
     # lower bounds are capped by it (`verifier.engine.output_clamp`: the runtime's clamp of its
@@ -152,13 +156,17 @@ def spec_chain(
         absw[i] = np.abs(layers[i].weight)
     err: list = [None] * len(layers)
     in_err: list = [None] * len(layers)
-    first_input = None
+    first_input = spread = None
     if errors is not None:
         assert len(errors[1]) == len(prep.layers), "one input error entry per layer"
         in_err[int(inserted) : int(inserted) + len(errors[1])] = errors[1]
         if not inserted and errors[1][0] is not None:
             step = errors[1][0]
-            first_input = (prep.layers[0].weight, step, prep.absw[0] @ step)
+            share = prep.absw[0] @ np.broadcast_to(step, prep.absw[0].shape[1:])
+            if _negligible(share, errors[0][0]):
+                spread = share
+            else:
+                first_input = (prep.layers[0].weight, step, share)
             in_err[0] = None
     if float32 or errors is not None:
         own = errors[0] if errors is not None else rounding_errors(prep, region, not inserted)[0]
@@ -166,6 +174,8 @@ def spec_chain(
         err[int(inserted) : int(inserted) + len(own)] = own
         if inserted:  # the map s -> x' itself: only the cast of x' to float32
             err[0] = U32 * _input_magnitude(region)
+        if spread is not None:  # the first layer's input rounding, charged as its own
+            err[0] = spread if err[0] is None else err[0] + spread
         last = err[len(layers) - 1]
         if last is not None and len(last) == k:
             err[len(layers) - 1] = np.abs(diff) @ last
@@ -181,6 +191,14 @@ def spec_chain(
         in_err,
         first_input,
     )
+
+
+def _negligible(share: np.ndarray, own) -> bool:
+    """Whether the first layer's input rounding (per-neuron share |W| . step) is at most SPREAD
+    of the layer's own rounding bound `own` (an input grid folded exactly leaves float32 slack
+    alone): then it is charged as the layer's own, and queries take the float chain's cheaper
+    path (no back-substitution onto x')."""
+    return own is not None and bool(np.all(share <= SPREAD * own))
 
 
 def _output_size(chain: list[LoweredLayer], n: int) -> int:
