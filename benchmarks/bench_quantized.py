@@ -23,6 +23,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+# Single-threaded BLAS in the `verify` runs (they inherit it), as bench_engine.py runs the
+# float engine: the products are small, and OpenBLAS threads spin against each other on a
+# shared 2-core machine (one branch-and-bound node measured at 13 s with two threads under
+# load, 0.2 s with one).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = {
     "f10": ("features", "1/8", "10"),

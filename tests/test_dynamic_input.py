@@ -172,8 +172,10 @@ def test_fixed_input_grid_fold_is_sound(fixed, mode):
     """The fixed input grid folded into the region (exact for two-valued generators and the
     clamp at the grid's ends; the largest rounding for lattices): the real runtime's logits
     lie within the folded spec's interval at every point, its margin bounds below every
-    runtime margin, and the folded input is narrower than half a step per value."""
-    from verifier.engine.bounds import linear_bounds
+    runtime margin, and the folded input is narrower than half a step per value. Queries
+    charge what is left of the input rounding both ways (per neuron where it is small,
+    `bounds._small_first_input`, else through back-substitution)."""
+    from verifier.engine.bounds import _small_first_input, linear_bounds
     from verifier.engine.dynamic_input import fold_input_grid
     from verifier.engine.quantized_spec import quantized_spec
 
@@ -181,6 +183,7 @@ def test_fixed_input_grid_fold_is_sound(fixed, mode):
     runner = runners[mode]
     em = error_model(runner, model.network.lower())
     folded = 0
+    charged = set()
     for i, x in enumerate(xs):
         for region in [*_regions(x, i), _past_the_ends(x)]:
             fold = fold_input_grid(em, region)
@@ -198,8 +201,11 @@ def test_fixed_input_grid_fold_is_sound(fixed, mode):
                 lo, hi = qs.interval(em.chain, s)
                 assert np.all(lo <= g) and np.all(g <= hi)
             m = (got[:, [label]] - got[:, qs.spec.others]).min(axis=0)
-            assert np.all(linear_bounds(qs.spec, region.lo, region.hi).lower <= m)
+            b = linear_bounds(qs.spec, region.lo, region.hi)
+            assert np.all(b.lower <= m)
+            charged.add(_small_first_input(qs.spec, b.pre))
     assert folded == 4 * len(xs)
+    assert charged == {True, False}
 
 
 def _past_the_ends(x: np.ndarray, step: float = 0.125, radius: float = 0.5):

@@ -17,6 +17,7 @@ from verifier.engine.bounds import interval_bounds, linear_bounds, prepare_chain
 from verifier.engine.decide import decide
 from verifier.engine.model import load_model
 from verifier.engine.network import Affine, forward_lowered
+from verifier.engine.output_clamp import margin_caps
 from verifier.engine.quantized_spec import quantized_spec
 from verifier.engine.regions import lattice_region
 from verifier.engine.result import CERTIFIED
@@ -62,7 +63,9 @@ def _margins(runtime, region, label, others) -> np.ndarray:
 @pytest.mark.parametrize("seed", range(16))
 def test_clamped_logits_within_bounds(seed):
     """At every point: the runtime's logits lie within the widened point interval, and every
-    margin lower bound (interval and linear, capped) lies below every runtime margin."""
+    margin lower bound (interval and linear, capped, and the root bounds the caps were read
+    off) lies below every runtime margin; the caps read off the root equal those bounded from
+    scratch."""
     runtime, em, _, region, label = _clamp_case(seed)
     qs = quantized_spec(em, region, label)
     spec = qs.spec
@@ -72,11 +75,16 @@ def test_clamped_logits_within_bounds(seed):
         lo, hi = qs.interval(em.chain, s)
         assert np.all(lo <= g) and np.all(g <= hi)
     m = _margins(runtime, region, label, spec.others).min(axis=0)
+    roots = [] if qs.root is None else [qs.root]
     for b in (
         interval_bounds(spec, region.lo, region.hi),
         linear_bounds(spec, region.lo, region.hi),
+        *roots,
     ):
         assert np.all(b.lower <= m + 1e-9)
+    if spec.cap is not None:
+        scratch = margin_caps(em, qs.region, label, qs.errors, *qs.ends)
+        assert np.allclose(spec.cap, scratch, rtol=0, atol=1e-9)
 
 
 def test_the_cap_is_needed():

@@ -139,7 +139,7 @@ def decide(
         return run.enumerate_all(deadline, "small region")
 
     if quantized and error_model is not None:
-        spec, trusted = _model_spec(runtime, error_model, region, label, detail)
+        spec, trusted, _ = _model_spec(runtime, error_model, region, label, detail)
         threshold = np.zeros(len(spec.others))
     else:
         spec = spec_chain(chain, region, label, float32=not quantized)
@@ -435,13 +435,14 @@ def _output_at_x(runtime, region: Region) -> np.ndarray:
 def _model_spec(runtime, model, region: Region, label: int, detail: dict):
     """The spec on a quantized runtime's error model, and whether it is trusted: its rounding
     bounds hold over the region and the runtime's logits at x lie within the model's interval
-    there (a wrong mapping shows up as a miss)."""
+    there (a wrong mapping shows up as a miss); and the `QuantizedSpec` it came from (None when
+    the error model has no bound over the region)."""
     try:
         qs = quantized_spec(model, region, label)
     except ValueError as exc:
         detail["trusted_bounds"] = False
         detail["untrusted_reason"] = f"error model: {exc}"
-        return spec_chain(model.chain, region, label, float32=False), False
+        return spec_chain(model.chain, region, label, float32=False), False, None
     spec = qs.spec
     lo, hi = qs.interval(model.chain, np.zeros(len(region.lo)))
     got = _output_at_x(runtime, region)
@@ -453,7 +454,7 @@ def _model_spec(runtime, model, region: Region, label: int, detail: dict):
         detail["input_grid_fold"] = True
     if not ok:
         detail["untrusted_reason"] = "runtime output at x lies outside the error model's bounds"
-    return spec, ok
+    return spec, ok, qs
 
 
 def _root_bounds(

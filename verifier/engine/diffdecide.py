@@ -1,15 +1,16 @@
 """The quantized decision on a region the float model certified, starting from its proof.
 
 Order: a cheap attack on the quantized runtime; the runtime's own bounds (its error model)
-over the region, then with a dynamic-range first layer's input quantization folded into
-sub-regions of fixed scale (`dynamic_input`); the differential bound (`diffbounds`) on the
-float proof's root bounds, else on each of its closed leaves (each leaf the float margin
-absorbs the difference in is closed as is); a search attack on the quantized runtime (any
-counterexample is an input of R^FP, confirmed on that runtime); then branch and bound on the
-leaves left, the small ones enumerated on the quantized runtime. Nodes of that search are
-bounded by the runtime's own linear bounds only: on the MNIST MLP's dynamic-range and float16
-error models the differential bounds never beat them (their rounding dominates the
-difference, and its ReLU-pair relaxation widens with it), at up to twice the cost.
+over the region (computed with its spec: `quantized_spec`), then with a dynamic-range first
+layer's input quantization folded into sub-regions of fixed scale (`dynamic_input`); the
+differential bound (`diffbounds`) on the float proof's root bounds, whose bound on the
+difference closes every float leaf whose float margin absorbs it; the runtime's own bounds on
+each leaf left; a search attack on the quantized runtime (any counterexample is an input of
+R^FP, confirmed on that runtime); then branch and bound on the leaves left, the small ones
+enumerated on the quantized runtime. Leaves and nodes are bounded by the runtime's own linear
+bounds with plain slopes, as the float engine's nodes are: on the MNIST MLP's error models the
+differential bounds never beat them at a leaf (their rounding dominates the difference, and
+its ReLU-pair relaxation widens with it), and optimised slopes cost more nodes than they save.
 Without a proof, an error model the runtime's output at x contradicts, or layers the
 difference is not propagated through, the decision is `decide.decide`'s own.
 
@@ -28,7 +29,6 @@ import numpy as np
 from verifier.engine.attack import quick_attack, search_attack
 from verifier.engine.bab import ClosedLeaves, Leaf, branch_and_bound, close_by_bounds
 from verifier.engine.bounds import (
-    Bounds,
     PreparedChain,
     SpecChain,
     linear_bounds,
@@ -45,7 +45,7 @@ from verifier.engine.decide import (
     _Run,
     decide,
 )
-from verifier.engine.diffbounds import DiffBounds, diff_spec, quantized_bounds, wrap_direct
+from verifier.engine.diffbounds import diff_spec, quantized_bounds, wrap_direct
 from verifier.engine.dynamic_input import fold_first_input, split_for_fold
 from verifier.engine.network import LoweredLayer
 from verifier.engine.points import runtime_inputs
@@ -53,7 +53,9 @@ from verifier.engine.proof import Cover
 from verifier.engine.regions import Region
 from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN, Decision
 
-ALPHA_STEPS = 20  # optimised slopes of the runtime's own root bounds, as `decide` runs them
+# at most this many sub-regions of fixed input scale (`dynamic_input.split_for_fold`): 9 of the
+# 43 MNIST MLP regions measured (features r=10 step 1/8) need 9, the others 3-8
+FOLD_PARTS = 16
 
 
 def decide_from_float(
@@ -105,7 +107,7 @@ def decide_from_float(
     # only the runtime's own bounds over the whole region keep a proof: differential and folded
     # leaves have no kept-proof kind yet (the audit still enumerates such regions when small)
     run.cover, run.spec = None, "error-model"
-    qspec, trusted = _model_spec(runtime, error_model, region, label, detail)
+    qspec, trusted, qs = _model_spec(runtime, error_model, region, label, detail)
     if not trusted:
         return fallback(detail.get("untrusted_reason", "error model not trusted"))
     try:
@@ -120,14 +122,21 @@ def decide_from_float(
 
     threshold = np.zeros(len(qspec.others))
     gap = ALPHA_NEAR * max(att.best_margin, 1e-6)
-    # slopes are optimised in branch and bound; the folded input (below) gains more at the root
-    direct = _root_bounds(qspec, region, threshold, 0, gap, detail)
+    # plain slopes throughout: optimised ones gained less than the nodes they cost
+    direct = qs.root
+    if direct is None:
+        direct = _root_bounds(qspec, region, threshold, 0, gap, detail)
+    else:  # the spec's own linear bounds, computed with it (its logit caps come from them)
+        detail["bounds_method"] = direct.method
+        detail["root_margin"] = float(np.min(direct.lower - threshold))
     run.step("bounds")
     if np.all(direct.lower > 0):
         run.cover = Cover()
         close_by_bounds(run.cover, Leaf(region.lo, region.hi, direct), region, threshold)
         return run.done(CERTIFIED, "bounds")
-    parts = _folded_bounds(runtime, error_model, region, label, threshold, detail, deadline)
+    # the rounding bounds over the whole region, when the spec's are those (no fold, no cap)
+    errors = qs.errors if qs.region is region and qs.ends is None else None
+    parts = _folded_bounds(runtime, error_model, region, label, threshold, detail, deadline, errors)
     run.step("bounds")
     if parts == []:
         return run.done(CERTIFIED, "bounds")
@@ -156,16 +165,8 @@ def decide_from_float(
         return run.done(REFUTED, "attack", att.coeffs, att.adv_label)
 
     def bound(lo, hi, parent):
-        b = linear_bounds(
-            qspec if parts is None else _part_of(parts, lo, hi),
-            lo,
-            hi,
-            alpha_steps=ALPHA_STEPS,
-            target=threshold,
-            parent=parent.direct,
-            alpha_gap=gap,
-        )
-        return wrap_direct(None, b)
+        spec = qspec if parts is None else _part_of(parts, lo, hi)
+        return wrap_direct(None, linear_bounds(spec, lo, hi, parent=parent.direct))
 
     out = branch_and_bound(
         runtime,
@@ -194,22 +195,23 @@ def decide_from_float(
 
 
 def _folded_bounds(
-    runtime, model, region: Region, label: int, threshold, detail, deadline: float
+    runtime, model, region: Region, label: int, threshold, detail, deadline: float, errors=None
 ) -> list[tuple[SpecChain, Leaf]] | None:
     """The sub-regions of `region` the runtime's own bounds do not certify once the first
     layer's run-time input quantization is folded into each (`dynamic_input`: a fixed input
     scale in each, guarded by the runtime's logits at its point nearest 0), each with its folded
     spec and bounds; None when there is no such fold (a region whose scale is fixed throughout
-    is folded in the quantized spec itself) or time ran out."""
+    is folded in the quantized spec itself) or time ran out. `errors`: `rounding_errors` over
+    the whole region, when already computed."""
     r = model.rounding[0] if model.rounding else None
     if r is None or not r.dynamic_input or r.symmetric_input:
         return None  # no run-time input quantization to fold
-    parts = split_for_fold(region)
+    parts = split_for_fold(region, FOLD_PARTS)
     if parts is None or len(parts) == 1:
         return None  # one part: the quantized spec folded it already where it could
     detail["input_fold"] = f"{len(parts)} sub-regions"
     try:  # bounds over the whole region hold in each part: computed once
-        out, inputs = rounding_errors(model.chain, region, rounding=model.rounding)
+        out, inputs = errors or rounding_errors(model.chain, region, rounding=model.rounding)
     except ValueError:  # a static grid may saturate: no bound
         return None
     folds = [fold_first_input(model, part) for part in parts]
@@ -247,19 +249,10 @@ def _root_only(proof: ClosedLeaves) -> bool:
     return len(proof.leaves) == 1 and proof.leaves[0].bounds is proof.root
 
 
-def _leaf_bounds(ds, lo, hi, base: Bounds, direct_parent: Bounds) -> DiffBounds:
-    """The quantized bounds of a float proof's leaf (`base`: its float bounds): the runtime's
-    own linear bounds, and where they do not certify, the differential ones."""
-    direct = linear_bounds(ds.quant_spec, lo, hi, parent=direct_parent)
-    if base.empty or direct.empty or np.all(direct.lower > 0):
-        return wrap_direct(base, direct)
-    return quantized_bounds(ds, lo, hi, base, direct, refine=False)
-
-
 def _reuse(
     ds, qspec, region: Region, proof: ClosedLeaves, direct, detail: dict, deadline: float
 ) -> list[Leaf] | None:
-    """The float proof's leaves the difference is not absorbed in, with their quantized bounds
+    """The float proof's leaves the difference is not absorbed in, with the runtime's own bounds
     (the root alone when the root bounds certified); None when time ran out. Intermediate
     differences by intervals only (`refine=False`): refined, the root bound gained nothing over
     the runtime's own on any MNIST input measured, at 0.5-1.5 s an input."""
@@ -281,9 +274,9 @@ def _reuse(
             continue
         if time.perf_counter() > deadline:
             return None
-        b = _leaf_bounds(ds, leaf.lo, leaf.hi, leaf.bounds, direct)
+        b = linear_bounds(qspec, leaf.lo, leaf.hi, parent=direct)
         if not (b.empty or np.all(b.lower > 0)):
-            left.append(Leaf(leaf.lo, leaf.hi, b))
+            left.append(Leaf(leaf.lo, leaf.hi, wrap_direct(leaf.bounds, b)))
     detail["float_leaves"] = len(proof.leaves)
     detail["float_leaves_absorbed"] = absorbed  # closed by the root's difference bound alone
     detail["float_leaves_reused"] = len(proof.leaves) - len(left)

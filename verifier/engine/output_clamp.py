@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from verifier.engine.bounds import linear_bounds, spec_chain
+from verifier.engine.bounds import Bounds, _backsub, _spec_interval, linear_bounds, spec_chain
 from verifier.engine.network import Affine
 from verifier.engine.regions import Region
 
@@ -48,17 +48,25 @@ def grid_ends(model) -> tuple[np.ndarray, np.ndarray] | None:
     return top, bottom
 
 
-def margin_caps(model, region: Region, label: int, errors, top, bottom, e) -> np.ndarray | None:
+def margin_caps(
+    model, region: Region, label: int, errors, top, bottom, e, root: Bounds | None = None
+) -> np.ndarray | None:
     """Per margin (label against each other class), a lower bound over the region of
-    min(t_l - L_o, H_l - t_o, H_l - L_o) - E_l - E_o; None when the logits are unbounded."""
+    min(t_l - L_o, H_l - t_o, H_l - L_o) - E_l - E_o; None when the logits are unbounded.
+    `root`: the margin spec's linear bounds over the whole region (same chain, errors and
+    region): its intermediate bounds hold for every row of the last layer, so only the
+    per-logit rows are back-substituted (else they are bounded from scratch)."""
     k = len(top)
     rows = np.vstack([np.eye(k), -np.eye(k)])
     spec = spec_chain(model.chain, region, label, errors=errors, rows=rows)
     spec = replace(spec, err=[*spec.err[:-1], np.zeros(2 * k)])  # t itself: E comes below
-    b = linear_bounds(spec, region.lo, region.hi)
-    if b.empty:
+    t = _rows_lower(spec, region, root) if root is not None else None
+    if t is None:
+        b = linear_bounds(spec, region.lo, region.hi)
+        t = None if b.empty else b.lower
+    if t is None:
         return None
-    t_lo, t_hi = b.lower[:k], -b.lower[k:]
+    t_lo, t_hi = t[:k], -t[k:]
     others = np.array([j for j in range(k) if j != label], dtype=np.int64)
     least = np.minimum.reduce(
         [
@@ -68,3 +76,17 @@ def margin_caps(model, region: Region, label: int, errors, top, bottom, e) -> np
         ]
     )
     return least - e[label] - e[others]
+
+
+def _rows_lower(spec, region: Region, root: Bounds) -> np.ndarray | None:
+    """Lower bounds of `spec`'s rows over the region from `root`'s intermediate bounds (as
+    `linear_bounds` takes them: the back-substituted rows and the interval of the last layer);
+    None when `root` has none to give."""
+    top = len(spec.layers) - 1
+    if root.empty or top < 1 or root.pre[top - 1] is None or len(root.pre) != len(spec.layers):
+        return None
+    m = spec.layers[top].weight.shape[0]
+    lam, c = _backsub(spec, root.pre, top + 1, np.eye(m), np.zeros(m), cut=root.cut)
+    vals, _ = region.minimise(lam, c, region.lo, region.hi)
+    below = spec.layers[top - 1].interval(*root.pre[top - 1])
+    return np.maximum(vals, _spec_interval(spec, top, *below)[0])

@@ -9,7 +9,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from verifier.engine.bounds import SpecChain, point_interval, rounding_errors, spec_chain
+from verifier.engine.bounds import (
+    Bounds,
+    SpecChain,
+    linear_bounds,
+    point_interval,
+    rounding_errors,
+    spec_chain,
+)
 from verifier.engine.dynamic_input import fold_first_input, fold_input_grid
 from verifier.engine.output_clamp import grid_ends, margin_caps
 from verifier.engine.regions import Region
@@ -20,12 +27,14 @@ class QuantizedSpec:
     """The spec, the rounding bounds it was built from (`rounding_errors`' pair), the region
     it is on (x and directions of the runtime's rounded input when folded; same coefficient
     box) and, when the logits' clamp is bounded apart, (lowest top, highest bottom, rounding)
-    per logit."""
+    per logit; with it, the spec's linear bounds over the whole region (`root`, capped: the
+    caps were read off them)."""
 
     spec: SpecChain
     errors: tuple
     region: Region
     ends: tuple | None = None
+    root: Bounds | None = None
 
     def interval(self, chain, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The runtime's logits at coefficients `s` lie within (lo, hi)."""
@@ -53,9 +62,11 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
     if ends is not None:
         errs = errors(True)
         e = errs[0][-1]
-        cap = margin_caps(model, on, label, errs, *ends, e)
+        spec = spec_chain(model.chain, on, label, errors=errs)
+        root = linear_bounds(spec, on.lo, on.hi)
+        cap = margin_caps(model, on, label, errs, *ends, e, root)
         if cap is not None and np.all(cap > 0):
-            spec = replace(spec_chain(model.chain, on, label, errors=errs), cap=cap)
-            return QuantizedSpec(spec, errs, on, (*ends, e))
+            root = replace(root, lower=np.minimum(root.lower, cap))
+            return QuantizedSpec(replace(spec, cap=cap), errs, on, (*ends, e), root)
     errs = errors(False)
     return QuantizedSpec(spec_chain(model.chain, on, label, errors=errs), errs, on)
