@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES
+from conftest import EXAMPLES, decisions
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
-from test_faults import check_survivors, count, decisions, kill_when, start, stored
+from test_faults import check_survivors, count, kill_when, start, stored
 
 import verifier.run.cluster
 from verifier.cli import main
@@ -94,17 +94,6 @@ def quantized(real_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def base(real_data, quantized) -> list:
     return [MODEL, "--data-dir", real_data, "--quantized", quantized, *OPTIONS]
-
-
-@pytest.fixture(scope="module")
-def reference(base, tmp_path_factory) -> list[dict]:
-    """The decisions of an in-process run (--workers 1)."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    assert verify(*base, "--out", out) == 0
-    got = decisions(out)
-    assert [r["index"] for r in got] == list(range(N))
-    assert any(r["quantized"] for r in got), "no quantized decisions to compare"
-    return got
 
 
 def run_plugins(cluster) -> list[str]:
