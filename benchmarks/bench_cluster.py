@@ -100,12 +100,28 @@ def in_process(state, runners, model) -> dict:
     }
 
 
-def in_process_one_thread(state) -> dict:
-    """The in-process run as one cluster worker runs it: runtimes loaded from the shipment on
-    one thread each, BLAS limited to one thread ("one in-process worker")."""
-    from threadpoolctl import threadpool_limits
+ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
-    with tempfile.TemporaryDirectory() as tmp, threadpool_limits(1):
+
+def in_process_one_thread(state) -> dict:
+    """The in-process run as one cluster worker runs it ("one in-process worker"): in a fresh
+    process whose BLAS starts on one thread (the variables Dask's nanny sets for its workers),
+    runtimes loaded from the shipment on one thread each."""
+    saved = {k: os.environ.get(k) for k in ONE_THREAD}
+    os.environ.update(ONE_THREAD)  # a spawned process reads them as numpy loads
+    try:
+        with ProcessPoolExecutor(1, mp.get_context("spawn")) as pool:
+            return pool.submit(_one_thread, state).result()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+def _one_thread(state) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
         loaded = shipment(state).load(Path(tmp))
         return in_process(state, loaded.runners, loaded.model)
 
