@@ -12,6 +12,7 @@ the workers; a stale one from another driver changes nothing."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import shutil
@@ -24,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES
+from conftest import EXAMPLES, decisions
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
-from test_faults import check_survivors, count, decisions, kill_when, start, stored
+from test_faults import check_survivors, count, kill_when, start, stored
 
 import verifier.run.cluster
 from verifier.cli import main
@@ -94,17 +95,6 @@ def quantized(real_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def base(real_data, quantized) -> list:
     return [MODEL, "--data-dir", real_data, "--quantized", quantized, *OPTIONS]
-
-
-@pytest.fixture(scope="module")
-def reference(base, tmp_path_factory) -> list[dict]:
-    """The decisions of an in-process run (--workers 1)."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    assert verify(*base, "--out", out) == 0
-    got = decisions(out)
-    assert [r["index"] for r in got] == list(range(N))
-    assert any(r["quantized"] for r in got), "no quantized decisions to compare"
-    return got
 
 
 def run_plugins(cluster) -> list[str]:
@@ -205,15 +195,21 @@ def test_task_that_kills_every_worker_is_one_line_error():
 
     from verifier.errors import InputError
     from verifier.run.batch import WorkerState
-    from verifier.run.cluster import task_result
+    from verifier.run.cluster import task_results
 
-    class Killed:  # a future whose task the scheduler gave up on
-        def result(self):
-            raise KilledWorker("check_batch-1", "tcp://127.0.0.1:1", 2)
+    class Future:
+        def __init__(self, key):
+            self.key = key
+
+    class Client:  # the scheduler gave up on the second task
+        def gather(self, futures):
+            raise KilledWorker("check_batch-2", "tcp://127.0.0.1:1", 2)
 
     state = WorkerState(None, Path("m.onnx"), "flat", None, None, np.arange(10, 20), {}, {}, {})
+    done = [Future("check_batch-1"), Future("check_batch-2")]
+    pending = {done[0]: [0, 1], done[1]: [2, 5]}
     with pytest.raises(InputError, match=r"died on each try of inputs 12, 15; .*--resume"):
-        task_result(Killed(), state, [2, 5])
+        task_results(Client(), done, state, pending)
 
 
 def test_driver_killed_then_resume_same_records(base, reference, cluster, tmp_path):
@@ -357,10 +353,20 @@ def test_sweep_starts_one_local_cluster(base, reference, tmp_path, monkeypatch):
     assert decisions(out / "r2-s0.5") == decisions(half)
 
 
-def test_local_workers_run_without_the_profiler():
+def test_local_cluster_runs_with_little_background_work():
+    """No profiler; watchdog ticks and memory polls once a second (Dask: 20 ms, 100 ms)."""
+
+    def periods(server) -> dict:
+        return {k: v.callback_time for k, v in server.periodic_callbacks.items()}
+
     with verifier.run.cluster.local_cluster(1) as local, Client(local) as client:
-        profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
-    assert list(profiling.values()) == [False]
+        (worker,) = client.run(lambda dask_worker: periods(dask_worker)).values()
+        (nanny,) = [periods(n) for n in local.workers.values()]
+        scheduler = periods(local.scheduler)
+    assert "profile" not in worker
+    assert worker["tick"] == nanny["tick"] == scheduler["tick"] == 1000
+    assert nanny["memory_monitor"] == 1000
+    assert worker["monitor"] == scheduler["monitor"] == 5000
 
 
 def test_worker_keeps_loaded_runtimes_by_file_hash(tmp_path, monkeypatch):
@@ -453,14 +459,16 @@ def test_unreachable_scheduler_is_exit_2(base, tmp_path, monkeypatch, capsys):
 
 
 def test_chunks_grow_to_the_target_and_shrink_at_the_end():
-    from verifier.run.cluster import CHUNK_SECONDS, MAX_CHUNK, ChunkPace
+    from verifier.run.cluster import CHUNK_SECONDS, MAX_CHUNK, MIN_CHUNK_SECONDS, ChunkPace
 
     pace = ChunkPace()
     assert pace.size(1000, 4) == 1  # nothing measured yet
     pace.observe(4, 0.4)  # 0.1 s an input
     assert pace.size(1000, 4) == round(CHUNK_SECONDS / 0.1)
-    assert pace.size(120, 4) == 120 // 8  # a share of what is left
-    assert pace.size(20, 4) == 3  # the last inputs spread over every slot
+    assert pace.size(60, 4) == 60 // 4  # a slot's share of what is left
+    assert pace.size(8, 4) == math.ceil(MIN_CHUNK_SECONDS / 0.1)  # but never a too short task
+    pace.observe(1, 10.0)  # now about 2 s an input
+    assert pace.size(3, 4) == 1  # the last inputs spread over every slot
     pace.observe(10**6, 1.0)  # very cheap inputs
     assert pace.size(10**7, 4) == MAX_CHUNK
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES
+from conftest import EXAMPLES, decisions
 
 from verifier.cli import main
 
@@ -52,34 +52,6 @@ def base(real_data, quantized) -> list[str]:
 
 def verify(*argv) -> int:
     return main([str(a) for a in argv])
-
-
-def decisions(run_dir: Path) -> list[dict]:
-    """Per-input records of results.json without timing fields: what must not change."""
-    doc = json.loads((run_dir / "results.json").read_text())
-
-    def strip(o):
-        return None if o is None else {k: v for k, v in o.items() if k != "seconds"}
-
-    return [
-        {
-            **r,
-            "float": strip(r["float"]),
-            "quantized": {k: strip(v) for k, v in r["quantized"].items()},
-        }
-        for r in doc["records"]
-    ]
-
-
-@pytest.fixture(scope="module")
-def reference(base, tmp_path_factory) -> list[dict]:
-    """The decisions of an uninterrupted run."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    assert verify(*base, "--out", out) == 0
-    got = decisions(out)
-    assert [r["index"] for r in got] == list(range(N))
-    assert any(r["quantized"] for r in got), "no quantized decisions to compare"
-    return got
 
 
 def stored(run_dir: Path) -> dict[int, str]:

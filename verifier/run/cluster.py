@@ -6,12 +6,14 @@ worker's own scratch directory, where every worker loads them as the run starts,
 need no shared filesystem, and a worker that joins or restarts later gets them too (and loads
 them on its first task); a worker keeps the last `CACHED` sets of loaded runtimes by the files'
 hash, for the next run. Workers run their runtimes on one thread and undo a Dask allocator
-setting that made checks ~1.4x slower (`restore_mmap_threshold`). The plugin is
+setting that made checks ~1.4x slower (`restore_mmap_threshold`); a local cluster runs with
+less of Dask's background work (`QUIET_CLUSTER`). The plugin is
 named after the run's client and unregistered however the session ends (SIGTERM included);
 `verifier.run.janitor` removes it on the scheduler when the client vanishes. Inputs go out in chunks
-sized from the measured cost per input to take about `CHUNK_SECONDS`, with at most two chunks
-per worker thread outstanding, and each chunk's records are yielded as it completes (a callback
-queues finished futures, so the driver's work per task does not grow with the cluster). A chunk
+sized from the measured cost per input to take about `CHUNK_SECONDS` (`ChunkPace`), with at
+most two chunks per worker thread outstanding, and each chunk's records are yielded as it
+completes (a callback queues finished futures, fetched together, so the driver's work per task
+does not grow with the cluster). A chunk
 whose worker dies is run again by the scheduler (up to its `allowed-failures`, then a one-line
 error); the per-input timeout is enforced inside `decide` on the worker.
 """
@@ -43,7 +45,8 @@ from verifier.run.batch import Batch, Loaded, Shipment, WorkerState, shipment
 from verifier.run.janitor import Janitor, run_plugin_name
 from verifier.run.records import InputRecord
 
-CHUNK_SECONDS = 2.0  # target wall time of a task: a task's ~2 ms overhead stays near 0.1%
+CHUNK_SECONDS = 2.0  # target wall time of a task: its ~15 ms of driver CPU stays under 1%
+MIN_CHUNK_SECONDS = 0.25  # and at least this (measured: ~15 ms of driver CPU a task)
 MAX_CHUNK = 256  # inputs per task at most, so a lost task costs little
 MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic mmap threshold (64-bit)
 CONNECT_TIMEOUT = 10.0  # seconds to reach a scheduler
@@ -69,11 +72,23 @@ def dask_client(workers: int, address: str | None) -> Iterator[Client]:
         yield client
 
 
+# Dask's background work, which a local cluster pays on the cores its workers need: the
+# sampling profiler (2-3% of a core a worker), an event-loop watchdog tick every 20 ms in every
+# scheduler, nanny and worker, the nannies' memory poll every 100 ms and a system monitor every
+# 500 ms (measured idle, 2 workers: 0.14 of a core with the defaults, 0.02 with these).
+QUIET_CLUSTER = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.admin.system-monitor.interval": "5s",
+}
+
+
 def local_cluster(workers: int) -> LocalCluster:
     """A cluster of `workers` single-threaded processes on this machine (a context manager),
-    without Dask's sampling profiler in the workers (measured: 2-3% of a core per worker, for a
-    dashboard nobody looks at here)."""
-    with dask.config.set({"distributed.worker.profile.enabled": False}):
+    with Dask's background work slowed down (`QUIET_CLUSTER`), for a dashboard nobody looks at
+    here."""
+    with dask.config.set(QUIET_CLUSTER):
         return LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
@@ -162,19 +177,21 @@ class Session:
         finished: queue.SimpleQueue = queue.SimpleQueue()  # futures, as their tasks end
         try:
             name = self.plugin(state)
+            recount = time.monotonic()  # the workers are counted again at most once a poll
             while todo or pending:
-                slots = free_slots(client)
+                if todo and time.monotonic() >= recount:  # a round trip to the scheduler
+                    slots, recount = free_slots(client), time.monotonic() + POLL_SECONDS
                 while todo and len(pending) < slots:
                     size = pace.size(len(todo), slots)
                     positions = [todo.pop() for _ in range(min(size, len(todo)))]
                     fut = client.submit(check_batch, name, state.batch(positions), pure=False)
                     pending[fut] = positions
                     fut.add_done_callback(finished.put)
-                for fut in drain(finished):
-                    positions = pending.pop(fut, None)
-                    if positions is None:  # already taken (a callback can repeat)
-                        continue
-                    records, seconds = task_result(fut, state, positions)
+                done = [f for f in set(drain(finished)) if f in pending]  # a callback can repeat
+                for fut, (records, seconds) in zip(
+                    done, task_results(client, done, state, pending), strict=True
+                ):
+                    positions = pending.pop(fut)
                     pace.observe(len(positions), seconds)
                     yield records
         except (OSError, FutureCancelledError) as exc:  # the scheduler or its connection is gone
@@ -222,24 +239,29 @@ def free_slots(client: Client) -> int:
     return 2 * threads
 
 
-def task_result(fut, state: WorkerState, positions: list[int]) -> tuple[list[InputRecord], float]:
-    """The records of a finished task; a task that killed every worker it ran on is an error."""
+def task_results(
+    client: Client, done: list, state: WorkerState, pending: dict
+) -> list[tuple[list[InputRecord], float]]:
+    """The records and compute seconds of finished tasks, fetched in one round trip; a task
+    that killed every worker it ran on is an error naming its inputs."""
     try:
-        dicts, seconds = fut.result()
-    except KilledWorker:
-        idx = [str(int(state.indices[p])) for p in positions]
+        results = client.gather(done)
+    except KilledWorker as exc:
+        failed = next(f for f in done if f.key == exc.task)
+        idx = [str(int(state.indices[p])) for p in pending[failed]]
         shown = ", ".join(idx[:5]) + (f", ... ({len(idx)} inputs)" if len(idx) > 5 else "")
         raise InputError(
             f"worker processes died on each try of inputs {shown}; the records decided so far "
             "are stored: continue with --resume"
         ) from None
-    return [InputRecord.from_dict(d) for d in dicts], seconds
+    return [([InputRecord.from_dict(d) for d in dicts], seconds) for dicts, seconds in results]
 
 
 class ChunkPace:
     """Chunk sizes from the measured seconds per input: about CHUNK_SECONDS a task, and never
-    more than a share of what is left (remaining / (2 x slots)), so tasks shrink towards the
-    end and no worker is left with a long last task while the others idle."""
+    more than one slot's share of what is left (remaining / slots), so tasks shrink towards the
+    end and no worker is left with a long last task while the others idle; but never under
+    MIN_CHUNK_SECONDS, since each task costs the driver and the scheduler ~15 ms of CPU."""
 
     def __init__(self) -> None:
         self.inputs, self.seconds = 0, 0.0
@@ -254,7 +276,8 @@ class ChunkPace:
             return 1
         per_input = max(self.seconds / self.inputs, 1e-6)
         target = min(MAX_CHUNK, math.ceil(CHUNK_SECONDS / per_input))
-        return max(1, min(target, math.ceil(remaining / (2 * slots))))
+        floor = math.ceil(MIN_CHUNK_SECONDS / per_input)
+        return max(1, min(target, max(floor, math.ceil(remaining / slots))))
 
 
 class ModelFiles(WorkerPlugin):
