@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_engine import random_case
 
-from tests.test_engine import random_case
 from verifier.engine.bounds import linear_bounds, spec_chain
 from verifier.engine.knapsack_cut import knapsack_cut
 from verifier.engine.network import Affine, Relu, forward_lowered
@@ -134,7 +134,8 @@ def test_bounds_with_the_cut_hold_on_sign_fixed_sub_boxes(seed):
 
 def test_decide_can_bound_without_the_cut_for_comparison():
     """`knapsack_cut=False` (the benchmark's triangle engine) leaves the ring's root open."""
-    from tests.test_engine import ChainRuntime
+    from test_engine import ChainRuntime
+
     from verifier.engine.decide import decide
 
     chain, region = ring_case()
