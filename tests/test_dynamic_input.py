@@ -11,7 +11,7 @@ from test_engine import all_points, check_decision
 
 from quantize.error_model import error_model
 from quantize.modes import float_runner, quantize_model
-from verifier.engine.bounds import point_interval, prepare_chain, rounding_errors
+from verifier.engine.bounds import linear_bounds, point_interval, prepare_chain, rounding_errors
 from verifier.engine.decide import decide
 from verifier.engine.diffdecide import decide_from_float
 from verifier.engine.dynamic_input import fold_first_input, split_for_fold
@@ -34,6 +34,20 @@ def tiny(tmp_path_factory):
     xs = rng.integers(0, 256, (5, 16)) / 255.0
     xs[:, :2] = 1.0
     return model, runners, xs
+
+
+def check_spec_holds(runner, em, qs, region, label: int):
+    """The real runtime's logits lie within the quantized spec's interval at every point of the
+    region, and its margins above the spec's linear bounds; returns those bounds."""
+    pts = all_points(region)
+    got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+    for s, g in zip(pts, got, strict=True):
+        lo, hi = qs.interval(em.chain, s)
+        assert np.all(lo <= g) and np.all(g <= hi)
+    m = (got[:, [label]] - got[:, qs.spec.others]).min(axis=0)
+    b = linear_bounds(qs.spec, region.lo, region.hi)
+    assert np.all(b.lower <= m)
+    return b
 
 
 def _regions(x: np.ndarray, seed: int):
@@ -175,7 +189,7 @@ def test_fixed_input_grid_fold_is_sound(fixed, mode):
     runtime margin, and the folded input is narrower than half a step per value. Queries
     charge what is left of the input rounding both ways (per neuron where it is small,
     `bounds._small_first_input`, else through back-substitution)."""
-    from verifier.engine.bounds import _small_first_input, linear_bounds
+    from verifier.engine.bounds import _small_first_input
     from verifier.engine.dynamic_input import fold_input_grid
     from verifier.engine.quantized_spec import quantized_spec
 
@@ -195,14 +209,7 @@ def test_fixed_input_grid_fold_is_sound(fixed, mode):
             label = int(runner.predict(x[None].astype(np.float32)).argmax())
             qs = quantized_spec(em, region, label)
             folded += qs.region is not region
-            pts = all_points(region)
-            got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
-            for s, g in zip(pts, got, strict=True):
-                lo, hi = qs.interval(em.chain, s)
-                assert np.all(lo <= g) and np.all(g <= hi)
-            m = (got[:, [label]] - got[:, qs.spec.others]).min(axis=0)
-            b = linear_bounds(qs.spec, region.lo, region.hi)
-            assert np.all(b.lower <= m)
+            b = check_spec_holds(runner, em, qs, region, label)
             charged.add(_small_first_input(qs.spec, b.pre))
     assert folded == 4 * len(xs)
     assert charged == {True, False}
@@ -246,7 +253,6 @@ def test_quantized_spec_folds_a_fixed_scale(tiny, mode):
     """Where the run-time scale is the same at every point, the quantized spec itself is
     folded (so every bound of the decision uses it), and the real runtime's logits and margins
     lie within its bounds at every point; elsewhere it is not folded."""
-    from verifier.engine.bounds import linear_bounds
     from verifier.engine.quantized_spec import quantized_spec
 
     model, runners, xs = tiny
@@ -260,11 +266,5 @@ def test_quantized_spec_folds_a_fixed_scale(tiny, mode):
             folded = qs.region is not region
             assert folded == (fold_first_input(em, region) is not None)
             kinds.add(folded)
-            pts = all_points(region)
-            got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
-            for s, g in zip(pts, got, strict=True):
-                lo, hi = qs.interval(em.chain, s)
-                assert np.all(lo <= g) and np.all(g <= hi)
-            m = (got[:, [label]] - got[:, qs.spec.others]).min(axis=0)
-            assert np.all(linear_bounds(qs.spec, region.lo, region.hi).lower <= m)
+            check_spec_holds(runner, em, qs, region, label)
     assert kinds == {True, False}

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from onnx_builders import mlp
+from test_dynamic_input import check_spec_holds
 from test_engine import all_points, check_decision, random_case
 
 from quantize.error_model import ErrorModel, Grid, Rounding, error_model
@@ -147,13 +148,7 @@ def test_real_runtimes_within_bounds(real, name):
         qs = quantized_spec(em, region, label)
         spec = qs.spec
         capped += spec.cap is not None
-        pts = all_points(region)
-        got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
-        for s, g in zip(pts, got, strict=True):
-            lo, hi = qs.interval(em.chain, s)
-            assert np.all(lo <= g) and np.all(g <= hi)
-        m = (got[:, [label]] - got[:, spec.others]).min(axis=0)
-        assert np.all(linear_bounds(spec, region.lo, region.hi).lower <= m)
+        check_spec_holds(runner, em, qs, region, label)
     assert capped >= 3 or name == "ort-qdq-pc"
 
 
