@@ -627,6 +627,21 @@ def linear_bounds(
     return Bounds(lower, lam, argmin, pre, method, first, cut)
 
 
+def last_rows_lower(spec: SpecChain, lo, hi, known: Bounds) -> np.ndarray | None:
+    """Lower bounds of the rows of `spec`'s last layer over [lo, hi] from `known`'s
+    intermediate bounds (bounds of a spec with the same layers below the last, over this box or
+    an enclosing one), as `linear_bounds` ends: the back-substituted rows, or the last layer's
+    interval where tighter. None when `known` has no intermediate bounds to give."""
+    top = len(spec.layers) - 1
+    if known.empty or top < 1 or len(known.pre) != len(spec.layers) or known.pre[top - 1] is None:
+        return None
+    m = spec.layers[top].weight.shape[0]
+    lam, c = _backsub(spec, known.pre, top + 1, np.eye(m), np.zeros(m), cut=known.cut)
+    vals, _ = spec.region.minimise(lam, c, lo, hi)
+    below = spec.layers[top - 1].interval(*known.pre[top - 1])
+    return np.maximum(vals, _spec_interval(spec, top, *below)[0])
+
+
 def first_cut(spec: SpecChain, lo, hi, pre: list) -> KnapsackCut | None:
     """The knapsack cut of the ReLU right after the spec's first (affine on s) layer, over the
     box [lo, hi] (`verifier.engine.knapsack_cut`), or None where it does not apply."""

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from verifier.engine.bounds import Bounds, _backsub, _spec_interval, linear_bounds, spec_chain
+from verifier.engine.bounds import Bounds, last_rows_lower, linear_bounds, spec_chain
 from verifier.engine.network import Affine
 from verifier.engine.regions import Region
 
@@ -60,7 +60,7 @@ def margin_caps(
     rows = np.vstack([np.eye(k), -np.eye(k)])
     spec = spec_chain(model.chain, region, label, errors=errors, rows=rows)
     spec = replace(spec, err=[*spec.err[:-1], np.zeros(2 * k)])  # t itself: E comes below
-    t = _rows_lower(spec, region, root) if root is not None else None
+    t = last_rows_lower(spec, region.lo, region.hi, root) if root is not None else None
     if t is None:
         b = linear_bounds(spec, region.lo, region.hi)
         t = None if b.empty else b.lower
@@ -76,17 +76,3 @@ def margin_caps(
         ]
     )
     return least - e[label] - e[others]
-
-
-def _rows_lower(spec, region: Region, root: Bounds) -> np.ndarray | None:
-    """Lower bounds of `spec`'s rows over the region from `root`'s intermediate bounds (as
-    `linear_bounds` takes them: the back-substituted rows and the interval of the last layer);
-    None when `root` has none to give."""
-    top = len(spec.layers) - 1
-    if root.empty or top < 1 or root.pre[top - 1] is None or len(root.pre) != len(spec.layers):
-        return None
-    m = spec.layers[top].weight.shape[0]
-    lam, c = _backsub(spec, root.pre, top + 1, np.eye(m), np.zeros(m), cut=root.cut)
-    vals, _ = region.minimise(lam, c, region.lo, region.hi)
-    below = spec.layers[top - 1].interval(*root.pre[top - 1])
-    return np.maximum(vals, _spec_interval(spec, top, *below)[0])
