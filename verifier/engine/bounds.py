@@ -647,8 +647,6 @@ def first_cut(spec: SpecChain, lo, hi, pre: list) -> KnapsackCut | None:
     box [lo, hi] (`verifier.engine.knapsack_cut`), or None where it does not apply."""
     if not spec.knapsack_cut or len(spec.layers) < 2 or not isinstance(spec.layers[1], Relu):
         return None
-    if pre[1] is None:
-        return None
     layer = spec.layers[0]
     return knapsack_cut(layer.weight, layer.bias, _first_err(spec), spec.region, lo, hi, *pre[1])
 
