@@ -11,8 +11,6 @@ on the calibration set (after a ReLU, the input image) uses the unsigned levels 
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantize.runner import scale_entry
+from verifier.engine.onnx_import import optimised_by_ort
 from verifier.errors import InputError, UnsupportedModelError
 
 WEIGHT_OPS = ("Gemm", "MatMul", "Conv")
@@ -150,16 +149,7 @@ def fold(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Deployment quantizes the folded weights, so the simulation does too.
     """
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "folded.onnx"
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.optimized_model_filepath = str(out)
-        opts.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        folded = onnx.load(str(out))
+    folded = optimised_by_ort(model)
     del folded.metadata_props[:]
     folded.metadata_props.extend(model.metadata_props)
     return folded

@@ -37,22 +37,22 @@ MAX_TENSOR_ELEMENTS = 200_000_000
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` with batch size 1 and constants folded by onnxruntime (basic level)."""
-    import onnxruntime as ort
-
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    graph_inputs = _graph_inputs(m)
-    for vi in graph_inputs:
-        dims = vi.type.tensor_type.shape.dim
-        if dims:
-            dims[0].ClearField("dim_param")
-            dims[0].dim_value = 1
-    for vi in m.graph.output:
+    for vi in [*_graph_inputs(m), *m.graph.output]:
         dims = vi.type.tensor_type.shape.dim
         if dims:
             dims[0].ClearField("dim_param")
             dims[0].dim_value = 1
     del m.graph.value_info[:]
+    return optimised_by_ort(m)
+
+
+def optimised_by_ort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph onnxruntime's basic optimisation makes of `model` (constant folding, BatchNorm
+    into Conv, ...), as onnxruntime writes it; a model it cannot load is an InputError."""
+    import onnxruntime as ort
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "folded.onnx"
         opts = ort.SessionOptions()
@@ -60,7 +60,9 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         opts.optimized_model_filepath = str(out)
         opts.log_severity_level = 3
         try:
-            ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(
+                model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise InputError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
         return onnx.load(str(out))
