@@ -432,3 +432,16 @@ def test_mnist_cli(mnist, real_data, tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "quantized accuracy" in text and out.is_file()
+
+
+@pytest.mark.parametrize("fmt", ["ort-qdq", "ort-qoperator"])
+def test_ort_static_fuses_matmul_add_before_quantizing(tiny, tmp_path, fmt):
+    """MatMul + Add become one Gemm before quantizing: one requantization per layer (QGemm),
+    not an int8 grid after the MatMul and a second rounding after the Add."""
+    import onnx
+
+    model, calib, _ = tiny["mlp-matmul-softmax"]
+    runner = quantize_model(model, fmt, tmp_path, calib)
+    ops = [n.op_type for n in onnx.load(runner.describe()["path"]).graph.node]
+    assert "MatMul" not in ops and "QLinearMatMul" not in ops and "Add" not in ops, ops
+    assert ops.count("Gemm") + ops.count("QGemm") == 2, ops
