@@ -27,12 +27,12 @@ def real_data() -> Path:
     return path
 
 
-def decisions(run_dir: Path) -> list[dict]:
-    """Per-input records of results.json without timing fields: what must not change."""
+def decisions(run_dir: Path, drop: tuple[str, ...] = ("seconds",)) -> list[dict]:
+    """Per-input records of results.json without timing fields (`drop`): what must not change."""
     doc = json.loads((run_dir / "results.json").read_text())
 
     def strip(o):
-        return None if o is None else {k: v for k, v in o.items() if k != "seconds"}
+        return None if o is None else {k: v for k, v in o.items() if k not in drop}
 
     return [
         {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import networkx as nx
 import pytest
-from conftest import EXAMPLES
+from conftest import EXAMPLES, decisions
 
 from verifier.cli import main
 from verifier.outputs.document import validate_results
@@ -47,27 +47,11 @@ def quantized(real_data, tmp_path_factory) -> Path:
     return Path(quantize_model(load_model(MODEL), "dynamic", out, None).describe()["path"])
 
 
+DROP = ("seconds", "detail")  # a resumed run's decisions, without timings and search details
+
+
 def verify(*argv) -> int:
     return main([str(a) for a in argv])
-
-
-def decisions(run_dir: Path) -> list[dict]:
-    """Per-input records without timings: what must be identical across runs."""
-    doc = json.loads((run_dir / "results.json").read_text())
-
-    def strip(o):
-        if o is None:
-            return None
-        return {k: v for k, v in o.items() if k not in ("seconds", "detail")}
-
-    return [
-        {
-            **r,
-            "float": strip(r["float"]),
-            "quantized": {k: strip(v) for k, v in r["quantized"].items()},
-        }
-        for r in doc["records"]
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +174,7 @@ def test_workers_equal_one_worker(finished_run, real_data, quantized, tmp_path):
         )
         == 0
     )
-    assert decisions(out) == decisions(finished_run)
+    assert decisions(out, DROP) == decisions(finished_run, DROP)
 
 
 def test_kill_and_resume_loses_nothing(finished_run, real_data, quantized, tmp_path):
@@ -227,4 +211,4 @@ def test_kill_and_resume_loses_nothing(finished_run, real_data, quantized, tmp_p
     proc.wait()
     assert not (out / "results.json").exists() or proc.returncode == 0
     assert verify("--resume", out, "--quiet") == 0
-    assert decisions(out) == decisions(finished_run)
+    assert decisions(out, DROP) == decisions(finished_run, DROP)
