@@ -139,10 +139,14 @@ def test_folded_relu_step_equals_plain_back_substitution(seed):
             m = len(layer.bias)
             rows = np.arange(m)
             eye = np.concatenate([np.eye(m), -np.eye(m)])
+            rng = np.random.default_rng(seed)
+            few = np.sort(rng.choice(m, max(1, m // 3), replace=False))
             for cut in (None, b.cut):  # the triangle lines, and the knapsack cut's
-                lam, c = _query_both(spec, b.pre, i, rows, cut)
                 lam2, c2 = _backsub(spec, b.pre, i + 1, eye, np.zeros(2 * m), cut=cut)
-                assert np.allclose(lam, lam2) and np.allclose(c, c2)
+                for sub in (rows, few):  # every row, and a few of them
+                    lam, c = _query_both(spec, b.pre, i, sub, cut)
+                    pick = np.concatenate([sub, m + sub])
+                    assert np.allclose(lam, lam2[pick]) and np.allclose(c, c2[pick])
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -161,6 +165,49 @@ def test_child_bounds_reusing_parent_are_sound_and_tighter(seed):
         logits = forward_lowered(chain, region.points(np.concatenate(parts)))
         real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
         assert np.all(child.lower <= real + 1e-9)
+
+
+@pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
+@pytest.mark.parametrize("seed", range(8))
+def test_child_bounds_keeping_parent_deeper_bounds_are_sound(seed, maxpool):
+    """`requery`: a child that keeps its parent's bounds past the first layer stays below every
+    real margin of its box, and is what the parent's bounds give there (never looser than them,
+    deeper layers within the parent's); with `requery=0` nothing changes."""
+    chain, _, region, label = random_case(seed, maxpool)
+    spec = spec_chain(chain, region, label)
+    root = linear_bounds(spec, region.lo, region.hi)
+    rng = np.random.default_rng(seed + 200)
+    for _ in range(4):
+        a = rng.integers(region.lo, region.hi + 1)
+        b = rng.integers(region.lo, region.hi + 1)
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        parts = list(region.enumerate(lo=lo, hi=hi))
+        full = linear_bounds(spec, lo, hi, parent=root)
+        assert np.array_equal(
+            linear_bounds(spec, lo, hi, parent=root, requery=0.0).lower, full.lower
+        )
+        kept = linear_bounds(spec, lo, hi, parent=root, requery=1.0)  # never re-bounds deeper
+        if not parts:
+            assert kept.empty
+            continue
+        assert np.all(kept.lower >= root.lower - 1e-12)
+        for k, p in enumerate(kept.pre[2:], start=2):
+            if p is not None:
+                assert np.all(p[0] >= root.pre[k][0]) and np.all(p[1] <= root.pre[k][1])
+        logits = forward_lowered(chain, region.points(np.concatenate(parts)))
+        real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
+        assert np.all(kept.lower <= real + 1e-9), (kept.lower, real)
+
+
+def test_tightened_share():
+    from verifier.engine.bounds import tightened
+
+    before = (np.array([-2.0, -1.0, 1.0, -3.0]), np.array([2.0, 1.0, 2.0, -1.0]))
+    after = (np.array([-1.0, -1.0, 1.5, -3.0]), np.array([2.0, 0.5, 2.0, -2.0]))
+    # unstable before: ranges 4 and 2; after 3 and 1.5 (stable neurons are not counted)
+    assert tightened(before, after) == pytest.approx(1.0 - 4.5 / 6.0)
+    assert tightened(before, before) == 0.0
+    assert tightened((np.ones(2), np.ones(2) * 2), before) == 1.0
 
 
 @pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
@@ -371,7 +418,15 @@ def test_decide_agrees_with_enumeration(seed):
     chain, runtime, region, label = random_case(seed)
     # enum_limit=0 forces bounds and branch and bound (no leaf is enumerated)
     # node_alpha: slopes optimised at every node too
-    options = ({"enum_limit": 0}, {"enum_limit": 0, "node_alpha": True}, {"enum_limit": 16}, {})
+    # requery: 0 re-bounds every layer at every node, 1 keeps the parent's past the first
+    options = (
+        {"enum_limit": 0},
+        {"enum_limit": 0, "node_alpha": True},
+        {"enum_limit": 0, "requery": 0.0},
+        {"enum_limit": 0, "requery": 1.0},
+        {"enum_limit": 16},
+        {},
+    )
     for kwargs in options:
         d = decide(runtime, chain, region, label, timeout=20, use_smt=False, **kwargs)
         assert d.status != UNKNOWN, (kwargs, d)
@@ -398,6 +453,16 @@ def _hard_robust_case():
         if not np.all(root.lower > 0):
             return chain, runtime, region, label, spec, root
     pytest.skip("no robust region with failing root bounds among the seeds")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 9), st.integers(1, 12), st.integers(0, 2**32 - 1))
+def test_unique_rows_equals_numpy_unique(n, g, seed):
+    from verifier.engine.bab import unique_rows
+
+    a = np.random.default_rng(seed).integers(-2, 3, size=(n, g))
+    a = np.concatenate([a, a[: n // 2]])  # some repeated rows
+    assert np.array_equal(unique_rows(a), np.unique(a, axis=0))
 
 
 def test_bab_with_no_nodes_is_unknown():

@@ -197,6 +197,17 @@ def round_into(s: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.clip(p + np.trunc(s - p + 1e-9 * np.sign(s - p)), lo, hi).astype(np.int64)
 
 
+def unique_rows(a: np.ndarray) -> np.ndarray:
+    """`np.unique(a, axis=0)` (the distinct rows in lexicographic order) for the few rows of
+    one node's minimisers, without its structured-array detour (several times faster)."""
+    if len(a) < 2:
+        return a.copy()
+    rows = a[np.lexsort(a.T[::-1])]
+    new = np.ones(len(rows), dtype=bool)
+    new[1:] = np.any(rows[1:] != rows[:-1], axis=1)
+    return rows[new]
+
+
 def _try_minimisers(
     runtime, region: Region, label: int, b: Bounds, threshold: np.ndarray
 ) -> tuple[np.ndarray, int] | None:
@@ -204,7 +215,7 @@ def _try_minimisers(
     bad = np.flatnonzero(b.lower <= threshold)
     if not len(bad):
         return None
-    cands = np.unique(round_into(b.argmin[bad], region.lo, region.hi), axis=0)
+    cands = unique_rows(round_into(b.argmin[bad], region.lo, region.hi))
     cands = cands[region.contains(cands)]
     if not len(cands):
         return None

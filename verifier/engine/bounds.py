@@ -552,11 +552,15 @@ def linear_bounds(
     ibp: Bounds | None = None,
     parent: Bounds | None = None,
     alpha_gap: float = np.inf,
+    requery: float = 0.0,
 ) -> Bounds:
     """CROWN / DeepPoly: back-substitute every unstable neuron and the margins down to s.
 
     Intermediate bounds are the tighter of IBP, back-substitution and `parent`'s (bounds of an
     enclosing box, as branch and bound passes them: only neurons still unstable are redone).
+    `requery` > 0: the layers after the first keep `parent`'s bounds (intersected with their
+    intervals, no back-substitution) when the first layer's unstable ranges shrank by less than
+    this share of `parent`'s (`tightened`): then the deeper bounds barely move either.
     ReLU lower slopes are adaptive (0 or 1), then optimised for the margins still at or below
     `target` (`alpha_steps` > 0 gradient steps), when the worst is at most `alpha_gap` below it
     (optimising gains a few percent: no use far from the target).
@@ -570,6 +574,7 @@ def linear_bounds(
     if parent is not None and parent.empty:
         parent = None
     first = cut = None
+    deep = True  # back-substitute the layers after the first
     cur_lo = cur_hi = None
     for i, layer in enumerate(layers):
         if isinstance(layer, Affine):
@@ -580,6 +585,8 @@ def linear_bounds(
             if i == 0:
                 cur_lo, cur_hi = _first_layer(spec, lo, hi, ibp, known if relu_next else None)
                 first = (cur_lo.copy(), cur_hi.copy())
+                if requery > 0 and parent is not None and parent.first is not None:
+                    deep = tightened(parent.first, first) >= requery
                 continue
             cur_lo, cur_hi = _spec_interval(spec, i, cur_lo, cur_hi)
             if known is not None:
@@ -589,6 +596,8 @@ def linear_bounds(
             rows = np.arange(len(cur_lo))
             if relu_next:
                 rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
+            if not deep and known is not None:
+                rows = rows[:0]
             if len(rows):
                 lam, c = _query_both(spec, pre, i, rows, cut)
                 vals, _ = spec.region.minimise(lam, c, lo, hi)
@@ -625,6 +634,19 @@ def linear_bounds(
     if spec.cap is not None:
         lower = np.minimum(lower, spec.cap)
     return Bounds(lower, lam, argmin, pre, method, first, cut)
+
+
+def tightened(before: tuple, after: tuple) -> float:
+    """The share by which the total range of the neurons unstable in `before` (lower, upper)
+    shrank in `after` (0: not at all, 1: all of it; 1 when none was unstable)."""
+    lo, hi = before
+    unstable = (lo < 0) & (hi > 0)
+    width = float(np.sum(hi[unstable] - lo[unstable]))
+    if width <= 0:
+        return 1.0
+    lo2 = np.maximum(after[0][unstable], lo[unstable])
+    hi2 = np.minimum(after[1][unstable], hi[unstable])
+    return 1.0 - float(np.sum(np.maximum(hi2 - lo2, 0.0))) / width
 
 
 def last_rows_lower(spec: SpecChain, lo, hi, known: Bounds) -> np.ndarray | None:
@@ -700,21 +722,30 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
         eye[m + np.arange(m), rows] = -1.0
         return _backsub(spec, pre, i + 1, eye, np.zeros(2 * m), cut=cut)
     layer, below = spec.layers[i], spec.layers[i - 2]
-    su, iu, alpha, _ = spec.layers[i - 1].relax(*pre[i - 1])
+    su, iu, alpha, unstable = spec.layers[i - 1].relax(*pre[i - 1])
     low = _first_err(spec) if i == 2 else spec.err[i - 2]
     low = low if low is not None else np.zeros(len(su))
-    # lower line alpha (W s + b), rounding alpha . err; upper line su (W s + b) + iu, su . err
-    lw, l0, le = alpha[:, None] * below.weight, alpha * below.bias, alpha * low
-    uw, u0, ue = su[:, None] * below.weight, su * below.bias + iu, su * low
-    if cut is not None and i == 2:  # the cut's lines hold the rounding in their constants
-        uw[cut.mask], u0[cut.mask], ue[cut.mask] = cut.slope[cut.mask], cut.const[cut.mask], 0.0
-    m1 = np.column_stack([(lw + uw) / 2.0, (l0 + u0) / 2.0, (le - ue) / 2.0])
-    m2 = np.column_stack([(lw - uw) / 2.0, (l0 - u0) / 2.0, (le + ue) / 2.0])
-    if 2 * m > len(layer.bias):
-        a, b = (layer.weight @ m1)[rows], (spec.absw[i] @ m2)[rows]
-    else:
-        a, b = layer.weight[rows] @ m1, spec.absw[i][rows] @ m2
+    # lower line alpha (W s + b), rounding alpha . err; upper line su (W s + b) + iu, su . err;
+    # m1 / m2 hold their half sum / half difference (weights, constant, rounding)
     g = below.weight.shape[1]
+    h1, h2 = (alpha + su) / 2.0, (alpha - su) / 2.0
+    m1, m2 = np.empty((len(su), g + 2)), np.empty((len(su), g + 2))
+    np.multiply(h1[:, None], below.weight, out=m1[:, :g])
+    np.multiply(h2[:, None], below.weight, out=m2[:, :g])
+    m1[:, g], m2[:, g] = h1 * below.bias + iu / 2.0, h2 * below.bias - iu / 2.0
+    m1[:, g + 1], m2[:, g + 1] = h2 * low, h1 * low
+    if cut is not None and i == 2:  # the cut's lines hold the rounding in their constants
+        k, half = cut.mask, alpha[cut.mask, None] / 2.0
+        lw, l0 = half * below.weight[k], half[:, 0] * below.bias[k]
+        m1[k, :g], m2[k, :g] = lw + cut.slope[k] / 2.0, lw - cut.slope[k] / 2.0
+        m1[k, g], m2[k, g] = l0 + cut.const[k] / 2.0, l0 - cut.const[k] / 2.0
+        m1[k, g + 1] = m2[k, g + 1] = half[:, 0] * low[k]
+    # stable neurons' lines coincide: m2 has weights and constant on the unstable ones only
+    cols = np.flatnonzero(unstable)
+    a, aw = layer.weight[rows] @ m1, spec.absw[i][rows]
+    b = np.empty_like(a)
+    b[:, : g + 1] = aw[:, cols] @ m2[cols, : g + 1]
+    b[:, g + 1] = aw @ m2[:, g + 1]
     own = spec.err[i][rows] if spec.err[i] is not None else 0.0
     if spec.input_error(i) is not None:  # unit queries: |lambda W| = |W| on the rows
         own = own + spec.absw[i][rows] @ spec.input_error(i)
