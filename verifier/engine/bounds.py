@@ -479,10 +479,9 @@ def _affine_exact(layer: Affine, err, lo, hi, region: Region) -> tuple[np.ndarra
     """Exact (relaxed) bounds of an affine function of s over the relaxed region, widened by
     its rounding bound `err` (None: exact)."""
     w, b = layer.weight, layer.bias
-    low, _ = region.minimise(w, b, lo, hi)
-    neg, _ = region.minimise(-w, -b, lo, hi)
+    vals, _ = region.minimise(np.concatenate([w, -w]), np.concatenate([b, -b]), lo, hi)
     e = 0.0 if err is None else err
-    return low - e, -neg + e
+    return vals[: len(b)] - e, -vals[len(b) :] + e
 
 
 def _affine_interval(layer: Affine, absw: np.ndarray, lo: np.ndarray, hi: np.ndarray, err=None):
