@@ -465,6 +465,27 @@ def test_unique_rows_equals_numpy_unique(n, g, seed):
     assert np.array_equal(unique_rows(a), np.unique(a, axis=0))
 
 
+def test_minimisers_already_run_are_not_run_again():
+    from verifier.engine.bab import _try_minimisers
+
+    chain, runtime, region, label, spec, root = _hard_robust_case()
+
+    class Counting(ChainRuntime):
+        rows = 0
+
+        def predict(self, x):
+            Counting.rows += len(x)
+            return super().predict(x)
+
+    counting = Counting(runtime.chain, region.x.size)
+    tried: set = set()
+    assert _try_minimisers(counting, region, label, root, np.zeros(len(spec.others)), tried) is None
+    first = Counting.rows
+    assert first > 0 and len(tried) == first  # every candidate ran once and is remembered
+    assert _try_minimisers(counting, region, label, root, np.zeros(len(spec.others)), tried) is None
+    assert Counting.rows == first
+
+
 def test_bab_with_no_nodes_is_unknown():
     chain, runtime, region, label, spec, root = _hard_robust_case()
 
