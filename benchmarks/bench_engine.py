@@ -19,8 +19,8 @@ Engines (`decide` options):
   today  branch and bound on generators, z3 on small leaves
   milp   branch and bound on generators, the mixed-integer program on small leaves
   milp-alpha  as milp, with the ReLU slopes optimised at every node too (`node_alpha`)
-  milp-shallow  as milp, a child whose first layer's unstable ranges shrank by under 3%
-         keeping its parent's deeper bounds (`requery=0.03`)
+  milp-own  as milp, every child deriving its own intermediate bounds (`inherit=False`; by
+         default the child that keeps its parent's point nearest 0 reuses the parent's)
   mixed  ReLU-phase and generator splits with split multipliers, the program on small leaves
   relu   as mixed, preferring ReLU splits
   triangle  as milp, with the triangle upper lines on the first ReLU instead of the knapsack
@@ -66,7 +66,7 @@ ENGINES = {
     "today": {"splits": "generator", "exact": "z3"},
     "milp": {"splits": "generator", "exact": "milp"},
     "milp-alpha": {"splits": "generator", "exact": "milp", "node_alpha": True},
-    "milp-shallow": {"splits": "generator", "exact": "milp", "requery": 0.03},
+    "milp-own": {"splits": "generator", "exact": "milp", "inherit": False},
     "mixed": {"splits": "mixed", "exact": "milp"},
     "relu": {"splits": "relu", "exact": "milp"},
     "triangle": {"splits": "generator", "exact": "milp", "knapsack_cut": False},

@@ -169,45 +169,44 @@ def test_child_bounds_reusing_parent_are_sound_and_tighter(seed):
 
 @pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
 @pytest.mark.parametrize("seed", range(8))
-def test_child_bounds_keeping_parent_deeper_bounds_are_sound(seed, maxpool):
-    """`requery`: a child that keeps its parent's bounds past the first layer stays below every
-    real margin of its box, and is what the parent's bounds give there (never looser than them,
-    deeper layers within the parent's); with `requery=0` nothing changes."""
+def test_child_bounds_reusing_parent_rows_are_sound(seed, maxpool):
+    """`reuse`: a sub-box holding its parent's point nearest 0 minimises the parent's kept rows
+    over itself: below every real margin of the box, never looser than the parent, and its
+    intermediate bounds are those rows' minima; other boxes derive their own, as without it."""
     chain, _, region, label = random_case(seed, maxpool)
     spec = spec_chain(chain, region, label)
-    root = linear_bounds(spec, region.lo, region.hi)
+    root = linear_bounds(spec, region.lo, region.hi, reuse=True)
+    p = np.clip(0, region.lo, region.hi)
     rng = np.random.default_rng(seed + 200)
-    for _ in range(4):
+    inherited = 0
+    for k in range(6):
         a = rng.integers(region.lo, region.hi + 1)
         b = rng.integers(region.lo, region.hi + 1)
         lo, hi = np.minimum(a, b), np.maximum(a, b)
+        if k % 2 == 0:  # a box holding the root's point nearest 0
+            lo, hi = np.minimum(lo, p), np.maximum(hi, p)
+        plain = linear_bounds(spec, lo, hi, parent=root)
+        child = linear_bounds(spec, lo, hi, parent=root, reuse=True)
         parts = list(region.enumerate(lo=lo, hi=hi))
-        full = linear_bounds(spec, lo, hi, parent=root)
-        assert np.array_equal(
-            linear_bounds(spec, lo, hi, parent=root, requery=0.0).lower, full.lower
-        )
-        kept = linear_bounds(spec, lo, hi, parent=root, requery=1.0)  # never re-bounds deeper
         if not parts:
-            assert kept.empty
+            assert child.empty
             continue
-        assert np.all(kept.lower >= root.lower - 1e-12)
-        for k, p in enumerate(kept.pre[2:], start=2):
-            if p is not None:
-                assert np.all(p[0] >= root.pre[k][0]) and np.all(p[1] <= root.pre[k][1])
+        if not np.array_equal(np.clip(0, lo, hi), p):  # derives and keeps its own rows
+            assert np.array_equal(child.lower, plain.lower) and child.queries is not None
+            continue
+        inherited += 1
+        assert child.queries is root.queries  # passed on to the next box holding the point
+        assert np.all(child.lower >= root.lower - 1e-12)
+        for i, (rows, lam, c) in root.queries.items():  # the root's rows' minima over the box
+            vals, _ = region.minimise(lam, c, lo, hi)
+            low, up = child.pre[i + 1][0][rows], child.pre[i + 1][1][rows]
+            still = (low < 0) & (up > 0)  # the others may be stable by their intervals
+            assert np.all(low[still] >= vals[: len(rows)][still] - 1e-9)
+            assert np.all(up[still] <= -vals[len(rows) :][still] + 1e-9)
         logits = forward_lowered(chain, region.points(np.concatenate(parts)))
         real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
-        assert np.all(kept.lower <= real + 1e-9), (kept.lower, real)
-
-
-def test_tightened_share():
-    from verifier.engine.bounds import tightened
-
-    before = (np.array([-2.0, -1.0, 1.0, -3.0]), np.array([2.0, 1.0, 2.0, -1.0]))
-    after = (np.array([-1.0, -1.0, 1.5, -3.0]), np.array([2.0, 0.5, 2.0, -2.0]))
-    # unstable before: ranges 4 and 2; after 3 and 1.5 (stable neurons are not counted)
-    assert tightened(before, after) == pytest.approx(1.0 - 4.5 / 6.0)
-    assert tightened(before, before) == 0.0
-    assert tightened((np.ones(2), np.ones(2) * 2), before) == 1.0
+        assert np.all(child.lower <= real + 1e-9), (child.lower, real)
+    assert inherited > 0
 
 
 @pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
@@ -418,12 +417,11 @@ def test_decide_agrees_with_enumeration(seed):
     chain, runtime, region, label = random_case(seed)
     # enum_limit=0 forces bounds and branch and bound (no leaf is enumerated)
     # node_alpha: slopes optimised at every node too
-    # requery: 0 re-bounds every layer at every node, 1 keeps the parent's past the first
+    # inherit=False: every node derives its own intermediate bounds
     options = (
         {"enum_limit": 0},
         {"enum_limit": 0, "node_alpha": True},
-        {"enum_limit": 0, "requery": 0.0},
-        {"enum_limit": 0, "requery": 1.0},
+        {"enum_limit": 0, "inherit": False},
         {"enum_limit": 16},
         {},
     )

@@ -13,7 +13,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -100,7 +100,7 @@ def branch_and_bound(
             if cover is not None:
                 close_by_bounds(cover, leaf, region, threshold)
             if keep_closed and not leaf.bounds.empty:
-                out.closed_leaves.append(leaf)
+                out.closed_leaves.append(_without_rows(leaf))
         else:
             heapq.heappush(heap, (_key(leaf.bounds, threshold), next(tie), leaf))
 
@@ -120,7 +120,7 @@ def branch_and_bound(
                 if cover is not None:
                     cover.close(leaf.lo, leaf.hi, "enumeration", res.points)
                 if keep_closed:
-                    out.closed_leaves.append(leaf)
+                    out.closed_leaves.append(_without_rows(leaf))
                 continue
             stuck.append(leaf)  # out of time, or the runtime's answer depends on the batch
             if not res.complete:
@@ -170,6 +170,13 @@ def settle_node(
         out.status, out.route = REFUTED, "enumeration"
         out.coeffs, out.adv_label = res.coeffs, res.adv_label
     return res
+
+
+def _without_rows(leaf: Leaf) -> Leaf:
+    """The leaf without its bounds' rows kept for children (closed leaves have none)."""
+    if leaf.bounds.queries is None:
+        return leaf
+    return Leaf(leaf.lo, leaf.hi, replace(leaf.bounds, queries=None))
 
 
 def _key(b: Bounds, threshold: np.ndarray) -> float:

@@ -85,6 +85,10 @@ class Bounds:
     method: str  # "ibp", "crown", "alpha-crown", "beta-crown" (relu_split) or "empty"
     first: tuple | None = None  # (lower, upper) of the first layer's outputs (exact, reusable)
     cut: KnapsackCut | None = None  # the first ReLU's upper lines on s over this box
+    # with `linear_bounds(reuse=True)`: the box's point nearest 0, and per affine layer its
+    # back-substituted rows (rows, lam, c) as `_query_both` gave them (for children to reuse)
+    point: np.ndarray | None = None
+    queries: dict | None = None
 
     @property
     def empty(self) -> bool:
@@ -551,15 +555,16 @@ def linear_bounds(
     ibp: Bounds | None = None,
     parent: Bounds | None = None,
     alpha_gap: float = np.inf,
-    requery: float = 0.0,
+    reuse: bool = False,
 ) -> Bounds:
     """CROWN / DeepPoly: back-substitute every unstable neuron and the margins down to s.
 
     Intermediate bounds are the tighter of IBP, back-substitution and `parent`'s (bounds of an
     enclosing box, as branch and bound passes them: only neurons still unstable are redone).
-    `requery` > 0: the layers after the first keep `parent`'s bounds (intersected with their
-    intervals, no back-substitution) when the first layer's unstable ranges shrank by less than
-    this share of `parent`'s (`tightened`): then the deeper bounds barely move either.
+    `reuse`: the bounds keep their back-substituted rows, and a box holding `parent`'s point
+    nearest 0 minimises `parent`'s kept rows over itself instead of deriving its own (they hold
+    on a sub-box; a box that only loses range far from that point changes them little, within
+    0.01 logit on average on the MNIST models' feature regions), and keeps them in turn.
     ReLU lower slopes are adaptive (0 or 1), then optimised for the margins still at or below
     `target` (`alpha_steps` > 0 gradient steps), when the worst is at most `alpha_gap` below it
     (optimising gains a few percent: no use far from the target).
@@ -573,7 +578,11 @@ def linear_bounds(
     if parent is not None and parent.empty:
         parent = None
     first = cut = None
-    deep = True  # back-substitute the layers after the first
+    point = np.clip(0, lo, hi)
+    inherit = None  # the parent's kept rows, for a box holding its point nearest 0
+    if reuse and parent is not None and parent.queries is not None and parent.point is not None:
+        inherit = parent.queries if np.array_equal(parent.point, point) else None
+    kept: dict | None = ({} if inherit is None else inherit) if reuse else None
     cur_lo = cur_hi = None
     for i, layer in enumerate(layers):
         if isinstance(layer, Affine):
@@ -584,8 +593,6 @@ def linear_bounds(
             if i == 0:
                 cur_lo, cur_hi = _first_layer(spec, lo, hi, ibp, known if relu_next else None)
                 first = (cur_lo.copy(), cur_hi.copy())
-                if requery > 0 and parent is not None and parent.first is not None:
-                    deep = tightened(parent.first, first) >= requery
                 continue
             cur_lo, cur_hi = _spec_interval(spec, i, cur_lo, cur_hi)
             if known is not None:
@@ -595,10 +602,12 @@ def linear_bounds(
             rows = np.arange(len(cur_lo))
             if relu_next:
                 rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
-            if not deep and known is not None:
-                rows = rows[:0]
             if len(rows):
-                lam, c = _query_both(spec, pre, i, rows, cut)
+                lam, c = _kept_rows(inherit, i, rows)
+                if lam is None:
+                    lam, c = _query_both(spec, pre, i, rows, cut)
+                    if kept is not None and inherit is None:
+                        kept[i] = (rows, lam, c)
                 vals, _ = spec.region.minimise(lam, c, lo, hi)
                 m = len(rows)
                 cur_lo[rows] = np.maximum(cur_lo[rows], vals[:m])
@@ -632,20 +641,20 @@ def linear_bounds(
     lower = np.maximum(vals, interval)
     if spec.cap is not None:
         lower = np.minimum(lower, spec.cap)
-    return Bounds(lower, lam, argmin, pre, method, first, cut)
+    return Bounds(lower, lam, argmin, pre, method, first, cut, point if reuse else None, kept)
 
 
-def tightened(before: tuple, after: tuple) -> float:
-    """The share by which the total range of the neurons unstable in `before` (lower, upper)
-    shrank in `after` (0: not at all, 1: all of it; 1 when none was unstable)."""
-    lo, hi = before
-    unstable = (lo < 0) & (hi > 0)
-    width = float(np.sum(hi[unstable] - lo[unstable]))
-    if width <= 0:
-        return 1.0
-    lo2 = np.maximum(after[0][unstable], lo[unstable])
-    hi2 = np.minimum(after[1][unstable], hi[unstable])
-    return 1.0 - float(np.sum(np.maximum(hi2 - lo2, 0.0))) / width
+def _kept_rows(kept: dict | None, i: int, rows: np.ndarray):
+    """Layer `i`'s kept (lam, c) for `rows` and their negations, or (None, None) when `kept`
+    holds no such rows for every one of `rows`."""
+    if kept is None or i not in kept or not len(kept[i][0]):
+        return None, None
+    have, lam, c = kept[i]
+    at = np.minimum(np.searchsorted(have, rows), len(have) - 1)
+    if not np.array_equal(have[at], rows):
+        return None, None
+    pick = np.concatenate([at, len(have) + at])
+    return lam[pick], c[pick]
 
 
 def last_rows_lower(spec: SpecChain, lo, hi, known: Bounds) -> np.ndarray | None:

@@ -92,7 +92,7 @@ def decide(
     keep_leaves: bool = False,
     node_alpha: bool = False,
     knapsack_cut: bool = True,
-    requery: float = 0.0,
+    inherit: bool = True,
 ) -> Decision:
     """Certified / refuted / unknown for `region` around its input, and the route that decided.
 
@@ -106,11 +106,9 @@ def decide(
     `alpha_steps` optimise the root's slopes; `node_alpha` also each branch-and-bound node's
     (off: at features r=20 a node then costs about a third less CPU, for 5-25% more nodes).
     `knapsack_cut=False` bounds with the triangle lines only (for side-by-side benchmarks).
-    `requery` > 0: a generator branch-and-bound child re-bounds the layers after the first only
-    when the first layer's unstable ranges shrank by at least this share of its parent's (off
-    by default: at 0.03 the MNIST MLP's features r=10 step 1/8 get about 1.3x the nodes per
-    second for bounds 0.05 logit looser, but r=20 step 1/4 children lose 0.6 logit on average
-    and the MNIST CNN's, whose first layer moves locally, stop closing).
+    `inherit`: a generator branch-and-bound child holding its parent's point nearest 0 (the one
+    that drops a feature) minimises its parent's intermediate linear bounds over its box
+    instead of deriving its own (`bounds.linear_bounds(reuse=True)`).
     Pass `bounds.prepare_chain(chain)` when deciding many regions of one model (saves copies).
 
     `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3, milp,
@@ -213,7 +211,7 @@ def decide(
         exact,
         keep_leaves,
         node_alpha,
-        requery,
+        inherit,
     )
 
 
@@ -233,7 +231,7 @@ def _refine(
     exact_backend: str = "milp",
     keep_leaves: bool = False,
     node_alpha: bool = False,
-    requery: float = 0.0,
+    inherit: bool = False,
 ) -> Decision:
     """Branch and bound from the root bounds; the exact back end on the open leaves small enough
     for it; branch and bound again on what is left, until the budget runs out (`keep_leaves`: the
@@ -250,8 +248,8 @@ def _refine(
     reuse: list[Leaf] = []  # leaves that closed the float model's region, with their bounds
 
     node_steps = alpha_steps if node_alpha else 0
-    # a ReLU phase split keeps the box and the first layer: its deeper bounds must be redone
-    shallow = requery if splits == "generator" else 0.0
+    # a ReLU phase split keeps the box: its children must derive their own intermediate bounds
+    inherit = inherit and splits == "generator"
 
     def bound(lo, hi, parent):
         return linear_bounds(
@@ -262,7 +260,7 @@ def _refine(
             target=threshold,
             parent=parent,
             alpha_gap=gap,
-            requery=shallow,
+            reuse=inherit,
         )
 
     for stage in ("bab", "exact", "bab"):
