@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/bench_engine.py [--models examples/mnist_mlp.onnx,...] [--n 1000]
        [--configs a,b,d] [--timeouts 2,10] [--engines milp,triangle] [--baseline 3] [--no-smt]
+       [--ort-threads 1]
        [--out runs/bench_engine.json]
 
 The defaults are the full setting: the first 1,000 test images, the MNIST MLP and CNN, three
@@ -18,6 +19,8 @@ Engines (`decide` options):
   today  branch and bound on generators, z3 on small leaves
   milp   branch and bound on generators, the mixed-integer program on small leaves
   milp-alpha  as milp, with the ReLU slopes optimised at every node too (`node_alpha`)
+  milp-own  as milp, every child deriving its own intermediate bounds (`inherit=False`; by
+         default the child that keeps its parent's point nearest 0 reuses the parent's)
   mixed  ReLU-phase and generator splits with split multipliers, the program on small leaves
   relu   as mixed, preferring ReLU splits
   triangle  as milp, with the triangle upper lines on the first ReLU instead of the knapsack
@@ -63,6 +66,7 @@ ENGINES = {
     "today": {"splits": "generator", "exact": "z3"},
     "milp": {"splits": "generator", "exact": "milp"},
     "milp-alpha": {"splits": "generator", "exact": "milp", "node_alpha": True},
+    "milp-own": {"splits": "generator", "exact": "milp", "inherit": False},
     "mixed": {"splits": "mixed", "exact": "milp"},
     "relu": {"splits": "relu", "exact": "milp"},
     "triangle": {"splits": "generator", "exact": "milp", "knapsack_cut": False},
@@ -276,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeouts", default="2,10", help="seconds per input, comma-separated")
     p.add_argument("--engines", default="milp,triangle", help=f"of {', '.join(ENGINES)}")
     p.add_argument("--baseline", type=int, default=3, help="inputs enumerated plainly for (a)")
+    p.add_argument(
+        "--ort-threads",
+        type=int,
+        default=1,
+        help="onnxruntime threads per model: 1 as a run's workers have (0: every core; each "
+        "node's call of a few points then waits on the pool, half the nodes/s at load 3)",
+    )
     p.add_argument("--no-smt", action="store_true", help="no exact back end on small leaves")
     p.add_argument("--out", default="runs/bench_engine.json")
     args = p.parse_args(argv)
@@ -293,10 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         "timeouts_s": timeouts,
         "engines": {e: ENGINES[e] for e in engines},
         "use_smt": not args.no_smt,
+        "ort_threads": args.ort_threads,
         "models": {},
     }
     for model_path in args.models.split(","):
-        model = load_model(model_path)
+        model = load_model(model_path, num_threads=args.ort_threads or None)
         chain = prepare_chain(model.network.lower())
         xs, labels, total = load_inputs(model, args.n)
         print(f"{model_path}: {len(xs)} of {total} inputs correctly classified", file=sys.stderr)

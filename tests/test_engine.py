@@ -139,10 +139,14 @@ def test_folded_relu_step_equals_plain_back_substitution(seed):
             m = len(layer.bias)
             rows = np.arange(m)
             eye = np.concatenate([np.eye(m), -np.eye(m)])
+            rng = np.random.default_rng(seed)
+            few = np.sort(rng.choice(m, max(1, m // 3), replace=False))
             for cut in (None, b.cut):  # the triangle lines, and the knapsack cut's
-                lam, c = _query_both(spec, b.pre, i, rows, cut)
                 lam2, c2 = _backsub(spec, b.pre, i + 1, eye, np.zeros(2 * m), cut=cut)
-                assert np.allclose(lam, lam2) and np.allclose(c, c2)
+                for sub in (rows, few):  # every row, and a few of them
+                    lam, c = _query_both(spec, b.pre, i, sub, cut)
+                    pick = np.concatenate([sub, m + sub])
+                    assert np.allclose(lam, lam2[pick]) and np.allclose(c, c2[pick])
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -161,6 +165,48 @@ def test_child_bounds_reusing_parent_are_sound_and_tighter(seed):
         logits = forward_lowered(chain, region.points(np.concatenate(parts)))
         real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
         assert np.all(child.lower <= real + 1e-9)
+
+
+@pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
+@pytest.mark.parametrize("seed", range(8))
+def test_child_bounds_reusing_parent_rows_are_sound(seed, maxpool):
+    """`reuse`: a sub-box holding its parent's point nearest 0 minimises the parent's kept rows
+    over itself: below every real margin of the box, never looser than the parent, and its
+    intermediate bounds are those rows' minima; other boxes derive their own, as without it."""
+    chain, _, region, label = random_case(seed, maxpool)
+    spec = spec_chain(chain, region, label)
+    root = linear_bounds(spec, region.lo, region.hi, reuse=True)
+    p = np.clip(0, region.lo, region.hi)
+    rng = np.random.default_rng(seed + 200)
+    inherited = 0
+    for k in range(6):
+        a = rng.integers(region.lo, region.hi + 1)
+        b = rng.integers(region.lo, region.hi + 1)
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        if k % 2 == 0:  # a box holding the root's point nearest 0
+            lo, hi = np.minimum(lo, p), np.maximum(hi, p)
+        plain = linear_bounds(spec, lo, hi, parent=root)
+        child = linear_bounds(spec, lo, hi, parent=root, reuse=True)
+        parts = list(region.enumerate(lo=lo, hi=hi))
+        if not parts:
+            assert child.empty
+            continue
+        if not np.array_equal(np.clip(0, lo, hi), p):  # derives and keeps its own rows
+            assert np.array_equal(child.lower, plain.lower) and child.queries is not None
+            continue
+        inherited += 1
+        assert child.queries is root.queries  # passed on to the next box holding the point
+        assert np.all(child.lower >= root.lower - 1e-12)
+        for i, (rows, lam, c) in root.queries.items():  # the root's rows' minima over the box
+            vals, _ = region.minimise(lam, c, lo, hi)
+            low, up = child.pre[i + 1][0][rows], child.pre[i + 1][1][rows]
+            still = (low < 0) & (up > 0)  # the others may be stable by their intervals
+            assert np.all(low[still] >= vals[: len(rows)][still] - 1e-9)
+            assert np.all(up[still] <= -vals[len(rows) :][still] + 1e-9)
+        logits = forward_lowered(chain, region.points(np.concatenate(parts)))
+        real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
+        assert np.all(child.lower <= real + 1e-9), (child.lower, real)
+    assert inherited > 0
 
 
 @pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
@@ -371,7 +417,14 @@ def test_decide_agrees_with_enumeration(seed):
     chain, runtime, region, label = random_case(seed)
     # enum_limit=0 forces bounds and branch and bound (no leaf is enumerated)
     # node_alpha: slopes optimised at every node too
-    options = ({"enum_limit": 0}, {"enum_limit": 0, "node_alpha": True}, {"enum_limit": 16}, {})
+    # inherit=False: every node derives its own intermediate bounds
+    options = (
+        {"enum_limit": 0},
+        {"enum_limit": 0, "node_alpha": True},
+        {"enum_limit": 0, "inherit": False},
+        {"enum_limit": 16},
+        {},
+    )
     for kwargs in options:
         d = decide(runtime, chain, region, label, timeout=20, use_smt=False, **kwargs)
         assert d.status != UNKNOWN, (kwargs, d)
@@ -398,6 +451,37 @@ def _hard_robust_case():
         if not np.all(root.lower > 0):
             return chain, runtime, region, label, spec, root
     pytest.skip("no robust region with failing root bounds among the seeds")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 9), st.integers(1, 12), st.integers(0, 2**32 - 1))
+def test_unique_rows_equals_numpy_unique(n, g, seed):
+    from verifier.engine.bab import unique_rows
+
+    a = np.random.default_rng(seed).integers(-2, 3, size=(n, g))
+    a = np.concatenate([a, a[: n // 2]])  # some repeated rows
+    assert np.array_equal(unique_rows(a), np.unique(a, axis=0))
+
+
+def test_minimisers_already_run_are_not_run_again():
+    from verifier.engine.bab import _try_minimisers
+
+    chain, runtime, region, label, spec, root = _hard_robust_case()
+
+    class Counting(ChainRuntime):
+        rows = 0
+
+        def predict(self, x):
+            Counting.rows += len(x)
+            return super().predict(x)
+
+    counting = Counting(runtime.chain, region.x.size)
+    tried: set = set()
+    assert _try_minimisers(counting, region, label, root, np.zeros(len(spec.others)), tried) is None
+    first = Counting.rows
+    assert first > 0 and len(tried) == first  # every candidate ran once and is remembered
+    assert _try_minimisers(counting, region, label, root, np.zeros(len(spec.others)), tried) is None
+    assert Counting.rows == first
 
 
 def test_bab_with_no_nodes_is_unknown():

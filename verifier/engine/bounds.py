@@ -85,6 +85,10 @@ class Bounds:
     method: str  # "ibp", "crown", "alpha-crown", "beta-crown" (relu_split) or "empty"
     first: tuple | None = None  # (lower, upper) of the first layer's outputs (exact, reusable)
     cut: KnapsackCut | None = None  # the first ReLU's upper lines on s over this box
+    # with `linear_bounds(reuse=True)`: the box's point nearest 0, and per affine layer its
+    # back-substituted rows (rows, lam, c) as `_query_both` gave them (for children to reuse)
+    point: np.ndarray | None = None
+    queries: dict | None = None
 
     @property
     def empty(self) -> bool:
@@ -479,10 +483,9 @@ def _affine_exact(layer: Affine, err, lo, hi, region: Region) -> tuple[np.ndarra
     """Exact (relaxed) bounds of an affine function of s over the relaxed region, widened by
     its rounding bound `err` (None: exact)."""
     w, b = layer.weight, layer.bias
-    low, _ = region.minimise(w, b, lo, hi)
-    neg, _ = region.minimise(-w, -b, lo, hi)
+    vals, _ = region.minimise(np.concatenate([w, -w]), np.concatenate([b, -b]), lo, hi)
     e = 0.0 if err is None else err
-    return low - e, -neg + e
+    return vals[: len(b)] - e, -vals[len(b) :] + e
 
 
 def _affine_interval(layer: Affine, absw: np.ndarray, lo: np.ndarray, hi: np.ndarray, err=None):
@@ -552,11 +555,16 @@ def linear_bounds(
     ibp: Bounds | None = None,
     parent: Bounds | None = None,
     alpha_gap: float = np.inf,
+    reuse: bool = False,
 ) -> Bounds:
     """CROWN / DeepPoly: back-substitute every unstable neuron and the margins down to s.
 
     Intermediate bounds are the tighter of IBP, back-substitution and `parent`'s (bounds of an
     enclosing box, as branch and bound passes them: only neurons still unstable are redone).
+    `reuse`: the bounds keep their back-substituted rows, and a box holding `parent`'s point
+    nearest 0 minimises `parent`'s kept rows over itself instead of deriving its own (they hold
+    on a sub-box; a box that only loses range far from that point changes them little, within
+    0.01 logit on average on the MNIST models' feature regions), and keeps them in turn.
     ReLU lower slopes are adaptive (0 or 1), then optimised for the margins still at or below
     `target` (`alpha_steps` > 0 gradient steps), when the worst is at most `alpha_gap` below it
     (optimising gains a few percent: no use far from the target).
@@ -570,6 +578,11 @@ def linear_bounds(
     if parent is not None and parent.empty:
         parent = None
     first = cut = None
+    point = np.clip(0, lo, hi)
+    inherit = None  # the parent's kept rows, for a box holding its point nearest 0
+    if reuse and parent is not None and parent.queries is not None and parent.point is not None:
+        inherit = parent.queries if np.array_equal(parent.point, point) else None
+    kept: dict | None = ({} if inherit is None else inherit) if reuse else None
     cur_lo = cur_hi = None
     for i, layer in enumerate(layers):
         if isinstance(layer, Affine):
@@ -590,7 +603,11 @@ def linear_bounds(
             if relu_next:
                 rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
             if len(rows):
-                lam, c = _query_both(spec, pre, i, rows, cut)
+                lam, c = _kept_rows(inherit, i, rows)
+                if lam is None:
+                    lam, c = _query_both(spec, pre, i, rows, cut)
+                    if kept is not None and inherit is None:
+                        kept[i] = (rows, lam, c)
                 vals, _ = spec.region.minimise(lam, c, lo, hi)
                 m = len(rows)
                 cur_lo[rows] = np.maximum(cur_lo[rows], vals[:m])
@@ -624,7 +641,20 @@ def linear_bounds(
     lower = np.maximum(vals, interval)
     if spec.cap is not None:
         lower = np.minimum(lower, spec.cap)
-    return Bounds(lower, lam, argmin, pre, method, first, cut)
+    return Bounds(lower, lam, argmin, pre, method, first, cut, point if reuse else None, kept)
+
+
+def _kept_rows(kept: dict | None, i: int, rows: np.ndarray):
+    """Layer `i`'s kept (lam, c) for `rows` and their negations, or (None, None) when `kept`
+    holds no such rows for every one of `rows`."""
+    if kept is None or i not in kept or not len(kept[i][0]):
+        return None, None
+    have, lam, c = kept[i]
+    at = np.minimum(np.searchsorted(have, rows), len(have) - 1)
+    if not np.array_equal(have[at], rows):
+        return None, None
+    pick = np.concatenate([at, len(have) + at])
+    return lam[pick], c[pick]
 
 
 def last_rows_lower(spec: SpecChain, lo, hi, known: Bounds) -> np.ndarray | None:
@@ -700,21 +730,30 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
         eye[m + np.arange(m), rows] = -1.0
         return _backsub(spec, pre, i + 1, eye, np.zeros(2 * m), cut=cut)
     layer, below = spec.layers[i], spec.layers[i - 2]
-    su, iu, alpha, _ = spec.layers[i - 1].relax(*pre[i - 1])
+    su, iu, alpha, unstable = spec.layers[i - 1].relax(*pre[i - 1])
     low = _first_err(spec) if i == 2 else spec.err[i - 2]
     low = low if low is not None else np.zeros(len(su))
-    # lower line alpha (W s + b), rounding alpha . err; upper line su (W s + b) + iu, su . err
-    lw, l0, le = alpha[:, None] * below.weight, alpha * below.bias, alpha * low
-    uw, u0, ue = su[:, None] * below.weight, su * below.bias + iu, su * low
-    if cut is not None and i == 2:  # the cut's lines hold the rounding in their constants
-        uw[cut.mask], u0[cut.mask], ue[cut.mask] = cut.slope[cut.mask], cut.const[cut.mask], 0.0
-    m1 = np.column_stack([(lw + uw) / 2.0, (l0 + u0) / 2.0, (le - ue) / 2.0])
-    m2 = np.column_stack([(lw - uw) / 2.0, (l0 - u0) / 2.0, (le + ue) / 2.0])
-    if 2 * m > len(layer.bias):
-        a, b = (layer.weight @ m1)[rows], (spec.absw[i] @ m2)[rows]
-    else:
-        a, b = layer.weight[rows] @ m1, spec.absw[i][rows] @ m2
+    # lower line alpha (W s + b), rounding alpha . err; upper line su (W s + b) + iu, su . err;
+    # m1 / m2 hold their half sum / half difference (weights, constant, rounding)
     g = below.weight.shape[1]
+    h1, h2 = (alpha + su) / 2.0, (alpha - su) / 2.0
+    m1, m2 = np.empty((len(su), g + 2)), np.empty((len(su), g + 2))
+    np.multiply(h1[:, None], below.weight, out=m1[:, :g])
+    np.multiply(h2[:, None], below.weight, out=m2[:, :g])
+    m1[:, g], m2[:, g] = h1 * below.bias + iu / 2.0, h2 * below.bias - iu / 2.0
+    m1[:, g + 1], m2[:, g + 1] = h2 * low, h1 * low
+    if cut is not None and i == 2:  # the cut's lines hold the rounding in their constants
+        k, half = cut.mask, alpha[cut.mask, None] / 2.0
+        lw, l0 = half * below.weight[k], half[:, 0] * below.bias[k]
+        m1[k, :g], m2[k, :g] = lw + cut.slope[k] / 2.0, lw - cut.slope[k] / 2.0
+        m1[k, g], m2[k, g] = l0 + cut.const[k] / 2.0, l0 - cut.const[k] / 2.0
+        m1[k, g + 1] = m2[k, g + 1] = half[:, 0] * low[k]
+    # stable neurons' lines coincide: m2 has weights and constant on the unstable ones only
+    cols = np.flatnonzero(unstable)
+    a, aw = layer.weight[rows] @ m1, spec.absw[i][rows]
+    b = np.empty_like(a)
+    b[:, : g + 1] = aw[:, cols] @ m2[cols, : g + 1]
+    b[:, g + 1] = aw @ m2[:, g + 1]
     own = spec.err[i][rows] if spec.err[i] is not None else 0.0
     if spec.input_error(i) is not None:  # unit queries: |lambda W| = |W| on the rows
         own = own + spec.absw[i][rows] @ spec.input_error(i)

@@ -92,6 +92,7 @@ def decide(
     keep_leaves: bool = False,
     node_alpha: bool = False,
     knapsack_cut: bool = True,
+    inherit: bool = True,
 ) -> Decision:
     """Certified / refuted / unknown for `region` around its input, and the route that decided.
 
@@ -105,6 +106,9 @@ def decide(
     `alpha_steps` optimise the root's slopes; `node_alpha` also each branch-and-bound node's
     (off: at features r=20 a node then costs about a third less CPU, for 5-25% more nodes).
     `knapsack_cut=False` bounds with the triangle lines only (for side-by-side benchmarks).
+    `inherit`: a generator branch-and-bound child holding its parent's point nearest 0 (the one
+    that drops a feature) minimises its parent's intermediate linear bounds over its box
+    instead of deriving its own (`bounds.linear_bounds(reuse=True)`).
     Pass `bounds.prepare_chain(chain)` when deciding many regions of one model (saves copies).
 
     `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3, milp,
@@ -207,6 +211,7 @@ def decide(
         exact,
         keep_leaves,
         node_alpha,
+        inherit,
     )
 
 
@@ -226,6 +231,7 @@ def _refine(
     exact_backend: str = "milp",
     keep_leaves: bool = False,
     node_alpha: bool = False,
+    inherit: bool = False,
 ) -> Decision:
     """Branch and bound from the root bounds; the exact back end on the open leaves small enough
     for it; branch and bound again on what is left, until the budget runs out (`keep_leaves`: the
@@ -242,10 +248,19 @@ def _refine(
     reuse: list[Leaf] = []  # leaves that closed the float model's region, with their bounds
 
     node_steps = alpha_steps if node_alpha else 0
+    # a ReLU phase split keeps the box: its children must derive their own intermediate bounds
+    inherit = inherit and splits == "generator"
 
     def bound(lo, hi, parent):
         return linear_bounds(
-            spec, lo, hi, alpha_steps=node_steps, target=threshold, parent=parent, alpha_gap=gap
+            spec,
+            lo,
+            hi,
+            alpha_steps=node_steps,
+            target=threshold,
+            parent=parent,
+            alpha_gap=gap,
+            reuse=inherit,
         )
 
     for stage in ("bab", "exact", "bab"):

@@ -157,13 +157,15 @@ def _binary_knapsack_min(a, const, lo, hi, p, cost, cap: float) -> np.ndarray | 
     if len(odd) > 1:
         return None
     base = a @ p + const
-    uni = np.flatnonzero(free & (cost == c0))
-    gains = np.maximum(-a[:, uni], 0.0)  # moving g from 0 to 1 lowers the row by -a_g if > 0
-    n = gains.shape[1]
+    uni = free & (cost == c0)
+    n = int(np.count_nonzero(uni))
+    # moving g from 0 to 1 lowers the row by -a_g if > 0 (kept negated: min(a_g, 0)); the
+    # other generators' are zeroed, not cut out (a column gather costs more than it saves)
+    loss = np.minimum(a, 0.0)
+    loss[:, ~uni] = 0.0
     k = min(int(np.floor(cap / c0)), n)  # whole uniform items the capacity holds
     top = min(k + 1, n)  # the k best, and the one a fraction of it may take
-    best = -np.partition(-gains, top - 1, axis=1)[:, :top] if top < n else gains
-    best = -np.sort(-best, axis=1)
+    best = -np.sort(np.partition(loss, top - 1, axis=1)[:, :top], axis=1)
     prefix = np.concatenate([np.zeros((len(a), 1)), np.cumsum(best, axis=1)], axis=1)
 
     def uniform_gain(room: float) -> np.ndarray:
