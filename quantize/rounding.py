@@ -56,6 +56,9 @@ class PairSums:
     grid: Grid | None
     offset: float = 0.0
     adjacent: bool = False
+    # per output row, a bound on the loss once its constant part is in the layer's bias (a
+    # region where every input's integer value is known: `verifier.engine.dynamic_input`)
+    known: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,74 @@ def test_adjacent_pair_bound_holds_pointwise(tmp_path):
     assert misses(no_pairs) > 0
     free = rounding_errors(em.chain, region, rounding=no_pairs.rounding)[0][0]
     assert errors[0][0][1] == free[1] and errors[0][0][0] > free[0]
+
+
+def _dynamic_pair_model(tmp_path):
+    """`pair_mlp` quantized by ONNX Runtime's dynamic mode (its first layer quantizes its input
+    per run) and inputs near 1 on the 1/255 grid, the first one at 1."""
+    model = load_model(pair_mlp(tmp_path / "pair.onnx"))
+    runner = quantize_model(model, "ort-dynamic", tmp_path, None)
+    em = error_model(runner, model.network.lower())
+    x = np.array([255, 250, 248, 252, 246, 250, 243, 249]) / 255.0
+    return model, runner, em, x
+
+
+def test_first_layer_saturation_folded_where_the_scale_is_fixed(tmp_path):
+    """A region that leaves the top value alone: the quantized spec folds the input scale and,
+    with it, the first layer's pair-sum saturation into its bias (a bound far narrower than the
+    region-wide one); the runtime's logits lie within its interval at every point. Without the
+    bias shift (the narrow bound alone) they do not."""
+    from test_dynamic_input import check_spec_holds
+
+    from verifier.engine.quantized_spec import QuantizedSpec, quantized_spec
+
+    model, runner, em, x = _dynamic_pair_model(tmp_path)
+    assert em.rounding[0].dynamic_input and not em.rounding[0].inputs
+    region = lattice_region(x, np.arange(1, 6), 1 / 255, 3 / 255)
+    label = int(np.argmax(runner.predict(x[None].astype(np.float32))[0]))
+    qs = quantized_spec(em, region, label)
+    assert qs.region is not region  # the input scale is fixed: folded
+    check_spec_holds(runner, qs, region, label)
+    if not int16_pair_sums():
+        assert em.rounding[0].pairs is None
+        return
+    wide = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
+    shift = em.chain.layers[0].bias - qs.chain.layers[0].bias
+    assert shift[0] > 0.1 and qs.errors[0][0][0] < 0.1 * wide[0]  # column 0 saturates
+    unshifted = QuantizedSpec(qs.spec, qs.errors, qs.region, em.chain)
+    pts = np.concatenate(list(region.enumerate()))
+    got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+    outside = 0
+    for s, g in zip(pts, got, strict=True):
+        lo, hi = unshifted.interval(s)
+        outside += int(np.any((g < lo) | (g > hi)))
+    assert outside > 0
+
+
+def test_first_layer_saturation_folded_in_sub_regions(tmp_path):
+    """A region whose top value moves: in every sub-region of fixed scale the folded spec's
+    margin bounds lie below the runtime's margins at every point, and its interval holds the
+    runtime's logits at the point the guard checks."""
+    from verifier.engine.diffdecide import _folded_bounds
+    from verifier.engine.regions import feature_region
+
+    model, runner, em, x = _dynamic_pair_model(tmp_path)
+    region = feature_region(x, [np.array([i]) for i in range(8)], 0.125, 0.25)
+    label = int(np.argmax(runner.predict(x[None].astype(np.float32))[0]))
+    detail: dict = {}
+    parts = _folded_bounds(runner, em, region, label, np.full(1, np.inf), detail, np.inf)
+    assert parts and len(parts) > 1, detail
+    others = [k for k in range(2) if k != label]
+    for spec, leaf in parts:
+        assert list(spec.others) == others
+        lo, hi = leaf.lo, leaf.hi
+        pts = np.array(
+            [
+                s
+                for s in np.concatenate(list(region.enumerate()))
+                if np.all(lo <= s) and np.all(s <= hi)
+            ]
+        )
+        got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+        margin = (got[:, [label]] - got[:, others]).min(axis=0)
+        assert np.all(leaf.bounds.lower <= margin)

@@ -410,7 +410,9 @@ def _pair_saturation(
     input value over the region, q the integer weights; in output units times s_in s_w. With
     the pairing known (`p.adjacent`: inputs 2m, 2m+1), a pair of opposite-signed weights
     cannot saturate (|u8 x s8| <= 32640) and one of like signs loses at most
-    (A_2m |q_2m| + A_2m+1 |q_2m+1| - 32767)+."""
+    (A_2m |q_2m| + A_2m+1 |q_2m+1| - 32767)+. With the loss folded (`p.known`), that bound."""
+    if p.known is not None:
+        return p.known
     vlo = np.minimum(p.gain * lo, p.gain * hi) + p.shift
     vhi = np.maximum(p.gain * lo, p.gain * hi) + p.shift
     if p.grid is not None:
