@@ -40,7 +40,7 @@ def check_spec_holds(runner, qs, region, label: int):
     """The real runtime's logits lie within the quantized spec's interval at every point of the
     region, and its margins above the spec's linear bounds; returns those bounds."""
     pts = all_points(region)
-    got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+    got = np.asarray(runner.predict(runtime_inputs(runner, region, pts)), np.float64)
     for s, g in zip(pts, got, strict=True):
         lo, hi = qs.interval(s)
         assert np.all(lo <= g) and np.all(g <= hi)

@@ -151,3 +151,96 @@ def test_first_layer_saturation_folded_in_sub_regions(tmp_path):
         got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
         margin = (got[:, [label]] - got[:, others]).min(axis=0)
         assert np.all(leaf.bounds.lower <= margin)
+
+
+def _conv_pairs(op: str, c: int, k: int, taps: list) -> np.ndarray:
+    """Per output channel of a k x k, `c`-channel u8 x s8 convolution (`op`: QLinearConv or
+    ConvInteger) with two taps at +127 (flat in (c, kh, kw)) on an input of 255s: whether its
+    first output lost the int16 saturation of a pair."""
+    m = len(taps)
+    w = np.zeros((m, c * k * k), np.int8)
+    for j, (a, b) in enumerate(taps):
+        w[j, [a, b]] = 127
+    inits = [numpy_helper.from_array(w.reshape(m, c, k, k), "w")]
+    if op == "ConvInteger":
+        node = helper.make_node(op, ["x", "w"], ["y"])
+        out = TensorProto.INT32
+    else:
+        consts = {"xs": np.float32(1), "xz": np.uint8(0), "ws": np.float32(1)}
+        consts.update({"wz": np.int8(0), "ys": np.float32(300), "yz": np.uint8(0)})
+        inits += [numpy_helper.from_array(np.array(v), n) for n, v in consts.items()]
+        node = helper.make_node(op, ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"])
+        out = TensorProto.UINT8
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, c, k + 2, k + 2])],
+        [helper.make_tensor_value_info("y", out, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": np.full((1, c, k + 2, k + 2), 255, np.uint8)})[0][0, :, 0, 0]
+    scale = 1.0 if op == "ConvInteger" else 300.0
+    return np.abs(y.astype(np.float64) * scale - 2 * 255 * 127) > 1000
+
+
+def test_conv_kernels_pair_windows_as_kh_kw_c():
+    """QLinearConv pairs K positions 2m, 2m+1 of each window read as (kh, kw, c) (when this
+    CPU's kernels saturate at all; odd and even channel counts), ConvInteger none."""
+    from itertools import combinations
+
+    for c, k in ((1, 3), (2, 3), (3, 2)):
+        taps = list(combinations(range(c * k * k), 2))
+        got = {
+            t for t, hit in zip(taps, _conv_pairs("QLinearConv", c, k, taps), strict=True) if hit
+        }
+        order = [ch * k * k + t for t in range(k * k) for ch in range(c)]
+        want = {tuple(sorted(order[2 * m : 2 * m + 2])) for m in range(c * k * k // 2)}
+        assert got == (want if int16_pair_sums() else set()), (c, k)
+        assert not np.any(_conv_pairs("ConvInteger", c, k, taps))
+
+
+def test_conv_pair_bound_holds_pointwise(tmp_path):
+    """A QDQ CNN whose convolution saturates its pair sums near x = 1: the runtime's logits lie
+    within the model's bounds (unfolded, and with the first layer's saturation folded) at every
+    point; without the pair term they do not; the channel whose pairs are opposite-signed in
+    (kh, kw, c) order is charged nothing (its like-signed (c, kh, kw) pairs would saturate)."""
+    from onnx_builders import pair_cnn
+    from test_dynamic_input import check_spec_holds
+
+    from verifier.engine.quantized_spec import quantized_spec
+
+    model = load_model(pair_cnn(tmp_path / "pair_cnn.onnx"))
+    calib = np.random.default_rng(0).uniform(0.9, 1.0, (64, 2, 4, 4)).astype(np.float32)
+    runner = quantize_model(model, "ort-qdq", tmp_path, calib)
+    em = error_model(runner, model.network.lower())
+    x = np.full(32, 0.98)
+    region = lattice_region(x, np.array([0, 5, 21, 30]), 1 / 64, 1 / 32)
+    label = int(np.argmax(runner.predict(x.reshape(1, 2, 4, 4).astype(np.float32))[0]))
+    qs = quantized_spec(em, region, label)
+    check_spec_holds(runner, qs, region, label)
+    pts = np.concatenate(list(region.enumerate()))
+    xs = region.points(pts)
+    got = runner.predict(xs.reshape(-1, 2, 4, 4).astype(np.float32)).astype(np.float64)
+
+    def misses(m: ErrorModel) -> int:
+        errs = rounding_errors(m.chain, region, rounding=m.rounding)
+        bad = 0
+        for g, p in zip(got, xs, strict=True):
+            lo, hi = point_interval(m.chain, errs, p)
+            bad += int(np.any((g < lo) | (g > hi)))
+        return bad
+
+    assert misses(em) == 0
+    first = em.rounding[0]
+    if not int16_pair_sums():
+        assert first.pairs is None
+        return
+    assert first.pairs.adjacent and first.pairs.order.shape == (8, 18)
+    shift = em.chain.layers[0].bias - qs.chain.layers[0].bias  # the fold's: channel 0 only
+    assert np.all(shift[:4] > 1.0) and not np.any(shift[4:])
+    charge = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
+    assert np.all(charge[:4] > 10 * charge[4:])  # channel 0 charged, channel 1 float32 only
+    no_pairs = ErrorModel(em.chain, [replace(first, pairs=None), *em.rounding[1:]], "no pairs")
+    assert misses(no_pairs) > 0

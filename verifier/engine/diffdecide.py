@@ -219,8 +219,10 @@ def _folded_bounds(
     folds = [fold_first_input(model, part) for part in parts]
     if any(f is None for f in folds):
         return None
-    bare = None  # the first layer's bound without its pair sums' saturation (folded per part)
-    if r.pairs is not None:
+    # the first layer's bound without its pair sums' saturation (folded per part; an output
+    # rounding's bound would depend on the unshifted interval)
+    bare = None
+    if r.pairs is not None and not r.outputs and r.output_grid is None:
         one = replace(model.chain, layers=model.chain.layers[:1], absw=model.chain.absw[:1])
         plain = replace(r, pairs=replace(r.pairs, known=np.zeros(len(out[0]))))
         bare = rounding_errors(one, region, rounding=[plain])[0][0]
@@ -231,7 +233,7 @@ def _folded_bounds(
         if time.perf_counter() > deadline:
             return None
         region_q, residual = fold
-        m, first = fold_pair_sums(model, part, fold), out[0]
+        m, first = model if bare is None else fold_pair_sums(model, part, fold), out[0]
         if m is not model:
             first = bare + m.rounding[0].pairs.known
         part_errors = ([first, *out[1:]], [residual, *inputs[1:]])
