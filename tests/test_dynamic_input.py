@@ -51,17 +51,19 @@ def check_spec_holds(runner, qs, region, label: int):
 
 
 def _regions(x: np.ndarray, seed: int):
-    """Feature regions over every value (the values at 1 move: the scale may change) and a
-    lattice that leaves the values at 1 alone (several coefficient values per generator)."""
+    """Feature regions over every value (the values at 1 move: the scale may change), a
+    lattice that leaves the values at 1 alone (several coefficient values per generator) and
+    one that moves them (split per value)."""
     perm = np.random.default_rng(seed).permutation(16)
     yield feature_region(x, np.array_split(perm, 8), 0.125, 0.75)
     yield feature_region(x, np.array_split(perm, 8), 0.25, 1.0)
     yield lattice_region(x, np.array([3, 7, 11]), 0.125, 0.5)
+    yield lattice_region(x, np.array([0, 1, 7]), 0.125, 0.25)
 
 
 def test_sub_regions_cover_the_region(tiny):
     _, _, xs = tiny
-    split = 0
+    split = lattice = 0
     for i, x in enumerate(xs):
         for region in _regions(x, i):
             parts = split_for_fold(region)
@@ -71,7 +73,8 @@ def test_sub_regions_cover_the_region(tiny):
             assert len(got) == len(want) == len(np.unique(got, axis=0))
             assert {tuple(s) for s in got} == {tuple(s) for s in want}
             split += len(parts) > 1
-    assert split
+            lattice += region.family == "lattice" and len(parts) > 1  # split per value
+    assert split and lattice
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -200,10 +203,11 @@ def test_fixed_input_grid_fold_is_sound(fixed, mode):
     model, runners, xs = fixed
     runner = runners[mode]
     em = error_model(runner, model.network.lower())
-    folded = 0
+    folded = regions = 0
     charged = set()
     for i, x in enumerate(xs):
         for region in [*_regions(x, i), _past_the_ends(x)]:
+            regions += 1
             fold = fold_input_grid(em, region)
             assert fold is not None
             step = em.rounding[0].input_grid or em.rounding[0].inputs[0].grid
@@ -215,7 +219,7 @@ def test_fixed_input_grid_fold_is_sound(fixed, mode):
             folded += qs.region is not region
             b = check_spec_holds(runner, qs, region, label)
             charged.add(_small_first_input(qs.spec, b.pre))
-    assert folded == 4 * len(xs)
+    assert folded == regions
     assert charged == {True, False}
 
 

@@ -222,10 +222,10 @@ def _top_generators(region: Region, top: float) -> np.ndarray | None:
 
 def split_for_fold(region: Region, limit: int = 8) -> list[Region] | None:
     """Sub-regions covering `region` (every point within budget), in each of which the input
-    row's scale is fixed: with T the two-valued generators that move the values at the top,
-    T's first generator kept at its value nearest 0, or the first on and the second kept, ...,
-    or all of T moved (split again). None when that needs more than `limit` sub-regions or a
-    generator with more values."""
+    row's scale is fixed: with T the generators that move the values at the top, one per value
+    of T's first generator with more than two (a lattice), else T's first generator kept at its
+    value nearest 0, or the first on and the second kept, ..., or all of T moved (each split
+    again). None when that needs more than `limit` sub-regions."""
     out: list[Region] = []
     todo = [region]
     while todo:
@@ -239,8 +239,18 @@ def split_for_fold(region: Region, limit: int = 8) -> list[Region] | None:
         if gens is None:
             out.append(reg)
             continue
-        if not len(gens) or np.any(reg.hi[gens] - reg.lo[gens] != 1):
+        if not len(gens):
             return None
+        many = gens[reg.hi[gens] - reg.lo[gens] > 1]
+        if len(many):  # one sub-region per value of the first
+            g = many[0]
+            for v in range(reg.lo[g], reg.hi[g] + 1):
+                lo, hi_ = reg.lo.copy(), reg.hi.copy()
+                lo[g] = hi_[g] = v
+                todo.append(replace(reg, lo=lo, hi=hi_))
+            if len(out) + len(todo) > limit:
+                return None
+            continue
         other = np.where(p[gens] == reg.lo[gens], reg.hi[gens], reg.lo[gens])
         for j in range(len(gens) + 1):
             lo, hi_ = reg.lo.copy(), reg.hi.copy()
