@@ -50,26 +50,25 @@ def fold_first_input(model, region: Region) -> tuple[Region, np.ndarray] | None:
 
 def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray]):
     """`model` with its first layer's int16 pair-sum saturation (`quantize.rounding.PairSums`:
-    ONNX Runtime's u8 x s8 kernels, pairs known) folded in on `region`, where `folded` is the
-    first layer's input rounding folded into it (`fold_input_grid`, or `fold_first_input`: a
-    run-time scale fixed over the region): each input's integer then lies in a known range,
-    and each pair's loss S - clip(S) (nondecreasing in its pair sum S) between its values at
-    the ends of S's range. The middle of each row's total goes into the first layer's bias,
-    half its width is the bound left (`known`); that loss is a systematic shift of 0.1-0.3 per
-    neuron on the MNIST MLP, bounded by 0.7 both ways over a region. `model` itself when there
-    is nothing to fold."""
+    ONNX Runtime's u8 x s8 kernels, pairs known, a run-time uint8 input) folded in on `region`,
+    where `folded = fold_first_input(model, region)` fixed the input scale: each input's
+    integer then lies in a known range, and each pair's loss S - clip(S) (nondecreasing in its
+    pair sum S) between its values at the ends of S's range. The middle of each row's total
+    goes into the first layer's bias, half its width is the bound left (`known`); that loss is
+    a systematic shift of 0.1-0.3 per neuron on the MNIST MLP, bounded by 0.7 both ways over a
+    region. Only where the kernel was seen to saturate as modelled (MatMulInteger on uint8):
+    a shift is wrong where it does not (an int8 input on a fixed grid: QLinearConv measured
+    not to saturate on MNIST CNN shapes), where the two-sided bound is merely loose. `model`
+    itself when there is nothing to fold."""
     r = model.rounding[0]
     p = r.pairs if r is not None else None
-    if p is None or p.known is not None or not p.adjacent:
+    if p is None or p.known is not None or not p.adjacent or p.grid is not None:
+        return model
+    if not r.dynamic_input or r.symmetric_input:
         return model
     if not (np.all(np.asarray(p.gain) == 1.0) and np.all(np.asarray(p.shift) == 0.0)):
         return model
-    if p.grid is None and r.dynamic_input and not r.symmetric_input:
-        scale, offset = float(_value_range(region)[1].max()) / LEVELS, 0.0
-    elif p.grid is not None and p.grid == _input_grid(model):
-        scale, offset = p.grid.scale, p.offset
-    else:
-        return model
+    scale = float(_value_range(region)[1].max()) / LEVELS
     layer = model.chain.layers[0]
     q = layer.weight / p.unit[:, None]
     qi = np.round(q)
@@ -77,8 +76,8 @@ def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray]):
         return model  # not integer weights times a scale per row
     region_q, residual = folded
     lo, hi = _value_range(region_q)  # the runtime's value is within `residual` of these
-    a_lo = np.clip(np.ceil((lo - residual) / scale + offset), 0.0, LEVELS)
-    a_hi = np.clip(np.floor((hi + residual) / scale + offset), 0.0, LEVELS)
+    a_lo = np.clip(np.ceil((lo - residual) / scale), 0.0, LEVELS)
+    a_hi = np.clip(np.floor((hi + residual) / scale), 0.0, LEVELS)
     ends = qi * a_lo[None, :], qi * a_hi[None, :]
     s_lo, s_hi = in_kernel_order(p.order, np.minimum(*ends), np.maximum(*ends))
 

@@ -52,9 +52,11 @@ class QuantizedSpec:
 def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
     """The error model's spec on `region` for `label`; ValueError when its rounding has no
     bound there."""
-    folded = fold_input_grid(model, region) or fold_first_input(model, region)
-    if folded is not None:
-        model = fold_pair_sums(model, region, folded)
+    folded = fold_input_grid(model, region)
+    if folded is None:
+        folded = fold_first_input(model, region)
+        if folded is not None:
+            model = fold_pair_sums(model, region, folded)
     on = region if folded is None else folded[0]
 
     def errors(clamp: bool) -> tuple:
