@@ -153,44 +153,34 @@ def test_first_layer_saturation_folded_in_sub_regions(tmp_path):
         assert np.all(leaf.bounds.lower <= margin)
 
 
-def _conv_pairs(
-    op: str, c: int, k: int, taps: list, signed: bool = False, size: int = 0, stride: int = 1
-) -> np.ndarray:
-    """Per output channel of a k x k, `c`-channel x s8 convolution (`op`: QLinearConv or
-    ConvInteger; a u8 input of 255s, or `signed`: an s8 input of 127s with zero point -128)
-    with two taps at +127 (flat in (c, kh, kw)): whether its first output lost the int16
-    saturation of a pair. `size`: the input's height and width (default k + 2)."""
+def _conv_pairs(op: str, c: int, k: int, taps: list) -> np.ndarray:
+    """Per output channel of a k x k, `c`-channel u8 x s8 convolution (`op`: QLinearConv or
+    ConvInteger) with two taps at +127 (flat in (c, kh, kw)) on an input of 255s: whether its
+    first output lost the int16 saturation of a pair."""
     m = len(taps)
-    size = size or k + 2
     w = np.zeros((m, c * k * k), np.int8)
     for j, (a, b) in enumerate(taps):
         w[j, [a, b]] = 127
     inits = [numpy_helper.from_array(w.reshape(m, c, k, k), "w")]
-    strides = {"strides": [stride, stride]}
     if op == "ConvInteger":
-        node = helper.make_node(op, ["x", "w"], ["y"], **strides)
+        node = helper.make_node(op, ["x", "w"], ["y"])
         out = TensorProto.INT32
     else:
-        act = np.int8 if signed else np.uint8
-        consts = {"xs": np.float32(1), "xz": act(-128 if signed else 0), "ws": np.float32(1)}
-        consts.update({"wz": np.int8(0), "ys": np.float32(600), "yz": act(0)})
+        consts = {"xs": np.float32(1), "xz": np.uint8(0), "ws": np.float32(1)}
+        consts.update({"wz": np.int8(0), "ys": np.float32(600), "yz": np.uint8(0)})
         inits += [numpy_helper.from_array(np.array(v), n) for n, v in consts.items()]
-        names = ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"]
-        node = helper.make_node(op, names, ["y"], **strides)
-        out = TensorProto.INT8 if signed else TensorProto.UINT8
-    x_type, x = TensorProto.UINT8, np.full((1, c, size, size), 255, np.uint8)
-    if signed:
-        x_type, x = TensorProto.INT8, np.full((1, c, size, size), 127, np.int8)
+        node = helper.make_node(op, ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"])
+        out = TensorProto.UINT8
     graph = helper.make_graph(
         [node],
         "g",
-        [helper.make_tensor_value_info("x", x_type, [1, c, size, size])],
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, c, k + 2, k + 2])],
         [helper.make_tensor_value_info("y", out, None)],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    y = sess.run(None, {"x": x})[0][0, :, 0, 0]
+    y = sess.run(None, {"x": np.full((1, c, k + 2, k + 2), 255, np.uint8)})[0][0, :, 0, 0]
     scale = 1.0 if op == "ConvInteger" else 600.0
     return np.abs(y.astype(np.float64) * scale - 2 * 255 * 127) > 2000
 
@@ -204,9 +194,10 @@ def _window_pairs(c: int, k: int) -> set:
 
 def test_conv_kernels_pair_windows_as_kh_kw_c():
     """QLinearConv on uint8 pairs K positions 2m, 2m+1 of each window read as (kh, kw, c)
-    (when this CPU's kernels saturate at all; odd and even channel counts); on int8 at the
-    MNIST CNN's shapes (1 -> 8 and 8 -> 16 channels, 3x3, stride 2) it saturates those pairs or
-    none; ConvInteger none."""
+    (when this CPU's kernels saturate at all; odd and even channel counts); ConvInteger
+    saturates none. (An int8 input is left to `test_conv_pair_bound_holds_pointwise`, on a
+    quantized graph: a lone int8 QLinearConv like this one saturated nothing even at the
+    shapes where that graph's does.)"""
     from itertools import combinations
 
     for c, k in ((1, 3), (2, 3), (3, 2)):
@@ -215,14 +206,6 @@ def test_conv_kernels_pair_windows_as_kh_kw_c():
         got = {t for t, hit in zip(taps, hits, strict=True) if hit}
         assert got == (_window_pairs(c, k) if int16_pair_sums() else set()), (c, k)
         assert not np.any(_conv_pairs("ConvInteger", c, k, taps))
-    for c, m, size in ((1, 8, 28), (8, 16, 13)):
-        taps = list(combinations(range(c * 9), 2))
-        got = set()
-        for i in range(0, len(taps), m):
-            chunk = (taps[i : i + m] + [taps[i]] * m)[:m]
-            hits = _conv_pairs("QLinearConv", c, 3, chunk, signed=True, size=size, stride=2)
-            got |= {t for t, hit in zip(chunk, hits, strict=True) if hit}
-        assert got in (set(), _window_pairs(c, 3)), (c, sorted(got)[:8])
 
 
 def test_conv_pair_bound_holds_pointwise(tmp_path):

@@ -56,10 +56,10 @@ def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray]):
     pair sum S) between its values at the ends of S's range. The middle of each row's total
     goes into the first layer's bias, half its width is the bound left (`known`); that loss is
     a systematic shift of 0.1-0.3 per neuron on the MNIST MLP, bounded by 0.7 both ways over a
-    region. Only where the kernel was seen to saturate as modelled (MatMulInteger on uint8):
-    a shift is wrong where it does not (an int8 input on a fixed grid: QLinearConv measured
-    not to saturate on MNIST CNN shapes), where the two-sided bound is merely loose. `model`
-    itself when there is nothing to fold."""
+    region. Only where the kernel was seen to saturate as modelled (MatMulInteger on uint8,
+    checked pointwise on the runtime): a shift is wrong where it does not (a static int8
+    input: the MNIST CNN's QOperator logits left such a spec at x), where the two-sided bound
+    is merely loose. `model` itself when there is nothing to fold."""
     r = model.rounding[0]
     p = r.pairs if r is not None else None
     if p is None or p.known is not None or not p.adjacent or p.grid is not None:
