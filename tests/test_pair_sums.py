@@ -250,3 +250,28 @@ def test_conv_pair_bound_holds_pointwise(tmp_path):
     assert np.all(charge[:4] > 10 * charge[4:])  # channel 0 charged, channel 1 float32 only
     no_pairs = ErrorModel(em.chain, [replace(first, pairs=None), *em.rounding[1:]], "no pairs")
     assert misses(no_pairs) > 0
+
+
+def test_conv_integer_does_not_saturate_in_a_graph(tmp_path):
+    """ONNX Runtime's dynamic quantization of `pair_cnn` (a ConvInteger whose like-signed pairs
+    would saturate near x = 1, as the QDQ graph's QLinearConv does): no pair term, and the
+    runtime's logits lie within the model's bounds at every point and near the chain's."""
+    from onnx_builders import pair_cnn
+
+    from verifier.engine.network import forward_lowered
+
+    model = load_model(pair_cnn(tmp_path / "pair_cnn.onnx"))
+    runner = quantize_model(model, "ort-dynamic", tmp_path, None)
+    em = error_model(runner, model.network.lower())
+    assert em.rounding[0].pairs is None
+    x = np.full(32, 0.98)
+    region = lattice_region(x, np.array([0, 5, 21, 30]), 1 / 64, 1 / 32)
+    pts = np.concatenate(list(region.enumerate()))
+    xs = region.points(pts)
+    got = runner.predict(xs.reshape(-1, 2, 4, 4).astype(np.float32)).astype(np.float64)
+    errs = rounding_errors(em.chain, region, rounding=em.rounding)
+    for g, p in zip(got, xs, strict=True):
+        lo, hi = point_interval(em.chain, errs, p)
+        assert np.all((lo <= g) & (g <= hi))
+    exact = forward_lowered(em.chain.layers, xs)
+    assert np.max(np.abs(got - exact)) < 0.5  # saturating pairs would lose about half of 17
