@@ -64,7 +64,7 @@ def measure(name: str, images: int, data_dir: str | None, work: Path) -> dict:
             region = build_region(settings, xs[i], chain.layers, int(ds.labels[i]), i)
             got = runner.predict(region.x.reshape(1, *model.input_shape).astype(np.float32))[0]
             qs = quantized_spec(em, region, int(np.argmax(got)))
-            lo, hi = qs.interval(em.chain, np.zeros(len(region.lo)))
+            lo, hi = qs.interval(np.zeros(len(region.lo)))
             if np.all((got >= lo) & (got <= hi)):
                 widths.append(float(np.max(hi - lo) / 2))
         out[runner.name] = {

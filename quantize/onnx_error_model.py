@@ -21,6 +21,7 @@ the half step's margin (`verifier.engine.bounds.HALF_STEP`) and the per-layer fl
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from quantize.cpu import int16_pair_sums
 from quantize.quant_chain import Mark, PairMark, lower_marked, structural
-from quantize.rounding import ErrorModel, Grid
+from quantize.rounding import ErrorModel, Grid, Rounding
 from verifier.engine.bounds import prepare_chain
 from verifier.engine.network import Conv, Dense, Layer, Pool, Relu
 from verifier.errors import UnsupportedModelError
@@ -79,6 +80,7 @@ def onnx_error_model(path: str | Path) -> ErrorModel:
     if not any(isinstance(x, (Dense, Conv)) for x in walker.layers):
         raise UnsupportedModelError("no weighted layer found")
     chain, rounding = lower_marked(walker.input_shape, walker.layers, walker.marks, walker.pairs)
+    rounding = [None if r is None else _run_time_input(r) for r in rounding]
     kind = walker.kind()
     return ErrorModel(prepare_chain(chain), rounding, f"onnxruntime {kind}", HOW[kind])
 
@@ -313,6 +315,8 @@ class _Walker:
         q = self.consts[node.input[1]]
         zp = self.consts[node.input[3]] if len(node.input) > 3 and node.input[3] else 0
         s8 = np.ones(1) if q.dtype == np.int8 and not np.any(zp) else None
+        if op == "Conv":  # ConvInteger's kernel does not saturate (measured: test_pair_sums)
+            s8 = None
         self._quantized(node, op, [None, w], _attrs(node), None, s8)
 
     def _MatMulInteger(self, node: onnx.NodeProto) -> None:
@@ -365,6 +369,19 @@ class _Walker:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _run_time_input(r: Rounding) -> Rounding:
+    """A layer whose own input is first quantized per run to uint8 (DynamicQuantizeLinear) with
+    that rounding in the plain `dynamic_input` field, as a hybrid TFLite layer has it: the same
+    rounding (255 steps over the row's range and 0, integer zero point), which the engine folds
+    per region where the scale is fixed (`verifier.engine.dynamic_input`)."""
+    ins = r.inputs
+    if not ins or ins[0].grid is not None or ins[0].levels != 255 or ins[0].extra:
+        return r
+    if not (np.all(np.asarray(ins[0].gain) == 1.0) and np.all(np.asarray(ins[0].shift) == 0.0)):
+        return r
+    return replace(r, dynamic_input=True, inputs=ins[1:])
 
 
 def _attr(node: onnx.NodeProto, name: str):

@@ -19,6 +19,7 @@ import numpy as np
 from quantize.rounding import Event, Grid, PairSums, Rounding
 from verifier.engine.network import (
     Affine,
+    Conv,
     Dense,
     Elementwise,
     Layer,
@@ -156,15 +157,42 @@ def lower_marked(
         gain, shift, order = _gain_shift(before, shapes[a])
         g, _, perm = _gain_shift(after, shapes[pm.layer + 1])
         unit = (np.abs(g) * np.broadcast_to(pm.weight_scale, g.shape))[perm]
-        # a MatMul / Gemm reads its K in the Affine's input order unless a layer permutes it
-        adjacent = isinstance(layers[pm.layer], Dense) and np.array_equal(
-            order, np.arange(len(order))
-        )
-        sums[k] = PairSums(unit, gain, shift, pm.grid, pm.offset, adjacent)
+        # the kernel's K order on the Affine's inputs (the Transpose / Reshape layers before it
+        # hold input order[j] at j), per output value in the Affine's row order for a window
+        kernel = _kernel_order(layers[pm.layer], shapes[pm.layer], shapes[pm.layer + 1])
+        if kernel is not None:
+            kernel = order[kernel if kernel.ndim == 1 else kernel[perm]]
+            if np.array_equal(kernel, np.arange(len(order))):
+                kernel = np.arange(0)  # the Affine's own order
+        known = None if kernel is None or not kernel.size else kernel
+        sums[k] = PairSums(unit, gain, shift, pm.grid, pm.offset, kernel is not None, known)
     rounding: list = [None] * len(chain)
     for k, at in enumerate(affine_at):
         rounding[at] = Rounding(inputs=tuple(ins[k]), outputs=tuple(outs[k]), pairs=sums[k])
     return chain, rounding
+
+
+def _kernel_order(layer: Layer, shape_in: tuple, shape_out: tuple) -> np.ndarray | None:
+    """The input (flat index into `shape_in`) an integer kernel reads at each K position: a
+    Dense reads its input in order; a convolution (ONNX Runtime's QLinearConv, as measured)
+    reads each output value's window as (kh, kw, c), one row per output value (flat in
+    `shape_out`). None when not known: a grouped, padded or dilated convolution."""
+    if isinstance(layer, Dense):
+        return np.arange(int(np.prod(shape_in)))
+    if not isinstance(layer, Conv) or layer.group != 1 or any(layer.pads):
+        return None
+    if tuple(layer.dilations) != (1, 1) or len(shape_in) != 3:
+        return None
+    c, h, w = shape_in
+    _, oh, ow = shape_out
+    _, _, kh, kw = layer.weight.shape
+    sh, sw = layer.strides
+    ky, kx, kc = np.meshgrid(np.arange(kh), np.arange(kw), np.arange(c), indexing="ij")
+    window = (kc * h * w + ky * w + kx).reshape(-1)  # (kh, kw, c) order, at output (0, 0)
+    y, x = np.meshgrid(np.arange(oh), np.arange(ow), indexing="ij")
+    at = (y * sh * w + x * sw).reshape(-1)  # each output position's window corner
+    rows = at[:, None] + window[None, :]  # (oh * ow, K)
+    return np.tile(rows, (layer.weight.shape[0], 1))  # every output channel, (o, y, x) order
 
 
 def _weighted(layers: list[Layer], a: int, b: int) -> bool:

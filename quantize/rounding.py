@@ -47,8 +47,9 @@ class PairSums:
     Per Affine output row j, |integer weight ji| = |W_ji| / (unit_j |gain_i|); the kernel's
     unsigned input is (gain_i t_i + shift_i) / grid.scale + offset (offset: the zero point, +128
     for an int8 input run as uint8); with no grid the input is quantized per run (dynamic).
-    `adjacent`: the kernel pairs inputs 2m and 2m+1 of the Affine's own input order (MLAS packs
-    a MatMul / Gemm's K that way: measured with MatMulInteger); else any pairing is assumed."""
+    `adjacent`: the kernel pairs inputs 2m and 2m+1 of its own K order (`order`): MLAS packs a
+    MatMul / Gemm's K in its input's order, and QLinearConv's window as (kh, kw, c) (both
+    measured: tests/test_pair_sums.py); else any pairing is assumed."""
 
     unit: np.ndarray
     gain: np.ndarray | float
@@ -56,6 +57,13 @@ class PairSums:
     grid: Grid | None
     offset: float = 0.0
     adjacent: bool = False
+    # with `adjacent`, the Affine input the kernel reads at each of its K positions, for every
+    # output row (K,) or per row (rows, K): a Transpose / Reshape before a MatMul permutes them,
+    # a convolution reads its window (None: the Affine's own order)
+    order: np.ndarray | None = None
+    # per output row, a bound on the loss once its constant part is in the layer's bias (a
+    # region where every input's integer value is known: `verifier.engine.dynamic_input`)
+    known: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -301,3 +301,29 @@ def pair_mlp(path: Path) -> Path:
         helper.make_node("Identity", ["h1"], ["logits"]),
     ]
     return _save(nodes, inits, [8], [2], path)
+
+
+def pair_cnn(path: Path) -> Path:
+    """(2,4,4) -> 3x3 Conv to 2 channels -> Relu -> Flatten -> MatMul+Add to 2: conv channel 0's
+    weights are all +1 (with inputs near 1, int16 pair sums of a u8 x s8 kernel saturate in any
+    pairing), channel 1's are +1 on input channel 0 and -1 on channel 1: its pairs never
+    saturate when a window is read as (kh, kw, c), and do when read as (c, kh, kw). The MatMul's
+    pairs are opposite-signed (logits of both signs, no saturation there)."""
+    f = np.float32
+    w = np.ones((2, 2, 3, 3), f)
+    w[1, 1] = -1.0
+    inits = [
+        _init("cw", w),
+        _init("cb", np.array([0.1, 0.2], np.float32)),
+        _init("shape", np.array([-1, 8], np.int64)),
+        _init("fw", np.array([[1.0, -1.0], [-0.5, 0.5]] * 2 + [[-1.0, 1.0], [0.5, -0.5]] * 2, f)),
+        _init("fb", np.zeros(2, np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "cw", "cb"], ["c"]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fw"], ["mm"]),
+        helper.make_node("Add", ["mm", "fb"], ["logits"]),
+    ]
+    return _save(nodes, inits, [2, 4, 4], [2], path)

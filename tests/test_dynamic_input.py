@@ -20,7 +20,7 @@ from verifier.engine.points import runtime_inputs
 from verifier.engine.regions import feature_region, lattice_region
 from verifier.engine.result import CERTIFIED
 
-MODES = ["dynamic", "dynamic-per-tensor"]
+MODES = ["dynamic", "dynamic-per-tensor", "ort-dynamic"]
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +36,13 @@ def tiny(tmp_path_factory):
     return model, runners, xs
 
 
-def check_spec_holds(runner, em, qs, region, label: int):
+def check_spec_holds(runner, qs, region, label: int):
     """The real runtime's logits lie within the quantized spec's interval at every point of the
     region, and its margins above the spec's linear bounds; returns those bounds."""
     pts = all_points(region)
-    got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+    got = np.asarray(runner.predict(runtime_inputs(runner, region, pts)), np.float64)
     for s, g in zip(pts, got, strict=True):
-        lo, hi = qs.interval(em.chain, s)
+        lo, hi = qs.interval(s)
         assert np.all(lo <= g) and np.all(g <= hi)
     m = (got[:, [label]] - got[:, qs.spec.others]).min(axis=0)
     b = linear_bounds(qs.spec, region.lo, region.hi)
@@ -51,17 +51,19 @@ def check_spec_holds(runner, em, qs, region, label: int):
 
 
 def _regions(x: np.ndarray, seed: int):
-    """Feature regions over every value (the values at 1 move: the scale may change) and a
-    lattice that leaves the values at 1 alone (several coefficient values per generator)."""
+    """Feature regions over every value (the values at 1 move: the scale may change), a
+    lattice that leaves the values at 1 alone (several coefficient values per generator) and
+    one that moves them (split per value)."""
     perm = np.random.default_rng(seed).permutation(16)
     yield feature_region(x, np.array_split(perm, 8), 0.125, 0.75)
     yield feature_region(x, np.array_split(perm, 8), 0.25, 1.0)
     yield lattice_region(x, np.array([3, 7, 11]), 0.125, 0.5)
+    yield lattice_region(x, np.array([0, 1, 7]), 0.125, 0.25)
 
 
 def test_sub_regions_cover_the_region(tiny):
     _, _, xs = tiny
-    split = 0
+    split = lattice = 0
     for i, x in enumerate(xs):
         for region in _regions(x, i):
             parts = split_for_fold(region)
@@ -71,7 +73,8 @@ def test_sub_regions_cover_the_region(tiny):
             assert len(got) == len(want) == len(np.unique(got, axis=0))
             assert {tuple(s) for s in got} == {tuple(s) for s in want}
             split += len(parts) > 1
-    assert split
+            lattice += region.family == "lattice" and len(parts) > 1  # split per value
+    assert split and lattice
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -144,8 +147,12 @@ def test_decisions_with_the_fold_agree_with_enumeration(tiny, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_one_layer_logits_within_the_folded_model(tiny, tmp_path, mode):
-    """One hybrid layer (its input quantization is all the runtime rounds): at every point the
-    logits lie within the folded model's interval, a few float32 roundings wide."""
+    """One hybrid layer (its input quantization, and for ONNX Runtime its kernel's pair sums,
+    are all the runtime rounds): at every point the logits lie within the quantized spec's
+    interval on each sub-region (the input scale and the pair sums folded), a few float32
+    roundings wide."""
+    from verifier.engine.quantized_spec import quantized_spec
+
     _, _, xs = tiny
     model = load_model(mlp(tmp_path / "one.onnx", sizes=(16, 80), seed=7))
     runner = quantize_model(model, mode, tmp_path, None)
@@ -154,16 +161,16 @@ def test_one_layer_logits_within_the_folded_model(tiny, tmp_path, mode):
     for i, x in enumerate(xs):
         for region in _regions(x, i):
             for part in split_for_fold(region):
-                region_q, residual = fold_first_input(em, part)
-                out, inputs = rounding_errors(em.chain, part, rounding=em.rounding)
-                errors = (out, [residual])
+                qs = quantized_spec(em, part, 0)
+                assert qs.region is not part  # folded
+                wide = rounding_errors(em.chain, part, rounding=em.rounding)
                 pts = all_points(part)
                 got = np.asarray(runner.predict(runtime_inputs(runner, part, pts)), np.float64)
                 for s, g in zip(pts, got, strict=True):
-                    lo, hi = point_interval(em.chain, errors, region_q.points(s[None])[0])
+                    lo, hi = qs.interval(s)
                     assert np.all((g >= lo) & (g <= hi)), (s, (g - lo).min(), (hi - g).min())
-                    wide = point_interval(em.chain, (out, inputs), part.points(s[None])[0])
-                    assert np.max(hi - lo) < 0.5 * np.max(wide[1] - wide[0])
+                    w_lo, w_hi = point_interval(em.chain, wide, part.points(s[None])[0])
+                    assert np.max(hi - lo) < 0.5 * np.max(w_hi - w_lo)
 
 
 @pytest.fixture(scope="module")
@@ -196,10 +203,11 @@ def test_fixed_input_grid_fold_is_sound(fixed, mode):
     model, runners, xs = fixed
     runner = runners[mode]
     em = error_model(runner, model.network.lower())
-    folded = 0
+    folded = regions = 0
     charged = set()
     for i, x in enumerate(xs):
         for region in [*_regions(x, i), _past_the_ends(x)]:
+            regions += 1
             fold = fold_input_grid(em, region)
             assert fold is not None
             step = em.rounding[0].input_grid or em.rounding[0].inputs[0].grid
@@ -209,9 +217,9 @@ def test_fixed_input_grid_fold_is_sound(fixed, mode):
             label = int(runner.predict(x[None].astype(np.float32)).argmax())
             qs = quantized_spec(em, region, label)
             folded += qs.region is not region
-            b = check_spec_holds(runner, em, qs, region, label)
+            b = check_spec_holds(runner, qs, region, label)
             charged.add(_small_first_input(qs.spec, b.pre))
-    assert folded == 4 * len(xs)
+    assert folded == regions
     assert charged == {True, False}
 
 
@@ -266,5 +274,5 @@ def test_quantized_spec_folds_a_fixed_scale(tiny, mode):
             folded = qs.region is not region
             assert folded == (fold_first_input(em, region) is not None)
             kinds.add(folded)
-            check_spec_holds(runner, em, qs, region, label)
+            check_spec_holds(runner, qs, region, label)
     assert kinds == {True, False}

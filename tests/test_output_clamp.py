@@ -73,7 +73,7 @@ def test_clamped_logits_within_bounds(seed):
     pts = all_points(region)
     got = runtime.predict(region.points(pts)).astype(np.float64)
     for s, g in zip(pts, got, strict=True):
-        lo, hi = qs.interval(em.chain, s)
+        lo, hi = qs.interval(s)
         assert np.all(lo <= g) and np.all(g <= hi)
     m = _margins(runtime, region, label, spec.others).min(axis=0)
     roots = [] if qs.root is None else [qs.root]
@@ -148,7 +148,7 @@ def test_real_runtimes_within_bounds(real, name):
         qs = quantized_spec(em, region, label)
         spec = qs.spec
         capped += spec.cap is not None
-        check_spec_holds(runner, em, qs, region, label)
+        check_spec_holds(runner, qs, region, label)
     assert capped >= 3 or name == "ort-qdq-pc"
 
 

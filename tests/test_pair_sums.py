@@ -80,3 +80,198 @@ def test_adjacent_pair_bound_holds_pointwise(tmp_path):
     assert misses(no_pairs) > 0
     free = rounding_errors(em.chain, region, rounding=no_pairs.rounding)[0][0]
     assert errors[0][0][1] == free[1] and errors[0][0][0] > free[0]
+
+
+def _dynamic_pair_model(tmp_path):
+    """`pair_mlp` quantized by ONNX Runtime's dynamic mode (its first layer quantizes its input
+    per run) and inputs near 1 on the 1/255 grid, the first one at 1."""
+    model = load_model(pair_mlp(tmp_path / "pair.onnx"))
+    runner = quantize_model(model, "ort-dynamic", tmp_path, None)
+    em = error_model(runner, model.network.lower())
+    x = np.array([255, 250, 248, 252, 246, 250, 243, 249]) / 255.0
+    return model, runner, em, x
+
+
+def test_first_layer_saturation_folded_where_the_scale_is_fixed(tmp_path):
+    """A region that leaves the top value alone: the quantized spec folds the input scale and,
+    with it, the first layer's pair-sum saturation into its bias (a bound far narrower than the
+    region-wide one); the runtime's logits lie within its interval at every point. Without the
+    bias shift (the narrow bound alone) they do not."""
+    from test_dynamic_input import check_spec_holds
+
+    from verifier.engine.quantized_spec import QuantizedSpec, quantized_spec
+
+    model, runner, em, x = _dynamic_pair_model(tmp_path)
+    assert em.rounding[0].dynamic_input and not em.rounding[0].inputs
+    region = lattice_region(x, np.arange(1, 6), 1 / 255, 3 / 255)
+    label = int(np.argmax(runner.predict(x[None].astype(np.float32))[0]))
+    qs = quantized_spec(em, region, label)
+    assert qs.region is not region  # the input scale is fixed: folded
+    check_spec_holds(runner, qs, region, label)
+    if not int16_pair_sums():
+        assert em.rounding[0].pairs is None
+        return
+    wide = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
+    shift = em.chain.layers[0].bias - qs.chain.layers[0].bias
+    assert shift[0] > 0.1 and qs.errors[0][0][0] < 0.1 * wide[0]  # column 0 saturates
+    unshifted = QuantizedSpec(qs.spec, qs.errors, qs.region, em.chain)
+    pts = np.concatenate(list(region.enumerate()))
+    got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+    outside = 0
+    for s, g in zip(pts, got, strict=True):
+        lo, hi = unshifted.interval(s)
+        outside += int(np.any((g < lo) | (g > hi)))
+    assert outside > 0
+
+
+def test_first_layer_saturation_folded_in_sub_regions(tmp_path):
+    """A region whose top value moves: in every sub-region of fixed scale the folded spec's
+    margin bounds lie below the runtime's margins at every point, and its interval holds the
+    runtime's logits at the point the guard checks."""
+    from verifier.engine.diffdecide import _folded_bounds
+    from verifier.engine.regions import feature_region
+
+    model, runner, em, x = _dynamic_pair_model(tmp_path)
+    region = feature_region(x, [np.array([i]) for i in range(8)], 0.125, 0.25)
+    label = int(np.argmax(runner.predict(x[None].astype(np.float32))[0]))
+    detail: dict = {}
+    parts = _folded_bounds(runner, em, region, label, np.full(1, np.inf), detail, np.inf)
+    assert parts and len(parts) > 1, detail
+    others = [k for k in range(2) if k != label]
+    for spec, leaf in parts:
+        assert list(spec.others) == others
+        lo, hi = leaf.lo, leaf.hi
+        pts = np.array(
+            [
+                s
+                for s in np.concatenate(list(region.enumerate()))
+                if np.all(lo <= s) and np.all(s <= hi)
+            ]
+        )
+        got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+        margin = (got[:, [label]] - got[:, others]).min(axis=0)
+        assert np.all(leaf.bounds.lower <= margin)
+
+
+def _conv_pairs(op: str, c: int, k: int, taps: list) -> np.ndarray:
+    """Per output channel of a k x k, `c`-channel u8 x s8 convolution (`op`: QLinearConv or
+    ConvInteger) with two taps at +127 (flat in (c, kh, kw)) on an input of 255s: whether its
+    first output lost the int16 saturation of a pair."""
+    m = len(taps)
+    w = np.zeros((m, c * k * k), np.int8)
+    for j, (a, b) in enumerate(taps):
+        w[j, [a, b]] = 127
+    inits = [numpy_helper.from_array(w.reshape(m, c, k, k), "w")]
+    if op == "ConvInteger":
+        node = helper.make_node(op, ["x", "w"], ["y"])
+        out = TensorProto.INT32
+    else:
+        consts = {"xs": np.float32(1), "xz": np.uint8(0), "ws": np.float32(1)}
+        consts.update({"wz": np.int8(0), "ys": np.float32(600), "yz": np.uint8(0)})
+        inits += [numpy_helper.from_array(np.array(v), n) for n, v in consts.items()]
+        node = helper.make_node(op, ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"])
+        out = TensorProto.UINT8
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, c, k + 2, k + 2])],
+        [helper.make_tensor_value_info("y", out, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": np.full((1, c, k + 2, k + 2), 255, np.uint8)})[0][0, :, 0, 0]
+    scale = 1.0 if op == "ConvInteger" else 600.0
+    return np.abs(y.astype(np.float64) * scale - 2 * 255 * 127) > 2000
+
+
+def _window_pairs(c: int, k: int) -> set:
+    """The tap pairs (flat in (c, kh, kw)) at K positions 2m, 2m+1 of a window read as
+    (kh, kw, c)."""
+    order = [ch * k * k + t for t in range(k * k) for ch in range(c)]
+    return {tuple(sorted(order[2 * m : 2 * m + 2])) for m in range(c * k * k // 2)}
+
+
+def test_conv_kernels_pair_windows_as_kh_kw_c():
+    """QLinearConv on uint8 pairs K positions 2m, 2m+1 of each window read as (kh, kw, c)
+    (when this CPU's kernels saturate at all; odd and even channel counts); ConvInteger
+    saturates none. (An int8 input is left to `test_conv_pair_bound_holds_pointwise`, on a
+    quantized graph: a lone int8 QLinearConv like this one saturated nothing even at the
+    shapes where that graph's does.)"""
+    from itertools import combinations
+
+    for c, k in ((1, 3), (2, 3), (3, 2)):
+        taps = list(combinations(range(c * k * k), 2))
+        hits = _conv_pairs("QLinearConv", c, k, taps)
+        got = {t for t, hit in zip(taps, hits, strict=True) if hit}
+        assert got == (_window_pairs(c, k) if int16_pair_sums() else set()), (c, k)
+        assert not np.any(_conv_pairs("ConvInteger", c, k, taps))
+
+
+def test_conv_pair_bound_holds_pointwise(tmp_path):
+    """A QDQ CNN whose convolution saturates its pair sums near x = 1: the runtime's logits lie
+    within the model's bounds (and the quantized spec's) at every point; without the pair term
+    they do not; the channel whose pairs are opposite-signed in (kh, kw, c) order is charged
+    nothing (its like-signed (c, kh, kw) pairs would saturate)."""
+    from onnx_builders import pair_cnn
+    from test_dynamic_input import check_spec_holds
+
+    from verifier.engine.quantized_spec import quantized_spec
+
+    model = load_model(pair_cnn(tmp_path / "pair_cnn.onnx"))
+    calib = np.random.default_rng(0).uniform(0.9, 1.0, (64, 2, 4, 4)).astype(np.float32)
+    runner = quantize_model(model, "ort-qdq", tmp_path, calib)
+    em = error_model(runner, model.network.lower())
+    x = np.full(32, 0.98)
+    region = lattice_region(x, np.array([0, 5, 21, 30]), 1 / 64, 1 / 32)
+    label = int(np.argmax(runner.predict(x.reshape(1, 2, 4, 4).astype(np.float32))[0]))
+    qs = quantized_spec(em, region, label)
+    check_spec_holds(runner, qs, region, label)
+    pts = np.concatenate(list(region.enumerate()))
+    xs = region.points(pts)
+    got = runner.predict(xs.reshape(-1, 2, 4, 4).astype(np.float32)).astype(np.float64)
+
+    def misses(m: ErrorModel) -> int:
+        errs = rounding_errors(m.chain, region, rounding=m.rounding)
+        bad = 0
+        for g, p in zip(got, xs, strict=True):
+            lo, hi = point_interval(m.chain, errs, p)
+            bad += int(np.any((g < lo) | (g > hi)))
+        return bad
+
+    assert misses(em) == 0
+    first = em.rounding[0]
+    if not int16_pair_sums():
+        assert first.pairs is None
+        return
+    assert first.pairs.adjacent and first.pairs.order.shape == (8, 18)
+    assert qs.chain is em.chain  # a fixed grid's saturation is not folded (see fold_pair_sums)
+    charge = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
+    assert np.all(charge[:4] > 10 * charge[4:])  # channel 0 charged, channel 1 float32 only
+    no_pairs = ErrorModel(em.chain, [replace(first, pairs=None), *em.rounding[1:]], "no pairs")
+    assert misses(no_pairs) > 0
+
+
+def test_conv_integer_does_not_saturate_in_a_graph(tmp_path):
+    """ONNX Runtime's dynamic quantization of `pair_cnn` (a ConvInteger whose like-signed pairs
+    would saturate near x = 1, as the QDQ graph's QLinearConv does): no pair term, and the
+    runtime's logits lie within the model's bounds at every point and near the chain's."""
+    from onnx_builders import pair_cnn
+
+    from verifier.engine.network import forward_lowered
+
+    model = load_model(pair_cnn(tmp_path / "pair_cnn.onnx"))
+    runner = quantize_model(model, "ort-dynamic", tmp_path, None)
+    em = error_model(runner, model.network.lower())
+    assert em.rounding[0].pairs is None
+    x = np.full(32, 0.98)
+    region = lattice_region(x, np.array([0, 5, 21, 30]), 1 / 64, 1 / 32)
+    pts = np.concatenate(list(region.enumerate()))
+    xs = region.points(pts)
+    got = runner.predict(xs.reshape(-1, 2, 4, 4).astype(np.float32)).astype(np.float64)
+    errs = rounding_errors(em.chain, region, rounding=em.rounding)
+    for g, p in zip(got, xs, strict=True):
+        lo, hi = point_interval(em.chain, errs, p)
+        assert np.all((lo <= g) & (g <= hi))
+    exact = forward_lowered(em.chain.layers, xs)
+    assert np.max(np.abs(got - exact)) < 0.5  # saturating pairs would lose about half of 17

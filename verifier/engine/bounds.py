@@ -414,7 +414,10 @@ def _pair_saturation(
     input value over the region, q the integer weights; in output units times s_in s_w. With
     the pairing known (`p.adjacent`: inputs 2m, 2m+1), a pair of opposite-signed weights
     cannot saturate (|u8 x s8| <= 32640) and one of like signs loses at most
-    (A_2m |q_2m| + A_2m+1 |q_2m+1| - 32767)+."""
+    (A_2m |q_2m| + A_2m+1 |q_2m+1| - 32767)+, 2m and 2m+1 in the kernel's K order (`p.order`).
+    With the loss folded (`p.known`), that bound."""
+    if p.known is not None:
+        return p.known
     vlo = np.minimum(p.gain * lo, p.gain * hi) + p.shift
     vhi = np.maximum(p.gain * lo, p.gain * hi) + p.shift
     if p.grid is not None:
@@ -435,12 +438,23 @@ def _pair_saturation(
         loss = np.maximum(prod - PAIR_HALF, 0.0).sum(axis=1)
         return p.unit * scale * loss
     sign = np.sign(w) * np.sign(gain)[None, :]  # the integer weight's sign
-    if prod.shape[1] % 2:  # an odd K is padded with a zero
-        prod = np.pad(prod, ((0, 0), (0, 1)))
-        sign = np.pad(sign, ((0, 0), (0, 1)))
+    prod, sign = in_kernel_order(p.order, prod, sign)
     like = sign[:, 0::2] * sign[:, 1::2] > 0
     pair = np.where(like, prod[:, 0::2] + prod[:, 1::2] - 2 * PAIR_HALF, 0.0)
     return p.unit * scale * np.maximum(pair, 0.0).sum(axis=1)
+
+
+def in_kernel_order(order, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Each (rows, K) array's columns in an integer kernel's K order (`PairSums.order`: one
+    order for every row or one per row; None: as they are), padded with zeros to an even
+    count: its pairs are then columns 2m, 2m+1."""
+    out = []
+    for a in arrays:
+        if order is not None:
+            idx = np.atleast_2d(order)
+            a = np.take_along_axis(a, np.broadcast_to(idx, (a.shape[0], idx.shape[1])), axis=1)
+        out.append(np.pad(a, ((0, 0), (0, a.shape[1] % 2))))
+    return out
 
 
 def _output_rounding(r, e: np.ndarray, lo: np.ndarray, hi: np.ndarray, relu_next: bool, i: int):

@@ -459,7 +459,7 @@ def _model_spec(runtime, model, region: Region, label: int, detail: dict):
         detail["untrusted_reason"] = f"error model: {exc}"
         return spec_chain(model.chain, region, label, float32=False), False, None
     spec = qs.spec
-    lo, hi = qs.interval(model.chain, np.zeros(len(region.lo)))
+    lo, hi = qs.interval(np.zeros(len(region.lo)))
     got = _output_at_x(runtime, region)
     ok = got.shape == lo.shape and bool(np.all((got >= lo) & (got <= hi)))
     detail["trusted_bounds"] = ok

@@ -23,6 +23,7 @@ the leaves reused and split ("float_leaves", "float_leaves_reused", "new_nodes")
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -46,7 +47,7 @@ from verifier.engine.decide import (
     decide,
 )
 from verifier.engine.diffbounds import diff_spec, quantized_bounds, wrap_direct
-from verifier.engine.dynamic_input import fold_first_input, split_for_fold
+from verifier.engine.dynamic_input import fold_first_input, fold_pair_sums, split_for_fold
 from verifier.engine.network import LoweredLayer
 from verifier.engine.points import runtime_inputs
 from verifier.engine.proof import Cover
@@ -199,10 +200,11 @@ def _folded_bounds(
 ) -> list[tuple[SpecChain, Leaf]] | None:
     """The sub-regions of `region` the runtime's own bounds do not certify once the first
     layer's run-time input quantization is folded into each (`dynamic_input`: a fixed input
-    scale in each, guarded by the runtime's logits at its point nearest 0), each with its folded
-    spec and bounds; None when there is no such fold (a region whose scale is fixed throughout
-    is folded in the quantized spec itself) or time ran out. `errors`: `rounding_errors` over
-    the whole region, when already computed."""
+    scale in each, and with it the first layer's pair-sum saturation), each with its folded
+    spec and bounds, guarded by the runtime's logits at its point nearest 0; None when there is
+    no such fold (a region whose scale is fixed throughout is folded in the quantized spec
+    itself) or time ran out. `errors`: `rounding_errors` over the whole region, when already
+    computed: later layers' bounds hold in every part (they bound the runtime's values)."""
     r = model.rounding[0] if model.rounding else None
     if r is None or not r.dynamic_input or r.symmetric_input:
         return None  # no run-time input quantization to fold
@@ -217,18 +219,29 @@ def _folded_bounds(
     folds = [fold_first_input(model, part) for part in parts]
     if any(f is None for f in folds):
         return None
+    # the first layer's bound without its pair sums' saturation (folded per part; an output
+    # rounding's bound would depend on the unshifted interval)
+    bare = None
+    if r.pairs is not None and not r.outputs and r.output_grid is None:
+        one = replace(model.chain, layers=model.chain.layers[:1], absw=model.chain.absw[:1])
+        plain = replace(r, pairs=replace(r.pairs, known=np.zeros(len(out[0]))))
+        bare = rounding_errors(one, region, rounding=[plain])[0][0]
     nearest = np.stack([np.clip(0, part.lo, part.hi) for part in parts])
     got = np.asarray(runtime.predict(runtime_inputs(runtime, region, nearest)), np.float64)
     left = []
-    for part, (region_q, residual), p, g in zip(parts, folds, nearest, got, strict=True):
+    for part, fold, p, g in zip(parts, folds, nearest, got, strict=True):
         if time.perf_counter() > deadline:
             return None
-        errors = (out, [residual, *inputs[1:]])
-        lo, hi = point_interval(model.chain, errors, region_q.points(p[None])[0])
+        region_q, residual = fold
+        m, first = model if bare is None else fold_pair_sums(model, part, fold), out[0]
+        if m is not model:
+            first = bare + m.rounding[0].pairs.known
+        part_errors = ([first, *out[1:]], [residual, *inputs[1:]])
+        lo, hi = point_interval(m.chain, part_errors, region_q.points(p[None])[0])
         if not (g.shape == lo.shape and np.all((g >= lo) & (g <= hi))):
             detail["input_fold"] = "the runtime's logits lie outside the folded model's interval"
             return None
-        spec = spec_chain(model.chain, region_q, label, errors=errors)
+        spec = spec_chain(m.chain, region_q, label, errors=part_errors)
         b = linear_bounds(spec, part.lo, part.hi)
         if not (b.empty or np.all(b.lower > threshold)):
             left.append((spec, Leaf(part.lo, part.hi, wrap_direct(None, b))))

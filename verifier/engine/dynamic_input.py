@@ -19,10 +19,12 @@ from dataclasses import replace
 
 import numpy as np
 
+from verifier.engine.bounds import in_kernel_order
 from verifier.engine.network import Affine
 from verifier.engine.regions import EPS, Region
 
 LEVELS = 255.0  # asymmetric int8: 256 levels, (max - min) / 255 per step
+INT16 = (-32768.0, 32767.0)  # what a u8 x s8 kernel's int16 pair sums saturate to
 # slack in units of a quantization step: float32 evaluation of v / scale (and of the scale
 # itself) moves the rounded quantity by ~1e-5 steps; a value closer than this to a tie keeps
 # half a step
@@ -44,6 +46,54 @@ def fold_first_input(model, region: Region) -> tuple[Region, np.ndarray] | None:
         return None
     scale = top / LEVELS
     return _fold(region, lambda v: _rounding(v, scale), scale * (0.5 + SLACK), scale)
+
+
+def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray]):
+    """`model` with its first layer's int16 pair-sum saturation (`quantize.rounding.PairSums`:
+    ONNX Runtime's u8 x s8 kernels, pairs known, a run-time uint8 input) folded in on `region`,
+    where `folded = fold_first_input(model, region)` fixed the input scale: each input's
+    integer then lies in a known range, and each pair's loss S - clip(S) (nondecreasing in its
+    pair sum S) between its values at the ends of S's range. The middle of each row's total
+    goes into the first layer's bias, half its width is the bound left (`known`); that loss is
+    a systematic shift of 0.1-0.3 per neuron on the MNIST MLP, bounded by 0.7 both ways over a
+    region. Only where the kernel was seen to saturate as modelled (MatMulInteger on uint8,
+    checked pointwise on the runtime): a shift is wrong where it does not (a static int8
+    input: the MNIST CNN's QOperator logits left such a spec at x), where the two-sided bound
+    is merely loose. `model` itself when there is nothing to fold."""
+    r = model.rounding[0]
+    p = r.pairs if r is not None else None
+    if p is None or p.known is not None or not p.adjacent or p.grid is not None:
+        return model
+    if not r.dynamic_input or r.symmetric_input:
+        return model
+    if not (np.all(np.asarray(p.gain) == 1.0) and np.all(np.asarray(p.shift) == 0.0)):
+        return model
+    scale = float(_value_range(region)[1].max()) / LEVELS
+    layer = model.chain.layers[0]
+    q = layer.weight / p.unit[:, None]
+    qi = np.round(q)
+    if np.max(np.abs(q - qi), initial=0.0) > 1e-3:
+        return model  # not integer weights times a scale per row
+    region_q, residual = folded
+    lo, hi = _value_range(region_q)  # the runtime's value is within `residual` of these
+    a_lo = np.clip(np.ceil((lo - residual) / scale), 0.0, LEVELS)
+    a_hi = np.clip(np.floor((hi + residual) / scale), 0.0, LEVELS)
+    ends = qi * a_lo[None, :], qi * a_hi[None, :]
+    s_lo, s_hi = in_kernel_order(p.order, np.minimum(*ends), np.maximum(*ends))
+
+    def loss(s: np.ndarray) -> np.ndarray:
+        pair = s[:, 0::2] + s[:, 1::2]
+        return (pair - np.clip(pair, *INT16)).sum(axis=1)
+
+    l_lo, l_hi = loss(s_lo), loss(s_hi)
+    mid = p.unit * scale * (l_lo + l_hi) / 2.0
+    # the runtime's float32 scale is within 1e-6 of `scale`
+    known = p.unit * scale * (l_hi - l_lo) / 2.0 * (1.0 + 1e-6) + 1e-6 * np.abs(mid)
+    chain = replace(
+        model.chain, layers=[Affine(layer.weight, layer.bias - mid), *model.chain.layers[1:]]
+    )
+    first = replace(r, pairs=replace(p, known=known))
+    return replace(model, chain=chain, rounding=[first, *model.rounding[1:]])
 
 
 def fold_input_grid(model, region: Region) -> tuple[Region, np.ndarray] | None:
@@ -171,10 +221,10 @@ def _top_generators(region: Region, top: float) -> np.ndarray | None:
 
 def split_for_fold(region: Region, limit: int = 8) -> list[Region] | None:
     """Sub-regions covering `region` (every point within budget), in each of which the input
-    row's scale is fixed: with T the two-valued generators that move the values at the top,
-    T's first generator kept at its value nearest 0, or the first on and the second kept, ...,
-    or all of T moved (split again). None when that needs more than `limit` sub-regions or a
-    generator with more values."""
+    row's scale is fixed: with T the generators that move the values at the top, one per value
+    of T's first generator with more than two (a lattice), else T's first generator kept at its
+    value nearest 0, or the first on and the second kept, ..., or all of T moved (each split
+    again). None when that needs more than `limit` sub-regions."""
     out: list[Region] = []
     todo = [region]
     while todo:
@@ -188,8 +238,18 @@ def split_for_fold(region: Region, limit: int = 8) -> list[Region] | None:
         if gens is None:
             out.append(reg)
             continue
-        if not len(gens) or np.any(reg.hi[gens] - reg.lo[gens] != 1):
+        if not len(gens):
             return None
+        many = gens[reg.hi[gens] - reg.lo[gens] > 1]
+        if len(many):  # one sub-region per value of the first
+            g = many[0]
+            for v in range(reg.lo[g], reg.hi[g] + 1):
+                lo, hi_ = reg.lo.copy(), reg.hi.copy()
+                lo[g] = hi_[g] = v
+                todo.append(replace(reg, lo=lo, hi=hi_))
+            if len(out) + len(todo) > limit:
+                return None
+            continue
         other = np.where(p[gens] == reg.lo[gens], reg.hi[gens], reg.lo[gens])
         for j in range(len(gens) + 1):
             lo, hi_ = reg.lo.copy(), reg.hi.copy()

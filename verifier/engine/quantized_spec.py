@@ -11,13 +11,14 @@ import numpy as np
 
 from verifier.engine.bounds import (
     Bounds,
+    PreparedChain,
     SpecChain,
     linear_bounds,
     point_interval,
     rounding_errors,
     spec_chain,
 )
-from verifier.engine.dynamic_input import fold_first_input, fold_input_grid
+from verifier.engine.dynamic_input import fold_first_input, fold_input_grid, fold_pair_sums
 from verifier.engine.output_clamp import grid_ends, margin_caps
 from verifier.engine.regions import Region
 
@@ -26,20 +27,22 @@ from verifier.engine.regions import Region
 class QuantizedSpec:
     """The spec, the rounding bounds it was built from (`rounding_errors`' pair), the region
     it is on (x and directions of the runtime's rounded input when folded; same coefficient
-    box) and, when the logits' clamp is bounded apart, (lowest top, highest bottom, rounding)
-    per logit; with it, the spec's linear bounds over the whole region (`root`, capped: the
-    caps were read off them)."""
+    box), the chain they are on (the error model's, its first bias shifted when a saturation
+    is folded: `dynamic_input.fold_pair_sums`) and, when the logits' clamp is bounded apart,
+    (lowest top, highest bottom, rounding) per logit; with it, the spec's linear bounds over
+    the whole region (`root`, capped: the caps were read off them)."""
 
     spec: SpecChain
     errors: tuple
     region: Region
+    chain: PreparedChain
     ends: tuple | None = None
     root: Bounds | None = None
 
-    def interval(self, chain, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def interval(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The runtime's logits at coefficients `s` lie within (lo, hi)."""
         x = self.region.points(np.asarray(s)[None])[0]
-        lo, hi = point_interval(chain, self.errors, x)
+        lo, hi = point_interval(self.chain, self.errors, x)
         if self.ends is not None:
             top, bottom, e = self.ends
             lo, hi = np.minimum(lo, top - e), np.maximum(hi, bottom + e)
@@ -49,7 +52,11 @@ class QuantizedSpec:
 def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
     """The error model's spec on `region` for `label`; ValueError when its rounding has no
     bound there."""
-    folded = fold_input_grid(model, region) or fold_first_input(model, region)
+    folded = fold_input_grid(model, region)
+    if folded is None:
+        folded = fold_first_input(model, region)
+        if folded is not None:
+            model = fold_pair_sums(model, region, folded)
     on = region if folded is None else folded[0]
 
     def errors(clamp: bool) -> tuple:
@@ -67,6 +74,6 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
         cap = margin_caps(model, on, label, errs, *ends, e, root)
         if cap is not None and np.all(cap > 0):
             root = replace(root, lower=np.minimum(root.lower, cap))
-            return QuantizedSpec(replace(spec, cap=cap), errs, on, (*ends, e), root)
+            return QuantizedSpec(replace(spec, cap=cap), errs, on, model.chain, (*ends, e), root)
     errs = errors(False)
-    return QuantizedSpec(spec_chain(model.chain, on, label, errors=errs), errs, on)
+    return QuantizedSpec(spec_chain(model.chain, on, label, errors=errs), errs, on, model.chain)
