@@ -16,6 +16,7 @@ from quantize.modes import (
     get_mode,
     list_modes,
     load_quantized,
+    parse_mode,
     quantize_model,
 )
 from quantize.ort_runner import OrtRunner
@@ -36,5 +37,6 @@ __all__ = [
     "get_mode",
     "list_modes",
     "load_quantized",
+    "parse_mode",
     "quantize_model",
 ]

@@ -13,9 +13,17 @@ from typing import Any
 
 from quantize.agreement import agreement
 from quantize.calibration import DEFAULT_CALIB_SIZE, calibration_inputs
-from quantize.modes import MODES, build, check_compatible, default_path, get_mode, list_modes
+from quantize.modes import (
+    MODES,
+    build,
+    check_compatible,
+    default_path,
+    get_mode,
+    list_modes,
+    parse_options,
+)
 from verifier.engine.data import LAYOUTS, load_dataset, select, to_layout
-from verifier.errors import EXIT_OK, EXIT_USAGE, InputError, RelrobustError
+from verifier.errors import EXIT_OK, EXIT_USAGE, RelrobustError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,17 +62,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the run record (describe, agreement)")
     p.add_argument("--list-modes", action="store_true", help="list the modes and their options")
     return p
-
-
-def parse_options(pairs: list[str]) -> dict[str, str]:
-    """`KEY=VALUE` strings to a dict (values stay text; the mode's table types them)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"option {pair!r}: expected KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -127,7 +127,12 @@ def _build_ort(fmt: str | None) -> Builder:
     ) -> DescribedRunner:
         out.parent.mkdir(parents=True, exist_ok=True)
         if fmt is None:
-            record = quantize_dynamic_file(model.path, out, per_channel=opts["per_channel"])
+            record = quantize_dynamic_file(
+                model.path,
+                out,
+                per_channel=opts["per_channel"],
+                reduce_range=opts["reduce_range"],
+            )
         else:
             assert calib is not None, "static quantization needs calibration inputs"
             record = quantize_static_file(
@@ -139,6 +144,7 @@ def _build_ort(fmt: str | None) -> Builder:
                 per_channel=opts["per_channel"],
                 calibration=opts["calibration"],
                 activation_type=opts["activation_type"],
+                reduce_range=opts["reduce_range"],
             )
         record["source_sha256"] = model.sha256
         _stamp(out, onnx.load(str(out)), mode, opts, record)
@@ -185,6 +191,10 @@ def _channels(opts: dict[str, Any]) -> str:
     return "per-channel" if opts.get("per_channel") else "per-tensor"
 
 
+def _range(opts: dict[str, Any]) -> str:
+    return "-reduce-range" if opts.get("reduce_range") else ""
+
+
 def _io(opts: dict[str, Any]) -> str:
     return "-int-io" if opts.get("integer_io") else ""
 
@@ -198,7 +208,7 @@ def _sim_label(opts: dict[str, Any]) -> str:
 def _static_label(fmt: str) -> Callable[[dict[str, Any]], str]:
     def label(opts: dict[str, Any]) -> str:
         act = "" if opts["activation_type"] == "int8" else f"-{opts['activation_type']}"
-        return f"ort-static-{fmt}-{_channels(opts)}-{opts['calibration']}{act}"
+        return f"ort-static-{fmt}-{_channels(opts)}-{opts['calibration']}{act}{_range(opts)}"
 
     return label
 
@@ -210,6 +220,11 @@ STATIC_OPTIONS = {
     "per_channel": Option(False, "one weight scale per output channel", (False, True)),
     "calibration": Option("minmax", "activation range calibration", CALIBRATIONS),
     "activation_type": Option("int8", "activation integer type", INT_TYPES),
+    "reduce_range": Option(
+        False,
+        "7-bit weights: int16 pair sums of x86 kernels without VNNI can never saturate",
+        (False, True),
+    ),
 }
 SIM_OPTIONS = {
     "weight_bits": Option(8, "weight bit width (0 leaves weights in float)", (0, *range(2, 9))),
@@ -292,8 +307,8 @@ MODES: dict[str, Mode] = {
             ".onnx",
             "ONNX Runtime dynamic quantization: int8 weights, activations quantized per run",
             _build_ort(None),
-            lambda o: f"ort-dynamic-{_channels(o)}",
-            {"per_channel": STATIC_OPTIONS["per_channel"]},
+            lambda o: f"ort-dynamic-{_channels(o)}{_range(o)}",
+            {k: STATIC_OPTIONS[k] for k in ("per_channel", "reduce_range")},
         ),
         Mode(
             "simulated",
@@ -314,6 +329,26 @@ def get_mode(name: str) -> Mode:
     if name not in MODES:
         raise InputError(f"unknown quantization mode {name!r}: expected one of {', '.join(MODES)}")
     return MODES[name]
+
+
+def parse_mode(text: str) -> tuple[str, dict[str, Any]]:
+    """`MODE` or `MODE:KEY=VALUE[:KEY=VALUE...]` (as `--modes` takes them) to the mode's name
+    and its options, checked against the mode's table."""
+    name, *pairs = [part.strip() for part in text.split(":")]
+    options = parse_options(pairs)
+    get_mode(name).resolve(options)  # unknown names and bad values are refused here
+    return name, options
+
+
+def parse_options(pairs: list[str]) -> dict[str, str]:
+    """`KEY=VALUE` strings to a dict (values stay text; the mode's table types them)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"option {pair!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def list_modes() -> str:

@@ -63,6 +63,22 @@ def test_static_modes_need_calibration_apart_from_npz(tmp_path, capsys):
     assert code == 2 and "--calib-data" in err
 
 
+def test_modes_take_options(tmp_path, capsys):
+    """`--modes MODE:KEY=VALUE`: the option reaches the built file (its name says so); an
+    unknown option or a malformed one is a usage error before anything is checked."""
+    model = mlp(tmp_path / "m.onnx", sizes=(16, 8, 4))
+    data = npz(tmp_path, np.random.default_rng(0).random((6, 4, 4)), np.arange(6) % 4)
+    args = [model, "--data", data, "--radius", "1"]
+    code, out, err = run(
+        capsys, *args, "--out", tmp_path / "ok", "--modes", "ort-dynamic:reduce_range=true"
+    )
+    assert code == 0, err
+    assert "ort-dynamic-per-tensor-reduce-range" in (tmp_path / "ok" / "report.md").read_text()
+    for bad, match in (("ort-dynamic:bogus=1", "has no option bogus"), ("dynamic:x", "KEY=VALUE")):
+        code, _, err = run(capsys, *args, "--out", tmp_path / "bad", "--modes", bad)
+        assert code == 2 and match in err, err
+
+
 @pytest.mark.parametrize(
     "case, match",
     [

@@ -206,10 +206,12 @@ ORT_CASES = [
     ("ort-qdq", {}),
     ("ort-qdq", {"per_channel": True}),
     ("ort-qdq", {"activation_type": "uint8"}),
+    ("ort-qdq", {"reduce_range": True}),
     ("ort-qoperator", {}),
     ("ort-qoperator", {"per_channel": True}),
     ("ort-dynamic", {}),
     ("ort-dynamic", {"per_channel": True}),
+    ("ort-dynamic", {"reduce_range": True}),
     ("simulated", {"act_bits": 8}),
     ("simulated", {"weight_bits": 4, "act_bits": 4, "per_channel": True}),
 ]

@@ -13,7 +13,7 @@ from quantize.agreement import agreement
 from quantize.calibration import calibration_inputs, check_calibration
 from quantize.cli import main
 from quantize.litert import quantize_values
-from quantize.modes import MODES, build, get_mode, load_quantized, quantize_model
+from quantize.modes import MODES, build, get_mode, load_quantized, parse_mode, quantize_model
 from quantize.runner import DescribedRunner, Runner
 from quantize.simulated import fake_quantize
 from quantize.tf_graph import build_tf_function, check_supported
@@ -445,3 +445,37 @@ def test_ort_static_fuses_matmul_add_before_quantizing(tiny, tmp_path, fmt):
     ops = [n.op_type for n in onnx.load(runner.describe()["path"]).graph.node]
     assert "MatMul" not in ops and "QLinearMatMul" not in ops and "Add" not in ops, ops
     assert ops.count("Gemm") + ops.count("QGemm") == 2, ops
+
+
+def test_parse_mode():
+    assert parse_mode("ort-qdq") == ("ort-qdq", {})
+    assert parse_mode(" ort-qdq : reduce_range=true:per_channel=1 ") == (
+        "ort-qdq",
+        {"reduce_range": "true", "per_channel": "1"},
+    )
+    for bad in ("bogus", "ort-qdq:nope=1", "ort-qdq:reduce_range", "ort-qdq:reduce_range=maybe"):
+        with pytest.raises(InputError):
+            parse_mode(bad)
+
+
+@pytest.mark.parametrize("mode", ["ort-qdq", "ort-dynamic"])
+def test_reduce_range_writes_7_bit_weights(tiny, tmp_path, mode):
+    """reduce_range: every int8 weight in [-64, 63] (no int16 pair sum of u8 x s8 products can
+    saturate), the name says so, and the file is recognised as such; without it, weights
+    use the full int8 range."""
+    import onnx
+    from onnx import numpy_helper
+
+    model, calib, _ = tiny["mlp"]
+
+    def weights(runner):
+        g = onnx.load(runner.describe()["path"]).graph
+        ints = [t for t in g.initializer if t.data_type == onnx.TensorProto.INT8]
+        return [w for w in map(numpy_helper.to_array, ints) if w.ndim == 2]  # not zero points
+
+    full = quantize_model(model, mode, tmp_path / "full", calib)
+    small = quantize_model(model, mode, tmp_path / "small", calib, reduce_range=True)
+    assert max(int(np.abs(w.astype(int)).max()) for w in weights(full)) > 64
+    assert all(w.min() >= -64 and w.max() <= 63 for w in weights(small))
+    assert small.name.endswith("-reduce-range") and not full.name.endswith("-reduce-range")
+    assert load_quantized(small.describe()["path"]).name == small.name

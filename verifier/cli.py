@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--modes",
-        help="quantization modes to build, comma list (default: "
+        help="quantization modes to build, comma list, each MODE or MODE:KEY=VALUE[:...] "
+        "(e.g. ort-qdq:reduce_range=true) (default: "
         f"{','.join(DEFAULT_MODES)} when no --quantized file is given; 'none' for none); "
         "see `verify quantize --list-modes`",
     )

@@ -116,6 +116,14 @@ class RunConfig:
         """One `Settings` per (radius, step), radii outermost."""
         return [self.settings(r, s) for r in self.radius for s in self.step]
 
+    def mode_options(self) -> list[tuple[str, dict]]:
+        """`--modes` as (mode, options) pairs, each checked against the mode's table (empty
+        when not given: which modes a run builds by default depends on its data)."""
+        from quantize.modes import parse_mode
+
+        names = [m for m in (self.modes or "").split(",") if m.strip() and m.strip() != "none"]
+        return [parse_mode(m) for m in names]
+
     def thresholds(self):
         """The CI gate's limits (`gate.Thresholds`), in percent."""
         from verifier.run.gate import Thresholds
@@ -159,6 +167,7 @@ class RunConfig:
             )
         if self.cluster and self.workers > 1:
             raise InputError("pass --cluster ADDR or --workers N, not both: a cluster has workers")
+        self.mode_options()  # refuses an unknown mode or option before the run directory exists
         self.thresholds()  # refuses limits outside [0, 100] now, not after every input is decided
 
 

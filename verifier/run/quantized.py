@@ -15,27 +15,26 @@ def quantized_runners(model: Model, config: RunConfig, out: Path) -> tuple[dict,
     """name -> runner, and each runner's description (name, describe), in order."""
     from quantize import get_mode, quantize_model
 
-    modes = config.modes
-    if modes is None:
-        modes = "" if config.quantized else ",".join(DEFAULT_MODES)
-        if config.data.endswith(".npz") and not config.calib_data and not config.quantized:
-            modes = "dynamic"  # static modes need calibration data apart from the test inputs
+    modes = config.mode_options()
+    if config.modes is None and not config.quantized:
+        modes = [(m, {}) for m in DEFAULT_MODES]
+        if config.data.endswith(".npz") and not config.calib_data:
+            modes = [("dynamic", {})]  # static modes need calibration data apart from the tests
             print(
                 "notice: no --calib-data for the .npz dataset: building the dynamic-range "
                 "model only",
                 file=sys.stderr,
             )
-    modes = [m.strip() for m in modes.split(",") if m.strip() and m.strip() != "none"]
     runners, described = {}, []
     for path in config.quantized:
         r = quantized_file(path, model)
         runners[r.name], described = r, [*described, {"name": r.name, "describe": r.describe()}]
     if modes:
         calib, record = None, None
-        if any(get_mode(m).needs_calib(get_mode(m).resolve({})) for m in modes):
+        if any(get_mode(m).needs_calib(get_mode(m).resolve(o)) for m, o in modes):
             calib, record = calibration(model, config)
-        for mode in modes:
-            r = quantize_model(model, mode, out / "models", calib)
+        for mode, options in modes:
+            r = quantize_model(model, mode, out / "models", calib, **options)
             desc = {**r.describe(), "calibration": record.to_dict() if record else None}
             runners[r.name] = r
             described.append({"name": r.name, "describe": desc})
