@@ -519,6 +519,51 @@ def test_bab_with_no_nodes_is_unknown():
     assert full.status == CERTIFIED and full.nodes > 1
 
 
+def test_rows_kept_by_queued_leaves_stay_within_the_budget(monkeypatch):
+    """`bab.ROWS_BUDGET`: queued leaves keep their rows only while they total at most the
+    budget (leaves past it drop them and their children derive their own); the certificate
+    stands at any budget."""
+    from verifier.engine import bab
+
+    chain, runtime, region, label, spec, _ = _hard_robust_case()
+    root = linear_bounds(spec, region.lo, region.hi, alpha_steps=20, reuse=True)
+    threshold = np.zeros(len(spec.others))
+    one = bab.rows_nbytes(root)
+    assert one > 0
+
+    def run(budget: int, max_nodes: int = 10**5):
+        monkeypatch.setattr(bab, "ROWS_BUDGET", budget)
+        parents: list = []
+
+        def bound(lo, hi, parent):
+            parents.append(parent.queries)
+            return linear_bounds(spec, lo, hi, parent=parent, reuse=True)
+
+        leaf = Leaf(region.lo, region.hi, root)
+        out = branch_and_bound(
+            runtime, region, label, [leaf], bound, threshold,
+            deadline=np.inf, max_nodes=max_nodes, enum_limit=0,
+        )  # fmt: skip
+        return out, parents
+
+    free, _ = run(10**12)
+    assert free.status == CERTIFIED and free.rows_peak > one  # uncapped, rows pile up
+    for budget in (0, one):
+        out, parents = run(budget)
+        assert out.status == CERTIFIED and out.rows_peak <= budget
+        with_rows = sum(p is not None for p in parents)
+        assert with_rows == 0 if budget == 0 else 0 < with_rows < len(parents)
+        out, _ = run(budget, max_nodes=max(1, free.nodes // 2))
+        assert out.open_leaves and sum(bab.rows_nbytes(x.bounds) for x in out.open_leaves) <= budget
+    for seed in range(6):
+        chain, runtime, region, label = random_case(seed)
+        for budget in (0, one):
+            monkeypatch.setattr(bab, "ROWS_BUDGET", budget)
+            d = decide(runtime, chain, region, label, timeout=20, enum_limit=0, use_smt=False)
+            assert d.status != UNKNOWN, d
+            check_decision(d, runtime, region, label)
+
+
 def test_decide_with_milp_on_remaining_leaves():
     chain, runtime, region, label, _, _ = _hard_robust_case()
     d = decide(runtime, chain, region, label, max_nodes=1, enum_limit=0, use_smt=True, timeout=30)
