@@ -105,8 +105,9 @@ def decide_from_float(
     deadline = start + timeout
     detail: dict = {"leaves": {}, "points": 0, "attack_evals": 0, "steps": {}}
     run = _Run(runtime, region, label, start, detail)
-    # only the runtime's own bounds over the whole region keep a proof: differential and folded
-    # leaves have no kept-proof kind yet (the audit still enumerates such regions when small)
+    # a proof is kept where every leaf is closed by the runtime's own bounds or runtime runs:
+    # the root, or the float proof's tree with its leaves re-closed (see `_reuse`); a leaf the
+    # differential bound alone closes, and the folded sub-regions' own specs, keep none
     run.cover, run.spec = None, "error-model"
     qspec, trusted, qs = _model_spec(runtime, error_model, region, label, detail)
     if not trusted:
@@ -141,16 +142,20 @@ def decide_from_float(
     run.step("bounds")
     if parts == []:
         return run.done(CERTIFIED, "bounds")
+    absorbed: list[Leaf] = []  # float leaves closed by the differential bound alone
     if parts is None:
-        leaves = _reuse(ds, qspec, region, proof, direct, detail, deadline)
+        run.cover = proof.cover.tree() if proof.cover is not None else None
+        leaves = _reuse(ds, qspec, region, proof, direct, detail, deadline, run.cover, absorbed)
         run.step("differential")
         if leaves is None:
             detail["open_leaves"] = "float leaves not all bounded in time"
             return run.done(UNKNOWN, "budget")
         if not leaves:
+            _close_absorbed(run, qspec, absorbed, direct, deadline)
             return run.done(CERTIFIED, "diff-root" if _root_only(proof) else "diff-leaves")
     else:  # branch and bound inside the folded sub-regions, each on its own spec
         leaves = [leaf for _, leaf in parts]
+        detail["no_proof"] = "folded sub-regions, each on a spec of its own"
 
     att = search_attack(
         runtime,
@@ -179,6 +184,7 @@ def decide_from_float(
         deadline=deadline,
         max_nodes=max_nodes,
         enum_limit=enum_limit,
+        cover=run.cover,
     )
     run.nodes += out.nodes
     run.step("bab")
@@ -190,6 +196,7 @@ def decide_from_float(
         route = "attack" if out.route == "bab" else out.route
         return run.done(REFUTED, route, out.coeffs, out.adv_label)
     if out.status == CERTIFIED:
+        _close_absorbed(run, qspec, absorbed, direct, deadline)
         by_bounds = out.closed["bab"] + out.closed["empty"]
         return run.done(CERTIFIED, "diff-bab" if by_bounds else "enumeration")
     return run.done(UNKNOWN, "budget")
@@ -262,35 +269,68 @@ def _root_only(proof: ClosedLeaves) -> bool:
     return len(proof.leaves) == 1 and proof.leaves[0].bounds is proof.root
 
 
+def _close_absorbed(run: _Run, qspec, absorbed: list[Leaf], direct, deadline: float) -> None:
+    """Close in the proof the float leaves the differential bound alone closed, by the
+    runtime's own bounds (what the audit re-derives); no proof when one stays open."""
+    if run.cover is None:
+        return
+    threshold = np.zeros(len(qspec.others))
+    for leaf in absorbed:
+        if time.perf_counter() > deadline:
+            run.cover, run.detail["no_proof"] = None, "no time to re-bound absorbed leaves"
+            return
+        whole = np.array_equal(leaf.lo, run.region.lo) and np.array_equal(leaf.hi, run.region.hi)
+        b = direct if whole else linear_bounds(qspec, leaf.lo, leaf.hi, parent=direct)
+        if not (b.empty or np.all(b.lower > 0)):
+            run.cover, run.detail["no_proof"] = None, "a leaf closed by the difference alone"
+            return
+        close_by_bounds(run.cover, Leaf(leaf.lo, leaf.hi, b), run.region, threshold)
+
+
 def _reuse(
-    ds, qspec, region: Region, proof: ClosedLeaves, direct, detail: dict, deadline: float
+    ds,
+    qspec,
+    region: Region,
+    proof: ClosedLeaves,
+    direct,
+    detail: dict,
+    deadline: float,
+    cover: Cover | None = None,
+    absorbed: list[Leaf] | None = None,
 ) -> list[Leaf] | None:
     """The float proof's leaves the difference is not absorbed in, with the runtime's own bounds
     (the root alone when the root bounds certified); None when time ran out. Intermediate
     differences by intervals only (`refine=False`): refined, the root bound gained nothing over
-    the runtime's own on any MNIST input measured, at 0.5-1.5 s an input."""
+    the runtime's own on any MNIST input measured, at 0.5-1.5 s an input. Leaves the runtime's
+    own bounds close go into `cover`; those the difference alone closes into `absorbed`."""
     b = quantized_bounds(ds, region.lo, region.hi, proof.root, direct, refine=False)
     detail["diff_root_margin"] = float(np.min(b.lower))
     detail["diff_root_delta"] = float(np.min(b.delta))
     # how much the differential bound adds to the runtime's own on the worst margin
     detail["diff_root_gain"] = float(np.min(b.lower) - np.min(direct.lower))
+    absorbed = [] if absorbed is None else absorbed
     if _root_only(proof):
-        return [] if np.all(b.lower > 0) else [Leaf(region.lo, region.hi, b)]
+        if np.all(b.lower > 0):
+            absorbed.append(Leaf(region.lo, region.hi, b))
+            return []
+        return [Leaf(region.lo, region.hi, b)]
     # the difference's bound over the whole region holds in every leaf: a leaf whose float
     # bound absorbs it is closed at no cost (the quantized margin is at least the float one
     # plus the difference, or the spec's positive cap)
     delta = b.delta if not b.empty else None
-    left, absorbed = [], 0
+    left, threshold = [], np.zeros(len(qspec.others))
     for leaf in proof.leaves:
         if delta is not None and not leaf.bounds.empty and np.all(leaf.bounds.lower + delta > 0):
-            absorbed += 1
+            absorbed.append(leaf)
             continue
         if time.perf_counter() > deadline:
             return None
         b = linear_bounds(qspec, leaf.lo, leaf.hi, parent=direct)
         if not (b.empty or np.all(b.lower > 0)):
             left.append(Leaf(leaf.lo, leaf.hi, wrap_direct(leaf.bounds, b)))
+        elif cover is not None:
+            close_by_bounds(cover, Leaf(leaf.lo, leaf.hi, b), region, threshold)
     detail["float_leaves"] = len(proof.leaves)
-    detail["float_leaves_absorbed"] = absorbed  # closed by the root's difference bound alone
+    detail["float_leaves_absorbed"] = len(absorbed)  # closed by the root's difference bound alone
     detail["float_leaves_reused"] = len(proof.leaves) - len(left)
     return left

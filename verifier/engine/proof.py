@@ -120,6 +120,14 @@ class Cover:
         """The box [lo, hi] was closed by route `kind` with its evidence."""
         self._leaves[_key(lo, hi)] = leaf(kind, *values)
 
+    def tree(self) -> Cover:
+        """A cover with this one's splits and empty leaves only (no point, whatever the spec):
+        what another spec's proof over the same boxes starts from, closing the other leaves."""
+        out = Cover()
+        out._splits = dict(self._splits)
+        out._leaves = {k: n for k, n in self._leaves.items() if n.kind == "empty"}
+        return out
+
     def proof(self, lo: np.ndarray, hi: np.ndarray, spec: str) -> Proof:
         """The tree under the root box [lo, hi]; ValueError when a box in it is still open."""
         nodes: list[Node] = []
