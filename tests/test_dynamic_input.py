@@ -141,6 +141,8 @@ def test_decisions_with_the_fold_agree_with_enumeration(tiny, mode):
             check_decision(d, runner, region, label)
             folds += "input_fold" in d.detail
             split += d.detail.get("input_fold_open", 0) > 0  # split inside folded parts
+            if d.status == CERTIFIED and "input_fold_open" in d.detail:  # parts' own specs
+                assert "proof" not in d.detail and d.detail["no_proof"]
             statuses.append(d.status)
     assert folds and split and CERTIFIED in statuses
 

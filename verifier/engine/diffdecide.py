@@ -18,6 +18,10 @@ Routes: "bounds" (the runtime's own bounds, "input_fold" in `detail` when folded
 "diff-root" (the root bound), "diff-leaves" (every float leaf reused), "diff-bab" (new
 splits), "enumeration", "attack" (found on the quantized runtime), "budget"; `detail` counts
 the leaves reused and split ("float_leaves", "float_leaves_reused", "new_nodes").
+A certificate keeps a proof on the error model's spec ("proof", `verifier.engine.proof`): the
+root's bounds leaf, or the float proof's tree with each float leaf closed by the runtime's own
+bounds or by the branch and bound below it; "no_proof" says why none was kept (a leaf only the
+differential bound closes, which the audit cannot re-derive; the folded sub-regions' specs).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN, Decision
 # at most this many sub-regions of fixed input scale (`dynamic_input.split_for_fold`): 9 of the
 # 43 MNIST MLP regions measured (features r=10 step 1/8) need 9, the others 3-8
 FOLD_PARTS = 16
+FOLDED = "folded sub-regions, each on a spec of its own"  # why such a certificate keeps no proof
 
 
 def decide_from_float(
@@ -141,6 +146,7 @@ def decide_from_float(
     parts = _folded_bounds(runtime, error_model, region, label, threshold, detail, deadline, errors)
     run.step("bounds")
     if parts == []:
+        detail["no_proof"] = FOLDED
         return run.done(CERTIFIED, "bounds")
     absorbed: list[Leaf] = []  # float leaves closed by the differential bound alone
     if parts is None:
@@ -155,7 +161,7 @@ def decide_from_float(
             return run.done(CERTIFIED, "diff-root" if _root_only(proof) else "diff-leaves")
     else:  # branch and bound inside the folded sub-regions, each on its own spec
         leaves = [leaf for _, leaf in parts]
-        detail["no_proof"] = "folded sub-regions, each on a spec of its own"
+        detail["no_proof"] = FOLDED
 
     att = search_attack(
         runtime,
