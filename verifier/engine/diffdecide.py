@@ -19,15 +19,15 @@ Routes: "bounds" (the runtime's own bounds, "input_fold" in `detail` when folded
 splits), "enumeration", "attack" (found on the quantized runtime), "budget"; `detail` counts
 the leaves reused and split ("float_leaves", "float_leaves_reused", "new_nodes").
 A certificate keeps a proof on the error model's spec ("proof", `verifier.engine.proof`): the
-root's bounds leaf, or the float proof's tree with each float leaf closed by the runtime's own
-bounds or by the branch and bound below it; "no_proof" says why none was kept (a leaf only the
-differential bound closes, which the audit cannot re-derive; the folded sub-regions' specs).
+root's bounds leaf; the folded sub-regions' cuts, each sub-region a `fold` node closed on its
+own spec; or the float proof's tree with each float leaf closed by the runtime's own bounds or
+by the branch and bound below it. "no_proof" says why none was kept (a leaf only the
+differential bound closes: the audit cannot re-derive that bound).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import numpy as np
 
@@ -37,10 +37,7 @@ from verifier.engine.bounds import (
     PreparedChain,
     SpecChain,
     linear_bounds,
-    point_interval,
     prepare_chain,
-    rounding_errors,
-    spec_chain,
 )
 from verifier.engine.decide import (
     ALPHA_NEAR,
@@ -51,17 +48,12 @@ from verifier.engine.decide import (
     decide,
 )
 from verifier.engine.diffbounds import diff_spec, quantized_bounds, wrap_direct
-from verifier.engine.dynamic_input import fold_first_input, fold_pair_sums, split_for_fold
 from verifier.engine.network import LoweredLayer
 from verifier.engine.points import runtime_inputs
 from verifier.engine.proof import Cover
+from verifier.engine.quantized_spec import fold_parts
 from verifier.engine.regions import Region
 from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN, Decision
-
-# at most this many sub-regions of fixed input scale (`dynamic_input.split_for_fold`): 9 of the
-# 43 MNIST MLP regions measured (features r=10 step 1/8) need 9, the others 3-8
-FOLD_PARTS = 16
-FOLDED = "folded sub-regions, each on a spec of its own"  # why such a certificate keeps no proof
 
 
 def decide_from_float(
@@ -111,8 +103,8 @@ def decide_from_float(
     detail: dict = {"leaves": {}, "points": 0, "attack_evals": 0, "steps": {}}
     run = _Run(runtime, region, label, start, detail)
     # a proof is kept where every leaf is closed by the runtime's own bounds or runtime runs:
-    # the root, or the float proof's tree with its leaves re-closed (see `_reuse`); a leaf the
-    # differential bound alone closes, and the folded sub-regions' own specs, keep none
+    # the root, the folded sub-regions (each on its own spec), or the float proof's tree with
+    # its leaves re-closed (see `_reuse`); a leaf the differential bound alone closes keeps none
     run.cover, run.spec = None, "error-model"
     qspec, trusted, qs = _model_spec(runtime, error_model, region, label, detail)
     if not trusted:
@@ -143,11 +135,15 @@ def decide_from_float(
         return run.done(CERTIFIED, "bounds")
     # the rounding bounds over the whole region, when the spec's are those (no fold, no cap)
     errors = qs.errors if qs.region is region and qs.ends is None else None
-    parts = _folded_bounds(runtime, error_model, region, label, threshold, detail, deadline, errors)
+    folded = _folded_bounds(
+        runtime, error_model, region, label, threshold, detail, deadline, errors
+    )
     run.step("bounds")
-    if parts == []:
-        detail["no_proof"] = FOLDED
-        return run.done(CERTIFIED, "bounds")
+    parts = None
+    if folded is not None:
+        parts, run.cover = folded
+        if not parts:
+            return run.done(CERTIFIED, "bounds")
     absorbed: list[Leaf] = []  # float leaves closed by the differential bound alone
     if parts is None:
         run.cover = proof.cover.tree() if proof.cover is not None else None
@@ -161,7 +157,6 @@ def decide_from_float(
             return run.done(CERTIFIED, "diff-root" if _root_only(proof) else "diff-leaves")
     else:  # branch and bound inside the folded sub-regions, each on its own spec
         leaves = [leaf for _, leaf in parts]
-        detail["no_proof"] = FOLDED
 
     att = search_attack(
         runtime,
@@ -210,56 +205,35 @@ def decide_from_float(
 
 def _folded_bounds(
     runtime, model, region: Region, label: int, threshold, detail, deadline: float, errors=None
-) -> list[tuple[SpecChain, Leaf]] | None:
+) -> tuple[list[tuple[SpecChain, Leaf]], Cover] | None:
     """The sub-regions of `region` the runtime's own bounds do not certify once the first
-    layer's run-time input quantization is folded into each (`dynamic_input`: a fixed input
-    scale in each, and with it the first layer's pair-sum saturation), each with its folded
-    spec and bounds, guarded by the runtime's logits at its point nearest 0; None when there is
-    no such fold (a region whose scale is fixed throughout is folded in the quantized spec
-    itself) or time ran out. `errors`: `rounding_errors` over the whole region, when already
-    computed: later layers' bounds hold in every part (they bound the runtime's values)."""
-    r = model.rounding[0] if model.rounding else None
-    if r is None or not r.dynamic_input or r.symmetric_input:
-        return None  # no run-time input quantization to fold
-    parts = split_for_fold(region, FOLD_PARTS)
-    if parts is None or len(parts) == 1:
-        return None  # one part: the quantized spec folded it already where it could
+    layer's run-time input quantization is folded into each (`quantized_spec.fold_parts`),
+    each with its folded spec and bounds, guarded by the runtime's logits at its point nearest
+    0, and the cover of the parts (cuts, folds, and the parts the bounds closed); None when
+    there is no such fold or time ran out. `errors`: `rounding_errors` over the whole region,
+    when already computed."""
+    cover = Cover()
+    parts = fold_parts(model, region, label, errors, cover)
+    if parts is None:
+        return None
     detail["input_fold"] = f"{len(parts)} sub-regions"
-    try:  # bounds over the whole region hold in each part: computed once
-        out, inputs = errors or rounding_errors(model.chain, region, rounding=model.rounding)
-    except ValueError:  # a static grid may saturate: no bound
-        return None
-    folds = [fold_first_input(model, part) for part in parts]
-    if any(f is None for f in folds):
-        return None
-    # the first layer's bound without its pair sums' saturation (folded per part; an output
-    # rounding's bound would depend on the unshifted interval)
-    bare = None
-    if r.pairs is not None and not r.outputs and r.output_grid is None:
-        one = replace(model.chain, layers=model.chain.layers[:1], absw=model.chain.absw[:1])
-        plain = replace(r, pairs=replace(r.pairs, known=np.zeros(len(out[0]))))
-        bare = rounding_errors(one, region, rounding=[plain])[0][0]
-    nearest = np.stack([np.clip(0, part.lo, part.hi) for part in parts])
+    nearest = np.stack([np.clip(0, part.lo, part.hi) for part, _ in parts])
     got = np.asarray(runtime.predict(runtime_inputs(runtime, region, nearest)), np.float64)
     left = []
-    for part, fold, p, g in zip(parts, folds, nearest, got, strict=True):
+    for (part, qs), p, g in zip(parts, nearest, got, strict=True):
         if time.perf_counter() > deadline:
             return None
-        region_q, residual = fold
-        m, first = model if bare is None else fold_pair_sums(model, part, fold), out[0]
-        if m is not model:
-            first = bare + m.rounding[0].pairs.known
-        part_errors = ([first, *out[1:]], [residual, *inputs[1:]])
-        lo, hi = point_interval(m.chain, part_errors, region_q.points(p[None])[0])
+        lo, hi = qs.interval(p)
         if not (g.shape == lo.shape and np.all((g >= lo) & (g <= hi))):
             detail["input_fold"] = "the runtime's logits lie outside the folded model's interval"
             return None
-        spec = spec_chain(m.chain, region_q, label, errors=part_errors)
-        b = linear_bounds(spec, part.lo, part.hi)
-        if not (b.empty or np.all(b.lower > threshold)):
-            left.append((spec, Leaf(part.lo, part.hi, wrap_direct(None, b))))
+        leaf = Leaf(part.lo, part.hi, wrap_direct(None, linear_bounds(qs.spec, part.lo, part.hi)))
+        if leaf.bounds.empty or np.all(leaf.bounds.lower > threshold):
+            close_by_bounds(cover, leaf, region, threshold)
+        else:
+            left.append((qs.spec, leaf))
     detail["input_fold_open"] = len(left)
-    return left
+    return left, cover
 
 
 def _part_of(parts: list[tuple[SpecChain, Leaf]], lo: np.ndarray, hi: np.ndarray) -> SpecChain:
