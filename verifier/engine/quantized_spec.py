@@ -1,7 +1,8 @@
 """The spec a quantized runtime's error model gives on a region: its rounding bounds, the first
 layer's input rounding folded into the region (`dynamic_input`: a fixed grid, or the run-time
 quantization where its scale is the same at every point) and the logits' clamp bounded apart
-(`output_clamp`) where they apply."""
+(`output_clamp`) where they apply; and where that scale varies, the spec of each sub-region of
+fixed scale (`fold_parts`: the decision and the audit's proof re-check build it alike)."""
 
 from __future__ import annotations
 
