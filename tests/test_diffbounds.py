@@ -1,6 +1,7 @@
 """Differential bounds and the quantized decision from the float proof: every runtime margin
 of small regions above the bounds, decisions that agree with enumeration on the quantized
-runtime, the guard against a wrong error model, the proof the float decision hands back."""
+runtime, the guard against a wrong error model, the proof the float decision hands back and the
+quantized proof kept on its tree."""
 
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ from verifier.engine.diffdecide import decide_from_float
 from verifier.engine.model import load_model
 from verifier.engine.network import Affine, forward_lowered
 from verifier.engine.points import runtime_inputs
+from verifier.engine.proof import SPLIT, Node, decode, from_text
+from verifier.engine.quantized_spec import quantized_spec
 from verifier.engine.regions import lattice_region
 from verifier.engine.result import CERTIFIED
+from verifier.run.proofcheck import CHECKED, FAILED, Problem, check_tree
 
 MODES = ["dynamic", "dynamic-per-tensor", "int8", "float16"]
 
@@ -274,4 +278,54 @@ def test_absorbed_float_leaves_agree_with_enumeration(tiny, tmp_path, mode):
             continue
         check_decision(d, runner, region, label)
         absorbed += d.detail.get("float_leaves_absorbed", 0)
+        if d.status == CERTIFIED and "proof" in d.detail:  # absorbed leaves re-closed
+            assert _recheck(d, em, runner, region, label).status == CHECKED
     assert absorbed > 0
+
+
+def _recheck(d, em, runner, region, label, tamper: str | None = None):
+    """The audit's re-check of a quantized decision's proof, on the spec it rebuilds;
+    `tamper`: a bounds leaf's margin raised ("bounds") or a split removed (SPLIT) first."""
+    proof = decode(from_text(d.detail["proof"]))
+    assert proof.spec == "error-model"
+    if tamper is not None:
+        nodes = list(proof.nodes)
+        i = next(i for i, n in enumerate(nodes) if n.kind == tamper)
+        if tamper == SPLIT:
+            del nodes[i]
+        else:
+            nodes[i] = Node("bounds", (nodes[i].values[0] + 1000.0,))
+        proof = replace(proof, nodes=tuple(nodes))
+    spec = quantized_spec(em, region, label).spec
+    return check_tree(proof, Problem(region, label, runner, spec))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "int8"])
+def test_diff_bab_keeps_a_proof_the_audit_rechecks(tiny, mode):
+    """A diff-bab certification keeps a proof: the float proof's tree (when it has one) with
+    each leaf closed by the runtime's own bounds or split further and enumerated on it. It
+    re-checks on the spec the audit rebuilds, the decision agrees with enumeration, and the
+    proof fails once a bounds leaf's margin is raised or a split removed."""
+    model, runners, xs = tiny
+    runner = runners[mode]
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    kept, on_tree = 0, 0
+    for i, x in enumerate(xs):
+        region = _region(x, 10 + i, 0.125, 1.5)
+        label = int(runner.predict(x[None]).argmax())
+        fd, d = _float_then_quantized(model, runner, em, chain, region, label, 64)
+        if d is None or d.route != "diff-bab":
+            continue
+        check_decision(d, runner, region, label)
+        assert _recheck(d, em, runner, region, label).status == CHECKED
+        for kind in ("bounds", SPLIT):
+            assert _recheck(d, em, runner, region, label, kind).status == FAILED
+        float_splits = sum(n.kind == SPLIT for n in decode(from_text(fd.detail["proof"])).nodes)
+        quantized = decode(from_text(d.detail["proof"]))
+        # every node the quantized branch and bound processed was split or enumerated
+        new_splits = d.detail["new_nodes"] - d.detail["leaves"].get("enumeration", 0)
+        assert sum(n.kind == SPLIT for n in quantized.nodes) == float_splits + new_splits
+        kept += 1
+        on_tree += float_splits > 0
+    assert kept and on_tree, (kept, on_tree)

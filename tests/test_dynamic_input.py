@@ -1,8 +1,10 @@
 """The dynamic-range input quantization folded per region: sub-regions that cover the region,
 the real runtime's logits within the folded model's bounds at every point, decisions that
-agree with enumeration on the runtime."""
+agree with enumeration on the runtime, and their kept proofs re-checked on the fold's specs."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -119,7 +121,7 @@ def test_decisions_with_the_fold_agree_with_enumeration(tiny, mode):
     runner = runners[mode]
     chain = prepare_chain(model.network.lower())
     em = error_model(runner, chain)
-    folds, split, statuses = 0, 0, []
+    folds, split, kept, statuses = 0, 0, 0, []
     for i, x in enumerate(xs):
         for region in _regions(x, i):
             label = int(float_runner(model).predict(x[None].astype(np.float32)).argmax())
@@ -141,8 +143,39 @@ def test_decisions_with_the_fold_agree_with_enumeration(tiny, mode):
             check_decision(d, runner, region, label)
             folds += "input_fold" in d.detail
             split += d.detail.get("input_fold_open", 0) > 0  # split inside folded parts
+            if d.status == CERTIFIED and "input_fold_open" in d.detail:
+                kept += _check_folded_proof(d, em, runner, region, label)
             statuses.append(d.status)
-    assert folds and split and CERTIFIED in statuses
+    assert folds and split and kept and CERTIFIED in statuses
+
+
+def _check_folded_proof(d, em, runner, region, label: int) -> int:
+    """A certificate through the fold keeps a proof with a `fold` node per sub-region: it
+    re-checks on the sub-regions' specs (as the audit rebuilds them), not on the region's
+    spec alone, and fails with a leaf's evidence raised (margin or point count) or a split
+    removed."""
+    from verifier.engine.proof import FOLD, SPLIT, Node, decode, from_text
+    from verifier.engine.quantized_spec import fold_part_of, fold_parts, quantized_spec
+    from verifier.run.proofcheck import CHECKED, FAILED, Problem, check_tree
+
+    proof = decode(from_text(d.detail["proof"]))
+    assert proof.spec == "error-model" and any(n.kind == FOLD for n in proof.nodes)
+    parts = fold_parts(em, region, label)
+    problem = Problem(region, label, runner, quantized_spec(em, region, label).spec)
+    folded = replace(
+        problem, fold=lambda lo, hi: getattr(fold_part_of(parts, lo, hi), "spec", None)
+    )
+    assert check_tree(proof, folded).status == CHECKED
+    assert check_tree(proof, problem).status == FAILED  # no fold specs: fold nodes fail
+    nodes = list(proof.nodes)
+    i = next(i for i, n in enumerate(nodes) if n.kind in ("bounds", "enumeration"))
+    raised = Node(nodes[i].kind, (nodes[i].values[0] + 1000,))  # a margin or a point count
+    bad = (*nodes[:i], raised, *nodes[i + 1 :])
+    assert check_tree(replace(proof, nodes=bad), folded).status == FAILED
+    i = next(i for i, n in enumerate(nodes) if n.kind == SPLIT)
+    cut = (*nodes[:i], *nodes[i + 1 :])
+    assert check_tree(replace(proof, nodes=cut), folded).status == FAILED
+    return 1
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -135,8 +135,10 @@ def test_first_layer_saturation_folded_in_sub_regions(tmp_path):
     region = feature_region(x, [np.array([i]) for i in range(8)], 0.125, 0.25)
     label = int(np.argmax(runner.predict(x[None].astype(np.float32))[0]))
     detail: dict = {}
-    parts = _folded_bounds(runner, em, region, label, np.full(1, np.inf), detail, np.inf)
-    assert parts and len(parts) > 1, detail
+    folded = _folded_bounds(runner, em, region, label, np.full(1, np.inf), detail, np.inf)
+    assert folded is not None, detail
+    parts, _ = folded
+    assert len(parts) > 1, detail
     others = [k for k in range(2) if k != label]
     for spec, leaf in parts:
         assert list(spec.others) == others

@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from verifier.engine.model_files import model_sha256, sha256_file
 from verifier.engine.points import labels_at
+from verifier.engine.proof import FOLD
 from verifier.engine.regions import Region
 from verifier.engine.result import CERTIFIED, REFUTED
 from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
@@ -287,6 +288,23 @@ def proof_spec(ctx: RunContext, region: Region, label: int, name: str, kind: str
         return None
 
 
+def fold_spec(ctx: RunContext, region: Region, label: int, name: str):
+    """For a proof with `fold` nodes: the spec of the input fold's sub-region holding a box,
+    rebuilt for this audit (`quantized_spec.fold_parts`); None when the model has no fold."""
+    from verifier.engine.quantized_spec import fold_part_of, fold_parts
+
+    em = ctx.error_models.get(name)
+    parts = fold_parts(em, region, label) if em is not None else None
+    if parts is None:
+        return None
+
+    def spec_of(lo, hi):
+        qs = fold_part_of(parts, lo, hi)
+        return None if qs is None else qs.spec
+
+    return spec_of
+
+
 def check_kept_proof(
     ctx: RunContext, region: Region, rec: InputRecord, name: str, max_points: int, tally
 ) -> Failure | None:
@@ -306,6 +324,8 @@ def check_kept_proof(
             spec = proof_spec(ctx, region, rec.label, name, proof.spec)
             runtime = ctx.runtimes[name]
             problem = pc.Problem(region, rec.label, runtime, spec, ctx.chain, max_points)
+            if spec is not None and any(n.kind == FOLD for n in proof.nodes):
+                problem = replace(problem, fold=fold_spec(ctx, region, rec.label, name))
             verdict = pc.check_tree(proof, problem)
     tally.seconds += time.perf_counter() - start
     tally.points += verdict.points

@@ -46,12 +46,14 @@ class Leaf:
 @dataclass(frozen=True)
 class ClosedLeaves:
     """How a region was certified on the float chain, for reuse: the spec the bounds are on,
-    the root bounds, and the leaves that closed it (each with its bounds; one leaf, the root
-    box, when the root bounds certified)."""
+    the root bounds, the leaves that closed it (each with its bounds; one leaf, the root
+    box, when the root bounds certified), and the cover that proved it (its split tree and
+    its empty boxes are the quantized proof's too; None when none was kept)."""
 
     spec: object  # verifier.engine.bounds.SpecChain
     root: Bounds
     leaves: list[Leaf]
+    cover: Cover | None = None
 
 
 @dataclass

@@ -168,7 +168,8 @@ def decide(
         if np.all(root.lower > threshold):
             close_by_bounds(run.cover, Leaf(region.lo, region.hi, root), region, threshold)
             if keep_leaves:
-                detail["reuse"] = ClosedLeaves(spec, root, [Leaf(region.lo, region.hi, root)])
+                whole = [Leaf(region.lo, region.hi, root)]
+                detail["reuse"] = ClosedLeaves(spec, root, whole, run.cover)
             return run.done(CERTIFIED, "bounds")
 
     att = search_attack(
@@ -322,7 +323,7 @@ def _refine(
     if leaves:
         return run.done(UNKNOWN, "budget")
     if keep_leaves:
-        run.detail["reuse"] = ClosedLeaves(spec, root, reuse)
+        run.detail["reuse"] = ClosedLeaves(spec, root, reuse, run.cover)
     counts = {
         "bab": closed.get("bab", 0) + closed.get("empty", 0),
         "enumeration": closed.get("enumeration", 0),

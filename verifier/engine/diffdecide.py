@@ -18,12 +18,16 @@ Routes: "bounds" (the runtime's own bounds, "input_fold" in `detail` when folded
 "diff-root" (the root bound), "diff-leaves" (every float leaf reused), "diff-bab" (new
 splits), "enumeration", "attack" (found on the quantized runtime), "budget"; `detail` counts
 the leaves reused and split ("float_leaves", "float_leaves_reused", "new_nodes").
+A certificate keeps a proof on the error model's spec ("proof", `verifier.engine.proof`): the
+root's bounds leaf; the folded sub-regions' cuts, each sub-region a `fold` node closed on its
+own spec; or the float proof's tree with each float leaf closed by the runtime's own bounds or
+by the branch and bound below it. "no_proof" says why none was kept (a leaf only the
+differential bound closes: the audit cannot re-derive that bound).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import numpy as np
 
@@ -33,10 +37,7 @@ from verifier.engine.bounds import (
     PreparedChain,
     SpecChain,
     linear_bounds,
-    point_interval,
     prepare_chain,
-    rounding_errors,
-    spec_chain,
 )
 from verifier.engine.decide import (
     ALPHA_NEAR,
@@ -47,16 +48,12 @@ from verifier.engine.decide import (
     decide,
 )
 from verifier.engine.diffbounds import diff_spec, quantized_bounds, wrap_direct
-from verifier.engine.dynamic_input import fold_first_input, fold_pair_sums, split_for_fold
 from verifier.engine.network import LoweredLayer
 from verifier.engine.points import runtime_inputs
 from verifier.engine.proof import Cover
+from verifier.engine.quantized_spec import fold_parts
 from verifier.engine.regions import Region
 from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN, Decision
-
-# at most this many sub-regions of fixed input scale (`dynamic_input.split_for_fold`): 9 of the
-# 43 MNIST MLP regions measured (features r=10 step 1/8) need 9, the others 3-8
-FOLD_PARTS = 16
 
 
 def decide_from_float(
@@ -105,8 +102,9 @@ def decide_from_float(
     deadline = start + timeout
     detail: dict = {"leaves": {}, "points": 0, "attack_evals": 0, "steps": {}}
     run = _Run(runtime, region, label, start, detail)
-    # only the runtime's own bounds over the whole region keep a proof: differential and folded
-    # leaves have no kept-proof kind yet (the audit still enumerates such regions when small)
+    # a proof is kept where every leaf is closed by the runtime's own bounds or runtime runs:
+    # the root, the folded sub-regions (each on its own spec), or the float proof's tree with
+    # its leaves re-closed (see `_reuse`); a leaf the differential bound alone closes keeps none
     run.cover, run.spec = None, "error-model"
     qspec, trusted, qs = _model_spec(runtime, error_model, region, label, detail)
     if not trusted:
@@ -137,17 +135,25 @@ def decide_from_float(
         return run.done(CERTIFIED, "bounds")
     # the rounding bounds over the whole region, when the spec's are those (no fold, no cap)
     errors = qs.errors if qs.region is region and qs.ends is None else None
-    parts = _folded_bounds(runtime, error_model, region, label, threshold, detail, deadline, errors)
+    folded = _folded_bounds(
+        runtime, error_model, region, label, threshold, detail, deadline, errors
+    )
     run.step("bounds")
-    if parts == []:
-        return run.done(CERTIFIED, "bounds")
+    parts = None
+    if folded is not None:
+        parts, run.cover = folded
+        if not parts:
+            return run.done(CERTIFIED, "bounds")
+    absorbed: list[Leaf] = []  # float leaves closed by the differential bound alone
     if parts is None:
-        leaves = _reuse(ds, qspec, region, proof, direct, detail, deadline)
+        run.cover = proof.cover.tree() if proof.cover is not None else None
+        leaves = _reuse(ds, qspec, region, proof, direct, detail, deadline, run.cover, absorbed)
         run.step("differential")
         if leaves is None:
             detail["open_leaves"] = "float leaves not all bounded in time"
             return run.done(UNKNOWN, "budget")
         if not leaves:
+            _close_absorbed(run, qspec, absorbed, direct, deadline)
             return run.done(CERTIFIED, "diff-root" if _root_only(proof) else "diff-leaves")
     else:  # branch and bound inside the folded sub-regions, each on its own spec
         leaves = [leaf for _, leaf in parts]
@@ -179,6 +185,7 @@ def decide_from_float(
         deadline=deadline,
         max_nodes=max_nodes,
         enum_limit=enum_limit,
+        cover=run.cover,
     )
     run.nodes += out.nodes
     run.step("bab")
@@ -190,6 +197,7 @@ def decide_from_float(
         route = "attack" if out.route == "bab" else out.route
         return run.done(REFUTED, route, out.coeffs, out.adv_label)
     if out.status == CERTIFIED:
+        _close_absorbed(run, qspec, absorbed, direct, deadline)
         by_bounds = out.closed["bab"] + out.closed["empty"]
         return run.done(CERTIFIED, "diff-bab" if by_bounds else "enumeration")
     return run.done(UNKNOWN, "budget")
@@ -197,56 +205,35 @@ def decide_from_float(
 
 def _folded_bounds(
     runtime, model, region: Region, label: int, threshold, detail, deadline: float, errors=None
-) -> list[tuple[SpecChain, Leaf]] | None:
+) -> tuple[list[tuple[SpecChain, Leaf]], Cover] | None:
     """The sub-regions of `region` the runtime's own bounds do not certify once the first
-    layer's run-time input quantization is folded into each (`dynamic_input`: a fixed input
-    scale in each, and with it the first layer's pair-sum saturation), each with its folded
-    spec and bounds, guarded by the runtime's logits at its point nearest 0; None when there is
-    no such fold (a region whose scale is fixed throughout is folded in the quantized spec
-    itself) or time ran out. `errors`: `rounding_errors` over the whole region, when already
-    computed: later layers' bounds hold in every part (they bound the runtime's values)."""
-    r = model.rounding[0] if model.rounding else None
-    if r is None or not r.dynamic_input or r.symmetric_input:
-        return None  # no run-time input quantization to fold
-    parts = split_for_fold(region, FOLD_PARTS)
-    if parts is None or len(parts) == 1:
-        return None  # one part: the quantized spec folded it already where it could
+    layer's run-time input quantization is folded into each (`quantized_spec.fold_parts`),
+    each with its folded spec and bounds, guarded by the runtime's logits at its point nearest
+    0, and the cover of the parts (cuts, folds, and the parts the bounds closed); None when
+    there is no such fold or time ran out. `errors`: `rounding_errors` over the whole region,
+    when already computed."""
+    cover = Cover()
+    parts = fold_parts(model, region, label, errors, cover)
+    if parts is None:
+        return None
     detail["input_fold"] = f"{len(parts)} sub-regions"
-    try:  # bounds over the whole region hold in each part: computed once
-        out, inputs = errors or rounding_errors(model.chain, region, rounding=model.rounding)
-    except ValueError:  # a static grid may saturate: no bound
-        return None
-    folds = [fold_first_input(model, part) for part in parts]
-    if any(f is None for f in folds):
-        return None
-    # the first layer's bound without its pair sums' saturation (folded per part; an output
-    # rounding's bound would depend on the unshifted interval)
-    bare = None
-    if r.pairs is not None and not r.outputs and r.output_grid is None:
-        one = replace(model.chain, layers=model.chain.layers[:1], absw=model.chain.absw[:1])
-        plain = replace(r, pairs=replace(r.pairs, known=np.zeros(len(out[0]))))
-        bare = rounding_errors(one, region, rounding=[plain])[0][0]
-    nearest = np.stack([np.clip(0, part.lo, part.hi) for part in parts])
+    nearest = np.stack([np.clip(0, part.lo, part.hi) for part, _ in parts])
     got = np.asarray(runtime.predict(runtime_inputs(runtime, region, nearest)), np.float64)
     left = []
-    for part, fold, p, g in zip(parts, folds, nearest, got, strict=True):
+    for (part, qs), p, g in zip(parts, nearest, got, strict=True):
         if time.perf_counter() > deadline:
             return None
-        region_q, residual = fold
-        m, first = model if bare is None else fold_pair_sums(model, part, fold), out[0]
-        if m is not model:
-            first = bare + m.rounding[0].pairs.known
-        part_errors = ([first, *out[1:]], [residual, *inputs[1:]])
-        lo, hi = point_interval(m.chain, part_errors, region_q.points(p[None])[0])
+        lo, hi = qs.interval(p)
         if not (g.shape == lo.shape and np.all((g >= lo) & (g <= hi))):
             detail["input_fold"] = "the runtime's logits lie outside the folded model's interval"
             return None
-        spec = spec_chain(m.chain, region_q, label, errors=part_errors)
-        b = linear_bounds(spec, part.lo, part.hi)
-        if not (b.empty or np.all(b.lower > threshold)):
-            left.append((spec, Leaf(part.lo, part.hi, wrap_direct(None, b))))
+        leaf = Leaf(part.lo, part.hi, wrap_direct(None, linear_bounds(qs.spec, part.lo, part.hi)))
+        if leaf.bounds.empty or np.all(leaf.bounds.lower > threshold):
+            close_by_bounds(cover, leaf, region, threshold)
+        else:
+            left.append((qs.spec, leaf))
     detail["input_fold_open"] = len(left)
-    return left
+    return left, cover
 
 
 def _part_of(parts: list[tuple[SpecChain, Leaf]], lo: np.ndarray, hi: np.ndarray) -> SpecChain:
@@ -262,35 +249,68 @@ def _root_only(proof: ClosedLeaves) -> bool:
     return len(proof.leaves) == 1 and proof.leaves[0].bounds is proof.root
 
 
+def _close_absorbed(run: _Run, qspec, absorbed: list[Leaf], direct, deadline: float) -> None:
+    """Close in the proof the float leaves the differential bound alone closed, by the
+    runtime's own bounds (what the audit re-derives); no proof when one stays open."""
+    if run.cover is None:
+        return
+    threshold = np.zeros(len(qspec.others))
+    for leaf in absorbed:
+        if time.perf_counter() > deadline:
+            run.cover, run.detail["no_proof"] = None, "no time to re-bound absorbed leaves"
+            return
+        whole = np.array_equal(leaf.lo, run.region.lo) and np.array_equal(leaf.hi, run.region.hi)
+        b = direct if whole else linear_bounds(qspec, leaf.lo, leaf.hi, parent=direct)
+        if not (b.empty or np.all(b.lower > 0)):
+            run.cover, run.detail["no_proof"] = None, "a leaf closed by the difference alone"
+            return
+        close_by_bounds(run.cover, Leaf(leaf.lo, leaf.hi, b), run.region, threshold)
+
+
 def _reuse(
-    ds, qspec, region: Region, proof: ClosedLeaves, direct, detail: dict, deadline: float
+    ds,
+    qspec,
+    region: Region,
+    proof: ClosedLeaves,
+    direct,
+    detail: dict,
+    deadline: float,
+    cover: Cover | None = None,
+    absorbed: list[Leaf] | None = None,
 ) -> list[Leaf] | None:
     """The float proof's leaves the difference is not absorbed in, with the runtime's own bounds
     (the root alone when the root bounds certified); None when time ran out. Intermediate
     differences by intervals only (`refine=False`): refined, the root bound gained nothing over
-    the runtime's own on any MNIST input measured, at 0.5-1.5 s an input."""
+    the runtime's own on any MNIST input measured, at 0.5-1.5 s an input. Leaves the runtime's
+    own bounds close go into `cover`; those the difference alone closes into `absorbed`."""
     b = quantized_bounds(ds, region.lo, region.hi, proof.root, direct, refine=False)
     detail["diff_root_margin"] = float(np.min(b.lower))
     detail["diff_root_delta"] = float(np.min(b.delta))
     # how much the differential bound adds to the runtime's own on the worst margin
     detail["diff_root_gain"] = float(np.min(b.lower) - np.min(direct.lower))
+    absorbed = [] if absorbed is None else absorbed
     if _root_only(proof):
-        return [] if np.all(b.lower > 0) else [Leaf(region.lo, region.hi, b)]
+        if np.all(b.lower > 0):
+            absorbed.append(Leaf(region.lo, region.hi, b))
+            return []
+        return [Leaf(region.lo, region.hi, b)]
     # the difference's bound over the whole region holds in every leaf: a leaf whose float
     # bound absorbs it is closed at no cost (the quantized margin is at least the float one
     # plus the difference, or the spec's positive cap)
     delta = b.delta if not b.empty else None
-    left, absorbed = [], 0
+    left, threshold = [], np.zeros(len(qspec.others))
     for leaf in proof.leaves:
         if delta is not None and not leaf.bounds.empty and np.all(leaf.bounds.lower + delta > 0):
-            absorbed += 1
+            absorbed.append(leaf)
             continue
         if time.perf_counter() > deadline:
             return None
         b = linear_bounds(qspec, leaf.lo, leaf.hi, parent=direct)
         if not (b.empty or np.all(b.lower > 0)):
             left.append(Leaf(leaf.lo, leaf.hi, wrap_direct(leaf.bounds, b)))
+        elif cover is not None:
+            close_by_bounds(cover, Leaf(leaf.lo, leaf.hi, b), region, threshold)
     detail["float_leaves"] = len(proof.leaves)
-    detail["float_leaves_absorbed"] = absorbed  # closed by the root's difference bound alone
+    detail["float_leaves_absorbed"] = len(absorbed)  # closed by the root's difference bound alone
     detail["float_leaves_reused"] = len(proof.leaves) - len(left)
     return left

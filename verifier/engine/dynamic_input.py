@@ -219,17 +219,20 @@ def _top_generators(region: Region, top: float) -> np.ndarray | None:
     return None if float(region.cost[gens].sum()) > slack + EPS else gens
 
 
-def split_for_fold(region: Region, limit: int = 8) -> list[Region] | None:
+def split_for_fold(region: Region, limit: int = 8, cover=None) -> list[Region] | None:
     """Sub-regions covering `region` (every point within budget), in each of which the input
     row's scale is fixed: with T the generators that move the values at the top, one per value
     of T's first generator with more than two (a lattice), else T's first generator kept at its
     value nearest 0, or the first on and the second kept, ..., or all of T moved (each split
-    again). None when that needs more than `limit` sub-regions."""
+    again). None when that needs more than `limit` sub-regions. `cover` (a
+    `verifier.engine.proof.Cover`) records the cuts that make them, each marked as a fold."""
     out: list[Region] = []
     todo = [region]
     while todo:
         reg = todo.pop()
         if reg.empty():
+            if cover is not None:
+                cover.close(reg.lo, reg.hi, "empty", reg.least_cost())
             continue  # no point within budget
         p = np.clip(0, reg.lo, reg.hi)
         d = reg.directions
@@ -237,6 +240,8 @@ def split_for_fold(region: Region, limit: int = 8) -> list[Region] | None:
         gens = _top_generators(reg, float(hi.max()))
         if gens is None:
             out.append(reg)
+            if cover is not None:
+                cover.fold(reg.lo, reg.hi)
             continue
         if not len(gens):
             return None
@@ -247,6 +252,10 @@ def split_for_fold(region: Region, limit: int = 8) -> list[Region] | None:
                 lo, hi_ = reg.lo.copy(), reg.hi.copy()
                 lo[g] = hi_[g] = v
                 todo.append(replace(reg, lo=lo, hi=hi_))
+                if cover is not None and v < reg.hi[g]:  # [v, hi] cut after v
+                    lo, hi_ = lo.copy(), hi_.copy()
+                    hi_[g] = reg.hi[g]
+                    cover.split(lo, hi_, g, v)
             if len(out) + len(todo) > limit:
                 return None
             continue
@@ -255,6 +264,8 @@ def split_for_fold(region: Region, limit: int = 8) -> list[Region] | None:
             lo, hi_ = reg.lo.copy(), reg.hi.copy()
             lo[gens[:j]] = hi_[gens[:j]] = other[:j]  # the first j moved
             if j < len(gens):
+                if cover is not None:  # each of T has two values: cut between them
+                    cover.split(lo, hi_, gens[j], reg.lo[gens[j]])
                 lo[gens[j]] = hi_[gens[j]] = p[gens[j]]  # the next one kept
             todo.append(replace(reg, lo=lo, hi=hi_))
         if len(out) + len(todo) > limit:

@@ -10,6 +10,10 @@ a leaf names the route that closed its box and that route's evidence:
 - `z3`: no evidence (z3 answered unsat on the box);
 - `milp`: no evidence (the mixed-integer program proved every margin positive on the box).
 
+A `fold` node (no payload) has one child on its own box: the box is a sub-region of the
+dynamic-range input fold (`verifier.engine.dynamic_input.split_for_fold`), and the bounds leaves
+below it are on that sub-region's folded spec, not the region's.
+
 Boxes are not stored: they follow from the root (the region's box) and the splits, so a tree
 that parses covers the region by construction. Whole-region routes are trees of one leaf.
 Encoding: a header (magic, what bounds were computed on, the number of generators) and the
@@ -31,6 +35,7 @@ MAGIC = b"RRP1"
 # rounding, or a quantized runtime's error model.
 SPECS = ("none", "float32", "error-model")
 SPLIT = "split"
+FOLD = "fold"
 # kind -> (tag, struct format of the payload, payload field names). Append new kinds with a new
 # tag; never reuse one.
 KINDS: dict[str, tuple[int, str, tuple[str, ...]]] = {
@@ -40,6 +45,7 @@ KINDS: dict[str, tuple[int, str, tuple[str, ...]]] = {
     "enumeration": (3, "<I", ("points",)),
     "z3": (4, "", ()),
     "milp": (5, "", ()),
+    FOLD: (6, "", ()),
 }
 _BY_TAG = {tag: (kind, fmt, names) for kind, (tag, fmt, names) in KINDS.items()}
 _HEADER = "<4sBI"
@@ -73,14 +79,14 @@ class Proof:
         """Leaves per closing route."""
         out: dict[str, int] = {}
         for n in self.nodes:
-            if n.kind != SPLIT:
+            if n.kind not in (SPLIT, FOLD):
                 out[n.kind] = out.get(n.kind, 0) + 1
         return out
 
 
 def leaf(kind: str, *values) -> Node:
     """A leaf node, its payload checked against `KINDS`."""
-    if kind not in KINDS or kind == SPLIT:
+    if kind not in KINDS or kind in (SPLIT, FOLD):
         raise ValueError(f"unknown leaf kind {kind!r}")
     if len(values) != len(KINDS[kind][2]):
         raise ValueError(f"a {kind} leaf holds {KINDS[kind][2]}")
@@ -111,22 +117,39 @@ class Cover:
     def __init__(self) -> None:
         self._splits: dict[bytes, tuple[int, int]] = {}
         self._leaves: dict[bytes, Node] = {}
+        self._folds: set[bytes] = set()
 
     def split(self, lo: np.ndarray, hi: np.ndarray, g: int, mid: int) -> None:
         """The box [lo, hi] was cut on generator `g` after `mid`."""
         self._splits[_key(lo, hi)] = (int(g), int(mid))
 
+    def fold(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        """The box [lo, hi] is a sub-region of the input fold (its own spec below)."""
+        self._folds.add(_key(lo, hi))
+
     def close(self, lo: np.ndarray, hi: np.ndarray, kind: str, *values) -> None:
         """The box [lo, hi] was closed by route `kind` with its evidence."""
         self._leaves[_key(lo, hi)] = leaf(kind, *values)
 
+    def tree(self) -> Cover:
+        """A cover with this one's splits and empty leaves only (no point, whatever the spec):
+        what another spec's proof over the same boxes starts from, closing the other leaves."""
+        out = Cover()
+        out._splits = dict(self._splits)
+        out._leaves = {k: n for k, n in self._leaves.items() if n.kind == "empty"}
+        return out
+
     def proof(self, lo: np.ndarray, hi: np.ndarray, spec: str) -> Proof:
         """The tree under the root box [lo, hi]; ValueError when a box in it is still open."""
         nodes: list[Node] = []
-        stack = [(np.asarray(lo, np.int64), np.asarray(hi, np.int64))]
+        stack = [(np.asarray(lo, np.int64), np.asarray(hi, np.int64), False)]
         while stack:
-            a, b = stack.pop()
+            a, b, marked = stack.pop()
             k = _key(a, b)
+            if k in self._folds and not marked:
+                nodes.append(Node(FOLD, ()))
+                stack.append((a, b, True))
+                continue
             if k in self._leaves:
                 nodes.append(self._leaves[k])
                 continue
@@ -136,8 +159,8 @@ class Cover:
             nodes.append(Node(SPLIT, (g, mid)))
             left_hi, right_lo = b.copy(), a.copy()
             left_hi[g], right_lo[g] = mid, mid + 1
-            stack.append((right_lo, b))  # popped after the whole left subtree
-            stack.append((a, left_hi))
+            stack.append((right_lo, b, False))  # popped after the whole left subtree
+            stack.append((a, left_hi, False))
         return Proof(spec, len(lo), tuple(nodes))
 
 

@@ -1,7 +1,8 @@
 """The spec a quantized runtime's error model gives on a region: its rounding bounds, the first
 layer's input rounding folded into the region (`dynamic_input`: a fixed grid, or the run-time
 quantization where its scale is the same at every point) and the logits' clamp bounded apart
-(`output_clamp`) where they apply."""
+(`output_clamp`) where they apply; and where that scale varies, the spec of each sub-region of
+fixed scale (`fold_parts`: the decision and the audit's proof re-check build it alike)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,18 @@ from verifier.engine.bounds import (
     rounding_errors,
     spec_chain,
 )
-from verifier.engine.dynamic_input import fold_first_input, fold_input_grid, fold_pair_sums
+from verifier.engine.dynamic_input import (
+    fold_first_input,
+    fold_input_grid,
+    fold_pair_sums,
+    split_for_fold,
+)
 from verifier.engine.output_clamp import grid_ends, margin_caps
 from verifier.engine.regions import Region
+
+# at most this many sub-regions of fixed input scale (`dynamic_input.split_for_fold`): 9 of the
+# 43 MNIST MLP regions measured (features r=10 step 1/8) need 9, the others 3-8
+FOLD_PARTS = 16
 
 
 @dataclass(frozen=True)
@@ -77,3 +87,55 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
             return QuantizedSpec(replace(spec, cap=cap), errs, on, model.chain, (*ends, e), root)
     errs = errors(False)
     return QuantizedSpec(spec_chain(model.chain, on, label, errors=errs), errs, on, model.chain)
+
+
+def fold_parts(
+    model, region: Region, label: int, errors: tuple | None = None, cover=None
+) -> list[tuple[Region, QuantizedSpec]] | None:
+    """The sub-regions of `region` in each of which a dynamic-range first layer's input scale
+    is fixed (`dynamic_input.split_for_fold`), each with its spec: the input quantization
+    folded, and with it the first layer's pair-sum saturation; None when there is no such fold
+    (no run-time input quantization, or one part: `quantized_spec` folds it already where it
+    can). `errors`: `rounding_errors` over the whole region, when already computed: later
+    layers' bounds hold in every part (they bound the runtime's values). `cover` records the
+    cuts that make the parts (`split_for_fold`)."""
+    r = model.rounding[0] if model.rounding else None
+    if r is None or not r.dynamic_input or r.symmetric_input:
+        return None
+    parts = split_for_fold(region, FOLD_PARTS, cover)
+    if parts is None or len(parts) == 1:
+        return None
+    try:  # bounds over the whole region hold in each part: computed once
+        out, inputs = errors or rounding_errors(model.chain, region, rounding=model.rounding)
+    except ValueError:  # a static grid may saturate: no bound
+        return None
+    folds = [fold_first_input(model, part) for part in parts]
+    if any(f is None for f in folds):
+        return None
+    # the first layer's bound without its pair sums' saturation (folded per part; an output
+    # rounding's bound would depend on the unshifted interval)
+    bare = None
+    if r.pairs is not None and not r.outputs and r.output_grid is None:
+        one = replace(model.chain, layers=model.chain.layers[:1], absw=model.chain.absw[:1])
+        plain = replace(r, pairs=replace(r.pairs, known=np.zeros(len(out[0]))))
+        bare = rounding_errors(one, region, rounding=[plain])[0][0]
+    specs = []
+    for part, (region_q, residual) in zip(parts, folds, strict=True):
+        m, first = (
+            model if bare is None else fold_pair_sums(model, part, (region_q, residual)),
+            out[0],
+        )
+        if m is not model:
+            first = bare + m.rounding[0].pairs.known
+        errs = ([first, *out[1:]], [residual, *inputs[1:]])
+        spec = spec_chain(m.chain, region_q, label, errors=errs)
+        specs.append((part, QuantizedSpec(spec, errs, region_q, m.chain)))
+    return specs
+
+
+def fold_part_of(parts: list[tuple[Region, QuantizedSpec]], lo, hi) -> QuantizedSpec | None:
+    """The folded spec of the sub-region holding the box [lo, hi]; None when none holds it."""
+    for part, qs in parts:
+        if np.all(part.lo <= lo) and np.all(hi <= part.hi):
+            return qs
+    return None

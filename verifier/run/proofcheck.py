@@ -17,6 +17,9 @@ each leaf is closed again by its own route:
   runtime (at most `max_points` points, else not checkable) and every point must keep the label.
 - `z3` and `milp`: enumerated on the runtime when small enough, else re-solved by z3 on the box.
 
+A `fold` node's box must lie within one sub-region of the dynamic-range input fold; its subtree
+is checked on that sub-region's spec (`Problem.fold`), bounds inherited from none above it.
+
 Only the problem statement is shared with the search: the region and the chain composed with
 it and its rounding bounds (`bounds.spec_chain`, what "the margin" means); the bound
 computation, the knapsack and the tree walk are this module's.
@@ -24,13 +27,14 @@ computation, the knapsack and the tree walk are this module's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from verifier.engine.network import Affine, MaxPool, Relu
 from verifier.engine.points import count_points
-from verifier.engine.proof import SPLIT, Proof, ProofFormatError, decode
+from verifier.engine.proof import FOLD, SPLIT, Proof, ProofFormatError, decode
 from verifier.engine.regions import EPS, Region
 
 CHECKED, FAILED, NOT_CHECKABLE = "checked", "failed", "not checkable"
@@ -68,6 +72,8 @@ class Problem:
     chain: list | None = None  # the lowered float chain (z3 re-solves)
     max_points: int = 200_000
     smt_timeout: float = 10.0
+    # the spec of the input fold's sub-region holding a box (lo, hi); None when none holds it
+    fold: Callable | None = None
 
 
 def read(data: bytes) -> Proof | Verdict:
@@ -107,15 +113,21 @@ def check_tree(proof: Proof, problem: Problem) -> Verdict:
     if any(n.kind == "bounds" for n in nodes) and problem.spec is None:
         return out.fail(f"bounds leaves on '{proof.spec}' and no spec to re-derive them")
     # depth first, left child first: the same order the proof lists its nodes in
-    stack = [(region.lo.astype(np.int64), region.hi.astype(np.int64), None)]
+    stack = [(region.lo.astype(np.int64), region.hi.astype(np.int64), None, problem)]
     pos = 0
     while stack:
-        lo, hi, parent = stack.pop()
+        lo, hi, parent, here_problem = stack.pop()
         if pos >= len(nodes):
             return out.fail(f"truncated: the box {_box(lo, hi)} is not covered")
         node = nodes[pos]
         pos += 1
         out.nodes += 1
+        if node.kind == FOLD:
+            spec = problem.fold(lo, hi) if problem.fold is not None else None
+            if spec is None:
+                return out.fail(f"node {pos - 1}: {_box(lo, hi)} is in no sub-region of the fold")
+            stack.append((lo, hi, None, replace(problem, spec=spec)))
+            continue
         if node.kind == SPLIT:
             g, mid = node.values
             if not 0 <= g < len(lo) or not lo[g] <= mid < hi[g]:
@@ -123,13 +135,14 @@ def check_tree(proof: Proof, problem: Problem) -> Verdict:
                     f"node {pos - 1}: split of generator {g} after {mid} does not cut "
                     f"{_box(lo, hi)} in two"
                 )
-            here = _node_bounds(problem.spec, lo, hi, parent) if problem.spec else None
+            spec = here_problem.spec
+            here = _node_bounds(spec, lo, hi, parent) if spec else None
             left_hi, right_lo = hi.copy(), lo.copy()
             left_hi[g], right_lo[g] = mid, mid + 1
-            stack.append((right_lo, hi, here))
-            stack.append((lo, left_hi, here))
+            stack.append((right_lo, hi, here, here_problem))
+            stack.append((lo, left_hi, here, here_problem))
             continue
-        why = _check_leaf(node, lo, hi, parent, problem, out)
+        why = _check_leaf(node, lo, hi, parent, here_problem, out)
         if why is not None:
             return out.fail(f"node {pos - 1} ({node.kind} leaf on {_box(lo, hi)}): {why}")
     if pos != len(nodes):
