@@ -162,7 +162,10 @@ def test_run_error_leaves_no_plugin(base, cluster, no_janitor, tmp_path, monkeyp
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_driver_stopped_by_signal_leaves_no_plugin(base, cluster, no_janitor, tmp_path, sig):
     out, log = tmp_path / "run", tmp_path / "log.txt"
-    proc = start([*base, "--out", out, "--cluster", cluster[0].scheduler_address], log)
+    # 400 inputs: the signal must land mid-run, and N of these small regions may all be
+    # decided in the moment between the second stored record and the signal
+    argv = [*base, "--indices", "0:400", "--out", out, "--cluster", cluster[0].scheduler_address]
+    proc = start(argv, log)
     end = time.time() + 180
     while proc.poll() is None and count(out) < 2:
         assert time.time() < end, "the run made no progress"
