@@ -178,6 +178,24 @@ def test_driver_stopped_by_signal_leaves_no_plugin(base, cluster, no_janitor, tm
     assert run_plugins(cluster) == []
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_swallowed_below_still_interrupts(sig):
+    """A signal whose KeyboardInterrupt code below the session catches (as Dask's client calls
+    may) still ends the session as interrupted, on the way out."""
+    import os
+
+    from verifier.run.cluster import signals_interrupt
+
+    with pytest.raises(KeyboardInterrupt), signals_interrupt():
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass  # swallowed
+    with signals_interrupt():  # no signal: nothing raised
+        pass
+
+
 def test_worker_killed_mid_run_then_same_records(base, reference, cluster, tmp_path):
     local, client = cluster
     deaths = tmp_path / "deaths"

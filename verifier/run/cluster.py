@@ -101,8 +101,8 @@ def local_cluster(workers: int) -> LocalCluster:
 @contextmanager
 def session(workers: int, address: str | None) -> Iterator[Session]:
     """A run's Dask session (see `dask_client`); SIGTERM interrupts it like Ctrl-C, so every way
-    out of it unregisters the run's plugins."""
-    with quiet("distributed"), dask_client(workers, address) as client, sigterm_interrupts():
+    out of it unregisters the run's plugins, and a signal always ends it as interrupted."""
+    with quiet("distributed"), dask_client(workers, address) as client, signals_interrupt():
         with contextlib.suppress(Exception):  # a scheduler that cannot load it: no janitor
             client.register_plugin(Janitor(), name=Janitor.name)
         run = Session(client)
@@ -129,20 +129,28 @@ def quiet(logger: str) -> Iterator[None]:
 
 
 @contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Raise KeyboardInterrupt on SIGTERM meanwhile (main thread only), so `finally` runs."""
+def signals_interrupt() -> Iterator[None]:
+    """Raise KeyboardInterrupt on SIGINT or SIGTERM meanwhile (main thread only), so `finally`
+    runs; and again on the way out when a signal came but its KeyboardInterrupt was swallowed
+    below (inside the Dask client's calls): a run stopped by a signal always ends as
+    interrupted, never as finished."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    came: list[int] = []
 
     def interrupt(signum, frame):
+        came.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if came:
+        raise KeyboardInterrupt
 
 
 class Session:
