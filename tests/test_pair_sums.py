@@ -129,6 +129,7 @@ def test_first_layer_saturation_folded_in_sub_regions(tmp_path):
     margin bounds lie below the runtime's margins at every point, and its interval holds the
     runtime's logits at the point the guard checks."""
     from verifier.engine.diffdecide import _folded_bounds
+    from verifier.engine.quantized_spec import fold_part_of
     from verifier.engine.regions import feature_region
 
     model, runner, em, x = _dynamic_pair_model(tmp_path)
@@ -137,10 +138,11 @@ def test_first_layer_saturation_folded_in_sub_regions(tmp_path):
     detail: dict = {}
     folded = _folded_bounds(runner, em, region, label, np.full(1, np.inf), detail, np.inf)
     assert folded is not None, detail
-    parts, _ = folded
-    assert len(parts) > 1, detail
+    parts, leaves, _ = folded
+    assert len(leaves) == len(parts) > 1, detail  # an infinite threshold closes no part
     others = [k for k in range(2) if k != label]
-    for spec, leaf in parts:
+    for leaf in leaves:
+        spec = fold_part_of(parts, leaf.lo, leaf.hi).spec
         assert list(spec.others) == others
         lo, hi = leaf.lo, leaf.hi
         pts = np.array(

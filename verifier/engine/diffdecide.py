@@ -35,7 +35,6 @@ from verifier.engine.attack import quick_attack, search_attack
 from verifier.engine.bab import ClosedLeaves, Leaf, branch_and_bound, close_by_bounds
 from verifier.engine.bounds import (
     PreparedChain,
-    SpecChain,
     linear_bounds,
     prepare_chain,
 )
@@ -51,7 +50,7 @@ from verifier.engine.diffbounds import diff_spec, quantized_bounds, wrap_direct
 from verifier.engine.network import LoweredLayer
 from verifier.engine.points import runtime_inputs
 from verifier.engine.proof import Cover
-from verifier.engine.quantized_spec import fold_parts
+from verifier.engine.quantized_spec import QuantizedSpec, fold_part_of, fold_parts
 from verifier.engine.regions import Region
 from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN, Decision
 
@@ -139,10 +138,10 @@ def decide_from_float(
         runtime, error_model, region, label, threshold, detail, deadline, errors
     )
     run.step("bounds")
-    parts = None
+    parts = None  # the folded sub-regions with their specs, when folded
     if folded is not None:
-        parts, run.cover = folded
-        if not parts:
+        parts, leaves, run.cover = folded
+        if not leaves:
             return run.done(CERTIFIED, "bounds")
     absorbed: list[Leaf] = []  # float leaves closed by the differential bound alone
     if parts is None:
@@ -155,8 +154,6 @@ def decide_from_float(
         if not leaves:
             _close_absorbed(run, qspec, absorbed, direct, deadline)
             return run.done(CERTIFIED, "diff-root" if _root_only(proof) else "diff-leaves")
-    else:  # branch and bound inside the folded sub-regions, each on its own spec
-        leaves = [leaf for _, leaf in parts]
 
     att = search_attack(
         runtime,
@@ -171,8 +168,8 @@ def decide_from_float(
     if att.coeffs is not None:
         return run.done(REFUTED, "attack", att.coeffs, att.adv_label)
 
-    def bound(lo, hi, parent):
-        spec = qspec if parts is None else _part_of(parts, lo, hi)
+    def bound(lo, hi, parent):  # inside a folded sub-region, on its own spec
+        spec = qspec if parts is None else fold_part_of(parts, lo, hi).spec
         return wrap_direct(None, linear_bounds(spec, lo, hi, parent=parent.direct))
 
     out = branch_and_bound(
@@ -205,13 +202,13 @@ def decide_from_float(
 
 def _folded_bounds(
     runtime, model, region: Region, label: int, threshold, detail, deadline: float, errors=None
-) -> tuple[list[tuple[SpecChain, Leaf]], Cover] | None:
-    """The sub-regions of `region` the runtime's own bounds do not certify once the first
-    layer's run-time input quantization is folded into each (`quantized_spec.fold_parts`),
-    each with its folded spec and bounds, guarded by the runtime's logits at its point nearest
-    0, and the cover of the parts (cuts, folds, and the parts the bounds closed); None when
-    there is no such fold or time ran out. `errors`: `rounding_errors` over the whole region,
-    when already computed."""
+) -> tuple[list[tuple[Region, QuantizedSpec]], list[Leaf], Cover] | None:
+    """The sub-regions of `region` once the first layer's run-time input quantization is folded
+    into each (`quantized_spec.fold_parts`: each with its folded spec), guarded by the runtime's
+    logits at its point nearest 0; those the runtime's own bounds do not certify, as leaves with
+    their bounds; and the cover of the parts (cuts, folds, and the parts the bounds closed);
+    None when there is no such fold or time ran out. `errors`: `rounding_errors` over the whole
+    region, when already computed."""
     cover = Cover()
     parts = fold_parts(model, region, label, errors, cover)
     if parts is None:
@@ -231,18 +228,9 @@ def _folded_bounds(
         if leaf.bounds.empty or np.all(leaf.bounds.lower > threshold):
             close_by_bounds(cover, leaf, region, threshold)
         else:
-            left.append((qs.spec, leaf))
+            left.append(leaf)
     detail["input_fold_open"] = len(left)
-    return left, cover
-
-
-def _part_of(parts: list[tuple[SpecChain, Leaf]], lo: np.ndarray, hi: np.ndarray) -> SpecChain:
-    """The folded spec of the sub-region holding the box [lo, hi] (branch and bound splits
-    inside its roots)."""
-    for spec, leaf in parts:
-        if np.all(leaf.lo <= lo) and np.all(hi <= leaf.hi):
-            return spec
-    raise AssertionError("a box outside every folded sub-region")
+    return parts, left, cover
 
 
 def _root_only(proof: ClosedLeaves) -> bool:

@@ -121,12 +121,8 @@ def fold_parts(
         bare = rounding_errors(one, region, rounding=[plain])[0][0]
     specs = []
     for part, (region_q, residual) in zip(parts, folds, strict=True):
-        m, first = (
-            model if bare is None else fold_pair_sums(model, part, (region_q, residual)),
-            out[0],
-        )
-        if m is not model:
-            first = bare + m.rounding[0].pairs.known
+        m = model if bare is None else fold_pair_sums(model, part, (region_q, residual))
+        first = out[0] if m is model else bare + m.rounding[0].pairs.known
         errs = ([first, *out[1:]], [residual, *inputs[1:]])
         spec = spec_chain(m.chain, region_q, label, errors=errs)
         specs.append((part, QuantizedSpec(spec, errs, region_q, m.chain)))
