@@ -263,20 +263,20 @@ def _reuse(
     direct,
     detail: dict,
     deadline: float,
-    cover: Cover | None = None,
-    absorbed: list[Leaf] | None = None,
+    cover: Cover | None,
+    absorbed: list[Leaf],
 ) -> list[Leaf] | None:
     """The float proof's leaves the difference is not absorbed in, with the runtime's own bounds
     (the root alone when the root bounds certified); None when time ran out. Intermediate
     differences by intervals only (`refine=False`): refined, the root bound gained nothing over
     the runtime's own on any MNIST input measured, at 0.5-1.5 s an input. Leaves the runtime's
-    own bounds close go into `cover`; those the difference alone closes into `absorbed`."""
+    own bounds close go into `cover` (None: no proof kept); those the difference alone closes
+    into `absorbed`."""
     b = quantized_bounds(ds, region.lo, region.hi, proof.root, direct, refine=False)
     detail["diff_root_margin"] = float(np.min(b.lower))
     detail["diff_root_delta"] = float(np.min(b.delta))
     # how much the differential bound adds to the runtime's own on the worst margin
     detail["diff_root_gain"] = float(np.min(b.lower) - np.min(direct.lower))
-    absorbed = [] if absorbed is None else absorbed
     if _root_only(proof):
         if np.all(b.lower > 0):
             absorbed.append(Leaf(region.lo, region.hi, b))
