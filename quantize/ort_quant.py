@@ -59,8 +59,9 @@ def calib_batch(n: int) -> int:
     return max(d for d in range(1, min(n, CALIB_BATCH) + 1) if n % d == 0)
 
 
-def preprocess(src: Path, dst: Path) -> bool:
-    """`quant_pre_process` from `src` to `dst`; False (and `dst` a plain copy) if it fails.
+def preprocess(src: Path, dst: Path) -> dict[str, Any]:
+    """`quant_pre_process` from `src` to `dst`, else `dst` a plain copy; the provenance record
+    says which, and why it failed (an unfused graph quantizes each MatMul and Add apart).
 
     Symbolic shape inference is skipped: it is for symbolic dimensions (the classifiers here
     have fixed ones, which ONNX shape inference covers) and it needs sympy, so with it the
@@ -70,10 +71,10 @@ def preprocess(src: Path, dst: Path) -> bool:
 
     try:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
-        return True
-    except Exception:  # an optional optimisation: any failure falls back to the original graph
+        return {"preprocessed": True}
+    except Exception as exc:  # an optional optimisation: fall back to the original graph
         dst.write_bytes(Path(src).read_bytes())
-        return False
+        return {"preprocessed": False, "preprocess_error": _first_line(exc)}
 
 
 def self_contained(src: Path, dst: Path) -> Path:
@@ -160,7 +161,7 @@ def quantize_static_file(
                 raise UnsupportedModelError(
                     f"onnxruntime's quantize_static failed: {_first_line(exc)}"
                 ) from None
-    return {"preprocessed": done, "calibration_inputs": len(calib)}
+    return {**done, "calibration_inputs": len(calib)}
 
 
 def quantize_dynamic_file(
@@ -193,7 +194,7 @@ def quantize_dynamic_file(
                 raise UnsupportedModelError(
                     f"onnxruntime's quantize_dynamic failed: {_first_line(exc)}"
                 ) from None
-    return {"preprocessed": done}
+    return done
 
 
 def _first_line(exc: BaseException) -> str:

@@ -447,6 +447,30 @@ def test_ort_static_fuses_matmul_add_before_quantizing(tiny, tmp_path, fmt):
     assert ops.count("Gemm") + ops.count("QGemm") == 2, ops
 
 
+def test_ort_preprocessing_failure_is_recorded(tiny, tmp_path, monkeypatch):
+    """A failed `quant_pre_process` still quantizes (the graph unfused), and the model's record
+    and the report say so and why."""
+    import onnxruntime.quantization.shape_inference as shape_inference
+
+    from verifier.outputs.report import _error_model_blocks
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("shape inference broke\nsecond line")
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", fail)
+    model, calib, _ = tiny["mlp-matmul-softmax"]
+    described = quantize_model(model, "ort-qdq", tmp_path, calib).describe()
+    assert described["provenance"]["preprocessed"] is False
+    assert described["provenance"]["preprocess_error"] == "shape inference broke"
+    doc = {"quantized": [{"name": "q", "describe": {**described, "error_model": {"reason": "x"}}}]}
+    (items,) = [b.items for b in _error_model_blocks(doc) if b.items]
+    assert "pre-processing failed: shape inference broke" in items[0]
+    monkeypatch.undo()
+    described = quantize_model(model, "ort-qdq", tmp_path / "ok", calib).describe()
+    assert described["provenance"]["preprocessed"] is True
+    assert "preprocess_error" not in described["provenance"]
+
+
 def test_parse_mode():
     assert parse_mode("ort-qdq") == ("ort-qdq", {})
     assert parse_mode(" ort-qdq : reduce_range=true:per_channel=1 ") == (

@@ -476,11 +476,15 @@ def _error_model_blocks(doc: dict) -> list[Block]:
             kinds = ", ".join(em.get("affine_layers", []))
             source = f"{em['source']}; " if em.get("source") else ""
             how = f": {em['how']}" if em.get("how") else ""
-            items.append(f"{q['name']}: error model of its rounding ({source}{kinds}){how}")
+            item = f"{q['name']}: error model of its rounding ({source}{kinds}){how}"
         else:
-            items.append(
-                f"{q['name']}: no error model ({em.get('reason')}): certified only by enumeration"
-            )
+            reason = em.get("reason")
+            item = f"{q['name']}: no error model ({reason}): certified only by enumeration"
+        provenance = q["describe"].get("provenance", {})
+        if provenance.get("preprocessed") is False:
+            why = provenance.get("preprocess_error")
+            item += f" (onnxruntime's graph pre-processing failed: {why}; layers quantized unfused)"
+        items.append(item)
     if not items:
         return []
     return [
