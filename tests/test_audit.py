@@ -393,6 +393,7 @@ def test_quantized_proofs_on_an_error_model_recheck(tmp_path, capsys, mode, name
     np.savez(tmp_path / "d.npz", x=x, y=load_model(model).classify(x.reshape(8, 16)))
     argv = [model, "--data", tmp_path / "d.npz", "--region", "lattice", "--dims", "3"]
     argv += ["--radius", "0.75", "--step", "0.125", "--enum-limit", "16", "--modes", mode]
+    argv += ["--quantized-enum-limit", "16"]
     if mode == "int8":  # static quantization: calibration data of its own
         c = np.random.default_rng(1).random((64, 4, 4)).astype(np.float32)
         np.savez(tmp_path / "c.npz", x=c, y=np.zeros(64, dtype=np.int64))

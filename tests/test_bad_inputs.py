@@ -416,6 +416,11 @@ CASES = [
     Case("dims-zero", ok("--dims", "0"), "--dims must be positive"),
     Case("workers-zero", ok("--workers", "0"), "--workers must be positive"),
     Case(
+        "quantized-enum-limit-zero",
+        ok("--quantized-enum-limit", "0"),
+        "--quantized-enum-limit must be positive",
+    ),
+    Case(
         "cluster-and-workers",
         ok("--cluster", "tcp://127.0.0.1:8786", "--workers", "2"),
         "--cluster ADDR or --workers N, not both",
@@ -507,7 +512,7 @@ def results_files(root: Path) -> dict:
 
 
 def test_case_count():
-    assert len(CASES) == 65 and len({c.name for c in CASES}) == len(CASES)
+    assert len(CASES) == 66 and len({c.name for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

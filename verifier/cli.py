@@ -156,8 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--enum-limit",
         type=int,
-        help="regions or leaves with at most this many points are enumerated "
-        f"(default: {d.enum_limit})",
+        help="regions or leaves with at most this many points are enumerated on the float "
+        f"model (default: {d.enum_limit})",
+    )
+    g.add_argument(
+        "--quantized-enum-limit",
+        type=int,
+        help="the same on quantized models, whose bounds are looser "
+        f"(default: {d.quantized_enum_limit})",
     )
     g.add_argument("--rollouts", type=int, help=f"mcts: rollouts per input (default: {d.rollouts})")
     g.add_argument("--no-smt", action="store_true", help="skip the z3 step")

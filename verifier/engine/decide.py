@@ -79,7 +79,7 @@ def decide(
     *,
     timeout: float,
     max_nodes: int = 20000,
-    enum_limit: int = 8192,
+    enum_limit: int = 1024,
     use_smt: bool = True,
     quantized: bool = False,
     error_model=None,

@@ -84,7 +84,7 @@ class Checker:
             label,
             timeout=s.timeout,
             max_nodes=s.max_nodes,
-            enum_limit=s.enum_limit,
+            enum_limit=s.quantized_enum_limit if quantized else s.enum_limit,
             use_smt=s.use_smt,
             quantized=quantized,
             error_model=error_model,
@@ -107,7 +107,7 @@ class Checker:
             self.error_models.get(name),
             timeout=s.timeout,
             max_nodes=s.max_nodes,
-            enum_limit=s.enum_limit,
+            enum_limit=s.quantized_enum_limit,
             seed=seed,
         )
 

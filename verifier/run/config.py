@@ -53,7 +53,11 @@ class Settings:
     search: str = "exact"  # SEARCHES
     timeout: float = 2.0  # seconds per input and model
     max_nodes: int = 20000
-    enum_limit: int = 8192
+    # regions and branch-and-bound leaves with at most this many points are enumerated on the
+    # runtime: on the float model a bound costs what ~500 points do, so small leaves are split
+    # and bounded; a quantized model's bounds are looser, so enumerating pays sooner
+    enum_limit: int = 1024
+    quantized_enum_limit: int = 8192
     rollouts: int = 2000  # mcts
     use_smt: bool = True
     seed: int = 0
@@ -80,6 +84,7 @@ class RunConfig:
     timeout: float = Settings.timeout
     max_nodes: int = Settings.max_nodes
     enum_limit: int = Settings.enum_limit
+    quantized_enum_limit: int = Settings.quantized_enum_limit
     rollouts: int = Settings.rollouts
     use_smt: bool = Settings.use_smt
     quantized: tuple[Path, ...] = ()
@@ -155,7 +160,8 @@ class RunConfig:
         for r in self.radius:
             for s in self.step:
                 validate_radius_step(r, s)
-        for name in ("dims", "feature_dims", "max_nodes", "enum_limit", "rollouts", "workers"):
+        positive = ("dims", "feature_dims", "max_nodes", "enum_limit", "quantized_enum_limit")
+        for name in (*positive, "rollouts", "workers"):
             if getattr(self, name) <= 0:
                 raise InputError(f"--{name.replace('_', '-')} must be positive")
         if self.timeout <= 0:
