@@ -570,6 +570,7 @@ def linear_bounds(
     parent: Bounds | None = None,
     alpha_gap: float = np.inf,
     reuse: bool = False,
+    open_only: bool = False,
 ) -> Bounds:
     """CROWN / DeepPoly: back-substitute every unstable neuron and the margins down to s.
 
@@ -582,6 +583,10 @@ def linear_bounds(
     ReLU lower slopes are adaptive (0 or 1), then optimised for the margins still at or below
     `target` (`alpha_steps` > 0 gradient steps), when the worst is at most `alpha_gap` below it
     (optimising gains a few percent: no use far from the target).
+    `open_only` (without slope optimisation): only the margins `parent` leaves at or below
+    `target` are back-substituted; the others keep the parent's bound, which holds on the
+    sub-box (zero coefficients, the box's point nearest 0 as minimiser). On the MNIST MLP's
+    feature regions a node has 1.5 such margins of 9 on average.
     """
     lo = np.asarray(lo)
     hi = np.asarray(hi)
@@ -634,8 +639,11 @@ def linear_bounds(
     top = len(layers) - 1
     last = layers[top]
     m = last.weight.shape[0]
-    lam, c = _backsub(spec, pre, top + 1, np.eye(m), np.zeros(m), cut=cut)
-    vals, argmin = spec.region.minimise(lam, c, lo, hi, argmin=True)
+    if open_only and parent is not None and alpha_steps == 0:
+        lam, c, vals, argmin = _open_margins(spec, pre, lo, hi, cut, parent.lower <= target)
+    else:
+        lam, c = _backsub(spec, pre, top + 1, np.eye(m), np.zeros(m), cut=cut)
+        vals, argmin = spec.region.minimise(lam, c, lo, hi, argmin=True)
     method = "crown"
     worst = float(np.min(vals - target))
     if alpha_steps > 0 and top > 0 and -alpha_gap < worst <= 0:
@@ -656,6 +664,23 @@ def linear_bounds(
     if spec.cap is not None:
         lower = np.minimum(lower, spec.cap)
     return Bounds(lower, lam, argmin, pre, method, first, cut, point if reuse else None, kept)
+
+
+def _open_margins(spec: SpecChain, pre: list, lo, hi, cut, open_: np.ndarray):
+    """The margins' linear lower bounds (lam, c), values and minimisers over [lo, hi] for the
+    margins in the mask `open_` only: the others get zero coefficients and value -inf."""
+    m, g = spec.layers[-1].weight.shape[0], len(lo)
+    rows = np.flatnonzero(open_)
+    lam, c = np.zeros((m, g)), np.zeros(m)
+    vals = np.full(m, -np.inf)
+    argmin = np.tile(np.clip(0, lo, hi).astype(np.float64), (m, 1))
+    if len(rows):
+        lam_o, c_o = _backsub(
+            spec, pre, len(spec.layers), np.eye(m)[rows], np.zeros(len(rows)), cut=cut
+        )
+        lam[rows], c[rows] = lam_o, c_o
+        vals[rows], argmin[rows] = spec.region.minimise(lam_o, c_o, lo, hi, argmin=True)
+    return lam, c, vals, argmin
 
 
 def _kept_rows(kept: dict | None, i: int, rows: np.ndarray):
@@ -758,8 +783,8 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
     m1[:, g + 1], m2[:, g + 1] = h2 * low, h1 * low
     if cut is not None and i == 2:  # the cut's lines hold the rounding in their constants
         k, half = cut.mask, alpha[cut.mask, None] / 2.0
-        lw, l0 = half * below.weight[k], half[:, 0] * below.bias[k]
-        m1[k, :g], m2[k, :g] = lw + cut.slope[k] / 2.0, lw - cut.slope[k] / 2.0
+        lw, l0, s2 = half * below.weight[k], half[:, 0] * below.bias[k], cut.slope[k] / 2.0
+        m1[k, :g], m2[k, :g] = lw + s2, lw - s2
         m1[k, g], m2[k, g] = l0 + cut.const[k] / 2.0, l0 - cut.const[k] / 2.0
         m1[k, g + 1] = m2[k, g + 1] = half[:, 0] * low[k]
     # stable neurons' lines coincide: m2 has weights and constant on the unstable ones only

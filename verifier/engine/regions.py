@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -39,6 +40,14 @@ class Region:
     @property
     def num_generators(self) -> int:
         return len(self.lo)
+
+    @cached_property
+    def moved(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`points.moved_columns` of the directions, computed once: every evaluation of the
+        region's points needs it."""
+        from verifier.engine.points import moved_columns
+
+        return moved_columns(self.directions)
 
     def points(self, s: np.ndarray) -> np.ndarray:
         """Perturbed inputs (B, n) for integer coefficients `s` (B, G)."""
@@ -165,29 +174,28 @@ def _binary_knapsack_min(a, const, lo, hi, p, cost, cap: float) -> np.ndarray | 
     loss[:, ~uni] = 0.0
     k = min(int(np.floor(cap / c0)), n)  # whole uniform items the capacity holds
     top = min(k + 1, n)  # the k best, and the one a fraction of it may take
-    best = -np.sort(np.partition(loss, top - 1, axis=1)[:, :top], axis=1)
+    loss.partition(top - 1, axis=1)  # in place: `loss` is this call's own array
+    best = -np.sort(loss[:, :top], axis=1)
     prefix = np.concatenate([np.zeros((len(a), 1)), np.cumsum(best, axis=1)], axis=1)
+    if not len(odd):
+        return base - _uniform_gain(best, prefix, np.array([cap / c0]))[:, 0]
+    # the odd item's share x: concave in x, best at an end or a breakpoint (all in one pass)
+    q = int(odd[0])
+    x_max = min(1.0, cap / cost[q])
+    xs = (cap - np.arange(int(np.floor(cap / c0)) + 1) * c0) / cost[q]
+    xs = np.concatenate([[0.0, x_max], xs[(xs > 0.0) & (xs < x_max)]])
+    rooms = np.maximum(cap - xs * cost[q], 0.0)
+    gain = np.outer(np.maximum(-a[:, q], 0.0), xs) + _uniform_gain(best, prefix, rooms / c0)
+    return base - gain.max(axis=1)
 
-    def uniform_gain(room: float) -> np.ndarray:
-        """The fractional knapsack's gain over the uniform items with `room` capacity left."""
-        units = room / c0
-        j = min(int(np.floor(units + 1e-12)), best.shape[1])
-        part = (units - j) * best[:, j] if j < best.shape[1] else 0.0
-        return prefix[:, j] + part
 
-    gain = uniform_gain(cap)
-    if len(odd):  # the odd item's share x: concave in x, best at an end or a breakpoint
-        q = int(odd[0])
-        vq = np.maximum(-a[:, q], 0.0)
-        x_max = min(1.0, cap / cost[q])
-        xs = {0.0, x_max}
-        for j in range(int(np.floor(cap / c0)) + 1):
-            x = (cap - j * c0) / cost[q]
-            if 0.0 < x < x_max:
-                xs.add(x)
-        for x in xs:
-            gain = np.maximum(gain, x * vq + uniform_gain(max(cap - x * cost[q], 0.0)))
-    return base - gain
+def _uniform_gain(best: np.ndarray, prefix: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """The fractional knapsack's gain over the uniform items (their gains `best` per row in
+    decreasing order, `prefix` their running sums) with `units` items' capacity left, one
+    column per entry of `units`."""
+    j = np.minimum(np.floor(units + 1e-12).astype(np.int64), best.shape[1])
+    pad = np.concatenate([best, np.zeros((len(best), 1))], axis=1)  # j = all: no part
+    return prefix[:, j] + (units - j) * pad[:, j]
 
 
 def _ratio_order(a: np.ndarray, room: np.ndarray, cost: np.ndarray, cap: float) -> np.ndarray:
