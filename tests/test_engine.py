@@ -210,6 +210,44 @@ def test_child_bounds_reusing_parent_rows_are_sound(seed, maxpool):
 
 
 @pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
+@pytest.mark.parametrize("seed", range(8))
+def test_child_bounds_of_open_margins_only_are_sound(seed, maxpool):
+    """`open_only`: the margins the parent leaves at or below the target get the full bound's
+    values, coefficients and minimisers; the others keep the parent's bound (above the target),
+    never tighter than the full bound; all stay below every real margin of the box."""
+    chain, _, region, label = random_case(seed, maxpool)
+    spec = spec_chain(chain, region, label)
+    root = linear_bounds(spec, region.lo, region.hi)
+    rng = np.random.default_rng(seed + 300)
+    checked = skipped = 0
+    for target in (np.median(root.lower), np.max(root.lower), np.min(root.lower) - 1.0):
+        for _ in range(3):
+            a = rng.integers(region.lo, region.hi + 1)
+            b = rng.integers(region.lo, region.hi + 1)
+            lo, hi = np.minimum(a, b), np.maximum(a, b)
+            full = linear_bounds(spec, lo, hi, parent=root, target=target)
+            part = linear_bounds(spec, lo, hi, parent=root, target=target, open_only=True)
+            parts = list(region.enumerate(lo=lo, hi=hi))
+            if not parts:
+                assert part.empty
+                continue
+            checked += 1
+            op = root.lower <= target
+            skipped += int(np.count_nonzero(~op))
+            np.testing.assert_allclose(part.lower[op], full.lower[op], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(part.coeffs[op], full.coeffs[op], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(part.argmin[op], full.argmin[op], rtol=0, atol=1e-12)
+            assert np.all(part.lower[~op] >= root.lower[~op])
+            assert np.all(part.lower[~op] > target)
+            assert np.all(part.lower <= full.lower + 1e-12)
+            assert not np.any(part.coeffs[~op])
+            logits = forward_lowered(chain, region.points(np.concatenate(parts)))
+            real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
+            assert np.all(part.lower <= real + 1e-9), (part.lower, real)
+    assert checked > 0 and skipped > 0
+
+
+@pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
 def test_chain_in_coefficient_space_matches_the_network(maxpool):
     from verifier.engine.attack import spec_forward, spec_jacobian
 
