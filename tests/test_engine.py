@@ -247,6 +247,55 @@ def test_child_bounds_of_open_margins_only_are_sound(seed, maxpool):
     assert checked > 0 and skipped > 0
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_child_bounds_reusing_parent_greedy_floors_equal_their_own(seed):
+    """`reuse` on 0/1 boxes of equal costs: a child that fixes one generator at 0 keeps the
+    parent's minima for the rows whose greedy does not take it (first layer and kept rows).
+    Its bounds equal those computed without the parent's floors, two levels down, and stay
+    below every real margin."""
+    from dataclasses import replace
+
+    from verifier.engine.bounds import _dropped_generator
+
+    rng = np.random.default_rng(seed + 500)
+    n, h1, h2 = 16, int(rng.integers(8, 17)), int(rng.integers(8, 17))
+    chain = [
+        Affine(rng.normal(size=(h1, n)) * 1.5 / np.sqrt(n), rng.normal(size=h1) * 0.3),
+        Relu(),
+        Affine(rng.normal(size=(h2, h1)) * 1.5 / np.sqrt(h1), rng.normal(size=h2) * 0.3),
+        Relu(),
+        Affine(rng.normal(size=(3, h2)) / np.sqrt(h2), rng.normal(size=3) * 0.3),
+    ]
+    x = rng.integers(3, 6, n) / 8.0  # every value moves a whole step: all features cost 0.5
+    label = int(forward_lowered(chain, x[None]).argmax())
+    region = feature_region(
+        x, list(np.arange(n).reshape(8, 2)), 0.25, float(rng.choice([1.0, 1.5]))
+    )
+    spec = spec_chain(chain, region, label)
+    dropped = 0
+    for _ in range(4):
+        box = linear_bounds(spec, region.lo, region.hi, reuse=True)
+        lo, hi = region.lo.copy(), region.hi.copy()
+        for _depth in range(2):
+            g = int(rng.choice(np.flatnonzero(lo < hi)))
+            hi = hi.copy()
+            hi[g] = 0
+            dropped += _dropped_generator(box, lo, hi, region) is not None
+            child = linear_bounds(spec, lo, hi, parent=box, reuse=True)
+            own = linear_bounds(spec, lo, hi, parent=replace(box, floors=None), reuse=True)
+            np.testing.assert_array_equal(child.lower, own.lower)
+            for a, b in zip(child.pre, own.pre, strict=True):
+                if a is not None:
+                    np.testing.assert_array_equal(a[0], b[0])
+                    np.testing.assert_array_equal(a[1], b[1])
+            pts = np.concatenate(list(region.enumerate(lo=lo, hi=hi)))
+            logits = forward_lowered(chain, region.points(pts))
+            real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
+            assert np.all(child.lower <= real + 1e-9)
+            box = child
+    assert dropped > 0
+
+
 @pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
 def test_chain_in_coefficient_space_matches_the_network(maxpool):
     from verifier.engine.attack import spec_forward, spec_jacobian

@@ -83,13 +83,21 @@ class Region:
         return self.least_cost(lo, hi) > self.budget + EPS
 
     def minimise(
-        self, a: np.ndarray, const=0.0, lo=None, hi=None, *, argmin: bool = False
+        self,
+        a: np.ndarray,
+        const=0.0,
+        lo=None,
+        hi=None,
+        *,
+        argmin: bool = False,
+        floors: bool = False,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Exact min of `a_i . s + const_i` per row over the real points of the (sub)box
         `[lo, hi]` within budget (a fractional knapsack): (values (m,), minimisers (m, G) or
-        None); +inf where the box holds no point within budget."""
+        None); +inf where the box holds no point within budget. `floors` (values only): the
+        second item is each row's greedy floor on a 0/1 box (`_binary_knapsack`; None on others)."""
         lo, hi = self.box(lo, hi)
-        return _knapsack_min(a, const, lo, hi, self.cost, self.budget, argmin=argmin)
+        return _knapsack_min(a, const, lo, hi, self.cost, self.budget, argmin=argmin, floors=floors)
 
     def enumerate(self, batch: int = 65536, lo=None, hi=None) -> Iterator[np.ndarray]:
         """All coefficient vectors of the (sub)box `[lo, hi]` within budget, in batches."""
@@ -112,6 +120,7 @@ def _knapsack_min(
     budget: float,
     *,
     argmin: bool = True,
+    floors: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Exact min of `a_i . s + const_i` over s in [lo, hi] with sum |s_g| cost_g <= budget.
 
@@ -129,9 +138,9 @@ def _knapsack_min(
     if cap < 0:
         return np.full(m, np.inf), (np.tile(p, (m, 1)) if argmin else None)
     if not argmin:
-        fast = _binary_knapsack_min(a, const, lo, hi, p, cost, cap)
+        fast = _binary_knapsack(a, const, lo, hi, p, cost, cap)
         if fast is not None:
-            return fast, None
+            return fast if floors else (fast[0], None)
     down = a > 0  # the objective decreases by moving s_g down
     room = np.where(down, p - lo, hi - p)  # whole units available in the improving direction
     order = _ratio_order(a, room, cost, cap)
@@ -150,11 +159,21 @@ def _knapsack_min(
     return value, p + np.where(down, -1.0, 1.0) * frac * room
 
 
-def _binary_knapsack_min(a, const, lo, hi, p, cost, cap: float) -> np.ndarray | None:
-    """`_knapsack_min`'s values when every free generator is 0/1 (a feature region's nodes) and
-    all but at most one of them cost the same: the greedy then takes whole items by gain, so a
-    partition of the gains replaces the sort (several times faster on the many rows of
-    intermediate bounds). None when the box is not of that shape."""
+@dataclass(frozen=True)
+class BinaryShape:
+    """A 0/1 box whose free generators all cost `c0` but at most one (`odd`): the greedy
+    takes whole uniform items by gain, at most `top` of them (k whole and one part)."""
+
+    c0: float
+    uniform: np.ndarray  # (G,) bool: the free generators of cost c0
+    n: int  # how many
+    odd: int | None
+    top: int
+
+
+def binary_shape(lo, hi, cost, cap: float) -> BinaryShape | None:
+    """The box's `BinaryShape` with `cap` budget left at its point nearest 0, or None when
+    its free generators are not all 0/1 or more than one costs other than the rest."""
     free = lo < hi
     if not free.any() or np.any(lo[free] != 0) or np.any(hi[free] != 1):
         return None
@@ -165,28 +184,66 @@ def _binary_knapsack_min(a, const, lo, hi, p, cost, cap: float) -> np.ndarray | 
     odd = np.flatnonzero(free)[fc != c0]
     if len(odd) > 1:
         return None
-    base = a @ p + const
     uni = free & (cost == c0)
     n = int(np.count_nonzero(uni))
+    k = min(int(np.floor(cap / c0)), n)  # whole uniform items the capacity holds
+    return BinaryShape(c0, uni, n, int(odd[0]) if len(odd) else None, min(k + 1, n))
+
+
+def _binary_knapsack_min(a, const, lo, hi, p, cost, cap: float) -> np.ndarray | None:
+    """`_knapsack_min`'s values when the box has a `BinaryShape`, else None."""
+    out = _binary_knapsack(a, const, lo, hi, p, cost, cap)
+    return None if out is None else out[0]
+
+
+def _binary_knapsack(a, const, lo, hi, p, cost, cap: float):
+    """`_knapsack_min`'s values when the box has a `BinaryShape` (a feature region's nodes),
+    and each row's floor, the least uniform gain the greedy may take (its `top`-th best): a
+    partition of the gains replaces the sort (several times faster on the many rows of
+    intermediate bounds). None on other boxes."""
+    shape = binary_shape(lo, hi, cost, cap)
+    if shape is None:
+        return None
+    c0, top = shape.c0, shape.top
+    base = a @ p + const
     # moving g from 0 to 1 lowers the row by -a_g if > 0 (kept negated: min(a_g, 0)); the
     # other generators' are zeroed, not cut out (a column gather costs more than it saves)
     loss = np.minimum(a, 0.0)
-    loss[:, ~uni] = 0.0
-    k = min(int(np.floor(cap / c0)), n)  # whole uniform items the capacity holds
-    top = min(k + 1, n)  # the k best, and the one a fraction of it may take
+    loss[:, ~shape.uniform] = 0.0
     loss.partition(top - 1, axis=1)  # in place: `loss` is this call's own array
     best = -np.sort(loss[:, :top], axis=1)
     prefix = np.concatenate([np.zeros((len(a), 1)), np.cumsum(best, axis=1)], axis=1)
-    if not len(odd):
-        return base - _uniform_gain(best, prefix, np.array([cap / c0]))[:, 0]
+    if shape.odd is None:
+        return base - _uniform_gain(best, prefix, np.array([cap / c0]))[:, 0], best[:, -1]
     # the odd item's share x: concave in x, best at an end or a breakpoint (all in one pass)
-    q = int(odd[0])
+    q = shape.odd
     x_max = min(1.0, cap / cost[q])
     xs = (cap - np.arange(int(np.floor(cap / c0)) + 1) * c0) / cost[q]
     xs = np.concatenate([[0.0, x_max], xs[(xs > 0.0) & (xs < x_max)]])
     rooms = np.maximum(cap - xs * cost[q], 0.0)
     gain = np.outer(np.maximum(-a[:, q], 0.0), xs) + _uniform_gain(best, prefix, rooms / c0)
-    return base - gain.max(axis=1)
+    return base - gain.max(axis=1), best[:, -1]
+
+
+def binary_floor_holds(region, lo, hi, g: int) -> bool:
+    """Whether the 0/1 box `[lo, hi]` (a `BinaryShape`) keeps every row's greedy solution that
+    does not take generator `g` when g is fixed at 0: g is free and uniform, and uniform items
+    beyond the `top` remain (the box's point nearest 0 and budget are unchanged)."""
+    p = np.clip(0.0, lo, hi)
+    cap = region.budget + EPS - float(np.abs(p) @ region.cost)
+    shape = None if cap < 0 else binary_shape(lo, hi, region.cost, cap)
+    return (
+        shape is not None and bool(shape.uniform[g]) and shape.n >= 3 and shape.n >= shape.top + 1
+    )
+
+
+def binary_floor_unchanged(gain: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """Rows whose greedy value over a 0/1 box stays the same when a uniform generator with
+    gain `gain` (per row, -a_g where positive, else 0) is fixed at 0 (`binary_floor_holds`):
+    it gains nothing, or less than the least the greedy takes (`floor`, the `top`-th best
+    uniform gain: then the `top` best are the same without it). NaN floors: not known."""
+    known = ~np.isnan(floor)
+    return known & ((gain < floor) | (gain == 0.0))
 
 
 def _uniform_gain(best: np.ndarray, prefix: np.ndarray, units: np.ndarray) -> np.ndarray:
