@@ -210,6 +210,93 @@ def test_child_bounds_reusing_parent_rows_are_sound(seed, maxpool):
 
 
 @pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
+@pytest.mark.parametrize("seed", range(8))
+def test_child_bounds_of_open_margins_only_are_sound(seed, maxpool):
+    """`open_only`: the margins the parent leaves at or below the target get the full bound's
+    values, coefficients and minimisers; the others keep the parent's bound (above the target),
+    never tighter than the full bound; all stay below every real margin of the box."""
+    chain, _, region, label = random_case(seed, maxpool)
+    spec = spec_chain(chain, region, label)
+    root = linear_bounds(spec, region.lo, region.hi)
+    rng = np.random.default_rng(seed + 300)
+    checked = skipped = 0
+    for target in (np.median(root.lower), np.max(root.lower), np.min(root.lower) - 1.0):
+        for _ in range(3):
+            a = rng.integers(region.lo, region.hi + 1)
+            b = rng.integers(region.lo, region.hi + 1)
+            lo, hi = np.minimum(a, b), np.maximum(a, b)
+            full = linear_bounds(spec, lo, hi, parent=root, target=target)
+            part = linear_bounds(spec, lo, hi, parent=root, target=target, open_only=True)
+            parts = list(region.enumerate(lo=lo, hi=hi))
+            if not parts:
+                assert part.empty
+                continue
+            checked += 1
+            op = root.lower <= target
+            skipped += int(np.count_nonzero(~op))
+            np.testing.assert_allclose(part.lower[op], full.lower[op], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(part.coeffs[op], full.coeffs[op], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(part.argmin[op], full.argmin[op], rtol=0, atol=1e-12)
+            assert np.all(part.lower[~op] >= root.lower[~op])
+            assert np.all(part.lower[~op] > target)
+            assert np.all(part.lower <= full.lower + 1e-12)
+            assert not np.any(part.coeffs[~op])
+            logits = forward_lowered(chain, region.points(np.concatenate(parts)))
+            real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
+            assert np.all(part.lower <= real + 1e-9), (part.lower, real)
+    assert checked > 0 and skipped > 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_child_bounds_reusing_parent_greedy_floors_equal_their_own(seed):
+    """`reuse` on 0/1 boxes of equal costs: a child that fixes one generator at 0 keeps the
+    parent's minima for the rows whose greedy does not take it (first layer and kept rows).
+    Its bounds equal those computed without the parent's floors, two levels down, and stay
+    below every real margin."""
+    from dataclasses import replace
+
+    from verifier.engine.bounds import _dropped_generator
+
+    rng = np.random.default_rng(seed + 500)
+    n, h1, h2 = 16, int(rng.integers(8, 17)), int(rng.integers(8, 17))
+    chain = [
+        Affine(rng.normal(size=(h1, n)) * 1.5 / np.sqrt(n), rng.normal(size=h1) * 0.3),
+        Relu(),
+        Affine(rng.normal(size=(h2, h1)) * 1.5 / np.sqrt(h1), rng.normal(size=h2) * 0.3),
+        Relu(),
+        Affine(rng.normal(size=(3, h2)) / np.sqrt(h2), rng.normal(size=3) * 0.3),
+    ]
+    x = rng.integers(3, 6, n) / 8.0  # every value moves a whole step: all features cost 0.5
+    label = int(forward_lowered(chain, x[None]).argmax())
+    region = feature_region(
+        x, list(np.arange(n).reshape(8, 2)), 0.25, float(rng.choice([1.0, 1.5]))
+    )
+    spec = spec_chain(chain, region, label)
+    dropped = 0
+    for _ in range(4):
+        box = linear_bounds(spec, region.lo, region.hi, reuse=True)
+        lo, hi = region.lo.copy(), region.hi.copy()
+        for _depth in range(2):
+            g = int(rng.choice(np.flatnonzero(lo < hi)))
+            hi = hi.copy()
+            hi[g] = 0
+            dropped += _dropped_generator(box, lo, hi, region) is not None
+            child = linear_bounds(spec, lo, hi, parent=box, reuse=True)
+            own = linear_bounds(spec, lo, hi, parent=replace(box, floors=None), reuse=True)
+            np.testing.assert_array_equal(child.lower, own.lower)
+            for a, b in zip(child.pre, own.pre, strict=True):
+                if a is not None:
+                    np.testing.assert_array_equal(a[0], b[0])
+                    np.testing.assert_array_equal(a[1], b[1])
+            pts = np.concatenate(list(region.enumerate(lo=lo, hi=hi)))
+            logits = forward_lowered(chain, region.points(pts))
+            real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
+            assert np.all(child.lower <= real + 1e-9)
+            box = child
+    assert dropped > 0
+
+
+@pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
 def test_chain_in_coefficient_space_matches_the_network(maxpool):
     from verifier.engine.attack import spec_forward, spec_jacobian
 

@@ -262,6 +262,7 @@ def _refine(
             parent=parent,
             alpha_gap=gap,
             reuse=inherit,
+            open_only=True,
         )
 
     for stage in ("bab", "exact", "bab"):

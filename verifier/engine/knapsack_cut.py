@@ -66,14 +66,23 @@ def knapsack_cut(
     w = weight[mask]
     c = w @ p + bias[mask] + (0.0 if err is None else np.asarray(err)[mask])
     a = np.maximum(c, 0.0)
-    w_t = w * sign  # t_g = sign_g (s_g - p_g)
+    flip = bool(np.any(sign < 0))  # feature regions never flip: t = s - p
+    w_t = w * sign if flip else w  # t_g = sign_g (s_g - p_g)
     reach = region.cost * (hi - lo)  # what a generator can spend at most
     rise = np.minimum(room, (w_t > 0) @ reach)[:, None]
     fall = np.minimum(room, (w_t < 0) @ reach)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0: no generator moves that way
-        up = np.where(rise > 0, (a - c)[:, None] * region.cost / rise, 0.0)
-        down = np.where(fall > 0, a[:, None] * region.cost / fall, 0.0)
-    on_s = np.maximum(w_t - up, -down) * sign
+    # shares (a - c) cost_g / R+ and a cost_g / R- (none where nothing moves that way)
+    up = np.multiply((a - c)[:, None], region.cost)
+    np.divide(up, rise, out=up, where=rise > 0)
+    up[(rise <= 0)[:, 0]] = 0.0
+    down = np.multiply(a[:, None], region.cost)
+    np.divide(down, fall, out=down, where=fall > 0)
+    down[(fall <= 0)[:, 0]] = 0.0
+    np.subtract(w_t, up, out=up)
+    np.negative(down, out=down)
+    on_s = np.maximum(up, down, out=up)
+    if flip:
+        on_s *= sign
     const = np.zeros(len(bias))
     slope = np.zeros_like(weight)
     const[mask] = a - on_s @ p

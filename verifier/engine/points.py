@@ -36,16 +36,23 @@ def region_inputs(region: Region, coeffs: np.ndarray) -> np.ndarray:
     """
     s = np.asarray(coeffs, dtype=np.float64).reshape(-1, region.num_generators)
     d = region.directions
-    movers = np.count_nonzero(d, axis=0)
+    one, owner, many = getattr(region, "moved", None) or moved_columns(d)
     out = np.broadcast_to(region.x.astype(np.float32), (len(s), region.x.size)).copy()
-    one = np.flatnonzero(movers == 1)
     if len(one):
-        owner = np.argmax(d[:, one] != 0, axis=0)
         out[:, one] = (region.x[one] + s[:, owner] * d[owner, one]).astype(np.float32)
-    many = np.flatnonzero(movers > 1)
     if len(many):
         out[:, many] = (region.x[many] + s @ d[:, many]).astype(np.float32)
     return out
+
+
+def moved_columns(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The input columns one generator moves, that generator for each, and the columns several
+    generators move (what `region_inputs` computes per column; `regions.Region.moved` keeps
+    it, since a region's every evaluation needs the same)."""
+    movers = np.count_nonzero(directions, axis=0)
+    one = np.flatnonzero(movers == 1)
+    owner = np.argmax(directions[:, one] != 0, axis=0)
+    return one, owner, np.flatnonzero(movers > 1)
 
 
 def runtime_inputs(runtime, region: Region, coeffs: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -39,6 +40,14 @@ class Region:
     @property
     def num_generators(self) -> int:
         return len(self.lo)
+
+    @cached_property
+    def moved(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`points.moved_columns` of the directions, computed once: every evaluation of the
+        region's points needs it."""
+        from verifier.engine.points import moved_columns
+
+        return moved_columns(self.directions)
 
     def points(self, s: np.ndarray) -> np.ndarray:
         """Perturbed inputs (B, n) for integer coefficients `s` (B, G)."""
@@ -74,13 +83,21 @@ class Region:
         return self.least_cost(lo, hi) > self.budget + EPS
 
     def minimise(
-        self, a: np.ndarray, const=0.0, lo=None, hi=None, *, argmin: bool = False
+        self,
+        a: np.ndarray,
+        const=0.0,
+        lo=None,
+        hi=None,
+        *,
+        argmin: bool = False,
+        floors: bool = False,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Exact min of `a_i . s + const_i` per row over the real points of the (sub)box
         `[lo, hi]` within budget (a fractional knapsack): (values (m,), minimisers (m, G) or
-        None); +inf where the box holds no point within budget."""
+        None); +inf where the box holds no point within budget. `floors` (values only): the
+        second item is each row's greedy floor on a 0/1 box (`_binary_knapsack`; None on others)."""
         lo, hi = self.box(lo, hi)
-        return _knapsack_min(a, const, lo, hi, self.cost, self.budget, argmin=argmin)
+        return _knapsack_min(a, const, lo, hi, self.cost, self.budget, argmin=argmin, floors=floors)
 
     def enumerate(self, batch: int = 65536, lo=None, hi=None) -> Iterator[np.ndarray]:
         """All coefficient vectors of the (sub)box `[lo, hi]` within budget, in batches."""
@@ -103,6 +120,7 @@ def _knapsack_min(
     budget: float,
     *,
     argmin: bool = True,
+    floors: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Exact min of `a_i . s + const_i` over s in [lo, hi] with sum |s_g| cost_g <= budget.
 
@@ -120,9 +138,9 @@ def _knapsack_min(
     if cap < 0:
         return np.full(m, np.inf), (np.tile(p, (m, 1)) if argmin else None)
     if not argmin:
-        fast = _binary_knapsack_min(a, const, lo, hi, p, cost, cap)
+        fast = _binary_knapsack(a, const, lo, hi, p, cost, cap)
         if fast is not None:
-            return fast, None
+            return fast if floors else (fast[0], None)
     down = a > 0  # the objective decreases by moving s_g down
     room = np.where(down, p - lo, hi - p)  # whole units available in the improving direction
     order = _ratio_order(a, room, cost, cap)
@@ -141,11 +159,21 @@ def _knapsack_min(
     return value, p + np.where(down, -1.0, 1.0) * frac * room
 
 
-def _binary_knapsack_min(a, const, lo, hi, p, cost, cap: float) -> np.ndarray | None:
-    """`_knapsack_min`'s values when every free generator is 0/1 (a feature region's nodes) and
-    all but at most one of them cost the same: the greedy then takes whole items by gain, so a
-    partition of the gains replaces the sort (several times faster on the many rows of
-    intermediate bounds). None when the box is not of that shape."""
+@dataclass(frozen=True)
+class BinaryShape:
+    """A 0/1 box whose free generators all cost `c0` but at most one (`odd`): the greedy
+    takes whole uniform items by gain, at most `top` of them (k whole and one part)."""
+
+    c0: float
+    uniform: np.ndarray  # (G,) bool: the free generators of cost c0
+    n: int  # how many
+    odd: int | None
+    top: int
+
+
+def binary_shape(lo, hi, cost, cap: float) -> BinaryShape | None:
+    """The box's `BinaryShape` with `cap` budget left at its point nearest 0, or None when
+    its free generators are not all 0/1 or more than one costs other than the rest."""
     free = lo < hi
     if not free.any() or np.any(lo[free] != 0) or np.any(hi[free] != 1):
         return None
@@ -156,38 +184,75 @@ def _binary_knapsack_min(a, const, lo, hi, p, cost, cap: float) -> np.ndarray | 
     odd = np.flatnonzero(free)[fc != c0]
     if len(odd) > 1:
         return None
-    base = a @ p + const
     uni = free & (cost == c0)
     n = int(np.count_nonzero(uni))
+    k = min(int(np.floor(cap / c0)), n)  # whole uniform items the capacity holds
+    return BinaryShape(c0, uni, n, int(odd[0]) if len(odd) else None, min(k + 1, n))
+
+
+def _binary_knapsack_min(a, const, lo, hi, p, cost, cap: float) -> np.ndarray | None:
+    """`_knapsack_min`'s values when the box has a `BinaryShape`, else None."""
+    out = _binary_knapsack(a, const, lo, hi, p, cost, cap)
+    return None if out is None else out[0]
+
+
+def _binary_knapsack(a, const, lo, hi, p, cost, cap: float):
+    """`_knapsack_min`'s values when the box has a `BinaryShape` (a feature region's nodes),
+    and each row's floor, the least uniform gain the greedy may take (its `top`-th best): a
+    partition of the gains replaces the sort (several times faster on the many rows of
+    intermediate bounds). None on other boxes."""
+    shape = binary_shape(lo, hi, cost, cap)
+    if shape is None:
+        return None
+    c0, top = shape.c0, shape.top
+    base = a @ p + const
     # moving g from 0 to 1 lowers the row by -a_g if > 0 (kept negated: min(a_g, 0)); the
     # other generators' are zeroed, not cut out (a column gather costs more than it saves)
     loss = np.minimum(a, 0.0)
-    loss[:, ~uni] = 0.0
-    k = min(int(np.floor(cap / c0)), n)  # whole uniform items the capacity holds
-    top = min(k + 1, n)  # the k best, and the one a fraction of it may take
-    best = -np.sort(np.partition(loss, top - 1, axis=1)[:, :top], axis=1)
+    loss[:, ~shape.uniform] = 0.0
+    loss.partition(top - 1, axis=1)  # in place: `loss` is this call's own array
+    best = -np.sort(loss[:, :top], axis=1)
     prefix = np.concatenate([np.zeros((len(a), 1)), np.cumsum(best, axis=1)], axis=1)
+    if shape.odd is None:
+        return base - _uniform_gain(best, prefix, np.array([cap / c0]))[:, 0], best[:, -1]
+    # the odd item's share x: concave in x, best at an end or a breakpoint (all in one pass)
+    q = shape.odd
+    x_max = min(1.0, cap / cost[q])
+    xs = (cap - np.arange(int(np.floor(cap / c0)) + 1) * c0) / cost[q]
+    xs = np.concatenate([[0.0, x_max], xs[(xs > 0.0) & (xs < x_max)]])
+    rooms = np.maximum(cap - xs * cost[q], 0.0)
+    gain = np.outer(np.maximum(-a[:, q], 0.0), xs) + _uniform_gain(best, prefix, rooms / c0)
+    return base - gain.max(axis=1), best[:, -1]
 
-    def uniform_gain(room: float) -> np.ndarray:
-        """The fractional knapsack's gain over the uniform items with `room` capacity left."""
-        units = room / c0
-        j = min(int(np.floor(units + 1e-12)), best.shape[1])
-        part = (units - j) * best[:, j] if j < best.shape[1] else 0.0
-        return prefix[:, j] + part
 
-    gain = uniform_gain(cap)
-    if len(odd):  # the odd item's share x: concave in x, best at an end or a breakpoint
-        q = int(odd[0])
-        vq = np.maximum(-a[:, q], 0.0)
-        x_max = min(1.0, cap / cost[q])
-        xs = {0.0, x_max}
-        for j in range(int(np.floor(cap / c0)) + 1):
-            x = (cap - j * c0) / cost[q]
-            if 0.0 < x < x_max:
-                xs.add(x)
-        for x in xs:
-            gain = np.maximum(gain, x * vq + uniform_gain(max(cap - x * cost[q], 0.0)))
-    return base - gain
+def binary_floor_holds(region, lo, hi, g: int) -> bool:
+    """Whether the 0/1 box `[lo, hi]` (a `BinaryShape`) keeps every row's greedy solution that
+    does not take generator `g` when g is fixed at 0: g is free and uniform, and uniform items
+    beyond the `top` remain (the box's point nearest 0 and budget are unchanged)."""
+    p = np.clip(0.0, lo, hi)
+    cap = region.budget + EPS - float(np.abs(p) @ region.cost)
+    shape = None if cap < 0 else binary_shape(lo, hi, region.cost, cap)
+    return (
+        shape is not None and bool(shape.uniform[g]) and shape.n >= 3 and shape.n >= shape.top + 1
+    )
+
+
+def binary_floor_unchanged(gain: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """Rows whose greedy value over a 0/1 box stays the same when a uniform generator with
+    gain `gain` (per row, -a_g where positive, else 0) is fixed at 0 (`binary_floor_holds`):
+    it gains nothing, or less than the least the greedy takes (`floor`, the `top`-th best
+    uniform gain: then the `top` best are the same without it). NaN floors: not known."""
+    known = ~np.isnan(floor)
+    return known & ((gain < floor) | (gain == 0.0))
+
+
+def _uniform_gain(best: np.ndarray, prefix: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """The fractional knapsack's gain over the uniform items (their gains `best` per row in
+    decreasing order, `prefix` their running sums) with `units` items' capacity left, one
+    column per entry of `units`."""
+    j = np.minimum(np.floor(units + 1e-12).astype(np.int64), best.shape[1])
+    pad = np.concatenate([best, np.zeros((len(best), 1))], axis=1)  # j = all: no part
+    return prefix[:, j] + (units - j) * pad[:, j]
 
 
 def _ratio_order(a: np.ndarray, room: np.ndarray, cost: np.ndarray, cap: float) -> np.ndarray:
