@@ -46,7 +46,7 @@ from verifier.engine.decide import (
     _Run,
     decide,
 )
-from verifier.engine.diffbounds import diff_spec, quantized_bounds, wrap_direct
+from verifier.engine.diffbounds import diff_spec, quantized_bounds, reused_parent, wrap_direct
 from verifier.engine.network import LoweredLayer
 from verifier.engine.points import runtime_inputs
 from verifier.engine.proof import Cover
@@ -170,7 +170,10 @@ def decide_from_float(
 
     def bound(lo, hi, parent):  # inside a folded sub-region, on its own spec
         spec = qspec if parts is None else fold_part_of(parts, lo, hi).spec
-        return wrap_direct(None, linear_bounds(spec, lo, hi, parent=parent.direct))
+        # a child holding its parent's point nearest 0 reuses the parent's rows, as the float
+        # engine's children do (`decide(inherit=True)`)
+        b = linear_bounds(spec, lo, hi, parent=reused_parent(parent), reuse=True)
+        return wrap_direct(None, b)
 
     out = branch_and_bound(
         runtime,
