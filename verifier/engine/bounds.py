@@ -415,7 +415,7 @@ def _pair_saturation(
     the pairing known (`p.adjacent`: inputs 2m, 2m+1), a pair of opposite-signed weights
     cannot saturate (|u8 x s8| <= 32640) and one of like signs loses at most
     (A_2m |q_2m| + A_2m+1 |q_2m+1| - 32767)+, 2m and 2m+1 in the kernel's K order (`p.order`).
-    With the loss folded (`p.known`), that bound."""
+    With the loss folded (`p.known`), that bound; with `p.sign`, that sign's pairs only."""
     if p.known is not None:
         return p.known
     vlo = np.minimum(p.gain * lo, p.gain * hi) + p.shift
@@ -434,10 +434,12 @@ def _pair_saturation(
     gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape)
     q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
     prod = q * big[None, :]
+    sign = np.sign(w) * np.sign(gain)[None, :]  # the integer weight's sign
+    if p.sign:  # one sign's pairs only (`PairSums.sign`)
+        prod = np.where(sign == p.sign, prod, 0.0)
     if not p.adjacent:
         loss = np.maximum(prod - PAIR_HALF, 0.0).sum(axis=1)
         return p.unit * scale * loss
-    sign = np.sign(w) * np.sign(gain)[None, :]  # the integer weight's sign
     prod, sign = in_kernel_order(p.order, prod, sign)
     like = sign[:, 0::2] * sign[:, 1::2] > 0
     pair = np.where(like, prod[:, 0::2] + prod[:, 1::2] - 2 * PAIR_HALF, 0.0)

@@ -127,9 +127,8 @@ def decide_from_float(
         return run.done(CERTIFIED, "bounds")
     # the rounding bounds over the whole region, when the spec's are those (no fold, no cap)
     errors = qs.errors if qs.region is region and qs.ends is None else None
-    folded = _folded_bounds(
-        runtime, error_model, region, label, threshold, detail, deadline, errors
-    )
+    model = error_model if errors is None else qs.model  # the model those bounds are on
+    folded = _folded_bounds(runtime, model, region, label, threshold, detail, deadline, errors)
     run.step("bounds")
     parts = None  # the folded sub-regions with their specs, when folded
     if folded is not None:

@@ -25,6 +25,7 @@ from verifier.engine.dynamic_input import (
     fold_pair_sums,
     split_for_fold,
 )
+from verifier.engine.network import Affine
 from verifier.engine.output_clamp import grid_ends, margin_caps
 from verifier.engine.regions import Region
 
@@ -38,7 +39,8 @@ class QuantizedSpec:
     """The spec, the rounding bounds it was built from (`rounding_errors`' pair), the region
     it is on (x and directions of the runtime's rounded input when folded; same coefficient
     box), the chain they are on (the error model's, its first bias shifted when a saturation
-    is folded: `dynamic_input.fold_pair_sums`) and, when the logits' clamp is bounded apart,
+    is folded: `dynamic_input.fold_pair_sums`, its last bias when `centre_pair_sums` centres
+    the last layer's), and, when the logits' clamp is bounded apart,
     (lowest top, highest bottom, rounding) per logit; with it, the spec's linear bounds over
     the whole region (`root`, capped: the caps were read off them)."""
 
@@ -48,6 +50,7 @@ class QuantizedSpec:
     chain: PreparedChain
     ends: tuple | None = None
     root: Bounds | None = None
+    model: object = None  # the error model it is on (`centre_pair_sums` applied)
 
     def interval(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The runtime's logits at coefficients `s` lie within (lo, hi)."""
@@ -68,9 +71,9 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
         if folded is not None:
             model = fold_pair_sums(model, region, folded)
     on = region if folded is None else folded[0]
+    left = None if folded is None else folded[1]
 
     def errors(clamp: bool) -> tuple:
-        left = None if folded is None else folded[1]
         return rounding_errors(
             model.chain, on, rounding=model.rounding, clamp_output=clamp, first_step=left
         )
@@ -84,9 +87,48 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
         cap = margin_caps(model, on, label, errs, *ends, e, root)
         if cap is not None and np.all(cap > 0):
             root = replace(root, lower=np.minimum(root.lower, cap))
-            return QuantizedSpec(replace(spec, cap=cap), errs, on, model.chain, (*ends, e), root)
-    errs = errors(False)
-    return QuantizedSpec(spec_chain(model.chain, on, label, errors=errs), errs, on, model.chain)
+            return QuantizedSpec(
+                replace(spec, cap=cap), errs, on, model.chain, (*ends, e), root, model
+            )
+    model, errs = centre_pair_sums(model, on, errors(False), left)
+    spec = spec_chain(model.chain, on, label, errors=errs)
+    return QuantizedSpec(spec, errs, on, model.chain, model=model)
+
+
+def centre_pair_sums(model, region: Region, errors: tuple, first_step=None) -> tuple:
+    """(`model`, `errors` = its `rounding_errors` on `region`) with the last layer's int16
+    pair-sum saturation (`quantize.rounding.PairSums`, no requantization after it) centred:
+    like-signed pairs of positive integer weights only lower an output and negative ones only
+    raise it, so its error lies in [-(e0 + P), e0 + N] (e0 the rest of its bound, P and N each
+    sign's pair bound, `PairSums.sign`). The middle (N - P) / 2 goes into the last bias and
+    e0 + (P + N) / 2 is the bound left, where the two-sided e0 + P + N was. Nothing follows
+    the last layer, so no other bound changes. `model`, `errors` when there is nothing to do."""
+    k = len(model.chain.layers) - 1
+    layer = model.chain.layers[k]
+    r = model.rounding[k] if model.rounding and len(model.rounding) > k else None
+    p = None if r is None else r.pairs
+    if k == 0 or not isinstance(layer, Affine) or p is None or p.known is not None or p.sign:
+        return model, errors
+    if r.outputs or r.output_grid is not None or not p.adjacent:
+        return model, errors
+
+    def last(pairs) -> np.ndarray:
+        rounding = [*model.rounding[:k], replace(r, pairs=pairs)]
+        return rounding_errors(model.chain, region, rounding=rounding, first_step=first_step)[0][k]
+
+    rest = last(replace(p, known=np.zeros(len(layer.bias))))
+    up = np.maximum(last(replace(p, sign=1)) - rest, 0.0)  # P: what positive pairs remove
+    down = np.maximum(last(replace(p, sign=-1)) - rest, 0.0)  # N: what negative pairs add
+    if not np.any(up + down):
+        return model, errors
+    mid = (down - up) / 2.0
+    half = (up + down) / 2.0 * (1.0 + 1e-9) + 1e-9 * np.abs(mid)
+    chain = replace(
+        model.chain, layers=[*model.chain.layers[:k], Affine(layer.weight, layer.bias + mid)]
+    )
+    rounding = [*model.rounding[:k], replace(r, pairs=replace(p, known=half))]
+    out = [*errors[0][:k], rest + half]
+    return replace(model, chain=chain, rounding=rounding), (out, errors[1])
 
 
 def fold_parts(
@@ -96,9 +138,10 @@ def fold_parts(
     is fixed (`dynamic_input.split_for_fold`), each with its spec: the input quantization
     folded, and with it the first layer's pair-sum saturation; None when there is no such fold
     (no run-time input quantization, or one part: `quantized_spec` folds it already where it
-    can). `errors`: `rounding_errors` over the whole region, when already computed: later
-    layers' bounds hold in every part (they bound the runtime's values). `cover` records the
-    cuts that make the parts (`split_for_fold`)."""
+    can). `errors`: `rounding_errors` over the whole region, when already computed (on
+    `model`: pass `QuantizedSpec.model` with its spec's): later layers' bounds hold in every
+    part (they bound the runtime's values). `cover` records the cuts that make the parts
+    (`split_for_fold`)."""
     r = model.rounding[0] if model.rounding else None
     if r is None or not r.dynamic_input or r.symmetric_input:
         return None
@@ -106,9 +149,10 @@ def fold_parts(
     if parts is None or len(parts) == 1:
         return None
     try:  # bounds over the whole region hold in each part: computed once
-        out, inputs = errors or rounding_errors(model.chain, region, rounding=model.rounding)
+        whole = errors or rounding_errors(model.chain, region, rounding=model.rounding)
     except ValueError:  # a static grid may saturate: no bound
         return None
+    model, (out, inputs) = centre_pair_sums(model, region, whole)
     folds = [fold_first_input(model, part) for part in parts]
     if any(f is None for f in folds):
         return None
