@@ -102,7 +102,8 @@ def centre_pair_sums(model, region: Region, errors: tuple, first_step=None) -> t
     raise it, so its error lies in [-(e0 + P), e0 + N] (e0 the rest of its bound, P and N each
     sign's pair bound, `PairSums.sign`). The middle (N - P) / 2 goes into the last bias and
     e0 + (P + N) / 2 is the bound left, where the two-sided e0 + P + N was. Nothing follows
-    the last layer, so no other bound changes. `model`, `errors` when there is nothing to do."""
+    the last layer, so no other bound changes. `errors` must be `model`'s own (its last
+    layer's bound is e0 + P + N). `model`, `errors` when there is nothing to do."""
     k = len(model.chain.layers) - 1
     layer = model.chain.layers[k]
     r = model.rounding[k] if model.rounding and len(model.rounding) > k else None
@@ -116,9 +117,10 @@ def centre_pair_sums(model, region: Region, errors: tuple, first_step=None) -> t
         rounding = [*model.rounding[:k], replace(r, pairs=pairs)]
         return rounding_errors(model.chain, region, rounding=rounding, first_step=first_step)[0][k]
 
-    rest = last(replace(p, known=np.zeros(len(layer.bias))))
-    up = np.maximum(last(replace(p, sign=1)) - rest, 0.0)  # P: what positive pairs remove
-    down = np.maximum(last(replace(p, sign=-1)) - rest, 0.0)  # N: what negative pairs add
+    full, plus, minus = errors[0][k], last(replace(p, sign=1)), last(replace(p, sign=-1))
+    up = np.maximum(full - minus, 0.0)  # P: what positive pairs remove
+    down = np.maximum(full - plus, 0.0)  # N: what negative pairs add
+    rest = np.maximum(full - up - down, 0.0)  # e0
     if not np.any(up + down):
         return model, errors
     mid = (down - up) / 2.0
