@@ -49,7 +49,13 @@ from verifier.engine.diffbounds import diff_spec, quantized_bounds, reused_paren
 from verifier.engine.network import LoweredLayer
 from verifier.engine.points import runtime_inputs
 from verifier.engine.proof import Cover
-from verifier.engine.quantized_spec import QuantizedSpec, fold_part_of, fold_parts
+from verifier.engine.quantized_spec import (
+    QuantizedSpec,
+    fold_part_of,
+    fold_parts,
+    input_levels,
+    narrow_inputs,
+)
 from verifier.engine.regions import Region
 from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN, Decision
 
@@ -166,8 +172,12 @@ def decide_from_float(
     if att.coeffs is not None:
         return run.done(REFUTED, "attack", att.coeffs, att.adv_label)
 
+    levels = input_levels(error_model)
+
     def bound(lo, hi, parent):  # inside a folded sub-region, on its own spec
         spec = qspec if parts is None else fold_part_of(parts, lo, hi).spec
+        # run-time input roundings bounded on the parent's box (ReLUs off there: exact)
+        spec = narrow_inputs(spec, levels, parent.pre)
         # a child holding its parent's point nearest 0 reuses the parent's rows, as the float
         # engine's children do (`decide(inherit=True)`)
         b = linear_bounds(spec, lo, hi, parent=reused_parent(parent), reuse=True)

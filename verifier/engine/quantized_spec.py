@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from verifier.engine.bounds import (
+    HALF_STEP,
     Bounds,
     PreparedChain,
     SpecChain,
@@ -25,7 +26,7 @@ from verifier.engine.dynamic_input import (
     fold_pair_sums,
     split_for_fold,
 )
-from verifier.engine.network import Affine
+from verifier.engine.network import Affine, Relu
 from verifier.engine.output_clamp import grid_ends, margin_caps
 from verifier.engine.regions import Region
 
@@ -173,6 +174,40 @@ def fold_parts(
         spec = spec_chain(m.chain, region_q, label, errors=errs)
         specs.append((part, QuantizedSpec(spec, errs, region_q, m.chain)))
     return specs
+
+
+def input_levels(model) -> tuple | None:
+    """Per layer of the error model's chain: the levels of an Affine layer's run-time input
+    quantization (255 asymmetric, 127 when the kernel may be symmetric) where its input is a
+    ReLU's output and that rounding is its only one, else None; None when no layer has one.
+    What `narrow_inputs` may tighten on a box."""
+    layers, rounding = model.chain.layers, model.rounding or []
+    out = [None] * len(layers)
+    for k in range(1, min(len(layers), len(rounding))):
+        r = rounding[k]
+        if r is None or not r.dynamic_input or r.inputs or r.input_grid is not None:
+            continue
+        if isinstance(layers[k], Affine) and isinstance(layers[k - 1], Relu):
+            out[k] = 127.0 if r.symmetric_input else 255.0
+    return tuple(out) if any(v is not None for v in out) else None
+
+
+def narrow_inputs(spec: SpecChain, levels: tuple | None, pre: list) -> SpecChain:
+    """`spec` with each run-time quantized input (`input_levels`) bounded over a box whose
+    ReLU inputs lie in `pre` (its bounds, or an enclosing box's): a value whose ReLU is off
+    there is 0, exact on the grid (an integer zero point), and the others round by at most
+    half of (their largest upper bound) / levels, the scale's bound on the box (as
+    `bounds.rounding_errors` bounds it over the whole region: never wider than it)."""
+    if levels is None or spec.in_err is None or len(levels) != len(spec.layers):
+        return spec  # (a spec with a layer put before the chain's: not these levels)
+    steps = list(spec.in_err)
+    for k, n in enumerate(levels):
+        if n is None or steps[k] is None or pre[k - 1] is None:
+            continue
+        hi = pre[k - 1][1]
+        top = max(float(hi.max(initial=0.0)), 0.0)
+        steps[k] = np.where(hi > 0.0, np.minimum(steps[k], top / n * (1.0 + 1e-6) * HALF_STEP), 0.0)
+    return replace(spec, in_err=steps)
 
 
 def fold_part_of(parts: list[tuple[Region, QuantizedSpec]], lo, hi) -> QuantizedSpec | None:
