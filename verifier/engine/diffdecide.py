@@ -141,10 +141,15 @@ def decide_from_float(
         parts, leaves, run.cover = folded
         if not leaves:
             return run.done(CERTIFIED, "bounds")
+    levels = input_levels(error_model)  # run-time input roundings narrowed on a box
     absorbed: list[Leaf] = []  # float leaves closed by the differential bound alone
     if parts is None:
         run.cover = proof.cover.tree() if proof.cover is not None else None
-        leaves = _reuse(ds, qspec, region, proof, direct, detail, deadline, run.cover, absorbed)
+        # the float leaves are within the root: its ReLU bounds narrow their input rounding
+        on_leaves = narrow_inputs(qspec, levels, direct.pre)
+        leaves = _reuse(
+            ds, qspec, region, proof, direct, detail, deadline, run.cover, absorbed, on_leaves
+        )
         run.step("differential")
         if leaves is None:
             detail["open_leaves"] = "float leaves not all bounded in time"
@@ -171,8 +176,6 @@ def decide_from_float(
     run.step("attack", evals=att.evaluations)
     if att.coeffs is not None:
         return run.done(REFUTED, "attack", att.coeffs, att.adv_label)
-
-    levels = input_levels(error_model)
 
     def bound(lo, hi, parent):  # inside a folded sub-region, on its own spec
         spec = qspec if parts is None else fold_part_of(parts, lo, hi).spec
@@ -276,13 +279,15 @@ def _reuse(
     deadline: float,
     cover: Cover | None,
     absorbed: list[Leaf],
+    on_leaves=None,
 ) -> list[Leaf] | None:
     """The float proof's leaves the difference is not absorbed in, with the runtime's own bounds
     (the root alone when the root bounds certified); None when time ran out. Intermediate
     differences by intervals only (`refine=False`): refined, the root bound gained nothing over
     the runtime's own on any MNIST input measured, at 0.5-1.5 s an input. Leaves the runtime's
     own bounds close go into `cover` (None: no proof kept); those the difference alone closes
-    into `absorbed`."""
+    into `absorbed`. `on_leaves`: the spec the leaves are bounded on (`qspec` narrowed on the
+    root's bounds: `quantized_spec.narrow_inputs`), when not `qspec`."""
     b = quantized_bounds(ds, region.lo, region.hi, proof.root, direct, refine=False)
     detail["diff_root_margin"] = float(np.min(b.lower))
     detail["diff_root_delta"] = float(np.min(b.delta))
@@ -304,7 +309,7 @@ def _reuse(
             continue
         if time.perf_counter() > deadline:
             return None
-        b = linear_bounds(qspec, leaf.lo, leaf.hi, parent=direct)
+        b = linear_bounds(on_leaves or qspec, leaf.lo, leaf.hi, parent=direct)
         if not (b.empty or np.all(b.lower > 0)):
             left.append(Leaf(leaf.lo, leaf.hi, wrap_direct(leaf.bounds, b)))
         elif cover is not None:
