@@ -434,12 +434,12 @@ def _pair_saturation(
     gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape)
     q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
     prod = q * big[None, :]
-    sign = np.sign(w) * np.sign(gain)[None, :]  # the integer weight's sign
-    if p.sign:  # one sign's pairs only (`PairSums.sign`)
-        prod = np.where(sign == p.sign, prod, 0.0)
+    if p.sign:  # one sign's pairs only (`PairSums.sign`; the integer weight's sign)
+        prod = np.where(np.sign(w) * np.sign(gain)[None, :] == p.sign, prod, 0.0)
     if not p.adjacent:
         loss = np.maximum(prod - PAIR_HALF, 0.0).sum(axis=1)
         return p.unit * scale * loss
+    sign = np.sign(w) * np.sign(gain)[None, :]  # the integer weight's sign
     prod, sign = in_kernel_order(p.order, prod, sign)
     like = sign[:, 0::2] * sign[:, 1::2] > 0
     pair = np.where(like, prod[:, 0::2] + prod[:, 1::2] - 2 * PAIR_HALF, 0.0)
