@@ -434,8 +434,8 @@ def _pair_saturation(
     gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape)
     q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
     prod = q * big[None, :]
-    if p.sign:  # one sign's pairs only (`PairSums.sign`; the integer weight's sign)
-        prod = np.where(np.sign(w) * np.sign(gain)[None, :] == p.sign, prod, 0.0)
+    if np.any(p.sign):  # one sign's pairs only (`PairSums.sign`; the integer weight's sign)
+        prod = np.where(np.sign(w) * np.sign(gain)[None, :] == np.reshape(p.sign, (-1, 1)), prod, 0)
     if not p.adjacent:
         loss = np.maximum(prod - PAIR_HALF, 0.0).sum(axis=1)
         return p.unit * scale * loss

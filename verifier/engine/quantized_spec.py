@@ -101,24 +101,31 @@ def centre_pair_sums(model, region: Region, errors: tuple, first_step=None) -> t
     pair-sum saturation (`quantize.rounding.PairSums`, no requantization after it) centred:
     like-signed pairs of positive integer weights only lower an output and negative ones only
     raise it, so its error lies in [-(e0 + P), e0 + N] (e0 the rest of its bound, P and N each
-    sign's pair bound, `PairSums.sign`). The middle (N - P) / 2 goes into the last bias and
-    e0 + (P + N) / 2 is the bound left, where the two-sided e0 + P + N was. Nothing follows
-    the last layer, so no other bound changes. `errors` must be `model`'s own (its last
-    layer's bound is e0 + P + N). `model`, `errors` when there is nothing to do."""
+    sign's pair bound, `PairSums.sign`, from one more `rounding_errors` run). The middle
+    (N - P) / 2 goes into the last bias and e0 + (P + N) / 2 is the bound left, where the
+    two-sided e0 + P + N was. Nothing follows the last layer, so no other bound changes.
+    `errors` must be `model`'s own (its last layer's bound is e0 + P + N). `model`, `errors`
+    when there is nothing to do."""
     k = len(model.chain.layers) - 1
     layer = model.chain.layers[k]
     r = model.rounding[k] if model.rounding and len(model.rounding) > k else None
     p = None if r is None else r.pairs
-    if k == 0 or not isinstance(layer, Affine) or p is None or p.known is not None or p.sign:
+    if k == 0 or not isinstance(layer, Affine) or p is None or p.known is not None:
         return model, errors
-    if r.outputs or r.output_grid is not None or not p.adjacent:
+    if np.any(p.sign) or r.outputs or r.output_grid is not None or not p.adjacent:
         return model, errors
-
-    def last(pairs) -> np.ndarray:
-        rounding = [*model.rounding[:k], replace(r, pairs=pairs)]
-        return rounding_errors(model.chain, region, rounding=rounding, first_step=first_step)[0][k]
-
-    full, plus, minus = errors[0][k], last(replace(p, sign=1)), last(replace(p, sign=-1))
+    # one run for both signs: the last layer twice, its first copy charged its positive pairs
+    # only, its second its negative ones
+    n, ch = len(layer.bias), model.chain
+    twice = Affine(np.vstack([layer.weight] * 2), np.concatenate([layer.bias] * 2))
+    chain = replace(
+        ch, layers=[*ch.layers[:k], twice], absw=[*ch.absw[:k], np.vstack([ch.absw[k]] * 2)]
+    )
+    order = p.order if p.order is None or np.ndim(p.order) == 1 else np.vstack([p.order] * 2)
+    pairs = replace(p, unit=np.tile(p.unit, 2), order=order, sign=np.repeat([1, -1], n))
+    rounding = [*model.rounding[:k], replace(r, pairs=pairs)]
+    both = rounding_errors(chain, region, rounding=rounding, first_step=first_step)[0][k]
+    full, plus, minus = errors[0][k], both[:n], both[n:]
     up = np.maximum(full - minus, 0.0)  # P: what positive pairs remove
     down = np.maximum(full - plus, 0.0)  # N: what negative pairs add
     rest = np.maximum(full - up - down, 0.0)  # e0
