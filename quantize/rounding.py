@@ -64,6 +64,10 @@ class PairSums:
     # per output row, a bound on the loss once its constant part is in the layer's bias (a
     # region where every input's integer value is known: `verifier.engine.dynamic_input`)
     known: np.ndarray | None = None
+    # +1 / -1 (for every row, or per row): only the pairs of integer weights of that sign are
+    # charged (what each sign's loss moves the output by, one way:
+    # `verifier.engine.quantized_spec.centre_pair_sums`)
+    sign: int | np.ndarray = 0
 
 
 @dataclass(frozen=True)

@@ -303,6 +303,55 @@ def pair_mlp(path: Path) -> Path:
     return _save(nodes, inits, [8], [2], path)
 
 
+def pair_last_mlp(path: Path) -> Path:
+    """8-4-3 MatMul+Add MLP whose last layer's pair sums saturate both ways: with inputs near
+    1 its four hidden values are near their row maximum (uint8 near 255 at run time), and its
+    integer weights are +127 (logit 0: pairs lose, the logit drops), -127 (logit 1: it rises)
+    and alternating (logit 2: no pair saturates). The first layer's pairs are
+    opposite-signed (none saturates there)."""
+    w1 = np.array([[0.5, -0.25] * 4] * 4, dtype=np.float32).T
+    w2 = np.array([[1.0] * 4, [-1.0] * 4, [1.0, -1.0] * 2], dtype=np.float32).T
+    inits = [
+        _init("W0", w1),
+        _init("b0", np.array([0.0, 0.05, 0.1, 0.15], np.float32)),
+        _init("W1", w2),
+        _init("b1", np.zeros(3, np.float32)),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["input", "W0"], ["h0_mm"]),
+        helper.make_node("Add", ["h0_mm", "b0"], ["h0"]),
+        helper.make_node("Relu", ["h0"], ["h0_r"]),
+        helper.make_node("MatMul", ["h0_r", "W1"], ["h1_mm"]),
+        helper.make_node("Add", ["h1_mm", "b1"], ["logits"]),
+    ]
+    return _save(nodes, inits, [8], [3], path)
+
+
+def coherent_mlp(path: Path) -> Path:
+    """4-8-2 MatMul+Add MLP whose hidden values round the same way at run time: input 0 (at 1)
+    gives hidden 0 = 1 (the row's maximum: uint8 scale 1/255), and hidden 1-7 = 57/127 (114.45
+    steps: each rounds down by 0.45 of a step), summed by logit 0 (a loss of 0.0123); logit 1
+    reads hidden 0. Inputs 1-3 feed nothing. No pair sum reaches int16 saturation."""
+    w1 = np.zeros((4, 8), np.float32)
+    w1[0] = [1.0] + [57 / 127] * 7
+    w2 = np.zeros((8, 2), np.float32)
+    w2[1:, 0], w2[0, 1] = 1.0, 1.0
+    inits = [
+        _init("W0", w1),
+        _init("b0", np.zeros(8, np.float32)),
+        _init("W1", w2),
+        _init("b1", np.zeros(2, np.float32)),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["input", "W0"], ["h0_mm"]),
+        helper.make_node("Add", ["h0_mm", "b0"], ["h0"]),
+        helper.make_node("Relu", ["h0"], ["h0_r"]),
+        helper.make_node("MatMul", ["h0_r", "W1"], ["h1_mm"]),
+        helper.make_node("Add", ["h1_mm", "b1"], ["logits"]),
+    ]
+    return _save(nodes, inits, [4], [2], path)
+
+
 def pair_cnn(path: Path) -> Path:
     """(2,4,4) -> 3x3 Conv to 2 channels -> Relu -> Flatten -> MatMul+Add to 2: conv channel 0's
     weights are all +1 (with inputs near 1, int16 pair sums of a u8 x s8 kernel saturate in any

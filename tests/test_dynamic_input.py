@@ -155,13 +155,19 @@ def _check_folded_proof(d, em, runner, region, label: int) -> int:
     spec alone, and fails with a leaf's evidence raised (margin or point count) or a split
     removed."""
     from verifier.engine.proof import FOLD, SPLIT, Node, decode, from_text
-    from verifier.engine.quantized_spec import fold_part_of, fold_parts, quantized_spec
+    from verifier.engine.quantized_spec import (
+        fold_part_of,
+        fold_parts,
+        input_levels,
+        quantized_spec,
+    )
     from verifier.run.proofcheck import CHECKED, FAILED, Problem, check_tree
 
     proof = decode(from_text(d.detail["proof"]))
     assert proof.spec == "error-model" and any(n.kind == FOLD for n in proof.nodes)
     parts = fold_parts(em, region, label)
-    problem = Problem(region, label, runner, quantized_spec(em, region, label).spec)
+    spec = quantized_spec(em, region, label).spec
+    problem = Problem(region, label, runner, spec, levels=input_levels(em))  # as the audit
     folded = replace(
         problem, fold=lambda lo, hi: getattr(fold_part_of(parts, lo, hi), "spec", None)
     )
@@ -309,3 +315,79 @@ def test_quantized_spec_folds_a_fixed_scale(tiny, mode):
             kinds.add(folded)
             check_spec_holds(runner, qs, region, label)
     assert kinds == {True, False}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_inputs_narrowed_on_a_box_hold_at_every_point(tiny, mode):
+    """A branch-and-bound grandchild's bounds with the hidden layers' run-time input rounding
+    bounded on its parent's box (`quantized_spec.narrow_inputs`: exact where the ReLU is off,
+    the scale's bound on the box) lie below the runtime's margins at every point of it, and
+    are tighter than the region's somewhere; the runtime's logits lie within the interval
+    those roundings give at each point."""
+    from verifier.engine.bab import Leaf, split
+    from verifier.engine.quantized_spec import input_levels, narrow_inputs, quantized_spec
+
+    model, runners, xs = tiny
+    runner = runners[mode]
+    em = error_model(runner, prepare_chain(model.network.lower()))
+    levels = input_levels(em)
+    assert levels is not None and levels[0] is None and levels[2] is not None
+    tighter = checked = 0
+    for i, x in enumerate(xs[:3]):
+        label = int(np.argmax(runner.predict(x[None].astype(np.float32))[0]))
+        region = list(_regions(x, i))[2]  # the top value stays: the first layer is folded
+        qs = quantized_spec(em, region, label)
+        spec, zero = qs.spec, np.zeros(len(qs.spec.others))
+        root = linear_bounds(spec, region.lo, region.hi)
+        for lo, hi in split(Leaf(region.lo, region.hi, root), zero):
+            up = linear_bounds(spec, lo, hi, parent=root)
+            for glo, ghi in split(Leaf(lo, hi, up), zero):
+                pts = np.concatenate(list(region.enumerate(lo=glo, hi=ghi)))
+                got = np.asarray(runner.predict(runtime_inputs(runner, region, pts)), np.float64)
+                m = (got[:, [label]] - got[:, spec.others]).min(axis=0)
+                plain = linear_bounds(spec, glo, ghi, parent=up)
+                b = linear_bounds(narrow_inputs(spec, levels, up.pre), glo, ghi, parent=up)
+                assert np.all(b.lower <= m + 1e-9), (b.lower, m)
+                tighter += bool(np.any(b.lower > plain.lower + 1e-9))
+                steps = [qs.errors[1][0], *narrow_inputs(spec, levels, up.pre).in_err[1:]]
+                assert _outside(runner, qs, region, pts, steps) == 0
+                checked += 1
+    assert checked and tighter
+
+
+def _outside(runner, qs, region, pts: np.ndarray, steps: list) -> int:
+    """How many points' runtime logits leave the interval of `qs`'s chain and output bounds
+    with input roundings `steps`."""
+    got = np.asarray(runner.predict(runtime_inputs(runner, region, pts)), np.float64)
+    bad = 0
+    for s, g in zip(pts, got, strict=True):
+        lo, hi = point_interval(qs.chain, (qs.errors[0], steps), qs.region.points(s[None])[0])
+        bad += int(not np.all((g >= lo) & (g <= hi)))
+    return bad
+
+
+def test_narrowed_rounding_keeps_a_coherent_loss(tmp_path):
+    """ORT dynamic on `coherent_mlp`, whose hidden values all round down at run time (logit 0
+    loses 0.0123): its hidden input rounding narrowed on the region's own bounds holds the
+    runtime's logits at every point, and its margin above the narrowed spec's bound; narrowed
+    as if every ReLU were off (no hidden rounding), logit 0 leaves the interval everywhere."""
+    from onnx_builders import coherent_mlp
+
+    from verifier.engine.quantized_spec import input_levels, narrow_inputs, quantized_spec
+
+    model = load_model(coherent_mlp(tmp_path / "c.onnx"))
+    runner = quantize_model(model, "ort-dynamic", tmp_path, None)
+    em = error_model(runner, prepare_chain(model.network.lower()))
+    region = lattice_region(np.array([1.0, 0.5, 0.5, 0.5]), np.array([1, 2, 3]), 1 / 255, 2 / 255)
+    qs = quantized_spec(em, region, 0)
+    levels = input_levels(em)
+    assert levels is not None and levels[2] == 255.0
+    b = linear_bounds(qs.spec, region.lo, region.hi)
+    off = [None if p is None else (p[0], np.full_like(p[1], -1.0)) for p in b.pre]
+    pts = all_points(region)
+    narrowed = narrow_inputs(qs.spec, levels, b.pre)
+    assert _outside(runner, qs, region, pts, [qs.errors[1][0], *narrowed.in_err[1:]]) == 0
+    got = np.asarray(runner.predict(runtime_inputs(runner, region, pts)), np.float64)
+    assert np.all(linear_bounds(narrowed, region.lo, region.hi).lower <= got[:, 0] - got[:, 1])
+    none = [qs.errors[1][0], *narrow_inputs(qs.spec, levels, off).in_err[1:]]
+    assert _outside(runner, qs, region, pts, none) == len(pts)

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from onnx_builders import pair_mlp
+from onnx_builders import pair_last_mlp, pair_mlp
 
 from quantize.cpu import int16_pair_sums
 from quantize.error_model import ErrorModel, error_model
@@ -155,6 +155,65 @@ def test_first_layer_saturation_folded_in_sub_regions(tmp_path):
         got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
         margin = (got[:, [label]] - got[:, others]).min(axis=0)
         assert np.all(leaf.bounds.lower <= margin)
+
+
+def test_last_layer_saturation_centred(tmp_path):
+    """ORT dynamic on a net whose last layer's pair sums saturate (logit 0 loses about half,
+    logit 1 gains as much): the quantized spec moves the middle of that loss into the last bias
+    and keeps half its width, and the runtime's logits lie within its interval at every point,
+    with the first layer's scale fixed (a lattice leaving the top value alone) and in each
+    sub-region of fixed scale (one moving it). The narrow bound without its shift, or with the
+    shift the other way, leaves them."""
+    from test_dynamic_input import check_spec_holds
+
+    from verifier.engine.network import Affine
+    from verifier.engine.quantized_spec import (
+        QuantizedSpec,
+        fold_part_of,
+        fold_parts,
+        quantized_spec,
+    )
+
+    model = load_model(pair_last_mlp(tmp_path / "last.onnx"))
+    runner = quantize_model(model, "ort-dynamic", tmp_path, None)
+    em = error_model(runner, model.network.lower())
+    x = np.array([255, 250, 248, 252, 246, 250, 243, 249]) / 255.0
+    if not int16_pair_sums():
+        assert em.rounding[-1].pairs is None
+        return
+    region = lattice_region(x, np.arange(1, 6), 1 / 255, 3 / 255)
+    label = int(np.argmax(runner.predict(x[None].astype(np.float32))[0]))
+    qs = quantized_spec(em, region, label)
+    check_spec_holds(runner, qs, region, label)
+    last = em.chain.layers[-1]
+    shift = qs.chain.layers[-1].bias - last.bias
+    assert shift[0] < -0.5 and shift[1] > 0.5 and abs(shift[2]) < 1e-6
+    wide = rounding_errors(em.chain, region, rounding=em.rounding)[0][-1]
+    assert np.all(qs.errors[0][-1][:2] < 0.6 * wide[:2])
+    pts = np.concatenate(list(region.enumerate()))
+    got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+
+    def misses(bias: np.ndarray) -> int:
+        layers = [*qs.chain.layers[:-1], Affine(last.weight, bias)]
+        spec = QuantizedSpec(qs.spec, qs.errors, qs.region, replace(qs.chain, layers=layers))
+        return sum(
+            int(np.any((g < spec.interval(s)[0]) | (g > spec.interval(s)[1])))
+            for s, g in zip(pts, got, strict=True)
+        )
+
+    assert misses(last.bias + shift) == 0
+    assert misses(last.bias) > 0
+    assert misses(last.bias - shift) > 0
+    moving = lattice_region(x, np.array([0, 1, 7]), 1 / 255, 2 / 255)
+    parts = fold_parts(em, moving, label)
+    assert parts is not None and len(parts) > 1
+    pts = np.concatenate(list(moving.enumerate()))
+    got = runner.predict(moving.points(pts).astype(np.float32)).astype(np.float64)
+    for s, g in zip(pts, got, strict=True):
+        part = fold_part_of(parts, s, s)
+        assert part.chain.layers[-1].bias[0] < last.bias[0] - 0.5
+        lo, hi = part.interval(s)
+        assert np.all(lo <= g) and np.all(g <= hi)
 
 
 def _conv_pairs(op: str, c: int, k: int, taps: list) -> np.ndarray:

@@ -309,6 +309,7 @@ def check_kept_proof(
     ctx: RunContext, region: Region, rec: InputRecord, name: str, max_points: int, tally
 ) -> Failure | None:
     """A certified outcome's kept proof, re-checked leaf by leaf (`verifier.run.proofcheck`)."""
+    from verifier.engine.quantized_spec import input_levels
     from verifier.run import proofcheck as pc
 
     start = time.perf_counter()
@@ -326,6 +327,9 @@ def check_kept_proof(
             problem = pc.Problem(region, rec.label, runtime, spec, ctx.chain, max_points)
             if spec is not None and any(n.kind == FOLD for n in proof.nodes):
                 problem = replace(problem, fold=fold_spec(ctx, region, rec.label, name))
+            if spec is not None and proof.spec == "error-model":
+                em = ctx.error_models.get(name)
+                problem = replace(problem, levels=input_levels(em) if em else None)
             verdict = pc.check_tree(proof, problem)
     tally.seconds += time.perf_counter() - start
     tally.points += verdict.points

@@ -418,7 +418,7 @@ def _pair_saturation(
     the pairing known (`p.adjacent`: inputs 2m, 2m+1), a pair of opposite-signed weights
     cannot saturate (|u8 x s8| <= 32640) and one of like signs loses at most
     (A_2m |q_2m| + A_2m+1 |q_2m+1| - 32767)+, 2m and 2m+1 in the kernel's K order (`p.order`).
-    With the loss folded (`p.known`), that bound."""
+    With the loss folded (`p.known`), that bound; with `p.sign`, that sign's pairs only."""
     if p.known is not None:
         return p.known
     vlo = np.minimum(p.gain * lo, p.gain * hi) + p.shift
@@ -437,6 +437,8 @@ def _pair_saturation(
     gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape)
     q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
     prod = q * big[None, :]
+    if np.any(p.sign):  # one sign's pairs only (`PairSums.sign`; the integer weight's sign)
+        prod = np.where(np.sign(w) * np.sign(gain)[None, :] == np.reshape(p.sign, (-1, 1)), prod, 0)
     if not p.adjacent:
         loss = np.maximum(prod - PAIR_HALF, 0.0).sum(axis=1)
         return p.unit * scale * loss

@@ -17,7 +17,7 @@ hold for it too, so NQ's margin >= the float chain's lower bound + the differenc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -123,8 +123,28 @@ def quantized_bounds(
 
 
 def wrap_direct(base: Bounds, direct: Bounds) -> DiffBounds:
-    """The runtime's own bounds as a `DiffBounds` (no difference computed)."""
-    return DiffBounds(**_fields(direct), base=base, direct=direct, delta=None)
+    """The runtime's own bounds as a `DiffBounds` (no difference computed). Rows `direct` kept
+    for its children (`linear_bounds(reuse=True)`) move to the wrapper, where branch and bound
+    counts and drops them (`bab.ROWS_BUDGET`); `reused_parent` hands them back."""
+    if direct.queries is None:
+        return DiffBounds(**_fields(direct), base=base, direct=direct, delta=None)
+    bare = replace(direct, point=None, queries=None)
+    return DiffBounds(
+        **_fields(direct),
+        point=direct.point,
+        queries=direct.queries,
+        base=base,
+        direct=bare,
+        delta=None,
+    )
+
+
+def reused_parent(b: DiffBounds) -> Bounds:
+    """The runtime's own bounds of a branch-and-bound parent, with the rows its wrapper still
+    keeps (`wrap_direct`): what `linear_bounds(parent=..., reuse=True)` takes."""
+    if b.queries is None:
+        return b.direct
+    return replace(b.direct, point=b.point, queries=b.queries)
 
 
 def _fields(b: Bounds) -> dict:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from verifier.engine.bounds import (
+    HALF_STEP,
     Bounds,
     PreparedChain,
     SpecChain,
@@ -25,6 +26,7 @@ from verifier.engine.dynamic_input import (
     fold_pair_sums,
     split_for_fold,
 )
+from verifier.engine.network import Affine, Relu
 from verifier.engine.output_clamp import grid_ends, margin_caps
 from verifier.engine.regions import Region
 
@@ -38,7 +40,8 @@ class QuantizedSpec:
     """The spec, the rounding bounds it was built from (`rounding_errors`' pair), the region
     it is on (x and directions of the runtime's rounded input when folded; same coefficient
     box), the chain they are on (the error model's, its first bias shifted when a saturation
-    is folded: `dynamic_input.fold_pair_sums`) and, when the logits' clamp is bounded apart,
+    is folded: `dynamic_input.fold_pair_sums`, its last bias when `centre_pair_sums` centres
+    the last layer's), and, when the logits' clamp is bounded apart,
     (lowest top, highest bottom, rounding) per logit; with it, the spec's linear bounds over
     the whole region (`root`, capped: the caps were read off them)."""
 
@@ -48,6 +51,7 @@ class QuantizedSpec:
     chain: PreparedChain
     ends: tuple | None = None
     root: Bounds | None = None
+    model: object = None  # the error model it is on (`centre_pair_sums` applied)
 
     def interval(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The runtime's logits at coefficients `s` lie within (lo, hi)."""
@@ -68,9 +72,9 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
         if folded is not None:
             model = fold_pair_sums(model, region, folded)
     on = region if folded is None else folded[0]
+    left = None if folded is None else folded[1]
 
     def errors(clamp: bool) -> tuple:
-        left = None if folded is None else folded[1]
         return rounding_errors(
             model.chain, on, rounding=model.rounding, clamp_output=clamp, first_step=left
         )
@@ -84,9 +88,57 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
         cap = margin_caps(model, on, label, errs, *ends, e, root)
         if cap is not None and np.all(cap > 0):
             root = replace(root, lower=np.minimum(root.lower, cap))
-            return QuantizedSpec(replace(spec, cap=cap), errs, on, model.chain, (*ends, e), root)
-    errs = errors(False)
-    return QuantizedSpec(spec_chain(model.chain, on, label, errors=errs), errs, on, model.chain)
+            return QuantizedSpec(
+                replace(spec, cap=cap), errs, on, model.chain, (*ends, e), root, model
+            )
+    model, errs = centre_pair_sums(model, on, errors(False), left)
+    spec = spec_chain(model.chain, on, label, errors=errs)
+    return QuantizedSpec(spec, errs, on, model.chain, model=model)
+
+
+def centre_pair_sums(model, region: Region, errors: tuple, first_step=None) -> tuple:
+    """(`model`, `errors` = its `rounding_errors` on `region`) with the last layer's int16
+    pair-sum saturation (`quantize.rounding.PairSums`, no requantization after it) centred:
+    like-signed pairs of positive integer weights only lower an output and negative ones only
+    raise it, so its error lies in [-(e0 + P), e0 + N] (e0 the rest of its bound, P and N each
+    sign's pair bound, `PairSums.sign`, from one more `rounding_errors` run). The middle
+    (N - P) / 2 goes into the last bias and e0 + (P + N) / 2 is the bound left, where the
+    two-sided e0 + P + N was. Nothing follows the last layer, so no other bound changes.
+    `errors` must be `model`'s own (its last layer's bound is e0 + P + N). `model`, `errors`
+    when there is nothing to do."""
+    k = len(model.chain.layers) - 1
+    layer = model.chain.layers[k]
+    r = model.rounding[k] if model.rounding and len(model.rounding) > k else None
+    p = None if r is None else r.pairs
+    if k == 0 or not isinstance(layer, Affine) or p is None or p.known is not None:
+        return model, errors
+    if np.any(p.sign) or r.outputs or r.output_grid is not None or not p.adjacent:
+        return model, errors
+    # one run for both signs: the last layer twice, its first copy charged its positive pairs
+    # only, its second its negative ones
+    n, ch = len(layer.bias), model.chain
+    twice = Affine(np.vstack([layer.weight] * 2), np.concatenate([layer.bias] * 2))
+    chain = replace(
+        ch, layers=[*ch.layers[:k], twice], absw=[*ch.absw[:k], np.vstack([ch.absw[k]] * 2)]
+    )
+    order = p.order if p.order is None or np.ndim(p.order) == 1 else np.vstack([p.order] * 2)
+    pairs = replace(p, unit=np.tile(p.unit, 2), order=order, sign=np.repeat([1, -1], n))
+    rounding = [*model.rounding[:k], replace(r, pairs=pairs)]
+    both = rounding_errors(chain, region, rounding=rounding, first_step=first_step)[0][k]
+    full, plus, minus = errors[0][k], both[:n], both[n:]
+    up = np.maximum(full - minus, 0.0)  # P: what positive pairs remove
+    down = np.maximum(full - plus, 0.0)  # N: what negative pairs add
+    rest = np.maximum(full - up - down, 0.0)  # e0
+    if not np.any(up + down):
+        return model, errors
+    mid = (down - up) / 2.0
+    half = (up + down) / 2.0 * (1.0 + 1e-9) + 1e-9 * np.abs(mid)
+    chain = replace(
+        model.chain, layers=[*model.chain.layers[:k], Affine(layer.weight, layer.bias + mid)]
+    )
+    rounding = [*model.rounding[:k], replace(r, pairs=replace(p, known=half))]
+    out = [*errors[0][:k], rest + half]
+    return replace(model, chain=chain, rounding=rounding), (out, errors[1])
 
 
 def fold_parts(
@@ -96,9 +148,10 @@ def fold_parts(
     is fixed (`dynamic_input.split_for_fold`), each with its spec: the input quantization
     folded, and with it the first layer's pair-sum saturation; None when there is no such fold
     (no run-time input quantization, or one part: `quantized_spec` folds it already where it
-    can). `errors`: `rounding_errors` over the whole region, when already computed: later
-    layers' bounds hold in every part (they bound the runtime's values). `cover` records the
-    cuts that make the parts (`split_for_fold`)."""
+    can). `errors`: `rounding_errors` over the whole region, when already computed (on
+    `model`: pass `QuantizedSpec.model` with its spec's): later layers' bounds hold in every
+    part (they bound the runtime's values). `cover` records the cuts that make the parts
+    (`split_for_fold`)."""
     r = model.rounding[0] if model.rounding else None
     if r is None or not r.dynamic_input or r.symmetric_input:
         return None
@@ -106,9 +159,10 @@ def fold_parts(
     if parts is None or len(parts) == 1:
         return None
     try:  # bounds over the whole region hold in each part: computed once
-        out, inputs = errors or rounding_errors(model.chain, region, rounding=model.rounding)
+        whole = errors or rounding_errors(model.chain, region, rounding=model.rounding)
     except ValueError:  # a static grid may saturate: no bound
         return None
+    model, (out, inputs) = centre_pair_sums(model, region, whole)
     folds = [fold_first_input(model, part) for part in parts]
     if any(f is None for f in folds):
         return None
@@ -127,6 +181,40 @@ def fold_parts(
         spec = spec_chain(m.chain, region_q, label, errors=errs)
         specs.append((part, QuantizedSpec(spec, errs, region_q, m.chain)))
     return specs
+
+
+def input_levels(model) -> tuple | None:
+    """Per layer of the error model's chain: the levels of an Affine layer's run-time input
+    quantization (255 asymmetric, 127 when the kernel may be symmetric) where its input is a
+    ReLU's output and that rounding is its only one, else None; None when no layer has one.
+    What `narrow_inputs` may tighten on a box."""
+    layers, rounding = model.chain.layers, model.rounding or []
+    out = [None] * len(layers)
+    for k in range(1, min(len(layers), len(rounding))):
+        r = rounding[k]
+        if r is None or not r.dynamic_input or r.inputs or r.input_grid is not None:
+            continue
+        if isinstance(layers[k], Affine) and isinstance(layers[k - 1], Relu):
+            out[k] = 127.0 if r.symmetric_input else 255.0
+    return tuple(out) if any(v is not None for v in out) else None
+
+
+def narrow_inputs(spec: SpecChain, levels: tuple | None, pre: list) -> SpecChain:
+    """`spec` with each run-time quantized input (`input_levels`) bounded over a box whose
+    ReLU inputs lie in `pre` (its bounds, or an enclosing box's): a value whose ReLU is off
+    there is 0, exact on the grid (an integer zero point), and the others round by at most
+    half of (their largest upper bound) / levels, the scale's bound on the box (as
+    `bounds.rounding_errors` bounds it over the whole region: never wider than it)."""
+    if levels is None or spec.in_err is None or len(levels) != len(spec.layers):
+        return spec  # (a spec with a layer put before the chain's: not these levels)
+    steps = list(spec.in_err)
+    for k, n in enumerate(levels):
+        if n is None or steps[k] is None or pre[k - 1] is None:
+            continue
+        hi = pre[k - 1][1]
+        top = max(float(hi.max(initial=0.0)), 0.0)
+        steps[k] = np.where(hi > 0.0, np.minimum(steps[k], top / n * (1.0 + 1e-6) * HALF_STEP), 0.0)
+    return replace(spec, in_err=steps)
 
 
 def fold_part_of(parts: list[tuple[Region, QuantizedSpec]], lo, hi) -> QuantizedSpec | None:

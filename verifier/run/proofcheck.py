@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from verifier.engine.bounds import HALF_STEP
 from verifier.engine.network import Affine, MaxPool, Relu
 from verifier.engine.points import count_points
 from verifier.engine.proof import FOLD, SPLIT, Proof, ProofFormatError, decode
@@ -74,6 +75,10 @@ class Problem:
     smt_timeout: float = 10.0
     # the spec of the input fold's sub-region holding a box (lo, hi); None when none holds it
     fold: Callable | None = None
+    # per spec layer, the levels of a run-time quantized input after a ReLU
+    # (`quantized_spec.input_levels`): its rounding is bounded on each box from the enclosing
+    # box's ReLU bounds, as the search bounds its branch-and-bound nodes
+    levels: tuple | None = None
 
 
 def read(data: bytes) -> Proof | Verdict:
@@ -135,7 +140,7 @@ def check_tree(proof: Proof, problem: Problem) -> Verdict:
                     f"node {pos - 1}: split of generator {g} after {mid} does not cut "
                     f"{_box(lo, hi)} in two"
                 )
-            spec = here_problem.spec
+            spec = _on_box(here_problem, parent)
             here = _node_bounds(spec, lo, hi, parent) if spec else None
             left_hi, right_lo = hi.copy(), lo.copy()
             left_hi[g], right_lo[g] = mid, mid + 1
@@ -220,6 +225,7 @@ def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict)
     at = float(np.min(_margins_at(spec, p)))
     if margin > at + MARGIN_RTOL * (1.0 + abs(at)):
         return f"its margin {margin:g} exceeds the margin {at:g} at the point {p.astype(int)}"
+    spec = _on_box(problem, parent)
     b = _node_bounds(spec, lo, hi, parent)
     worst = b.lower
     if np.all(worst > 0):
@@ -230,6 +236,25 @@ def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict)
         return None
     count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
     return _by_enumeration(lo, hi, count, problem, out, "bounds")
+
+
+def _on_box(problem: Problem, parent: _BoxBounds | None):
+    """The problem's spec with each run-time quantized input (`Problem.levels`) bounded over a
+    box within `parent`'s: 0 where the ReLU before it is off there (0 is on every such grid),
+    else half of (the largest ReLU upper bound) / levels, never more than the spec's own."""
+    spec, levels = problem.spec, problem.levels
+    if spec is None or levels is None or parent is None or spec.in_err is None:
+        return spec
+    if len(levels) != len(spec.layers):
+        return spec
+    steps = list(spec.in_err)
+    for k, n in enumerate(levels):
+        if n is None or steps[k] is None or parent.pre[k - 1] is None:
+            continue
+        up = parent.pre[k - 1][1]
+        half = max(float(np.max(up)), 0.0) / n * (1.0 + 1e-6) * HALF_STEP
+        steps[k] = np.where(up > 0.0, np.minimum(steps[k], half), 0.0)
+    return replace(spec, in_err=steps)
 
 
 def _check_z3(lo, hi, parent, problem: Problem, out: Verdict, kind: str = "z3") -> str | None:
