@@ -311,20 +311,7 @@ def pair_last_mlp(path: Path) -> Path:
     opposite-signed (none saturates there)."""
     w1 = np.array([[0.5, -0.25] * 4] * 4, dtype=np.float32).T
     w2 = np.array([[1.0] * 4, [-1.0] * 4, [1.0, -1.0] * 2], dtype=np.float32).T
-    inits = [
-        _init("W0", w1),
-        _init("b0", np.array([0.0, 0.05, 0.1, 0.15], np.float32)),
-        _init("W1", w2),
-        _init("b1", np.zeros(3, np.float32)),
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["input", "W0"], ["h0_mm"]),
-        helper.make_node("Add", ["h0_mm", "b0"], ["h0"]),
-        helper.make_node("Relu", ["h0"], ["h0_r"]),
-        helper.make_node("MatMul", ["h0_r", "W1"], ["h1_mm"]),
-        helper.make_node("Add", ["h1_mm", "b1"], ["logits"]),
-    ]
-    return _save(nodes, inits, [8], [3], path)
+    return _matmul_mlp(path, w1, np.array([0.0, 0.05, 0.1, 0.15], np.float32), w2)
 
 
 def coherent_mlp(path: Path) -> Path:
@@ -336,11 +323,17 @@ def coherent_mlp(path: Path) -> Path:
     w1[0] = [1.0] + [57 / 127] * 7
     w2 = np.zeros((8, 2), np.float32)
     w2[1:, 0], w2[0, 1] = 1.0, 1.0
+    return _matmul_mlp(path, w1, np.zeros(8, np.float32), w2)
+
+
+def _matmul_mlp(path: Path, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray) -> Path:
+    """MatMul+Add, Relu, MatMul+Add (last bias 0) with the given weights, as a converter
+    writes a two-layer MLP."""
     inits = [
         _init("W0", w1),
-        _init("b0", np.zeros(8, np.float32)),
+        _init("b0", b1),
         _init("W1", w2),
-        _init("b1", np.zeros(2, np.float32)),
+        _init("b1", np.zeros(w2.shape[1], np.float32)),
     ]
     nodes = [
         helper.make_node("MatMul", ["input", "W0"], ["h0_mm"]),
@@ -349,7 +342,7 @@ def coherent_mlp(path: Path) -> Path:
         helper.make_node("MatMul", ["h0_r", "W1"], ["h1_mm"]),
         helper.make_node("Add", ["h1_mm", "b1"], ["logits"]),
     ]
-    return _save(nodes, inits, [4], [2], path)
+    return _save(nodes, inits, [w1.shape[0]], [w2.shape[1]], path)
 
 
 def pair_cnn(path: Path) -> Path:
