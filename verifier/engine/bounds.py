@@ -437,12 +437,12 @@ def _pair_saturation(
     gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape)
     q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
     prod = q * big[None, :]
-    if np.any(p.sign):  # one sign's pairs only (`PairSums.sign`; the integer weight's sign)
-        prod = np.where(np.sign(w) * np.sign(gain)[None, :] == np.reshape(p.sign, (-1, 1)), prod, 0)
+    sign = np.sign(w) * np.sign(gain)[None, :]  # the integer weight's sign
+    if np.any(p.sign):  # one sign's pairs only (`PairSums.sign`)
+        prod = np.where(sign == np.reshape(p.sign, (-1, 1)), prod, 0)
     if not p.adjacent:
         loss = np.maximum(prod - PAIR_HALF, 0.0).sum(axis=1)
         return p.unit * scale * loss
-    sign = np.sign(w) * np.sign(gain)[None, :]  # the integer weight's sign
     prod, sign = in_kernel_order(p.order, prod, sign)
     like = sign[:, 0::2] * sign[:, 1::2] > 0
     pair = np.where(like, prod[:, 0::2] + prod[:, 1::2] - 2 * PAIR_HALF, 0.0)
@@ -799,27 +799,21 @@ def _first_layer(spec: SpecChain, lo, hi, ibp: Bounds | None, known, drop=None):
         cur_lo, cur_hi = known[0].copy(), known[1].copy()
         rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
     floors = np.full((2, n), np.nan)
-    down = up = rows  # minimised: w s + b (the lower bound) and -(w s + b) (the upper)
+    if not len(rows):
+        return cur_lo, cur_hi, floors
+    # one set of rows minimised both ways: w s + b (the lower bound), -(w s + b) (the upper)
+    w, b, err = layer.weight[rows], layer.bias[rows], _first_err(spec)
+    old = None
     if drop is not None and known is not None and 0 in drop[1]:
-        g, old = drop[0], drop[1][0]
-        w_g = layer.weight[rows, g]
-        same_lo = binary_floor_unchanged(np.maximum(-w_g, 0.0), old[0, rows])
-        same_hi = binary_floor_unchanged(np.maximum(w_g, 0.0), old[1, rows])
-        floors[0, rows[same_lo]], floors[1, rows[same_hi]] = (
-            old[0, rows[same_lo]],
-            old[1, rows[same_hi]],
-        )
-        down, up = rows[~same_lo], rows[~same_hi]
-    k = len(down)
-    if k + len(up):
-        w, b, err = layer.weight, layer.bias, _first_err(spec)
-        a = np.concatenate([w[down], -w[up]])
-        vals, fl = spec.region.minimise(a, np.concatenate([b[down], -b[up]]), lo, hi, floors=True)
-        e_lo, e_hi = (0.0, 0.0) if err is None else (err[down], err[up])
-        cur_lo[down] = np.maximum(cur_lo[down], vals[:k] - e_lo)
-        cur_hi[up] = np.minimum(cur_hi[up], -vals[k:] + e_hi)
-        if fl is not None:
-            floors[0, down], floors[1, up] = fl[:k], fl[k:]
+        old = (drop[0], drop[1][0][:, rows].ravel())
+    vals, fl = _minimise_rows(
+        spec.region, np.concatenate([w, -w]), np.concatenate([b, -b]), lo, hi, old
+    )
+    m = len(rows)
+    e = 0.0 if err is None else err[rows]
+    cur_lo[rows] = np.maximum(cur_lo[rows], vals[:m] - e)
+    cur_hi[rows] = np.minimum(cur_hi[rows], -vals[m:] + e)
+    floors[:, rows] = fl.reshape(2, m)
     return cur_lo, cur_hi, floors
 
 
