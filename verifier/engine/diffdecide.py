@@ -35,6 +35,7 @@ from verifier.engine.attack import quick_attack, search_attack
 from verifier.engine.bab import ClosedLeaves, Leaf, branch_and_bound, close_by_bounds
 from verifier.engine.bounds import (
     PreparedChain,
+    SpecChain,
     linear_bounds,
     prepare_chain,
 )
@@ -279,7 +280,7 @@ def _reuse(
     deadline: float,
     cover: Cover | None,
     absorbed: list[Leaf],
-    on_leaves=None,
+    on_leaves: SpecChain,
 ) -> list[Leaf] | None:
     """The float proof's leaves the difference is not absorbed in, with the runtime's own bounds
     (the root alone when the root bounds certified); None when time ran out. Intermediate
@@ -287,7 +288,7 @@ def _reuse(
     the runtime's own on any MNIST input measured, at 0.5-1.5 s an input. Leaves the runtime's
     own bounds close go into `cover` (None: no proof kept); those the difference alone closes
     into `absorbed`. `on_leaves`: the spec the leaves are bounded on (`qspec` narrowed on the
-    root's bounds: `quantized_spec.narrow_inputs`), when not `qspec`."""
+    root's bounds: `quantized_spec.narrow_inputs`)."""
     b = quantized_bounds(ds, region.lo, region.hi, proof.root, direct, refine=False)
     detail["diff_root_margin"] = float(np.min(b.lower))
     detail["diff_root_delta"] = float(np.min(b.delta))
@@ -309,7 +310,7 @@ def _reuse(
             continue
         if time.perf_counter() > deadline:
             return None
-        b = linear_bounds(on_leaves or qspec, leaf.lo, leaf.hi, parent=direct)
+        b = linear_bounds(on_leaves, leaf.lo, leaf.hi, parent=direct)
         if not (b.empty or np.all(b.lower > 0)):
             left.append(Leaf(leaf.lo, leaf.hi, wrap_direct(leaf.bounds, b)))
         elif cover is not None:
