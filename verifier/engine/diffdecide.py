@@ -182,9 +182,17 @@ def decide_from_float(
         spec = qspec if parts is None else fold_part_of(parts, lo, hi).spec
         # run-time input roundings bounded on the parent's box (ReLUs off there: exact)
         spec = narrow_inputs(spec, levels, parent.pre)
-        # a child holding its parent's point nearest 0 reuses the parent's rows, as the float
-        # engine's children do (`decide(inherit=True)`)
-        b = linear_bounds(spec, lo, hi, parent=reused_parent(parent), reuse=True)
+        # a child holding its parent's point nearest 0 reuses the parent's rows, and only the
+        # margins its parent leaves open are back-substituted, as in the float engine
+        b = linear_bounds(
+            spec,
+            lo,
+            hi,
+            target=threshold,
+            parent=reused_parent(parent),
+            reuse=True,
+            open_only=True,
+        )
         return wrap_direct(None, b)
 
     out = branch_and_bound(
