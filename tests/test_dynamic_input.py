@@ -262,6 +262,30 @@ def test_fixed_input_grid_fold_is_sound(fixed, mode):
     assert charged == {True, False}
 
 
+def test_first_input_charge_bounds_the_exact_one(fixed):
+    """The first layer's input rounding charged to margin rows: never less than the exact
+    |lam W| . step, per neuron where it is small beside the first layer's output ranges, and
+    exactly where it is not (a step as wide as a whole output range)."""
+    from verifier.engine.bounds import first_input_charge
+    from verifier.engine.quantized_spec import quantized_spec
+
+    model, runners, xs = fixed
+    em = error_model(runners["ort-qdq"], model.network.lower())
+    region = next(_regions(xs[0], 0))
+    spec = quantized_spec(em, region, 0).spec
+    assert spec.first_input is not None
+    pre = linear_bounds(spec, region.lo, region.hi).pre
+    w0, step, per_neuron = spec.first_input
+    lam = np.random.default_rng(3).normal(size=(6, w0.shape[0]))
+    exact = np.abs(lam @ w0) @ step
+    got = first_input_charge(spec, pre, lam)
+    assert np.all(got >= exact - 1e-15)
+    assert np.allclose(got, np.abs(lam) @ per_neuron)
+    wide = np.full_like(step, 10.0 * float(np.max(pre[1][1] - pre[1][0])))
+    coarse = replace(spec, first_input=(w0, wide, np.abs(w0) @ wide))
+    assert np.allclose(first_input_charge(coarse, pre, lam), np.abs(lam @ w0) @ wide)
+
+
 def _past_the_ends(x: np.ndarray, step: float = 0.125, radius: float = 0.5):
     """A lattice moving the values at 0 and 1 (and one more)."""
     return lattice_region(x, np.array([0, 1, 5]), step, radius)

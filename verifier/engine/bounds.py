@@ -887,6 +887,17 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
     return _backsub(spec, pre, i - 2, lam, c, cut=cut)
 
 
+def first_input_charge(spec: SpecChain, pre: list, lam: np.ndarray) -> np.ndarray:
+    """What the first layer's input rounding costs rows `lam` (on that layer's output):
+    |lam W| . step exactly, or |lam| . (|W| . step) per neuron where that rounding is small
+    (`_small_first_input`: a folded input grid leaves 1e-6 a value, and the exact charge's
+    product with the first layer's weights was a third of a quantized margin bound's time)."""
+    w0, step, per_neuron = spec.first_input
+    if len(pre) > 1 and pre[1] is not None and _small_first_input(spec, pre):
+        return np.abs(lam) @ per_neuron
+    return np.abs(lam @ w0) @ step
+
+
 def _small_first_input(spec: SpecChain, pre: list) -> bool:
     """Whether the first layer's input rounding, charged per neuron, is at most SPREAD of the
     first layer's output ranges in total (a folded input grid leaves float32 slack alone):
@@ -925,7 +936,7 @@ def _backsub(
             if spec.err[k] is not None:
                 c = c - np.abs(lam) @ spec.err[k]
             if k == 0 and spec.first_input is not None:
-                c = c - np.abs(lam @ spec.first_input[0]) @ spec.first_input[1]
+                c = c - first_input_charge(spec, pre, lam)
             lam = lam @ layer.weight
             if spec.input_error(k) is not None:
                 c = c - np.abs(lam) @ spec.input_error(k)
@@ -1016,9 +1027,12 @@ def _alpha_grads(
             if step is not None:  # the charge -|lam_in W| . step
                 grad = grad - np.sign(lam_in @ layer.weight) * step
             grad = grad @ layer.weight.T + layer.bias
-            if k == 0 and spec.first_input is not None:
-                w0, step0, _ = spec.first_input
-                grad = grad - (np.sign(lam_in @ w0) * step0) @ w0.T
+            if k == 0 and spec.first_input is not None:  # as `first_input_charge`
+                w0, step0, per_neuron = spec.first_input
+                if len(pre) > 1 and pre[1] is not None and _small_first_input(spec, pre):
+                    grad = grad - np.sign(lam_in) * per_neuron
+                else:
+                    grad = grad - (np.sign(lam_in @ w0) * step0) @ w0.T
             if spec.err[k] is not None:
                 grad = grad - np.sign(lam_in) * spec.err[k]
             if values is not None and k + 1 < len(spec.layers):
