@@ -607,9 +607,9 @@ def test_bab_with_no_nodes_is_unknown():
 
 
 def test_rows_kept_by_queued_leaves_stay_within_the_budget(monkeypatch):
-    """`bab.ROWS_BUDGET`: queued leaves keep their rows only while they total at most the
-    budget (leaves past it drop them and their children derive their own); the certificate
-    stands at any budget."""
+    """`bab.ROWS_BUDGET`: queued leaves keep their rows and greedy floors only while they total
+    at most the budget (leaves past it drop both and their children derive their own); the
+    certificate stands at any budget."""
     from verifier.engine import bab
 
     chain, runtime, region, label, spec, _ = _hard_robust_case()
@@ -624,6 +624,7 @@ def test_rows_kept_by_queued_leaves_stay_within_the_budget(monkeypatch):
 
         def bound(lo, hi, parent):
             parents.append(parent.queries)
+            assert (parent.queries is None) == (parent.floors is None)  # kept and dropped together
             return linear_bounds(spec, lo, hi, parent=parent, reuse=True)
 
         leaf = Leaf(region.lo, region.hi, root)
