@@ -130,7 +130,7 @@ def markdown(table: list[dict]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=1000, help="MNIST test images")
+    p.add_argument("--n", type=int, default=1000, help="MNIST test images (0: no MNIST cells)")
     p.add_argument("--models", default="mnist_mlp,mnist_cnn")
     p.add_argument("--cells", default="f10,f20,l20")
     p.add_argument("--modes", default="all", help=f"comma list, or all ({ALL_MODES})")
@@ -141,7 +141,8 @@ def main() -> int:
     p.add_argument("--workdir", default=None, help="where the runs go (default: a temp dir)")
     args = p.parse_args()
     modes = ALL_MODES if args.modes == "all" else args.modes
-    jobs = [(m, c, args.n) for m in args.models.split(",") if m for c in args.cells.split(",")]
+    models = [m for m in args.models.split(",") if m] if args.n > 0 else []
+    jobs = [(m, c, args.n) for m in models for c in args.cells.split(",")]
     if args.cifar_n > 0:
         jobs.append(("cifar_cnn", "f10", args.cifar_n))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_quantized-"))
