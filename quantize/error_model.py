@@ -12,7 +12,9 @@ Runtime behaviours assumed (TFLite kernels and XNNPACK alike):
   TFLite kernel with the op's asymmetric_quantize_inputs option, and XNNPACK's qd8 always) or
   symmetric (scale max|x| / 127: TFLite's kernel without the option); the int32 accumulation
   is exact; the result is scaled back and the float bias added in float32. Each input value
-  is then off by at most scale / 2.
+  is then off by at most scale / 2. Hybrid CONV_2D: per image, asymmetric when the weights
+  have per-channel scales that differ (LiteRT's per-channel kernel; XNNPACK alike), else
+  possibly symmetric.
 - full integer int8 FULLY_CONNECTED: the input is on its grid, the accumulation (with the
   int32 bias) is exact, and the requantization to the output grid rounds to nearest (fixed
   point or float multiplier), then clamps to the grid; a fused ReLU clamps at the zero point.
@@ -294,7 +296,7 @@ class _TfliteMapper:
             hybrid_sym = not opts.AsymmetricQuantizeInputs()
         elif name == "CONV_2D":
             opts = self._options(op, schema.Conv2DOptions)
-            hybrid_sym = True  # symmetric (per-channel kernels: asymmetric); 127 levels cover both
+            hybrid_sym = not _per_channel(self.tensors[w_idx])
         else:
             opts = self._options(op, schema.DepthwiseConv2DOptions)
             hybrid_sym = False
@@ -405,6 +407,15 @@ def _same_pads(padding: int, hw, kernel, strides, dil) -> tuple[int, int, int, i
 
 def _scales(d: dict) -> np.ndarray:
     return np.asarray(d["quantization_parameters"]["scales"], dtype=np.float64)
+
+
+def _per_channel(d: dict) -> bool:
+    """Whether a hybrid CONV_2D's int8 weights have per-channel scales that differ: LiteRT then
+    runs its per-channel kernel, which quantizes each image's float input asymmetrically (255
+    steps over [min(x, 0), max(x, 0)]), as XNNPACK's qd8 does; with one scale its kernel is
+    symmetric (max|x| / 127). Measured: tests/test_error_model.py."""
+    s = _scales(d)
+    return s.size > 1 and bool(np.any(s != s[0]))
 
 
 def _grid(d: dict) -> Grid:
