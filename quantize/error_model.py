@@ -146,8 +146,24 @@ def tflite_error_model(path: str | Path) -> ErrorModel:
         raise UnsupportedModelError("no FULLY_CONNECTED or CONV_2D op found")
     chain, rounding = lower_marked(mapper.input_shape, mapper.layers, mapper.marks)
     rounding = [None if r is None else _plain_fields(r) for r in rounding]
+    rounding = _integer_layers(rounding, mapper.integer)
     how = "; ".join(TFLITE_HOW[k] for k in sorted(mapper.kinds)) + "; float32 bounded per neuron"
     return ErrorModel(prepare_chain(chain), rounding, mapper.source(), how)
+
+
+def _integer_layers(rounding: list, integer: list[bool]) -> list:
+    """Each Affine's Rounding marked `integer` when its weighted op accumulates in integers
+    (int8 / 16x8: int32 / int64 accumulator and bias), one weighted op per Affine; unchanged
+    when ops and Affines do not pair up."""
+    from dataclasses import replace
+
+    at = [k for k, r in enumerate(rounding) if r is not None]
+    if len(at) != len(integer):
+        return rounding
+    out = list(rounding)
+    for k, exact in zip(at, integer, strict=True):
+        out[k] = replace(out[k], integer=exact)
+    return out
 
 
 def _plain(e: Event) -> bool:
@@ -184,6 +200,7 @@ class _TfliteMapper:
         self.layers: list[LoweredLayer] = []
         self.marks: list = []
         self.kinds: set[str] = set()
+        self.integer: list[bool] = []  # per weighted op: an integer accumulation
         self.input_shape = tuple(int(v) for v in tensors[input_index]["shape"][1:])
         self.shape = self.input_shape
         self.on_grid: Grid | None = None
@@ -326,6 +343,7 @@ class _TfliteMapper:
                 f"op {name} (#{k}): {np.dtype(xt).name} input, {np.dtype(yt).name} output"
             )
         self._add(self._layers(k, name, opts, weight, np.asarray(bias, np.float64)))
+        self.integer.append(out_grid is not None)
         if out_grid is not None:
             self._round(out_grid, extra=extra)
         if relu:
