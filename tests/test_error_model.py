@@ -27,6 +27,7 @@ from verifier.engine.bounds import (
     spec_chain,
 )
 from verifier.engine.decide import decide
+from verifier.engine.diffdecide import decide_from_float
 from verifier.engine.model import load_model
 from verifier.engine.network import Affine, Relu
 from verifier.engine.regions import lattice_region
@@ -336,6 +337,41 @@ def test_hybrid_conv_input_quantization_is_the_runtimes(tmp_path, mode):
     own = np.abs(_simulated(em, xs, False) - got).max()
     other = np.abs(_simulated(em, xs, True) - got).max()
     assert own < 1e-4 < other and 50 * own < other
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "int8"])
+def test_hidden_hybrid_cnn_decisions_agree_with_enumeration(ort_models, mode):
+    """The MNIST-shaped CNN (a hybrid or int8 CONV_2D on a ReLU's output): quantized decisions
+    from the float proof on regions above the enumeration limit certify only where the runtime
+    misclassifies no point, refute only at a confirmed point, and the error model certifies
+    some through its bounds."""
+    model, calib, xs, d = ort_models["cnn-hidden-hybrid"]
+    runner = quantize_model(model, mode, d / "cnn-hidden-hybrid", calib)
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    routes = []
+    for i, x in enumerate(xs):
+        for step, radius in ((0.03125, 0.25), (0.0625, 1.0), (0.125, 2.0)):
+            region = _region(x.reshape(-1), 30 + i, step, radius)
+            label = int(runner.predict(x[None]).argmax())
+            assert region.count(10**6) > 64
+            fd = decide(float_runner(model), chain, region, label, timeout=30.0, keep_leaves=True)
+            if fd.status != CERTIFIED:
+                continue
+            q = decide_from_float(
+                runner,
+                chain,
+                region,
+                label,
+                fd.detail.get("reuse"),
+                em,
+                timeout=30.0,
+                enum_limit=64,
+            )
+            check_decision(q, runner, region, label)
+            routes.append((q.status, q.route))
+    bounds_routes = {"bounds", "diff-root", "diff-leaves", "diff-bab"}
+    assert any(s == CERTIFIED and r in bounds_routes for s, r in routes), routes
 
 
 def _no_rounding(chain) -> list:
