@@ -153,8 +153,9 @@ def tflite_error_model(path: str | Path) -> ErrorModel:
 
 def _integer_layers(rounding: list, integer: list[bool]) -> list:
     """Each Affine's Rounding marked `integer` when its weighted op accumulates in integers
-    (int8 / 16x8: int32 / int64 accumulator and bias), one weighted op per Affine; unchanged
-    when ops and Affines do not pair up."""
+    (int8 / 16x8: int32 / int64 accumulator and bias; hybrid: int8 weights times the int8
+    quantized input, then scaled and the float bias added), one weighted op per Affine;
+    unchanged when ops and Affines do not pair up."""
     from dataclasses import replace
 
     at = [k for k, r in enumerate(rounding) if r is not None]
@@ -326,7 +327,7 @@ class _TfliteMapper:
             if hybrid:
                 self._round(None, 127 if hybrid_sym else 255)
             self.kinds.add("dynamic range (hybrid int8)" if hybrid else "float")
-            out_grid, extra = None, 0.0
+            out_grid, extra, integer = None, 0.0, hybrid  # hybrid: int8 x int8 accumulated
         elif xt in (np.int8, np.int16) and yt == xt:
             in_grid = _grid(x)
             if in_grid != self.on_grid:
@@ -336,14 +337,14 @@ class _TfliteMapper:
             bias = self.interp.get_tensor(ins[2]).astype(np.float64) * acc if has_bias else 0
             bias = np.broadcast_to(bias, (n_out,))
             out_grid = _grid(y)
-            extra = min(0.5, float(acc.max() / out_grid.scale))
+            extra, integer = min(0.5, float(acc.max() / out_grid.scale)), True
             self.kinds.add("int8" if xt == np.int8 else "16x8")
         else:
             raise UnsupportedModelError(
                 f"op {name} (#{k}): {np.dtype(xt).name} input, {np.dtype(yt).name} output"
             )
         self._add(self._layers(k, name, opts, weight, np.asarray(bias, np.float64)))
-        self.integer.append(out_grid is not None)
+        self.integer.append(integer)
         if out_grid is not None:
             self._round(out_grid, extra=extra)
         if relu:
