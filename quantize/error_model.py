@@ -12,7 +12,9 @@ Runtime behaviours assumed (TFLite kernels and XNNPACK alike):
   TFLite kernel with the op's asymmetric_quantize_inputs option, and XNNPACK's qd8 always) or
   symmetric (scale max|x| / 127: TFLite's kernel without the option); the int32 accumulation
   is exact; the result is scaled back and the float bias added in float32. Each input value
-  is then off by at most scale / 2.
+  is then off by at most scale / 2. Hybrid CONV_2D: per image, asymmetric when the weights
+  have per-channel scales that differ (LiteRT's per-channel kernel; XNNPACK alike), else
+  possibly symmetric.
 - full integer int8 FULLY_CONNECTED: the input is on its grid, the accumulation (with the
   int32 bias) is exact, and the requantization to the output grid rounds to nearest (fixed
   point or float multiplier), then clamps to the grid; a fused ReLU clamps at the zero point.
@@ -144,8 +146,25 @@ def tflite_error_model(path: str | Path) -> ErrorModel:
         raise UnsupportedModelError("no FULLY_CONNECTED or CONV_2D op found")
     chain, rounding = lower_marked(mapper.input_shape, mapper.layers, mapper.marks)
     rounding = [None if r is None else _plain_fields(r) for r in rounding]
+    rounding = _integer_layers(rounding, mapper.integer)
     how = "; ".join(TFLITE_HOW[k] for k in sorted(mapper.kinds)) + "; float32 bounded per neuron"
     return ErrorModel(prepare_chain(chain), rounding, mapper.source(), how)
+
+
+def _integer_layers(rounding: list, integer: list[bool]) -> list:
+    """Each Affine's Rounding marked `integer` when its weighted op accumulates in integers
+    (int8 / 16x8: int32 / int64 accumulator and bias; hybrid: int8 weights times the int8
+    quantized input, then scaled and the float bias added), one weighted op per Affine;
+    unchanged when ops and Affines do not pair up."""
+    from dataclasses import replace
+
+    at = [k for k, r in enumerate(rounding) if r is not None]
+    if len(at) != len(integer):
+        return rounding
+    out = list(rounding)
+    for k, exact in zip(at, integer, strict=True):
+        out[k] = replace(out[k], integer=exact)
+    return out
 
 
 def _plain(e: Event) -> bool:
@@ -182,6 +201,7 @@ class _TfliteMapper:
         self.layers: list[LoweredLayer] = []
         self.marks: list = []
         self.kinds: set[str] = set()
+        self.integer: list[bool] = []  # per weighted op: an integer accumulation
         self.input_shape = tuple(int(v) for v in tensors[input_index]["shape"][1:])
         self.shape = self.input_shape
         self.on_grid: Grid | None = None
@@ -294,7 +314,7 @@ class _TfliteMapper:
             hybrid_sym = not opts.AsymmetricQuantizeInputs()
         elif name == "CONV_2D":
             opts = self._options(op, schema.Conv2DOptions)
-            hybrid_sym = True  # symmetric (per-channel kernels: asymmetric); 127 levels cover both
+            hybrid_sym = not _per_channel(self.tensors[w_idx])
         else:
             opts = self._options(op, schema.DepthwiseConv2DOptions)
             hybrid_sym = False
@@ -307,7 +327,7 @@ class _TfliteMapper:
             if hybrid:
                 self._round(None, 127 if hybrid_sym else 255)
             self.kinds.add("dynamic range (hybrid int8)" if hybrid else "float")
-            out_grid, extra = None, 0.0
+            out_grid, extra, integer = None, 0.0, hybrid  # hybrid: int8 x int8 accumulated
         elif xt in (np.int8, np.int16) and yt == xt:
             in_grid = _grid(x)
             if in_grid != self.on_grid:
@@ -317,13 +337,14 @@ class _TfliteMapper:
             bias = self.interp.get_tensor(ins[2]).astype(np.float64) * acc if has_bias else 0
             bias = np.broadcast_to(bias, (n_out,))
             out_grid = _grid(y)
-            extra = min(0.5, float(acc.max() / out_grid.scale))
+            extra, integer = min(0.5, float(acc.max() / out_grid.scale)), True
             self.kinds.add("int8" if xt == np.int8 else "16x8")
         else:
             raise UnsupportedModelError(
                 f"op {name} (#{k}): {np.dtype(xt).name} input, {np.dtype(yt).name} output"
             )
         self._add(self._layers(k, name, opts, weight, np.asarray(bias, np.float64)))
+        self.integer.append(integer)
         if out_grid is not None:
             self._round(out_grid, extra=extra)
         if relu:
@@ -405,6 +426,15 @@ def _same_pads(padding: int, hw, kernel, strides, dil) -> tuple[int, int, int, i
 
 def _scales(d: dict) -> np.ndarray:
     return np.asarray(d["quantization_parameters"]["scales"], dtype=np.float64)
+
+
+def _per_channel(d: dict) -> bool:
+    """Whether a hybrid CONV_2D's int8 weights have per-channel scales that differ: LiteRT then
+    runs its per-channel kernel, which quantizes each image's float input asymmetrically (255
+    steps over [min(x, 0), max(x, 0)]), as XNNPACK's qd8 does; with one scale its kernel is
+    symmetric (max|x| / 127). Measured: tests/test_error_model.py."""
+    s = _scales(d)
+    return s.size > 1 and bool(np.any(s != s[0]))
 
 
 def _grid(d: dict) -> Grid:

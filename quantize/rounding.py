@@ -82,6 +82,9 @@ class Rounding:
     inputs: tuple = ()  # further Events on the input, in order (after input_grid)
     outputs: tuple = ()  # further Events on the output, in order (before output_grid)
     pairs: PairSums | None = None  # int16 pair sums that may saturate in the accumulation
+    # the accumulation is exact (integer inputs and weights): float32 only scales it (and adds
+    # a float bias, hybrid) or requantizes it
+    integer: bool = False
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,42 @@ def cnn_pool_nhwc(path: Path, seed=0) -> Path:
     return _save(nodes, inits, [4, 4, 3], [4], path)
 
 
+def cnn_hidden_hybrid_nhwc(path: Path, seed=0) -> Path:
+    """tf2onnx style CNN on (8,8,1) NHWC shaped as the MNIST CNN: a small first convolution
+    (72 weights: TFLite's dynamic range leaves it float), Relu, a second one large enough to run
+    hybrid (1152 weights, per-channel scales) on the ReLU's output, Relu, Reshape, MatMul."""
+    rng = np.random.default_rng(seed)
+    f = np.float32
+    inits = [
+        _init("cw1", rng.normal(0, 0.5, (8, 1, 3, 3)).astype(f)),
+        _init("cb1", rng.normal(0.1, 0.1, 8).astype(f)),
+        _init(
+            "cw2",
+            (rng.normal(0, 0.2, (16, 8, 3, 3)) * rng.uniform(0.3, 1.0, (16, 1, 1, 1))).astype(f),
+        ),
+        _init("cb2", rng.normal(0, 0.1, 16).astype(f)),
+        _init("shape", np.array([-1, 64], np.int64)),
+        _init("fw", rng.normal(0, 0.3, (64, 3)).astype(f)),
+        _init("fb", rng.normal(0, 0.1, 3).astype(f)),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node(
+            "Conv", ["nchw", "cw1", "cb1"], ["c1"], strides=[2, 2], auto_pad="SAME_UPPER"
+        ),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node(
+            "Conv", ["r1", "cw2", "cb2"], ["c2"], strides=[2, 2], auto_pad="SAME_UPPER"
+        ),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Transpose", ["r2"], ["nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["nhwc", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fw"], ["mm"]),
+        helper.make_node("Add", ["mm", "fb"], ["logits"]),
+    ]
+    return _save(nodes, inits, [8, 8, 1], [3], path)
+
+
 def two_linear(path: Path, seed=0) -> Path:
     """Two MatMuls with no activation between them (one affine map for the float engine)."""
     rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from onnx_builders import mlp
+from onnx_builders import cnn_pool_nhwc, mlp
 from test_engine import all_points, check_decision
 
 from quantize.error_model import error_model
@@ -415,3 +415,41 @@ def test_narrowed_rounding_keeps_a_coherent_loss(tmp_path):
     assert np.all(linear_bounds(narrowed, region.lo, region.hi).lower <= got[:, 0] - got[:, 1])
     none = [qs.errors[1][0], *narrow_inputs(qs.spec, levels, off).in_err[1:]]
     assert _outside(runner, qs, region, pts, none) == len(pts)
+
+
+def test_first_layer_hybrid_conv_fold_is_sound(tmp_path):
+    """A first-layer hybrid CONV_2D with per-channel weights quantizes its input per image,
+    asymmetrically, so its input rounding is folded as a hybrid FULLY_CONNECTED's is: in each
+    sub-region of fixed scale the real runtime's logits lie within the folded model's interval
+    at every point, and the quantized spec folds the regions whose scale cannot change."""
+    from verifier.engine.quantized_spec import quantized_spec
+
+    model = load_model(cnn_pool_nhwc(tmp_path / "cnn.onnx"))
+    runner = quantize_model(model, "dynamic", tmp_path, None)
+    em = error_model(runner, prepare_chain(model.network.lower()))
+    assert em.rounding[0].dynamic_input and not em.rounding[0].symmetric_input
+    rng = np.random.default_rng(3)
+    xs = rng.integers(0, 256, (3, 48)) / 255.0
+    xs[:, :2] = 1.0
+    checked, folded = 0, set()
+    for i, x in enumerate(xs):
+        perm = np.random.default_rng(i).permutation(48)
+        regions = [
+            feature_region(x, np.array_split(perm, 8), 0.125, 0.5),
+            lattice_region(x, np.array([5, 17, 30]), 0.125, 0.5),
+            lattice_region(x, np.array([0, 9, 40]), 0.125, 0.25),
+        ]
+        for region in regions:
+            label = int(runner.predict(x[None].astype(np.float32).reshape(1, 4, 4, 3)).argmax())
+            folded.add(quantized_spec(em, region, label).region is not region)
+            for part in split_for_fold(region):
+                region_q, residual = fold_first_input(em, part)
+                out, inputs = rounding_errors(em.chain, part, rounding=em.rounding)
+                inputs = [residual, *inputs[1:]]
+                pts = all_points(part)
+                got = np.asarray(runner.predict(runtime_inputs(runner, part, pts)), np.float64)
+                for s, g in zip(pts, got, strict=True):
+                    lo, hi = point_interval(em.chain, (out, inputs), region_q.points(s[None])[0])
+                    assert np.all((g >= lo) & (g <= hi)), (s, g - lo, hi - g)
+                checked += len(pts)
+    assert checked > 200 and True in folded

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_builders import cnn_nchw, cnn_nhwc, cnn_pool_nhwc, mlp, two_linear
+from onnx_builders import (
+    cnn_hidden_hybrid_nhwc,
+    cnn_nchw,
+    cnn_nhwc,
+    cnn_pool_nhwc,
+    mlp,
+    two_linear,
+)
 from test_engine import check_decision, truth
 
 from quantize.error_model import ErrorModel, Grid, Rounding, error_model, error_models
@@ -20,6 +27,7 @@ from verifier.engine.bounds import (
     spec_chain,
 )
 from verifier.engine.decide import decide
+from verifier.engine.diffdecide import decide_from_float
 from verifier.engine.model import load_model
 from verifier.engine.network import Affine, Relu
 from verifier.engine.regions import lattice_region
@@ -71,6 +79,13 @@ def test_pointwise_soundness(tiny, mode):
     kinds = em.describe()["affine_layers"]
     assert ("static int8" in kinds) == (mode in ("int8", "16x8"))
     assert ("dynamic int8 input" in kinds) == mode.startswith("dynamic")
+    # integer layers (int8, 16x8, hybrid) are charged their scaling, not a float32 dot product
+    integer = [r.integer for r in em.rounding if r is not None]
+    hybrid = [r.dynamic_input for r in em.rounding if r is not None]
+    if mode in ("int8", "16x8"):
+        assert all(integer)
+    else:
+        assert integer == hybrid
     checked = 0
     for i, x in enumerate(xs):
         region = _region(x, i, *((0.004, 0.02) if mode == "int8" else (0.125, 0.75)))
@@ -224,11 +239,12 @@ GRAPHS = {
 
 @pytest.fixture(scope="module")
 def ort_models(tmp_path_factory):
-    """The three tiny graphs, float, with calibration inputs and a few test inputs each."""
+    """The tiny graphs, float, with calibration inputs and a few test inputs each."""
     d = tmp_path_factory.mktemp("ortem")
     rng = np.random.default_rng(1)
     out = {}
-    for name, build in {**GRAPHS, "cnn-pool-nhwc": cnn_pool_nhwc}.items():
+    more = {"cnn-pool-nhwc": cnn_pool_nhwc, "cnn-hidden-hybrid": cnn_hidden_hybrid_nhwc}
+    for name, build in {**GRAPHS, **more}.items():
         model = load_model(build(d / f"{name}.onnx"))
         calib = rng.random((64, *model.input_shape), dtype=np.float32)
         out[name] = (model, calib, rng.random((3, *model.input_shape), dtype=np.float32), d)
@@ -257,12 +273,12 @@ def test_onnxruntime_pointwise_soundness(ort_models, graph, mode, opts):
 TFLITE_CNN_MODES = ["dynamic", "dynamic-per-tensor", "int8", "16x8", "float16"]
 
 
-@pytest.mark.parametrize("graph", ["cnn-nchw", "cnn-pool-nhwc"])
+@pytest.mark.parametrize("graph", ["cnn-nchw", "cnn-pool-nhwc", "cnn-hidden-hybrid"])
 @pytest.mark.parametrize("mode", TFLITE_CNN_MODES)
 def test_tflite_cnn_pointwise_soundness(ort_models, graph, mode):
-    """TFLite CNNs (hybrid, int8 and 16x8 CONV_2D, max pools, the converter's layout
-    transposes): the runtime's logits at every point of small regions lie within the error
-    model's bounds, and the model reads the file's quantized layers."""
+    """TFLite CNNs (hybrid, int8 and 16x8 CONV_2D, the first or on a ReLU's output, max pools,
+    the converter's layout transposes): the runtime's logits at every point of small regions
+    lie within the error model's bounds, and the model reads the file's quantized layers."""
     model, calib, xs, d = ort_models[graph]
     runner = quantize_model(model, mode, d / graph, calib)
     em = error_model(runner, model.network.lower())
@@ -270,10 +286,97 @@ def test_tflite_cnn_pointwise_soundness(ort_models, graph, mode):
     if graph == "cnn-pool-nhwc":  # weights large enough for every mode to quantize them
         want = {"dynamic": "dynamic int8 input", "int8": "static int8", "16x8": "static int8"}
         assert kinds[0] == want.get(mode.split("-")[0], "float32")
+    integer = [r.integer for r in em.rounding if r is not None]
+    hybrid = [r.dynamic_input for r in em.rounding if r is not None]
+    assert integer == ([True] * len(integer) if mode in ("int8", "16x8") else hybrid)
     for i, x in enumerate(xs[:2]):
         region = _region(x.reshape(-1), i, 0.03125, 0.25)
         bad, n = _violations(em, runner, region)
         assert bad == 0 and n > 100
+
+
+def _quantized_row(a: np.ndarray, symmetric: bool) -> np.ndarray:
+    """Each row of `a` quantized to int8 and back as LiteRT's hybrid kernels do: symmetric
+    (max|a| / 127) or asymmetric (255 steps over [min(a, 0), max(a, 0)], nudged zero point)."""
+    out = np.empty_like(a)
+    for i, v in enumerate(a):
+        lo, hi = min(v.min(), 0.0), max(v.max(), 0.0)
+        if hi == lo:
+            out[i] = v
+        elif symmetric:
+            s = np.abs(v).max() / 127.0
+            out[i] = np.clip(np.rint(v / s), -127, 127) * s
+        else:
+            s = (hi - lo) / 255.0
+            zp = np.clip(np.rint(-128 - lo / s), -128, 127)
+            out[i] = (np.clip(np.rint(v / s + zp), -128, 127) - zp) * s
+    return out
+
+
+def _simulated(em: ErrorModel, x: np.ndarray, flip: bool) -> np.ndarray:
+    """The error model's chain on `x` with each hybrid layer's input quantized per image as its
+    Rounding says (`flip`: the other way, symmetric for asymmetric and back)."""
+    a = x.reshape(len(x), -1).astype(np.float64)
+    for layer, r in zip(em.chain.layers, em.rounding, strict=True):
+        if r is not None and r.dynamic_input:
+            a = _quantized_row(a, r.symmetric_input != flip)
+        a = layer.forward(a)
+    return a
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "dynamic-per-tensor"])
+def test_hybrid_conv_input_quantization_is_the_runtimes(tmp_path, mode):
+    """A hybrid CONV_2D with per-channel weights quantizes its input (here a ReLU's output) per
+    image, asymmetrically: the runtime's logits match the error model's chain run that way to
+    float32 accuracy, and miss it by far more run symmetrically (127 steps), which the error
+    model charged before (twice the step on non-negative inputs)."""
+    model = load_model(cnn_hidden_hybrid_nhwc(tmp_path / "cnn.onnx"))
+    rng = np.random.default_rng(4)
+    calib = rng.random((64, *model.input_shape), dtype=np.float32)
+    runner = quantize_model(model, mode, tmp_path, calib)
+    em = error_model(runner, model.network.lower())
+    hybrid = [r for r in em.rounding if r is not None and r.dynamic_input]
+    assert len(hybrid) == 1 and not hybrid[0].symmetric_input  # the second convolution
+    xs = rng.random((32, *model.input_shape), dtype=np.float32)
+    got = runner.predict(xs).astype(np.float64)
+    own = np.abs(_simulated(em, xs, False) - got).max()
+    other = np.abs(_simulated(em, xs, True) - got).max()
+    assert own < 1e-4 < other and 50 * own < other
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "int8"])
+def test_hidden_hybrid_cnn_decisions_agree_with_enumeration(ort_models, mode):
+    """The MNIST-shaped CNN (a hybrid or int8 CONV_2D on a ReLU's output): quantized decisions
+    from the float proof on regions above the enumeration limit certify only where the runtime
+    misclassifies no point, refute only at a confirmed point, and the error model certifies
+    some through its bounds."""
+    model, calib, xs, d = ort_models["cnn-hidden-hybrid"]
+    runner = quantize_model(model, mode, d / "cnn-hidden-hybrid", calib)
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    routes = []
+    for i, x in enumerate(xs):
+        for step, radius in ((0.03125, 0.25), (0.0625, 1.0), (0.125, 2.0)):
+            region = _region(x.reshape(-1), 30 + i, step, radius)
+            label = int(runner.predict(x[None]).argmax())
+            assert region.count(10**6) > 64
+            fd = decide(float_runner(model), chain, region, label, timeout=30.0, keep_leaves=True)
+            if fd.status != CERTIFIED:
+                continue
+            q = decide_from_float(
+                runner,
+                chain,
+                region,
+                label,
+                fd.detail.get("reuse"),
+                em,
+                timeout=30.0,
+                enum_limit=64,
+            )
+            check_decision(q, runner, region, label)
+            routes.append((q.status, q.route))
+    bounds_routes = {"bounds", "diff-root", "diff-leaves", "diff-bab"}
+    assert any(s == CERTIFIED and r in bounds_routes for s, r in routes), routes
 
 
 def _no_rounding(chain) -> list:

@@ -31,6 +31,9 @@ from verifier.engine.network import Affine, LoweredLayer, Relu, forward_lowered
 from verifier.engine.regions import Region, binary_floor_holds, binary_floor_unchanged
 
 U32 = 2.0**-24  # unit roundoff of float32
+# float32 roundings of an exact integer accumulator's requantization (to float, times the
+# scales, plus a float bias: XNNPACK's fp32 requantization), counted as a dot product's terms
+INTEGER_STEPS = 4
 # queries charge the first layer's input rounding per neuron when its total is at most this
 # share of that layer's output ranges (`_small_first_input`): 2e-4 of them for the MNIST MLP's
 # folded int8 / ONNX Runtime grids, 8% for an unfolded dynamic-range input (there the per
@@ -229,7 +232,8 @@ def rounding_errors(
     """Per layer of `chain`, bounds on |runtime output - exact output| of each Affine layer,
     and on |rounded input - input| of each input value (quantized runtimes; None otherwise).
 
-    Float32: gamma_n (|W| |a| + |b|) with n = fan-in + 1 and |a| from float interval bounds over
+    Float32: gamma_n (|W| |a| + |b|) with n = fan-in + 1 (`INTEGER_STEPS` where the layer
+    accumulates in integers, `Rounding.integer`) and |a| from float interval bounds over
     the whole region (so it holds in every sub-box), plus |W| u |x'| for the input cast in the
     first layer (`input_cast`); doubled as a margin for runtimes that run a folded layer as
     several float32 steps. `rounding` (per layer, `quantize.error_model.Rounding` or None) adds
@@ -251,11 +255,12 @@ def rounding_errors(
     sym = None  # quantized runtimes: linear lower / upper bounds of the values in s
     for i, (layer, aw) in enumerate(zip(chain.layers, chain.absw, strict=True)):
         if isinstance(layer, Affine):
-            n = layer.weight.shape[1] + 1
+            r = rounding[i] if rounding is not None else None
+            # an integer accumulation is exact: a few float32 steps requantize it
+            n = INTEGER_STEPS if r is not None and r.integer else layer.weight.shape[1] + 1
             gamma = 2.0 * n * U32 / (1.0 - n * U32)
             amag = np.maximum(np.abs(lo), np.abs(hi))
             step = None
-            r = rounding[i] if rounding is not None else None
             if r is not None:
                 step = _input_rounding(r, lo, hi, amag, i)
                 if i == 0 and first_step is not None:
