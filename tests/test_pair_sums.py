@@ -124,6 +124,40 @@ def test_first_layer_saturation_folded_where_the_scale_is_fixed(tmp_path):
     assert outside > 0
 
 
+def test_first_layer_saturation_folded_over_the_scale_range(tmp_path):
+    """A lattice whose top value moves (the value at 1 moves down, one near it up): the input
+    scale varies, so the input rounding is not folded, but the first layer's pair-sum
+    saturation is, over the scale's range (a bound far narrower than the region-wide one,
+    its middle in the bias); the runtime's logits lie within the spec's interval at every
+    point. The narrow bound without its bias shift misses them."""
+    from test_dynamic_input import check_spec_holds
+
+    from verifier.engine.quantized_spec import QuantizedSpec, quantized_spec
+
+    model, runner, em, x = _dynamic_pair_model(tmp_path)
+    region = lattice_region(x, np.array([0, 1, 3, 5]), 1 / 255, 6 / 255)
+    tops = region.points(np.concatenate(list(region.enumerate()))).max(axis=1)
+    assert len(np.unique(tops)) > 3  # the row's maximum takes several values
+    label = int(np.argmax(runner.predict(x[None].astype(np.float32))[0]))
+    qs = quantized_spec(em, region, label)
+    assert qs.region is region  # the scale varies: the input rounding is not folded
+    check_spec_holds(runner, qs, region, label)
+    if not int16_pair_sums():
+        assert em.rounding[0].pairs is None
+        return
+    wide = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
+    shift = em.chain.layers[0].bias - qs.chain.layers[0].bias
+    assert shift[0] > 0.1 and qs.errors[0][0][0] < 0.2 * wide[0]  # column 0 saturates
+    unshifted = QuantizedSpec(qs.spec, qs.errors, qs.region, em.chain)
+    pts = np.concatenate(list(region.enumerate()))
+    got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+    outside = 0
+    for s, g in zip(pts, got, strict=True):
+        lo, hi = unshifted.interval(s)
+        outside += int(np.any((g < lo) | (g > hi)))
+    assert outside > 0
+
+
 def test_first_layer_saturation_folded_in_sub_regions(tmp_path):
     """A region whose top value moves: in every sub-region of fixed scale the folded spec's
     margin bounds lie below the runtime's margins at every point, and its interval holds the

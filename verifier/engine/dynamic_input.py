@@ -48,52 +48,76 @@ def fold_first_input(model, region: Region) -> tuple[Region, np.ndarray] | None:
     return _fold(region, lambda v: _rounding(v, scale), scale * (0.5 + SLACK), scale)
 
 
-def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray]):
+def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | None = None):
     """`model` with its first layer's int16 pair-sum saturation (`quantize.rounding.PairSums`:
-    ONNX Runtime's u8 x s8 kernels, pairs known, a run-time uint8 input) folded in on `region`,
-    where `folded = fold_first_input(model, region)` fixed the input scale: each input's
-    integer then lies in a known range, and each pair's loss S - clip(S) (nondecreasing in its
-    pair sum S) between its values at the ends of S's range. The middle of each row's total
-    goes into the first layer's bias, half its width is the bound left (`known`); that loss is
-    a systematic shift of 0.1-0.3 per neuron on the MNIST MLP, bounded by 0.7 both ways over a
+    ONNX Runtime's u8 x s8 kernels, pairs known, a run-time uint8 input) folded in on `region`:
+    each input's integer lies in a known range, and each pair's loss S - clip(S) (nondecreasing
+    in its pair sum S) between its values at the ends of S's range. With `folded =
+    fold_first_input(model, region)` the scale is fixed and the integers are the folded values
+    over it; without, the scale max(x) / 255 ranges over [largest low, largest high] / 255
+    (every value >= 0: zero point 0) and each integer over round(v / scale) for v in its range
+    and every such scale. The loss times the scale has a range per row: its middle goes into
+    the first layer's bias, half its width is the bound left (`known`); that loss is a
+    systematic shift of 0.1-0.3 per neuron on the MNIST MLP, bounded by 0.7 both ways over a
     region. Only where the kernel was seen to saturate as modelled (MatMulInteger on uint8,
     checked pointwise on the runtime): a shift is wrong where it does not (a static int8
     input: the MNIST CNN's QOperator logits left such a spec at x), where the two-sided bound
     is merely loose. `model` itself when there is nothing to fold."""
-    r = model.rounding[0]
+    r = model.rounding[0] if model.rounding else None
     p = r.pairs if r is not None else None
     if p is None or p.known is not None or not p.adjacent or p.grid is not None:
         return model
-    if not r.dynamic_input or r.symmetric_input:
+    if not r.dynamic_input or r.symmetric_input or not isinstance(model.chain.layers[0], Affine):
         return model
     if not (np.all(np.asarray(p.gain) == 1.0) and np.all(np.asarray(p.shift) == 0.0)):
         return model
-    scale = float(_value_range(region)[1].max()) / LEVELS
+    ints = _integer_range(region, folded)
+    if ints is None:
+        return model
+    a_lo, a_hi, s_lo, s_hi = ints
     layer = model.chain.layers[0]
     q = layer.weight / p.unit[:, None]
     qi = np.round(q)
     if np.max(np.abs(q - qi), initial=0.0) > 1e-3:
         return model  # not integer weights times a scale per row
-    region_q, residual = folded
-    lo, hi = _value_range(region_q)  # the runtime's value is within `residual` of these
-    a_lo = np.clip(np.ceil((lo - residual) / scale), 0.0, LEVELS)
-    a_hi = np.clip(np.floor((hi + residual) / scale), 0.0, LEVELS)
     ends = qi * a_lo[None, :], qi * a_hi[None, :]
-    s_lo, s_hi = in_kernel_order(p.order, np.minimum(*ends), np.maximum(*ends))
+    s_min, s_max = in_kernel_order(p.order, np.minimum(*ends), np.maximum(*ends))
 
     def loss(s: np.ndarray) -> np.ndarray:
         pair = s[:, 0::2] + s[:, 1::2]
         return (pair - np.clip(pair, *INT16)).sum(axis=1)
 
-    l_lo, l_hi = loss(s_lo), loss(s_hi)
-    mid = p.unit * scale * (l_lo + l_hi) / 2.0
-    # the runtime's float32 scale is within 1e-6 of `scale`
-    known = p.unit * scale * (l_hi - l_lo) / 2.0 * (1.0 + 1e-6) + 1e-6 * np.abs(mid)
+    l_lo, l_hi = loss(s_min), loss(s_max)
+    # the loss in output units, loss * scale: its ends over both ranges
+    low = np.minimum(l_lo * s_lo, l_lo * s_hi)
+    high = np.maximum(l_hi * s_lo, l_hi * s_hi)
+    mid = p.unit * (low + high) / 2.0
+    # the runtime's float32 scale is within 1e-6 of the scale's range
+    known = p.unit * (high - low) / 2.0 * (1.0 + 1e-6) + 1e-6 * np.abs(mid)
     chain = replace(
         model.chain, layers=[Affine(layer.weight, layer.bias - mid), *model.chain.layers[1:]]
     )
     first = replace(r, pairs=replace(p, known=known))
     return replace(model, chain=chain, rounding=[first, *model.rounding[1:]])
+
+
+def _integer_range(region: Region, folded: tuple[Region, np.ndarray] | None):
+    """(lowest, highest uint8 integer per input, lowest, highest scale) of the first layer's
+    run-time quantization on `region` (`fold_pair_sums`); None when a value may be negative
+    or the row may be all zeros."""
+    lo, hi = _value_range(region)
+    s_lo, s_hi = float(lo.max()) / LEVELS, float(hi.max()) / LEVELS
+    if folded is not None:  # a fixed scale: the runtime's value is within `residual` of these
+        region_q, residual = folded
+        lo, hi = _value_range(region_q)
+        a_lo, a_hi = np.ceil((lo - residual) / s_hi), np.floor((hi + residual) / s_hi)
+        s_lo = s_hi
+    elif lo.min() < 0 or s_lo <= 0:
+        return None
+    else:  # round(v / scale), v in [lo, hi] and scale in [s_lo, s_hi]; SLACK: float32
+        a_lo = np.ceil(lo / s_hi - 0.5 - SLACK)
+        a_hi = np.floor(hi / s_lo + 0.5 + SLACK)
+    return np.clip(a_lo, 0.0, LEVELS), np.clip(a_hi, 0.0, LEVELS), s_lo, s_hi
 
 
 def fold_input_grid(model, region: Region) -> tuple[Region, np.ndarray] | None:
