@@ -245,10 +245,12 @@ def _top_generators(region: Region, top: float) -> np.ndarray | None:
 
 def split_for_fold(region: Region, limit: int = 8, cover=None) -> list[Region] | None:
     """Sub-regions covering `region` (every point within budget), in each of which the input
-    row's scale is fixed: with T the generators that move the values at the top, one per value
-    of T's first generator with more than two (a lattice), else T's first generator kept at its
-    value nearest 0, or the first on and the second kept, ..., or all of T moved (each split
-    again). None when that needs more than `limit` sub-regions. `cover` (a
+    row's scale is fixed. With T the largest value any point may take and g_1, g_2, ... the
+    generators that move a value to T (at an end of their range, `_reaching`): g_1 at that
+    end (the row's maximum is T), g_1 off it and g_2 at it, ..., and all of them off it (T out
+    of reach: split again on the next largest). So a generator is cut once per level, not once
+    per value: a lattice of k values near the top needs about k sub-regions per distinct top
+    value. None when that needs more than `limit` sub-regions. `cover` (a
     `verifier.engine.proof.Cover`) records the cuts that make them, each marked as a fold."""
     out: list[Region] = []
     todo = [region]
@@ -258,40 +260,58 @@ def split_for_fold(region: Region, limit: int = 8, cover=None) -> list[Region] |
             if cover is not None:
                 cover.close(reg.lo, reg.hi, "empty", reg.least_cost())
             continue  # no point within budget
-        p = np.clip(0, reg.lo, reg.hi)
-        d = reg.directions
-        hi = reg.x + np.maximum(d * reg.lo[:, None], d * reg.hi[:, None]).sum(axis=0)
-        gens = _top_generators(reg, float(hi.max()))
-        if gens is None:
+        top = float(_value_range(reg)[1].max())
+        if _top_generators(reg, top) is None:
             out.append(reg)
             if cover is not None:
                 cover.fold(reg.lo, reg.hi)
             continue
-        if not len(gens):
+        ends = _reaching(reg, top)
+        if ends is None:
             return None
-        many = gens[reg.hi[gens] - reg.lo[gens] > 1]
-        if len(many):  # one sub-region per value of the first
-            g = many[0]
-            for v in range(reg.lo[g], reg.hi[g] + 1):
-                lo, hi_ = reg.lo.copy(), reg.hi.copy()
-                lo[g] = hi_[g] = v
-                todo.append(replace(reg, lo=lo, hi=hi_))
-                if cover is not None and v < reg.hi[g]:  # [v, hi] cut after v
-                    lo, hi_ = lo.copy(), hi_.copy()
-                    hi_[g] = reg.hi[g]
-                    cover.split(lo, hi_, g, v)
-            if len(out) + len(todo) > limit:
-                return None
-            continue
-        other = np.where(p[gens] == reg.lo[gens], reg.hi[gens], reg.lo[gens])
-        for j in range(len(gens) + 1):
-            lo, hi_ = reg.lo.copy(), reg.hi.copy()
-            lo[gens[:j]] = hi_[gens[:j]] = other[:j]  # the first j moved
-            if j < len(gens):
-                if cover is not None:  # each of T has two values: cut between them
-                    cover.split(lo, hi_, gens[j], reg.lo[gens[j]])
-                lo[gens[j]] = hi_[gens[j]] = p[gens[j]]  # the next one kept
-            todo.append(replace(reg, lo=lo, hi=hi_))
+        lo, hi = reg.lo.copy(), reg.hi.copy()
+        for g, at_lo, at_hi in ends:
+            rest = None  # what is left of g's range once off its ends at T
+            if at_lo:  # g at lo, and the rest: cut after lo
+                if cover is not None:
+                    cover.split(lo, hi, g, lo[g])
+                todo.append(_fixed(reg, lo, hi, g, lo[g]))
+                lo = lo.copy()
+                lo[g] += 1
+            if at_hi and lo[g] <= hi[g]:  # the rest, and g at hi: cut after hi - 1
+                if lo[g] < hi[g] and cover is not None:
+                    cover.split(lo, hi, g, hi[g] - 1)
+                todo.append(_fixed(reg, lo, hi, g, hi[g]))
+                hi = hi.copy()
+                hi[g] -= 1
+            rest = lo[g] <= hi[g]
+            if not rest:
+                break  # every point of the box has g at an end: nothing left
+        else:
+            todo.append(replace(reg, lo=lo, hi=hi))
         if len(out) + len(todo) > limit:
             return None
+    return out
+
+
+def _fixed(reg: Region, lo: np.ndarray, hi: np.ndarray, g: int, c: int) -> Region:
+    """The box [lo, hi] of `reg` with generator `g` fixed at `c`."""
+    lo, hi = lo.copy(), hi.copy()
+    lo[g] = hi[g] = c
+    return replace(reg, lo=lo, hi=hi)
+
+
+def _reaching(region: Region, top: float) -> list[tuple[int, bool, bool]] | None:
+    """The generators that move a value to `top` (the largest any point may take), each with
+    whether it does so at the low and at the high end of its range; None when a value moved
+    by several generators reaches it (no split fixes its scale)."""
+    d = region.directions
+    hi_v = _value_range(region)[1]
+    reach = np.flatnonzero(hi_v >= top)
+    if np.any(np.count_nonzero(d[:, reach], axis=0) != 1):
+        return None
+    out = []
+    for g in np.flatnonzero(np.any(d[:, reach] != 0, axis=1)):
+        dg = d[g, reach]
+        out.append((int(g), bool(np.any(dg < 0)), bool(np.any(dg > 0))))
     return out
