@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from verifier.engine.bounds import in_kernel_order
+from verifier.engine.bounds import U32, in_kernel_order
 from verifier.engine.network import Affine
 from verifier.engine.regions import EPS, Region
 
@@ -92,8 +92,11 @@ def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | No
     low = np.minimum(l_lo * s_lo, l_lo * s_hi)
     high = np.maximum(l_hi * s_lo, l_hi * s_hi)
     mid = p.unit * (low + high) / 2.0
-    # the runtime's float32 scale is within 1e-6 of the scale's range
-    known = p.unit * (high - low) / 2.0 * (1.0 + 1e-6) + 1e-6 * np.abs(mid)
+    # the runtime's float32 scale is within 1e-6 of the scale's range; the float32 bound of
+    # the layer (`bounds.rounding_errors`) charges the shifted bias, the runtime adds its own
+    n = layer.weight.shape[1] + 1
+    gamma = 2.0 * n * U32 / (1.0 - n * U32)
+    known = p.unit * (high - low) / 2.0 * (1.0 + 1e-6) + (1e-6 + gamma) * np.abs(mid)
     chain = replace(
         model.chain, layers=[Affine(layer.weight, layer.bias - mid), *model.chain.layers[1:]]
     )
