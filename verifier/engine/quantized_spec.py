@@ -31,7 +31,8 @@ from verifier.engine.output_clamp import grid_ends, margin_caps
 from verifier.engine.regions import Region
 
 # at most this many sub-regions of fixed input scale (`dynamic_input.split_for_fold`): 9 of the
-# 43 MNIST MLP regions measured (features r=10 step 1/8) need 9, the others 3-8
+# 43 MNIST MLP regions measured (features r=10 step 1/8) need 9, the others 3-8; lattice r=20
+# step 1/4 regions whose top value moves need 4-9
 FOLD_PARTS = 16
 
 
