@@ -274,7 +274,6 @@ def split_for_fold(region: Region, limit: int = 8, cover=None) -> list[Region] |
             return None
         lo, hi = reg.lo.copy(), reg.hi.copy()
         for g, at_lo, at_hi in ends:
-            rest = None  # what is left of g's range once off its ends at T
             if at_lo:  # g at lo, and the rest: cut after lo
                 if cover is not None:
                     cover.split(lo, hi, g, lo[g])
@@ -287,8 +286,7 @@ def split_for_fold(region: Region, limit: int = 8, cover=None) -> list[Region] |
                 todo.append(_fixed(reg, lo, hi, g, hi[g]))
                 hi = hi.copy()
                 hi[g] -= 1
-            rest = lo[g] <= hi[g]
-            if not rest:
+            if lo[g] > hi[g]:
                 break  # every point of the box has g at an end: nothing left
         else:
             todo.append(replace(reg, lo=lo, hi=hi))

@@ -192,7 +192,10 @@ def fold_parts(
     specs = []
     for part, (region_q, residual) in zip(parts, folds, strict=True):
         m = base if bare is None else fold_pair_sums(base, part, (region_q, residual))
-        first = out[0] if m is base else bare + m.rounding[0].pairs.known
+        if m is base:  # nothing folded in the part: the whole region's first layer and bound
+            m, first = centred, out[0]
+        else:
+            first = bare + m.rounding[0].pairs.known
         errs = ([first, *out[1:]], [residual, *inputs[1:]])
         spec = spec_chain(m.chain, region_q, label, errors=errs)
         specs.append((part, QuantizedSpec(spec, errs, region_q, m.chain)))
