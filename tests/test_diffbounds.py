@@ -21,8 +21,8 @@ from verifier.engine.diffdecide import decide_from_float
 from verifier.engine.model import load_model
 from verifier.engine.network import Affine, forward_lowered
 from verifier.engine.points import runtime_inputs
-from verifier.engine.proof import SPLIT, Node, decode, from_text
-from verifier.engine.quantized_spec import quantized_spec
+from verifier.engine.proof import FOLD, SPLIT, Node, decode, from_text
+from verifier.engine.quantized_spec import fold_part_of, fold_parts, input_levels, quantized_spec
 from verifier.engine.regions import lattice_region
 from verifier.engine.result import CERTIFIED
 from verifier.run.proofcheck import CHECKED, FAILED, Problem, check_tree
@@ -297,7 +297,13 @@ def _recheck(d, em, runner, region, label, tamper: str | None = None):
             nodes[i] = Node("bounds", (nodes[i].values[0] + 1000.0,))
         proof = replace(proof, nodes=tuple(nodes))
     spec = quantized_spec(em, region, label).spec
-    return check_tree(proof, Problem(region, label, runner, spec))
+    problem = Problem(region, label, runner, spec, levels=input_levels(em))  # as the audit
+    if any(n.kind == FOLD for n in proof.nodes):  # through the input fold: its parts' specs
+        parts = fold_parts(em, region, label)
+        problem = replace(
+            problem, fold=lambda lo, hi: getattr(fold_part_of(parts, lo, hi), "spec", None)
+        )
+    return check_tree(proof, problem)
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "int8"])
@@ -321,6 +327,8 @@ def test_diff_bab_keeps_a_proof_the_audit_rechecks(tiny, mode):
         assert _recheck(d, em, runner, region, label).status == CHECKED
         for kind in ("bounds", SPLIT):
             assert _recheck(d, em, runner, region, label, kind).status == FAILED
+        if "input_fold" in d.detail:  # the fold's cuts, not the float proof's tree
+            continue
         float_splits = sum(n.kind == SPLIT for n in decode(from_text(fd.detail["proof"])).nodes)
         quantized = decode(from_text(d.detail["proof"]))
         # every node the quantized branch and bound processed was split or enumerated

@@ -149,6 +149,49 @@ def test_decisions_with_the_fold_agree_with_enumeration(tiny, mode):
     assert folds and split and kept and CERTIFIED in statuses
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_lattice_moving_every_top_value(tiny, mode):
+    """Three values at 1 each moved over five lattice values, the next largest value fixed:
+    one sub-region per generator at the top and one with all of them below it (not one per
+    value: 4 where a split per value needs 85). They cover the region, each fixes the scale,
+    the runtime's logits lie within each folded model at every point, and the decision agrees
+    with enumeration (its proof re-checks when certified through the fold)."""
+    from verifier.engine.proof import Cover
+
+    model, runners, xs = tiny
+    runner = runners[mode]
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    x = np.minimum(xs[1], 0.8)
+    x[:3], x[3] = 1.0, 0.9
+    region = lattice_region(x, np.array([0, 1, 2]), 0.25, 3.0)
+    parts = split_for_fold(region, 16, Cover())
+    assert parts is not None and len(parts) == 4
+    got_pts = np.concatenate([all_points(p) for p in parts])
+    assert len(got_pts) == len(all_points(region)) == len(np.unique(got_pts, axis=0)) == 125
+    for part in parts:
+        folded = fold_first_input(em, part)
+        assert folded is not None
+        out, inputs = rounding_errors(em.chain, part, rounding=em.rounding)
+        pts = all_points(part)
+        got = np.asarray(runner.predict(runtime_inputs(runner, part, pts)), np.float64)
+        for s, g in zip(pts, got, strict=True):
+            x_q = folded[0].points(s[None])[0]
+            lo, hi = point_interval(em.chain, (out, [folded[1], *inputs[1:]]), x_q)
+            assert np.all((g >= lo) & (g <= hi))
+    label = int(float_runner(model).predict(x[None].astype(np.float32)).argmax())
+    fd = decide(
+        float_runner(model), chain, region, label, timeout=30.0, enum_limit=4, keep_leaves=True
+    )
+    assert fd.status == CERTIFIED
+    d = decide_from_float(
+        runner, chain, region, label, fd.detail["reuse"], em, timeout=30.0, enum_limit=4
+    )
+    check_decision(d, runner, region, label)
+    assert d.detail["input_fold"] == "4 sub-regions" and d.status == CERTIFIED
+    _check_folded_proof(d, em, runner, region, label)
+
+
 def _check_folded_proof(d, em, runner, region, label: int) -> int:
     """A certificate through the fold keeps a proof with a `fold` node per sub-region: it
     re-checks on the sub-regions' specs (as the audit rebuilds them), not on the region's

@@ -124,6 +124,76 @@ def test_first_layer_saturation_folded_where_the_scale_is_fixed(tmp_path):
     assert outside > 0
 
 
+def test_first_layer_saturation_folded_over_the_scale_range(tmp_path):
+    """A lattice whose top value moves (the value at 1 moves down, one near it up): the input
+    scale varies, so the input rounding is not folded, but the first layer's pair-sum
+    saturation is, over the scale's range (a bound far narrower than the region-wide one,
+    its middle in the bias); the runtime's logits lie within the spec's interval at every
+    point, and on a lattice that halves the top value. The narrow bound without its bias shift
+    misses them. The region-wide bound leaves
+    the margin open where the folded one certifies: the decision agrees with enumeration and
+    its proof re-checks on the spec the audit rebuilds."""
+    from test_dynamic_input import check_spec_holds
+    from test_engine import check_decision
+
+    from quantize.modes import float_runner
+    from verifier.engine.bounds import linear_bounds, prepare_chain, spec_chain
+    from verifier.engine.decide import decide
+    from verifier.engine.diffdecide import decide_from_float
+    from verifier.engine.proof import decode, from_text
+    from verifier.engine.quantized_spec import QuantizedSpec, quantized_spec
+    from verifier.engine.result import CERTIFIED
+    from verifier.run.proofcheck import CHECKED, Problem, check_tree
+
+    model, runner, em, x = _dynamic_pair_model(tmp_path)
+    region = lattice_region(x, np.array([0, 1, 3, 5]), 1 / 255, 6 / 255)
+    tops = region.points(np.concatenate(list(region.enumerate()))).max(axis=1)
+    assert len(np.unique(tops)) > 3  # the row's maximum takes several values
+    label = int(np.argmax(runner.predict(x[None].astype(np.float32))[0]))
+    qs = quantized_spec(em, region, label)
+    assert qs.region is region  # the scale varies: the input rounding is not folded
+    check_spec_holds(runner, qs, region, label)
+    if not int16_pair_sums():
+        assert em.rounding[0].pairs is None
+        return
+    wide = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
+    shift = em.chain.layers[0].bias - qs.chain.layers[0].bias
+    assert shift[0] > 0.1 and qs.errors[0][0][0] < 0.2 * wide[0]  # column 0 saturates
+    unshifted = QuantizedSpec(qs.spec, qs.errors, qs.region, em.chain)
+    pts = np.concatenate(list(region.enumerate()))
+    got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+    outside = 0
+    for s, g in zip(pts, got, strict=True):
+        lo, hi = unshifted.interval(s)
+        outside += int(np.any((g < lo) | (g > hi)))
+    assert outside > 0
+    # the region-wide bound leaves the margin open; the folded one certifies, the decision
+    # agrees with enumeration, and its proof re-checks on the spec the audit rebuilds
+    whole = rounding_errors(em.chain, region, rounding=em.rounding)
+    wide_spec = spec_chain(em.chain, region, label, errors=whole)
+    assert linear_bounds(wide_spec, region.lo, region.hi).lower.min() < 0
+    assert linear_bounds(qs.spec, region.lo, region.hi).lower.min() > 0
+    chain = prepare_chain(model.network.lower())
+    fd = decide(
+        float_runner(model), chain, region, label, timeout=30.0, enum_limit=4, keep_leaves=True
+    )
+    assert fd.status == CERTIFIED
+    d = decide_from_float(
+        runner, chain, region, label, fd.detail["reuse"], em, timeout=30.0, enum_limit=4
+    )
+    check_decision(d, runner, region, label)
+    assert d.status == CERTIFIED and d.route == "bounds"
+    proof = decode(from_text(d.detail["proof"]))
+    assert check_tree(proof, Problem(region, label, runner, qs.spec)).status == CHECKED
+    # the top value falls to 1/2: the other values' integers double and their pairs, far from
+    # saturating at the top's scale, saturate at the lowest: held only with the integers'
+    # ranges taken over the whole scale range
+    halves = np.array([255, 128, 125, 128, 122, 128, 120, 128]) / 255.0
+    falling = lattice_region(halves, np.array([0]), 1 / 16, 0.5)
+    label = int(np.argmax(runner.predict(halves[None].astype(np.float32))[0]))
+    check_spec_holds(runner, quantized_spec(em, falling, label), falling, label)
+
+
 def test_first_layer_saturation_folded_in_sub_regions(tmp_path):
     """A region whose top value moves: in every sub-region of fixed scale the folded spec's
     margin bounds lie below the runtime's margins at every point, and its interval holds the

@@ -133,9 +133,8 @@ def decide_from_float(
         close_by_bounds(run.cover, Leaf(region.lo, region.hi, direct), region, threshold)
         return run.done(CERTIFIED, "bounds")
     # the rounding bounds over the whole region, when the spec's are those (no fold, no cap)
-    errors = qs.errors if qs.region is region and qs.ends is None else None
-    model = error_model if errors is None else qs.model  # the model those bounds are on
-    folded = _folded_bounds(runtime, model, region, label, threshold, detail, deadline, errors)
+    whole = (qs.model, qs.errors) if qs.region is region and qs.ends is None else None
+    folded = _folded_bounds(runtime, error_model, region, label, threshold, detail, deadline, whole)
     run.step("bounds")
     parts = None  # the folded sub-regions with their specs, when folded
     if folded is not None:
@@ -224,16 +223,16 @@ def decide_from_float(
 
 
 def _folded_bounds(
-    runtime, model, region: Region, label: int, threshold, detail, deadline: float, errors=None
+    runtime, model, region: Region, label: int, threshold, detail, deadline: float, whole=None
 ) -> tuple[list[tuple[Region, QuantizedSpec]], list[Leaf], Cover] | None:
     """The sub-regions of `region` once the first layer's run-time input quantization is folded
     into each (`quantized_spec.fold_parts`: each with its folded spec), guarded by the runtime's
     logits at its point nearest 0; those the runtime's own bounds do not certify, as leaves with
     their bounds; and the cover of the parts (cuts, folds, and the parts the bounds closed);
-    None when there is no such fold or time ran out. `errors`: `rounding_errors` over the whole
-    region, when already computed."""
+    None when there is no such fold or time ran out. `whole`: the model and its rounding bounds
+    over the whole region, when already computed (`quantized_spec.whole_region_errors`)."""
     cover = Cover()
-    parts = fold_parts(model, region, label, errors, cover)
+    parts = fold_parts(model, region, label, whole, cover)
     if parts is None:
         return None
     detail["input_fold"] = f"{len(parts)} sub-regions"

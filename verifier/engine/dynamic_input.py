@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from verifier.engine.bounds import in_kernel_order
+from verifier.engine.bounds import U32, in_kernel_order
 from verifier.engine.network import Affine
 from verifier.engine.regions import EPS, Region
 
@@ -48,52 +48,79 @@ def fold_first_input(model, region: Region) -> tuple[Region, np.ndarray] | None:
     return _fold(region, lambda v: _rounding(v, scale), scale * (0.5 + SLACK), scale)
 
 
-def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray]):
+def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | None = None):
     """`model` with its first layer's int16 pair-sum saturation (`quantize.rounding.PairSums`:
-    ONNX Runtime's u8 x s8 kernels, pairs known, a run-time uint8 input) folded in on `region`,
-    where `folded = fold_first_input(model, region)` fixed the input scale: each input's
-    integer then lies in a known range, and each pair's loss S - clip(S) (nondecreasing in its
-    pair sum S) between its values at the ends of S's range. The middle of each row's total
-    goes into the first layer's bias, half its width is the bound left (`known`); that loss is
-    a systematic shift of 0.1-0.3 per neuron on the MNIST MLP, bounded by 0.7 both ways over a
+    ONNX Runtime's u8 x s8 kernels, pairs known, a run-time uint8 input) folded in on `region`:
+    each input's integer lies in a known range, and each pair's loss S - clip(S) (nondecreasing
+    in its pair sum S) between its values at the ends of S's range. With `folded =
+    fold_first_input(model, region)` the scale is fixed and the integers are the folded values
+    over it; without, the scale max(x) / 255 ranges over [largest low, largest high] / 255
+    (every value >= 0: zero point 0) and each integer over round(v / scale) for v in its range
+    and every such scale. The loss times the scale has a range per row: its middle goes into
+    the first layer's bias, half its width is the bound left (`known`); that loss is a
+    systematic shift of 0.1-0.3 per neuron on the MNIST MLP, bounded by 0.7 both ways over a
     region. Only where the kernel was seen to saturate as modelled (MatMulInteger on uint8,
     checked pointwise on the runtime): a shift is wrong where it does not (a static int8
     input: the MNIST CNN's QOperator logits left such a spec at x), where the two-sided bound
     is merely loose. `model` itself when there is nothing to fold."""
-    r = model.rounding[0]
+    r = model.rounding[0] if model.rounding else None
     p = r.pairs if r is not None else None
     if p is None or p.known is not None or not p.adjacent or p.grid is not None:
         return model
-    if not r.dynamic_input or r.symmetric_input:
+    if not r.dynamic_input or r.symmetric_input or not isinstance(model.chain.layers[0], Affine):
         return model
     if not (np.all(np.asarray(p.gain) == 1.0) and np.all(np.asarray(p.shift) == 0.0)):
         return model
-    scale = float(_value_range(region)[1].max()) / LEVELS
+    ints = _integer_range(region, folded)
+    if ints is None:
+        return model
+    a_lo, a_hi, s_lo, s_hi = ints
     layer = model.chain.layers[0]
     q = layer.weight / p.unit[:, None]
     qi = np.round(q)
     if np.max(np.abs(q - qi), initial=0.0) > 1e-3:
         return model  # not integer weights times a scale per row
-    region_q, residual = folded
-    lo, hi = _value_range(region_q)  # the runtime's value is within `residual` of these
-    a_lo = np.clip(np.ceil((lo - residual) / scale), 0.0, LEVELS)
-    a_hi = np.clip(np.floor((hi + residual) / scale), 0.0, LEVELS)
     ends = qi * a_lo[None, :], qi * a_hi[None, :]
-    s_lo, s_hi = in_kernel_order(p.order, np.minimum(*ends), np.maximum(*ends))
+    s_min, s_max = in_kernel_order(p.order, np.minimum(*ends), np.maximum(*ends))
 
     def loss(s: np.ndarray) -> np.ndarray:
         pair = s[:, 0::2] + s[:, 1::2]
         return (pair - np.clip(pair, *INT16)).sum(axis=1)
 
-    l_lo, l_hi = loss(s_lo), loss(s_hi)
-    mid = p.unit * scale * (l_lo + l_hi) / 2.0
-    # the runtime's float32 scale is within 1e-6 of `scale`
-    known = p.unit * scale * (l_hi - l_lo) / 2.0 * (1.0 + 1e-6) + 1e-6 * np.abs(mid)
+    l_lo, l_hi = loss(s_min), loss(s_max)
+    # the loss in output units, loss * scale: its ends over both ranges
+    low = np.minimum(l_lo * s_lo, l_lo * s_hi)
+    high = np.maximum(l_hi * s_lo, l_hi * s_hi)
+    mid = p.unit * (low + high) / 2.0
+    # the runtime's float32 scale is within 1e-6 of the scale's range; the float32 bound of
+    # the layer (`bounds.rounding_errors`) charges the shifted bias, the runtime adds its own
+    n = layer.weight.shape[1] + 1
+    gamma = 2.0 * n * U32 / (1.0 - n * U32)
+    known = p.unit * (high - low) / 2.0 * (1.0 + 1e-6) + (1e-6 + gamma) * np.abs(mid)
     chain = replace(
         model.chain, layers=[Affine(layer.weight, layer.bias - mid), *model.chain.layers[1:]]
     )
     first = replace(r, pairs=replace(p, known=known))
     return replace(model, chain=chain, rounding=[first, *model.rounding[1:]])
+
+
+def _integer_range(region: Region, folded: tuple[Region, np.ndarray] | None):
+    """(lowest, highest uint8 integer per input, lowest, highest scale) of the first layer's
+    run-time quantization on `region` (`fold_pair_sums`); None when a value may be negative
+    or the row may be all zeros."""
+    lo, hi = _value_range(region)
+    s_lo, s_hi = float(lo.max()) / LEVELS, float(hi.max()) / LEVELS
+    if folded is not None:  # a fixed scale: the runtime's value is within `residual` of these
+        region_q, residual = folded
+        lo, hi = _value_range(region_q)
+        a_lo, a_hi = np.ceil((lo - residual) / s_hi), np.floor((hi + residual) / s_hi)
+        s_lo = s_hi
+    elif lo.min() < 0 or s_lo <= 0:
+        return None
+    else:  # round(v / scale), v in [lo, hi] and scale in [s_lo, s_hi]; SLACK: float32
+        a_lo = np.ceil(lo / s_hi - 0.5 - SLACK)
+        a_hi = np.floor(hi / s_lo + 0.5 + SLACK)
+    return np.clip(a_lo, 0.0, LEVELS), np.clip(a_hi, 0.0, LEVELS), s_lo, s_hi
 
 
 def fold_input_grid(model, region: Region) -> tuple[Region, np.ndarray] | None:
@@ -221,10 +248,12 @@ def _top_generators(region: Region, top: float) -> np.ndarray | None:
 
 def split_for_fold(region: Region, limit: int = 8, cover=None) -> list[Region] | None:
     """Sub-regions covering `region` (every point within budget), in each of which the input
-    row's scale is fixed: with T the generators that move the values at the top, one per value
-    of T's first generator with more than two (a lattice), else T's first generator kept at its
-    value nearest 0, or the first on and the second kept, ..., or all of T moved (each split
-    again). None when that needs more than `limit` sub-regions. `cover` (a
+    row's scale is fixed. With T the largest value any point may take and g_1, g_2, ... the
+    generators that move a value to T (at an end of their range, `_reaching`): g_1 at that
+    end (the row's maximum is T), g_1 off it and g_2 at it, ..., and all of them off it (T out
+    of reach: split again on the next largest). So a generator is cut once per level, not once
+    per value: a lattice of k values near the top needs about k sub-regions per distinct top
+    value. None when that needs more than `limit` sub-regions. `cover` (a
     `verifier.engine.proof.Cover`) records the cuts that make them, each marked as a fold."""
     out: list[Region] = []
     todo = [region]
@@ -234,40 +263,56 @@ def split_for_fold(region: Region, limit: int = 8, cover=None) -> list[Region] |
             if cover is not None:
                 cover.close(reg.lo, reg.hi, "empty", reg.least_cost())
             continue  # no point within budget
-        p = np.clip(0, reg.lo, reg.hi)
-        d = reg.directions
-        hi = reg.x + np.maximum(d * reg.lo[:, None], d * reg.hi[:, None]).sum(axis=0)
-        gens = _top_generators(reg, float(hi.max()))
-        if gens is None:
+        top = float(_value_range(reg)[1].max())
+        if _top_generators(reg, top) is None:
             out.append(reg)
             if cover is not None:
                 cover.fold(reg.lo, reg.hi)
             continue
-        if not len(gens):
+        ends = _reaching(reg, top)
+        if ends is None:
             return None
-        many = gens[reg.hi[gens] - reg.lo[gens] > 1]
-        if len(many):  # one sub-region per value of the first
-            g = many[0]
-            for v in range(reg.lo[g], reg.hi[g] + 1):
-                lo, hi_ = reg.lo.copy(), reg.hi.copy()
-                lo[g] = hi_[g] = v
-                todo.append(replace(reg, lo=lo, hi=hi_))
-                if cover is not None and v < reg.hi[g]:  # [v, hi] cut after v
-                    lo, hi_ = lo.copy(), hi_.copy()
-                    hi_[g] = reg.hi[g]
-                    cover.split(lo, hi_, g, v)
-            if len(out) + len(todo) > limit:
-                return None
-            continue
-        other = np.where(p[gens] == reg.lo[gens], reg.hi[gens], reg.lo[gens])
-        for j in range(len(gens) + 1):
-            lo, hi_ = reg.lo.copy(), reg.hi.copy()
-            lo[gens[:j]] = hi_[gens[:j]] = other[:j]  # the first j moved
-            if j < len(gens):
-                if cover is not None:  # each of T has two values: cut between them
-                    cover.split(lo, hi_, gens[j], reg.lo[gens[j]])
-                lo[gens[j]] = hi_[gens[j]] = p[gens[j]]  # the next one kept
-            todo.append(replace(reg, lo=lo, hi=hi_))
+        lo, hi = reg.lo.copy(), reg.hi.copy()
+        for g, at_lo, at_hi in ends:
+            if at_lo:  # g at lo, and the rest: cut after lo
+                if cover is not None:
+                    cover.split(lo, hi, g, lo[g])
+                todo.append(_fixed(reg, lo, hi, g, lo[g]))
+                lo = lo.copy()
+                lo[g] += 1
+            if at_hi and lo[g] <= hi[g]:  # the rest, and g at hi: cut after hi - 1
+                if lo[g] < hi[g] and cover is not None:
+                    cover.split(lo, hi, g, hi[g] - 1)
+                todo.append(_fixed(reg, lo, hi, g, hi[g]))
+                hi = hi.copy()
+                hi[g] -= 1
+            if lo[g] > hi[g]:
+                break  # every point of the box has g at an end: nothing left
+        else:
+            todo.append(replace(reg, lo=lo, hi=hi))
         if len(out) + len(todo) > limit:
             return None
+    return out
+
+
+def _fixed(reg: Region, lo: np.ndarray, hi: np.ndarray, g: int, c: int) -> Region:
+    """The box [lo, hi] of `reg` with generator `g` fixed at `c`."""
+    lo, hi = lo.copy(), hi.copy()
+    lo[g] = hi[g] = c
+    return replace(reg, lo=lo, hi=hi)
+
+
+def _reaching(region: Region, top: float) -> list[tuple[int, bool, bool]] | None:
+    """The generators that move a value to `top` (the largest any point may take), each with
+    whether it does so at the low and at the high end of its range; None when a value moved
+    by several generators reaches it (no split fixes its scale)."""
+    d = region.directions
+    hi_v = _value_range(region)[1]
+    reach = np.flatnonzero(hi_v >= top)
+    if np.any(np.count_nonzero(d[:, reach], axis=0) != 1):
+        return None
+    out = []
+    for g in np.flatnonzero(np.any(d[:, reach] != 0, axis=1)):
+        dg = d[g, reach]
+        out.append((int(g), bool(np.any(dg < 0)), bool(np.any(dg > 0))))
     return out

@@ -31,7 +31,8 @@ from verifier.engine.output_clamp import grid_ends, margin_caps
 from verifier.engine.regions import Region
 
 # at most this many sub-regions of fixed input scale (`dynamic_input.split_for_fold`): 9 of the
-# 43 MNIST MLP regions measured (features r=10 step 1/8) need 9, the others 3-8
+# 43 MNIST MLP regions measured (features r=10 step 1/8) need 9, the others 3-8; lattice r=20
+# step 1/4 regions whose top value moves need 4-9
 FOLD_PARTS = 16
 
 
@@ -69,8 +70,7 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
     folded = fold_input_grid(model, region)
     if folded is None:
         folded = fold_first_input(model, region)
-        if folded is not None:
-            model = fold_pair_sums(model, region, folded)
+        model = fold_pair_sums(model, region, folded)  # the scale fixed, or over its range
     on = region if folded is None else folded[0]
     left = None if folded is None else folded[1]
 
@@ -94,6 +94,16 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
     model, errs = centre_pair_sums(model, on, errors(False), left)
     spec = spec_chain(model.chain, on, label, errors=errs)
     return QuantizedSpec(spec, errs, on, model.chain, model=model)
+
+
+def whole_region_errors(model, region: Region) -> tuple:
+    """(the model, its `rounding_errors` on `region`) as `quantized_spec` builds them on a
+    region it does not fold: the first layer's pair sums folded over the scale's range
+    (`dynamic_input.fold_pair_sums`), the last layer's centred (`centre_pair_sums`)."""
+    model = fold_pair_sums(model, region)
+    return centre_pair_sums(
+        model, region, rounding_errors(model.chain, region, rounding=model.rounding)
+    )
 
 
 def centre_pair_sums(model, region: Region, errors: tuple, first_step=None) -> tuple:
@@ -142,16 +152,16 @@ def centre_pair_sums(model, region: Region, errors: tuple, first_step=None) -> t
 
 
 def fold_parts(
-    model, region: Region, label: int, errors: tuple | None = None, cover=None
+    model, region: Region, label: int, whole: tuple | None = None, cover=None
 ) -> list[tuple[Region, QuantizedSpec]] | None:
     """The sub-regions of `region` in each of which a dynamic-range first layer's input scale
     is fixed (`dynamic_input.split_for_fold`), each with its spec: the input quantization
     folded, and with it the first layer's pair-sum saturation; None when there is no such fold
     (no run-time input quantization, or one part: `quantized_spec` folds it already where it
-    can). `errors`: `rounding_errors` over the whole region, when already computed (on
-    `model`: pass `QuantizedSpec.model` with its spec's): later layers' bounds hold in every
-    part (they bound the runtime's values). `cover` records the cuts that make the parts
-    (`split_for_fold`)."""
+    can). `whole`: `whole_region_errors(model, region)` when already computed (a
+    `QuantizedSpec`'s model and errors on an unfolded region): later layers' bounds over the
+    whole region hold in every part (they bound the runtime's values), and each part folds the
+    first layer anew. `cover` records the cuts that make the parts (`split_for_fold`)."""
     r = model.rounding[0] if model.rounding else None
     if r is None or not r.dynamic_input or r.symmetric_input:
         return None
@@ -159,24 +169,33 @@ def fold_parts(
     if parts is None or len(parts) == 1:
         return None
     try:  # bounds over the whole region hold in each part: computed once
-        whole = errors or rounding_errors(model.chain, region, rounding=model.rounding)
+        centred, (out, inputs) = whole or whole_region_errors(model, region)
     except ValueError:  # a static grid may saturate: no bound
         return None
-    model, (out, inputs) = centre_pair_sums(model, region, whole)
     folds = [fold_first_input(model, part) for part in parts]
     if any(f is None for f in folds):
         return None
     # the first layer's bound without its pair sums' saturation (folded per part; an output
     # rounding's bound would depend on the unshifted interval)
-    bare = None
+    bare, base = None, centred
     if r.pairs is not None and not r.outputs and r.output_grid is None:
         one = replace(model.chain, layers=model.chain.layers[:1], absw=model.chain.absw[:1])
         plain = replace(r, pairs=replace(r.pairs, known=np.zeros(len(out[0]))))
         bare = rounding_errors(one, region, rounding=[plain])[0][0]
+        # the model's own first layer (each part folds it anew), the later layers centred
+        layers = [model.chain.layers[0], *centred.chain.layers[1:]]
+        base = replace(
+            centred,
+            chain=replace(centred.chain, layers=layers),
+            rounding=[r, *centred.rounding[1:]],
+        )
     specs = []
     for part, (region_q, residual) in zip(parts, folds, strict=True):
-        m = model if bare is None else fold_pair_sums(model, part, (region_q, residual))
-        first = out[0] if m is model else bare + m.rounding[0].pairs.known
+        m = base if bare is None else fold_pair_sums(base, part, (region_q, residual))
+        if m is base:  # nothing folded in the part: the whole region's first layer and bound
+            m, first = centred, out[0]
+        else:
+            first = bare + m.rounding[0].pairs.known
         errs = ([first, *out[1:]], [residual, *inputs[1:]])
         spec = spec_chain(m.chain, region_q, label, errors=errs)
         specs.append((part, QuantizedSpec(spec, errs, region_q, m.chain)))
