@@ -166,6 +166,36 @@ def test_decisions_agree_with_enumeration(tiny, mode):
         assert {"bounds", "diff-root", "diff-leaves", "diff-bab"} & set(routes), routes
 
 
+def test_quantized_decision_stops_at_its_deadline(tiny):
+    """A quantized decision whose spec and root bounds already took its time does not go on
+    to the fold, the float leaves or branch and bound: unknown (budget), unless the root
+    bounds certified (a finished bound is kept)."""
+    model, runners, xs = tiny
+    runner = runners["dynamic"]
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    seen = set()
+    for i, x in enumerate(xs):
+        for step, radius in ((0.125, 0.75), (0.03125, 0.25)):
+            region = _region(x, 10 + i, step, radius)
+            label = int(runner.predict(x[None]).argmax())
+            fd, _ = _float_then_quantized(model, runner, em, chain, region, label, 64)
+            if fd.status != CERTIFIED:
+                continue
+            d = decide_from_float(
+                runner, chain, region, label, fd.detail.get("reuse"), em, timeout=1e-9,
+                enum_limit=64,
+            )  # fmt: skip
+            seen.add(d.status)
+            if d.status == CERTIFIED:
+                assert d.route == "bounds"
+            else:
+                assert (d.status, d.route, d.nodes) == ("unknown", "budget", 0)
+                assert d.detail["open_leaves"] == "the root's bounds took the time"
+                assert set(d.detail["steps"]) == {"bounds"}
+    assert "unknown" in seen
+
+
 def test_proof_is_handed_back(tiny):
     """decide(keep_leaves=True): a certificate from bounds carries its root bounds and closed
     leaves, each certifying its box (bounds) or enumerated; none without the flag."""

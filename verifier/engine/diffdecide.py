@@ -132,6 +132,9 @@ def decide_from_float(
         run.cover = Cover()
         close_by_bounds(run.cover, Leaf(region.lo, region.hi, direct), region, threshold)
         return run.done(CERTIFIED, "bounds")
+    if time.perf_counter() > deadline:  # the spec and its root bound took it (large CNNs)
+        detail["open_leaves"] = "the root's bounds took the time"
+        return run.done(UNKNOWN, "budget")
     # the rounding bounds over the whole region, when the spec's are those (no fold, no cap)
     whole = (qs.model, qs.errors) if qs.region is region and qs.ends is None else None
     folded = _folded_bounds(runtime, error_model, region, label, threshold, detail, deadline, whole)
@@ -141,6 +144,9 @@ def decide_from_float(
         parts, leaves, run.cover = folded
         if not leaves:
             return run.done(CERTIFIED, "bounds")
+    if time.perf_counter() > deadline:
+        detail["open_leaves"] = "the fold's bounds took the time"
+        return run.done(UNKNOWN, "budget")
     levels = input_levels(error_model)  # run-time input roundings narrowed on a box
     absorbed: list[Leaf] = []  # float leaves closed by the differential bound alone
     if parts is None:
