@@ -307,9 +307,9 @@ def test_fixed_input_grid_fold_is_sound(fixed, mode):
 
 def test_first_input_charge_bounds_the_exact_one(fixed):
     """The first layer's input rounding charged to margin rows: never less than the exact
-    |lam W| . step, per neuron where it is small beside the first layer's output ranges, and
-    exactly where it is not (a step as wide as a whole output range)."""
-    from verifier.engine.bounds import first_input_charge
+    |lam W| . step; per neuron on the rows where that costs at most `CHEAP_CHARGE`, exactly on
+    the others (a row scaled up, or a step as wide as the first layer's output ranges)."""
+    from verifier.engine.bounds import CHEAP_CHARGE, first_input_charge
     from verifier.engine.quantized_spec import quantized_spec
 
     model, runners, xs = fixed
@@ -320,13 +320,17 @@ def test_first_input_charge_bounds_the_exact_one(fixed):
     pre = linear_bounds(spec, region.lo, region.hi).pre
     w0, step, per_neuron = spec.first_input
     lam = np.random.default_rng(3).normal(size=(6, w0.shape[0]))
-    exact = np.abs(lam @ w0) @ step
-    got = first_input_charge(spec, pre, lam)
+    cheap = np.abs(lam) @ per_neuron
+    lam[0] *= 2.0 * CHEAP_CHARGE / cheap[0]  # this row's per-neuron charge is too dear
+    cheap, exact = np.abs(lam) @ per_neuron, np.abs(lam @ w0) @ step
+    assert cheap[0] > CHEAP_CHARGE and np.all(cheap[1:] <= CHEAP_CHARGE)
+    got = first_input_charge(spec, lam)
     assert np.all(got >= exact - 1e-15)
-    assert np.allclose(got, np.abs(lam) @ per_neuron)
+    assert got[0] == exact[0] < cheap[0]
+    assert np.allclose(got[1:], cheap[1:])
     wide = np.full_like(step, 10.0 * float(np.max(pre[1][1] - pre[1][0])))
     coarse = replace(spec, first_input=(w0, wide, np.abs(w0) @ wide))
-    assert np.allclose(first_input_charge(coarse, pre, lam), np.abs(lam @ w0) @ wide)
+    assert np.allclose(first_input_charge(coarse, lam), np.abs(lam @ w0) @ wide)
 
 
 def _past_the_ends(x: np.ndarray, step: float = 0.125, radius: float = 0.5):

@@ -39,6 +39,9 @@ INTEGER_STEPS = 4
 # folded int8 / ONNX Runtime grids, 8% for an unfolded dynamic-range input (there the per
 # neuron charge cost 2.4-3.8 logits of root margin)
 SPREAD = 0.01
+# margin rows charge the first layer's input rounding per neuron where that costs at most this
+# (logits), exactly through its weights elsewhere (`first_input_charge`)
+CHEAP_CHARGE = 0.01
 
 
 @dataclass(frozen=True)
@@ -892,15 +895,17 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
     return _backsub(spec, pre, i - 2, lam, c, cut=cut)
 
 
-def first_input_charge(spec: SpecChain, pre: list, lam: np.ndarray) -> np.ndarray:
-    """What the first layer's input rounding costs rows `lam` (on that layer's output):
-    |lam W| . step exactly, or |lam| . (|W| . step) per neuron where that rounding is small
-    (`_small_first_input`: a folded input grid leaves 1e-6 a value, and the exact charge's
-    product with the first layer's weights was a third of a quantized margin bound's time)."""
+def first_input_charge(spec: SpecChain, lam: np.ndarray) -> np.ndarray:
+    """What the first layer's input rounding costs rows `lam` (on that layer's output), per
+    row: |lam| . (|W| . step), per neuron, where that is at most CHEAP_CHARGE (a folded input
+    grid leaves 1e-6 a value: the exact charge's product with the first layer's weights was
+    half a quantized margin bound's time), else exactly |lam W| . step."""
     w0, step, per_neuron = spec.first_input
-    if len(pre) > 1 and pre[1] is not None and _small_first_input(spec, pre):
-        return np.abs(lam) @ per_neuron
-    return np.abs(lam @ w0) @ step
+    charge = np.abs(lam) @ per_neuron
+    exact = charge > CHEAP_CHARGE
+    if exact.any():
+        charge[exact] = np.abs(lam[exact] @ w0) @ step
+    return charge
 
 
 def _small_first_input(spec: SpecChain, pre: list) -> bool:
@@ -941,7 +946,7 @@ def _backsub(
             if spec.err[k] is not None:
                 c = c - np.abs(lam) @ spec.err[k]
             if k == 0 and spec.first_input is not None:
-                c = c - first_input_charge(spec, pre, lam)
+                c = c - first_input_charge(spec, lam)
             lam = lam @ layer.weight
             if spec.input_error(k) is not None:
                 c = c - np.abs(lam) @ spec.input_error(k)
@@ -1034,10 +1039,10 @@ def _alpha_grads(
             grad = grad @ layer.weight.T + layer.bias
             if k == 0 and spec.first_input is not None:  # as `first_input_charge`
                 w0, step0, per_neuron = spec.first_input
-                if len(pre) > 1 and pre[1] is not None and _small_first_input(spec, pre):
-                    grad = grad - np.sign(lam_in) * per_neuron
-                else:
-                    grad = grad - (np.sign(lam_in @ w0) * step0) @ w0.T
+                exact = np.abs(lam_in) @ per_neuron > CHEAP_CHARGE
+                grad = grad - np.where(exact[:, None], 0.0, np.sign(lam_in) * per_neuron)
+                if exact.any():
+                    grad[exact] -= (np.sign(lam_in[exact] @ w0) * step0) @ w0.T
             if spec.err[k] is not None:
                 grad = grad - np.sign(lam_in) * spec.err[k]
             if values is not None and k + 1 < len(spec.layers):
