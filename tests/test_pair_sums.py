@@ -92,6 +92,25 @@ def _dynamic_pair_model(tmp_path):
     return model, runner, em, x
 
 
+def _check_shift_needed(runner, em, qs, region, narrow: float) -> None:
+    """Column 0 saturates: the spec's first-layer bound is under `narrow` of the region-wide
+    one with its middle shifted into the bias, and without that shift (the narrow bound alone)
+    runtime points fall outside the spec's interval."""
+    from verifier.engine.quantized_spec import QuantizedSpec
+
+    wide = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
+    shift = em.chain.layers[0].bias - qs.chain.layers[0].bias
+    assert shift[0] > 0.1 and qs.errors[0][0][0] < narrow * wide[0]
+    unshifted = QuantizedSpec(qs.spec, qs.errors, qs.region, em.chain)
+    pts = np.concatenate(list(region.enumerate()))
+    got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+    outside = 0
+    for s, g in zip(pts, got, strict=True):
+        lo, hi = unshifted.interval(s)
+        outside += int(np.any((g < lo) | (g > hi)))
+    assert outside > 0
+
+
 def test_first_layer_saturation_folded_where_the_scale_is_fixed(tmp_path):
     """A region that leaves the top value alone: the quantized spec folds the input scale and,
     with it, the first layer's pair-sum saturation into its bias (a bound far narrower than the
@@ -99,7 +118,7 @@ def test_first_layer_saturation_folded_where_the_scale_is_fixed(tmp_path):
     bias shift (the narrow bound alone) they do not."""
     from test_dynamic_input import check_spec_holds
 
-    from verifier.engine.quantized_spec import QuantizedSpec, quantized_spec
+    from verifier.engine.quantized_spec import quantized_spec
 
     model, runner, em, x = _dynamic_pair_model(tmp_path)
     assert em.rounding[0].dynamic_input and not em.rounding[0].inputs
@@ -111,17 +130,7 @@ def test_first_layer_saturation_folded_where_the_scale_is_fixed(tmp_path):
     if not int16_pair_sums():
         assert em.rounding[0].pairs is None
         return
-    wide = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
-    shift = em.chain.layers[0].bias - qs.chain.layers[0].bias
-    assert shift[0] > 0.1 and qs.errors[0][0][0] < 0.1 * wide[0]  # column 0 saturates
-    unshifted = QuantizedSpec(qs.spec, qs.errors, qs.region, em.chain)
-    pts = np.concatenate(list(region.enumerate()))
-    got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
-    outside = 0
-    for s, g in zip(pts, got, strict=True):
-        lo, hi = unshifted.interval(s)
-        outside += int(np.any((g < lo) | (g > hi)))
-    assert outside > 0
+    _check_shift_needed(runner, em, qs, region, 0.1)
 
 
 def test_first_layer_saturation_folded_over_the_scale_range(tmp_path):
@@ -141,7 +150,7 @@ def test_first_layer_saturation_folded_over_the_scale_range(tmp_path):
     from verifier.engine.decide import decide
     from verifier.engine.diffdecide import decide_from_float
     from verifier.engine.proof import decode, from_text
-    from verifier.engine.quantized_spec import QuantizedSpec, quantized_spec
+    from verifier.engine.quantized_spec import quantized_spec
     from verifier.engine.result import CERTIFIED
     from verifier.run.proofcheck import CHECKED, Problem, check_tree
 
@@ -156,17 +165,7 @@ def test_first_layer_saturation_folded_over_the_scale_range(tmp_path):
     if not int16_pair_sums():
         assert em.rounding[0].pairs is None
         return
-    wide = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
-    shift = em.chain.layers[0].bias - qs.chain.layers[0].bias
-    assert shift[0] > 0.1 and qs.errors[0][0][0] < 0.2 * wide[0]  # column 0 saturates
-    unshifted = QuantizedSpec(qs.spec, qs.errors, qs.region, em.chain)
-    pts = np.concatenate(list(region.enumerate()))
-    got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
-    outside = 0
-    for s, g in zip(pts, got, strict=True):
-        lo, hi = unshifted.interval(s)
-        outside += int(np.any((g < lo) | (g > hi)))
-    assert outside > 0
+    _check_shift_needed(runner, em, qs, region, 0.2)
     # the region-wide bound leaves the margin open; the folded one certifies, the decision
     # agrees with enumeration, and its proof re-checks on the spec the audit rebuilds
     whole = rounding_errors(em.chain, region, rounding=em.rounding)
