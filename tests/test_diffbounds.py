@@ -116,7 +116,9 @@ def test_difference_bound_is_tight_without_rounding(tiny):
     assert np.all(b.delta > -0.05), b.delta
 
 
-def _float_then_quantized(model, runner, em, chain, region, label, enum_limit):
+def float_then_quantized(model, runner, em, chain, region, label, enum_limit):
+    """The float decision (keeping its leaves), then, where it certifies, the quantized one
+    from its proof; both at `enum_limit`. (float decision, quantized decision or None)."""
     fd = decide(
         float_runner(model),
         chain,
@@ -155,7 +157,7 @@ def test_decisions_agree_with_enumeration(tiny, mode):
             region = _region(x, 10 + i, step, radius)
             label = int(runner.predict(x[None]).argmax())
             assert region.count(10**6) > 64
-            fd, d = _float_then_quantized(model, runner, em, chain, region, label, 64)
+            fd, d = float_then_quantized(model, runner, em, chain, region, label, 64)
             if d is None:
                 continue
             check_decision(d, runner, region, label)
@@ -179,7 +181,7 @@ def test_quantized_decision_stops_at_its_deadline(tiny):
         for step, radius in ((0.125, 0.75), (0.03125, 0.25)):
             region = _region(x, 10 + i, step, radius)
             label = int(runner.predict(x[None]).argmax())
-            fd, _ = _float_then_quantized(model, runner, em, chain, region, label, 64)
+            fd, _ = float_then_quantized(model, runner, em, chain, region, label, 64)
             if fd.status != CERTIFIED:
                 continue
             d = decide_from_float(
@@ -241,7 +243,7 @@ def test_wrong_error_model_is_caught(tiny):
         for i, x in enumerate(xs):
             region = _region(x, i, 0.125, 0.75)
             label = int(runner.predict(x[None]).argmax())
-            fd, d = _float_then_quantized(model, runner, wrong, chain, region, label, 0)
+            fd, d = float_then_quantized(model, runner, wrong, chain, region, label, 0)
             if d is None:
                 continue
             refused += "outside" in d.detail.get("differential", "")
@@ -303,7 +305,7 @@ def test_absorbed_float_leaves_agree_with_enumeration(tiny, tmp_path, mode):
     for i, x in enumerate(xs):
         region = _region(x, 10 + i, 0.125, 1.5)
         label = int(runner.predict(x[None]).argmax())
-        _, d = _float_then_quantized(model, runner, em, chain, region, label, 64)
+        _, d = float_then_quantized(model, runner, em, chain, region, label, 64)
         if d is None:
             continue
         check_decision(d, runner, region, label)
@@ -350,7 +352,7 @@ def test_diff_bab_keeps_a_proof_the_audit_rechecks(tiny, mode):
     for i, x in enumerate(xs):
         region = _region(x, 10 + i, 0.125, 1.5)
         label = int(runner.predict(x[None]).argmax())
-        fd, d = _float_then_quantized(model, runner, em, chain, region, label, 64)
+        fd, d = float_then_quantized(model, runner, em, chain, region, label, 64)
         if d is None or d.route != "diff-bab":
             continue
         check_decision(d, runner, region, label)

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from onnx_builders import cnn_pool_nhwc, mlp
+from test_diffbounds import float_then_quantized
 from test_engine import all_points, check_decision
 
 from quantize.error_model import error_model
@@ -188,13 +189,8 @@ def test_lattice_moving_every_top_value(tiny, mode):
             lo, hi = point_interval(em.chain, (out, [folded[1], *inputs[1:]]), x_q)
             assert np.all((g >= lo) & (g <= hi))
     label = int(float_runner(model).predict(x[None].astype(np.float32)).argmax())
-    fd = decide(
-        float_runner(model), chain, region, label, timeout=30.0, enum_limit=4, keep_leaves=True
-    )
+    fd, d = float_then_quantized(model, runner, em, chain, region, label, 4)
     assert fd.status == CERTIFIED
-    d = decide_from_float(
-        runner, chain, region, label, fd.detail["reuse"], em, timeout=30.0, enum_limit=4
-    )
     check_decision(d, runner, region, label)
     assert d.detail["input_fold"] == "4 sub-regions" and d.status == CERTIFIED
     _check_folded_proof(d, em, runner, region, label)

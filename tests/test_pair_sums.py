@@ -142,13 +142,11 @@ def test_first_layer_saturation_folded_over_the_scale_range(tmp_path):
     misses them. The region-wide bound leaves
     the margin open where the folded one certifies: the decision agrees with enumeration and
     its proof re-checks on the spec the audit rebuilds."""
+    from test_diffbounds import float_then_quantized
     from test_dynamic_input import check_spec_holds
     from test_engine import check_decision
 
-    from quantize.modes import float_runner
     from verifier.engine.bounds import linear_bounds, prepare_chain, spec_chain
-    from verifier.engine.decide import decide
-    from verifier.engine.diffdecide import decide_from_float
     from verifier.engine.proof import decode, from_text
     from verifier.engine.quantized_spec import quantized_spec
     from verifier.engine.result import CERTIFIED
@@ -173,13 +171,8 @@ def test_first_layer_saturation_folded_over_the_scale_range(tmp_path):
     assert linear_bounds(wide_spec, region.lo, region.hi).lower.min() < 0
     assert linear_bounds(qs.spec, region.lo, region.hi).lower.min() > 0
     chain = prepare_chain(model.network.lower())
-    fd = decide(
-        float_runner(model), chain, region, label, timeout=30.0, enum_limit=4, keep_leaves=True
-    )
+    fd, d = float_then_quantized(model, runner, em, chain, region, label, 4)
     assert fd.status == CERTIFIED
-    d = decide_from_float(
-        runner, chain, region, label, fd.detail["reuse"], em, timeout=30.0, enum_limit=4
-    )
     check_decision(d, runner, region, label)
     assert d.status == CERTIFIED and d.route == "bounds"
     proof = decode(from_text(d.detail["proof"]))
