@@ -902,10 +902,15 @@ def first_input_charge(spec: SpecChain, lam: np.ndarray) -> np.ndarray:
     half a quantized margin bound's time), else exactly |lam W| . step."""
     w0, step, per_neuron = spec.first_input
     charge = np.abs(lam) @ per_neuron
-    exact = charge > CHEAP_CHARGE
+    exact = _exact_first_input(charge)
     if exact.any():
         charge[exact] = np.abs(lam[exact] @ w0) @ step
     return charge
+
+
+def _exact_first_input(per_neuron_charge: np.ndarray) -> np.ndarray:
+    """The rows `first_input_charge` (and the slopes' gradient with it) charges exactly."""
+    return per_neuron_charge > CHEAP_CHARGE
 
 
 def _small_first_input(spec: SpecChain, pre: list) -> bool:
@@ -1039,7 +1044,7 @@ def _alpha_grads(
             grad = grad @ layer.weight.T + layer.bias
             if k == 0 and spec.first_input is not None:  # as `first_input_charge`
                 w0, step0, per_neuron = spec.first_input
-                exact = np.abs(lam_in) @ per_neuron > CHEAP_CHARGE
+                exact = _exact_first_input(np.abs(lam_in) @ per_neuron)
                 grad = grad - np.where(exact[:, None], 0.0, np.sign(lam_in) * per_neuron)
                 if exact.any():
                     grad[exact] -= (np.sign(lam_in[exact] @ w0) * step0) @ w0.T

@@ -36,7 +36,7 @@ def region_inputs(region: Region, coeffs: np.ndarray) -> np.ndarray:
     """
     s = np.asarray(coeffs, dtype=np.float64).reshape(-1, region.num_generators)
     d = region.directions
-    one, owner, many = getattr(region, "moved", None) or moved_columns(d)
+    one, owner, many = region.moved
     out = np.broadcast_to(region.x.astype(np.float32), (len(s), region.x.size)).copy()
     if len(one):
         out[:, one] = (region.x[one] + s[:, owner] * d[owner, one]).astype(np.float32)

@@ -190,12 +190,6 @@ def binary_shape(lo, hi, cost, cap: float) -> BinaryShape | None:
     return BinaryShape(c0, uni, n, int(odd[0]) if len(odd) else None, min(k + 1, n))
 
 
-def _binary_knapsack_min(a, const, lo, hi, p, cost, cap: float) -> np.ndarray | None:
-    """`_knapsack_min`'s values when the box has a `BinaryShape`, else None."""
-    out = _binary_knapsack(a, const, lo, hi, p, cost, cap)
-    return None if out is None else out[0]
-
-
 def _binary_knapsack(a, const, lo, hi, p, cost, cap: float):
     """`_knapsack_min`'s values when the box has a `BinaryShape` (a feature region's nodes),
     and each row's floor, the least uniform gain the greedy may take (its `top`-th best): a
