@@ -12,11 +12,15 @@ quantized to). Grid values pass Reshape / Transpose / MaxPool / Relu unchanged, 
 quantization to the same grid costs nothing; a grid whose lowest value is 0 after a weighted
 layer is a ReLU (the quantizer drops that ReLU), and one is added to the chain.
 
-What runs: onnxruntime's optimizer fuses each DequantizeLinear -> op -> QuantizeLinear group
-into QLinearConv / QLinearMatMul / QGemm and MatMulInteger groups into DynamicQuantizeMatMul.
-Those kernels accumulate in int32 exactly and requantize with one float multiplier, rounding to
-nearest even and saturating: the same value as the unfused graph up to float32 rounding, which
-the half step's margin (`verifier.engine.bounds.HALF_STEP`) and the per-layer float32 bound cover.
+What runs: onnxruntime's optimizer fuses DequantizeLinear -> op -> QuantizeLinear groups into
+QLinearConv / QLinearMatMul / QGemm and MatMulInteger groups into DynamicQuantizeMatMul, but not
+every group (the example CNN's second convolution stays a float Conv): which ones is read from
+the graph the optimizer writes out on this machine (`ort_runner.optimized_graph`). Fused kernels
+accumulate in int32 exactly (u8 x s8 ones in int16 pairs first, `quantize.cpu`) and requantize
+with one float multiplier, rounding to nearest even and saturating; an unfused group computes in
+float32 on the dequantized values. Both give the unfused graph's value up to float32 rounding
+(and the pair sums' saturation), which the half step's margin
+(`verifier.engine.bounds.HALF_STEP`) and the per-layer float32 bound cover.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from quantize.cpu import int16_pair_sums
+from quantize.ort_runner import FLOAT_WEIGHT_OPS, optimized_graph
 from quantize.quant_chain import Mark, PairMark, lower_marked, structural
 from quantize.rounding import ErrorModel, Grid, Rounding
 from verifier.engine.bounds import prepare_chain
@@ -41,6 +46,10 @@ RANGES = {
     np.dtype(np.int16): (-32768, 32767),
     np.dtype(np.uint16): (0, 65535),
 }
+
+# Float ops onnxruntime's optimizer makes of a float Conv / Gemm / MatMul (an activation or an
+# add fused in, a blocked layout): still float32 arithmetic.
+FUSED_FLOAT_OPS = ("FusedConv", "FusedGemm", "FusedMatMul", "NchwcConv")
 
 # What each kind of graph's rounding is, one line each (ErrorModel.how).
 HOW = {
@@ -69,6 +78,7 @@ def onnx_error_model(path: str | Path) -> ErrorModel:
 
     model = fold_constants(onnx.load(str(path)))
     walker = _Walker(model)
+    walker.float_run = float_weighted(optimized_graph(path))
     rounds = {i for n in model.graph.node if n.op_type == "Round" for i in n.input}
     walker.sim_divs = {n.output[0] for n in model.graph.node if n.op_type == "Div"} & rounds
     for node in model.graph.node:
@@ -108,6 +118,8 @@ class _Walker:
         self.marks: list[Mark] = []
         self.pairs: list[PairMark] = []  # layers run by integer kernels with int16 pair sums
         self.int8_weights: dict[str, np.ndarray] = {}  # DequantizeLinear'd int8 weights: scales
+        self.int8_source: dict[str, str] = {}  # ... and the int8 initializer each comes from
+        self.float_run: set[str] = set()  # int8 weights onnxruntime runs in a float op
         self.on_grid: Grid | None = None  # the running tensor's values lie on this grid
         self.dynamic = False  # the running tensor is quantized per run (DynamicQuantizeLinear)
         self.weighted = False  # a weighted layer since the last ReLU / max pool
@@ -136,8 +148,10 @@ class _Walker:
         else:
             grid = self.on_grid
             self._float(node, node)
-            if op in ("Conv", "Gemm", "MatMul") and node.input[1] in self.int8_weights:
-                self._pair(self.int8_weights[node.input[1]], grid, False)
+            w = node.input[1] if len(node.input) > 1 else ""
+            fused = w in self.int8_weights and self.int8_source[w] not in self.float_run
+            if op in FLOAT_WEIGHT_OPS and fused:  # an integer kernel: u8 x s8 pair sums
+                self._pair(self.int8_weights[w], grid, False)
         self.act = node.output[0]
 
     def _side(self, node: onnx.NodeProto) -> None:
@@ -148,6 +162,7 @@ class _Walker:
             zp = self.consts[node.input[2]] if len(node.input) > 2 and node.input[2] else 0
             if self.consts[node.input[0]].dtype == np.int8 and not np.any(zp):
                 self.int8_weights[node.output[0]] = self.consts[node.input[1]].reshape(-1)
+                self.int8_source[node.output[0]] = node.input[0]
         elif op == "Mul" and any(self.roles.get(i) == "scale" for i in node.input):
             other = [i for i in node.input if self.roles.get(i) != "scale"]
             if len(other) != 1 or other[0] not in self.consts:
@@ -369,6 +384,27 @@ class _Walker:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def float_weighted(optimized: onnx.ModelProto | None) -> set[str]:
+    """The int8 weight initializers whose DequantizeLinear still feeds a float Conv / Gemm /
+    MatMul in `optimized` (onnxruntime's optimized graph: a QDQ group it did not fuse runs in
+    float32, with no integer pair sums). Empty without a graph: every group counts as fused,
+    the side that charges more."""
+    if optimized is None:
+        return set()
+    graph = optimized.graph
+    int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    dq = {
+        n.output[0]: n.input[0]
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in int8
+    }
+    return {
+        dq[n.input[1]]
+        for n in graph.node
+        if n.op_type in FLOAT_WEIGHT_OPS + FUSED_FLOAT_OPS and len(n.input) > 1 and n.input[1] in dq
+    }
 
 
 def _run_time_input(r: Rounding) -> Rounding:

@@ -58,12 +58,11 @@ class OrtRunner:
         # the graph with its external data read in (and checked): onnxruntime loading a path
         # cannot infer shapes from external constants (a Reshape target) of such a graph
         proto = read_onnx(self.path)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = self.num_threads or 0
         try:
             self._session = ort.InferenceSession(
-                proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+                proto.SerializeToString(),
+                session_options(self.num_threads),
+                providers=["CPUExecutionProvider"],
             )
         except Exception as exc:  # onnxruntime's own exception types
             raise InputError(f"onnxruntime cannot load {self.path}: {_first_line(exc)}") from None
@@ -122,6 +121,36 @@ class OrtRunner:
                 "num_threads": self.num_threads or os.cpu_count(),
             },
         }
+
+
+def session_options(num_threads: int | None = None):
+    """The session options every runner uses (the optimizer at onnxruntime's default level:
+    what decides which QDQ groups it fuses into integer kernels)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = num_threads or 0
+    return opts
+
+
+def optimized_graph(path: str | Path) -> onnx.ModelProto | None:
+    """The graph onnxruntime runs for the file at `path` after its optimizer (fused QDQ groups,
+    layout changes), as a runner's session builds it on this machine; None when it cannot be
+    written out."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = session_options(1)
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        try:
+            proto = read_onnx(Path(path)).SerializeToString()
+            ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
+            return onnx.load(opts.optimized_model_filepath)
+        except Exception:  # onnxruntime's own exception types, or nothing written
+            return None
 
 
 def _first_line(exc: BaseException) -> str:

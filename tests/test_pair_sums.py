@@ -400,3 +400,32 @@ def test_conv_integer_does_not_saturate_in_a_graph(tmp_path):
         assert np.all((lo <= g) & (g <= hi))
     exact = forward_lowered(em.chain.layers, xs)
     assert np.max(np.abs(got - exact)) < 0.5  # saturating pairs would lose about half of 17
+
+
+def test_unfused_groups_run_in_float(tmp_path):
+    """onnxruntime's optimizer leaves the example CNN's second QDQ convolution a float Conv
+    (read from the graph it runs): that layer has no pair-sum term, the fused ones keep
+    theirs, and the runtime's logits lie within the model's bounds at every point of a small
+    region."""
+    from pathlib import Path
+
+    from test_error_model import _violations
+
+    from quantize.onnx_error_model import float_weighted
+    from quantize.ort_runner import optimized_graph
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "mnist_cnn.onnx"
+    model = load_model(example)
+    rng = np.random.default_rng(3)
+    calib = rng.random((32, *model.input_shape), dtype=np.float32)
+    runner = quantize_model(model, "ort-qdq", tmp_path, calib)
+    ran = optimized_graph(runner.path)
+    assert [n.op_type for n in ran.graph.node].count("Conv") == 1
+    assert len(float_weighted(ran)) == 1  # the second convolution's weights
+    em = error_model(runner, model.network.lower())
+    pairs = [r.pairs is not None for r in em.rounding if r is not None]
+    assert pairs == [int16_pair_sums(), False, int16_pair_sums()]
+    x = np.clip(rng.normal(0.8, 0.3, model.input_shape), 0, 1).reshape(-1)
+    region = lattice_region(x, np.array([300, 400, 500]), 0.125, 0.75)
+    bad, n = _violations(em, runner, region)
+    assert bad == 0 and n > 100
