@@ -51,6 +51,9 @@ RANGES = {
 # add fused in, a blocked layout): still float32 arithmetic.
 FUSED_FLOAT_OPS = ("FusedConv", "FusedGemm", "FusedMatMul", "NchwcConv")
 
+# onnxruntime's integer kernels with an activation zero point (input 2) and int8 weights (3)
+INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm")
+
 # What each kind of graph's rounding is, one line each (ErrorModel.how).
 HOW = {
     "static": (
@@ -78,7 +81,7 @@ def onnx_error_model(path: str | Path) -> ErrorModel:
 
     model = fold_constants(onnx.load(str(path)))
     walker = _Walker(model)
-    walker.float_run = float_weighted(optimized_graph(path))
+    walker.float_run, walker.unsigned = run_kernels(optimized_graph(path))
     rounds = {i for n in model.graph.node if n.op_type == "Round" for i in n.input}
     walker.sim_divs = {n.output[0] for n in model.graph.node if n.op_type == "Div"} & rounds
     for node in model.graph.node:
@@ -120,6 +123,7 @@ class _Walker:
         self.int8_weights: dict[str, np.ndarray] = {}  # DequantizeLinear'd int8 weights: scales
         self.int8_source: dict[str, str] = {}  # ... and the int8 initializer each comes from
         self.float_run: set[str] = set()  # int8 weights onnxruntime runs in a float op
+        self.unsigned: set[str] = set()  # ... in an integer kernel on a uint8 input
         self.on_grid: Grid | None = None  # the running tensor's values lie on this grid
         self.dynamic = False  # the running tensor is quantized per run (DynamicQuantizeLinear)
         self.weighted = False  # a weighted layer since the last ReLU / max pool
@@ -151,7 +155,7 @@ class _Walker:
             w = node.input[1] if len(node.input) > 1 else ""
             fused = w in self.int8_weights and self.int8_source[w] not in self.float_run
             if op in FLOAT_WEIGHT_OPS and fused:  # an integer kernel: u8 x s8 pair sums
-                self._pair(self.int8_weights[w], grid, False)
+                self._pair(self.int8_weights[w], grid, False, self.int8_source[w])
         self.act = node.output[0]
 
     def _side(self, node: onnx.NodeProto) -> None:
@@ -199,9 +203,12 @@ class _Walker:
             raise UnsupportedModelError(f"op {real.op_type} (node {real.name!r}) is not supported")
         self._add(HANDLERS[node.op_type](node, self.shape, self.consts))
 
-    def _pair(self, weight_scale: np.ndarray, grid: Grid | None, dynamic: bool) -> None:
+    def _pair(
+        self, weight_scale: np.ndarray, grid: Grid | None, dynamic: bool, weight: str = ""
+    ) -> None:
         """The layer just added runs as a u8 x s8 integer kernel (fused by onnxruntime when its
-        input is quantized): its int16 pair sums may saturate."""
+        input is quantized): its int16 pair sums may saturate. `weight`: its int8 initializer
+        (whether the kernel onnxruntime runs takes a uint8 input)."""
         if grid is None and not dynamic:
             return  # a float input: not fused, float32 arithmetic
         if not int16_pair_sums():
@@ -212,7 +219,8 @@ class _Walker:
             ws = ws.reshape((-1,) + (1,) * (len(shape) - 1))
         unit = np.broadcast_to(ws, shape).reshape(-1)
         offset = 0.0 if grid is None else -grid.lo / grid.scale
-        self.pairs.append(PairMark(len(self.layers) - 1, unit, grid, offset))
+        unsigned = grid is None or weight in self.unsigned
+        self.pairs.append(PairMark(len(self.layers) - 1, unit, grid, offset, unsigned))
 
     def _round(self, grid: Grid | None, levels: int = 255) -> None:
         """The running tensor is rounded here (an exact no-op when already on `grid`)."""
@@ -253,7 +261,7 @@ class _Walker:
         fake = helper.make_node(op, names, [node.output[0]], **extra)
         self._float(fake, node)
         if pair is not None:
-            self._pair(pair, grid, dynamic)
+            self._pair(pair, grid, dynamic, node.input[3] if len(node.input) > 3 else "")
         if out is not None:
             self._round(_grid(node, self.consts, *out))
 
@@ -386,25 +394,36 @@ class _Walker:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def float_weighted(optimized: onnx.ModelProto | None) -> set[str]:
-    """The int8 weight initializers whose DequantizeLinear still feeds a float Conv / Gemm /
-    MatMul in `optimized` (onnxruntime's optimized graph: a QDQ group it did not fuse runs in
-    float32, with no integer pair sums). Empty without a graph: every group counts as fused,
-    the side that charges more."""
+def run_kernels(optimized: onnx.ModelProto | None) -> tuple[set[str], set[str]]:
+    """(the int8 weight initializers whose DequantizeLinear still feeds a float Conv / Gemm /
+    MatMul in `optimized`, those an integer kernel takes with a uint8 input) in onnxruntime's
+    optimized graph: a QDQ group it did not fuse runs in float32, with no integer pair sums;
+    one it fused runs on uint8 when the kernel's input zero point is uint8 (onnxruntime turns
+    int8 activations into uint8 for its u8 x s8 kernels). Empty sets without a graph: every
+    group counts as fused and as possibly int8, the sides that charge more."""
     if optimized is None:
-        return set()
+        return set(), set()
     graph = optimized.graph
-    int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    types = {i.name: i.data_type for i in graph.initializer}
+    int8 = {name for name, t in types.items() if t == onnx.TensorProto.INT8}
     dq = {
         n.output[0]: n.input[0]
         for n in graph.node
         if n.op_type == "DequantizeLinear" and n.input[0] in int8
     }
-    return {
+    float_run = {
         dq[n.input[1]]
         for n in graph.node
         if n.op_type in FLOAT_WEIGHT_OPS + FUSED_FLOAT_OPS and len(n.input) > 1 and n.input[1] in dq
     }
+    unsigned = {
+        n.input[3]
+        for n in graph.node
+        if n.op_type in INTEGER_KERNELS
+        and len(n.input) > 3
+        and types.get(n.input[2]) == onnx.TensorProto.UINT8
+    }
+    return float_run, unsigned & int8
 
 
 def _run_time_input(r: Rounding) -> Rounding:

@@ -48,12 +48,14 @@ class Mark:
 @dataclass(frozen=True)
 class PairMark:
     """Layer `layer` runs as an integer kernel with int16 pair sums: its weight scale per
-    output value (flat), its integer input's grid (None: dynamic) and unsigned offset."""
+    output value (flat), its integer input's grid (None: dynamic), unsigned offset, and whether
+    the kernel is seen to take that input as uint8."""
 
     layer: int
     weight_scale: np.ndarray
     grid: Grid | None
     offset: float
+    unsigned: bool = False  # the kernel runs on uint8 (`PairSums.unsigned`)
 
 
 def structural(layer: Layer) -> bool:
@@ -165,7 +167,9 @@ def lower_marked(
             if np.array_equal(kernel, np.arange(len(order))):
                 kernel = np.arange(0)  # the Affine's own order
         known = None if kernel is None or not kernel.size else kernel
-        sums[k] = PairSums(unit, gain, shift, pm.grid, pm.offset, kernel is not None, known)
+        sums[k] = PairSums(
+            unit, gain, shift, pm.grid, pm.offset, kernel is not None, known, unsigned=pm.unsigned
+        )
     rounding: list = [None] * len(chain)
     for k, at in enumerate(affine_at):
         rounding[at] = Rounding(inputs=tuple(ins[k]), outputs=tuple(outs[k]), pairs=sums[k])

@@ -68,6 +68,11 @@ class PairSums:
     # charged (what each sign's loss moves the output by, one way:
     # `verifier.engine.quantized_spec.centre_pair_sums`)
     sign: int | np.ndarray = 0
+    # the kernel takes its input as uint8, as the graph onnxruntime runs shows (a run-time
+    # quantized input always): its loss is then the modelled one exactly
+    # (`verifier.engine.dynamic_input.fold_pair_sums` may fold it); an int8 input (zero point
+    # -128) may be run by kernels that saturate nothing, so only the two-sided bound holds
+    unsigned: bool = False
 
 
 @dataclass(frozen=True)

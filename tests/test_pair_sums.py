@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import pair_last_mlp, pair_mlp
 
@@ -334,10 +335,11 @@ def test_conv_kernels_pair_windows_as_kh_kw_c():
 
 
 def test_conv_pair_bound_holds_pointwise(tmp_path):
-    """A QDQ CNN whose convolution saturates its pair sums near x = 1: the runtime's logits lie
-    within the model's bounds (and the quantized spec's) at every point; without the pair term
-    they do not; the channel whose pairs are opposite-signed in (kh, kw, c) order is charged
-    nothing (its like-signed (c, kh, kw) pairs would saturate)."""
+    """A QDQ CNN whose convolution saturates its pair sums near x = 1 (onnxruntime runs it on
+    uint8): the runtime's logits lie within the model's bounds and within the quantized spec's,
+    whose fold moves the saturating channel's bias by its loss, at every point; without the
+    pair term they do not; the channel whose pairs are opposite-signed in (kh, kw, c) order is
+    charged nothing (its like-signed (c, kh, kw) pairs would saturate)."""
     from onnx_builders import pair_cnn
     from test_dynamic_input import check_spec_holds
 
@@ -369,8 +371,9 @@ def test_conv_pair_bound_holds_pointwise(tmp_path):
     if not int16_pair_sums():
         assert first.pairs is None
         return
-    assert first.pairs.adjacent and first.pairs.order.shape == (8, 18)
-    assert qs.chain is em.chain  # a fixed grid's saturation is not folded (see fold_pair_sums)
+    assert first.pairs.adjacent and first.pairs.order.shape == (8, 18) and first.pairs.unsigned
+    shift = em.chain.layers[0].bias - qs.chain.layers[0].bias  # the fold's: channel 0 only
+    assert np.all(shift[:4] > 1.0) and not np.any(shift[4:])
     charge = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
     assert np.all(charge[:4] > 10 * charge[4:])  # channel 0 charged, channel 1 float32 only
     no_pairs = ErrorModel(em.chain, [replace(first, pairs=None), *em.rounding[1:]], "no pairs")
@@ -411,7 +414,7 @@ def test_unfused_groups_run_in_float(tmp_path):
 
     from test_error_model import _violations
 
-    from quantize.onnx_error_model import float_weighted
+    from quantize.onnx_error_model import run_kernels
     from quantize.ort_runner import optimized_graph
 
     example = Path(__file__).resolve().parents[1] / "examples" / "mnist_cnn.onnx"
@@ -421,7 +424,8 @@ def test_unfused_groups_run_in_float(tmp_path):
     runner = quantize_model(model, "ort-qdq", tmp_path, calib)
     ran = optimized_graph(runner.path)
     assert [n.op_type for n in ran.graph.node].count("Conv") == 1
-    assert len(float_weighted(ran)) == 1  # the second convolution's weights
+    float_run, unsigned = run_kernels(ran)
+    assert len(float_run) == 1 and len(unsigned) == 2  # the second convolution; the others
     em = error_model(runner, model.network.lower())
     pairs = [r.pairs is not None for r in em.rounding if r is not None]
     assert pairs == [int16_pair_sums(), False, int16_pair_sums()]
@@ -429,3 +433,71 @@ def test_unfused_groups_run_in_float(tmp_path):
     region = lattice_region(x, np.array([300, 400, 500]), 0.125, 0.75)
     bad, n = _violations(em, runner, region)
     assert bad == 0 and n > 100
+
+
+def test_fixed_grid_saturation_folded_only_on_uint8_kernels(tmp_path):
+    """`pair_cnn`'s convolution saturates near x = 1. onnxruntime runs the QDQ file's on
+    uint8 (its int8 activations turned unsigned) and the QOperator file's on int8: the first is
+    folded (its bias moved by the loss), the second keeps the two-sided bound; the runtime's
+    logits lie within both specs at every point, and a fold forced on the int8 kernel is
+    wrong (that kernel does not saturate)."""
+    from onnx_builders import pair_cnn
+    from test_dynamic_input import check_spec_holds
+
+    from verifier.engine.quantized_spec import quantized_spec
+
+    if not int16_pair_sums():
+        return  # no pair sums on this CPU: nothing to fold (test_cpu_flags_match_the_kernel)
+    model = load_model(pair_cnn(tmp_path / "pair_cnn.onnx"))
+    calib = np.random.default_rng(0).uniform(0.9, 1.0, (64, 2, 4, 4)).astype(np.float32)
+    x = np.full(32, 0.98)
+    region = lattice_region(x, np.array([0, 5, 21, 30]), 1 / 64, 1 / 32)
+    for mode, unsigned in (("ort-qdq", True), ("ort-qoperator", False)):
+        runner = quantize_model(model, mode, tmp_path / mode, calib)
+        em = error_model(runner, model.network.lower())
+        pairs = em.rounding[0].pairs
+        assert pairs.unsigned == unsigned and pairs.grid is not None
+        label = int(np.argmax(runner.predict(x.reshape(1, 2, 4, 4).astype(np.float32))[0]))
+        qs = quantized_spec(em, region, label)
+        assert (qs.chain is not em.chain) == unsigned
+        check_spec_holds(runner, qs, region, label)
+    forced = replace(em.rounding[0], pairs=replace(pairs, unsigned=True))
+    wrong = quantized_spec(replace(em, rounding=[forced, *em.rounding[1:]]), region, label)
+    with pytest.raises(AssertionError):
+        check_spec_holds(runner, wrong, region, label)
+
+
+def test_example_cnn_qdq_folds_its_first_layer(tmp_path):
+    """The example CNN's QDQ file (its first convolution on uint8): on a region of a bright
+    image the first layer's saturation is folded (most of its windows do not move: their loss
+    is exact), the root bound rises, and the runtime's logits lie within the spec at every
+    point."""
+    from pathlib import Path
+
+    from test_dynamic_input import check_spec_holds
+
+    from verifier.engine.bounds import linear_bounds
+    from verifier.engine.quantized_spec import quantized_spec
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "mnist_cnn.onnx"
+    model = load_model(example)
+    rng = np.random.default_rng(5)
+    runner = quantize_model(
+        model, "ort-qdq", tmp_path, rng.random((32, *model.input_shape), dtype=np.float32)
+    )
+    em = error_model(runner, model.network.lower())
+    x = np.clip(rng.normal(0.7, 0.4, model.input_shape), 0, 1).reshape(-1)
+    region = lattice_region(x, np.array([300, 330, 400, 430]), 0.125, 0.5)
+    label = int(np.argmax(runner.predict(x.reshape(1, *model.input_shape).astype(np.float32))))
+    qs = quantized_spec(em, region, label)
+    if not int16_pair_sums():
+        assert em.rounding[0].pairs is None
+        return
+    assert qs.chain is not em.chain and em.rounding[0].pairs.unsigned
+    bound = check_spec_holds(runner, qs, region, label)
+    first = em.rounding[0]
+    int8_kernel = replace(first, pairs=replace(first.pairs, unsigned=False))
+    unfolded = replace(em, rounding=[int8_kernel, *em.rounding[1:]])
+    before = quantized_spec(unfolded, region, label)
+    was = linear_bounds(before.spec, before.region.lo, before.region.hi)
+    assert np.min(bound.lower) > np.min(was.lower) + 1.0

@@ -59,19 +59,26 @@ def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | No
     and every such scale. The loss times the scale has a range per row: its middle goes into
     the first layer's bias, half its width is the bound left (`known`); that loss is a
     systematic shift of 0.1-0.3 per neuron on the MNIST MLP, bounded by 0.7 both ways over a
-    region. Only where the kernel was seen to saturate as modelled (MatMulInteger on uint8,
-    checked pointwise on the runtime): a shift is wrong where it does not (a static int8
-    input: the MNIST CNN's QOperator logits left such a spec at x), where the two-sided bound
-    is merely loose. `model` itself when there is nothing to fold."""
+    region. A static first layer whose input grid is folded (`folded = fold_input_grid(model,
+    region)`) has its integers fixed by the grid: their ranges give the loss alike. Only where
+    the kernel takes its input as uint8 (`PairSums.unsigned`: run-time quantization, or a
+    fixed grid onnxruntime runs on uint8), where it saturates as modelled (checked pointwise
+    on the runtime): a shift is wrong where it does not (a static int8 input: the MNIST CNN's
+    QOperator logits left such a spec at x), where the two-sided bound is merely loose.
+    `model` itself when there is nothing to fold."""
     r = model.rounding[0] if model.rounding else None
     p = r.pairs if r is not None else None
-    if p is None or p.known is not None or not p.adjacent or p.grid is not None:
+    if p is None or p.known is not None or not p.adjacent or not p.unsigned:
         return model
-    if not r.dynamic_input or r.symmetric_input or not isinstance(model.chain.layers[0], Affine):
+    if not isinstance(model.chain.layers[0], Affine):
+        return model
+    if p.grid is None and (not r.dynamic_input or r.symmetric_input):
+        return model
+    if p.grid is not None and (folded is None or p.grid != _input_grid(model)):
         return model
     if not (np.all(np.asarray(p.gain) == 1.0) and np.all(np.asarray(p.shift) == 0.0)):
         return model
-    ints = _integer_range(region, folded)
+    ints = _integer_range(region, folded, p)
     if ints is None:
         return model
     a_lo, a_hi, s_lo, s_hi = ints
@@ -104,10 +111,18 @@ def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | No
     return replace(model, chain=chain, rounding=[first, *model.rounding[1:]])
 
 
-def _integer_range(region: Region, folded: tuple[Region, np.ndarray] | None):
+def _integer_range(region: Region, folded: tuple[Region, np.ndarray] | None, pairs=None):
     """(lowest, highest uint8 integer per input, lowest, highest scale) of the first layer's
-    run-time quantization on `region` (`fold_pair_sums`); None when a value may be negative
-    or the row may be all zeros."""
+    quantization on `region` (`fold_pair_sums`): to `pairs.grid` (fixed, with `folded` =
+    `fold_input_grid`'s), else at run time; None when a run-time value may be negative or the
+    row may be all zeros."""
+    if pairs is not None and pairs.grid is not None:  # the grid's integers, offset to uint8
+        region_q, residual = folded
+        lo, hi = _value_range(region_q)
+        step, offset = pairs.grid.scale, pairs.offset
+        a_lo = np.ceil((lo - residual) / step + offset - SLACK)
+        a_hi = np.floor((hi + residual) / step + offset + SLACK)
+        return np.clip(a_lo, 0.0, LEVELS), np.clip(a_hi, 0.0, LEVELS), step, step
     lo, hi = _value_range(region)
     s_lo, s_hi = float(lo.max()) / LEVELS, float(hi.max()) / LEVELS
     if folded is not None:  # a fixed scale: the runtime's value is within `residual` of these

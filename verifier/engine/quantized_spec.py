@@ -70,7 +70,7 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
     folded = fold_input_grid(model, region)
     if folded is None:
         folded = fold_first_input(model, region)
-        model = fold_pair_sums(model, region, folded)  # the scale fixed, or over its range
+    model = fold_pair_sums(model, region, folded)  # the scale fixed, or over its range
     on = region if folded is None else folded[0]
     left = None if folded is None else folded[1]
 
