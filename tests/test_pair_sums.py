@@ -93,6 +93,13 @@ def _dynamic_pair_model(tmp_path):
     return model, runner, em, x
 
 
+def _first_layer_shift(em, qs) -> np.ndarray:
+    """How far the quantized spec's chain moves the first layer's outputs at its region's x
+    from the error model's (the loss its saturation folds in)."""
+    a, b, x = em.chain.layers[0], qs.chain.layers[0], qs.region.x
+    return (a.weight @ x + a.bias) - (b.weight @ x + b.bias)
+
+
 def _check_shift_needed(runner, em, qs, region, narrow: float) -> None:
     """Column 0 saturates: the spec's first-layer bound is under `narrow` of the region-wide
     one with its middle shifted into the bias, and without that shift (the narrow bound alone)
@@ -100,7 +107,7 @@ def _check_shift_needed(runner, em, qs, region, narrow: float) -> None:
     from verifier.engine.quantized_spec import QuantizedSpec
 
     wide = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
-    shift = em.chain.layers[0].bias - qs.chain.layers[0].bias
+    shift = _first_layer_shift(em, qs)
     assert shift[0] > 0.1 and qs.errors[0][0][0] < narrow * wide[0]
     unshifted = QuantizedSpec(qs.spec, qs.errors, qs.region, em.chain)
     pts = np.concatenate(list(region.enumerate()))
@@ -372,9 +379,13 @@ def test_conv_pair_bound_holds_pointwise(tmp_path):
         assert first.pairs is None
         return
     assert first.pairs.adjacent and first.pairs.order.shape == (8, 18) and first.pairs.unsigned
-    shift = em.chain.layers[0].bias - qs.chain.layers[0].bias  # the fold's: channel 0 only
-    assert np.all(shift[:4] > 1.0) and not np.any(shift[4:])
+    shift = _first_layer_shift(em, qs)  # the fold's: channel 0 only
+    assert np.all(shift[:4] > 1.0) and np.allclose(shift[4:], 0.0, atol=1e-9)
+    # at x = 0.98 channel 0's like-signed pairs saturate at every point: exact, weights 0
+    zeroed = (em.chain.layers[0].weight != 0) & (qs.chain.layers[0].weight == 0)
+    assert np.all(zeroed[:4].sum(axis=1) >= 2) and not np.any(zeroed[4:])
     charge = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
+    assert np.all(qs.errors[0][0][:4] < 0.5 * charge[:4])
     assert np.all(charge[:4] > 10 * charge[4:])  # channel 0 charged, channel 1 float32 only
     no_pairs = ErrorModel(em.chain, [replace(first, pairs=None), *em.rounding[1:]], "no pairs")
     assert misses(no_pairs) > 0

@@ -66,18 +66,10 @@ def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | No
     on the runtime): a shift is wrong where it does not (a static int8 input: the MNIST CNN's
     QOperator logits left such a spec at x), where the two-sided bound is merely loose.
     `model` itself when there is nothing to fold."""
-    r = model.rounding[0] if model.rounding else None
-    p = r.pairs if r is not None else None
-    if p is None or p.known is not None or not p.adjacent or not p.unsigned:
+    r = _foldable_pairs(model, folded)
+    if r is None:
         return model
-    if not isinstance(model.chain.layers[0], Affine):
-        return model
-    if p.grid is None and (not r.dynamic_input or r.symmetric_input):
-        return model
-    if p.grid is not None and (folded is None or p.grid != _input_grid(model)):
-        return model
-    if not (np.all(np.asarray(p.gain) == 1.0) and np.all(np.asarray(p.shift) == 0.0)):
-        return model
+    p = r.pairs
     ints = _integer_range(region, folded, p)
     if ints is None:
         return model
@@ -109,6 +101,68 @@ def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | No
     )
     first = replace(r, pairs=replace(p, known=known))
     return replace(model, chain=chain, rounding=[first, *model.rounding[1:]])
+
+
+def exact_saturated_pairs(model, region: Region, folded: tuple[Region, np.ndarray] | None):
+    """`model` with the first layer's int16 pairs that saturate at every point of `region` made
+    exact: such a pair adds 32767 (or -32768) whatever its inputs, so its two weights in that
+    row become 0 and the constant goes into the bias, where `fold_pair_sums` would charge the
+    whole range of its loss. Needs the integers fixed per point (`folded`: the input grid or a
+    fixed run-time scale) and the kernel as modelled (`fold_pair_sums`' conditions); `model`
+    itself otherwise or when no pair always saturates."""
+    r = _foldable_pairs(model, folded)
+    if r is None or folded is None:
+        return model
+    p = r.pairs
+    ints = _integer_range(region, folded, p)
+    if ints is None:
+        return model
+    a_lo, a_hi, scale, _ = ints
+    layer = model.chain.layers[0]
+    unit = np.broadcast_to(np.asarray(p.unit, dtype=np.float64), layer.bias.shape)
+    qi = np.round(layer.weight / unit[:, None])
+    if np.max(np.abs(layer.weight / unit[:, None] - qi), initial=0.0) > 1e-3:
+        return model  # not integer weights times a scale per row
+    ends = qi * a_lo[None, :], qi * a_hi[None, :]
+    cols = np.broadcast_to(np.arange(1.0, qi.shape[1] + 1.0), qi.shape)
+    s_min, s_max, at = in_kernel_order(p.order, np.minimum(*ends), np.maximum(*ends), cols)
+    top = s_min[:, 0::2] + s_min[:, 1::2] >= INT16[1]
+    bottom = s_max[:, 0::2] + s_max[:, 1::2] <= INT16[0]
+    rows, m = np.nonzero(top | bottom)
+    if not len(rows):
+        return model
+    ca, cb = at[rows, 2 * m].astype(int) - 1, at[rows, 2 * m + 1].astype(int) - 1
+    if np.any(ca < 0) or np.any(cb < 0):
+        return model  # a lone product cannot saturate: the order is not as modelled
+    value = np.where(top[rows, m], INT16[1], INT16[0])
+    const = unit[rows] * scale * (value - p.offset * (qi[rows, ca] + qi[rows, cb]))
+    weight, bias = layer.weight.copy(), layer.bias.copy()
+    weight[rows, ca] = weight[rows, cb] = 0.0
+    np.add.at(bias, rows, const)
+    chain = replace(
+        model.chain,
+        layers=[Affine(weight, bias), *model.chain.layers[1:]],
+        absw=[np.abs(weight), *model.chain.absw[1:]],
+    )
+    return replace(model, chain=chain)
+
+
+def _foldable_pairs(model, folded):
+    """The first layer's Rounding when its pair sums' saturation is as modelled and its
+    integers are known per region (`fold_pair_sums`), else None."""
+    r = model.rounding[0] if model.rounding else None
+    p = r.pairs if r is not None else None
+    if p is None or p.known is not None or not p.adjacent or not p.unsigned:
+        return None
+    if not isinstance(model.chain.layers[0], Affine):
+        return None
+    if p.grid is None and (not r.dynamic_input or r.symmetric_input):
+        return None
+    if p.grid is not None and (folded is None or p.grid != _input_grid(model)):
+        return None
+    if not (np.all(np.asarray(p.gain) == 1.0) and np.all(np.asarray(p.shift) == 0.0)):
+        return None
+    return r
 
 
 def _integer_range(region: Region, folded: tuple[Region, np.ndarray] | None, pairs=None):

@@ -21,6 +21,7 @@ from verifier.engine.bounds import (
     spec_chain,
 )
 from verifier.engine.dynamic_input import (
+    exact_saturated_pairs,
     fold_first_input,
     fold_input_grid,
     fold_pair_sums,
@@ -70,6 +71,7 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
     folded = fold_input_grid(model, region)
     if folded is None:
         folded = fold_first_input(model, region)
+    model = exact_saturated_pairs(model, region, folded)  # saturated everywhere: exact
     model = fold_pair_sums(model, region, folded)  # the scale fixed, or over its range
     on = region if folded is None else folded[0]
     left = None if folded is None else folded[1]
