@@ -113,10 +113,16 @@ class ErrorModel:
 
 
 def _kind(r: Rounding) -> str:
+    """What one Affine layer's rounding is, for reports; with its kernel's int16 pair sums
+    (`PairSums`) where it has them."""
     if r.dynamic_input or any(e.grid is None for e in r.inputs):
-        return "dynamic int8 input"
-    if r.output_grid is not None or any(e.grid is not None for e in r.outputs):
-        return "static int8"
-    if any(e.grid is not None for e in r.inputs):
-        return "quantized input"
-    return "float32"
+        kind = "dynamic int8 input"
+    elif r.output_grid is not None or any(e.grid is not None for e in r.outputs):
+        kind = "static int8"
+    elif any(e.grid is not None for e in r.inputs):
+        kind = "quantized input"
+    else:
+        kind = "float32"
+    if r.pairs is not None:
+        kind += " with int16 pair sums" + (" (uint8 kernel)" if r.pairs.unsigned else "")
+    return kind

@@ -440,6 +440,9 @@ def test_unfused_groups_run_in_float(tmp_path):
     em = error_model(runner, model.network.lower())
     pairs = [r.pairs is not None for r in em.rounding if r is not None]
     assert pairs == [int16_pair_sums(), False, int16_pair_sums()]
+    fused = "static int8 with int16 pair sums (uint8 kernel)" if int16_pair_sums() else None
+    kinds = em.describe()["affine_layers"]
+    assert kinds == [fused or "static int8", "static int8", fused or "static int8"]
     x = np.clip(rng.normal(0.8, 0.3, model.input_shape), 0, 1).reshape(-1)
     region = lattice_region(x, np.array([300, 400, 500]), 0.125, 0.75)
     bad, n = _violations(em, runner, region)
