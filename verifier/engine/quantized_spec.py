@@ -24,6 +24,7 @@ from verifier.engine.dynamic_input import (
     fold_first_input,
     fold_input_grid,
     fold_pair_sums,
+    pair_weights,
     split_for_fold,
 )
 from verifier.engine.network import Affine, Relu
@@ -189,9 +190,9 @@ def fold_parts(
             chain=replace(centred.chain, layers=layers),
             rounding=[r, *centred.rounding[1:]],
         )
-    specs = []
+    specs, weights = [], None if bare is None else pair_weights(base)  # the same in every part
     for part, (region_q, residual) in zip(parts, folds, strict=True):
-        m = base if bare is None else fold_pair_sums(base, part, (region_q, residual))
+        m = base if bare is None else fold_pair_sums(base, part, (region_q, residual), weights)
         if m is base:  # nothing folded in the part: the whole region's first layer and bound
             m, first = centred, out[0]
         else:
