@@ -83,6 +83,51 @@ def test_adjacent_pair_bound_holds_pointwise(tmp_path):
     assert errors[0][0][1] == free[1] and errors[0][0][0] > free[0]
 
 
+def test_pair_weights_keep_every_pair_that_can_saturate():
+    """The pairs `dynamic_input.pair_weights` keeps (like-signed, |q1| + |q2| > 128: 255 x 128
+    < 32767) give the same loss range (`pair_loss_range`) as every pair of the kernel's K
+    order: odd K padded with a 0, one order for all rows, one per row, or none; a pair of 64 and
+    65 at 255 saturates and is kept, one of 64 and 64 cannot and is left out."""
+    from types import SimpleNamespace
+
+    from quantize.rounding import PairSums, Rounding
+    from verifier.engine.bounds import in_kernel_order
+    from verifier.engine.dynamic_input import INT16, pair_loss_range, pair_weights
+    from verifier.engine.network import Affine
+
+    rng = np.random.default_rng(1)
+    rows, k = 40, 7
+    q = rng.integers(-127, 128, (rows, k)).astype(np.float64)
+    q[:3] = 0.0
+    q[:3, :2] = [[64, 65], [64, 64], [-64, -65]]
+    unit = rng.uniform(0.001, 0.01, rows)
+    per_row = np.array([rng.permutation(k) for _ in range(rows)])
+    per_row[:3] = np.arange(k)
+    for order in (per_row, np.arange(k)[::-1].copy(), None):
+        pairs = PairSums(unit, 1.0, 0.0, None, adjacent=True, order=order)
+        model = SimpleNamespace(
+            rounding=[Rounding(dynamic_input=True, pairs=pairs)],
+            chain=SimpleNamespace(layers=[Affine(q * unit[:, None], np.zeros(rows))]),
+        )
+        w = pair_weights(model)
+        assert w is not None and 0 < len(w.row) < rows * 4
+        for a_lo, a_hi in [(np.full(k, 255.0), np.full(k, 255.0))] + [
+            np.sort(rng.integers(0, 256, (2, k)), axis=0).astype(np.float64) for _ in range(20)
+        ]:
+            ends = q * a_lo, q * a_hi
+            s_min, s_max = in_kernel_order(order, np.minimum(*ends), np.maximum(*ends))
+            want = []
+            for s in (s_min, s_max):
+                pair = s[:, 0::2] + s[:, 1::2]
+                want.append((pair - np.clip(pair, *INT16)).sum(axis=1))
+            got = pair_loss_range(w, a_lo, a_hi)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        if order is not None and order.ndim == 2:
+            assert 0 in w.row and 2 in w.row and 1 not in w.row
+            top = pair_loss_range(w, np.full(k, 255.0), np.full(k, 255.0))[1]
+            assert list(top[:3]) == [129 * 255 - 32767, 0, -(129 * 255 - 32768)]
+
+
 def _dynamic_pair_model(tmp_path):
     """`pair_mlp` quantized by ONNX Runtime's dynamic mode (its first layer quantizes its input
     per run) and inputs near 1 on the 1/255 grid, the first one at 1."""

@@ -15,11 +15,11 @@ everywhere: its rounding and clamp are folded the same way, with no sub-regions.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from verifier.engine.bounds import U32, in_kernel_order
+from verifier.engine.bounds import U32
 from verifier.engine.network import Affine
 from verifier.engine.regions import EPS, Region
 
@@ -48,7 +48,74 @@ def fold_first_input(model, region: Region) -> tuple[Region, np.ndarray] | None:
     return _fold(region, lambda v: _rounding(v, scale), scale * (0.5 + SLACK), scale)
 
 
-def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | None = None):
+@dataclass(frozen=True)
+class PairWeights:
+    """A first layer's kernel pairs that can saturate (`quantize.rounding.PairSums`: inputs 2m,
+    2m+1 of its K order; like-signed integer weights with |q1| + |q2| > 128, as 255 x 128 <
+    32767): each as its row, its two inputs and their integer weights. What `fold_pair_sums`
+    bounds the loss from, the same for every sub-region of a fold (computed once)."""
+
+    rows: int
+    row: np.ndarray  # (P,) the output row of each pair
+    first: np.ndarray  # (P,) its inputs (the layer's input index)
+    second: np.ndarray
+    q1: np.ndarray  # (P,) their integer weights
+    q2: np.ndarray
+
+
+def pair_weights(model) -> PairWeights | None:
+    """The first layer's `PairWeights` where `fold_pair_sums` applies (ONNX Runtime's u8 x s8
+    kernels with pairs known, run on uint8: `_pair_rounding`; integer weights times a scale
+    per row); None elsewhere."""
+    r = _pair_rounding(model)
+    if r is None:
+        return None
+    p, layer = r.pairs, model.chain.layers[0]
+    q = layer.weight / p.unit[:, None]
+    qi = np.round(q)
+    if np.max(np.abs(q - qi), initial=0.0) > 1e-3:
+        return None  # not integer weights times a scale per row
+    rows, k = qi.shape
+    index = np.arange(k) if p.order is None else np.asarray(p.order, dtype=np.int64)
+    index = np.broadcast_to(np.atleast_2d(index), (rows, index.shape[-1]))
+    if index.shape[1] % 2:  # an odd K: the last pair's second input is a 0 (weight 0)
+        index = np.pad(index, ((0, 0), (0, 1)), constant_values=k)
+    qo = np.take_along_axis(np.pad(qi, ((0, 0), (0, 1))), index, axis=1)
+    q1, q2 = qo[:, 0::2], qo[:, 1::2]
+    row, m = np.nonzero((q1 * q2 > 0) & (np.abs(q1) + np.abs(q2) > 128.0))
+    first, second = index[row, 2 * m], index[row, 2 * m + 1]
+    return PairWeights(rows, row, first, second, q1[row, m], q2[row, m])
+
+
+def pair_sum_range(w: PairWeights, a_lo: np.ndarray, a_hi: np.ndarray):
+    """(lowest, highest) sum of each pair when each input's integer lies in [a_lo, a_hi]
+    (>= 0): a positive weight times the integers' ends, a negative one times them swapped."""
+    a_lo, a_hi = np.append(a_lo, 0.0), np.append(a_hi, 0.0)  # the padding input is 0
+
+    def ends(q, i):
+        return np.where(q > 0, q * a_lo[i], q * a_hi[i]), np.where(q > 0, q * a_hi[i], q * a_lo[i])
+
+    (lo1, hi1), (lo2, hi2) = ends(w.q1, w.first), ends(w.q2, w.second)
+    return lo1 + lo2, hi1 + hi2
+
+
+def pair_loss_range(w: PairWeights, a_lo: np.ndarray, a_hi: np.ndarray):
+    """(lowest, highest) int16 saturation loss per row when each input's integer lies in
+    [a_lo, a_hi]: each pair's loss S - clip(S) is nondecreasing in its sum S."""
+
+    def loss(pair: np.ndarray) -> np.ndarray:
+        return np.bincount(w.row, pair - np.clip(pair, *INT16), minlength=w.rows)
+
+    lo, hi = pair_sum_range(w, a_lo, a_hi)
+    return loss(lo), loss(hi)
+
+
+def fold_pair_sums(
+    model,
+    region: Region,
+    folded: tuple[Region, np.ndarray] | None = None,
+    weights: PairWeights | None = None,
+):
     """`model` with its first layer's int16 pair-sum saturation (`quantize.rounding.PairSums`:
     ONNX Runtime's u8 x s8 kernels, pairs known, a run-time uint8 input) folded in on `region`:
     each input's integer lies in a known range, and each pair's loss S - clip(S) (nondecreasing
@@ -65,28 +132,19 @@ def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | No
     fixed grid onnxruntime runs on uint8), where it saturates as modelled (checked pointwise
     on the runtime): a shift is wrong where it does not (a static int8 input: the MNIST CNN's
     QOperator logits left such a spec at x), where the two-sided bound is merely loose.
+    `weights`: `pair_weights(model)` when already computed (a fold's parts).
     `model` itself when there is nothing to fold."""
-    r = _foldable_pairs(model, folded)
-    if r is None:
+    weights = pair_weights(model) if weights is None else weights
+    p = model.rounding[0].pairs if weights is not None else None
+    if p is None or (p.grid is not None and folded is None):
         return model
-    p = r.pairs
     ints = _integer_range(region, folded, p)
     if ints is None:
         return model
     a_lo, a_hi, s_lo, s_hi = ints
-    layer = model.chain.layers[0]
-    q = layer.weight / p.unit[:, None]
-    qi = np.round(q)
-    if np.max(np.abs(q - qi), initial=0.0) > 1e-3:
-        return model  # not integer weights times a scale per row
-    ends = qi * a_lo[None, :], qi * a_hi[None, :]
-    s_min, s_max = in_kernel_order(p.order, np.minimum(*ends), np.maximum(*ends))
-
-    def loss(s: np.ndarray) -> np.ndarray:
-        pair = s[:, 0::2] + s[:, 1::2]
-        return (pair - np.clip(pair, *INT16)).sum(axis=1)
-
-    l_lo, l_hi = loss(s_min), loss(s_max)
+    r = model.rounding[0]
+    p, layer = r.pairs, model.chain.layers[0]
+    l_lo, l_hi = pair_loss_range(weights, a_lo, a_hi)
     # the loss in output units, loss * scale: its ends over both ranges
     low = np.minimum(l_lo * s_lo, l_lo * s_hi)
     high = np.maximum(l_hi * s_lo, l_hi * s_hi)
@@ -103,62 +161,70 @@ def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | No
     return replace(model, chain=chain, rounding=[first, *model.rounding[1:]])
 
 
-def exact_saturated_pairs(model, region: Region, folded: tuple[Region, np.ndarray] | None):
-    """`model` with the first layer's int16 pairs that saturate at every point of `region` made
-    exact: such a pair adds 32767 (or -32768) whatever its inputs, so its two weights in that
-    row become 0 and the constant goes into the bias, where `fold_pair_sums` would charge the
-    whole range of its loss. Needs the integers fixed per point (`folded`: the input grid or a
-    fixed run-time scale) and the kernel as modelled (`fold_pair_sums`' conditions); `model`
-    itself otherwise or when no pair always saturates."""
-    r = _foldable_pairs(model, folded)
-    if r is None or folded is None:
-        return model
-    p = r.pairs
+def exact_saturated_pairs(
+    model,
+    region: Region,
+    folded: tuple[Region, np.ndarray] | None,
+    weights: PairWeights | None = None,
+):
+    """(`model` with the first layer's int16 pairs that saturate at every point of `region`
+    made exact, the `PairWeights` left): such a pair adds 32767 (or -32768) whatever its
+    inputs, so its two weights in that row become 0 and the constant goes into the bias, where
+    `fold_pair_sums` would charge the whole range of its loss. Needs the integers fixed per
+    point (`folded`: the input grid or a fixed run-time scale) and the kernel as modelled
+    (`pair_weights`, computed when not given); `model` itself otherwise or when no pair always
+    saturates."""
+    weights = pair_weights(model) if weights is None else weights
+    if weights is None or folded is None:
+        return model, weights
+    p = model.rounding[0].pairs
     ints = _integer_range(region, folded, p)
     if ints is None:
-        return model
+        return model, weights
     a_lo, a_hi, scale, _ = ints
+    lo, hi = pair_sum_range(weights, a_lo, a_hi)
+    top, bottom = lo >= INT16[1], hi <= INT16[0]
+    sat = top | bottom
+    if not sat.any():
+        return model, weights
+    row, first, second = weights.row[sat], weights.first[sat], weights.second[sat]
+    value = np.where(top[sat], INT16[1], INT16[0])
+    unit = np.broadcast_to(np.asarray(p.unit, dtype=np.float64), (weights.rows,))[row]
+    const = unit * scale * (value - p.offset * (weights.q1[sat] + weights.q2[sat]))
     layer = model.chain.layers[0]
-    unit = np.broadcast_to(np.asarray(p.unit, dtype=np.float64), layer.bias.shape)
-    qi = np.round(layer.weight / unit[:, None])
-    if np.max(np.abs(layer.weight / unit[:, None] - qi), initial=0.0) > 1e-3:
-        return model  # not integer weights times a scale per row
-    ends = qi * a_lo[None, :], qi * a_hi[None, :]
-    cols = np.broadcast_to(np.arange(1.0, qi.shape[1] + 1.0), qi.shape)
-    s_min, s_max, at = in_kernel_order(p.order, np.minimum(*ends), np.maximum(*ends), cols)
-    top = s_min[:, 0::2] + s_min[:, 1::2] >= INT16[1]
-    bottom = s_max[:, 0::2] + s_max[:, 1::2] <= INT16[0]
-    rows, m = np.nonzero(top | bottom)
-    if not len(rows):
-        return model
-    ca, cb = at[rows, 2 * m].astype(int) - 1, at[rows, 2 * m + 1].astype(int) - 1
-    if np.any(ca < 0) or np.any(cb < 0):
-        return model  # a lone product cannot saturate: the order is not as modelled
-    value = np.where(top[rows, m], INT16[1], INT16[0])
-    const = unit[rows] * scale * (value - p.offset * (qi[rows, ca] + qi[rows, cb]))
     weight, bias = layer.weight.copy(), layer.bias.copy()
-    weight[rows, ca] = weight[rows, cb] = 0.0
-    np.add.at(bias, rows, const)
+    weight[row, first] = weight[row, second] = 0.0
+    np.add.at(bias, row, const)
     chain = replace(
         model.chain,
         layers=[Affine(weight, bias), *model.chain.layers[1:]],
         absw=[np.abs(weight), *model.chain.absw[1:]],
     )
-    return replace(model, chain=chain)
+    keep = ~sat
+    left = PairWeights(
+        weights.rows,
+        weights.row[keep],
+        weights.first[keep],
+        weights.second[keep],
+        weights.q1[keep],
+        weights.q2[keep],
+    )
+    return replace(model, chain=chain), left
 
 
-def _foldable_pairs(model, folded):
-    """The first layer's Rounding when its pair sums' saturation is as modelled and its
-    integers are known per region (`fold_pair_sums`), else None."""
+def _pair_rounding(model):
+    """The first layer's Rounding when its pair sums' saturation is as modelled (the kernel
+    runs on uint8, pairs in a known order, the input plain: a run-time quantization, or the
+    model's fixed input grid), else None."""
     r = model.rounding[0] if model.rounding else None
     p = r.pairs if r is not None else None
-    if p is None or p.known is not None or not p.adjacent or not p.unsigned:
+    if p is None or p.known is not None or not p.adjacent:
         return None
     if not isinstance(model.chain.layers[0], Affine):
         return None
     if p.grid is None and (not r.dynamic_input or r.symmetric_input):
-        return None
-    if p.grid is not None and (folded is None or p.grid != _input_grid(model)):
+        return None  # a run-time quantized input is uint8
+    if p.grid is not None and (not p.unsigned or p.grid != _input_grid(model)):
         return None
     if not (np.all(np.asarray(p.gain) == 1.0) and np.all(np.asarray(p.shift) == 0.0)):
         return None

@@ -25,6 +25,7 @@ from verifier.engine.dynamic_input import (
     fold_first_input,
     fold_input_grid,
     fold_pair_sums,
+    pair_weights,
     split_for_fold,
 )
 from verifier.engine.network import Affine, Relu
@@ -71,8 +72,8 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
     folded = fold_input_grid(model, region)
     if folded is None:
         folded = fold_first_input(model, region)
-    model = exact_saturated_pairs(model, region, folded)  # saturated everywhere: exact
-    model = fold_pair_sums(model, region, folded)  # the scale fixed, or over its range
+    model, weights = exact_saturated_pairs(model, region, folded)  # saturated everywhere
+    model = fold_pair_sums(model, region, folded, weights)  # the scale fixed, or its range
     on = region if folded is None else folded[0]
     left = None if folded is None else folded[1]
 
@@ -191,9 +192,9 @@ def fold_parts(
             chain=replace(centred.chain, layers=layers),
             rounding=[r, *centred.rounding[1:]],
         )
-    specs = []
+    specs, weights = [], None if bare is None else pair_weights(base)  # the same in every part
     for part, (region_q, residual) in zip(parts, folds, strict=True):
-        m = base if bare is None else fold_pair_sums(base, part, (region_q, residual))
+        m = base if bare is None else fold_pair_sums(base, part, (region_q, residual), weights)
         if m is base:  # nothing folded in the part: the whole region's first layer and bound
             m, first = centred, out[0]
         else:
