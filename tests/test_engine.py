@@ -150,6 +150,48 @@ def test_folded_relu_step_equals_plain_back_substitution(seed):
 
 
 @pytest.mark.parametrize("seed", range(6))
+def test_first_input_rounding_charged_as_plain_back_substitution(seed, monkeypatch):
+    """A first layer's input rounding (a quantized runtime's, some values exact): its weight
+    kept on the values with a bound only (`bounds._rounded_columns`) changes no bound, and
+    the W / |W| shortcut charges it per row as the plain back-substitution does, per neuron
+    where cheap and through the weights elsewhere (`first_input_charge`)."""
+    from dataclasses import replace
+
+    from verifier.engine import bounds
+    from verifier.engine.bounds import _backsub, _query_both, prepare_chain, rounding_errors
+
+    chain, _, region, label = random_case(seed)
+    prep = prepare_chain(chain)
+    out, ins = rounding_errors(prep, region)
+    rng = np.random.default_rng(seed)
+    step = rng.uniform(0.0, 0.5, region.x.size) * (rng.random(region.x.size) < 0.6)
+    ins = [step, *ins[1:]]
+    spec = spec_chain(prep, region, label, errors=(out, ins))
+    assert spec.first_input[0].shape[1] == np.count_nonzero(step) < len(step)
+    w0 = prep.layers[0].weight
+    full = replace(spec, first_input=(w0, step, np.abs(w0) @ step))
+    for bound in (linear_bounds, interval_bounds):
+        a, b = bound(spec, region.lo, region.hi), bound(full, region.lo, region.hi)
+        assert np.allclose(a.lower, b.lower, rtol=1e-12, atol=1e-12)
+    b = linear_bounds(spec, region.lo, region.hi)
+    assert not bounds._small_first_input(spec, b.pre)
+    m = len(spec.layers[2].bias)
+    eye = np.concatenate([np.eye(m), -np.eye(m)])
+    on_first, _ = spec.layers[1].back_step(eye @ spec.layers[2].weight, 0.0, *b.pre[1])
+    # about half the rows charged per neuron, half through the weights
+    cheap = float(np.median(np.abs(on_first) @ spec.first_input[2]))
+    monkeypatch.setattr(bounds, "CHEAP_CHARGE", cheap)
+    for cut in (None, b.cut):
+        lam2, c2 = _backsub(spec, b.pre, 3, eye, np.zeros(2 * m), cut=cut)
+        lam, c = _query_both(spec, b.pre, 2, np.arange(m), cut)
+        assert np.allclose(lam, lam2) and np.allclose(c, c2, rtol=1e-12, atol=1e-12)
+        few = np.arange(0, m, 3)
+        lam, c = _query_both(spec, b.pre, 2, few, cut)
+        pick = np.concatenate([few, m + few])
+        assert np.allclose(c, c2[pick], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
 def test_child_bounds_reusing_parent_are_sound_and_tighter(seed):
     chain, _, region, label = random_case(seed)
     spec = spec_chain(chain, region, label)

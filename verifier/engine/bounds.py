@@ -65,7 +65,8 @@ class SpecChain:
     err: list  # per layer: float32 rounding bound of each Affine output (None: exact / other)
     in_err: list | None = None  # per layer: rounding bound of each Affine input (quantized)
     # the first layer's input rounding, on x' (the composed layer's input is s): its weight on
-    # x', the bound per value of x', and |weight| . bound (what intervals are widened by)
+    # the values of x' whose bound is not 0, their bound, and |weight| . bound over all of x'
+    # (what intervals are widened by)
     first_input: tuple | None = None
     # per margin, a lower bound of the margin that holds on the whole region, or None: margin
     # lower bounds are capped by it (`verifier.engine.output_clamp`: the runtime's clamp of its
@@ -179,7 +180,7 @@ def spec_chain(
         in_err[int(inserted) : int(inserted) + len(errors[1])] = errors[1]
         if not inserted and errors[1][0] is not None:
             step = errors[1][0]
-            first_input = (prep.layers[0].weight, step, prep.absw[0] @ step)
+            first_input = (*_rounded_columns(prep.layers[0].weight, step), prep.absw[0] @ step)
             in_err[0] = None
     if float32 or errors is not None:
         own = errors[0] if errors is not None else rounding_errors(prep, region, not inserted)[0]
@@ -202,6 +203,16 @@ def spec_chain(
         in_err,
         first_input,
     )
+
+
+def _rounded_columns(w: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(`w`'s columns, `step`) of the input values whose rounding bound is not 0: the exact
+    charge |lam W| . step costs the others nothing (an MNIST region's unmoved zeros, exact on
+    any grid: 3 of 4 values), and its product with W is most of a dynamic-range root bound."""
+    cols = np.flatnonzero(step)
+    if len(cols) == len(step):
+        return w, step
+    return np.ascontiguousarray(w[:, cols]), np.ascontiguousarray(step[cols])
 
 
 def _output_size(chain: list[LoweredLayer], n: int) -> int:
@@ -841,12 +852,13 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
     signs come from two products, W @ M1 and |W| @ M2 (no m x n elementwise work). Below layer 2
     the upper lines are the knapsack `cut`'s where it has them. The first layer's input
     rounding is charged there per neuron (|W| . step, as intervals are widened by it) when it is
-    small beside that layer's output ranges (`_small_first_input`), else exactly, |lam W| . step.
+    small beside that layer's output ranges (`_small_first_input`), else as `first_input_charge`
+    charges it (per neuron where cheap, else |lam W| . step), the lam on the first layer's
+    outputs folded in as the weights are (`_first_input_rows`).
     """
     m = len(rows)
     if (
         i < 2
-        or (i == 2 and not _small_first_input(spec, pre))  # exact: needs the lam on layer 0
         or not isinstance(spec.layers[i - 1], Relu)
         or not isinstance(spec.layers[i - 2], Affine)
     ):
@@ -856,7 +868,8 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
         return _backsub(spec, pre, i + 1, eye, np.zeros(2 * m), cut=cut)
     layer, below = spec.layers[i], spec.layers[i - 2]
     su, iu, alpha, unstable = spec.layers[i - 1].relax(*pre[i - 1])
-    low = _first_err(spec) if i == 2 else spec.err[i - 2]
+    exact = i == 2 and not _small_first_input(spec, pre)  # charged per row, below
+    low = spec.err[0] if exact else _first_err(spec) if i == 2 else spec.err[i - 2]
     low = low if low is not None else np.zeros(len(su))
     # lower line alpha (W s + b), rounding alpha . err; upper line su (W s + b) + iu, su . err;
     # m1 / m2 hold their half sum / half difference (weights, constant, rounding)
@@ -892,7 +905,36 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
     )
     if spec.input_error(i - 2) is not None:  # lam is on the input of the layer below
         c = c - np.abs(lam) @ spec.input_error(i - 2)
+    if exact:
+        c = c - _first_input_rows(spec, rows, h1, h2, alpha, unstable, cut)
     return _backsub(spec, pre, i - 2, lam, c, cut=cut)
+
+
+def _first_input_rows(spec: SpecChain, rows, h1, h2, alpha, unstable, cut) -> np.ndarray:
+    """`first_input_charge` of `_query_both`'s rows of layer 2 (its lower bounds, then their
+    negations), without their lam on the first layer's outputs: that lam is W2 (alpha + su) / 2
+    + |W2| (alpha - su) / 2 (negated rows: |W2| (alpha - su) / 2 - W2 (alpha + su) / 2), alpha
+    / 2 both on the knapsack cut's neurons (their negative part takes the cut's line, whose
+    constant holds the rounding), so its products with the first layer's weights (and with
+    the per-neuron bound) come from two products with W2, as `_query_both` folds the slopes."""
+    w_x, step, per_neuron = spec.first_input
+    h1, h2 = h1.copy(), h2.copy()
+    if cut is not None:
+        h1[cut.mask] = h2[cut.mask] = alpha[cut.mask] / 2.0
+    cols = np.flatnonzero(unstable)  # h2 is 0 on the others
+    w2, aw2 = spec.layers[2].weight[rows], spec.absw[2][rows]
+    a, b = w2 @ (h2 * per_neuron), aw2 @ (h1 * per_neuron)
+    charge = np.concatenate([a + b, b - a])  # |lam| . per_neuron
+    dear = np.flatnonzero(_exact_first_input(charge))
+    if len(dear):
+        base = dear % len(rows)
+        r = np.unique(base)
+        a = w2[r] @ (h1[:, None] * w_x)
+        b = aw2[r][:, cols] @ (h2[cols, None] * w_x[cols])
+        at = np.searchsorted(r, base)
+        lam_x = np.where((dear < len(rows))[:, None], (a + b)[at], (b - a)[at])
+        charge[dear] = np.abs(lam_x) @ step
+    return charge
 
 
 def first_input_charge(spec: SpecChain, lam: np.ndarray) -> np.ndarray:
