@@ -250,8 +250,20 @@ def test_last_layer_saturation_centred(tmp_path):
     last = em.chain.layers[-1]
     shift = qs.chain.layers[-1].bias - last.bias
     assert shift[0] < -0.5 and shift[1] > 0.5 and abs(shift[2]) < 1e-6
-    wide = rounding_errors(em.chain, region, rounding=em.rounding)[0][-1]
+    signs: list = []
+    wide = rounding_errors(em.chain, region, rounding=em.rounding, by_sign=signs)[0][-1]
     assert np.all(qs.errors[0][-1][:2] < 0.6 * wide[:2])
+    # each sign's charge (`by_sign`, from the same pass) is a run on the last layer twice
+    # over, its first copy charged its positive pairs only, its second its negative ones
+    r, n = em.rounding[-1], len(last.bias)
+    twice = Affine(np.vstack([last.weight] * 2), np.concatenate([last.bias] * 2))
+    chain = replace(em.chain, layers=[*em.chain.layers[:-1], twice])
+    chain = replace(chain, absw=[*chain.absw[:-1], np.abs(twice.weight)])
+    pairs = replace(r.pairs, unit=np.tile(r.pairs.unit, 2), sign=np.repeat([1, -1], n))
+    rounding = [*em.rounding[:-1], replace(r, pairs=pairs)]
+    both = rounding_errors(chain, region, rounding=rounding)[0][-1]
+    assert np.allclose(signs, [both[:n], both[n:]], rtol=1e-12, atol=0.0)
+    assert signs[1][0] < wide[0] and signs[0][1] < wide[1]  # one sign's pairs each
     pts = np.concatenate(list(region.enumerate()))
     got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
 

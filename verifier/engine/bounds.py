@@ -242,6 +242,7 @@ def rounding_errors(
     *,
     clamp_output: bool = False,
     first_step: np.ndarray | None = None,
+    by_sign: list | None = None,
 ) -> tuple[list, list]:
     """Per layer of `chain`, bounds on |runtime output - exact output| of each Affine layer,
     and on |rounded input - input| of each input value (quantized runtimes; None otherwise).
@@ -261,6 +262,9 @@ def rounding_errors(
     (the caller bounds that clamp itself: `verifier.engine.output_clamp`). `first_step`: the bound
     of the first layer's input rounding in place of its Rounding's (what is left of it on a
     region with that rounding folded in: `verifier.engine.dynamic_input.fold_input_grid`).
+    `by_sign` (a list) receives the last layer's bound twice more, over the same interval: with
+    only the pair sums of its positive integer weights charged, then only its negative ones'
+    (`PairSums.sign`; what `verifier.engine.quantized_spec.centre_pair_sums` centres).
     """
     lo, hi = _input_box(region)
     in_err = U32 * np.maximum(np.abs(lo), np.abs(hi)) if input_cast else None
@@ -283,7 +287,11 @@ def rounding_errors(
             e = gamma * (aw @ (amag if step is None else amag + step) + np.abs(layer.bias))
             if r is not None and r.pairs is not None:
                 wide = 0.0 if step is None else step
-                e = e + _pair_saturation(r.pairs, layer.weight, aw, lo - wide, hi + wide)
+                args = (layer.weight, aw, lo - wide, hi + wide)
+                if by_sign is not None and i + 1 == len(chain.layers):
+                    one = [_pair_saturation(replace(r.pairs, sign=v), *args) for v in (1, -1)]
+                    by_sign[:] = [e + one[0], e + one[1]]
+                e = e + _pair_saturation(r.pairs, *args)
             if in_err is not None:
                 e = e + aw @ in_err
                 in_err = None
