@@ -412,3 +412,46 @@ def test_conv_integer_does_not_saturate_in_a_graph(tmp_path):
         assert np.all((lo <= g) & (g <= hi))
     exact = forward_lowered(em.chain.layers, xs)
     assert np.max(np.abs(got - exact)) < 0.5  # saturating pairs would lose about half of 17
+
+
+def test_pair_weights_kept_per_model(tmp_path):
+    """The pair-sum kernels' integer weights are worked out once per model
+    (`bounds.per_weight`): a spec built from the kept forms equals one built from a fresh copy
+    of the model's weights; a kernel with other units on the same weights gets its own; and the
+    forms go when the weights do."""
+    import gc
+
+    from verifier.engine import bounds
+    from verifier.engine.bounds import prepare_chain
+    from verifier.engine.network import Affine
+    from verifier.engine.quantized_spec import quantized_spec
+
+    model, runner, em, x = _dynamic_pair_model(tmp_path)
+    if not int16_pair_sums():
+        assert em.rounding[0].pairs is None
+        return
+    region = lattice_region(x, np.arange(1, 6), 1 / 255, 3 / 255)
+    label = int(np.argmax(runner.predict(x[None].astype(np.float32))[0]))
+    kept = [quantized_spec(em, region, label) for _ in range(2)]
+    w = em.chain.layers[0].weight
+    assert [k[1] for k in bounds._PER_WEIGHT if k[0] == id(w)] == ["integers"]  # folded here
+    copy = [
+        Affine(layer.weight.copy(), layer.bias) if isinstance(layer, Affine) else layer
+        for layer in em.chain.layers
+    ]
+    fresh = quantized_spec(replace(em, chain=prepare_chain(copy)), region, label)
+    for qs in (kept[1], fresh):
+        for a, b in zip(kept[0].errors[0], qs.errors[0], strict=True):
+            assert (a is None and b is None) or np.array_equal(a, b)
+        assert np.array_equal(qs.chain.layers[0].bias, kept[0].chain.layers[0].bias)
+    r = em.rounding[0]
+    half = replace(r, pairs=replace(r.pairs, unit=r.pairs.unit / 2.0))
+    one = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
+    other = rounding_errors(em.chain, region, rounding=[half, *em.rounding[1:]])[0][0]
+    anew = rounding_errors(prepare_chain(copy), region, rounding=[half, *em.rounding[1:]])
+    assert np.array_equal(other, anew[0][0]) and not np.array_equal(one, other)
+    gone = {id(layer.weight) for layer in copy if isinstance(layer, Affine)}
+    assert any(k[0] in gone for k in bounds._PER_WEIGHT)
+    del copy, fresh, qs
+    gc.collect()
+    assert not any(k[0] in gone for k in bounds._PER_WEIGHT)

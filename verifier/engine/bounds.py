@@ -22,6 +22,7 @@ from interval bounds over the whole region.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -445,7 +446,8 @@ def _pair_saturation(
     the pairing known (`p.adjacent`: inputs 2m, 2m+1), a pair of opposite-signed weights
     cannot saturate (|u8 x s8| <= 32640) and one of like signs loses at most
     (A_2m |q_2m| + A_2m+1 |q_2m+1| - 32767)+, 2m and 2m+1 in the kernel's K order (`p.order`).
-    With the loss folded (`p.known`), that bound; with `p.sign`, that sign's pairs only."""
+    With the loss folded (`p.known`), that bound; with `p.sign`, that sign's pairs only. The
+    integer weights in K order are the model's (`_pair_weights`, once per model)."""
     if p.known is not None:
         return p.known
     vlo = np.minimum(p.gain * lo, p.gain * hi) + p.shift
@@ -461,19 +463,66 @@ def _pair_saturation(
         big = np.full_like(vhi, 255.0)
         if vlo.min(initial=0.0) >= 0.0 and least > 0.0:
             big = np.minimum(255.0, np.ceil(np.maximum(vhi, 0.0) / least + 0.5))
-    gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape)
-    q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
-    prod = q * big[None, :]
-    sign = np.sign(w) * np.sign(gain)[None, :]  # the integer weight's sign
-    if np.any(p.sign):  # one sign's pairs only (`PairSums.sign`)
-        prod = np.where(sign == np.reshape(p.sign, (-1, 1)), prod, 0)
+    q, sign, like = _pair_weights(p, w, aw, lo.shape)
+    chosen = None if not np.any(p.sign) else np.reshape(p.sign, (-1, 1))
     if not p.adjacent:
+        prod = q * big[None, :]
+        if chosen is not None:  # one sign's pairs only (`PairSums.sign`)
+            prod = np.where(sign == chosen, prod, 0)
         loss = np.maximum(prod - PAIR_HALF, 0.0).sum(axis=1)
         return p.unit * scale * loss
-    prod, sign = in_kernel_order(p.order, prod, sign)
-    like = sign[:, 0::2] * sign[:, 1::2] > 0
+    prod = q * kernel_columns(p.order, big)
+    if chosen is not None:  # a pair of the other sign is charged nothing
+        like = like & (sign[:, 0::2] == chosen)
     pair = np.where(like, prod[:, 0::2] + prod[:, 1::2] - 2 * PAIR_HALF, 0.0)
     return p.unit * scale * np.maximum(pair, 0.0).sum(axis=1)
+
+
+def _pair_weights(p, w: np.ndarray, aw: np.ndarray, shape: tuple) -> tuple:
+    """(|integer weights| (1 + 1e-6), their signs, and with `p.adjacent` the like-signed pairs)
+    of a pair-sum kernel (`_pair_saturation`), in its K order when adjacent (`in_kernel_order`):
+    what no region changes, kept per model (`per_weight`)."""
+    gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), shape)
+
+    def make() -> tuple:
+        q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
+        sign = (np.sign(w) * np.sign(gain)[None, :]).astype(np.int8)  # the integer weight's
+        if not p.adjacent:
+            return q, sign, None
+        q, sign = in_kernel_order(p.order, q, sign)
+        return q, sign, sign[:, 0::2] * sign[:, 1::2] > 0
+
+    return per_weight(w, ("pairs", p.adjacent, p.unit, gain, p.order), make)
+
+
+# forms of a model's weights that no region changes, per weight array (`per_weight`)
+_PER_WEIGHT: dict = {}
+
+
+def per_weight(w: np.ndarray, key: tuple, make):
+    """`make()` once per weight array `w` (by identity, while it lives) and `key` (the values,
+    arrays among them, it depends on besides `w`): what a quantized spec recomputed per region
+    from a model's weights alone. The value must not hold `w` itself (it would keep it alive)."""
+    k = (id(w), *(_hashable(v) for v in key))
+    if k not in _PER_WEIGHT:
+        _PER_WEIGHT[k] = make()
+        weakref.finalize(w, _PER_WEIGHT.pop, k, None)
+    return _PER_WEIGHT[k]
+
+
+def _hashable(v):
+    """`v`, an array as a copy of its values (shape, dtype, bytes)."""
+    if isinstance(v, np.ndarray):
+        return (v.shape, str(v.dtype), np.ascontiguousarray(v).tobytes())
+    return v
+
+
+def kernel_columns(order, v: np.ndarray) -> np.ndarray:
+    """A value per input, `v`, at each of an integer kernel's K positions (`PairSums.order`:
+    (K,), or per row (rows, K)), padded with a zero to an even count, as `in_kernel_order`
+    lays out a (rows, K) array's columns."""
+    v = v if order is None else v[np.asarray(order)]
+    return np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, v.shape[-1] % 2)])
 
 
 def in_kernel_order(order, *arrays: np.ndarray) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from verifier.engine.bounds import U32, in_kernel_order
+from verifier.engine.bounds import U32, in_kernel_order, kernel_columns, per_weight
 from verifier.engine.network import Affine
 from verifier.engine.regions import EPS, Region
 
@@ -76,12 +76,11 @@ def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | No
         return model
     a_lo, a_hi, s_lo, s_hi = ints
     layer = model.chain.layers[0]
-    q = layer.weight / p.unit[:, None]
-    qi = np.round(q)
-    if np.max(np.abs(q - qi), initial=0.0) > 1e-3:
+    qi = per_weight(layer.weight, ("integers", p.unit, p.order), lambda: _integers(layer, p))
+    if qi is None:
         return model  # not integer weights times a scale per row
-    ends = qi * a_lo[None, :], qi * a_hi[None, :]
-    s_min, s_max = in_kernel_order(p.order, np.minimum(*ends), np.maximum(*ends))
+    ends = qi * kernel_columns(p.order, a_lo), qi * kernel_columns(p.order, a_hi)
+    s_min, s_max = np.minimum(*ends), np.maximum(*ends)
 
     def loss(s: np.ndarray) -> np.ndarray:
         pair = s[:, 0::2] + s[:, 1::2]
@@ -102,6 +101,16 @@ def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | No
     )
     first = replace(r, pairs=replace(p, known=known))
     return replace(model, chain=chain, rounding=[first, *model.rounding[1:]])
+
+
+def _integers(layer: Affine, p) -> np.ndarray | None:
+    """The layer's integer weights in the kernel's K order (`bounds.in_kernel_order`), or None
+    when its weights are not integers times a scale per row (`fold_pair_sums`, once per model)."""
+    q = layer.weight / p.unit[:, None]
+    qi = np.round(q)
+    if np.max(np.abs(q - qi), initial=0.0) > 1e-3:
+        return None
+    return in_kernel_order(p.order, qi)[0]
 
 
 def _integer_range(region: Region, folded: tuple[Region, np.ndarray] | None):
