@@ -306,7 +306,7 @@ def rounding_errors(
             else:
                 lo, hi = _affine_interval(layer, aw, lo - step, hi + step, e)
             if sym is not None and i > 0:
-                sym, lo, hi = _symbolic_affine(layer, sym, step, e, lo, hi, region)
+                sym, lo, hi = _symbolic_affine(layer, aw, sym, step, e, lo, hi, region)
             if r is not None:
                 relu_next = i + 1 < len(chain.layers) and isinstance(chain.layers[i + 1], Relu)
                 if clamp_output and i + 1 == len(chain.layers):
@@ -345,14 +345,19 @@ def unclamped(r):
     )
 
 
-def _symbolic_affine(layer: Affine, sym, step, e, lo, hi, region: Region):
+def _symbolic_affine(layer: Affine, aw: np.ndarray, sym, step, e, lo, hi, region: Region):
     """Linear bounds in s of an Affine layer's runtime outputs, from its inputs' (perturbed by
-    `step`, the output by `e`), and the intervals intersected with their concretisation."""
+    `step`, the output by `e`), and the intervals intersected with their concretisation. With
+    W+ = (W + |W|) / 2 and W- = (W - |W|) / 2 (`aw` = |W|), W+ u + W- l and W+ l + W- u come
+    from two products, W (u + l) and |W| (u - l), for coefficients and constants at once."""
     al, cl, au, cu = sym
     st = 0.0 if step is None else step
-    wp, wn = np.maximum(layer.weight, 0.0), np.minimum(layer.weight, 0.0)
-    au2, cu2 = wp @ au + wn @ al, wp @ (cu + st) + wn @ (cl - st) + layer.bias + e
-    al2, cl2 = wp @ al + wn @ au, wp @ (cl - st) + wn @ (cu + st) + layer.bias - e
+    g = al.shape[1]
+    mid = layer.weight @ np.column_stack([au + al, cu + cl])
+    rad = aw @ np.column_stack([au - al, cu - cl + 2.0 * st])
+    up, down = (mid + rad) / 2.0, (mid - rad) / 2.0
+    au2, cu2 = up[:, :g], up[:, g] + layer.bias + e
+    al2, cl2 = down[:, :g], down[:, g] + layer.bias - e
     low, _ = region.minimise(al2, cl2)
     neg, _ = region.minimise(-au2, -cu2)
     lo, hi = np.maximum(lo, low), np.minimum(hi, -neg)
