@@ -455,3 +455,47 @@ def test_pair_weights_kept_per_model(tmp_path):
     del copy, fresh, qs
     gc.collect()
     assert not any(k[0] in gone for k in bounds._PER_WEIGHT)
+
+
+def _dense_pair_loss(p, w, lo, hi, big):
+    """Every like-signed pair's loss, (A_2m q_2m + A_2m+1 q_2m+1 - 32767)+, summed per row: the
+    bound `_pair_saturation` gives with the kernel's inputs at most `big`."""
+    from verifier.engine.bounds import PAIR_HALF, in_kernel_order
+
+    gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape)
+    q = np.abs(w) / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
+    sign = np.sign(w) * np.sign(gain)[None, :]
+    prod = q * big[None, :]
+    if np.any(p.sign):
+        prod = np.where(sign == np.reshape(p.sign, (-1, 1)), prod, 0)
+    prod, sign = in_kernel_order(p.order, prod, sign)
+    like = sign[:, 0::2] * sign[:, 1::2] > 0
+    pair = np.where(like, prod[:, 0::2] + prod[:, 1::2] - 2 * PAIR_HALF, 0.0)
+    return np.maximum(pair, 0.0).sum(axis=1)
+
+
+def test_saturable_pairs_alone_give_every_pairs_loss():
+    """`_pair_saturation` adds only the pairs that saturate with both inputs at their largest
+    (`bounds._saturable_pairs`): its bound equals every like-signed pair's, for a kernel in
+    the layer's order, in one order for every row, per row, with one sign's pairs."""
+    from quantize.rounding import Grid, PairSums
+    from verifier.engine.bounds import _pair_saturation, _saturable_pairs
+
+    rng = np.random.default_rng(7)
+    rows, k = 40, 31
+    unit = rng.uniform(0.005, 0.02, rows)
+    w = rng.integers(-127, 128, (rows, k)) * (rng.random((rows, k)) < 0.7) * unit[:, None]
+    grid = Grid(1 / 255, 0.0, 1.0)
+    lo = rng.uniform(0.3, 0.8, k)
+    hi = np.minimum(lo + rng.uniform(0.0, 0.4, k), 1.0)
+    big = np.clip(np.ceil(hi / grid.scale + 0.5), 0.0, 255.0)
+    orders = [None, rng.permutation(k), np.argsort(rng.random((rows, k)), axis=1)]
+    for order in orders:
+        for sign in (0, 1, -1):
+            p = PairSums(unit, 1.0, 0.0, grid, adjacent=True, order=order, sign=sign)
+            got = _pair_saturation(p, w, np.abs(w), lo, hi)
+            want = p.unit * grid.scale * _dense_pair_loss(p, w, lo, hi, big)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=0.0)
+            assert np.count_nonzero(want) >= 3
+    few = len(_saturable_pairs(p, w, np.abs(w), lo.shape)[0])
+    assert 0 < few < rows * k // 4  # most like-signed pairs can never saturate

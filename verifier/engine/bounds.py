@@ -468,36 +468,52 @@ def _pair_saturation(
         big = np.full_like(vhi, 255.0)
         if vlo.min(initial=0.0) >= 0.0 and least > 0.0:
             big = np.minimum(255.0, np.ceil(np.maximum(vhi, 0.0) / least + 0.5))
-    q, sign, like = _pair_weights(p, w, aw, lo.shape)
     chosen = None if not np.any(p.sign) else np.reshape(p.sign, (-1, 1))
     if not p.adjacent:
+        q, sign = _pair_weights(p, w, aw, lo.shape)
         prod = q * big[None, :]
         if chosen is not None:  # one sign's pairs only (`PairSums.sign`)
             prod = np.where(sign == chosen, prod, 0)
         loss = np.maximum(prod - PAIR_HALF, 0.0).sum(axis=1)
         return p.unit * scale * loss
-    prod = q * kernel_columns(p.order, big)
+    rows, ka, kb, qa, qb, sa = _saturable_pairs(p, w, aw, lo.shape)
+    big = kernel_columns(p.order, big)
+    ba, bb = (big[ka], big[kb]) if big.ndim == 1 else (big[rows, ka], big[rows, kb])
+    pair = np.maximum(qa * ba + qb * bb - 2 * PAIR_HALF, 0.0)
     if chosen is not None:  # a pair of the other sign is charged nothing
-        like = like & (sign[:, 0::2] == chosen)
-    pair = np.where(like, prod[:, 0::2] + prod[:, 1::2] - 2 * PAIR_HALF, 0.0)
-    return p.unit * scale * np.maximum(pair, 0.0).sum(axis=1)
+        pair = np.where(sa == np.broadcast_to(chosen[:, 0], w.shape[:1])[rows], pair, 0.0)
+    return p.unit * scale * np.bincount(rows, weights=pair, minlength=w.shape[0])
 
 
 def _pair_weights(p, w: np.ndarray, aw: np.ndarray, shape: tuple) -> tuple:
-    """(|integer weights| (1 + 1e-6), their signs, and with `p.adjacent` the like-signed pairs)
-    of a pair-sum kernel (`_pair_saturation`), in its K order when adjacent (`in_kernel_order`):
+    """(|integer weights| (1 + 1e-6), their signs) of a pair-sum kernel (`_pair_saturation`):
     what no region changes, kept per model (`per_weight`)."""
     gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), shape)
 
     def make() -> tuple:
         q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
-        sign = (np.sign(w) * np.sign(gain)[None, :]).astype(np.int8)  # the integer weight's
-        if not p.adjacent:
-            return q, sign, None
-        q, sign = in_kernel_order(p.order, q, sign)
-        return q, sign, sign[:, 0::2] * sign[:, 1::2] > 0
+        return q, (np.sign(w) * np.sign(gain)[None, :]).astype(np.int8)
 
-    return per_weight(w, ("pairs", p.adjacent, p.unit, gain, p.order), make)
+    return per_weight(w, ("pairs", p.unit, gain), make)
+
+
+def _saturable_pairs(p, w: np.ndarray, aw: np.ndarray, shape: tuple) -> tuple:
+    """The pairs (2m, 2m+1 in the kernel's K order: `in_kernel_order`) of like-signed integer
+    weights that saturate with both inputs at 255 (the largest), as (row, K position of each,
+    |integer weight| (1 + 1e-6) of each, their sign): the others lose nothing on any region
+    (a product is monotone in its input, float32 rounding too), so `_pair_saturation` adds
+    only these; on the MNIST MLP 1 in 200 of the first layer's pairs, 1 in 5000 of the
+    second's. Kept per model (`per_weight`)."""
+
+    def make() -> tuple:
+        q, sign = in_kernel_order(p.order, *_pair_weights(p, w, aw, shape))
+        qa, qb, sa = q[:, 0::2], q[:, 1::2], sign[:, 0::2]
+        top = qa * 255.0 + qb * 255.0 - 2 * PAIR_HALF
+        rows, m = np.nonzero((sa * sign[:, 1::2] > 0) & (top > 0.0))
+        return rows, 2 * m, 2 * m + 1, qa[rows, m], qb[rows, m], sa[rows, m]
+
+    gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), shape)
+    return per_weight(w, ("saturable", p.unit, gain, p.order), make)
 
 
 # forms of a model's weights that no region changes, per weight array (`per_weight`)
