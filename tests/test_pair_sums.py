@@ -499,3 +499,33 @@ def test_saturable_pairs_alone_give_every_pairs_loss():
             assert np.count_nonzero(want) >= 3
     few = len(_saturable_pairs(p, w, np.abs(w), lo.shape)[0])
     assert 0 < few < rows * k // 4  # most like-signed pairs can never saturate
+
+
+def test_pairs_that_may_leave_int16_hold_every_loss():
+    """`dynamic_input._integers` keeps the pairs whose sum may leave int16 with inputs up to
+    255: over any inputs in range, every pair's loss S - clip(S) is theirs (exactly: integers),
+    in the layer's order, one K order and per-row orders."""
+    from quantize.rounding import PairSums
+    from verifier.engine.bounds import in_kernel_order, kernel_columns
+    from verifier.engine.dynamic_input import INT16, _integers
+    from verifier.engine.network import Affine
+
+    rng = np.random.default_rng(11)
+    rows, k = 30, 25
+    unit = rng.uniform(0.005, 0.02, rows)
+    qi = rng.integers(-128, 128, (rows, k)) * (rng.random((rows, k)) < 0.8)
+    layer = Affine(qi * unit[:, None], np.zeros(rows))
+    for order in (None, rng.permutation(k), np.argsort(rng.random((rows, k)), axis=1)):
+        p = PairSums(unit, 1.0, 0.0, None, adjacent=True, order=order)
+        r, ka, kb, qa, qb = _integers(layer, p)
+        assert 0 < len(r) < rows * k // 4
+        for _ in range(5):
+            a = kernel_columns(order, rng.integers(150, 256, k).astype(np.float64))
+            (s,) = in_kernel_order(order, qi.astype(np.float64))
+            full = s * a
+            pair = full[:, 0::2] + full[:, 1::2]
+            dense = (pair - np.clip(pair, *INT16)).sum(axis=1)
+            at = (ka, kb) if a.ndim == 1 else ((r, ka), (r, kb))
+            sparse = qa * a[at[0]] + qb * a[at[1]]
+            got = np.bincount(r, sparse - np.clip(sparse, *INT16), minlength=rows)
+            assert np.any(dense) and np.array_equal(got, dense)

@@ -76,17 +76,19 @@ def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | No
         return model
     a_lo, a_hi, s_lo, s_hi = ints
     layer = model.chain.layers[0]
-    qi = per_weight(layer.weight, ("integers", p.unit, p.order), lambda: _integers(layer, p))
-    if qi is None:
+    pairs = per_weight(layer.weight, ("integers", p.unit, p.order), lambda: _integers(layer, p))
+    if pairs is None:
         return model  # not integer weights times a scale per row
-    ends = qi * kernel_columns(p.order, a_lo), qi * kernel_columns(p.order, a_hi)
-    s_min, s_max = np.minimum(*ends), np.maximum(*ends)
+    rows, ka, kb, qa, qb = pairs
+    a_lo, a_hi = kernel_columns(p.order, a_lo), kernel_columns(p.order, a_hi)
+    at = (ka, kb) if a_lo.ndim == 1 else ((rows, ka), (rows, kb))
+    ends = [(q * a_lo[k], q * a_hi[k]) for q, k in zip((qa, qb), at, strict=True)]
 
-    def loss(s: np.ndarray) -> np.ndarray:
-        pair = s[:, 0::2] + s[:, 1::2]
-        return (pair - np.clip(pair, *INT16)).sum(axis=1)
+    def loss(pair: np.ndarray) -> np.ndarray:
+        return np.bincount(rows, pair - np.clip(pair, *INT16), minlength=len(layer.bias))
 
-    l_lo, l_hi = loss(s_min), loss(s_max)
+    l_lo = loss(np.minimum(*ends[0]) + np.minimum(*ends[1]))
+    l_hi = loss(np.maximum(*ends[0]) + np.maximum(*ends[1]))
     # the loss in output units, loss * scale: its ends over both ranges
     low = np.minimum(l_lo * s_lo, l_lo * s_hi)
     high = np.maximum(l_hi * s_lo, l_hi * s_hi)
@@ -103,14 +105,19 @@ def fold_pair_sums(model, region: Region, folded: tuple[Region, np.ndarray] | No
     return replace(model, chain=chain, rounding=[first, *model.rounding[1:]])
 
 
-def _integers(layer: Affine, p) -> np.ndarray | None:
-    """The layer's integer weights in the kernel's K order (`bounds.in_kernel_order`), or None
-    when its weights are not integers times a scale per row (`fold_pair_sums`, once per model)."""
+def _integers(layer: Affine, p) -> tuple | None:
+    """The pairs (2m, 2m+1 in the kernel's K order: `bounds.in_kernel_order`) whose sum may
+    leave int16 with inputs up to 255, as (row, K position of each, integer weight of each):
+    the others never saturate, their loss is 0 exactly; None when the layer's weights are not
+    integers times a scale per row (`fold_pair_sums`, once per model)."""
     q = layer.weight / p.unit[:, None]
     qi = np.round(q)
     if np.max(np.abs(q - qi), initial=0.0) > 1e-3:
         return None
-    return in_kernel_order(p.order, qi)[0]
+    (qi,) = in_kernel_order(p.order, qi)
+    qa, qb = qi[:, 0::2], qi[:, 1::2]
+    rows, m = np.nonzero((np.abs(qa) + np.abs(qb)) * LEVELS > INT16[1])
+    return rows, 2 * m, 2 * m + 1, qa[rows, m], qb[rows, m]
 
 
 def _integer_range(region: Region, folded: tuple[Region, np.ndarray] | None):
