@@ -114,10 +114,6 @@ def decide_from_float(
     qspec, trusted, qs = _model_spec(runtime, error_model, region, label, detail)
     if not trusted:
         return fallback(detail.get("untrusted_reason", "error model not trusted"))
-    try:
-        ds = diff_spec(proof.spec, qspec)
-    except ValueError as exc:
-        return fallback(str(exc))
 
     threshold = np.zeros(len(qspec.others))
     # plain slopes throughout: optimised ones gained less than the nodes they cost
@@ -135,6 +131,10 @@ def decide_from_float(
     if time.perf_counter() > deadline:  # the spec and its root bound took it (large CNNs)
         detail["open_leaves"] = "the root's bounds took the time"
         return run.done(UNKNOWN, "budget")
+    try:  # the difference's spec: only where the runtime's own root bound does not certify
+        ds = diff_spec(proof.spec, qspec)
+    except ValueError as exc:
+        return fallback(str(exc))
     # the rounding bounds over the whole region, when the spec's are those (no fold, no cap)
     whole = (qs.model, qs.errors) if qs.region is region and qs.ends is None else None
     folded = _folded_bounds(runtime, error_model, region, label, threshold, detail, deadline, whole)

@@ -82,7 +82,7 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
         e = errs[0][-1]
         spec = spec_chain(model.chain, on, label, errors=errs)
         root = linear_bounds(spec, on.lo, on.hi)
-        cap = margin_caps(model, on, label, errs, *ends, e, root)
+        cap = margin_caps(model, on, label, errs, *ends, e, root, spec)
         if cap is not None and np.all(cap > 0):
             root = replace(root, lower=np.minimum(root.lower, cap))
             return QuantizedSpec(
