@@ -217,6 +217,9 @@ def _rounded_columns(w: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def _output_size(chain: list[LoweredLayer], n: int) -> int:
+    """How many outputs the chain has: its last Affine layer's, else by running it once."""
+    if isinstance(chain[-1], Affine):
+        return len(chain[-1].bias)
     return forward_lowered(chain, np.zeros((1, n))).shape[1]
 
 

@@ -218,12 +218,14 @@ def _fold(region: Region, rounding, half: float, scale: float) -> tuple[Region, 
     residual[sel] = np.where(ok, SLACK * scale, half)
     # values of generators with more coefficient values: the largest rounding over them
     rest = np.flatnonzero((owner >= 0) & ~two[np.maximum(owner, 0)])
-    for gi in np.unique(owner[rest]):
-        vals = np.flatnonzero(owner == gi)
-        coeffs = np.arange(region.lo[gi], region.hi[gi] + 1, dtype=np.float64)
-        v = region.x[vals][None, :] + coeffs[:, None] * d[gi, vals][None, :]
-        e, fine = rounding(v)
-        residual[vals] = np.where(fine.all(axis=0), np.abs(e).max(axis=0) + SLACK * scale, half)
+    if len(rest):  # every value's coefficients in a column, padded past its generator's end
+        g = owner[rest]
+        steps = np.arange(int(np.max(region.hi[g] - region.lo[g])) + 1)[:, None]
+        coeffs = (region.lo[g][None, :] + steps).astype(np.float64)
+        inside = coeffs <= region.hi[g][None, :]
+        e, fine = rounding(region.x[rest][None, :] + coeffs * d[g, rest][None, :])
+        e, fine = np.where(inside, np.abs(e), 0.0), fine | ~inside
+        residual[rest] = np.where(fine.all(axis=0), e.max(axis=0) + SLACK * scale, half)
     return replace(region, x=x_q, directions=d_q), residual
 
 
