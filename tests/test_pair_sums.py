@@ -450,6 +450,8 @@ def test_pair_weights_kept_per_model(tmp_path):
     other = rounding_errors(em.chain, region, rounding=[half, *em.rounding[1:]])[0][0]
     anew = rounding_errors(prepare_chain(copy), region, rounding=[half, *em.rounding[1:]])
     assert np.array_equal(other, anew[0][0]) and not np.array_equal(one, other)
+    kinds = sorted(k[1] for k in bounds._PER_WEIGHT if k[0] == id(w))
+    assert kinds == ["integers", "saturable", "saturable"]  # no dense copy of the weights
     gone = {id(layer.weight) for layer in copy if isinstance(layer, Affine)}
     assert any(k[0] in gone for k in bounds._PER_WEIGHT)
     del copy, fresh, qs

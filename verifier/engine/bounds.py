@@ -492,12 +492,13 @@ def _pair_weights(p, w: np.ndarray, aw: np.ndarray, shape: tuple) -> tuple:
     """(|integer weights| (1 + 1e-6), their signs) of a pair-sum kernel (`_pair_saturation`):
     what no region changes, kept per model (`per_weight`)."""
     gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), shape)
+    return per_weight(w, ("pairs", p.unit, gain), lambda: _integer_weights(p, w, aw, gain))
 
-    def make() -> tuple:
-        q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
-        return q, (np.sign(w) * np.sign(gain)[None, :]).astype(np.int8)
 
-    return per_weight(w, ("pairs", p.unit, gain), make)
+def _integer_weights(p, w: np.ndarray, aw: np.ndarray, gain: np.ndarray) -> tuple:
+    """(|integer weights| (1 + 1e-6), their int8 signs) of a pair-sum kernel, in layer order."""
+    q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
+    return q, (np.sign(w) * np.sign(gain)[None, :]).astype(np.int8)
 
 
 def _saturable_pairs(p, w: np.ndarray, aw: np.ndarray, shape: tuple) -> tuple:
@@ -508,14 +509,15 @@ def _saturable_pairs(p, w: np.ndarray, aw: np.ndarray, shape: tuple) -> tuple:
     only these; on the MNIST MLP 1 in 200 of the first layer's pairs, 1 in 5000 of the
     second's. Kept per model (`per_weight`)."""
 
-    def make() -> tuple:
-        q, sign = in_kernel_order(p.order, *_pair_weights(p, w, aw, shape))
+    gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), shape)
+
+    def make() -> tuple:  # (the dense weights are not kept: only these pairs)
+        q, sign = in_kernel_order(p.order, *_integer_weights(p, w, aw, gain))
         qa, qb, sa = q[:, 0::2], q[:, 1::2], sign[:, 0::2]
         top = qa * 255.0 + qb * 255.0 - 2 * PAIR_HALF
         rows, m = np.nonzero((sa * sign[:, 1::2] > 0) & (top > 0.0))
         return rows, 2 * m, 2 * m + 1, qa[rows, m], qb[rows, m], sa[rows, m]
 
-    gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), shape)
     return per_weight(w, ("saturable", p.unit, gain, p.order), make)
 
 
