@@ -505,10 +505,9 @@ def _saturable_pairs(p, w: np.ndarray, aw: np.ndarray, shape: tuple) -> tuple:
     """The pairs (2m, 2m+1 in the kernel's K order: `in_kernel_order`) of like-signed integer
     weights that saturate with both inputs at 255 (the largest), as (row, K position of each,
     |integer weight| (1 + 1e-6) of each, their sign): the others lose nothing on any region
-    (a product is monotone in its input, float32 rounding too), so `_pair_saturation` adds
-    only these; on the MNIST MLP 1 in 200 of the first layer's pairs, 1 in 5000 of the
-    second's. Kept per model (`per_weight`)."""
-
+    (the computed pair sum is monotone in each input, rounding included), so
+    `_pair_saturation` adds only these; on the MNIST MLP 1 in 200 of the first layer's pairs,
+    1 in 5000 of the second's. Kept per model (`per_weight`)."""
     gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), shape)
 
     def make() -> tuple:  # (the dense weights are not kept: only these pairs)
