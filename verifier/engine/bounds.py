@@ -1011,8 +1011,9 @@ def _first_input_rows(spec: SpecChain, rows, h1, h2, alpha, unstable, cut) -> np
     if len(dear):
         base = dear % len(rows)
         r = np.unique(base)
-        a = w2[r] @ (h1[:, None] * w_x)
-        b = aw2[r][:, cols] @ (h2[cols, None] * w_x[cols])
+        live = np.flatnonzero(h1)  # h1 is 0 on the neurons off over the box
+        a = w2[np.ix_(r, live)] @ (h1[live, None] * w_x[live])
+        b = aw2[np.ix_(r, cols)] @ (h2[cols, None] * w_x[cols])
         at = np.searchsorted(r, base)
         lam_x = np.where((dear < len(rows))[:, None], (a + b)[at], (b - a)[at])
         charge[dear] = np.abs(lam_x) @ step
