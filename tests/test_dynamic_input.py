@@ -498,3 +498,23 @@ def test_first_layer_hybrid_conv_fold_is_sound(tmp_path):
             for part in split_for_fold(region):
                 checked += _check_fold_holds(runner, em, part, fold_first_input(em, part))
     assert checked > 200 and True in folded
+
+
+def test_fold_residual_is_the_largest_rounding_per_value():
+    """`dynamic_input._fold` on a lattice of several coefficient values per generator: each
+    moved value keeps the largest rounding over its own generator's coefficients (plus the
+    float32 slack), half a step where one of them sits at a tie."""
+    from verifier.engine.dynamic_input import SLACK, _fold, _rounding
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 60, 16) / 255.0
+    region = lattice_region(x, np.array([1, 4, 6, 9, 12]), 0.125, 0.25)
+    scale, half = 1.0, 0.5  # coarse: the rounding grows with the coefficient
+    assert np.any(region.hi - region.lo > 1)
+    folded, residual = _fold(region, lambda v: _rounding(v, scale), half, scale)
+    for g in np.flatnonzero(region.hi - region.lo > 1):
+        for i in np.flatnonzero(region.directions[g]):
+            c = np.arange(region.lo[g], region.hi[g] + 1)
+            e, fine = _rounding(x[i] + c * region.directions[g, i], scale)
+            want = np.abs(e).max() + SLACK * scale if fine.all() else half
+            assert residual[i] == want

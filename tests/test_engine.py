@@ -150,6 +150,48 @@ def test_folded_relu_step_equals_plain_back_substitution(seed):
 
 
 @pytest.mark.parametrize("seed", range(6))
+def test_first_input_rounding_charged_as_plain_back_substitution(seed, monkeypatch):
+    """A first layer's input rounding (a quantized runtime's, some values exact): its weight
+    kept on the values with a bound only (`bounds._rounded_columns`) changes no bound, and
+    the W / |W| shortcut charges it per row as the plain back-substitution does, per neuron
+    where cheap and through the weights elsewhere (`first_input_charge`)."""
+    from dataclasses import replace
+
+    from verifier.engine import bounds
+    from verifier.engine.bounds import _backsub, _query_both, prepare_chain, rounding_errors
+
+    chain, _, region, label = random_case(seed)
+    prep = prepare_chain(chain)
+    out, ins = rounding_errors(prep, region)
+    rng = np.random.default_rng(seed)
+    step = rng.uniform(0.0, 0.5, region.x.size) * (rng.random(region.x.size) < 0.6)
+    ins = [step, *ins[1:]]
+    spec = spec_chain(prep, region, label, errors=(out, ins))
+    assert spec.first_input[0].shape[1] == np.count_nonzero(step) < len(step)
+    w0 = prep.layers[0].weight
+    full = replace(spec, first_input=(w0, step, np.abs(w0) @ step))
+    for bound in (linear_bounds, interval_bounds):
+        a, b = bound(spec, region.lo, region.hi), bound(full, region.lo, region.hi)
+        assert np.allclose(a.lower, b.lower, rtol=1e-12, atol=1e-12)
+    b = linear_bounds(spec, region.lo, region.hi)
+    assert not bounds._small_first_input(spec, b.pre)
+    m = len(spec.layers[2].bias)
+    eye = np.concatenate([np.eye(m), -np.eye(m)])
+    on_first, _ = spec.layers[1].back_step(eye @ spec.layers[2].weight, 0.0, *b.pre[1])
+    # about half the rows charged per neuron, half through the weights
+    cheap = float(np.median(np.abs(on_first) @ spec.first_input[2]))
+    monkeypatch.setattr(bounds, "CHEAP_CHARGE", cheap)
+    for cut in (None, b.cut):
+        lam2, c2 = _backsub(spec, b.pre, 3, eye, np.zeros(2 * m), cut=cut)
+        lam, c = _query_both(spec, b.pre, 2, np.arange(m), cut)
+        assert np.allclose(lam, lam2) and np.allclose(c, c2, rtol=1e-12, atol=1e-12)
+        few = np.arange(0, m, 3)
+        lam, c = _query_both(spec, b.pre, 2, few, cut)
+        pick = np.concatenate([few, m + few])
+        assert np.allclose(c, c2[pick], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
 def test_child_bounds_reusing_parent_are_sound_and_tighter(seed):
     chain, _, region, label = random_case(seed)
     spec = spec_chain(chain, region, label)
@@ -390,6 +432,58 @@ def test_knapsack_values_on_binary_boxes_equal_linprog(seed):
     for i in range(4):
         ref = _linprog_min(a[i], lo, hi, cost, budget) + const[i]
         assert fast[i] == pytest.approx(ref, abs=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_symbolic_affine_equals_the_split_weights(seed):
+    """`bounds._symbolic_affine`'s two products with W and |W| give the linear bounds the
+    positive and negative parts of W give (W+ u + W- l, W+ l + W- u)."""
+    from verifier.engine.bounds import _symbolic_affine
+
+    chain, _, region, label = random_case(seed)
+    rng = np.random.default_rng(seed)
+    layer = next(x for x in chain if isinstance(x, Affine))
+    n, g = layer.weight.shape[1], len(region.lo)
+    al, cl = rng.normal(size=(n, g)), rng.normal(size=n)
+    au, cu = al + rng.uniform(0, 1, (n, g)), cl + rng.uniform(0, 1, n)
+    step, e = rng.uniform(0, 0.1, n), rng.uniform(0, 0.1, layer.weight.shape[0])
+    big = np.full(layer.weight.shape[0], 1e9)
+    (al2, cl2, au2, cu2), _, _ = _symbolic_affine(
+        layer, np.abs(layer.weight), (al, cl, au, cu), step, e, -big, big, region
+    )
+    wp, wn = np.maximum(layer.weight, 0.0), np.minimum(layer.weight, 0.0)
+    np.testing.assert_allclose(au2, wp @ au + wn @ al, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(al2, wp @ al + wn @ au, rtol=1e-12, atol=1e-12)
+    up = wp @ (cu + step) + wn @ (cl - step) + layer.bias + e
+    down = wp @ (cl - step) + wn @ (cu + step) + layer.bias - e
+    np.testing.assert_allclose(cu2, up, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cl2, down, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_knapsack_with_budget_past_every_move_equals_linprog(seed):
+    """A box whose every move fits the budget left (a lattice wider in radius than its box):
+    the box's own minimum (`regions._box_min`), values and minimisers, equals the LP optimum
+    and the greedy's."""
+    from verifier.engine.regions import _knapsack_min
+
+    rng = np.random.default_rng(seed)
+    g = int(rng.integers(1, 9))
+    lo = rng.integers(-4, 3, g)
+    hi = lo + rng.integers(0, 5, g)
+    cost = rng.choice([0.0, 0.25, 0.5, 1.0, 1.7], g)
+    p = np.clip(0, lo, hi)
+    budget = float((np.abs(p) + np.maximum(p - lo, hi - p)) @ cost + rng.uniform(0, 2))
+    a = rng.normal(size=(3, g)) * (rng.random((3, g)) < 0.8)
+    const = rng.normal(size=3)
+    vals, argmin = _knapsack_min(a, const, lo, hi, cost, budget)
+    greedy, by_greedy = _knapsack_min(a, const, lo, hi, cost, budget, floors=True)
+    np.testing.assert_allclose(vals, greedy, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(argmin, by_greedy)
+    for i in range(3):
+        assert vals[i] == pytest.approx(_linprog_min(a[i], lo, hi, cost, budget) + const[i])
+        assert a[i] @ argmin[i] + const[i] == pytest.approx(vals[i], abs=1e-9)
 
 
 def test_knapsack_values_path_is_taken_on_feature_boxes():

@@ -303,8 +303,20 @@ def test_last_layer_saturation_centred(tmp_path):
     last = em.chain.layers[-1]
     shift = qs.chain.layers[-1].bias - last.bias
     assert shift[0] < -0.5 and shift[1] > 0.5 and abs(shift[2]) < 1e-6
-    wide = rounding_errors(em.chain, region, rounding=em.rounding)[0][-1]
+    signs: list = []
+    wide = rounding_errors(em.chain, region, rounding=em.rounding, by_sign=signs)[0][-1]
     assert np.all(qs.errors[0][-1][:2] < 0.6 * wide[:2])
+    # each sign's charge (`by_sign`, from the same pass) is a run on the last layer twice
+    # over, its first copy charged its positive pairs only, its second its negative ones
+    r, n = em.rounding[-1], len(last.bias)
+    twice = Affine(np.vstack([last.weight] * 2), np.concatenate([last.bias] * 2))
+    chain = replace(em.chain, layers=[*em.chain.layers[:-1], twice])
+    chain = replace(chain, absw=[*chain.absw[:-1], np.abs(twice.weight)])
+    pairs = replace(r.pairs, unit=np.tile(r.pairs.unit, 2), sign=np.repeat([1, -1], n))
+    rounding = [*em.rounding[:-1], replace(r, pairs=pairs)]
+    both = rounding_errors(chain, region, rounding=rounding)[0][-1]
+    assert np.allclose(signs, [both[:n], both[n:]], rtol=1e-12, atol=0.0)
+    assert signs[1][0] < wide[0] and signs[0][1] < wide[1]  # one sign's pairs each
     pts = np.concatenate(list(region.enumerate()))
     got = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
 
@@ -560,3 +572,92 @@ def test_example_cnn_qdq_folds_its_first_layer(tmp_path):
     before = quantized_spec(unfolded, region, label)
     was = linear_bounds(before.spec, before.region.lo, before.region.hi)
     assert np.min(bound.lower) > np.min(was.lower) + 1.0
+
+
+def test_pair_weights_kept_per_model(tmp_path):
+    """The pair-sum kernels' integer weights are worked out once per model
+    (`bounds.per_weight`): a spec built from the kept forms equals one built from a fresh copy
+    of the model's weights; a kernel with other units on the same weights gets its own; and the
+    forms go when the weights do."""
+    import gc
+
+    from verifier.engine import bounds
+    from verifier.engine.bounds import prepare_chain
+    from verifier.engine.network import Affine
+    from verifier.engine.quantized_spec import quantized_spec
+
+    model, runner, em, x = _dynamic_pair_model(tmp_path)
+    if not int16_pair_sums():
+        assert em.rounding[0].pairs is None
+        return
+    region = lattice_region(x, np.arange(1, 6), 1 / 255, 3 / 255)
+    label = int(np.argmax(runner.predict(x[None].astype(np.float32))[0]))
+    kept = [quantized_spec(em, region, label) for _ in range(2)]
+    w = em.chain.layers[0].weight
+    assert [k[1] for k in bounds._PER_WEIGHT if k[0] == id(w)] == ["integers"]  # folded here
+    copy = [
+        Affine(layer.weight.copy(), layer.bias) if isinstance(layer, Affine) else layer
+        for layer in em.chain.layers
+    ]
+    fresh = quantized_spec(replace(em, chain=prepare_chain(copy)), region, label)
+    for qs in (kept[1], fresh):
+        for a, b in zip(kept[0].errors[0], qs.errors[0], strict=True):
+            assert (a is None and b is None) or np.array_equal(a, b)
+        assert np.array_equal(qs.chain.layers[0].bias, kept[0].chain.layers[0].bias)
+    r = em.rounding[0]
+    half = replace(r, pairs=replace(r.pairs, unit=r.pairs.unit / 2.0))
+    one = rounding_errors(em.chain, region, rounding=em.rounding)[0][0]
+    other = rounding_errors(em.chain, region, rounding=[half, *em.rounding[1:]])[0][0]
+    anew = rounding_errors(prepare_chain(copy), region, rounding=[half, *em.rounding[1:]])
+    assert np.array_equal(other, anew[0][0]) and not np.array_equal(one, other)
+    kinds = sorted(k[1] for k in bounds._PER_WEIGHT if k[0] == id(w))
+    assert kinds == ["integers", "saturable", "saturable"]  # no dense copy of the weights
+    gone = {id(layer.weight) for layer in copy if isinstance(layer, Affine)}
+    assert any(k[0] in gone for k in bounds._PER_WEIGHT)
+    del copy, fresh, qs
+    gc.collect()
+    assert not any(k[0] in gone for k in bounds._PER_WEIGHT)
+
+
+def _dense_pair_loss(p, w, lo, hi, big):
+    """Every like-signed pair's loss, (A_2m q_2m + A_2m+1 q_2m+1 - 32767)+, summed per row: the
+    bound `_pair_saturation` gives with the kernel's inputs at most `big`."""
+    from verifier.engine.bounds import PAIR_HALF, in_kernel_order
+
+    gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape)
+    q = np.abs(w) / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
+    sign = np.sign(w) * np.sign(gain)[None, :]
+    prod = q * big[None, :]
+    if np.any(p.sign):
+        prod = np.where(sign == np.reshape(p.sign, (-1, 1)), prod, 0)
+    prod, sign = in_kernel_order(p.order, prod, sign)
+    like = sign[:, 0::2] * sign[:, 1::2] > 0
+    pair = np.where(like, prod[:, 0::2] + prod[:, 1::2] - 2 * PAIR_HALF, 0.0)
+    return np.maximum(pair, 0.0).sum(axis=1)
+
+
+def test_saturable_pairs_alone_give_every_pairs_loss():
+    """`_pair_saturation` adds only the pairs that saturate with both inputs at their largest
+    (`bounds._saturable_pairs`): its bound equals every like-signed pair's, for a kernel in
+    the layer's order, in one order for every row, per row, with one sign's pairs."""
+    from quantize.rounding import Grid, PairSums
+    from verifier.engine.bounds import _pair_saturation, _saturable_pairs
+
+    rng = np.random.default_rng(7)
+    rows, k = 40, 31
+    unit = rng.uniform(0.005, 0.02, rows)
+    w = rng.integers(-127, 128, (rows, k)) * (rng.random((rows, k)) < 0.7) * unit[:, None]
+    grid = Grid(1 / 255, 0.0, 1.0)
+    lo = rng.uniform(0.3, 0.8, k)
+    hi = np.minimum(lo + rng.uniform(0.0, 0.4, k), 1.0)
+    big = np.clip(np.ceil(hi / grid.scale + 0.5), 0.0, 255.0)
+    orders = [None, rng.permutation(k), np.argsort(rng.random((rows, k)), axis=1)]
+    for order in orders:
+        for sign in (0, 1, -1):
+            p = PairSums(unit, 1.0, 0.0, grid, adjacent=True, order=order, sign=sign)
+            got = _pair_saturation(p, w, np.abs(w), lo, hi)
+            want = p.unit * grid.scale * _dense_pair_loss(p, w, lo, hi, big)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=0.0)
+            assert np.count_nonzero(want) >= 3
+    few = len(_saturable_pairs(p, w, np.abs(w), lo.shape)[0])
+    assert 0 < few < rows * k // 4  # most like-signed pairs can never saturate

@@ -22,6 +22,7 @@ from interval bounds over the whole region.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -65,7 +66,8 @@ class SpecChain:
     err: list  # per layer: float32 rounding bound of each Affine output (None: exact / other)
     in_err: list | None = None  # per layer: rounding bound of each Affine input (quantized)
     # the first layer's input rounding, on x' (the composed layer's input is s): its weight on
-    # x', the bound per value of x', and |weight| . bound (what intervals are widened by)
+    # the values of x' whose bound is not 0, their bound, and |weight| . bound over all of x'
+    # (what intervals are widened by)
     first_input: tuple | None = None
     # per margin, a lower bound of the margin that holds on the whole region, or None: margin
     # lower bounds are capped by it (`verifier.engine.output_clamp`: the runtime's clamp of its
@@ -179,7 +181,7 @@ def spec_chain(
         in_err[int(inserted) : int(inserted) + len(errors[1])] = errors[1]
         if not inserted and errors[1][0] is not None:
             step = errors[1][0]
-            first_input = (prep.layers[0].weight, step, prep.absw[0] @ step)
+            first_input = (*_rounded_columns(prep.layers[0].weight, step), prep.absw[0] @ step)
             in_err[0] = None
     if float32 or errors is not None:
         own = errors[0] if errors is not None else rounding_errors(prep, region, not inserted)[0]
@@ -204,7 +206,20 @@ def spec_chain(
     )
 
 
+def _rounded_columns(w: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(`w`'s columns, `step`) of the input values whose rounding bound is not 0: the exact
+    charge |lam W| . step costs the others nothing (an MNIST region's unmoved zeros, exact on
+    any grid: 3 of 4 values), and its product with W is most of a dynamic-range root bound."""
+    cols = np.flatnonzero(step)
+    if len(cols) == len(step):
+        return w, step
+    return np.ascontiguousarray(w[:, cols]), np.ascontiguousarray(step[cols])
+
+
 def _output_size(chain: list[LoweredLayer], n: int) -> int:
+    """How many outputs the chain has: its last Affine layer's, else by running it once."""
+    if isinstance(chain[-1], Affine):
+        return len(chain[-1].bias)
     return forward_lowered(chain, np.zeros((1, n))).shape[1]
 
 
@@ -231,6 +246,7 @@ def rounding_errors(
     *,
     clamp_output: bool = False,
     first_step: np.ndarray | None = None,
+    by_sign: list | None = None,
 ) -> tuple[list, list]:
     """Per layer of `chain`, bounds on |runtime output - exact output| of each Affine layer,
     and on |rounded input - input| of each input value (quantized runtimes; None otherwise).
@@ -250,6 +266,9 @@ def rounding_errors(
     (the caller bounds that clamp itself: `verifier.engine.output_clamp`). `first_step`: the bound
     of the first layer's input rounding in place of its Rounding's (what is left of it on a
     region with that rounding folded in: `verifier.engine.dynamic_input.fold_input_grid`).
+    `by_sign` (a list) receives the last layer's bound twice more, over the same interval: with
+    only the pair sums of its positive integer weights charged, then only its negative ones'
+    (`PairSums.sign`; what `verifier.engine.quantized_spec.centre_pair_sums` centres).
     """
     lo, hi = _input_box(region)
     in_err = U32 * np.maximum(np.abs(lo), np.abs(hi)) if input_cast else None
@@ -272,7 +291,11 @@ def rounding_errors(
             e = gamma * (aw @ (amag if step is None else amag + step) + np.abs(layer.bias))
             if r is not None and r.pairs is not None:
                 wide = 0.0 if step is None else step
-                e = e + _pair_saturation(r.pairs, layer.weight, aw, lo - wide, hi + wide)
+                args = (layer.weight, aw, lo - wide, hi + wide)
+                if by_sign is not None and i + 1 == len(chain.layers):
+                    one = [_pair_saturation(replace(r.pairs, sign=v), *args) for v in (1, -1)]
+                    by_sign[:] = [e + one[0], e + one[1]]
+                e = e + _pair_saturation(r.pairs, *args)
             if in_err is not None:
                 e = e + aw @ in_err
                 in_err = None
@@ -286,7 +309,7 @@ def rounding_errors(
             else:
                 lo, hi = _affine_interval(layer, aw, lo - step, hi + step, e)
             if sym is not None and i > 0:
-                sym, lo, hi = _symbolic_affine(layer, sym, step, e, lo, hi, region)
+                sym, lo, hi = _symbolic_affine(layer, aw, sym, step, e, lo, hi, region)
             if r is not None:
                 relu_next = i + 1 < len(chain.layers) and isinstance(chain.layers[i + 1], Relu)
                 if clamp_output and i + 1 == len(chain.layers):
@@ -325,14 +348,19 @@ def unclamped(r):
     )
 
 
-def _symbolic_affine(layer: Affine, sym, step, e, lo, hi, region: Region):
+def _symbolic_affine(layer: Affine, aw: np.ndarray, sym, step, e, lo, hi, region: Region):
     """Linear bounds in s of an Affine layer's runtime outputs, from its inputs' (perturbed by
-    `step`, the output by `e`), and the intervals intersected with their concretisation."""
+    `step`, the output by `e`), and the intervals intersected with their concretisation. With
+    W+ = (W + |W|) / 2 and W- = (W - |W|) / 2 (`aw` = |W|), W+ u + W- l and W+ l + W- u come
+    from two products, W (u + l) and |W| (u - l), for coefficients and constants at once."""
     al, cl, au, cu = sym
     st = 0.0 if step is None else step
-    wp, wn = np.maximum(layer.weight, 0.0), np.minimum(layer.weight, 0.0)
-    au2, cu2 = wp @ au + wn @ al, wp @ (cu + st) + wn @ (cl - st) + layer.bias + e
-    al2, cl2 = wp @ al + wn @ au, wp @ (cl - st) + wn @ (cu + st) + layer.bias - e
+    g = al.shape[1]
+    mid = layer.weight @ np.column_stack([au + al, cu + cl])
+    rad = aw @ np.column_stack([au - al, cu - cl + 2.0 * st])
+    up, down = (mid + rad) / 2.0, (mid - rad) / 2.0
+    au2, cu2 = up[:, :g], up[:, g] + layer.bias + e
+    al2, cl2 = down[:, :g], down[:, g] + layer.bias - e
     low, _ = region.minimise(al2, cl2)
     neg, _ = region.minimise(-au2, -cu2)
     lo, hi = np.maximum(lo, low), np.minimum(hi, -neg)
@@ -426,7 +454,8 @@ def _pair_saturation(
     the pairing known (`p.adjacent`: inputs 2m, 2m+1), a pair of opposite-signed weights
     cannot saturate (|u8 x s8| <= 32640) and one of like signs loses at most
     (A_2m |q_2m| + A_2m+1 |q_2m+1| - 32767)+, 2m and 2m+1 in the kernel's K order (`p.order`).
-    With the loss folded (`p.known`), that bound; with `p.sign`, that sign's pairs only."""
+    With the loss folded (`p.known`), that bound; with `p.sign`, that sign's pairs only. The
+    integer weights in K order are the model's (`_pair_weights`, once per model)."""
     if p.known is not None:
         return p.known
     vlo = np.minimum(p.gain * lo, p.gain * hi) + p.shift
@@ -442,19 +471,83 @@ def _pair_saturation(
         big = np.full_like(vhi, 255.0)
         if vlo.min(initial=0.0) >= 0.0 and least > 0.0:
             big = np.minimum(255.0, np.ceil(np.maximum(vhi, 0.0) / least + 0.5))
-    gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), lo.shape)
-    q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
-    prod = q * big[None, :]
-    sign = np.sign(w) * np.sign(gain)[None, :]  # the integer weight's sign
-    if np.any(p.sign):  # one sign's pairs only (`PairSums.sign`)
-        prod = np.where(sign == np.reshape(p.sign, (-1, 1)), prod, 0)
+    chosen = None if not np.any(p.sign) else np.reshape(p.sign, (-1, 1))
     if not p.adjacent:
+        q, sign = _pair_weights(p, w, aw, lo.shape)
+        prod = q * big[None, :]
+        if chosen is not None:  # one sign's pairs only (`PairSums.sign`)
+            prod = np.where(sign == chosen, prod, 0)
         loss = np.maximum(prod - PAIR_HALF, 0.0).sum(axis=1)
         return p.unit * scale * loss
-    prod, sign = in_kernel_order(p.order, prod, sign)
-    like = sign[:, 0::2] * sign[:, 1::2] > 0
-    pair = np.where(like, prod[:, 0::2] + prod[:, 1::2] - 2 * PAIR_HALF, 0.0)
-    return p.unit * scale * np.maximum(pair, 0.0).sum(axis=1)
+    rows, ka, kb, qa, qb, sa = _saturable_pairs(p, w, aw, lo.shape)
+    big = kernel_columns(p.order, big)
+    ba, bb = (big[ka], big[kb]) if big.ndim == 1 else (big[rows, ka], big[rows, kb])
+    pair = np.maximum(qa * ba + qb * bb - 2 * PAIR_HALF, 0.0)
+    if chosen is not None:  # a pair of the other sign is charged nothing
+        pair = np.where(sa == np.broadcast_to(chosen[:, 0], w.shape[:1])[rows], pair, 0.0)
+    return p.unit * scale * np.bincount(rows, weights=pair, minlength=w.shape[0])
+
+
+def _pair_weights(p, w: np.ndarray, aw: np.ndarray, shape: tuple) -> tuple:
+    """(|integer weights| (1 + 1e-6), their signs) of a pair-sum kernel (`_pair_saturation`):
+    what no region changes, kept per model (`per_weight`)."""
+    gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), shape)
+    return per_weight(w, ("pairs", p.unit, gain), lambda: _integer_weights(p, w, aw, gain))
+
+
+def _integer_weights(p, w: np.ndarray, aw: np.ndarray, gain: np.ndarray) -> tuple:
+    """(|integer weights| (1 + 1e-6), their int8 signs) of a pair-sum kernel, in layer order."""
+    q = aw / (p.unit[:, None] * np.abs(gain)[None, :]) * (1.0 + 1e-6)
+    return q, (np.sign(w) * np.sign(gain)[None, :]).astype(np.int8)
+
+
+def _saturable_pairs(p, w: np.ndarray, aw: np.ndarray, shape: tuple) -> tuple:
+    """The pairs (2m, 2m+1 in the kernel's K order: `in_kernel_order`) of like-signed integer
+    weights that saturate with both inputs at 255 (the largest), as (row, K position of each,
+    |integer weight| (1 + 1e-6) of each, their sign): the others lose nothing on any region
+    (the computed pair sum is monotone in each input, rounding included), so
+    `_pair_saturation` adds only these; on the MNIST MLP 1 in 200 of the first layer's pairs,
+    1 in 5000 of the second's. Kept per model (`per_weight`)."""
+    gain = np.broadcast_to(np.asarray(p.gain, dtype=np.float64), shape)
+
+    def make() -> tuple:  # (the dense weights are not kept: only these pairs)
+        q, sign = in_kernel_order(p.order, *_integer_weights(p, w, aw, gain))
+        qa, qb, sa = q[:, 0::2], q[:, 1::2], sign[:, 0::2]
+        top = qa * 255.0 + qb * 255.0 - 2 * PAIR_HALF
+        rows, m = np.nonzero((sa * sign[:, 1::2] > 0) & (top > 0.0))
+        return rows, 2 * m, 2 * m + 1, qa[rows, m], qb[rows, m], sa[rows, m]
+
+    return per_weight(w, ("saturable", p.unit, gain, p.order), make)
+
+
+# forms of a model's weights that no region changes, per weight array (`per_weight`)
+_PER_WEIGHT: dict = {}
+
+
+def per_weight(w: np.ndarray, key: tuple, make):
+    """`make()` once per weight array `w` (by identity, while it lives) and `key` (the values,
+    arrays among them, it depends on besides `w`): what a quantized spec recomputed per region
+    from a model's weights alone. The value must not hold `w` itself (it would keep it alive)."""
+    k = (id(w), *(_hashable(v) for v in key))
+    if k not in _PER_WEIGHT:
+        _PER_WEIGHT[k] = make()
+        weakref.finalize(w, _PER_WEIGHT.pop, k, None)
+    return _PER_WEIGHT[k]
+
+
+def _hashable(v):
+    """`v`, an array as a copy of its values (shape, dtype, bytes)."""
+    if isinstance(v, np.ndarray):
+        return (v.shape, str(v.dtype), np.ascontiguousarray(v).tobytes())
+    return v
+
+
+def kernel_columns(order, v: np.ndarray) -> np.ndarray:
+    """A value per input, `v`, at each of an integer kernel's K positions (`PairSums.order`:
+    (K,), or per row (rows, K)), padded with a zero to an even count, as `in_kernel_order`
+    lays out a (rows, K) array's columns."""
+    v = v if order is None else v[np.asarray(order)]
+    return np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, v.shape[-1] % 2)])
 
 
 def in_kernel_order(order, *arrays: np.ndarray) -> list[np.ndarray]:
@@ -841,12 +934,13 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
     signs come from two products, W @ M1 and |W| @ M2 (no m x n elementwise work). Below layer 2
     the upper lines are the knapsack `cut`'s where it has them. The first layer's input
     rounding is charged there per neuron (|W| . step, as intervals are widened by it) when it is
-    small beside that layer's output ranges (`_small_first_input`), else exactly, |lam W| . step.
+    small beside that layer's output ranges (`_small_first_input`), else as `first_input_charge`
+    charges it (per neuron where cheap, else |lam W| . step), the lam on the first layer's
+    outputs folded in as the weights are (`_first_input_rows`).
     """
     m = len(rows)
     if (
         i < 2
-        or (i == 2 and not _small_first_input(spec, pre))  # exact: needs the lam on layer 0
         or not isinstance(spec.layers[i - 1], Relu)
         or not isinstance(spec.layers[i - 2], Affine)
     ):
@@ -856,7 +950,8 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
         return _backsub(spec, pre, i + 1, eye, np.zeros(2 * m), cut=cut)
     layer, below = spec.layers[i], spec.layers[i - 2]
     su, iu, alpha, unstable = spec.layers[i - 1].relax(*pre[i - 1])
-    low = _first_err(spec) if i == 2 else spec.err[i - 2]
+    exact = i == 2 and not _small_first_input(spec, pre)  # charged per row, below
+    low = spec.err[0] if exact else _first_err(spec) if i == 2 else spec.err[i - 2]
     low = low if low is not None else np.zeros(len(su))
     # lower line alpha (W s + b), rounding alpha . err; upper line su (W s + b) + iu, su . err;
     # m1 / m2 hold their half sum / half difference (weights, constant, rounding)
@@ -892,7 +987,37 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
     )
     if spec.input_error(i - 2) is not None:  # lam is on the input of the layer below
         c = c - np.abs(lam) @ spec.input_error(i - 2)
+    if exact:
+        c = c - _first_input_rows(spec, rows, h1, h2, alpha, unstable, cut)
     return _backsub(spec, pre, i - 2, lam, c, cut=cut)
+
+
+def _first_input_rows(spec: SpecChain, rows, h1, h2, alpha, unstable, cut) -> np.ndarray:
+    """`first_input_charge` of `_query_both`'s rows of layer 2 (its lower bounds, then their
+    negations), without their lam on the first layer's outputs: that lam is W2 (alpha + su) / 2
+    + |W2| (alpha - su) / 2 (negated rows: |W2| (alpha - su) / 2 - W2 (alpha + su) / 2), alpha
+    / 2 both on the knapsack cut's neurons (their negative part takes the cut's line, whose
+    constant holds the rounding), so its products with the first layer's weights (and with
+    the per-neuron bound) come from two products with W2, as `_query_both` folds the slopes."""
+    w_x, step, per_neuron = spec.first_input
+    h1, h2 = h1.copy(), h2.copy()
+    if cut is not None:
+        h1[cut.mask] = h2[cut.mask] = alpha[cut.mask] / 2.0
+    cols = np.flatnonzero(unstable)  # h2 is 0 on the others
+    w2, aw2 = spec.layers[2].weight[rows], spec.absw[2][rows]
+    a, b = w2 @ (h2 * per_neuron), aw2 @ (h1 * per_neuron)
+    charge = np.concatenate([a + b, b - a])  # |lam| . per_neuron
+    dear = np.flatnonzero(_exact_first_input(charge))
+    if len(dear):
+        base = dear % len(rows)
+        r = np.unique(base)
+        live = np.flatnonzero(h1)  # h1 is 0 on the neurons off over the box
+        a = w2[np.ix_(r, live)] @ (h1[live, None] * w_x[live])
+        b = aw2[np.ix_(r, cols)] @ (h2[cols, None] * w_x[cols])
+        at = np.searchsorted(r, base)
+        lam_x = np.where((dear < len(rows))[:, None], (a + b)[at], (b - a)[at])
+        charge[dear] = np.abs(lam_x) @ step
+    return charge
 
 
 def first_input_charge(spec: SpecChain, lam: np.ndarray) -> np.ndarray:

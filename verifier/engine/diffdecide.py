@@ -116,10 +116,6 @@ def decide_from_float(
     qspec, trusted, qs = _model_spec(runtime, error_model, region, label, detail)
     if not trusted:
         return fallback(detail.get("untrusted_reason", "error model not trusted"))
-    try:
-        ds = diff_spec(proof.spec, qspec)
-    except ValueError as exc:
-        return fallback(str(exc))
 
     threshold = np.zeros(len(qspec.others))
     # the rounding bounds over the whole region, when the spec's are those (no fold, no cap)
@@ -166,6 +162,10 @@ def decide_from_float(
     levels = input_levels(error_model)  # run-time input roundings narrowed on a box
     absorbed: list[Leaf] = []  # float leaves closed by the differential bound alone
     if parts is None:
+        try:  # the difference's spec: only where the runtime's own bounds did not certify
+            ds = diff_spec(proof.spec, qspec)
+        except ValueError as exc:
+            return fallback(str(exc))
         run.cover = proof.cover.tree() if proof.cover is not None else None
         # the float leaves are within the root: its ReLU bounds narrow their input rounding
         on_leaves = narrow_inputs(qspec, levels, direct.pre)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from verifier.engine.bounds import U32
+from verifier.engine.bounds import U32, per_weight
 from verifier.engine.network import Affine
 from verifier.engine.regions import EPS, Region
 
@@ -66,11 +66,16 @@ class PairWeights:
 def pair_weights(model) -> PairWeights | None:
     """The first layer's `PairWeights` where `fold_pair_sums` applies (ONNX Runtime's u8 x s8
     kernels with pairs known, run on uint8: `_pair_rounding`; integer weights times a scale
-    per row); None elsewhere."""
+    per row); None elsewhere. Worked out once per model (`bounds.per_weight`)."""
     r = _pair_rounding(model)
     if r is None:
         return None
     p, layer = r.pairs, model.chain.layers[0]
+    return per_weight(layer.weight, ("integers", p.unit, p.order), lambda: _pairs(layer, p))
+
+
+def _pairs(layer: Affine, p) -> PairWeights | None:
+    """`pair_weights` of the layer with the kernel's units and order `p`."""
     q = layer.weight / p.unit[:, None]
     qi = np.round(q)
     if np.max(np.abs(q - qi), initial=0.0) > 1e-3:
@@ -337,12 +342,14 @@ def _fold(region: Region, rounding, half: float, scale: float) -> tuple[Region, 
     residual[sel] = np.where(ok, SLACK * scale, half)
     # values of generators with more coefficient values: the largest rounding over them
     rest = np.flatnonzero((owner >= 0) & ~two[np.maximum(owner, 0)])
-    for gi in np.unique(owner[rest]):
-        vals = np.flatnonzero(owner == gi)
-        coeffs = np.arange(region.lo[gi], region.hi[gi] + 1, dtype=np.float64)
-        v = region.x[vals][None, :] + coeffs[:, None] * d[gi, vals][None, :]
-        e, fine = rounding(v)
-        residual[vals] = np.where(fine.all(axis=0), np.abs(e).max(axis=0) + SLACK * scale, half)
+    if len(rest):  # every value's coefficients in a column, padded past its generator's end
+        g = owner[rest]
+        steps = np.arange(int(np.max(region.hi[g] - region.lo[g])) + 1)[:, None]
+        coeffs = (region.lo[g][None, :] + steps).astype(np.float64)
+        inside = coeffs <= region.hi[g][None, :]
+        e, fine = rounding(region.x[rest][None, :] + coeffs * d[g, rest][None, :])
+        e, fine = np.where(inside, np.abs(e), 0.0), fine | ~inside
+        residual[rest] = np.where(fine.all(axis=0), e.max(axis=0) + SLACK * scale, half)
     return replace(region, x=x_q, directions=d_q), residual
 
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from verifier.engine.bounds import Bounds, last_rows_lower, linear_bounds, spec_chain
+from verifier.engine.bounds import Bounds, SpecChain, last_rows_lower, linear_bounds, spec_chain
 from verifier.engine.network import Affine
 from verifier.engine.regions import Region
 
@@ -49,29 +49,47 @@ def grid_ends(model) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def margin_caps(
-    model, region: Region, label: int, errors, top, bottom, e, root: Bounds | None = None
+    model,
+    region: Region,
+    label: int,
+    errors,
+    top,
+    bottom,
+    e,
+    root: Bounds | None = None,
+    spec: SpecChain | None = None,
 ) -> np.ndarray | None:
     """Per margin (label against each other class), a lower bound over the region of
     min(t_l - L_o, H_l - t_o, H_l - L_o) - E_l - E_o; None when the logits are unbounded.
     `root`: the margin spec's linear bounds over the whole region (same chain, errors and
     region): its intermediate bounds hold for every row of the last layer, so only the
-    per-logit rows are back-substituted (else they are bounded from scratch)."""
+    per-logit rows are back-substituted (else they are bounded from scratch); `spec`: that
+    margin spec, whose layers below the last the per-logit rows share."""
     k = len(top)
-    rows = np.vstack([np.eye(k), -np.eye(k)])
-    spec = spec_chain(model.chain, region, label, errors=errors, rows=rows)
-    spec = replace(spec, err=[*spec.err[:-1], np.zeros(2 * k)])  # t itself: E comes below
+    others = np.array([j for j in range(k) if j != label], dtype=np.int64)
+    eye = np.eye(k)
+    rows = np.vstack([eye[label], -eye[others]])  # t_l from below, each t_o from above
+    last = model.chain.layers[-1]
+    if spec is not None and len(spec.layers) == len(model.chain.layers) > 1:
+        w = rows @ last.weight  # as `spec_chain` composes the rows into the last layer
+        layers, absw = (
+            [*spec.layers[:-1], Affine(w, rows @ last.bias)],
+            [*spec.absw[:-1], np.abs(w)],
+        )
+        spec = replace(spec, layers=layers, absw=absw, others=np.arange(len(rows)), cap=None)
+    else:
+        spec = spec_chain(model.chain, region, label, errors=errors, rows=rows)
+    spec = replace(spec, err=[*spec.err[:-1], np.zeros(len(rows))])  # t itself: E comes below
     t = last_rows_lower(spec, region.lo, region.hi, root) if root is not None else None
     if t is None:
         b = linear_bounds(spec, region.lo, region.hi)
         t = None if b.empty else b.lower
     if t is None:
         return None
-    t_lo, t_hi = t[:k], -t[k:]
-    others = np.array([j for j in range(k) if j != label], dtype=np.int64)
     least = np.minimum.reduce(
         [
-            t_lo[label] - bottom[others],
-            top[label] - t_hi[others],
+            t[0] - bottom[others],
+            top[label] + t[1:],
             top[label] - bottom[others],
         ]
     )

@@ -77,24 +77,21 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
     on = region if folded is None else folded[0]
     left = None if folded is None else folded[1]
 
-    def errors(clamp: bool) -> tuple:
-        return rounding_errors(
-            model.chain, on, rounding=model.rounding, clamp_output=clamp, first_step=left
-        )
-
     ends = grid_ends(model)
-    if ends is not None:
-        errs = errors(True)
+    if ends is not None:  # the logits' clamp bounded apart: their rounding only here
+        errs = rounding_errors(
+            model.chain, on, rounding=model.rounding, clamp_output=True, first_step=left
+        )
         e = errs[0][-1]
         spec = spec_chain(model.chain, on, label, errors=errs)
         root = linear_bounds(spec, on.lo, on.hi)
-        cap = margin_caps(model, on, label, errs, *ends, e, root)
+        cap = margin_caps(model, on, label, errs, *ends, e, root, spec)
         if cap is not None and np.all(cap > 0):
             root = replace(root, lower=np.minimum(root.lower, cap))
             return QuantizedSpec(
                 replace(spec, cap=cap), errs, on, model.chain, (*ends, e), root, model
             )
-    model, errs = centre_pair_sums(model, on, errors(False), left)
+    model, errs = centre_pair_sums(model, on, left)
     spec = spec_chain(model.chain, on, label, errors=errs)
     return QuantizedSpec(spec, errs, on, model.chain, model=model)
 
@@ -104,41 +101,40 @@ def whole_region_errors(model, region: Region) -> tuple:
     region it does not fold: the first layer's pair sums folded over the scale's range
     (`dynamic_input.fold_pair_sums`), the last layer's centred (`centre_pair_sums`)."""
     model = fold_pair_sums(model, region)
-    return centre_pair_sums(
-        model, region, rounding_errors(model.chain, region, rounding=model.rounding)
-    )
+    return centre_pair_sums(model, region)
 
 
-def centre_pair_sums(model, region: Region, errors: tuple, first_step=None) -> tuple:
-    """(`model`, `errors` = its `rounding_errors` on `region`) with the last layer's int16
-    pair-sum saturation (`quantize.rounding.PairSums`, no requantization after it) centred:
-    like-signed pairs of positive integer weights only lower an output and negative ones only
-    raise it, so its error lies in [-(e0 + P), e0 + N] (e0 the rest of its bound, P and N each
-    sign's pair bound, `PairSums.sign`, from one more `rounding_errors` run). The middle
+def centre_pair_sums(model, region: Region, first_step=None) -> tuple:
+    """(`model`, its `rounding_errors` on `region`) with the last layer's int16 pair-sum
+    saturation (`quantize.rounding.PairSums`, no requantization after it) centred: like-signed
+    pairs of positive integer weights only lower an output and negative ones only raise it, so
+    its error lies in [-(e0 + P), e0 + N] (e0 the rest of its bound, P and N each sign's pair
+    bound, `PairSums.sign`, from the same `rounding_errors` pass: `by_sign`). The middle
     (N - P) / 2 goes into the last bias and e0 + (P + N) / 2 is the bound left, where the
     two-sided e0 + P + N was. Nothing follows the last layer, so no other bound changes.
-    `errors` must be `model`'s own (its last layer's bound is e0 + P + N). `model`, `errors`
-    when there is nothing to do."""
+    `model` and its plain `rounding_errors` when there is nothing to do. `first_step`: as
+    `rounding_errors`' (a folded first layer's input)."""
     k = len(model.chain.layers) - 1
     layer = model.chain.layers[k]
     r = model.rounding[k] if model.rounding and len(model.rounding) > k else None
     p = None if r is None else r.pairs
-    if k == 0 or not isinstance(layer, Affine) or p is None or p.known is not None:
-        return model, errors
-    if np.any(p.sign) or r.outputs or r.output_grid is not None or not p.adjacent:
-        return model, errors
-    # one run for both signs: the last layer twice, its first copy charged its positive pairs
-    # only, its second its negative ones
-    n, ch = len(layer.bias), model.chain
-    twice = Affine(np.vstack([layer.weight] * 2), np.concatenate([layer.bias] * 2))
-    chain = replace(
-        ch, layers=[*ch.layers[:k], twice], absw=[*ch.absw[:k], np.vstack([ch.absw[k]] * 2)]
+    centred = (
+        k > 0
+        and isinstance(layer, Affine)
+        and p is not None
+        and p.known is None
+        and not np.any(p.sign)
+        and not r.outputs
+        and r.output_grid is None
+        and p.adjacent
     )
-    order = p.order if p.order is None or np.ndim(p.order) == 1 else np.vstack([p.order] * 2)
-    pairs = replace(p, unit=np.tile(p.unit, 2), order=order, sign=np.repeat([1, -1], n))
-    rounding = [*model.rounding[:k], replace(r, pairs=pairs)]
-    both = rounding_errors(chain, region, rounding=rounding, first_step=first_step)[0][k]
-    full, plus, minus = errors[0][k], both[:n], both[n:]
+    signs: list | None = [] if centred else None
+    errors = rounding_errors(
+        model.chain, region, rounding=model.rounding, first_step=first_step, by_sign=signs
+    )
+    if not centred:
+        return model, errors
+    full, (plus, minus) = errors[0][k], signs
     up = np.maximum(full - minus, 0.0)  # P: what positive pairs remove
     down = np.maximum(full - plus, 0.0)  # N: what negative pairs add
     rest = np.maximum(full - up - down, 0.0)  # e0

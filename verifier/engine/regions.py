@@ -137,6 +137,8 @@ def _knapsack_min(
     const = np.asarray(const, dtype=np.float64)
     if cap < 0:
         return np.full(m, np.inf), (np.tile(p, (m, 1)) if argmin else None)
+    if not floors and float(np.maximum(p - lo, hi - p) @ cost) <= cap:
+        return _box_min(a, const, lo, hi, p, argmin)  # the budget binds no move
     if not argmin:
         fast = _binary_knapsack(a, const, lo, hi, p, cost, cap)
         if fast is not None:
@@ -157,6 +159,16 @@ def _knapsack_min(
     frac = np.zeros((m, g))
     np.put_along_axis(frac, order, frac_sorted, axis=1)
     return value, p + np.where(down, -1.0, 1.0) * frac * room
+
+
+def _box_min(a: np.ndarray, const, lo, hi, p, argmin: bool):
+    """`_knapsack_min` where the budget left at the box point nearest 0 covers every move
+    (lattices whose radius exceeds their box): each row's minimum over the box alone, every
+    generator at its improving end, as the greedy would take them all."""
+    down = a > 0
+    room = np.where(down, p - lo, hi - p)
+    value = a @ p + const - (np.abs(a) * room).sum(axis=1)
+    return value, (p + np.where(down, -room, room) if argmin else None)
 
 
 @dataclass(frozen=True)
