@@ -194,8 +194,7 @@ def exact_saturated_pairs(
         return model, weights
     row, first, second = weights.row[sat], weights.first[sat], weights.second[sat]
     value = np.where(top[sat], INT16[1], INT16[0])
-    unit = np.broadcast_to(np.asarray(p.unit, dtype=np.float64), (weights.rows,))[row]
-    const = unit * scale * (value - p.offset * (weights.q1[sat] + weights.q2[sat]))
+    const = p.unit[row] * scale * (value - p.offset * (weights.q1[sat] + weights.q2[sat]))
     layer = model.chain.layers[0]
     weight, bias = layer.weight.copy(), layer.bias.copy()
     weight[row, first] = weight[row, second] = 0.0
