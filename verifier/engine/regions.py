@@ -317,6 +317,12 @@ def enumerate_box(lo, hi, cost, budget: float, batch: int = 65536) -> Iterator[n
     # join below is the exact test)
     least = np.abs(np.clip(0, lo, hi)) * cost
     tail = np.concatenate([np.cumsum(least[::-1])[::-1], [0.0]]) - 1e-6
+    # block rows no prefix can afford are dropped before any join (a leaf with a little budget
+    # left over many free 0/1 generators keeps about 1% of its block); order is kept
+    fits = block_cost + (tail[0] - tail[outer]) <= limit + 1e-6
+    block, block_cost = block[fits], block_cost[fits]
+    if not len(block):
+        return
     # prefixes joined to the block per step: at most about 4M (prefix, block row) pairs
     join = max(1, (1 << 22) // len(block))
     stack = [(np.zeros((1, 0), dtype=np.int64), np.zeros(1))]
