@@ -339,7 +339,7 @@ def _reuse(
             continue
         if time.perf_counter() > deadline:
             return None
-        b = linear_bounds(on_leaves, leaf.lo, leaf.hi, parent=direct)
+        b = linear_bounds(on_leaves, leaf.lo, leaf.hi, parent=direct, open_only=True)
         if not (b.empty or np.all(b.lower > 0)):
             left.append(Leaf(leaf.lo, leaf.hi, wrap_direct(leaf.bounds, b)))
         elif cover is not None:
