@@ -590,6 +590,28 @@ def test_enumeration_of_boxes_with_late_generators_forced_away_from_zero(seed):
     assert got == want and len(want) > 1
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_enumeration_of_a_leaf_with_little_budget_left(seed):
+    """A deep feature-region leaf: early generators fixed in spend most of the budget, so few
+    rows of the inner block can join any prefix (they are dropped before the join). Exactly
+    the brute-force points, in order."""
+    import itertools
+
+    from verifier.engine.regions import enumerate_box
+
+    rng = np.random.default_rng(seed)
+    g = 16
+    lo, hi = np.zeros(g, dtype=np.int64), np.ones(g, dtype=np.int64)
+    forced = rng.choice(4, 2, replace=False)  # early: outside the inner block
+    lo[forced] = 1
+    cost = rng.uniform(1.0, 2.0, g)
+    budget = float(cost[forced].sum() + rng.uniform(2.0, 4.0))
+    grid = itertools.product(*[range(a, b + 1) for a, b in zip(lo, hi, strict=True)])
+    want = [p for p in grid if np.abs(np.array(p)) @ cost <= budget + 1e-9]
+    got = [tuple(p) for b in enumerate_box(lo, hi, cost, budget, batch=256) for p in b]
+    assert got == want and len(want) > 1
+
+
 # --- the decision procedure --------------------------------------------------------------------
 
 
