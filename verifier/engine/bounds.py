@@ -129,7 +129,7 @@ def sparse_weight(w: np.ndarray) -> SparseWeight | None:
     once per weight array (`per_weight`), so chains and specs sharing a layer share them."""
     if w.ndim != 2 or w.size < SPARSE_SIZE:
         return None
-    return per_weight(w, ("sparse",), lambda: _sparse_forms(w))
+    return per_weight(w, ("sparse", SPARSE_DENSITY), lambda: _sparse_forms(w))
 
 
 def _sparse_forms(w: np.ndarray) -> SparseWeight | None:
