@@ -231,7 +231,10 @@ def spec_chain(
         in_err[int(inserted) : int(inserted) + len(errors[1])] = errors[1]
         if not inserted and errors[1][0] is not None:
             step = errors[1][0]
-            first_input = (*_rounded_columns(prep.layers[0].weight, step), prep.absw[0] @ step)
+            first_input = (
+                *_rounded_columns(prep.layers[0].weight, step),
+                weights(prep.absw[0]) @ step,
+            )
             in_err[0] = None
     if float32 or errors is not None:
         own = errors[0] if errors is not None else rounding_errors(prep, region, not inserted)[0]
@@ -338,7 +341,7 @@ def rounding_errors(
                 if i == 0 and first_step is not None:
                     step = first_step
                 step = None if not np.any(step) else np.broadcast_to(step, amag.shape)
-            e = gamma * (aw @ (amag if step is None else amag + step) + np.abs(layer.bias))
+            e = gamma * (weights(aw) @ (amag if step is None else amag + step) + np.abs(layer.bias))
             if r is not None and r.pairs is not None:
                 wide = 0.0 if step is None else step
                 args = (layer.weight, aw, lo - wide, hi + wide)
@@ -347,10 +350,10 @@ def rounding_errors(
                     by_sign[:] = [e + one[0], e + one[1]]
                 e = e + _pair_saturation(r.pairs, *args)
             if in_err is not None:
-                e = e + aw @ in_err
+                e = e + weights(aw) @ in_err
                 in_err = None
             if i == 0 and rounding is not None:  # the budget matters: knapsack, not the box
-                wide = e if step is None else e + aw @ step
+                wide = e if step is None else e + weights(aw) @ step
                 first = _on_coefficients(layer, region)
                 lo, hi = _affine_exact(first, wide, region.lo, region.hi, region)
                 sym = (first.weight, first.bias - wide, first.weight, first.bias + wide)
@@ -433,9 +436,9 @@ def _on_coefficients(layer: Affine, region: Region) -> Affine:
     """`layer` composed with x' = x + s @ D: an affine map of the coefficients s."""
     d = region.directions
     cols = np.flatnonzero(np.any(d != 0, axis=0))  # D is sparse: only moved values matter
-    w = layer.weight
+    w = weights(layer.weight)  # a first convolution: its CSR form
     wd = w @ d.T if len(cols) > region.x.size // 2 else w[:, cols] @ d[:, cols].T
-    return Affine(wd, w @ region.x + layer.bias)
+    return Affine(np.ascontiguousarray(wd), w @ region.x + layer.bias)
 
 
 # Rounding to nearest is off by half a step; the extra covers float32 slop in computing
