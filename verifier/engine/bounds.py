@@ -1010,23 +1010,27 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
     # m1 / m2 hold their half sum / half difference (weights, constant, rounding)
     g = below.weight.shape[1]
     h1, h2 = (alpha + su) / 2.0, (alpha - su) / 2.0
-    m1, m2 = np.empty((len(su), g + 2)), np.empty((len(su), g + 2))
-    np.multiply(h1[:, None], below.weight, out=m1[:, :g])
-    np.multiply(h2[:, None], below.weight, out=m2[:, :g])
-    m1[:, g], m2[:, g] = h1 * below.bias + iu / 2.0, h2 * below.bias - iu / 2.0
-    m1[:, g + 1], m2[:, g + 1] = h2 * low, h1 * low
-    if cut is not None and i == 2:  # the cut's lines hold the rounding in their constants
-        k, half = cut.mask, alpha[cut.mask, None] / 2.0
-        lw, l0, s2 = half * below.weight[k], half[:, 0] * below.bias[k], cut.slope[k] / 2.0
-        m1[k, :g], m2[k, :g] = lw + s2, lw - s2
-        m1[k, g], m2[k, g] = l0 + cut.const[k] / 2.0, l0 - cut.const[k] / 2.0
-        m1[k, g + 1] = m2[k, g + 1] = half[:, 0] * low[k]
+    k = cut.mask if cut is not None and i == 2 else None
+    if k is not None:  # the cut's lines: alpha / 2 (W s + b) plus or minus half the cut's line
+        h1[k] = h2[k] = alpha[k] / 2.0
     # stable neurons' lines coincide: m2 has weights and constant on the unstable ones only
+    # (`cols`), its rounding column (h1 . low) on all
     cols = np.flatnonzero(unstable)
+    m1, m2 = np.empty((len(su), g + 2)), np.empty((len(cols), g + 1))
+    np.multiply(h1[:, None], below.weight, out=m1[:, :g])
+    np.multiply(h2[cols, None], below.weight[cols], out=m2[:, :g])
+    m1[:, g], m2[:, g] = h1 * below.bias + iu / 2.0, h2[cols] * below.bias[cols] - iu[cols] / 2.0
+    m1[:, g + 1], m2_low = h2 * low, h1 * low
+    if k is not None:  # the cut's constants hold the rounding
+        m1[k, :g] += cut.slope[k] / 2.0
+        m1[k, g] = h1[k] * below.bias[k] + cut.const[k] / 2.0
+        on = k[cols]
+        m2[on, :g] -= cut.slope[cols[on]] / 2.0
+        m2[on, g] = h2[cols[on]] * below.bias[cols[on]] - cut.const[cols[on]] / 2.0
     a, aw = weights(layer.weight, rows) @ m1, weights(spec.absw[i], rows)
     b = np.empty_like(a)
-    b[:, : g + 1] = aw[:, cols] @ m2[cols, : g + 1]
-    b[:, g + 1] = aw @ m2[:, g + 1]
+    b[:, : g + 1] = aw[:, cols] @ m2
+    b[:, g + 1] = aw @ m2_low
     own = spec.err[i][rows] if spec.err[i] is not None else 0.0
     if spec.input_error(i) is not None:  # unit queries: |lambda W| = |W| on the rows
         own = own + aw @ spec.input_error(i)
