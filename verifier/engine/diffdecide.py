@@ -339,7 +339,9 @@ def _reuse(
             continue
         if time.perf_counter() > deadline:
             return None
-        b = linear_bounds(on_leaves, leaf.lo, leaf.hi, parent=direct, open_only=True)
+        # rows kept (`reuse`): its children in branch and bound reuse them as every other
+        # node's do (the root's bounds keep none, so the leaf's own are as without)
+        b = linear_bounds(on_leaves, leaf.lo, leaf.hi, parent=direct, open_only=True, reuse=True)
         if not (b.empty or np.all(b.lower > 0)):
             left.append(Leaf(leaf.lo, leaf.hi, wrap_direct(leaf.bounds, b)))
         elif cover is not None:
