@@ -199,18 +199,23 @@ def decide_from_float(
     if att.coeffs is not None:
         return run.done(REFUTED, "attack", att.coeffs, att.adv_label)
 
+    # the last parent bounded, with its children's spec and its own bounds with rows: both
+    # children of a node are bounded in turn, in the parent's sub-region, on the same spec
+    last: list = [None, None, None]
+
     def bound(lo, hi, parent):  # inside a folded sub-region, on its own spec
-        spec = qspec if parts is None else fold_part_of(parts, lo, hi).spec
-        # run-time input roundings bounded on the parent's box (ReLUs off there: exact)
-        spec = narrow_inputs(spec, levels, parent.pre)
+        if last[0] is not parent:
+            spec = qspec if parts is None else fold_part_of(parts, lo, hi).spec
+            # run-time input roundings bounded on the parent's box (ReLUs off there: exact)
+            last[:] = [parent, narrow_inputs(spec, levels, parent.pre), reused_parent(parent)]
         # a child holding its parent's point nearest 0 reuses the parent's rows, and only the
         # margins its parent leaves open are back-substituted, as in the float engine
         b = linear_bounds(
-            spec,
+            last[1],
             lo,
             hi,
             target=threshold,
-            parent=reused_parent(parent),
+            parent=last[2],
             reuse=True,
             open_only=True,
         )
@@ -268,7 +273,9 @@ def _folded_bounds(
         if not (g.shape == lo.shape and np.all((g >= lo) & (g <= hi))):
             detail["input_fold"] = "the runtime's logits lie outside the folded model's interval"
             return None
-        leaf = Leaf(part.lo, part.hi, wrap_direct(None, linear_bounds(qs.spec, part.lo, part.hi)))
+        # rows kept for its children in branch and bound (`_reuse`'s leaves keep theirs too)
+        b = linear_bounds(qs.spec, part.lo, part.hi, reuse=True)
+        leaf = Leaf(part.lo, part.hi, wrap_direct(None, b))
         if leaf.bounds.empty or np.all(leaf.bounds.lower > threshold):
             close_by_bounds(cover, leaf, region, threshold)
         else:
