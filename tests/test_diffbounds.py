@@ -17,12 +17,18 @@ from quantize.modes import float_runner, quantize_model
 from verifier.engine.bounds import linear_bounds, prepare_chain, rounding_errors, spec_chain
 from verifier.engine.decide import decide
 from verifier.engine.diffbounds import diff_spec, quantized_bounds
-from verifier.engine.diffdecide import decide_from_float
+from verifier.engine.diffdecide import _reuse, decide_from_float
 from verifier.engine.model import load_model
 from verifier.engine.network import Affine, forward_lowered
 from verifier.engine.points import runtime_inputs
 from verifier.engine.proof import FOLD, SPLIT, Node, decode, from_text
-from verifier.engine.quantized_spec import fold_part_of, fold_parts, input_levels, quantized_spec
+from verifier.engine.quantized_spec import (
+    fold_part_of,
+    fold_parts,
+    input_levels,
+    narrow_inputs,
+    quantized_spec,
+)
 from verifier.engine.regions import lattice_region
 from verifier.engine.result import CERTIFIED, REFUTED
 from verifier.run.proofcheck import CHECKED, FAILED, Problem, check_tree
@@ -140,6 +146,34 @@ def float_then_quantized(model, runner, em, chain, region, label, enum_limit):
         timeout=30.0,
         enum_limit=enum_limit,
     )
+
+
+def test_reused_float_leaves_keep_their_rows(tiny):
+    """The float leaves left to branch and bound keep their back-substituted rows for their
+    children, with bounds equal to those computed without keeping them (the root keeps none)."""
+    model, runners, xs = tiny
+    runner = runners["dynamic"]
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    region = _region(xs[0], 10, 0.0625, 1.0)
+    label = int(runner.predict(xs[:1]).argmax())
+    fd = decide(float_runner(model), chain, region, label, timeout=30.0, keep_leaves=True)
+    proof = fd.detail["reuse"]
+    assert len(proof.leaves) > 2
+    qs = quantized_spec(em, region, label)
+    direct = linear_bounds(qs.spec, region.lo, region.hi)
+    on = narrow_inputs(qs.spec, input_levels(em), direct.pre)
+    left = _reuse(
+        diff_spec(proof.spec, qs.spec), qs.spec, region, proof, direct, {}, 1e18, None, [], on
+    )
+    assert left
+    for leaf in left:
+        plain = linear_bounds(on, leaf.lo, leaf.hi, parent=direct, open_only=True)
+        assert leaf.bounds.queries and np.array_equal(leaf.bounds.lower, plain.lower)
+        assert np.array_equal(leaf.bounds.coeffs, plain.coeffs)
+        for kept, own in zip(leaf.bounds.pre, plain.pre, strict=True):
+            assert (kept is None) == (own is None)
+            assert kept is None or all(np.array_equal(a, b) for a, b in zip(kept, own, strict=True))
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -16,10 +16,11 @@ from quantize.error_model import error_model
 from quantize.modes import float_runner, quantize_model
 from verifier.engine.bounds import linear_bounds, point_interval, prepare_chain, rounding_errors
 from verifier.engine.decide import decide
-from verifier.engine.diffdecide import decide_from_float
+from verifier.engine.diffdecide import _folded_bounds, decide_from_float
 from verifier.engine.dynamic_input import fold_first_input, split_for_fold
 from verifier.engine.model import load_model
 from verifier.engine.points import runtime_inputs
+from verifier.engine.quantized_spec import fold_part_of
 from verifier.engine.regions import feature_region, lattice_region
 from verifier.engine.result import CERTIFIED
 
@@ -158,6 +159,70 @@ def test_decisions_with_the_fold_agree_with_enumeration(tiny, mode):
                 kept += _check_folded_proof(d, em, runner, region, label)
             statuses.append(d.status)
     assert folds and split and kept and first and CERTIFIED in statuses
+
+
+def test_folded_leaves_keep_their_rows(tiny):
+    """The folded sub-regions left to branch and bound keep their back-substituted rows for
+    their children, with the bounds their spec gives without keeping them."""
+    model, runners, xs = tiny
+    em = error_model(runners["dynamic"], prepare_chain(model.network.lower()))
+    region = next(iter(_regions(xs[2], 2)))
+    label = int(float_runner(model).predict(xs[2:3].astype(np.float32)).argmax())
+    folded = _folded_bounds(runners["dynamic"], em, region, label, np.zeros(3), {}, 1e18)
+    assert folded is not None and folded[1]
+    for leaf in folded[1]:
+        plain = linear_bounds(fold_part_of(folded[0], leaf.lo, leaf.hi).spec, leaf.lo, leaf.hi)
+        assert leaf.bounds.queries and np.array_equal(leaf.bounds.lower, plain.lower)
+        assert np.array_equal(leaf.bounds.coeffs, plain.coeffs)
+
+
+def test_nodes_bounded_on_their_parts_narrowed_spec(tiny, monkeypatch):
+    """Each branch-and-bound node inside a folded sub-region is bounded on that sub-region's
+    spec narrowed on its parent's ReLU bounds, with its parent's rows (the spec is built once
+    per parent, for both of its children)."""
+    import verifier.engine.diffdecide as dd
+    from verifier.engine.diffbounds import reused_parent
+    from verifier.engine.quantized_spec import fold_parts, input_levels, narrow_inputs
+
+    model, runners, xs = tiny
+    runner = runners["ort-dynamic"]
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    region = next(iter(_regions(xs[4], 4)))
+    label = int(float_runner(model).predict(xs[4:5].astype(np.float32)).argmax())
+    parts, levels = fold_parts(em, region, label), input_levels(em)
+    node, seen = [], []  # the parent of the node being bounded; the specs checked
+    babs = dd.branch_and_bound
+
+    def with_parents(*args, **kw):
+        def bound(lo, hi, parent):
+            node[:] = [parent]
+            return args[4](lo, hi, parent)
+
+        return babs(*args[:4], bound, *args[5:], **kw)
+
+    def checked(spec, lo, hi, *, parent=None, **kw):
+        if node:  # a node of branch and bound: its true parent's narrowed spec and rows
+            want = narrow_inputs(fold_part_of(parts, lo, hi).spec, levels, node[0].pre)
+            for a, b in zip(spec.in_err, want.in_err, strict=True):
+                assert (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+            layers = zip(spec.layers, want.layers, strict=True)
+            assert all(np.array_equal(a.bias, b.bias) for a, b in layers if hasattr(a, "bias"))
+            mine = reused_parent(node[0])
+            assert parent.pre is mine.pre and parent.queries is mine.queries
+            seen.append(1)
+        return linear_bounds(spec, lo, hi, parent=parent, **kw)
+
+    monkeypatch.setattr(dd, "branch_and_bound", with_parents)
+    monkeypatch.setattr(dd, "linear_bounds", checked)
+    fd = decide(
+        float_runner(model), chain, region, label, timeout=30.0, keep_leaves=True, enum_limit=4
+    )
+    d = decide_from_float(
+        runner, chain, region, label, fd.detail.get("reuse"), em, timeout=30.0, enum_limit=4
+    )
+    check_decision(d, runner, region, label)
+    assert d.detail.get("input_fold") and len(seen) > 20
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -191,18 +191,23 @@ def decide_from_float(
         return run.done(REFUTED, "attack", att.coeffs, att.adv_label)
     start_point = att.best
 
+    # the last parent bounded, with its children's spec and its own bounds with rows: both
+    # children of a node are bounded in turn, in the parent's sub-region, on the same spec
+    last: list = [None, None, None]
+
     def bound(lo, hi, parent):  # inside a folded sub-region, on its own spec
-        spec = qspec if parts is None else fold_part_of(parts, lo, hi).spec
-        # run-time input roundings bounded on the parent's box (ReLUs off there: exact)
-        spec = narrow_inputs(spec, levels, parent.pre)
+        if last[0] is not parent:
+            spec = qspec if parts is None else fold_part_of(parts, lo, hi).spec
+            # run-time input roundings bounded on the parent's box (ReLUs off there: exact)
+            last[:] = [parent, narrow_inputs(spec, levels, parent.pre), reused_parent(parent)]
         # a child holding its parent's point nearest 0 reuses the parent's rows, and only the
         # margins its parent leaves open are back-substituted, as in the float engine
         b = linear_bounds(
-            spec,
+            last[1],
             lo,
             hi,
             target=threshold,
-            parent=reused_parent(parent),
+            parent=last[2],
             reuse=True,
             open_only=True,
         )
@@ -266,7 +271,9 @@ def _folded_bounds(
         if not (g.shape == lo.shape and np.all((g >= lo) & (g <= hi))):
             detail["input_fold"] = "the runtime's logits lie outside the folded model's interval"
             return None
-        leaf = Leaf(part.lo, part.hi, wrap_direct(None, linear_bounds(qs.spec, part.lo, part.hi)))
+        # rows kept for its children in branch and bound (`_reuse`'s leaves keep theirs too)
+        b = linear_bounds(qs.spec, part.lo, part.hi, reuse=True)
+        leaf = Leaf(part.lo, part.hi, wrap_direct(None, b))
         if leaf.bounds.empty or np.all(leaf.bounds.lower > threshold):
             close_by_bounds(cover, leaf, region, threshold)
         else:
@@ -337,7 +344,9 @@ def _reuse(
             continue
         if time.perf_counter() > deadline:
             return None
-        b = linear_bounds(on_leaves, leaf.lo, leaf.hi, parent=direct, open_only=True)
+        # rows kept (`reuse`): its children in branch and bound reuse them as every other
+        # node's do (the root's bounds keep none, so the leaf's own are as without)
+        b = linear_bounds(on_leaves, leaf.lo, leaf.hi, parent=direct, open_only=True, reuse=True)
         if not (b.empty or np.all(b.lower > 0)):
             left.append(Leaf(leaf.lo, leaf.hi, wrap_direct(leaf.bounds, b)))
         elif cover is not None:
