@@ -1027,7 +1027,8 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
         on = k[cols]
         m2[on, :g] -= cut.slope[cols[on]] / 2.0
         m2[on, g] = h2[cols[on]] * below.bias[cols[on]] - cut.const[cols[on]] / 2.0
-    a, aw = weights(layer.weight, rows) @ m1, weights(spec.absw[i], rows)
+    w_rows, aw = weights(layer.weight, rows), weights(spec.absw[i], rows)
+    a = w_rows @ m1
     b = np.empty_like(a)
     b[:, : g + 1] = aw[:, cols] @ m2
     b[:, g + 1] = aw @ m2_low
@@ -1045,23 +1046,21 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
     if spec.input_error(i - 2) is not None:  # lam is on the input of the layer below
         c = c - np.abs(lam) @ spec.input_error(i - 2)
     if exact:
-        c = c - _first_input_rows(spec, rows, h1, h2, alpha, unstable, cut)
+        c = c - _first_input_rows(spec, rows, w_rows, aw, h1, h2, unstable)
     return _backsub(spec, pre, i - 2, lam, c, cut=cut)
 
 
-def _first_input_rows(spec: SpecChain, rows, h1, h2, alpha, unstable, cut) -> np.ndarray:
+def _first_input_rows(spec: SpecChain, rows, w2, aw2, h1, h2, unstable) -> np.ndarray:
     """`first_input_charge` of `_query_both`'s rows of layer 2 (its lower bounds, then their
     negations), without their lam on the first layer's outputs: that lam is W2 (alpha + su) / 2
     + |W2| (alpha - su) / 2 (negated rows: |W2| (alpha - su) / 2 - W2 (alpha + su) / 2), alpha
     / 2 both on the knapsack cut's neurons (their negative part takes the cut's line, whose
     constant holds the rounding), so its products with the first layer's weights (and with
-    the per-neuron bound) come from two products with W2, as `_query_both` folds the slopes."""
+    the per-neuron bound) come from two products with W2, as `_query_both` folds the slopes.
+    `w2`, `aw2`: W2's and |W2|'s rows `rows` as `_query_both` took them (`weights`); `h1`,
+    `h2`: its half sum and half difference of the slopes, alpha / 2 on the cut's neurons."""
     w_x, step, per_neuron = spec.first_input
-    h1, h2 = h1.copy(), h2.copy()
-    if cut is not None:
-        h1[cut.mask] = h2[cut.mask] = alpha[cut.mask] / 2.0
     cols = np.flatnonzero(unstable)  # h2 is 0 on the others
-    w2, aw2 = weights(spec.layers[2].weight, rows), weights(spec.absw[2], rows)
     a, b = w2 @ (h2 * per_neuron), aw2 @ (h1 * per_neuron)
     charge = np.concatenate([a + b, b - a])  # |lam| . per_neuron
     dear = np.flatnonzero(_exact_first_input(charge))
