@@ -42,12 +42,14 @@ TFLITE_HOW = {
     "16x8": (
         "16x8 layers: int8 weights and int64 biases from the file, int16 inputs and outputs on "
         "the file's grids (half a step per requantization plus the multiplier's rounding, "
-        "saturation bounded by how far the region's intervals leave the grid)"
+        "saturation bounded by how far the region's intervals leave the grid; bounds on an "
+        "output cut to its grid's points)"
     ),
     "int8": (
         "int8 layers: weights and int32 biases from the file, inputs and outputs on the file's "
         "grids (half a step per requantization plus the fixed-point multiplier's rounding, "
-        "saturation bounded by how far the region's intervals leave the grid)"
+        "saturation bounded by how far the region's intervals leave the grid; bounds on an "
+        "output cut to its grid's points)"
     ),
 }
 

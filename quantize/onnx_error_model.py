@@ -59,7 +59,8 @@ HOW = {
     "static": (
         "weights and biases dequantized from the file's own scales and zero points; every "
         "quantized activation rounded to its grid (half a step, saturation bounded by how far "
-        "the region's intervals leave the grid), int32 accumulation exact, float32 bounded"
+        "the region's intervals leave the grid; bounds on a requantized output cut to its "
+        "grid's points), int32 accumulation exact, float32 bounded"
     ),
     "dynamic": (
         "int8 weights dequantized from the file; each weighted layer's input quantized per run "

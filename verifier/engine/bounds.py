@@ -77,6 +77,10 @@ class SpecChain:
     # the first ReLU's upper lines over the budget (`verifier.engine.knapsack_cut`); False: the
     # triangle lines only (what bounds were before it, kept for side-by-side benchmarks)
     knapsack_cut: bool = True
+    # per layer: (step, origin) of the lattice a quantized runtime's Affine output lies on (its
+    # requantization grid, `quantize.rounding.Rounding.output_grid`), or None: bounds on such a
+    # value are cut to lattice points (`snap`), so a neuron with one point left is a constant
+    lattice: list | None = None
 
     def input_error(self, k: int):
         """The rounding bound of Affine layer `k`'s input values, or None."""
@@ -187,6 +191,7 @@ def spec_chain(
     float32: bool = True,
     errors: list | None = None,
     rows: np.ndarray | None = None,
+    lattice: list | None = None,
 ) -> SpecChain:
     """Compose `x + s @ D` into the first layer and the margin matrix into the last one.
 
@@ -194,6 +199,8 @@ def spec_chain(
     `False` bounds the chain in exact arithmetic. `errors` (output and input bounds per layer
     of `chain`, from `rounding_errors` with a quantized runtime's rounding) replaces the float32
     bounds. `rows` (m, K) replaces the margin matrix (its rows are then the spec's outputs).
+    `lattice` (per layer of `chain`, as `SpecChain.lattice`: a quantized runtime's output
+    grids) is kept for every layer but the last (the margins are no lattice values).
     """
     prep = prepare_chain(chain)
     layers = list(prep.layers)
@@ -247,6 +254,10 @@ def spec_chain(
             err[len(layers) - 1] = np.abs(diff) @ last
         elif last is None and not isinstance(prep.layers[-1], Affine):
             err[len(layers) - 1] = np.zeros(len(diff))
+    on_spec = None
+    if lattice is not None and any(v is not None for v in lattice[:-1]):
+        on_spec = [None] * len(layers)
+        on_spec[int(inserted) : int(inserted) + len(lattice) - 1] = lattice[:-1]
     return SpecChain(
         layers,
         absw,
@@ -256,6 +267,7 @@ def spec_chain(
         err,
         in_err,
         first_input,
+        lattice=on_spec,
     )
 
 
@@ -274,6 +286,25 @@ def _output_size(chain: list[LoweredLayer], n: int) -> int:
     if isinstance(chain[-1], Affine):
         return len(chain[-1].bias)
     return forward_lowered(chain, np.zeros((1, n))).shape[1]
+
+
+# a bound within this many steps of a lattice point keeps that point (float64 noise)
+LATTICE_TOL = 1e-6
+
+
+def snap(spec: SpecChain, i: int, lo: np.ndarray, hi: np.ndarray) -> tuple:
+    """Bounds [lo, hi] of layer `i`'s outputs cut to the lattice points they hold
+    (`SpecChain.lattice`: the runtime's value is one); unchanged where none is held (a bound
+    that cannot be sound then is not made tighter) or the layer has no lattice. A neuron left
+    with one point gets lo == hi: the ReLU after it takes it as that constant."""
+    if spec.lattice is None or spec.lattice[i] is None:
+        return lo, hi
+    step, origin = spec.lattice[i]
+    with np.errstate(invalid="ignore"):
+        k_lo = np.ceil((lo - origin) / step - LATTICE_TOL)
+        k_hi = np.floor((hi - origin) / step + LATTICE_TOL)
+        held = k_lo <= k_hi
+    return np.where(held, origin + k_lo * step, lo), np.where(held, origin + k_hi * step, hi)
 
 
 def _input_box(region: Region) -> tuple[np.ndarray, np.ndarray]:
@@ -776,6 +807,7 @@ def linear_bounds(
                 )
                 if floors is not None and fl is not None:
                     floors[0] = fl
+                cur_lo, cur_hi = snap(spec, 0, cur_lo, cur_hi)
                 first = (cur_lo.copy(), cur_hi.copy())
                 continue
             cur_lo, cur_hi = _spec_interval(spec, i, cur_lo, cur_hi)
@@ -783,6 +815,7 @@ def linear_bounds(
                 cur_lo, cur_hi = np.maximum(cur_lo, known[0]), np.minimum(cur_hi, known[1])
             if i + 1 == len(layers):
                 continue
+            cur_lo, cur_hi = snap(spec, i, cur_lo, cur_hi)
             rows = np.arange(len(cur_lo))
             if relu_next:
                 rows = np.flatnonzero((cur_lo < 0) & (cur_hi > 0))
@@ -801,6 +834,7 @@ def linear_bounds(
                 m = len(rows)
                 cur_lo[rows] = np.maximum(cur_lo[rows], vals[:m])
                 cur_hi[rows] = np.minimum(cur_hi[rows], -vals[m:])
+                cur_lo, cur_hi = snap(spec, i, cur_lo, cur_hi)
                 if floors is not None and passed:
                     if pick is not None:  # aligned with all of the kept rows
                         fl, part = np.full(2 * len(kept[i][0]), np.nan), fl
@@ -1019,7 +1053,9 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
     m1, m2 = np.empty((len(su), g + 2)), np.empty((len(cols), g + 1))
     np.multiply(h1[:, None], below.weight, out=m1[:, :g])
     np.multiply(h2[cols, None], below.weight[cols], out=m2[:, :g])
-    m1[:, g], m2[:, g] = h1 * below.bias + iu / 2.0, h2[cols] * below.bias[cols] - iu[cols] / 2.0
+    il = spec.layers[i - 1].lower_intercept(*pre[i - 1])  # constants: both lines
+    m1[:, g] = h1 * below.bias + (iu + il) / 2.0
+    m2[:, g] = h2[cols] * below.bias[cols] - iu[cols] / 2.0
     m1[:, g + 1], m2_low = h2 * low, h1 * low
     if k is not None:  # the cut's constants hold the rounding
         m1[k, :g] += cut.slope[k] / 2.0

@@ -77,25 +77,35 @@ class Relu:
 
     def relax(self, lo: np.ndarray, hi: np.ndarray):
         """Upper line (slope, intercept), default lower slope (0 or 1, whichever is closer)
-        and the unstable mask of ReLU over [lo, hi]."""
-        active = lo >= 0
+        and the unstable mask of ReLU over [lo, hi]. An input known exactly (lo == hi: a
+        quantized value with one lattice point left, `bounds.snap`) is a constant: slopes 0,
+        its output the intercept of both lines (`lower_intercept`)."""
+        fixed = lo == hi
+        active = (lo >= 0) & ~fixed
         unstable = (lo < 0) & (hi > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             su = np.where(unstable, hi / np.where(unstable, hi - lo, 1.0), active.astype(float))
-        iu = np.where(unstable, -su * lo, 0.0)
+        iu = np.where(unstable, -su * lo, np.where(fixed, np.maximum(hi, 0.0), 0.0))
         alpha = np.where(unstable, (hi > -lo).astype(np.float64), active.astype(np.float64))
         return su, iu, alpha, unstable
+
+    def lower_intercept(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """The lower line's intercept: the output of a constant input (lo == hi), else 0."""
+        return np.where(lo == hi, np.maximum(hi, 0.0), 0.0)
 
     def back_step(self, lam, c, lo, hi, slope=None):
         su, iu, alpha, _ = self.relax(lo, hi)
         alpha = alpha if slope is None else slope
         pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+        il = self.lower_intercept(lo, hi)
+        if il.any():
+            c = c + pos @ il
         return pos * alpha + neg * su, c + neg @ iu
 
     def relaxed_value(self, v, lam, lo, hi, slope=None):
         su, iu, alpha, _ = self.relax(lo, hi)
         alpha = alpha if slope is None else slope
-        return np.where(lam >= 0, v * alpha, v * su + iu)
+        return np.where(lam >= 0, v * alpha + self.lower_intercept(lo, hi), v * su + iu)
 
     def encode(self, enc, forms, lo, hi, tag: str):
         return enc.relu(forms, lo, hi, tag)

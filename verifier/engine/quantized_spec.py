@@ -83,7 +83,7 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
             model.chain, on, rounding=model.rounding, clamp_output=True, first_step=left
         )
         e = errs[0][-1]
-        spec = spec_chain(model.chain, on, label, errors=errs)
+        spec = spec_chain(model.chain, on, label, errors=errs, lattice=output_lattice(model))
         root = linear_bounds(spec, on.lo, on.hi)
         cap = margin_caps(model, on, label, errs, *ends, e, root, spec)
         if cap is not None and np.all(cap > 0):
@@ -92,8 +92,28 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
                 replace(spec, cap=cap), errs, on, model.chain, (*ends, e), root, model
             )
     model, errs = centre_pair_sums(model, on, left)
-    spec = spec_chain(model.chain, on, label, errors=errs)
+    spec = spec_chain(model.chain, on, label, errors=errs, lattice=output_lattice(model))
     return QuantizedSpec(spec, errs, on, model.chain, model=model)
+
+
+def output_lattice(model) -> list | None:
+    """Per layer of the error model's chain: (step, origin) of the grid an Affine layer's
+    output is requantized to last (`SpecChain.lattice`: its value is a point of it, clamp and
+    a ReLU's zero included), or None; None when no layer has one."""
+    out: list = [None] * len(model.chain.layers)
+    for k, r in enumerate((model.rounding or [])[: len(out)]):
+        if r is None or not isinstance(model.chain.layers[k], Affine):
+            continue
+        grid = r.output_grid
+        if grid is None and r.outputs and _plain(r.outputs[-1]):
+            grid = r.outputs[-1].grid
+        if grid is not None and grid.scale > 0:
+            out[k] = (float(grid.scale), float(grid.lo))
+    return out if any(v is not None for v in out) else None
+
+
+def _plain(ev) -> bool:
+    return bool(np.all(np.asarray(ev.gain) == 1.0) and np.all(np.asarray(ev.shift) == 0.0))
 
 
 def whole_region_errors(model, region: Region) -> tuple:
@@ -196,7 +216,7 @@ def fold_parts(
         else:
             first = bare + m.rounding[0].pairs.known
         errs = ([first, *out[1:]], [residual, *inputs[1:]])
-        spec = spec_chain(m.chain, region_q, label, errors=errs)
+        spec = spec_chain(m.chain, region_q, label, errors=errs, lattice=output_lattice(m))
         specs.append((part, QuantizedSpec(spec, errs, region_q, m.chain)))
     return specs
 

@@ -316,14 +316,32 @@ def _min_linear(a: np.ndarray, c: np.ndarray, lo, hi, cost, budget: float, where
 
 def _relu_lines(l: np.ndarray, u: np.ndarray, slopes=None):
     """Lower slope (`slopes` on the unstable neurons if given, else 0 or 1, whichever is
-    closer), upper slope and upper intercept of ReLU on [l, u]."""
-    on, off = l >= 0, u <= 0
+    closer), upper slope and upper intercept, and lower intercept of ReLU on [l, u]. An input
+    known exactly (l == u, one lattice point left) gives the constant max(u, 0): both slopes
+    0, both intercepts it."""
+    const = l == u
+    on, off = (l >= 0) & ~const, (u <= 0) | const
     mixed = ~on & ~off
     width = np.where(mixed, u - l, 1.0)
     up = np.where(mixed, u / width, on.astype(np.float64))
-    icpt = np.where(mixed, -up * l, 0.0)
+    base = np.where(const, np.maximum(u, 0.0), 0.0)
+    icpt = np.where(mixed, -up * l, base)
     low = (u > -l).astype(np.float64) if slopes is None else slopes
-    return np.where(mixed, low, on.astype(np.float64)), up, icpt
+    return np.where(mixed, low, on.astype(np.float64)), up, icpt, base
+
+
+def _on_lattice(spec, i: int, l: np.ndarray, u: np.ndarray):
+    """[l, u] cut to the points of layer `i`'s output lattice they hold (`spec.lattice`: the
+    quantized runtime's value is such a point); unchanged where none is held."""
+    grid = getattr(spec, "lattice", None)
+    if grid is None or grid[i] is None:
+        return l, u
+    step, origin = grid[i]
+    with np.errstate(invalid="ignore"):
+        first = np.ceil((l - origin) / step - 1e-6)
+        last = np.floor((u - origin) / step + 1e-6)
+    some = first <= last
+    return np.where(some, origin + first * step, l), np.where(some, origin + last * step, u)
 
 
 def _cut_lines(spec, lo, hi, l: np.ndarray, u: np.ndarray):
@@ -384,13 +402,13 @@ def _back(
             if step is not None:
                 c = c - np.abs(lam) @ step
         elif isinstance(layer, Relu):
-            low, up, icpt = _relu_lines(*pre[k], None if slopes is None else slopes.get(k))
+            low, up, icpt, base = _relu_lines(*pre[k], None if slopes is None else slopes.get(k))
             pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
             if k == 1 and cut is not None:
                 const, slope, mask = cut
                 on_cut = np.where(mask, neg, 0.0)
                 c, extra, neg = c + on_cut @ const, on_cut @ slope, np.where(mask, 0.0, neg)
-            c = c + neg @ icpt
+            c = c + neg @ icpt + pos @ base
             lam = pos * low + neg * up
         else:
             lam, c = _back_pool(layer.windows, *pre[k], lam, c)
@@ -458,6 +476,7 @@ def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
             known = parent.pre[i + 1] if parent is not None else None
             if known is not None:
                 cur_lo, cur_hi = np.maximum(cur_lo, known[0]), np.minimum(cur_hi, known[1])
+            cur_lo, cur_hi = _on_lattice(spec, i, cur_lo, cur_hi)
             if i == 0:
                 continue
             rows = np.arange(len(cur_lo))
@@ -472,6 +491,7 @@ def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
                 v = _min_linear(a, c, lo, hi, spec.region.cost, spec.region.budget)
                 cur_lo[rows] = np.maximum(cur_lo[rows], v[:m])
                 cur_hi[rows] = np.minimum(cur_hi[rows], -v[m:])
+                cur_lo, cur_hi = _on_lattice(spec, i, cur_lo, cur_hi)
         elif isinstance(layer, Relu):
             pre[i] = (cur_lo, cur_hi)
             if i == 1:
@@ -538,14 +558,14 @@ def _slope_gradients(spec, pre: list, tape: list, s: np.ndarray, slopes: dict, c
             if spec.err[k] is not None:
                 g = g - np.sign(lam) * spec.err[k]
         elif isinstance(layer, Relu):
-            low, up, icpt = _relu_lines(*pre[k], slopes[k])
+            low, up, icpt, base = _relu_lines(*pre[k], slopes[k])
             l, u = pre[k]
             pos = lam >= 0
             out[k] = np.where(pos & (l < 0) & (u > 0), g * lam, 0.0)
             upper = g * up + icpt
             if k == 1 and cut is not None:  # the cut's line at the minimisers
                 upper = np.where(cut[2], cut[0] + s @ cut[1].T, upper)
-            g = np.where(pos, g * low, upper)
+            g = np.where(pos, g * low + base, upper)
         else:
             l, u = pre[k]
             lp, up_ = np.append(l, -np.inf), np.append(u, -np.inf)
