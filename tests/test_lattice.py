@@ -4,6 +4,7 @@ and the audit re-derives proofs that need them; a lattice half a step off is cau
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -30,6 +31,7 @@ GRAPHS = {
     "mlp": lambda p: mlp(p, sizes=(16, 40, 20, 4), seed=5, gemm=False),
 }
 CASES = [
+    ("mlp", "int8", {}),
     ("cnn-nchw", "int8", {}),
     ("cnn-nhwc", "int8", {}),
     ("cnn-nchw", "ort-qdq", {}),
@@ -168,3 +170,80 @@ def test_proofs_that_need_the_lattice_recheck(built):
         bare = replace(problem, spec=replace(spec, lattice=None))
         needed += check_tree(proof, bare).status != CHECKED
     assert rechecked > 0 and needed > 0
+
+
+def _hidden_outputs(interp, details, x: np.ndarray) -> list[np.ndarray]:
+    """The dequantized int8 tensors of a LiteRT interpreter (all tensors kept) after running
+    one float input `x` (quantized first when the file takes integers)."""
+    from quantize.litert import quantize_values
+
+    ind = interp.get_input_details()[0]
+    q = (
+        x[None]
+        if ind["dtype"] == np.float32
+        else quantize_values(x[None], *ind["quantization"], ind["dtype"])
+    )
+    interp.set_tensor(ind["index"], q)
+    interp.invoke()
+    out = []
+    for t in details:
+        scale, zp = t["quantization"]
+        out.append((interp.get_tensor(t["index"]).astype(np.float64).reshape(-1) - zp) * scale)
+    return out
+
+
+def test_hidden_values_lie_on_the_lattice_within_the_bounds(built):
+    """The MLP's int8 copy run with every tensor kept: each hidden layer's output (ReLU fused)
+    is a point of the lattice the spec reads from the file, within the ReLU of the cut bounds
+    of every box holding the point; the lattice moved half a step is not the runtime's."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, runner, em, xs = built["mlp", "int8", 0]
+    with warnings.catch_warnings():  # keeping every tensor is "for debugging": this is one
+        warnings.simplefilter("ignore", UserWarning)
+        interp = Interpreter(
+            model_path=str(runner.describe()["path"]), experimental_preserve_all_tensors=True
+        )
+    interp.allocate_tensors()
+    checked = fixed = 0
+    off_lattice = {"right": 0, "wrong": 0}
+    for x, region in _regions(xs[:4]):
+        label = int(runner.predict(x[None]).argmax())
+        spec = quantized_spec(em, region, label).spec
+        relus = [k for k, layer in enumerate(spec.layers) if isinstance(layer, Relu)]
+        grids = [spec.lattice[k - 1] for k in relus]
+        assert all(g is not None for g in grids)
+        details = []  # per hidden layer, its output tensor: the file's scale, the layer's size
+        for k, (step, _) in zip(relus, grids, strict=True):
+            n = len(spec.layers[k - 1].bias)
+            found = [
+                t
+                for t in interp.get_tensor_details()
+                if t["dtype"] == np.int8
+                and t["shape"].tolist() == [1, n]
+                and np.float32(t["quantization"][0]) == np.float32(step)
+            ]
+            assert found
+            details.append(found[0])
+        pts = np.concatenate(list(region.enumerate()))
+        values = [
+            _hidden_outputs(interp, details, p) for p in region.points(pts).astype(np.float32)
+        ]
+        for lo, hi in _boxes(region):
+            b = linear_bounds(spec, lo, hi)
+            inside = np.flatnonzero(np.all((pts >= lo) & (pts <= hi), axis=1))
+            for j, k in enumerate(relus):
+                low, high = b.pre[k]
+                fixed += int(np.sum(low == high))
+                for i in inside[:50]:
+                    v = values[i][j]
+                    assert np.all(v >= np.maximum(low, 0.0) - 1e-9), (k, lo, hi)
+                    assert np.all(v <= np.maximum(high, 0.0) + 1e-9), (k, lo, hi)
+                    checked += 1
+        for i in range(min(len(pts), 50)):
+            for j, (step, origin) in enumerate(grids):
+                for name, o in (("right", origin), ("wrong", origin + step / 2)):
+                    k = (values[i][j] - o) / step
+                    off_lattice[name] += int(np.any(np.abs(k - np.round(k)) > 1e-6))
+    assert checked > 1000 and fixed > 0
+    assert off_lattice["right"] == 0 and off_lattice["wrong"] > 0
