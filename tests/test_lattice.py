@@ -1,6 +1,7 @@
-"""Requantized outputs are lattice points: bounds cut to the points they hold stay below the
-runtime's margins on every point of small regions, tighten them, turn neurons into constants,
-and the audit re-derives proofs that need them; a lattice half a step off is caught."""
+"""Requantized outputs are lattice points: the runtime's hidden outputs lie on the lattice the
+spec reads from the file, within the bounds cut to it; those bounds stay below the runtime's
+margins on every point of small regions, tighten them and turn neurons into constants; the
+audit re-derives proofs that need them; a lattice half a step off is caught."""
 
 from __future__ import annotations
 
