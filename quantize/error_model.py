@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from quantize.rounding import ErrorModel, Event, Grid, Rounding
+from quantize.rounding import ErrorModel, Grid, Rounding
 from verifier.engine.bounds import PreparedChain, prepare_chain
 from verifier.engine.network import Affine, LoweredLayer, MaxPool, Relu
 from verifier.errors import UnsupportedModelError
@@ -169,22 +169,18 @@ def _integer_layers(rounding: list, integer: list[bool]) -> list:
     return out
 
 
-def _plain(e: Event) -> bool:
-    return bool(np.all(np.asarray(e.gain) == 1.0) and np.all(np.asarray(e.shift) == 0.0))
-
-
 def _plain_fields(r: Rounding) -> Rounding:
     """TFLite roundings on the layer's own input / output in the plain fields (a hybrid row
     quantization, the input and output grids), as consumers of those fields expect."""
     from dataclasses import replace
 
     ins, outs = list(r.inputs), list(r.outputs)
-    if ins and _plain(ins[0]) and ins[0].grid is None:
+    if ins and ins[0].plain and ins[0].grid is None:
         r = replace(r, dynamic_input=True, symmetric_input=ins[0].levels != 255)
         ins.pop(0)
-    elif ins and _plain(ins[0]) and ins[0].extra == 0.0:
+    elif ins and ins[0].plain and ins[0].extra == 0.0:
         r = replace(r, input_grid=ins.pop(0).grid)
-    if outs and _plain(outs[-1]) and outs[-1].grid is not None:
+    if outs and outs[-1].plain and outs[-1].grid is not None:
         last = outs.pop()
         r = replace(r, output_grid=last.grid, multiplier=last.extra)
     return replace(r, inputs=tuple(ins), outputs=tuple(outs))

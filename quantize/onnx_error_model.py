@@ -435,7 +435,7 @@ def _run_time_input(r: Rounding) -> Rounding:
     ins = r.inputs
     if not ins or ins[0].grid is not None or ins[0].levels != 255 or ins[0].extra:
         return r
-    if not (np.all(np.asarray(ins[0].gain) == 1.0) and np.all(np.asarray(ins[0].shift) == 0.0)):
+    if not ins[0].plain:
         return r
     return replace(r, dynamic_input=True, inputs=ins[1:])
 

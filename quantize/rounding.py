@@ -38,6 +38,11 @@ class Event:
     levels: int = 255
     extra: float = 0.0
 
+    @property
+    def plain(self) -> bool:
+        """v is t itself (gain 1, shift 0): the rounding is of the tensor's own values."""
+        return bool(np.all(np.asarray(self.gain) == 1.0) and np.all(np.asarray(self.shift) == 0.0))
+
 
 @dataclass(frozen=True)
 class PairSums:

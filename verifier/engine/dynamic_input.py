@@ -283,9 +283,7 @@ def _input_grid(model):
         return r.input_grid if not events else None
     if len(events) != 1 or events[0].grid is None or events[0].extra:
         return None
-    ev = events[0]
-    plain = np.all(np.asarray(ev.gain) == 1.0) and np.all(np.asarray(ev.shift) == 0.0)
-    return ev.grid if plain else None
+    return events[0].grid if events[0].plain else None
 
 
 def _foldable(model, region: Region) -> bool:

@@ -105,15 +105,11 @@ def output_lattice(model) -> list | None:
         if r is None or not isinstance(model.chain.layers[k], Affine):
             continue
         grid = r.output_grid
-        if grid is None and r.outputs and _plain(r.outputs[-1]):
+        if grid is None and r.outputs and r.outputs[-1].plain:
             grid = r.outputs[-1].grid
         if grid is not None and grid.scale > 0:
             out[k] = (float(grid.scale), float(grid.lo))
     return out if any(v is not None for v in out) else None
-
-
-def _plain(ev) -> bool:
-    return bool(np.all(np.asarray(ev.gain) == 1.0) and np.all(np.asarray(ev.shift) == 0.0))
 
 
 def whole_region_errors(model, region: Region) -> tuple:
