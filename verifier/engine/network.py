@@ -85,7 +85,7 @@ class Relu:
         unstable = (lo < 0) & (hi > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             su = np.where(unstable, hi / np.where(unstable, hi - lo, 1.0), active.astype(float))
-        iu = np.where(unstable, -su * lo, np.where(fixed, np.maximum(hi, 0.0), 0.0))
+        iu = np.where(unstable, -su * lo, self.lower_intercept(lo, hi))
         alpha = np.where(unstable, (hi > -lo).astype(np.float64), active.astype(np.float64))
         return su, iu, alpha, unstable
 
