@@ -25,6 +25,8 @@ Engines (`decide` options):
   relu   as mixed, preferring ReLU splits
   triangle  as milp, with the triangle upper lines on the first ReLU instead of the knapsack
          cut (`knapsack_cut=False`: the bounds before `verifier/engine/knapsack_cut.py`)
+  no-sieve  as milp, no leaf closed by running only the points its bounds leave open
+         (`sieve=False`: leaves are enumerated only when they hold at most `enum_limit` points)
 The baseline is plain exhaustive enumeration on the runtime, run on `--baseline` inputs of (a)
 (the feature regions are far too large to enumerate; their sizes are reported instead).
 Writes the JSON (`--out`) and one cactus-curve PNG per model and configuration beside it:
@@ -70,6 +72,7 @@ ENGINES = {
     "mixed": {"splits": "mixed", "exact": "milp"},
     "relu": {"splits": "relu", "exact": "milp"},
     "triangle": {"splits": "generator", "exact": "milp", "knapsack_cut": False},
+    "no-sieve": {"splits": "generator", "exact": "milp", "sieve": False},
 }
 
 

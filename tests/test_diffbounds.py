@@ -424,8 +424,9 @@ def test_diff_bab_keeps_a_proof_the_audit_rechecks(tiny, mode):
             continue
         float_splits = sum(n.kind == SPLIT for n in decode(from_text(fd.detail["proof"])).nodes)
         quantized = decode(from_text(d.detail["proof"]))
-        # every node the quantized branch and bound processed was split or enumerated
-        new_splits = d.detail["new_nodes"] - d.detail["leaves"].get("enumeration", 0)
+        # every node the quantized branch and bound processed was split, enumerated or sieved
+        leaves = d.detail["leaves"]
+        new_splits = d.detail["new_nodes"] - leaves.get("enumeration", 0) - leaves.get("sieve", 0)
         assert sum(n.kind == SPLIT for n in quantized.nodes) == float_splits + new_splits
         kept += 1
         on_tree += float_splits > 0

@@ -15,7 +15,7 @@ from onnx_builders import cnn_nchw, cnn_nhwc, mlp
 
 from quantize.error_model import error_model
 from quantize.modes import quantize_model
-from verifier.engine.bounds import linear_bounds, prepare_chain, snap
+from verifier.engine.bounds import linear_bounds, pointwise_lower, prepare_chain, snap
 from verifier.engine.decide import decide
 from verifier.engine.diffdecide import decide_from_float
 from verifier.engine.model import load_model
@@ -80,7 +80,8 @@ def _boxes(region):
 
 def _check_boxes(runner, spec, region, label) -> dict:
     """Bounds with the spec's lattice, without it, and with it moved half a step, on each
-    box against the runtime's smallest margins over the box's points."""
+    box against the runtime's smallest margins over the box's points (and the pointwise
+    linear bounds against each point's margins)."""
     pts = np.concatenate(list(region.enumerate()))
     xs = region.points(pts).astype(np.float32).reshape(len(pts), *runner.input_shape)
     out = np.asarray(runner.predict(xs), np.float64)
@@ -95,6 +96,8 @@ def _check_boxes(runner, spec, region, label) -> dict:
         b = linear_bounds(spec, lo, hi)
         got["boxes"] += 1
         got["above"] += int(np.any(b.lower > least))
+        # the linear bounds hold point by point too (what the sieve runs points by)
+        got["above"] += int(np.any(pointwise_lower(b, pts[inside]) > margins[inside] + 1e-9))
         got["wrong_above"] += int(np.any(linear_bounds(wrong, lo, hi).lower > least))
         pre = [p for p, layer in zip(b.pre, spec.layers, strict=True) if isinstance(layer, Relu)]
         got["fixed"] += sum(int(np.sum(lo_ == hi_)) for lo_, hi_ in pre)

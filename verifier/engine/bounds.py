@@ -105,10 +105,27 @@ class Bounds:
     # with `reuse` on a 0/1 box: (lo, hi, per layer the knapsack's greedy floors of the rows it
     # minimised: key 0 the first layer's (2, n), an affine layer's aligned with `queries`)
     floors: tuple | None = None
+    # with `coeffs`, each margin's linear lower bound at every point of the box within budget:
+    # margin(s) >= min(coeffs . s + offsets, ceiling) (-inf: `lower` alone holds pointwise;
+    # ceiling: the spec's logit cap, None for none). None: no such bound was kept
+    offsets: np.ndarray | None = None
+    ceiling: np.ndarray | None = None
 
     @property
     def empty(self) -> bool:
         return self.method == "empty"
+
+
+def pointwise_lower(b: Bounds, s: np.ndarray) -> np.ndarray:
+    """(N, K-1) lower bounds of the margins at the points `s` (N, G) of `b`'s box within
+    budget: the linear bounds where `b` kept them (`Bounds.offsets`), never below `lower`."""
+    low = np.broadcast_to(b.lower, (len(s), len(b.lower)))
+    if b.offsets is None:
+        return low
+    at = s @ b.coeffs.T + b.offsets
+    if b.ceiling is not None:
+        at = np.minimum(at, b.ceiling)
+    return np.maximum(at, low)
 
 
 # a weight array of at least SPARSE_SIZE entries, at most SPARSE_DENSITY of them not 0, is also
@@ -874,7 +891,18 @@ def linear_bounds(
         lower = np.minimum(lower, spec.cap)
     box_floors = None if floors is None else (lo.copy(), hi.copy(), floors)
     return Bounds(
-        lower, lam, argmin, pre, method, first, cut, point if reuse else None, kept, box_floors
+        lower,
+        lam,
+        argmin,
+        pre,
+        method,
+        first,
+        cut,
+        point if reuse else None,
+        kept,
+        box_floors,
+        offsets=c,
+        ceiling=spec.cap,
     )
 
 
@@ -918,10 +946,11 @@ def _minimise_rows(region: Region, lam, c, lo, hi, old=None):
 
 def _open_margins(spec: SpecChain, pre: list, lo, hi, cut, open_: np.ndarray):
     """The margins' linear lower bounds (lam, c), values and minimisers over [lo, hi] for the
-    margins in the mask `open_` only: the others get zero coefficients and value -inf."""
+    margins in the mask `open_` only: the others get zero coefficients, constant and value
+    -inf."""
     m, g = spec.layers[-1].weight.shape[0], len(lo)
     rows = np.flatnonzero(open_)
-    lam, c = np.zeros((m, g)), np.zeros(m)
+    lam, c = np.zeros((m, g)), np.full(m, -np.inf)
     vals = np.full(m, -np.inf)
     argmin = np.tile(np.clip(0, lo, hi).astype(np.float64), (m, 1))
     if len(rows):

@@ -93,6 +93,7 @@ def decide(
     node_alpha: bool = False,
     knapsack_cut: bool = True,
     inherit: bool = True,
+    sieve: bool = True,
 ) -> Decision:
     """Certified / refuted / unknown for `region` around its input, and the route that decided.
 
@@ -109,6 +110,8 @@ def decide(
     `inherit`: a generator branch-and-bound child holding its parent's point nearest 0 (the one
     that drops a feature) minimises its parent's intermediate linear bounds over its box
     instead of deriving its own (`bounds.linear_bounds(reuse=True)`).
+    `sieve=False`: no leaf closes by running only the points its bounds leave open
+    (`bab.settle_node`; for side-by-side benchmarks).
     Pass `bounds.prepare_chain(chain)` when deciding many regions of one model (saves copies).
 
     `detail` holds: "leaves" (leaves closed per route: bab, empty, enumeration, z3, milp,
@@ -213,6 +216,7 @@ def decide(
         keep_leaves,
         node_alpha,
         inherit,
+        sieve,
     )
 
 
@@ -233,6 +237,7 @@ def _refine(
     keep_leaves: bool = False,
     node_alpha: bool = False,
     inherit: bool = False,
+    sieve: bool = True,
 ) -> Decision:
     """Branch and bound from the root bounds; the exact back end on the open leaves small enough
     for it; branch and bound again on what is left, until the budget runs out (`keep_leaves`: the
@@ -296,6 +301,7 @@ def _refine(
                 threshold,
                 cover=run.cover,
                 keep_closed=keep_leaves,
+                sieve=sieve,
                 **budget,
             )
         else:
@@ -327,7 +333,7 @@ def _refine(
         run.detail["reuse"] = ClosedLeaves(spec, root, reuse, run.cover)
     counts = {
         "bab": closed.get("bab", 0) + closed.get("empty", 0),
-        "enumeration": closed.get("enumeration", 0),
+        "enumeration": closed.get("enumeration", 0) + closed.get("sieve", 0),
         "z3": closed.get("z3", 0),
         "milp": closed.get("milp", 0),
         "relu-split": closed.get("relu-split", 0),

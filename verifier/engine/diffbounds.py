@@ -126,11 +126,13 @@ def wrap_direct(base: Bounds, direct: Bounds) -> DiffBounds:
     """The runtime's own bounds as a `DiffBounds` (no difference computed). Rows `direct` kept
     for its children (`linear_bounds(reuse=True)`) move to the wrapper, where branch and bound
     counts and drops them (`bab.ROWS_BUDGET`); `reused_parent` hands them back."""
+    pointwise = {"offsets": direct.offsets, "ceiling": direct.ceiling}
     if direct.queries is None:
-        return DiffBounds(**_fields(direct), base=base, direct=direct, delta=None)
+        return DiffBounds(**_fields(direct), **pointwise, base=base, direct=direct, delta=None)
     bare = replace(direct, point=None, queries=None)
     return DiffBounds(
         **_fields(direct),
+        **pointwise,
         point=direct.point,
         queries=direct.queries,
         base=base,

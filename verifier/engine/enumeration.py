@@ -27,6 +27,7 @@ class EnumResult:
     adv_label: int | None
     points: int  # points evaluated
     ambiguous: bool = False  # misclassified in a batch, not when re-run alone: no verdict
+    route: str = "enumeration"  # or "sieve": only the points a box's bounds leave open
 
     @property
     def clean(self) -> bool:
@@ -79,14 +80,21 @@ def enumerate_box(
     deadline: float = np.inf,
     batch: int = BATCH,
 ) -> EnumResult:
-    """Evaluate every point of the sub-box [lo, hi] within budget; stop at the first error.
+    """Evaluate every point of the sub-box [lo, hi] within budget; stop at the first error
+    (`check_points`)."""
+    return check_points(runtime, region, label, region.enumerate(batch, lo, hi), deadline)
+
+
+def check_points(runtime, region: Region, label: int, batches, deadline: float) -> EnumResult:
+    """Evaluate the points of `batches` ((B, G) coefficient arrays) on the runtime; stop at the
+    first error.
 
     A point misclassified in a batch is re-run alone (`confirm`); if none of a batch's errors
     confirms (a runtime whose answer depends on the batch), the box gets no verdict.
     """
     points = 0
     ambiguous = False
-    for s in region.enumerate(batch, lo, hi):
+    for s in batches:
         if time.perf_counter() > deadline:
             return EnumResult(False, None, None, points, ambiguous)
         _, labels = margins_and_labels(runtime, region, s, label)

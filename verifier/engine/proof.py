@@ -7,6 +7,8 @@ a leaf names the route that closed its box and that route's evidence:
 - `bounds`: the worst margin lower bound minus the threshold (float32, rounded down), > 0;
 - `empty`: the box's least cost (its point nearest 0), over the budget: no point;
 - `enumeration`: the box's point count, every point run on the runtime;
+- `sieve`: the points run on the runtime: those where the box's linear margin bounds are not
+  positive (every other point is above them);
 - `z3`: no evidence (z3 answered unsat on the box);
 - `milp`: no evidence (the mixed-integer program proved every margin positive on the box).
 
@@ -46,6 +48,7 @@ KINDS: dict[str, tuple[int, str, tuple[str, ...]]] = {
     "z3": (4, "", ()),
     "milp": (5, "", ()),
     FOLD: (6, "", ()),
+    "sieve": (7, "<I", ("points",)),
 }
 _BY_TAG = {tag: (kind, fmt, names) for kind, (tag, fmt, names) in KINDS.items()}
 _HEADER = "<4sBI"

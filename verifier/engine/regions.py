@@ -103,6 +103,63 @@ class Region:
         """All coefficient vectors of the (sub)box `[lo, hi]` within budget, in batches."""
         yield from enumerate_box(*self.box(lo, hi), self.cost, self.budget, batch)
 
+    def points_below(self, a: np.ndarray, const, lo=None, hi=None, *, cap: int):
+        """The points of the (sub)box `[lo, hi]` within budget where some row's `a_i . s +
+        const_i` is <= 0 ((N, G) int64, distinct), or None when there are more than `cap`.
+        On a 0/1 box whose free generators cost alike (a feature region's nodes) only those
+        points are visited (subsets in order of each row's coefficients, a branch cut as soon
+        as no completion can reach 0), so a box of millions of points with a few hundred such
+        points costs those; on other boxes at most `cap` points are enumerated and tested."""
+        lo, hi = self.box(lo, hi)
+        a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+        const = np.broadcast_to(np.asarray(const, dtype=np.float64), (len(a),))
+        p = np.clip(0, lo, hi)
+        room = self.budget + EPS - float(np.abs(p) @ self.cost)
+        shape = None if room < 0 else binary_shape(lo, hi, self.cost, room)
+        if room < 0:
+            return np.zeros((0, len(lo)), dtype=np.int64)
+        if shape is not None and shape.odd is not None:  # both values of the odd one: alike
+            parts = []
+            for v in (0, 1):
+                plo, phi = lo.copy(), hi.copy()
+                plo[shape.odd] = phi[shape.odd] = v
+                got = self.points_below(a, const, plo, phi, cap=cap)
+                if got is None:
+                    return None
+                parts.append(got)
+            pts = np.concatenate(parts)
+            return None if len(pts) > cap else pts
+        if shape is None:
+            if self.count(cap, lo, hi) > cap:
+                return None
+            found = [
+                s[np.any(s @ a.T + const <= 0, axis=1)] for s in self.enumerate(cap + 1, lo, hi)
+            ]
+            return np.concatenate(found) if found else np.zeros((0, len(lo)), dtype=np.int64)
+        free = np.flatnonzero(shape.uniform)
+        most = min(int(np.floor(room / shape.c0)), len(free))
+        base = a @ p + const
+        blocks, n = [], 0
+        for r in range(len(a)):
+            got = _subsets_below(a[r, free], -base[r], most, cap)
+            if got is None:
+                return None
+            for members in got:  # (k, size) subsets of one size, as indices into `free`
+                pts = np.tile(p.astype(np.int64), (len(members), 1))
+                pts[np.arange(len(members))[:, None], free[members]] = 1
+                blocks.append(pts)
+                n += len(pts)
+            if n > cap * len(a):
+                return None
+        if not blocks:
+            return np.zeros((0, len(lo)), dtype=np.int64)
+        pts = np.concatenate(blocks)
+        if len(a) > 1:  # a point below several rows once
+            packed = np.packbits(pts != p, axis=1)
+            keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+            pts = pts[np.sort(np.unique(keys, return_index=True)[1])]
+        return None if len(pts) > cap else pts
+
     def box(self, lo=None, hi=None) -> tuple[np.ndarray, np.ndarray]:
         """The sub-box `[lo, hi]` as arrays, the region's own ranges where not given."""
         return (
@@ -181,6 +238,41 @@ class BinaryShape:
     n: int  # how many
     odd: int | None
     top: int
+
+
+def _subsets_below(v: np.ndarray, top: float, most: int, cap: int) -> list | None:
+    """Every subset of at most `most` items whose values `v` sum to at most `top` (a slack of
+    1e-9 relative keeps ties: an extra subset costs a runtime run, a missed one the proof), as
+    (k, size) index arrays per size, or None when more than `cap`. Items go in increasing
+    value, and a partial subset is extended only while its sum plus the least its remaining
+    slots can add (the next negative values) stays within `top`: a prefix of the items."""
+    order = np.argsort(v, kind="stable")
+    w = v[order]
+    n = len(w)
+    top = top + 1e-9 * (1.0 + abs(top) + float(np.abs(w).sum()))
+    neg = np.concatenate([[0.0], np.cumsum(np.minimum(w, 0.0))])
+    idx = np.arange(n)
+    out = [np.zeros((1, 0), dtype=np.int64)] if top >= 0 else []
+    found = len(out)
+    sums, last, members = np.zeros(1), np.full(1, -1), np.zeros((1, 0), dtype=np.int64)
+    for level in range(most):
+        t = most - level - 1  # slots left after the next item
+        rest = neg[np.minimum(idx + 1 + t, n)] - neg[idx + 1]
+        ok = (idx[None, :] > last[:, None]) & (sums[:, None] + (w + rest)[None, :] <= top)
+        k, j = np.nonzero(ok)
+        if not len(k):
+            break
+        if len(k) > 8 * cap:
+            return None
+        sums, last = sums[k] + w[j], j
+        members = np.concatenate([members[k], j[:, None]], axis=1)
+        hit = sums <= top
+        if hit.any():
+            out.append(order[members[hit]])
+            found += int(hit.sum())
+        if found > cap:
+            return None
+    return out
 
 
 def binary_shape(lo, hi, cost, cap: float) -> BinaryShape | None:

@@ -160,7 +160,10 @@ def relu_branch_and_bound(
             break
         _, _, leaf, splits = heapq.heappop(heap)
         out.nodes += 1
-        res = settle_node(runtime, region, label, leaf, threshold, enum_limit, deadline, out)
+        # a phase-split node's bounds hold only at the points in its phases: no sieve
+        res = settle_node(
+            runtime, region, label, leaf, threshold, enum_limit, deadline, out, sieve=False
+        )
         if out.status == REFUTED:
             return out
         if res is not None:

@@ -442,7 +442,8 @@ QUANTIZED_ROUTES = {
     "diff-leaves": "every branch-and-bound leaf of the float model's proof, reused with the "
     "difference bound or the runtime's own bounds on the leaf",
     "diff-bab": "the float proof's leaves split further, bounded on the quantized runtime",
-    "enumeration": "every point run on the quantized runtime (the region or small leaves)",
+    "enumeration": "points run on the quantized runtime: every point of the region or of "
+    "small leaves, or the points a leaf's bounds leave open (sieve)",
     "attack": "a counterexample found and confirmed on the quantized runtime",
 }
 

@@ -15,6 +15,9 @@ each leaf is closed again by its own route:
 - `empty`: the box's least cost must exceed the budget.
 - `enumeration`: the stored point count must equal the box's; the box is enumerated on the
   runtime (at most `max_points` points, else not checkable) and every point must keep the label.
+- `sieve`: margin linear bounds re-derived here (as for `bounds`); every point of the box they
+  do not prove (`Region.points_below`) runs on the runtime and must keep the label; when more
+  than `max_points` are left, the box is enumerated if small enough, else not checkable.
 - `z3` and `milp`: enumerated on the runtime when small enough, else re-solved by z3 on the box.
 
 A `fold` node's box must lie within one sub-region of the dynamic-range input fold; its subtree
@@ -191,6 +194,8 @@ def _check_leaf(node, lo, hi, parent, problem: Problem, out: Verdict) -> str | N
         return _by_enumeration(lo, hi, count, problem, out, kind)
     if kind == "bounds":
         return _check_bounds(node.get("margin"), lo, hi, parent, problem, out)
+    if kind == "sieve":
+        return _check_sieve(lo, hi, parent, problem, out)
     if kind in ("z3", "milp"):  # both re-checked by enumeration or by z3
         return _check_z3(lo, hi, parent, problem, out, kind)
     _tally(out.unchecked, kind)  # a kind this checker does not know
@@ -211,6 +216,37 @@ def _by_enumeration(lo, hi, count: int, problem: Problem, out: Verdict, kind: st
         if len(bad):
             return f"the runtime misclassifies the point {[int(v) for v in s[bad[0]]]}"
     _tally(out.leaves, kind)
+    return None
+
+
+def _check_sieve(lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
+    """A sieve leaf: margin linear bounds computed here over the box; the points where some
+    is not positive (`Region.points_below`, at most `max_points`) run on the runtime and keep
+    the label. Else the box is enumerated when small enough, or it is not checkable."""
+    from verifier.engine.points import labels_at
+
+    region = problem.region
+    spec = _on_box(problem, parent)
+    pts = None
+    if spec is not None:
+        b = _node_bounds(spec, lo, hi, parent)
+        open_ = ~(b.lower > 0)
+        cap = getattr(spec, "cap", None)
+        if cap is None or not np.any(cap[open_] <= 0):
+            rows = np.eye(len(spec.others))[open_]
+            a, c = _back(spec, b.pre, len(spec.layers), rows, np.zeros(len(rows)), cut=b.cut)
+            pts = region.points_below(a, c, lo, hi, cap=problem.max_points)
+    if pts is None:
+        count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
+        return _by_enumeration(lo, hi, count, problem, out, "sieve")
+    for start in range(0, len(pts), 16384):
+        s = pts[start : start + 16384]
+        labels = labels_at(problem.runtime, region, s)
+        out.points += len(s)
+        bad = np.flatnonzero(labels != problem.label)
+        if len(bad):
+            return f"the runtime misclassifies the point {[int(v) for v in s[bad[0]]]}"
+    _tally(out.leaves, "sieve")
     return None
 
 
