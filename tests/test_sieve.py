@@ -82,6 +82,23 @@ def test_points_below_visits_a_large_box_by_its_few_open_points():
     assert len(below) and {tuple(p) for p in below} <= {tuple(p) for p in got}
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_points_below_on_a_lattice_box_halves_it(seed):
+    """A lattice box of 6 generators in [-4, 4] and a budget that binds (about 10^5 points):
+    the halving route returns exactly the points some row leaves at or below 0."""
+    rng = np.random.default_rng(seed)
+    g = 6
+    region = _region(np.full(g, -4), np.full(g, 4), np.full(g, 0.25), 4.0)
+    a = rng.normal(size=(2, g))
+    every = np.concatenate(list(region.enumerate()))
+    at = every @ a.T
+    c = np.full(2, -np.quantile(at.min(axis=1), 0.002))  # about 0.2% of the points below
+    want = {tuple(p) for p in every[np.any(at + c <= 0, axis=1)]}
+    got = region.points_below(a, c, cap=5000)
+    assert got is not None and len(every) > 10**5 and 0 < len(want) < 5000
+    assert {tuple(p) for p in got} == want
+
+
 @pytest.mark.parametrize("seed", [s for s in range(40) if s % 2 == 1])
 def test_sieve_decisions_agree_with_enumeration_and_their_proofs_check(seed):
     """Feature regions with a tiny enumeration limit, so leaves close by bounds or the sieve:

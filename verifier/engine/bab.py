@@ -38,9 +38,13 @@ from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN
 # About 250 KB a leaf on the MNIST MLP: some 1,000 leaves.
 ROWS_BUDGET = 256 << 20
 # A leaf whose linear bounds leave at most this many points open runs them on the runtime
-# (route "sieve") instead of splitting on (`enum_limit` when smaller). On MNIST MLP features
-# r=10 TFLite int8, inputs 21 / 40 / 57: 8,192 took 2.3 / 4.0 / 5.8 s, 2,048 1.2 / 2.4 / 3.1,
-# 512 1.0 / 2.2 / 3.1; without the sieve 3.6 / 1.9 / 5.3 (330 / 121 / 477 nodes).
+# (route "sieve") instead of splitting on (`enum_limit` when smaller); a quarter of it on a
+# runtime that runs one point per call (`per_sample`: onnxruntime's dynamic quantization, whose
+# scale couples a batch; about 80 us a point on the MNIST MLP against 20-30 batched). Measured
+# alone, 10 s budget: MNIST MLP features r=10 TFLite int8 inputs 21 / 40 / 57 took 1.27 / 2.07
+# / 3.06 s at 256, 0.95 / 1.91 / 2.68 at 1,024, 1.53 / 2.54 / 3.72 at 4,096 (3.6 / 1.9 / 5.3
+# without the sieve); features r=20 ORT dynamic inputs 0 / 91 / 95: 1.57 / 1.31 / 3.12 at 256,
+# 1.97 / 1.83 / 2.67 at 1,024, 3.40 / 2.54 / 5.99 at 4,096 (2.3 / 2.1 / 5.3 without).
 SIEVE_POINTS = 1024
 
 
@@ -190,9 +194,10 @@ def settle_node(
 ) -> EnumResult | None:
     """What every branch-and-bound loop does with a popped node before splitting it: run its
     rounded relaxed minimisers on the runtime (those not run before), then the points its
-    linear bounds leave at or below the threshold when at most `enum_limit` (`sieve`: route
-    "sieve", see `sieved_points`), else every point when it holds at most `enum_limit` (a
-    single point is always run, never split). A counterexample goes into `out` (status
+    linear bounds leave at or below the threshold (`sieve`: route "sieve", see
+    `sieved_points`) when the box holds at most `enum_limit` points, or when they are at most
+    `SIEVE_POINTS`; else every point when the box holds at most `enum_limit` (a single point
+    is always run, never split). A counterexample goes into `out` (status
     REFUTED); returns the run's result (`route` "sieve" or "enumeration"), or None when no
     point was run. `sieve=False` where the bounds do not hold at every point of the box (ReLU
     phase splits)."""
@@ -201,11 +206,15 @@ def settle_node(
         out.status, out.route, (out.coeffs, out.adv_label) = REFUTED, "bab", hit
         return None
     limit = max(enum_limit, 1)
-    pts = sieved_points(region, leaf, threshold, min(limit, SIEVE_POINTS)) if sieve else None
+    small = region.count(limit, leaf.lo, leaf.hi) <= limit
+    # a box small enough to enumerate runs only its open points; a larger one when few
+    few = SIEVE_POINTS // 4 if getattr(runtime, "per_sample", False) else SIEVE_POINTS
+    cap = limit if small else min(limit, few)
+    pts = sieved_points(region, leaf, threshold, cap) if sieve else None
     if pts is not None:
         batches = (pts[i : i + BATCH] for i in range(0, len(pts), BATCH))
         res = replace(check_points(runtime, region, label, batches, deadline), route="sieve")
-    elif region.count(limit, leaf.lo, leaf.hi) > limit:
+    elif not small:
         return None
     else:
         res = enumerate_box(runtime, region, label, leaf.lo, leaf.hi, deadline=deadline)

@@ -116,7 +116,7 @@ class Region:
         p = np.clip(0, lo, hi)
         room = self.budget + EPS - float(np.abs(p) @ self.cost)
         shape = None if room < 0 else binary_shape(lo, hi, self.cost, room)
-        if room < 0:
+        if room < 0 or not len(a):
             return np.zeros((0, len(lo)), dtype=np.int64)
         if shape is not None and shape.odd is not None:  # both values of the odd one: alike
             parts = []
@@ -130,12 +130,7 @@ class Region:
             pts = np.concatenate(parts)
             return None if len(pts) > cap else pts
         if shape is None:
-            if self.count(cap, lo, hi) > cap:
-                return None
-            found = [
-                s[np.any(s @ a.T + const <= 0, axis=1)] for s in self.enumerate(cap + 1, lo, hi)
-            ]
-            return np.concatenate(found) if found else np.zeros((0, len(lo)), dtype=np.int64)
+            return self._below_by_prefixes(a, const, lo, hi, cap)
         free = np.flatnonzero(shape.uniform)
         most = min(int(np.floor(room / shape.c0)), len(free))
         base = a @ p + const
@@ -159,6 +154,47 @@ class Region:
             keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
             pts = pts[np.sort(np.unique(keys, return_index=True)[1])]
         return None if len(pts) > cap else pts
+
+    def _below_by_prefixes(self, a, const, lo, hi, cap: int):
+        """`points_below` on any box: points built one generator at a time (those that move
+        the rows most first), a prefix kept only while some completion fits the budget and
+        some row can still reach 0 (its least over the remaining ranges, the budget aside: a
+        bound below every completion's); None past `cap` points or `8 cap` prefixes."""
+        order = np.argsort(-(np.abs(a).max(axis=0) * (hi - lo)), kind="stable")
+        lo_o, hi_o, a_o = lo[order], hi[order], a[:, order]
+        cost = self.cost[order]
+        least = np.minimum(a_o * lo_o, a_o * hi_o)  # (rows, G) each generator's least term
+        tail = np.concatenate(
+            [np.cumsum(least[:, ::-1], axis=1)[:, ::-1], np.zeros((len(a), 1))], axis=1
+        )
+        near = np.abs(np.clip(0, lo_o, hi_o)) * cost
+        tail_cost = np.concatenate([np.cumsum(near[::-1])[::-1], [0.0]])
+        limit = self.budget + EPS
+        slack = 1e-9 * (
+            1.0
+            + np.abs(const)
+            + np.abs(a).sum(axis=1) * np.abs(np.concatenate([lo, hi])).max(initial=0)
+        )
+        vals, spent = const[None, :].astype(np.float64), np.zeros(1)
+        coords = np.zeros((1, 0), dtype=np.int64)
+        for d in range(len(order)):
+            choice = np.arange(lo_o[d], hi_o[d] + 1)
+            v = vals[:, None, :] + choice[None, :, None] * a_o[None, None, :, d]
+            c = spent[:, None] + np.abs(choice)[None, :] * cost[d]
+            keep = (c + tail_cost[d + 1] <= limit + 1e-9) & np.any(
+                v + tail[None, None, :, d + 1] <= slack, axis=2
+            )
+            p, k = np.nonzero(keep)
+            if len(p) > 8 * cap:
+                return None
+            vals, spent = v[p, k], c[p, k]
+            coords = np.concatenate([coords[p], choice[k][:, None]], axis=1)
+        coords = coords[np.any(vals <= slack, axis=1)]
+        if len(coords) > cap:
+            return None
+        pts = np.empty_like(coords)
+        pts[:, order] = coords
+        return pts
 
     def box(self, lo=None, hi=None) -> tuple[np.ndarray, np.ndarray]:
         """The sub-box `[lo, hi]` as arrays, the region's own ranges where not given."""
