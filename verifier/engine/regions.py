@@ -109,7 +109,8 @@ class Region:
         On a 0/1 box whose free generators cost alike (a feature region's nodes) only those
         points are visited (subsets in order of each row's coefficients, a branch cut as soon
         as no completion can reach 0), so a box of millions of points with a few hundred such
-        points costs those; on other boxes at most `cap` points are enumerated and tested."""
+        points costs those; other boxes build points one generator at a time, cut the same
+        way (`_below_by_prefixes`)."""
         lo, hi = self.box(lo, hi)
         a = np.atleast_2d(np.asarray(a, dtype=np.float64))
         const = np.broadcast_to(np.asarray(const, dtype=np.float64), (len(a),))
@@ -181,7 +182,7 @@ class Region:
             choice = np.arange(lo_o[d], hi_o[d] + 1)
             v = vals[:, None, :] + choice[None, :, None] * a_o[None, None, :, d]
             c = spent[:, None] + np.abs(choice)[None, :] * cost[d]
-            keep = (c + tail_cost[d + 1] <= limit + 1e-9) & np.any(
+            keep = (c + tail_cost[d + 1] <= limit) & np.any(
                 v + tail[None, None, :, d + 1] <= slack, axis=2
             )
             p, k = np.nonzero(keep)
