@@ -160,7 +160,7 @@ class Region:
         """`points_below` on any box: points built one generator at a time (those that move
         the rows most first), a prefix kept only while some completion fits the budget and
         some row can still reach 0 (its least over the remaining ranges, the budget aside: a
-        bound below every completion's); None past `cap` points or `8 cap` prefixes."""
+        bound below every completion's); None past `cap` points or `2 cap` prefixes."""
         order = np.argsort(-(np.abs(a).max(axis=0) * (hi - lo)), kind="stable")
         lo_o, hi_o, a_o = lo[order], hi[order], a[:, order]
         cost = self.cost[order]
@@ -186,7 +186,7 @@ class Region:
                 v + tail[None, None, :, d + 1] <= slack, axis=2
             )
             p, k = np.nonzero(keep)
-            if len(p) > 8 * cap:
+            if len(p) > 2 * cap:
                 return None
             vals, spent = v[p, k], c[p, k]
             coords = np.concatenate([coords[p], choice[k][:, None]], axis=1)
@@ -280,7 +280,8 @@ class BinaryShape:
 def _subsets_below(v: np.ndarray, top: float, most: int, cap: int) -> list | None:
     """Every subset of at most `most` items whose values `v` sum to at most `top` (a slack of
     1e-9 relative keeps ties: an extra subset costs a runtime run, a missed one the proof), as
-    (k, size) index arrays per size, or None when more than `cap`. Items go in increasing
+    (k, size) index arrays per size, or None when more than `cap` (or more than `cap` partial
+    subsets to extend at some size: a failure costs little). Items go in increasing
     value, and a partial subset is extended only while its sum plus the least its remaining
     slots can add (the next negative values) stays within `top`: a prefix of the items."""
     order = np.argsort(v, kind="stable")
@@ -299,7 +300,7 @@ def _subsets_below(v: np.ndarray, top: float, most: int, cap: int) -> list | Non
         k, j = np.nonzero(ok)
         if not len(k):
             break
-        if len(k) > 8 * cap:
+        if len(k) > cap:
             return None
         sums, last = sums[k] + w[j], j
         members = np.concatenate([members[k], j[:, None]], axis=1)
