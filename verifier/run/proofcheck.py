@@ -204,12 +204,18 @@ def _check_leaf(node, lo, hi, parent, problem: Problem, out: Verdict) -> str | N
 
 def _by_enumeration(lo, hi, count: int, problem: Problem, out: Verdict, kind: str) -> str | None:
     """Every point of the box on the runtime (when at most `max_points`)."""
-    from verifier.engine.points import labels_at
-
     if count > problem.max_points:
         _tally(out.unchecked, kind)
         return None
-    for s in problem.region.enumerate(lo=lo, hi=hi):
+    return _run_points(problem.region.enumerate(lo=lo, hi=hi), problem, out, kind)
+
+
+def _run_points(batches, problem: Problem, out: Verdict, kind: str) -> str | None:
+    """Each batch of points ((B, G) coefficients) on the runtime: every one must keep the
+    label; the leaf is tallied as re-closed by `kind` when all do."""
+    from verifier.engine.points import labels_at
+
+    for s in batches:
         labels = labels_at(problem.runtime, problem.region, s)
         out.points += len(s)
         bad = np.flatnonzero(labels != problem.label)
@@ -223,8 +229,6 @@ def _check_sieve(lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
     """A sieve leaf: margin linear bounds computed here over the box; the points where some
     is not positive (`Region.points_below`, at most `max_points`) run on the runtime and keep
     the label. Else the box is enumerated when small enough, or it is not checkable."""
-    from verifier.engine.points import labels_at
-
     region = problem.region
     spec = _on_box(problem, parent)
     pts = None
@@ -239,15 +243,8 @@ def _check_sieve(lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
     if pts is None:
         count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
         return _by_enumeration(lo, hi, count, problem, out, "sieve")
-    for start in range(0, len(pts), 16384):
-        s = pts[start : start + 16384]
-        labels = labels_at(problem.runtime, region, s)
-        out.points += len(s)
-        bad = np.flatnonzero(labels != problem.label)
-        if len(bad):
-            return f"the runtime misclassifies the point {[int(v) for v in s[bad[0]]]}"
-    _tally(out.leaves, "sieve")
-    return None
+    batches = (pts[i : i + 16384] for i in range(0, len(pts), 16384))
+    return _run_points(batches, problem, out, "sieve")
 
 
 def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
