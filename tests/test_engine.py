@@ -687,6 +687,34 @@ def test_minimisers_already_run_are_not_run_again():
     assert Counting.rows == first
 
 
+def test_split_serves_the_worst_margin():
+    """A node halves the generator with the largest |coefficient| x range in its worst margin's
+    linear bound, whatever the other violated margins' coefficients add up to; the widest
+    range when no margin is violated."""
+    from verifier.engine.bab import split
+    from verifier.engine.bounds import Bounds
+
+    lo, hi = np.zeros(4, dtype=np.int64), np.array([1, 1, 1, 3])
+    zero = np.zeros(3)
+
+    def halved(coeffs, lower):
+        b = Bounds(np.array(lower), np.array(coeffs), np.zeros((3, 4)), [], "crown")
+        (lo0, hi0), (lo1, hi1) = split(Leaf(lo, hi, b), zero)
+        g = int(np.flatnonzero(hi0 != hi)[0])
+        assert np.array_equal(lo0, lo) and np.array_equal(hi1, hi)
+        assert np.flatnonzero((hi0 != hi) | (lo1 != lo)).tolist() == [g]
+        assert lo1[g] == hi0[g] + 1 == (lo[g] + hi[g]) // 2 + 1
+        return g
+
+    # margin 0 is the worst; margin 1, also violated, weighs far more on generator 0
+    rows = [[0.0, -2.0, 0.1, 0.0], [5.0, 0.0, 0.0, 0.2], [9.0, 9.0, 9.0, 9.0]]
+    assert halved(rows, [-3.0, -1.0, 2.0]) == 1
+    assert halved(rows, [-1.0, -3.0, 2.0]) == 0
+    # the range weighs in: 0.9 x 3 beats 2 x 1
+    assert halved([[0.0, 2.0, 0.0, 0.9], [0.0] * 4, [0.0] * 4], [-1.0, 1.0, 1.0]) == 3
+    assert halved(rows, [1.0, 1.0, 2.0]) == 3  # none violated: the widest range
+
+
 def test_bab_with_no_nodes_is_unknown():
     chain, runtime, region, label, spec, root = _hard_robust_case()
 
