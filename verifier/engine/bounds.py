@@ -1092,14 +1092,18 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
         on = k[cols]
         m2[on, :g] -= cut.slope[cols[on]] / 2.0
         m2[on, g] = h2[cols[on]] * below.bias[cols[on]] - cut.const[cols[on]] / 2.0
-    w_rows, aw = weights(layer.weight, rows), weights(spec.absw[i], rows)
-    a = w_rows @ m1
-    b = np.empty_like(a)
-    b[:, : g + 1] = aw[:, cols] @ m2
-    b[:, g + 1] = aw @ m2_low
+    w_rows = aw = None
+    if exact or sparse_weight(layer.weight) is not None:
+        w_rows, aw = weights(layer.weight, rows), weights(spec.absw[i], rows)
+        a = w_rows @ m1
+        b = np.empty_like(a)
+        b[:, : g + 1] = aw[:, cols] @ m2
+        b[:, g + 1] = aw @ m2_low
+    else:
+        a, b = _live_products(layer.weight, spec.absw[i], rows, m1, m2, m2_low, unstable)
     own = spec.err[i][rows] if spec.err[i] is not None else 0.0
     if spec.input_error(i) is not None:  # unit queries: |lambda W| = |W| on the rows
-        own = own + aw @ spec.input_error(i)
+        own = own + (aw if aw is not None else spec.absw[i][rows]) @ spec.input_error(i)
     bias = layer.bias[rows]
     lam = np.concatenate([a[:, :g] + b[:, :g], b[:, :g] - a[:, :g]])
     c = np.concatenate(
@@ -1113,6 +1117,19 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
     if exact:
         c = c - _first_input_rows(spec, rows, w_rows, aw, h1, h2, unstable)
     return _backsub(spec, pre, i - 2, lam, c, cut=cut)
+
+
+def _live_products(w, absw, rows, m1, m2, m2_low, unstable):
+    """`_query_both`'s products W m1 and |W| (m2 on the unstable neurons, m2_low) on the rows
+    `rows` of dense weights, over the neurons whose lines are not all zero only: the first
+    ReLU's neurons off over the box add nothing (about 40% of them at the MNIST MLP's
+    feature-region nodes), and one gather of those columns costs less than the rows' copy."""
+    live = np.flatnonzero(unstable | m1.any(axis=1) | (m2_low != 0.0))
+    m2_live = np.zeros((len(live), m2.shape[1] + 1))
+    m2_live[np.searchsorted(live, np.flatnonzero(unstable)), :-1] = m2
+    m2_live[:, -1] = m2_low[live]
+    at = np.ix_(rows, live)
+    return w[at] @ m1[live], absw[at] @ m2_live
 
 
 def _first_input_rows(spec: SpecChain, rows, w2, aw2, h1, h2, unstable) -> np.ndarray:
