@@ -960,3 +960,20 @@ def test_region_families_build_the_same_regions_as_their_builders():
     pts = np.concatenate(list(got.enumerate(lo=lo, hi=hi)))
     assert np.all(got.contains(pts)) and got.count(10**6, lo, hi) >= len(pts)
     assert got.least_cost(lo, hi) == pytest.approx(abs(hi[0]) * got.cost[0])
+
+
+def test_checks_run_on_one_blas_thread():
+    """A process that checks inputs limits BLAS to one thread, whatever it had before (two
+    BLAS threads beside a runtime's pool halved the nodes a second on two cores)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from verifier.run.check import Checker, Settings
+
+    rng = np.random.default_rng(0)
+    chain = random_chain(rng, 6)
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        x = rng.uniform(0, 1, (2, 6)).astype(np.float32)
+        Checker(Settings(), ChainRuntime(chain, 6), chain, x, np.zeros(2), np.arange(2), x[:, 0])
+        after = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    assert after and all(n == 1 for n in after), (before, after)
