@@ -666,25 +666,63 @@ def test_unique_rows_equals_numpy_unique(n, g, seed):
     assert np.array_equal(unique_rows(a), np.unique(a, axis=0))
 
 
-def test_minimisers_already_run_are_not_run_again():
-    from verifier.engine.bab import _try_minimisers
+class Counting(ChainRuntime):
+    """A chain runtime that counts its calls and the points they ran."""
+
+    calls = rows = 0
+
+    def predict(self, x):
+        self.calls, self.rows = self.calls + 1, self.rows + len(x)
+        return super().predict(x)
+
+
+def test_minimisers_queue_once_and_run_in_one_call():
+    from verifier.engine.bab import BabOutcome, minimisers, run_minimisers
 
     chain, runtime, region, label, spec, root = _hard_robust_case()
-
-    class Counting(ChainRuntime):
-        rows = 0
-
-        def predict(self, x):
-            Counting.rows += len(x)
-            return super().predict(x)
-
     counting = Counting(runtime.chain, region.x.size)
-    tried: set = set()
-    assert _try_minimisers(counting, region, label, root, np.zeros(len(spec.others)), tried) is None
-    first = Counting.rows
-    assert first > 0 and len(tried) == first  # every candidate ran once and is remembered
-    assert _try_minimisers(counting, region, label, root, np.zeros(len(spec.others)), tried) is None
-    assert Counting.rows == first
+    out, zero = BabOutcome(UNKNOWN, "budget"), np.zeros(len(spec.others))
+    first = minimisers(region, root, zero, out.tried)
+    assert len(first) and len(out.tried) == len(first)  # every candidate is remembered
+    assert len(minimisers(region, root, zero, out.tried)) == 0  # and not queued again
+    out.queued = [first[:1], first[1:]]
+    assert not run_minimisers(counting, region, label, out)
+    assert (counting.calls, counting.rows, out.queued) == (1, len(first), [])
+
+
+def test_queued_minimisers_run_when_the_loop_ends():
+    """A minimiser queued at the last node the budget allows still runs: a counterexample
+    among them refutes the region, confirmed on the runtime."""
+    for seed in range(400):
+        chain, runtime, region, label = random_case(seed)
+        spec = spec_chain(chain, region, label)
+        zero = np.zeros(len(spec.others))
+        root = linear_bounds(spec, region.lo, region.hi)
+        if np.all(root.lower > 0):
+            continue
+        from verifier.engine.bab import minimisers
+
+        cands = minimisers(region, root, zero, set())
+        if not len(cands) or np.all(runtime.predict(region.points(cands)).argmax(1) == label):
+            continue
+        counting = Counting(chain, region.x.size)
+        out = branch_and_bound(
+            counting,
+            region,
+            label,
+            [Leaf(region.lo, region.hi, root)],
+            lambda lo, hi, parent, spec=spec: linear_bounds(spec, lo, hi),
+            zero,
+            deadline=np.inf,
+            max_nodes=1,
+            enum_limit=0,
+            sieve=False,
+        )
+        assert out.status == REFUTED and out.nodes == 1
+        assert runtime.predict(region.points(out.coeffs)).argmax() == out.adv_label != label
+        assert region.contains(out.coeffs[None])[0]
+        return
+    pytest.skip("no region whose root minimisers misclassify among the seeds")
 
 
 def test_split_serves_the_worst_margin():

@@ -28,7 +28,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from verifier.engine.bab import BabOutcome, Leaf, settle_node, split
+from verifier.engine.bab import BabOutcome, Leaf, run_minimisers, settle_node, split
 from verifier.engine.bounds import Bounds, SpecChain, _backsub, optimise_alpha
 from verifier.engine.enumeration import confirm
 from verifier.engine.network import Relu
@@ -193,6 +193,8 @@ def relu_branch_and_bound(
         kids = _children(spec, leaf, bound, threshold, policy, beta_steps, deadline)
         for child, relu in kids:
             push(child, splits + int(relu))
+    if run_minimisers(runtime, region, label, out):
+        return out
     out.open_leaves = stuck + [e[2] for e in sorted(heap, key=lambda e: (e[0], e[1]))]
     if not out.open_leaves:
         out.status = CERTIFIED
