@@ -38,6 +38,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import checkout  # noqa: F401 (this checkout's packages first)
 import numpy as np
 
 from verifier.engine.data import load_dataset, select, to_layout

@@ -47,6 +47,7 @@ from pathlib import Path
 # against each other (and onnxruntime's pool) on a 2-core machine. Set before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import checkout  # noqa: E402, F401 (this checkout's packages first)
 import numpy as np  # noqa: E402
 
 from verifier.engine.bounds import prepare_chain  # noqa: E402

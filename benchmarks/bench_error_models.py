@@ -16,6 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import checkout  # noqa: F401 (this checkout's packages first)
 import numpy as np
 
 from quantize.calibration import calibration_inputs

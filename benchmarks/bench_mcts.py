@@ -33,6 +33,7 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small products; threads only contend
 
+import checkout  # noqa: E402, F401 (this checkout's packages first)
 import numpy as np  # noqa: E402
 
 from verifier.engine.data import load_dataset, to_layout  # noqa: E402

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import checkout  # noqa: F401 (this checkout's `verify` in the runs)
+
 # Single-threaded BLAS in the `verify` runs (they inherit it), as bench_engine.py runs the
 # float engine: the products are small, and OpenBLAS threads spin against each other on a
 # shared 2-core machine (one branch-and-bound node measured at 13 s with two threads under

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkout  # noqa: F401 (this checkout's packages first)
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
