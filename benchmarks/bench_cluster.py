@@ -38,8 +38,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import checkout  # noqa: F401 (this checkout's packages first)
 import numpy as np
+from checkout import ROOT  # this checkout's packages first
 
 from verifier.engine.data import load_dataset, select, to_layout
 from verifier.engine.model import load_model
@@ -48,7 +48,6 @@ from verifier.run.cluster import CHUNK_SECONDS, session
 from verifier.run.config import Settings
 from verifier.run.executor import check_batches
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "examples" / "mnist_mlp.onnx"
 # Seconds per input and grid cell, from experiments/README.md (one core, shared machine):
 # MNIST MCTS 46 min for 100 images x 14 cells; MNIST exact 1,020 s for 100 x 14; CIFAR-10 exact

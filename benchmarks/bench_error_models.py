@@ -16,8 +16,8 @@ import json
 import tempfile
 from pathlib import Path
 
-import checkout  # noqa: F401 (this checkout's packages first)
 import numpy as np
+from checkout import ROOT  # this checkout's packages first
 
 from quantize.calibration import calibration_inputs
 from quantize.error_model import error_model
@@ -29,7 +29,6 @@ from verifier.engine.quantized_spec import quantized_spec
 from verifier.errors import UnsupportedModelError
 from verifier.run.check import Settings, build_region
 
-ROOT = Path(__file__).resolve().parent.parent
 MODES = [
     ("dynamic", {}),
     ("dynamic-per-tensor", {}),

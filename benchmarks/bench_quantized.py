@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import checkout  # noqa: F401 (this checkout's `verify` in the runs)
+from checkout import ROOT  # this checkout's `verify` in the runs
 
 # Single-threaded BLAS in the `verify` runs (they inherit it), as bench_engine.py runs the
 # float engine: the products are small, and OpenBLAS threads spin against each other on a
@@ -31,7 +31,6 @@ import checkout  # noqa: F401 (this checkout's `verify` in the runs)
 # load, 0.2 s with one).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-ROOT = Path(__file__).resolve().parent.parent
 CELLS = {
     "f10": ("features", "1/8", "10"),
     "f20": ("features", "1/4", "20"),

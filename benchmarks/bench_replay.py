@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import checkout  # noqa: F401 (this checkout's packages first)
 import numpy as np
 import onnx
+from checkout import ROOT  # this checkout's packages first
 from onnx import TensorProto, helper, numpy_helper
 
 from quantize.calibration import calibration_inputs
@@ -31,7 +31,6 @@ from quantize.runner import package_versions, tensorflow_version
 from verifier.engine.data import load_dataset, to_layout
 from verifier.engine.model import load_model
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "mnist_mlp.onnx"
 BATCHES = (1, 256, 4096)
 # (label, mode, options); "float" is the float model itself on onnxruntime
