@@ -693,6 +693,8 @@ def test_minimisers_queue_once_and_run_in_one_call():
 def test_queued_minimisers_run_when_the_loop_ends():
     """A minimiser queued at the last node the budget allows still runs: a counterexample
     among them refutes the region, confirmed on the runtime."""
+    from verifier.engine.bab import minimisers
+
     for seed in range(400):
         chain, runtime, region, label = random_case(seed)
         spec = spec_chain(chain, region, label)
@@ -700,8 +702,6 @@ def test_queued_minimisers_run_when_the_loop_ends():
         root = linear_bounds(spec, region.lo, region.hi)
         if np.all(root.lower > 0):
             continue
-        from verifier.engine.bab import minimisers
-
         cands = minimisers(region, root, zero, set())
         if not len(cands) or np.all(runtime.predict(region.points(cands)).argmax(1) == label):
             continue
