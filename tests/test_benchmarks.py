@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,3 +34,23 @@ def test_benchmarks_import_their_own_checkout(tmp_path):
     mine, child = out.stdout.split()
     assert Path(mine).parent == other / "verifier"
     assert Path(child).parent == other / "verifier"
+
+
+def test_covering_bench_counts_blocks_and_moved_features(monkeypatch):
+    """bench_covering's lower bound on a covering's blocks (Schoenheim's, met by the Fano and
+    affine planes) and its count of the features one point can move."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # checkout.py edits it
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", os.environ.get("OPENBLAS_NUM_THREADS", "1"))
+    bench = importlib.import_module("bench_covering")
+    assert bench.covering_lower_bound(7, 3, 2) == 7
+    assert bench.covering_lower_bound(9, 3, 2) == 12
+    assert bench.covering_lower_bound(10, 4, 1) == 3
+    assert bench.covering_lower_bound(79, 64, 8) == 15
+    region = SimpleNamespace(
+        cost=np.array([2.0, 1.0, 5.0, 1.0, 0.5]),
+        lo=np.zeros(5, dtype=np.int64),
+        hi=np.array([1, 1, 1, 1, 0]),
+        budget=4.0,
+    )
+    assert bench.most_moved(region) == 3  # 1 + 1 + 2; the 0.5 one cannot move
