@@ -85,20 +85,20 @@ def certify_box(model, spec, region, label: int, hi: np.ndarray, seconds: float)
     }
 
 
-def measure(model, chain, x, label: int, config: str, sizes, blocks: int, args, seed: int):
-    """One input: the whole region, then `blocks` random blocks of each size."""
-    region = make_region(config, x)
+def measure(model, chain, x, label: int, args, seed: int):
+    """One input: the whole region, then `args.blocks` random blocks of each of `args.sizes`."""
+    region = make_region(args.config, x)
     spec = spec_chain(chain, region, label, float32=True)
     whole = certify_box(model, spec, region, label, region.hi, args.whole_timeout)
     movable = np.flatnonzero(region.hi > region.lo)
     v, t = len(movable), most_moved(region)
     rng = np.random.default_rng(seed)
     per_size = {}
-    for k in sizes:
+    for k in (int(k) for k in args.sizes.split(",")):
         if not t < k < v:
             continue
         runs = []
-        for _ in range(blocks):
+        for _ in range(args.blocks):
             hi = np.zeros_like(region.hi)
             chosen = rng.choice(movable, size=k, replace=False)
             hi[chosen] = region.hi[chosen]
@@ -111,7 +111,7 @@ def measure(model, chain, x, label: int, config: str, sizes, blocks: int, args, 
                 r["nodes"] == 0 and r["status"] == CERTIFIED for r in runs
             ),
             "certified": sum(r["status"] == CERTIFIED for r in runs),
-            "blocks_tried": blocks,
+            "blocks_tried": args.blocks,
             "root_margin_median": float(np.median([r["root_margin"] for r in runs])),
             "nodes_median": float(np.median([r["nodes"] for r in runs])),
             "seconds_per_block": per_block,
@@ -135,12 +135,11 @@ def main() -> None:
     model = load_model(ROOT / "examples" / "mnist_mlp.onnx", num_threads=1)
     chain = prepare_chain(model.network.lower())
     ds = load_dataset("mnist", "test", args.data_dir)
-    sizes = [int(k) for k in args.sizes.split(",")]
     results = {"config": args.config, "region": CONFIGS[args.config], "inputs": {}}
     for i in (int(v) for v in args.indices.split(",")):
         x = to_layout(ds.images[i : i + 1], model.layout, model.input_shape)
         x = x.reshape(-1).astype(np.float64)
-        r = measure(model, chain, x, int(ds.labels[i]), args.config, sizes, args.blocks, args, i)
+        r = measure(model, chain, x, int(ds.labels[i]), args, i)
         results["inputs"][str(i)] = r
         w = r["whole"]
         print(
