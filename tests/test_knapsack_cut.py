@@ -1,5 +1,6 @@
-"""The first ReLU's upper lines over the knapsack: valid at every point, exact where they should
-be, used by the bounds and re-derived by the proof checker."""
+"""The ReLUs' upper lines over the knapsack: valid at every point, exact where they should be,
+used by the bounds (the first ReLU's over its exact input, deeper ones' over their inputs' upper
+rows) and re-derived by the proof checker."""
 
 from __future__ import annotations
 
@@ -116,8 +117,34 @@ def test_proof_checker_re_derives_the_cut():
     assert np.allclose(own.lower, linear_bounds(spec, region.lo, region.hi).lower)
 
 
+def lifted_ring_case():
+    """The ring one ReLU deeper: the first layer passes the 0/1 features through (its ReLUs
+    stable), so the second ReLU's input is the ring's, exactly affine in s."""
+    chain, region = ring_case()
+    return [Affine(np.eye(4), np.zeros(4)), Relu(), *chain], region
+
+
+def test_deeper_cut_makes_the_lifted_ring_bound_exact():
+    """The second ReLU's cut over its input's upper rows (here exact) closes the lifted ring
+    at its true worst margin, as the first ReLU's does for the ring; the proof checker's own
+    bounds re-derive it."""
+    import verifier.run.proofcheck as pc
+
+    chain, region = lifted_ring_case()
+    pts = np.concatenate(list(region.enumerate()))
+    logits = forward_lowered(chain, region.points(pts))
+    assert np.isclose((logits[:, 0] - logits[:, 1]).min(), 0.5)
+    spec = spec_chain(chain, region, 0, float32=False)
+    b = linear_bounds(spec, region.lo, region.hi)
+    assert set(b.cut) == {3} and np.isclose(b.lower[0], 0.5)
+    own = pc._node_bounds(spec, region.lo, region.hi, None)
+    assert set(own.cut) == {3} and np.allclose(own.lower, b.lower)
+
+
 @pytest.mark.parametrize("seed", range(16))
 def test_bounds_with_the_cut_hold_on_sign_fixed_sub_boxes(seed):
+    """Bounds with every ReLU's cut (some cases have a second ReLU layer) stay below every
+    real margin of the box, and at every point its pointwise linear bounds do."""
     chain, _, region, label = random_case(seed)
     spec = spec_chain(chain, region, label)
     rng = np.random.default_rng(seed + 7)
@@ -125,11 +152,27 @@ def test_bounds_with_the_cut_hold_on_sign_fixed_sub_boxes(seed):
         parts = list(region.enumerate(lo=lo, hi=hi))
         if not parts:
             continue
-        logits = forward_lowered(chain, region.points(np.concatenate(parts)))
-        real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
+        pts = np.concatenate(parts)
+        logits = forward_lowered(chain, region.points(pts))
+        margins = logits[:, [label]] - logits[:, spec.others]
+        real = margins.min(axis=0)
         for steps in (0, 15):
             b = linear_bounds(spec, lo, hi, alpha_steps=steps)
             assert np.all(b.lower <= real + 1e-9), (b.lower, real)
+            at = pts @ b.coeffs.T + b.offsets
+            assert np.all(at <= margins + 1e-9)
+
+
+def test_deeper_cuts_are_used_on_random_two_layer_cases():
+    """The random cases above do exercise a second ReLU's cut."""
+    used = 0
+    for seed in range(16):
+        chain, _, region, label = random_case(seed)
+        spec = spec_chain(chain, region, label)
+        for lo, hi in sign_fixed_boxes(region, np.random.default_rng(seed + 7), 4):
+            b = linear_bounds(spec, lo, hi)
+            used += int(b.cut is not None and 3 in b.cut)
+    assert used >= 5, used
 
 
 def test_decide_can_bound_without_the_cut_for_comparison():

@@ -74,7 +74,7 @@ class SpecChain:
     # lower bounds are capped by it (`verifier.engine.output_clamp`: the runtime's clamp of its
     # logits to their grid, bounded apart from the chain)
     cap: np.ndarray | None = None
-    # the first ReLU's upper lines over the budget (`verifier.engine.knapsack_cut`); False: the
+    # every ReLU's upper lines over the budget (`verifier.engine.knapsack_cut`); False: the
     # triangle lines only (what bounds were before it, kept for side-by-side benchmarks)
     knapsack_cut: bool = True
     # per layer: (step, origin) of the lattice a quantized runtime's Affine output lies on (its
@@ -97,7 +97,8 @@ class Bounds:
     pre: list  # per layer: (lower, upper) of its input for Relu / MaxPool layers, else None
     method: str  # "ibp", "crown", "alpha-crown", "beta-crown" (relu_split) or "empty"
     first: tuple | None = None  # (lower, upper) of the first layer's outputs (exact, reusable)
-    cut: KnapsackCut | None = None  # the first ReLU's upper lines on s over this box
+    # per ReLU layer, the knapsack cut's upper lines on s over this box (`knapsack_cut`)
+    cut: dict[int, KnapsackCut] | None = None
     # with `linear_bounds(reuse=True)`: the box's point nearest 0, and per affine layer its
     # back-substituted rows (rows, lam, c) as `_query_both` gave them (for children to reuse)
     point: np.ndarray | None = None
@@ -794,6 +795,11 @@ def linear_bounds(
     `target` are back-substituted; the others keep the parent's bound, which holds on the
     sub-box (zero coefficients, the box's point nearest 0 as minimiser). On the MNIST MLP's
     feature regions a node has 1.5 such margins of 9 on average.
+    Every ReLU's unstable neurons take the knapsack cut's upper lines (`knapsack_cut`): the
+    first's over its exact input, a deeper one's over its input's back-substituted upper
+    rows. Over a whole region the deeper cuts can be the looser lines (the MNIST MLP's root
+    margin bounds on features r=20 fell by 1-4 logits), so optimised bounds (`alpha_steps` >
+    0: the root's) keep, per margin, the better of those with and without them.
     """
     lo = np.asarray(lo)
     hi = np.asarray(hi)
@@ -803,7 +809,9 @@ def linear_bounds(
     pre: list = [None] * len(layers)
     if parent is not None and parent.empty:
         parent = None
-    first = cut = None
+    first = None
+    cuts: dict = {}  # ReLU layer -> its knapsack cut over this box
+    uppers: dict = {}  # deeper ReLU layer -> (rows, upper rows on s) of its input
     point = np.clip(0, lo, hi)
     inherit = None  # the parent's kept rows, for a box holding its point nearest 0
     if reuse and parent is not None and parent.queries is not None and parent.point is not None:
@@ -840,7 +848,7 @@ def linear_bounds(
                 lam, c, pick = _kept_rows(inherit, i, rows)
                 passed = pick is not None  # the rows this box passes on: `kept[i]`
                 if lam is None:
-                    lam, c = _query_both(spec, pre, i, rows, cut)
+                    lam, c = _query_both(spec, pre, i, rows, cuts)
                     passed = kept is not None and inherit is None
                     if passed:
                         kept[i] = (rows, lam, c)
@@ -849,6 +857,8 @@ def linear_bounds(
                     old = (drop[0], drop[1][i][pick])
                 vals, fl = _minimise_rows(spec.region, lam, c, lo, hi, old)
                 m = len(rows)
+                if relu_next:
+                    uppers[i + 1] = (rows, -lam[m:], -c[m:])
                 cur_lo[rows] = np.maximum(cur_lo[rows], vals[:m])
                 cur_hi[rows] = np.minimum(cur_hi[rows], -vals[m:])
                 cur_lo, cur_hi = snap(spec, i, cur_lo, cur_hi)
@@ -859,28 +869,32 @@ def linear_bounds(
                     floors[i] = fl
         else:
             pre[i] = (cur_lo, cur_hi)
-            if i == 1:
-                cut = first_cut(spec, lo, hi, pre)
+            k_cut = first_cut(spec, lo, hi, pre) if i == 1 else None
+            if i in uppers and spec.knapsack_cut:
+                k_cut = deeper_cut(spec, lo, hi, pre[i], *uppers.pop(i))
+            if k_cut is not None:
+                cuts[i] = k_cut
             cur_lo, cur_hi = layer.interval(cur_lo, cur_hi)
     top = len(layers) - 1
     last = layers[top]
     m = last.weight.shape[0]
-    if open_only and parent is not None and alpha_steps == 0:
+    cut = cuts or None
+    first_only = {1: cuts[1]} if 1 in cuts else None
+    node = open_only and parent is not None and alpha_steps == 0
+    if node:
         lam, c, vals, argmin = _open_margins(spec, pre, lo, hi, cut, parent.lower <= target)
     else:
         lam, c = _backsub(spec, pre, top + 1, np.eye(m), np.zeros(m), cut=cut)
         vals, argmin = spec.region.minimise(lam, c, lo, hi, argmin=True)
+        if alpha_steps > 0 and len(cuts) > len(first_only or {}):
+            lam2, c2 = _backsub(spec, pre, top + 1, np.eye(m), np.zeros(m), cut=first_only)
+            vals2, argmin2 = spec.region.minimise(lam2, c2, lo, hi, argmin=True)
+            _keep_better(vals2, (lam, c, vals, argmin), (lam2, c2, vals2, argmin2))
     method = "crown"
     worst = float(np.min(vals - target))
     if alpha_steps > 0 and top > 0 and -alpha_gap < worst <= 0:
-        lam2, c2, vals2, argmin2 = optimise_alpha(spec, pre, lo, hi, alpha_steps, target, cut=cut)
-        better = vals2 > vals
-        lam[better], c[better], vals[better], argmin[better] = (
-            lam2[better],
-            c2[better],
-            vals2[better],
-            argmin2[better],
-        )
+        found = optimise_alpha(spec, pre, lo, hi, alpha_steps, target, cut=first_only)
+        _keep_better(found[2], (lam, c, vals, argmin), found)
         method = "alpha-crown"
     interval = cur_lo  # IBP of the margins from the refined intermediate bounds
     for other in (ibp, parent):  # bounds over this box or an enclosing one hold here too
@@ -904,6 +918,14 @@ def linear_bounds(
         offsets=c,
         ceiling=spec.cap,
     )
+
+
+def _keep_better(vals: np.ndarray, kept: tuple, other: tuple) -> None:
+    """Where `vals` (the other bounds' values) beat the kept ones, take the other's rows:
+    `kept` and `other` are (lam, c, values, minimisers), `kept`'s arrays updated in place."""
+    better = vals > kept[2]
+    for mine, theirs in zip(kept, other, strict=True):
+        mine[better] = theirs[better]
 
 
 def _dropped_generator(parent: Bounds | None, lo, hi, region: Region):
@@ -990,6 +1012,28 @@ def last_rows_lower(spec: SpecChain, lo, hi, known: Bounds) -> np.ndarray | None
     return np.maximum(vals, _spec_interval(spec, top, *below)[0])
 
 
+def _cut_at(cut: dict | None, k: int) -> KnapsackCut | None:
+    """ReLU layer `k`'s knapsack cut in `cut` (ReLU layer -> cut), or None."""
+    return None if cut is None else cut.get(k)
+
+
+def deeper_cut(spec: SpecChain, lo, hi, pre_k: tuple, rows, w_up, c_up) -> KnapsackCut | None:
+    """The knapsack cut of a ReLU deeper than the first, over the box [lo, hi]: its input's
+    upper linear bounds `w_up . s + c_up` (rows `rows`, every neuron unstable in `pre_k`) stand
+    for the exact affine input of the first ReLU's cut. ReLU is monotone, so a line above
+    ReLU of an upper bound is above the ReLU. None where the cut does not apply."""
+    lower, upper = pre_k
+    unstable = (lower < 0) & (upper > 0)
+    have = np.zeros(len(lower), dtype=bool)
+    have[rows] = True
+    if not unstable.any() or np.any(unstable & ~have):
+        return None
+    w = np.zeros((len(lower), len(lo)))
+    b = np.zeros(len(lower))
+    w[rows], b[rows] = w_up, c_up
+    return knapsack_cut(w, b, None, spec.region, lo, hi, lower, upper)
+
+
 def first_cut(spec: SpecChain, lo, hi, pre: list) -> KnapsackCut | None:
     """The knapsack cut of the ReLU right after the spec's first (affine on s) layer, over the
     box [lo, hi] (`verifier.engine.knapsack_cut`), or None where it does not apply."""
@@ -1041,20 +1085,23 @@ def _first_err(spec: SpecChain):
     return spec.first_input[2] if spec.err[0] is None else spec.err[0] + spec.first_input[2]
 
 
-def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
+def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut: dict | None = None):
     """Lower bounds of rows `rows` of affine layer `i` and of their negations, as linear
     functions of s.
 
     When a ReLU and an affine layer lie below, the relaxation's lower and upper lines are folded
     into that (narrower) weight matrix: with W+ = (W + |W|) / 2 and W- = (W - |W|) / 2 both
-    signs come from two products, W @ M1 and |W| @ M2 (no m x n elementwise work). Below layer 2
-    the upper lines are the knapsack `cut`'s where it has them. The first layer's input
-    rounding is charged there per neuron (|W| . step, as intervals are widened by it) when it is
-    small beside that layer's output ranges (`_small_first_input`), else as `first_input_charge`
-    charges it (per neuron where cheap, else |lam W| . step), the lam on the first layer's
-    outputs folded in as the weights are (`_first_input_rows`).
+    signs come from two products, W @ M1 and |W| @ M2 (no m x n elementwise work). The first
+    ReLU's upper lines are its knapsack cut's (in `cut`) where it has them; deeper ReLUs keep
+    their triangle lines here (a cut's line is on s, not on the layer below). The first
+    layer's input rounding is charged there per neuron (|W| . step, as intervals are widened
+    by it) when it is small beside that layer's output ranges (`_small_first_input`), else as
+    `first_input_charge` charges it (per neuron where cheap, else |lam W| . step), the lam on
+    the first layer's outputs folded in as the weights are (`_first_input_rows`).
     """
     m = len(rows)
+    cut = _cut_at(cut, 1)
+    first_only = None if cut is None else {1: cut}
     if (
         i < 2
         or not isinstance(spec.layers[i - 1], Relu)
@@ -1063,7 +1110,7 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
         eye = np.zeros((2 * m, len(spec.layers[i].bias)))
         eye[np.arange(m), rows] = 1.0
         eye[m + np.arange(m), rows] = -1.0
-        return _backsub(spec, pre, i + 1, eye, np.zeros(2 * m), cut=cut)
+        return _backsub(spec, pre, i + 1, eye, np.zeros(2 * m), cut=first_only)
     layer, below = spec.layers[i], spec.layers[i - 2]
     su, iu, alpha, unstable = spec.layers[i - 1].relax(*pre[i - 1])
     exact = i == 2 and not _small_first_input(spec, pre)  # charged per row, below
@@ -1116,7 +1163,7 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut=None):
         c = c - np.abs(lam) @ spec.input_error(i - 2)
     if exact:
         c = c - _first_input_rows(spec, rows, w_rows, aw, h1, h2, unstable)
-    return _backsub(spec, pre, i - 2, lam, c, cut=cut)
+    return _backsub(spec, pre, i - 2, lam, c, cut=first_only)
 
 
 def _live_products(w, absw, rows, m1, m2, m2_low, unstable):
@@ -1195,14 +1242,15 @@ def _backsub(
     alphas=None,
     tape=None,
     betas=None,
-    cut: KnapsackCut | None = None,
+    cut: dict | None = None,
 ):
     """Lower bound `lam . v_upto + c` as a linear function of s, through layers upto-1 .. 0.
 
     `lam` are coefficients on the output of layer `upto - 1`; every affine layer passed charges
     its rounding bound |lam| . err. `betas` (Relu layer -> (m, n) signed multipliers of split
     constraints on its input, see `verifier.engine.relu_split`) are added to lam on that input.
-    The first ReLU's upper lines are `cut`'s (on s directly) where it has them.
+    A ReLU's upper lines are `cut`'s (ReLU layer -> `KnapsackCut`, on s directly) where it has
+    them.
     """
     on_s = None
     for k in range(upto - 1, -1, -1):
@@ -1219,9 +1267,12 @@ def _backsub(
             if spec.input_error(k) is not None:
                 c = c - np.abs(lam) @ spec.input_error(k)
         else:
-            if cut is not None and k == 1:  # negative lam on a cut neuron: the cut's line
-                through = np.minimum(lam, 0.0) * cut.mask
-                c, on_s, lam = c + through @ cut.const, through @ cut.slope, lam - through
+            k_cut = _cut_at(cut, k)
+            if k_cut is not None:  # negative lam on a cut neuron: the cut's line
+                through = np.minimum(lam, 0.0) * k_cut.mask
+                c, lam = c + through @ k_cut.const, lam - through
+                here = through @ k_cut.slope
+                on_s = here if on_s is None else on_s + here
             slope = alphas.get(k) if alphas is not None else None
             lam, c = layer.back_step(lam, c, *pre[k], slope=slope)
             if betas is not None and k in betas:
@@ -1241,7 +1292,7 @@ def optimise_alpha(
     target: np.ndarray | float = 0.0,
     lr: float = 0.2,
     split_signs: dict | None = None,
-    cut: KnapsackCut | None = None,
+    cut: dict | None = None,
 ):
     """Projected gradient ascent on per-margin ReLU lower slopes, intermediate bounds fixed.
 
@@ -1320,9 +1371,10 @@ def _alpha_grads(
                 unstable = layer.relax(*pre[k])[3]
                 out[k] = np.where((lam_in >= 0) & unstable, grad * lam_in, 0.0)
             grad = layer.relaxed_value(grad, lam_in, *pre[k], slope=alphas.get(k))
-            if cut is not None and k == 1:  # the cut's lines, at the minimisers
-                cut_value = cut.const + argmin @ cut.slope.T
-                grad = np.where((lam_in < 0) & cut.mask, cut_value, grad)
+            k_cut = _cut_at(cut, k)
+            if k_cut is not None:  # the cut's lines, at the minimisers
+                cut_value = k_cut.const + argmin @ k_cut.slope.T
+                grad = np.where((lam_in < 0) & k_cut.mask, cut_value, grad)
     return out
 
 

@@ -264,9 +264,14 @@ def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict)
     if np.all(worst > 0):
         _tally(out.leaves, "bounds")
         return None
-    if np.all(np.maximum(worst, _optimised_margins(spec, lo, hi, b)) > 0):
-        _tally(out.leaves, "bounds")
-        return None
+    # every ReLU's cut lines, then the first ReLU's alone (where deeper cuts are the looser
+    # lines: optimised root bounds take the better), each with slopes optimised here
+    for cut in (b.cut, _first_only(b.cut)) if _first_only(b.cut) != b.cut else (b.cut,):
+        if cut is not b.cut:
+            worst = np.maximum(worst, _margin_bounds(spec, lo, hi, b.pre, cut))
+        if np.all(np.maximum(worst, _optimised_margins(spec, lo, hi, replace(b, cut=cut))) > 0):
+            _tally(out.leaves, "bounds")
+            return None
     count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
     return _by_enumeration(lo, hi, count, problem, out, "bounds")
 
@@ -316,7 +321,7 @@ def _check_z3(lo, hi, parent, problem: Problem, out: Verdict, kind: str = "z3") 
 class _BoxBounds:
     lower: np.ndarray  # margin lower bounds (+inf: no point in the box)
     pre: list  # per spec layer: (lower, upper) of its input for Relu / MaxPool layers
-    cut: tuple | None = None  # the first ReLU's upper lines on s: (const, slope, mask)
+    cut: dict | None = None  # per ReLU layer, its upper lines on s: (const, slope, mask)
 
 
 def _min_linear(a: np.ndarray, c: np.ndarray, lo, hi, cost, budget: float, where: bool = False):
@@ -377,25 +382,26 @@ def _on_lattice(spec, i: int, l: np.ndarray, u: np.ndarray):
     return np.where(some, origin + first * step, l), np.where(some, origin + last * step, u)
 
 
-def _cut_lines(spec, lo, hi, l: np.ndarray, u: np.ndarray):
-    """Upper lines `const + slope . s` of the first ReLU's unstable outputs over the box, or
-    None. With every generator's sign fixed, `t = |s - p|` (p the box point nearest 0) spends
+def _cut_lines(spec, lo, hi, l: np.ndarray, u: np.ndarray, weight, bias):
+    """Upper lines `const + slope . s` of a ReLU's unstable outputs over the box, or None,
+    given an upper bound `weight . s + bias` of its input (the first ReLU's: the first layer
+    widened by its rounding; a deeper one's: its back-substituted upper rows; ReLU is monotone).
+    With every generator's sign fixed, `t = |s - p|` (p the box point nearest 0) spends
     at most `left` (the budget left at p), of it at most `rise` on the generators raising a
-    neuron and `fall` on those lowering it. With `c` the output at p widened by its rounding
-    and `a = max(c, 0)`, the line `a + sum_g max(w_g - (a - c) cost_g / rise, -a cost_g /
-    fall) t_g` is >= the output and >= 0 at every such point."""
+    neuron and `fall` on those lowering it. With `c` the input's bound at p and `a = max(c,
+    0)`, the line `a + sum_g max(w_g - (a - c) cost_g / rise, -a cost_g / fall) t_g` is >= that
+    bound and >= 0 at every such point."""
     lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
     mask = (l < 0) & (u > 0)
-    if not isinstance(spec.layers[1], Relu) or not mask.any() or np.any((lo < 0) & (hi > 0)):
+    if not mask.any() or np.any((lo < 0) & (hi > 0)):
         return None
     p = np.where(lo > 0, lo, np.where(hi < 0, hi, 0.0))
     left = spec.region.budget + EPS - float(np.abs(p) @ spec.region.cost)
     if left <= EPS:
         return None
     cost = spec.region.cost
-    first = spec.layers[0]
-    w = first.weight[mask]
-    c = w @ p + first.bias[mask] + (_first_widen(spec) + np.zeros(len(mask)))[mask]
+    w = weight[mask]
+    c = w @ p + bias[mask]
     a = np.maximum(c, 0.0)
     toward = np.where(hi > 0, w, -w)  # the output's change per unit of t
     spend = cost * (hi - lo)
@@ -406,7 +412,7 @@ def _cut_lines(spec, lo, hi, l: np.ndarray, u: np.ndarray):
     per_t = np.maximum(toward - d, -e)
     slope = np.where(hi > 0, per_t, -per_t)  # d line / d s
     const = np.zeros(len(mask))
-    full = np.zeros_like(first.weight)
+    full = np.zeros((len(mask), len(lo)))
     const[mask], full[mask] = a - slope @ p, slope
     return const, full, mask
 
@@ -416,8 +422,8 @@ def _back(
 ):
     """`lam . (output of layer top-1) + c` bounded below by a linear function of s.
     `slopes` (Relu layer -> (rows, n) lower slopes) replaces the default ones; `tape`
-    collects (layer, lam on its output) for `_slope_gradients`; `cut` (`_cut_lines`) gives
-    the first ReLU's upper lines where it has them."""
+    collects (layer, lam on its output) for `_slope_gradients`; `cut` (ReLU layer ->
+    `_cut_lines`) gives a ReLU's upper lines where it has them."""
     extra = 0.0
     for k in range(top - 1, -1, -1):
         layer = spec.layers[k]
@@ -437,10 +443,10 @@ def _back(
         elif isinstance(layer, Relu):
             low, up, icpt, base = _relu_lines(*pre[k], None if slopes is None else slopes.get(k))
             pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
-            if k == 1 and cut is not None:
-                const, slope, mask = cut
+            if cut is not None and k in cut:
+                const, slope, mask = cut[k]
                 on_cut = np.where(mask, neg, 0.0)
-                c, extra, neg = c + on_cut @ const, on_cut @ slope, np.where(mask, 0.0, neg)
+                c, extra, neg = c + on_cut @ const, extra + on_cut @ slope, np.where(mask, 0.0, neg)
             c = c + neg @ icpt + pos @ base
             lam = pos * low + neg * up
         else:
@@ -494,7 +500,9 @@ def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
     p = np.clip(0, lo, hi)
     if float(np.abs(p) @ spec.region.cost) > spec.region.budget + EPS:
         return _BoxBounds(np.full(len(spec.others), np.inf), pre)
-    cur_lo = cur_hi = cut = None
+    cur_lo = cur_hi = None
+    cut: dict = {}  # ReLU layer -> its upper lines on s
+    uppers: dict = {}  # ReLU layer -> (rows, upper rows on s) of its input
     for i, layer in enumerate(layers):
         if isinstance(layer, Affine):
             if i == 0:
@@ -520,20 +528,24 @@ def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
                 lam = np.zeros((2 * m, len(cur_lo)))
                 lam[np.arange(m), rows] = 1.0
                 lam[m + np.arange(m), rows] = -1.0
-                a, c = _back(spec, pre, i + 1, lam, np.zeros(2 * m), cut=cut)
+                a, c = _back(spec, pre, i + 1, lam, np.zeros(2 * m), cut=cut or None)
                 v = _min_linear(a, c, lo, hi, spec.region.cost, spec.region.budget)
+                if isinstance(layers[i + 1], Relu):
+                    uppers[i + 1] = (rows, -a[m:], -c[m:])
                 cur_lo[rows] = np.maximum(cur_lo[rows], v[:m])
                 cur_hi[rows] = np.minimum(cur_hi[rows], -v[m:])
                 cur_lo, cur_hi = _on_lattice(spec, i, cur_lo, cur_hi)
         elif isinstance(layer, Relu):
             pre[i] = (cur_lo, cur_hi)
-            if i == 1:
-                cut = _cut_lines(spec, lo, hi, cur_lo, cur_hi)
+            lines = _relu_cut(spec, i, lo, hi, cur_lo, cur_hi, uppers.get(i))
+            if lines is not None:
+                cut[i] = lines
             cur_lo, cur_hi = np.maximum(cur_lo, 0.0), np.maximum(cur_hi, 0.0)
         else:
             pre[i] = (cur_lo, cur_hi)
             lp, hp = np.append(cur_lo, -np.inf), np.append(cur_hi, -np.inf)
             cur_lo, cur_hi = lp[layer.windows].max(axis=1), hp[layer.windows].max(axis=1)
+    cut = cut or None
     lower = np.maximum(cur_lo, _margin_bounds(spec, lo, hi, pre, cut))
     if parent is not None:
         lower = np.maximum(lower, parent.lower)
@@ -542,11 +554,36 @@ def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
     return _BoxBounds(lower, pre, cut)
 
 
+def _relu_cut(spec, i: int, lo, hi, l: np.ndarray, u: np.ndarray, upper_rows):
+    """`_cut_lines` of the ReLU at layer `i`: over the first layer's output (widened by its
+    rounding) for the first ReLU, over `upper_rows` ((rows, weights, constants): its input's
+    upper rows, every unstable neuron among them) for a deeper one; None where neither."""
+    if i == 1:
+        first = spec.layers[0]
+        widen = _first_widen(spec) + np.zeros(len(l))
+        return _cut_lines(spec, lo, hi, l, u, first.weight, first.bias + widen)
+    if upper_rows is None:
+        return None
+    rows, w, b = upper_rows
+    have = np.zeros(len(l), dtype=bool)
+    have[rows] = True
+    if np.any((l < 0) & (u > 0) & ~have):
+        return None
+    weight, bias = np.zeros((len(l), len(lo))), np.zeros(len(l))
+    weight[rows], bias[rows] = w, b
+    return _cut_lines(spec, lo, hi, l, u, weight, bias)
+
+
 def _margin_bounds(spec, lo, hi, pre: list, cut) -> np.ndarray:
     """Linear lower bounds of the margins over the box, default ReLU lower slopes."""
     m = len(spec.others)
     a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m), cut=cut)
     return _min_linear(a, c, lo, hi, spec.region.cost, spec.region.budget)
+
+
+def _first_only(cut: dict | None) -> dict | None:
+    """The first ReLU's cut lines of `cut` alone (None when it has none)."""
+    return {1: cut[1]} if cut is not None and 1 in cut else None
 
 
 def _optimised_margins(spec, lo, hi, b: _BoxBounds) -> np.ndarray:
@@ -596,8 +633,9 @@ def _slope_gradients(spec, pre: list, tape: list, s: np.ndarray, slopes: dict, c
             pos = lam >= 0
             out[k] = np.where(pos & (l < 0) & (u > 0), g * lam, 0.0)
             upper = g * up + icpt
-            if k == 1 and cut is not None:  # the cut's line at the minimisers
-                upper = np.where(cut[2], cut[0] + s @ cut[1].T, upper)
+            if cut is not None and k in cut:  # the cut's line at the minimisers
+                const, slope, mask = cut[k]
+                upper = np.where(mask, const + s @ slope.T, upper)
             g = np.where(pos, g * low + base, upper)
         else:
             l, u = pre[k]
