@@ -252,6 +252,68 @@ def test_child_bounds_reusing_parent_rows_are_sound(seed, maxpool):
     assert inherited > 0
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_restricted_parent_bounds_hold_on_the_sub_box(seed):
+    """`restricted` (a child's provisional bounds): the parent's margin rows re-minimised over
+    a sub-box are no looser than the parent's, below every real margin of the sub-box, hold
+    pointwise there, and carry no rows of the parent's."""
+    from verifier.engine.bounds import restricted
+
+    chain, _, region, label = random_case(seed)
+    spec = spec_chain(chain, region, label)
+    root = linear_bounds(spec, region.lo, region.hi, reuse=True)
+    rng = np.random.default_rng(seed + 400)
+    checked = 0
+    for _ in range(4):
+        a = rng.integers(region.lo, region.hi + 1)
+        b = rng.integers(region.lo, region.hi + 1)
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        r = restricted(spec, root, lo, hi, np.max(root.lower) + 1.0)
+        parts = list(region.enumerate(lo=lo, hi=hi))
+        if not parts:
+            assert r.empty
+            continue
+        checked += 1
+        pts = np.concatenate(parts)
+        logits = forward_lowered(chain, region.points(pts))
+        margins = logits[:, [label]] - logits[:, spec.others]
+        assert np.all(r.lower >= root.lower - 1e-12)
+        assert np.all(r.lower <= margins.min(axis=0) + 1e-9)
+        assert np.all(pts @ r.coeffs.T + r.offsets <= margins + 1e-9)
+        assert r.queries is None and r.floors is None
+        assert np.array_equal(r.coeffs, root.coeffs)  # the parent's rows, re-minimised
+    assert checked > 0
+
+
+def test_provisional_children_decide_as_their_own_bounds_do(monkeypatch):
+    """Branch and bound with children queued on their parent's bounds (`inherit`, the default)
+    reaches the verdicts of every child bounded at once, both agreeing with enumeration, and
+    its proofs check; the cases do queue such children."""
+    from test_proof import problem
+
+    import verifier.engine.decide as dec
+    from verifier.engine.proof import from_text
+    from verifier.run.proofcheck import CHECKED, check_proof
+
+    queued = []
+    real = dec.restricted
+    monkeypatch.setattr(dec, "restricted", lambda *a: queued.append(1) or real(*a))
+    opts = dict(timeout=30, enum_limit=0, use_smt=False, alpha_steps=0)
+    cases = [_hard_robust_case()[:4]] + [random_case(seed) for seed in range(24)]
+    for chain, runtime, region, label in cases:
+        lazy = decide(runtime, chain, region, label, **opts)
+        eager = decide(runtime, chain, region, label, inherit=False, **opts)
+        check_decision(lazy, runtime, region, label)
+        check_decision(eager, runtime, region, label)
+        if UNKNOWN not in (lazy.status, eager.status):
+            assert lazy.status == eager.status
+        if lazy.status == CERTIFIED:
+            proof = from_text(lazy.detail["proof"])
+            verdict = check_proof(proof, problem(chain, runtime, region, label))
+            assert verdict.status == CHECKED, verdict
+    assert queued
+
+
 @pytest.mark.parametrize("maxpool", [False, True], ids=["relu", "maxpool"])
 @pytest.mark.parametrize("seed", range(8))
 def test_child_bounds_of_open_margins_only_are_sound(seed, maxpool):

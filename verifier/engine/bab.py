@@ -56,11 +56,13 @@ MINIMISER_BATCH = 256
 
 @dataclass
 class Leaf:
-    """An undecided sub-box with its bounds."""
+    """An undecided sub-box with its bounds; `parent`: the enclosing box's bounds when these
+    are provisional (`branch_and_bound`'s `provisional`), to derive the box's own from."""
 
     lo: np.ndarray
     hi: np.ndarray
     bounds: Bounds
+    parent: Bounds | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ def branch_and_bound(
     cover: Cover | None = None,
     keep_closed: bool = False,
     sieve: bool = True,
+    provisional: Callable[[np.ndarray, np.ndarray, Bounds], Bounds | None] | None = None,
 ) -> BabOutcome:
     """Refine the `roots` (sub-boxes with their bounds) until every leaf is closed, a
     counterexample is confirmed, or the budget (`max_nodes` processed nodes, `deadline` on
@@ -120,6 +123,10 @@ def branch_and_bound(
     `keep_closed` also keeps the leaves closed by bounds or enumeration in `closed_leaves` (for
     the quantized decision to reuse). Queued leaves keep their bounds' rows while they total
     at most `ROWS_BUDGET` bytes. `sieve=False`: `settle_node` without its sieve.
+    `provisional(lo, hi, parent_bounds)`: cheaper bounds for a child (None: none), queued in
+    place of its own; the child is bounded by `bound` only when it is popped and its
+    provisional bounds leave it to be split (most children that hold their parent's point
+    nearest 0 close by the sieve on their parent's rows, or stay queued).
     """
     out = BabOutcome(UNKNOWN, "budget")
     tie = itertools.count()
@@ -128,18 +135,29 @@ def branch_and_bound(
     kept = 0  # bytes of rows held by the queued leaves (a child reusing its parent's rows
     # holds the same arrays, but the parent has left the queue by then)
 
+    def closed_by_bounds(leaf: Leaf) -> bool:
+        """Whether the leaf's bounds settle it (recorded as closed when they do)."""
+        if not (leaf.bounds.empty or np.all(leaf.bounds.lower > threshold)):
+            return False
+        out.closed["empty" if leaf.bounds.empty else "bab"] += 1
+        if cover is not None:
+            close_by_bounds(cover, leaf, region, threshold)
+        if keep_closed and not leaf.bounds.empty:
+            out.closed_leaves.append(_closed(leaf))
+        return True
+
+    def child(lo: np.ndarray, hi: np.ndarray, parent: Bounds) -> Leaf:
+        """A child box with its provisional bounds where there are some, else its own."""
+        b = provisional(lo, hi, parent) if provisional is not None else None
+        return Leaf(lo, hi, bound(lo, hi, parent)) if b is None else Leaf(lo, hi, b, parent)
+
     def push(leaf: Leaf) -> None:
         """Close the leaf at once when its bounds settle it, else queue it (without its rows
         when they would take the queued leaves past `ROWS_BUDGET`)."""
         nonlocal kept
-        if leaf.bounds.empty or np.all(leaf.bounds.lower > threshold):
-            out.closed["empty" if leaf.bounds.empty else "bab"] += 1
-            if cover is not None:
-                close_by_bounds(cover, leaf, region, threshold)
-            if keep_closed and not leaf.bounds.empty:
-                out.closed_leaves.append(_without_rows(leaf))
+        if closed_by_bounds(leaf):
             return
-        size = rows_nbytes(leaf.bounds)
+        size = rows_nbytes(leaf.bounds) + rows_nbytes(leaf.parent)
         if size and kept + size > ROWS_BUDGET:
             leaf, size = _without_rows(leaf), 0
         kept += size
@@ -152,22 +170,26 @@ def branch_and_bound(
         if out.nodes >= max_nodes or time.perf_counter() > deadline:
             break
         _, _, leaf = heapq.heappop(heap)
-        kept -= rows_nbytes(leaf.bounds)
+        kept -= rows_nbytes(leaf.bounds) + rows_nbytes(leaf.parent)
         out.nodes += 1
         res = settle_node(
             runtime, region, label, leaf, threshold, enum_limit, deadline, out, sieve=sieve
         )
         if out.status == REFUTED:
             return out
+        if res is None and leaf.parent is not None:  # to be split: on its own bounds
+            leaf = Leaf(leaf.lo, leaf.hi, bound(leaf.lo, leaf.hi, leaf.parent))
+            if closed_by_bounds(leaf):
+                continue
         if res is not None:
             if res.clean:
                 out.closed[res.route] += 1
                 if cover is not None:
                     cover.close(leaf.lo, leaf.hi, res.route, res.points)
                 if keep_closed:
-                    out.closed_leaves.append(_without_rows(leaf))
+                    out.closed_leaves.append(_closed(leaf))
                 continue
-            stuck.append(_without_rows(leaf))  # out of time, or the answer depends on the batch
+            stuck.append(_closed(leaf))  # out of time, or the answer depends on the batch
             if not res.complete:
                 break
         children = split(leaf, threshold)
@@ -175,7 +197,7 @@ def branch_and_bound(
             g = int(np.flatnonzero(children[0][1] != leaf.hi)[0])
             cover.split(leaf.lo, leaf.hi, g, int(children[0][1][g]))
         for lo, hi in children:
-            push(Leaf(lo, hi, bound(lo, hi, leaf.bounds)))
+            push(child(lo, hi, leaf.bounds))
     if run_minimisers(runtime, region, label, out):
         return out
     out.open_leaves = stuck + [entry[2] for entry in sorted(heap, key=lambda e: (e[0], e[1]))]
@@ -254,17 +276,27 @@ def sieved_points(region: Region, leaf: Leaf, threshold: np.ndarray, cap: int):
     )
 
 
+def _closed(leaf: Leaf) -> Leaf:
+    """The leaf as kept once settled (closed, or open for good): without rows or parent."""
+    return Leaf(leaf.lo, leaf.hi, _without_rows(leaf).bounds)
+
+
 def _without_rows(leaf: Leaf) -> Leaf:
-    """The leaf without what its bounds keep for children: rows and greedy floors (closed
-    leaves have none)."""
-    if leaf.bounds.queries is None and leaf.bounds.floors is None:
+    """The leaf without what its bounds (and its parent's) keep for children: rows and greedy
+    floors (closed leaves have none)."""
+    parent = leaf.parent
+    if parent is not None and (parent.queries is not None or parent.floors is not None):
+        parent = replace(parent, queries=None, floors=None)
+    if leaf.bounds.queries is None and leaf.bounds.floors is None and parent is leaf.parent:
         return leaf
-    return Leaf(leaf.lo, leaf.hi, replace(leaf.bounds, queries=None, floors=None))
+    return Leaf(leaf.lo, leaf.hi, replace(leaf.bounds, queries=None, floors=None), parent)
 
 
-def rows_nbytes(b: Bounds) -> int:
+def rows_nbytes(b: Bounds | None) -> int:
     """Bytes of what `b` keeps for its children: the back-substituted rows and their greedy
-    floors (about 13 KB a leaf on the MNIST MLP); 0 when none."""
+    floors (about 13 KB a leaf on the MNIST MLP); 0 when none (or no `b`)."""
+    if b is None:
+        return 0
     n = 0 if b.queries is None else sum(a.nbytes for rows in b.queries.values() for a in rows)
     if b.floors is not None:
         lo, hi, per_layer = b.floors

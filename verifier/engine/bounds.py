@@ -928,6 +928,28 @@ def _keep_better(vals: np.ndarray, kept: tuple, other: tuple) -> None:
         mine[better] = theirs[better]
 
 
+def restricted(spec: SpecChain, parent: Bounds, lo, hi, target) -> Bounds:
+    """`parent`'s bounds on a sub-box [lo, hi]: its margins' linear lower bounds (they hold on
+    the sub-box) re-minimised over it where they are kept and at or below `target`, the rest
+    as they are (without the parent's rows: its children derive theirs from the parent's).
+    A tenth of a child's own bounds' cost; on the MNIST MLP's feature regions the
+    child holding the parent's point nearest 0 gets within 0.07 logit (median) of its own."""
+    if parent.empty or parent.offsets is None:
+        return parent
+    if _infeasible(spec, lo, hi):
+        return _empty(spec, lo, hi)
+    lower, argmin = parent.lower.copy(), parent.argmin.copy()
+    rows = np.flatnonzero((lower <= target) & np.isfinite(parent.offsets))
+    if len(rows):
+        vals, at = spec.region.minimise(
+            parent.coeffs[rows], parent.offsets[rows], lo, hi, argmin=True
+        )
+        lower[rows], argmin[rows] = np.maximum(lower[rows], vals), at
+    if spec.cap is not None:
+        lower = np.minimum(lower, spec.cap)
+    return replace(parent, lower=lower, argmin=argmin, queries=None, floors=None)
+
+
 def _dropped_generator(parent: Bounds | None, lo, hi, region: Region):
     """(g, `parent`'s floors) when [lo, hi] is `parent`'s box with its 0/1 generator g fixed
     at 0 and the rows whose greedy does not take g keep their minima

@@ -38,6 +38,7 @@ from verifier.engine.bounds import (
     linear_bounds,
     prepare_chain,
     relu_pre_bounds,
+    restricted,
     spec_chain,
 )
 from verifier.engine.enumeration import confirm, enumerate_box
@@ -109,7 +110,9 @@ def decide(
     `knapsack_cut=False` bounds with the triangle lines only (for side-by-side benchmarks).
     `inherit`: a generator branch-and-bound child holding its parent's point nearest 0 (the one
     that drops a feature) minimises its parent's intermediate linear bounds over its box
-    instead of deriving its own (`bounds.linear_bounds(reuse=True)`).
+    instead of deriving its own (`bounds.linear_bounds(reuse=True)`); it is queued on its
+    parent's margin bounds re-minimised over its box (`bounds.restricted`) and bounds itself
+    only once popped for a split (most of the others close by the sieve on those bounds).
     `sieve=False`: no leaf closes by running only the points its bounds leave open
     (`bab.settle_node`; for side-by-side benchmarks).
     Pass `bounds.prepare_chain(chain)` when deciding many regions of one model (saves copies).
@@ -270,6 +273,11 @@ def _refine(
             open_only=True,
         )
 
+    def provisional(lo, hi, parent):  # a child holding the parent's point nearest 0
+        if parent.point is None or not np.array_equal(parent.point, np.clip(0, lo, hi)):
+            return None
+        return restricted(spec, parent, lo, hi, threshold)
+
     for stage in ("bab", "exact", "bab"):
         if not leaves or time.perf_counter() > deadline:
             break
@@ -302,6 +310,7 @@ def _refine(
                 cover=run.cover,
                 keep_closed=keep_leaves,
                 sieve=sieve,
+                provisional=provisional if inherit else None,
                 **budget,
             )
         else:
