@@ -109,6 +109,28 @@ def test_feature_points(case):
         assert np.all(pts[~on][:, idx] == v)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(lattices(), feature_regions()), st.integers(0, 2**32 - 1), st.booleans())
+def test_runtime_inputs_are_the_points_bit_for_bit(case, seed, overlap):
+    """`points.region_inputs` (only the values a point's generators move) equals the matrix
+    product `x + s D` cast to float32, bit for bit, at any coefficients of the box; also where
+    a value is moved by several generators (directions made to overlap)."""
+    from dataclasses import replace
+
+    from verifier.engine.points import region_inputs
+
+    x, region = case
+    if overlap and region.num_generators > 1:
+        d = region.directions.copy()
+        d[0] += 0.5 * d[1]
+        region = replace(region, directions=d)
+    rng = np.random.default_rng(seed)
+    s = rng.integers(region.lo, region.hi + 1, size=(7, region.num_generators))
+    s[0] = 0
+    want = (region.x + s.astype(np.float64) @ region.directions).astype(np.float32)
+    assert np.array_equal(region_inputs(region, s).view(np.int32), want.view(np.int32))
+
+
 @settings(max_examples=60, deadline=None)
 @given(lattices(max_dims=3, max_units=8, values=grid_pixel))
 def test_lattice_is_the_brute_forced_definition(case):

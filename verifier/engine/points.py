@@ -28,18 +28,31 @@ EPS = 1e-9  # as `regions.EPS`: rounding slack for budgets
 
 
 def region_inputs(region: Region, coeffs: np.ndarray) -> np.ndarray:
-    """`region.points(coeffs)` as float32 (B, n), computing only the columns generators move.
+    """`region.points(coeffs)` as float32 (B, n), computing only the values generators move.
 
-    Where each value is moved by one generator (both of DLV's families) a column is the single
+    Where each value is moved by one generator (both of DLV's families) it is the single
     product `x_c + s_g * D_gc`, bit-identical to the matrix product (its other terms are exact
-    zeros); values moved by several generators take the matrix product.
+    zeros), computed only for the generators a point moves (a feature region's points move 8
+    of 79: a fifth of the time of every column); values moved by several generators take the
+    matrix product.
     """
     s = np.asarray(coeffs, dtype=np.float64).reshape(-1, region.num_generators)
     d = region.directions
     one, owner, many = region.moved
     out = np.broadcast_to(region.x.astype(np.float32), (len(s), region.x.size)).copy()
     if len(one):
-        out[:, one] = (region.x[one] + s[:, owner] * d[owner, one]).astype(np.float32)
+        cols = one[np.argsort(owner, kind="stable")]  # the columns each generator moves
+        gen_of = np.sort(owner)
+        x_c, d_c = region.x[cols], d[gen_of, cols]
+        count = np.bincount(owner, minlength=s.shape[1])
+        start = np.cumsum(count) - count
+        rows, gens = np.nonzero(s)
+        reps = count[gens]
+        first = np.cumsum(reps) - reps
+        at = np.arange(int(reps.sum())) - np.repeat(first - start[gens], reps)  # into cols
+        value = np.repeat(s[rows, gens], reps)
+        flat = np.repeat(rows * out.shape[1], reps) + cols[at]
+        out.reshape(-1)[flat] = (x_c[at] + value * d_c[at]).astype(np.float32)
     if len(many):
         out[:, many] = (region.x[many] + s @ d[:, many]).astype(np.float32)
     return out
