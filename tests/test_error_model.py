@@ -3,6 +3,7 @@ agree with exhaustive enumeration, the guard against a wrong model, unsupported 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from test_engine import check_decision, truth
 from quantize.error_model import ErrorModel, Grid, Rounding, error_model, error_models
 from quantize.modes import float_runner, quantize_model
 from verifier.engine.bounds import (
+    first_exact_margins,
     linear_bounds,
     point_interval,
     prepare_chain,
@@ -99,12 +101,46 @@ def test_pointwise_soundness(tiny, mode):
         checked += 1
         label = int(runner.predict(x[None]).argmax())
         spec = spec_chain(em.chain, region, label, errors=errors)
-        lower = linear_bounds(spec, region.lo, region.hi).lower
+        b = linear_bounds(spec, region.lo, region.hi)
         pts = np.concatenate(list(region.enumerate()))
         out = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
         margins = out[:, [label]] - out[:, spec.others]
-        assert np.all(lower <= margins.min(axis=0))
+        assert np.all(b.lower <= margins.min(axis=0))
+        # the sieve's pointwise bounds, the first layer exact but for its rounding bound
+        exact = first_exact_margins(spec, b, np.arange(len(spec.others)), pts)
+        assert exact is not None and np.all(exact <= margins)
     assert checked >= 2
+
+
+@pytest.mark.parametrize("mode", ["int8", "16x8"])
+def test_first_exact_margins_charge_the_first_layers_rounding(tmp_path, mode):
+    """The sieve's pointwise bounds on a quantized runtime (one hidden layer: only the first
+    layer's rounding stands between them and the runtime's margins) stay below its margins at
+    every point; with that rounding bound left out some would not (the charge is needed:
+    full-integer modes, whose first layer rounds its outputs to the int8 / int16 grid)."""
+    import verifier.engine.bounds as bounds
+
+    model = load_model(mlp(tmp_path / "one.onnx", sizes=(16, 40, 4), seed=5))
+    rng = np.random.default_rng(1)
+    runner = quantize_model(model, mode, tmp_path, rng.random((128, 16), dtype=np.float32))
+    em = error_model(runner, model.network.lower())
+    over = 0
+    for i, x in enumerate(rng.random((4, 16), dtype=np.float32)):
+        region = _region(x, i, 0.125, 0.75)
+        errors = rounding_errors(em.chain, region, rounding=em.rounding)
+        label = int(runner.predict(x[None]).argmax())
+        spec = spec_chain(em.chain, region, label, errors=errors)
+        b = linear_bounds(spec, region.lo, region.hi)
+        pts = np.concatenate(list(region.enumerate()))
+        out = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+        margins = out[:, [label]] - out[:, spec.others]
+        rows = np.arange(len(spec.others))
+        assert np.all(first_exact_margins(spec, b, rows, pts) <= margins)
+        bare = replace(spec, err=[None, *spec.err[1:]], first_input=None, in_err=None)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(bounds, "_first_err", lambda spec: None)
+            over += int(np.sum(first_exact_margins(bare, b, rows, pts) > margins + 1e-6))
+    assert over > 0
 
 
 def test_wrong_model_is_caught(tiny):

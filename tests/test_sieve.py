@@ -144,6 +144,44 @@ def _sub_boxes(region, rng, k=4):
     return out
 
 
+def test_first_exact_margins_hold_at_every_point_and_beat_the_linear_bounds():
+    """`first_exact_margins` (the margins' rows back-substituted to the first ReLU, that ReLU
+    at the first layer's exact output widened by its float32 rounding bound) is below the
+    float32 runtime's margin at every point of the box, and no lower than the box's pointwise
+    linear bounds: for a box's own bounds, a child's bounded with its parent and a child's
+    provisional ones (`restricted`). Some cases' linear bounds leave points it proves."""
+    from verifier.engine.bounds import first_exact_margins, restricted
+
+    checked = proved = 0
+    for seed in range(24):
+        chain, runtime, region, label = random_case(seed)
+        spec = spec_chain(chain, region, label, float32=True)
+        root = linear_bounds(spec, region.lo, region.hi, reuse=True)
+        rows = np.arange(len(spec.others))
+        for lo, hi in _sub_boxes(region, np.random.default_rng(seed)):
+            pts = np.concatenate([*region.enumerate(lo=lo, hi=hi), np.zeros((0, len(lo)), int)])
+            if not len(pts):
+                continue
+            logits = runtime.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+            margins = logits[:, [label]] - logits[:, spec.others]
+            for b in (
+                linear_bounds(spec, lo, hi),
+                linear_bounds(spec, lo, hi, parent=root, reuse=True, open_only=True),
+                restricted(spec, root, lo, hi, np.inf),
+            ):
+                low = first_exact_margins(spec, b, rows, pts)
+                if low is None:  # a single affine layer: nothing to evaluate exactly
+                    assert len(spec.layers) < 3
+                    continue
+                linear = pts @ b.coeffs.T + b.offsets
+                finite = np.isfinite(b.offsets)
+                assert np.all(low <= margins + 1e-9)
+                assert np.all(low[:, finite] >= linear[:, finite] - 1e-9)
+                checked += 1
+                proved += int(np.sum((low > 0) & (linear <= 0)))
+    assert checked > 0 and proved > 0
+
+
 def test_pointwise_bounds_hold_at_every_point_of_the_box():
     """`pointwise_lower` is below the runtime's margin at every point of the box, for the
     root's bounds and for a child's bounded with its parent (`open_only`, reused rows); so the

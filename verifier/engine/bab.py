@@ -113,6 +113,7 @@ def branch_and_bound(
     keep_closed: bool = False,
     sieve: bool = True,
     provisional: Callable[[np.ndarray, np.ndarray, Bounds], Bounds | None] | None = None,
+    pointwise: Callable[[Leaf, np.ndarray, np.ndarray], np.ndarray | None] | None = None,
 ) -> BabOutcome:
     """Refine the `roots` (sub-boxes with their bounds) until every leaf is closed, a
     counterexample is confirmed, or the budget (`max_nodes` processed nodes, `deadline` on
@@ -173,7 +174,16 @@ def branch_and_bound(
         kept -= rows_nbytes(leaf.bounds) + rows_nbytes(leaf.parent)
         out.nodes += 1
         res = settle_node(
-            runtime, region, label, leaf, threshold, enum_limit, deadline, out, sieve=sieve
+            runtime,
+            region,
+            label,
+            leaf,
+            threshold,
+            enum_limit,
+            deadline,
+            out,
+            sieve=sieve,
+            pointwise=pointwise,
         )
         if out.status == REFUTED:
             return out
@@ -222,6 +232,7 @@ def settle_node(
     out: BabOutcome,
     *,
     sieve: bool = True,
+    pointwise=None,
 ) -> EnumResult | None:
     """What every branch-and-bound loop does with a popped node before splitting it: queue its
     rounded relaxed minimisers (those not queued before; all queued ones run once there are
@@ -232,7 +243,10 @@ def settle_node(
     is always run, never split). A counterexample goes into `out` (status
     REFUTED); returns the run's result (`route` "sieve" or "enumeration"), or None when no
     point was run. `sieve=False` where the bounds do not hold at every point of the box (ReLU
-    phase splits)."""
+    phase splits). `pointwise(leaf, rows, points)`: tighter lower bounds of margins `rows` at
+    points of the leaf's box ((N, len(rows)), or None; `bounds.first_exact_margins`), that
+    spare the runtime the points they prove: the sieve runs only the others (on a runtime that
+    runs one point per call, as many as on any other)."""
     out.queued.append(minimisers(region, leaf.bounds, threshold, out.tried))
     full = sum(len(c) for c in out.queued) >= MINIMISER_BATCH
     if full and run_minimisers(runtime, region, label, out):
@@ -240,9 +254,15 @@ def settle_node(
     limit = max(enum_limit, 1)
     small = region.count(limit, leaf.lo, leaf.hi) <= limit
     # a box small enough to enumerate runs only its open points; a larger one when few
-    few = SIEVE_POINTS // 4 if getattr(runtime, "per_sample", False) else SIEVE_POINTS
+    per_sample = getattr(runtime, "per_sample", False) and pointwise is None
+    few = SIEVE_POINTS // 4 if per_sample else SIEVE_POINTS
     cap = limit if small else min(limit, few)
     pts = sieved_points(region, leaf, threshold, cap) if sieve else None
+    if pts is not None and len(pts) and pointwise is not None:
+        rows = np.flatnonzero(leaf.bounds.lower <= threshold)
+        low = pointwise(leaf, rows, pts)
+        if low is not None:
+            pts = pts[np.any(low <= threshold[rows], axis=1)]
     if pts is not None:
         batches = (pts[i : i + BATCH] for i in range(0, len(pts), BATCH))
         res = replace(check_points(runtime, region, label, batches, deadline), route="sieve")

@@ -1274,8 +1274,17 @@ def _backsub(
     A ReLU's upper lines are `cut`'s (ReLU layer -> `KnapsackCut`, on s directly) where it has
     them.
     """
+    lam, c, on_s = _backsub_to(spec, pre, upto, 0, lam, c, alphas, tape, betas, cut)
+    return (lam, c) if on_s is None else (lam + on_s, c)
+
+
+def _backsub_to(
+    spec, pre, upto: int, stop: int, lam, c, alphas=None, tape=None, betas=None, cut=None
+):
+    """`_backsub` through layers upto-1 .. stop only: (lam on the output of layer stop - 1, c,
+    the cut lines' coefficients on s, or None), the bound being `lam . v + c + on_s . s`."""
     on_s = None
-    for k in range(upto - 1, -1, -1):
+    for k in range(upto - 1, stop - 1, -1):
         layer = spec.layers[k]
         if tape is not None:
             tape.append((k, lam))
@@ -1299,7 +1308,30 @@ def _backsub(
             lam, c = layer.back_step(lam, c, *pre[k], slope=slope)
             if betas is not None and k in betas:
                 lam = lam + betas[k]
-    return (lam, c) if on_s is None else (lam + on_s, c)
+    return lam, c, on_s
+
+
+def first_exact_margins(spec: SpecChain, b: Bounds, rows: np.ndarray, s: np.ndarray):
+    """(N, len(rows)) lower bounds of the margins `rows` at the points `s` (N, G) of `b`'s box
+    within budget, tighter than `b`'s linear bounds there: those bounds' rows back-substituted
+    down to the first ReLU's output only, that ReLU taken at the first layer's exact output
+    (widened by its rounding bound). None where the chain does not start with an affine
+    layer and a ReLU, or `b` keeps no intermediate bounds."""
+    layers = spec.layers
+    if len(layers) < 3 or not isinstance(layers[1], Relu) or b.empty or b.pre[1] is None:
+        return None
+    m = layers[-1].weight.shape[0]
+    eye = np.eye(m)[rows]
+    lam, c, on_s = _backsub_to(spec, b.pre, len(layers), 2, eye, np.zeros(len(rows)), cut=b.cut)
+    first = layers[0]
+    widen = _first_err(spec)
+    if spec.input_error(0) is not None:
+        widen = (0.0 if widen is None else widen) + np.abs(first.weight) @ spec.input_error(0)
+    z = s @ first.weight.T + first.bias
+    low = np.maximum(z if widen is None else z - widen, 0.0)
+    high = np.maximum(z if widen is None else z + widen, 0.0)
+    out = low @ np.maximum(lam, 0.0).T + high @ np.minimum(lam, 0.0).T + c
+    return out if on_s is None else out + s @ on_s.T
 
 
 # --- optimised lower slopes (alpha-CROWN for the margins) --------------------------------------

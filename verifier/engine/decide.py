@@ -34,6 +34,7 @@ from verifier.engine.bab import ClosedLeaves, Leaf, branch_and_bound, close_by_b
 from verifier.engine.bounds import (
     PreparedChain,
     SpecChain,
+    first_exact_margins,
     interval_bounds,
     linear_bounds,
     prepare_chain,
@@ -311,6 +312,7 @@ def _refine(
                 keep_closed=keep_leaves,
                 sieve=sieve,
                 provisional=provisional if inherit else None,
+                pointwise=lambda leaf, rows, s: first_exact_margins(spec, leaf.bounds, rows, s),
                 **budget,
             )
         else:

@@ -157,6 +157,7 @@ def _fields(b: Bounds) -> dict:
         "pre": b.pre,
         "method": b.method,
         "first": b.first,
+        "cut": b.cut,
     }
 
 

@@ -38,6 +38,7 @@ from verifier.engine.bab import ClosedLeaves, Leaf, branch_and_bound, close_by_b
 from verifier.engine.bounds import (
     PreparedChain,
     SpecChain,
+    first_exact_margins,
     linear_bounds,
     prepare_chain,
 )
@@ -213,6 +214,10 @@ def decide_from_float(
         )
         return wrap_direct(None, b)
 
+    def pointwise(leaf, rows, s):  # on the spec of the sub-region holding the leaf
+        spec = qspec if parts is None else fold_part_of(parts, leaf.lo, leaf.hi).spec
+        return first_exact_margins(spec, leaf.bounds, rows, s)
+
     out = branch_and_bound(
         runtime,
         region,
@@ -220,6 +225,7 @@ def decide_from_float(
         leaves,
         bound,
         threshold,
+        pointwise=pointwise,
         deadline=deadline - attack_share * timeout,
         max_nodes=max_nodes,
         enum_limit=enum_limit,

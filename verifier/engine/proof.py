@@ -8,7 +8,8 @@ a leaf names the route that closed its box and that route's evidence:
 - `empty`: the box's least cost (its point nearest 0), over the budget: no point;
 - `enumeration`: the box's point count, every point run on the runtime;
 - `sieve`: the points run on the runtime: those where the box's linear margin bounds are not
-  positive (every other point is above them);
+  positive and neither are its bounds with the first layer exact at the point (every other
+  point is above one of them; the checker re-bounds and re-runs with its own code);
 - `z3`: no evidence (z3 answered unsat on the box);
 - `milp`: no evidence (the mixed-integer program proved every margin positive on the box).
 
