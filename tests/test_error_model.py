@@ -71,6 +71,17 @@ def _violations(model: ErrorModel, runner, region) -> tuple[int, int]:
     return bad, len(pts)
 
 
+def _bounds_and_margins(em: ErrorModel, runner, region, errors, x):
+    """The error model's spec at x's label, its linear bounds over the region, the region's
+    points and the runtime's margins there."""
+    label = int(runner.predict(x[None]).argmax())
+    spec = spec_chain(em.chain, region, label, errors=errors)
+    pts = np.concatenate(list(region.enumerate()))
+    out = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+    margins = out[:, [label]] - out[:, spec.others]
+    return spec, linear_bounds(spec, region.lo, region.hi), pts, margins
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_pointwise_soundness(tiny, mode):
     """At every point of small regions the runtime's logits lie within the model's bounds, and
@@ -99,12 +110,7 @@ def test_pointwise_soundness(tiny, mode):
         bad, n = _violations(em, runner, region)
         assert bad == 0 and n > 100
         checked += 1
-        label = int(runner.predict(x[None]).argmax())
-        spec = spec_chain(em.chain, region, label, errors=errors)
-        b = linear_bounds(spec, region.lo, region.hi)
-        pts = np.concatenate(list(region.enumerate()))
-        out = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
-        margins = out[:, [label]] - out[:, spec.others]
+        spec, b, pts, margins = _bounds_and_margins(em, runner, region, errors, x)
         assert np.all(b.lower <= margins.min(axis=0))
         # the sieve's pointwise bounds, the first layer exact but for its rounding bound
         exact = first_exact_margins(spec, b, np.arange(len(spec.others)), pts)
@@ -128,12 +134,7 @@ def test_first_exact_margins_charge_the_first_layers_rounding(tmp_path, mode):
     for i, x in enumerate(rng.random((4, 16), dtype=np.float32)):
         region = _region(x, i, 0.125, 0.75)
         errors = rounding_errors(em.chain, region, rounding=em.rounding)
-        label = int(runner.predict(x[None]).argmax())
-        spec = spec_chain(em.chain, region, label, errors=errors)
-        b = linear_bounds(spec, region.lo, region.hi)
-        pts = np.concatenate(list(region.enumerate()))
-        out = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
-        margins = out[:, [label]] - out[:, spec.others]
+        spec, b, pts, margins = _bounds_and_margins(em, runner, region, errors, x)
         rows = np.arange(len(spec.others))
         assert np.all(first_exact_margins(spec, b, rows, pts) <= margins)
         bare = replace(spec, err=[None, *spec.err[1:]], first_input=None, in_err=None)

@@ -144,6 +144,21 @@ def _sub_boxes(region, rng, k=4):
     return out
 
 
+def _boxes_with_margins():
+    """(spec, root bounds, lo, hi, points, float32 runtime margins) of random sub-boxes of
+    random cases (float32 specs; boxes with no point left out)."""
+    for seed in range(24):
+        chain, runtime, region, label = random_case(seed)
+        spec = spec_chain(chain, region, label, float32=True)
+        root = linear_bounds(spec, region.lo, region.hi, reuse=True)
+        for lo, hi in _sub_boxes(region, np.random.default_rng(seed)):
+            pts = np.concatenate([*region.enumerate(lo=lo, hi=hi), np.zeros((0, len(lo)), int)])
+            if not len(pts):
+                continue
+            logits = runtime.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+            yield spec, root, lo, hi, pts, logits[:, [label]] - logits[:, spec.others]
+
+
 def test_first_exact_margins_hold_at_every_point_and_beat_the_linear_bounds():
     """`first_exact_margins` (the margins' rows back-substituted to the first ReLU, that ReLU
     at the first layer's exact output widened by its float32 rounding bound) is below the
@@ -153,32 +168,23 @@ def test_first_exact_margins_hold_at_every_point_and_beat_the_linear_bounds():
     from verifier.engine.bounds import first_exact_margins, restricted
 
     checked = proved = 0
-    for seed in range(24):
-        chain, runtime, region, label = random_case(seed)
-        spec = spec_chain(chain, region, label, float32=True)
-        root = linear_bounds(spec, region.lo, region.hi, reuse=True)
+    for spec, root, lo, hi, pts, margins in _boxes_with_margins():
         rows = np.arange(len(spec.others))
-        for lo, hi in _sub_boxes(region, np.random.default_rng(seed)):
-            pts = np.concatenate([*region.enumerate(lo=lo, hi=hi), np.zeros((0, len(lo)), int)])
-            if not len(pts):
+        for b in (
+            linear_bounds(spec, lo, hi),
+            linear_bounds(spec, lo, hi, parent=root, reuse=True, open_only=True),
+            restricted(spec, root, lo, hi, np.inf),
+        ):
+            low = first_exact_margins(spec, b, rows, pts)
+            if low is None:  # a single affine layer: nothing to evaluate exactly
+                assert len(spec.layers) < 3
                 continue
-            logits = runtime.predict(region.points(pts).astype(np.float32)).astype(np.float64)
-            margins = logits[:, [label]] - logits[:, spec.others]
-            for b in (
-                linear_bounds(spec, lo, hi),
-                linear_bounds(spec, lo, hi, parent=root, reuse=True, open_only=True),
-                restricted(spec, root, lo, hi, np.inf),
-            ):
-                low = first_exact_margins(spec, b, rows, pts)
-                if low is None:  # a single affine layer: nothing to evaluate exactly
-                    assert len(spec.layers) < 3
-                    continue
-                linear = pts @ b.coeffs.T + b.offsets
-                finite = np.isfinite(b.offsets)
-                assert np.all(low <= margins + 1e-9)
-                assert np.all(low[:, finite] >= linear[:, finite] - 1e-9)
-                checked += 1
-                proved += int(np.sum((low > 0) & (linear <= 0)))
+            linear = pts @ b.coeffs.T + b.offsets
+            finite = np.isfinite(b.offsets)
+            assert np.all(low <= margins + 1e-9)
+            assert np.all(low[:, finite] >= linear[:, finite] - 1e-9)
+            checked += 1
+            proved += int(np.sum((low > 0) & (linear <= 0)))
     assert checked > 0 and proved > 0
 
 
@@ -188,25 +194,16 @@ def test_pointwise_bounds_hold_at_every_point_of_the_box():
     sieve keeps every misclassified point of a box (this fails when it claims more), and some
     cases have such points."""
     checked = 0
-    for seed in range(24):
-        chain, runtime, region, label = random_case(seed)
-        spec = spec_chain(chain, region, label, float32=True)
-        threshold = np.zeros(len(spec.others))
-        root = linear_bounds(spec, region.lo, region.hi, reuse=True)
-        for lo, hi in _sub_boxes(region, np.random.default_rng(seed)):
-            pts = np.concatenate([*region.enumerate(lo=lo, hi=hi), np.zeros((0, len(lo)), int)])
-            if not len(pts):
-                continue
-            logits = runtime.predict(region.points(pts).astype(np.float32)).astype(np.float64)
-            margins = logits[:, [label]] - logits[:, spec.others]
-            bad = {tuple(p) for p in pts[np.any(margins <= 0, axis=1)]}
-            for b in (
-                linear_bounds(spec, lo, hi),
-                linear_bounds(spec, lo, hi, parent=root, reuse=True, open_only=True),
-            ):
-                assert np.all(pointwise_lower(b, pts) <= margins + 1e-9)
-                kept = sieved_points(region, Leaf(lo, hi, b), threshold, cap=10**6)
-                if kept is not None:
-                    assert bad <= {tuple(p) for p in kept}
-                    checked += len(bad)
+    for spec, root, lo, hi, pts, margins in _boxes_with_margins():
+        region, threshold = spec.region, np.zeros(len(spec.others))
+        bad = {tuple(p) for p in pts[np.any(margins <= 0, axis=1)]}
+        for b in (
+            linear_bounds(spec, lo, hi),
+            linear_bounds(spec, lo, hi, parent=root, reuse=True, open_only=True),
+        ):
+            assert np.all(pointwise_lower(b, pts) <= margins + 1e-9)
+            kept = sieved_points(region, Leaf(lo, hi, b), threshold, cap=10**6)
+            if kept is not None:
+                assert bad <= {tuple(p) for p in kept}
+                checked += len(bad)
     assert checked > 0

@@ -557,12 +557,13 @@ def _node_bounds(spec, lo, hi, parent: _BoxBounds | None) -> _BoxBounds:
 def _relu_cut(spec, i: int, lo, hi, l: np.ndarray, u: np.ndarray, upper_rows):
     """`_cut_lines` of the ReLU at layer `i`: over the first layer's output (widened by its
     rounding) for the first ReLU, over `upper_rows` ((rows, weights, constants): its input's
-    upper rows, every unstable neuron among them) for a deeper one; None where neither."""
+    upper rows, every unstable neuron among them) for a deeper one where the spec takes deeper
+    cuts; None where neither."""
     if i == 1:
         first = spec.layers[0]
         widen = _first_widen(spec) + np.zeros(len(l))
         return _cut_lines(spec, lo, hi, l, u, first.weight, first.bias + widen)
-    if upper_rows is None:
+    if upper_rows is None or not getattr(spec, "deeper_cuts", True):
         return None
     rows, w, b = upper_rows
     have = np.zeros(len(l), dtype=bool)
