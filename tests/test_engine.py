@@ -71,6 +71,14 @@ def random_case(seed: int, maxpool: bool = False):
     return chain, runtime, region, label
 
 
+def random_box(region, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A random sub-box of the region's box (between two random points), as branch and bound
+    makes them."""
+    a = rng.integers(region.lo, region.hi + 1)
+    b = rng.integers(region.lo, region.hi + 1)
+    return np.minimum(a, b), np.maximum(a, b)
+
+
 def all_points(region) -> np.ndarray:
     return np.concatenate(list(region.enumerate()))
 
@@ -107,9 +115,7 @@ def test_bounds_never_exclude_a_real_margin(seed, maxpool):
     rng = np.random.default_rng(seed + 100)
     boxes = [(region.lo, region.hi)]
     for _ in range(3):  # random sub-boxes, as branch and bound makes them
-        a = rng.integers(region.lo, region.hi + 1)
-        b = rng.integers(region.lo, region.hi + 1)
-        boxes.append((np.minimum(a, b), np.maximum(a, b)))
+        boxes.append(random_box(region, rng))
     for lo, hi in boxes:
         parts = list(region.enumerate(lo=lo, hi=hi))
         if not parts:  # no point within budget: the relaxation is empty too
@@ -223,9 +229,7 @@ def test_child_bounds_reusing_parent_rows_are_sound(seed, maxpool):
     rng = np.random.default_rng(seed + 200)
     inherited = 0
     for k in range(6):
-        a = rng.integers(region.lo, region.hi + 1)
-        b = rng.integers(region.lo, region.hi + 1)
-        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        lo, hi = random_box(region, rng)
         if k % 2 == 0:  # a box holding the root's point nearest 0
             lo, hi = np.minimum(lo, p), np.maximum(hi, p)
         plain = linear_bounds(spec, lo, hi, parent=root)
@@ -265,9 +269,7 @@ def test_restricted_parent_bounds_hold_on_the_sub_box(seed):
     rng = np.random.default_rng(seed + 400)
     checked = 0
     for _ in range(4):
-        a = rng.integers(region.lo, region.hi + 1)
-        b = rng.integers(region.lo, region.hi + 1)
-        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        lo, hi = random_box(region, rng)
         r = restricted(spec, root, lo, hi, np.max(root.lower) + 1.0)
         parts = list(region.enumerate(lo=lo, hi=hi))
         if not parts:
@@ -327,9 +329,7 @@ def test_child_bounds_of_open_margins_only_are_sound(seed, maxpool):
     checked = skipped = 0
     for target in (np.median(root.lower), np.max(root.lower), np.min(root.lower) - 1.0):
         for _ in range(3):
-            a = rng.integers(region.lo, region.hi + 1)
-            b = rng.integers(region.lo, region.hi + 1)
-            lo, hi = np.minimum(a, b), np.maximum(a, b)
+            lo, hi = random_box(region, rng)
             full = linear_bounds(spec, lo, hi, parent=root, target=target)
             part = linear_bounds(spec, lo, hi, parent=root, target=target, open_only=True)
             parts = list(region.enumerate(lo=lo, hi=hi))

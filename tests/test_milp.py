@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_engine import ChainRuntime, check_decision, random_case, truth
+from test_engine import ChainRuntime, check_decision, random_box, random_case, truth
 
 from verifier.engine.bounds import linear_bounds, spec_chain
 from verifier.engine.decide import decide
@@ -18,9 +18,7 @@ def _boxes(region, seed: int):
     rng = np.random.default_rng(seed + 7)
     out = [(region.lo, region.hi)]
     for _ in range(2):
-        a = rng.integers(region.lo, region.hi + 1)
-        b = rng.integers(region.lo, region.hi + 1)
-        out.append((np.minimum(a, b), np.maximum(a, b)))
+        out.append(random_box(region, rng))
     return out
 
 

@@ -41,17 +41,15 @@ def region_inputs(region: Region, coeffs: np.ndarray) -> np.ndarray:
     one, owner, many = region.moved
     out = np.broadcast_to(region.x.astype(np.float32), (len(s), region.x.size)).copy()
     if len(one):
-        cols = one[np.argsort(owner, kind="stable")]  # the columns each generator moves
-        gen_of = np.sort(owner)
-        x_c, d_c = region.x[cols], d[gen_of, cols]
-        count = np.bincount(owner, minlength=s.shape[1])
+        x_c, d_c = region.x[one], d[owner, one]
+        count = np.bincount(owner, minlength=s.shape[1])  # `one` is grouped by generator
         start = np.cumsum(count) - count
         rows, gens = np.nonzero(s)
         reps = count[gens]
         first = np.cumsum(reps) - reps
-        at = np.arange(int(reps.sum())) - np.repeat(first - start[gens], reps)  # into cols
+        at = np.arange(int(reps.sum())) - np.repeat(first - start[gens], reps)  # into `one`
         value = np.repeat(s[rows, gens], reps)
-        flat = np.repeat(rows * out.shape[1], reps) + cols[at]
+        flat = np.repeat(rows * out.shape[1], reps) + one[at]
         out.reshape(-1)[flat] = (x_c[at] + value * d_c[at]).astype(np.float32)
     if len(many):
         out[:, many] = (region.x[many] + s @ d[:, many]).astype(np.float32)
@@ -59,13 +57,14 @@ def region_inputs(region: Region, coeffs: np.ndarray) -> np.ndarray:
 
 
 def moved_columns(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The input columns one generator moves, that generator for each, and the columns several
-    generators move (what `region_inputs` computes per column; `regions.Region.moved` keeps
-    it, since a region's every evaluation needs the same)."""
+    """The input columns one generator moves (grouped by generator), that generator for each,
+    and the columns several generators move (what `region_inputs` computes per column;
+    `regions.Region.moved` keeps it, since a region's every evaluation needs the same)."""
     movers = np.count_nonzero(directions, axis=0)
     one = np.flatnonzero(movers == 1)
     owner = np.argmax(directions[:, one] != 0, axis=0)
-    return one, owner, np.flatnonzero(movers > 1)
+    order = np.argsort(owner, kind="stable")  # grouped by generator, for `region_inputs`
+    return one[order], owner[order], np.flatnonzero(movers > 1)
 
 
 def runtime_inputs(runtime, region: Region, coeffs: np.ndarray) -> np.ndarray:
