@@ -160,7 +160,14 @@ def test_reused_float_leaves_keep_their_rows(tiny):
     region = _region(xs[0], 10, 0.0625, 1.0)
     label = int(runner.predict(xs[:1]).argmax())
     fd = decide(
-        float_runner(model), chain, region, label, timeout=30.0, keep_leaves=True, sieve=False
+        float_runner(model),
+        chain,
+        region,
+        label,
+        timeout=30.0,
+        keep_leaves=True,
+        sieve=False,
+        enum_limit=1024,  # the region holds fewer points than the default: bounded, not run
     )
     proof = fd.detail["reuse"]
     assert len(proof.leaves) > 2

@@ -159,13 +159,18 @@ def _boxes_with_margins():
             yield spec, root, lo, hi, pts, logits[:, [label]] - logits[:, spec.others]
 
 
-def test_first_exact_margins_hold_at_every_point_and_beat_the_linear_bounds():
+@pytest.mark.parametrize("lipschitz", [0.0, np.inf])
+def test_first_exact_margins_hold_at_every_point_and_beat_the_linear_bounds(monkeypatch, lipschitz):
     """`first_exact_margins` (the margins' rows back-substituted to the first ReLU, that ReLU
-    at the first layer's exact output widened by its float32 rounding bound) is below the
+    at the first layer's exact output widened by its float32 rounding bound, in either form:
+    `LIPSCHITZ_CHARGE` 0 takes two ReLUs always, inf one less the charge) is below the
     float32 runtime's margin at every point of the box, and no lower than the box's pointwise
     linear bounds: for a box's own bounds, a child's bounded with its parent and a child's
     provisional ones (`restricted`). Some cases' linear bounds leave points it proves."""
+    from verifier.engine import bounds
     from verifier.engine.bounds import first_exact_margins, restricted
+
+    monkeypatch.setattr(bounds, "LIPSCHITZ_CHARGE", lipschitz)
 
     checked = proved = 0
     for spec, root, lo, hi, pts, margins in _boxes_with_margins():

@@ -38,14 +38,18 @@ from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN
 # About 250 KB a leaf on the MNIST MLP: some 1,000 leaves.
 ROWS_BUDGET = 256 << 20
 # A leaf whose linear bounds leave at most this many points open runs them on the runtime
-# (route "sieve") instead of splitting on (`enum_limit` when smaller); a quarter of it on a
+# (route "sieve") instead of splitting on (`enum_limit` when smaller); PER_SAMPLE_SIEVE on a
 # runtime that runs one point per call (`per_sample`: onnxruntime's dynamic quantization, whose
-# scale couples a batch; about 80 us a point on the MNIST MLP against 20-30 batched). Measured
-# alone, 10 s budget: MNIST MLP features r=10 TFLite int8 inputs 21 / 40 / 57 took 1.27 / 2.07
-# / 3.06 s at 256, 0.95 / 1.91 / 2.68 at 1,024, 1.53 / 2.54 / 3.72 at 4,096 (3.6 / 1.9 / 5.3
-# without the sieve); features r=20 ORT dynamic inputs 0 / 91 / 95: 1.57 / 1.31 / 3.12 at 256,
-# 1.97 / 1.83 / 2.67 at 1,024, 3.40 / 2.54 / 5.99 at 4,096 (2.3 / 2.1 / 5.3 without).
-SIEVE_POINTS = 1024
+# scale couples a batch; about 80 us a point on the MNIST MLP against 20-30 batched) unless
+# the points are bounded first (`settle_node`'s `pointwise`). Since they are (the first layer
+# exact at each point, `bounds.first_exact_margins`: 0.5% of them are left to run on the float
+# model), 4,096 beats 1,024 (measured in one process, alternating, min of two runs, features
+# r=20): MNIST MLP float inputs 47 / 53 / 54 / 75 / 123 / 323 / 399 / 453 / 527, 25.3 -> 23.3 s
+# (2,616 -> 2,227 nodes; 8,192: 2,001 nodes, 7% slower than 4,096); TFLite int8 inputs 36 /
+# 252 / 392 / 474 / 533 / 785 / 847, 10.6 -> 9.9 s (1,319 -> 1,038 nodes); ORT dynamic inputs
+# 146 / 194 / 331 / 452 / 620 / 761 / 983, 15.3 -> 14.2 s (1,377 -> 1,229 nodes).
+SIEVE_POINTS = 4096
+PER_SAMPLE_SIEVE = 256
 # Relaxed minimisers (candidate counterexamples, a few a node, new ones only) queued before one
 # runtime call runs them all. Run a node at a time they took 6-7% of the float engine's time
 # at features r=20 (MNIST MLP input 7: 641 nodes, 747 runtime calls; queued, 153), and no
@@ -255,7 +259,7 @@ def settle_node(
     small = region.count(limit, leaf.lo, leaf.hi) <= limit
     # a box small enough to enumerate runs only its open points; a larger one when few
     per_sample = getattr(runtime, "per_sample", False) and pointwise is None
-    few = SIEVE_POINTS // 4 if per_sample else SIEVE_POINTS
+    few = PER_SAMPLE_SIEVE if per_sample else SIEVE_POINTS
     cap = limit if small else min(limit, few)
     pts = sieved_points(region, leaf, threshold, cap) if sieve else None
     if pts is not None and len(pts) and pointwise is not None:

@@ -81,7 +81,7 @@ def decide(
     *,
     timeout: float,
     max_nodes: int = 20000,
-    enum_limit: int = 1024,
+    enum_limit: int = 4096,
     use_smt: bool = True,
     quantized: bool = False,
     error_model=None,

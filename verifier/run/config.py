@@ -56,7 +56,7 @@ class Settings:
     # regions and branch-and-bound leaves with at most this many points are enumerated on the
     # runtime: on the float model a bound costs what ~500 points do, so small leaves are split
     # and bounded; a quantized model's bounds are looser, so enumerating pays sooner
-    enum_limit: int = 1024
+    enum_limit: int = 4096
     quantized_enum_limit: int = 8192
     rollouts: int = 2000  # mcts
     use_smt: bool = True
