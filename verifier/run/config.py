@@ -54,8 +54,8 @@ class Settings:
     timeout: float = 2.0  # seconds per input and model
     max_nodes: int = 20000
     # regions and branch-and-bound leaves with at most this many points are enumerated on the
-    # runtime: on the float model a bound costs what ~500 points do, so small leaves are split
-    # and bounded; a quantized model's bounds are looser, so enumerating pays sooner
+    # runtime, and a leaf's sieve runs at most this many (`bab.SIEVE_POINTS`); a quantized
+    # model's bounds are looser, so enumerating pays sooner
     enum_limit: int = 4096
     quantized_enum_limit: int = 8192
     rollouts: int = 2000  # mcts
