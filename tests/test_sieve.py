@@ -159,20 +159,18 @@ def _boxes_with_margins():
             yield spec, root, lo, hi, pts, logits[:, [label]] - logits[:, spec.others]
 
 
-@pytest.mark.parametrize("lipschitz", [0.0, np.inf])
-def test_first_exact_margins_hold_at_every_point_and_beat_the_linear_bounds(monkeypatch, lipschitz):
+def test_first_exact_margins_hold_at_every_point_and_beat_the_linear_bounds(monkeypatch):
     """`first_exact_margins` (the margins' rows back-substituted to the first ReLU, that ReLU
-    at the first layer's exact output widened by its float32 rounding bound, in either form:
-    `LIPSCHITZ_CHARGE` 0 takes two ReLUs always, inf one less the charge) is below the
+    at the first layer's exact output widened by its float32 rounding bound) is below the
     float32 runtime's margin at every point of the box, and no lower than the box's pointwise
     linear bounds: for a box's own bounds, a child's bounded with its parent and a child's
-    provisional ones (`restricted`). Some cases' linear bounds leave points it proves."""
+    provisional ones (`restricted`). Some cases' linear bounds leave points it proves. In both
+    of its forms: `LIPSCHITZ_CHARGE` inf keeps the one-pass form (one ReLU less the rounding
+    charge), 0 takes two ReLUs where that leaves a point at or below 0, and is no lower."""
     from verifier.engine import bounds
     from verifier.engine.bounds import first_exact_margins, restricted
 
-    monkeypatch.setattr(bounds, "LIPSCHITZ_CHARGE", lipschitz)
-
-    checked = proved = 0
+    checked = proved = tighter = 0
     for spec, root, lo, hi, pts, margins in _boxes_with_margins():
         rows = np.arange(len(spec.others))
         for b in (
@@ -180,17 +178,24 @@ def test_first_exact_margins_hold_at_every_point_and_beat_the_linear_bounds(monk
             linear_bounds(spec, lo, hi, parent=root, reuse=True, open_only=True),
             restricted(spec, root, lo, hi, np.inf),
         ):
-            low = first_exact_margins(spec, b, rows, pts)
-            if low is None:  # a single affine layer: nothing to evaluate exactly
-                assert len(spec.layers) < 3
+            forms = []
+            for charge in (np.inf, 0.0):
+                monkeypatch.setattr(bounds, "LIPSCHITZ_CHARGE", charge)
+                forms.append(first_exact_margins(spec, b, rows, pts))
+            one, two = forms
+            if one is None:  # a single affine layer: nothing to evaluate exactly
+                assert two is None and len(spec.layers) < 3
                 continue
             linear = pts @ b.coeffs.T + b.offsets
             finite = np.isfinite(b.offsets)
-            assert np.all(low <= margins + 1e-9)
-            assert np.all(low[:, finite] >= linear[:, finite] - 1e-9)
+            for low in (one, two):
+                assert np.all(low <= margins + 1e-9)
+                assert np.all(low[:, finite] >= linear[:, finite] - 1e-9)
+            assert np.all(two >= one - 1e-9)
             checked += 1
-            proved += int(np.sum((low > 0) & (linear <= 0)))
-    assert checked > 0 and proved > 0
+            proved += int(np.sum((one > 0) & (linear <= 0)))
+            tighter += int(np.sum(two > one + 1e-12))
+    assert checked > 0 and proved > 0 and tighter > 0
 
 
 def test_pointwise_bounds_hold_at_every_point_of_the_box():

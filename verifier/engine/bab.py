@@ -117,7 +117,7 @@ def branch_and_bound(
     keep_closed: bool = False,
     sieve: bool = True,
     provisional: Callable[[np.ndarray, np.ndarray, Bounds], Bounds | None] | None = None,
-    pointwise: Callable[[Leaf, np.ndarray, np.ndarray], np.ndarray | None] | None = None,
+    pointwise: Callable[..., np.ndarray | None] | None = None,
 ) -> BabOutcome:
     """Refine the `roots` (sub-boxes with their bounds) until every leaf is closed, a
     counterexample is confirmed, or the budget (`max_nodes` processed nodes, `deadline` on
@@ -247,10 +247,11 @@ def settle_node(
     is always run, never split). A counterexample goes into `out` (status
     REFUTED); returns the run's result (`route` "sieve" or "enumeration"), or None when no
     point was run. `sieve=False` where the bounds do not hold at every point of the box (ReLU
-    phase splits). `pointwise(leaf, rows, points)`: tighter lower bounds of margins `rows` at
-    points of the leaf's box ((N, len(rows)), or None; `bounds.first_exact_margins`), that
-    spare the runtime the points they prove: the sieve runs only the others (on a runtime that
-    runs one point per call, as many as on any other)."""
+    phase splits). `pointwise(leaf, rows, points, target)`: tighter lower bounds of margins
+    `rows` at points of the leaf's box ((N, len(rows)), or None; `bounds.first_exact_margins`,
+    tightest where at or below `target`, the rows' thresholds), that spare the runtime the
+    points they prove: the sieve runs only the others (on a runtime that runs one point per
+    call, as many as on any other)."""
     out.queued.append(minimisers(region, leaf.bounds, threshold, out.tried))
     full = sum(len(c) for c in out.queued) >= MINIMISER_BATCH
     if full and run_minimisers(runtime, region, label, out):
@@ -264,7 +265,7 @@ def settle_node(
     pts = sieved_points(region, leaf, threshold, cap) if sieve else None
     if pts is not None and len(pts) and pointwise is not None:
         rows = np.flatnonzero(leaf.bounds.lower <= threshold)
-        low = pointwise(leaf, rows, pts)
+        low = pointwise(leaf, rows, pts, threshold[rows])
         if low is not None:
             pts = pts[np.any(low <= threshold[rows], axis=1)]
     if pts is not None:

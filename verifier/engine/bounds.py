@@ -45,10 +45,11 @@ SPREAD = 0.01
 # (logits), exactly through its weights elsewhere (`first_input_charge`)
 CHEAP_CHARGE = 0.01
 # `first_exact_margins` takes the first ReLU at a point as relu(z) less |lam| . widen (ReLU is
-# 1-Lipschitz: one pass over the points, not two) where that charge is at most this (logits) in
-# every row: float32's rounding (0.04-0.06 on the MNIST MLP's feature regions, where the exact
-# form ran at 5.9 us a point, this one at 2.4); quantized models' rounding keeps the exact
-# form, max(z - widen, 0) or max(z + widen, 0) by the sign of lam
+# 1-Lipschitz: one pass over the points), and where that charge is more than this (logits) in
+# some row, again as max(z - widen, 0) or max(z + widen, 0) by the sign of lam at the points
+# left open: float32's charge is 0.04-0.06 on the MNIST MLP's feature regions (one pass: 2.4 us
+# a point, against 5.9 for two); TFLite int8's is larger (the two-ReLU form proves 68-83% of
+# the points the one-pass form leaves open; running it on those only: 16% less time a decision)
 LIPSCHITZ_CHARGE = 0.1
 
 
@@ -1321,13 +1322,16 @@ def _backsub_to(
     return lam, c, on_s
 
 
-def first_exact_margins(spec: SpecChain, b: Bounds, rows: np.ndarray, s: np.ndarray):
+def first_exact_margins(
+    spec: SpecChain, b: Bounds, rows: np.ndarray, s: np.ndarray, target: np.ndarray | float = 0.0
+):
     """(N, len(rows)) lower bounds of the margins `rows` at the points `s` (N, G) of `b`'s box
     within budget, tighter than `b`'s linear bounds there: those bounds' rows back-substituted
     down to the first ReLU's output only, that ReLU taken at the first layer's exact output
-    (widened by its rounding bound: as two ReLUs, or as one less |lam| . widen where that costs
-    at most LIPSCHITZ_CHARGE), never below `b`'s own bounds at the point. None where the chain
-    does not start with an affine layer and a ReLU, or `b` keeps no intermediate bounds."""
+    (widened by its rounding bound: as one ReLU less |lam| . widen, then, where that costs more
+    than LIPSCHITZ_CHARGE, as two at the points it leaves at or below `target`), never below
+    `b`'s own bounds at the point. None where the chain does not start with an affine layer
+    and a ReLU, or `b` keeps no intermediate bounds."""
     layers = spec.layers
     if len(layers) < 3 or not isinstance(layers[1], Relu) or b.empty or b.pre[1] is None:
         return None
@@ -1349,16 +1353,20 @@ def first_exact_margins(spec: SpecChain, b: Bounds, rows: np.ndarray, s: np.ndar
     lin = lam_on @ first.weight[on]
     if on_s is not None:
         lin = lin + on_s
-    z = s @ first.weight[live].T
-    z += first.bias[live]
-    charge = np.abs(lam) @ widen[live]
-    if np.all(charge <= LIPSCHITZ_CHARGE):  # relu is 1-Lipschitz: relu(z) less the charge
-        np.maximum(z, 0.0, out=z)
-        out = z @ lam.T + (c - charge) + s @ lin.T
-    else:
-        low = np.maximum(z - widen[live], 0.0)
-        high = np.maximum(z + widen[live], 0.0)
-        out = low @ np.maximum(lam, 0.0).T + high @ np.minimum(lam, 0.0).T + c + s @ lin.T
+    weight, bias, widen = first.weight[live], first.bias[live], widen[live]
+    z = s @ weight.T
+    z += bias
+    np.maximum(z, 0.0, out=z)
+    charge = np.abs(lam) @ widen
+    out = z @ lam.T + (c - charge) + s @ lin.T  # relu is 1-Lipschitz: relu(z) less the charge
+    redo = []
+    if np.any(charge > LIPSCHITZ_CHARGE):
+        redo = np.flatnonzero(np.any(out <= target, axis=1))
+    if len(redo):  # two ReLUs, at z - widen and z + widen by the sign of lam: at most charge more
+        z = s[redo] @ weight.T + bias
+        low, high = np.maximum(z - widen, 0.0), np.maximum(z + widen, 0.0)
+        pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+        out[redo] = low @ pos.T + high @ neg.T + c + s[redo] @ lin.T
     if b.offsets is not None:  # never below the box's pointwise linear bounds (both hold)
         kept = np.flatnonzero(np.isfinite(b.offsets[rows]))
         at = rows[kept]

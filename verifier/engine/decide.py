@@ -312,7 +312,9 @@ def _refine(
                 keep_closed=keep_leaves,
                 sieve=sieve,
                 provisional=provisional if inherit else None,
-                pointwise=lambda leaf, rows, s: first_exact_margins(spec, leaf.bounds, rows, s),
+                pointwise=lambda leaf, rows, s, t: first_exact_margins(
+                    spec, leaf.bounds, rows, s, t
+                ),
                 **budget,
             )
         else:

@@ -214,9 +214,9 @@ def decide_from_float(
         )
         return wrap_direct(None, b)
 
-    def pointwise(leaf, rows, s):  # on the spec of the sub-region holding the leaf
+    def pointwise(leaf, rows, s, target):  # on the spec of the sub-region holding the leaf
         spec = qspec if parts is None else fold_part_of(parts, leaf.lo, leaf.hi).spec
-        return first_exact_margins(spec, leaf.bounds, rows, s)
+        return first_exact_margins(spec, leaf.bounds, rows, s, target)
 
     out = branch_and_bound(
         runtime,
