@@ -1358,20 +1358,15 @@ def first_exact_margins(
     z += bias
     np.maximum(z, 0.0, out=z)
     charge = np.abs(lam) @ widen
-    out = z @ lam.T + (c - charge) + s @ lin.T  # relu is 1-Lipschitz: relu(z) less the charge
-    redo = []
-    if np.any(charge > LIPSCHITZ_CHARGE):
-        redo = np.flatnonzero(np.any(out <= target, axis=1))
-    if len(redo):  # two ReLUs, at z - widen and z + widen by the sign of lam: at most charge more
+    rest = s @ lin.T + c  # the active neurons, the cut lines and the layers above
+    out = z @ lam.T - charge + rest  # relu is 1-Lipschitz: relu(z) less the charge
+    if np.any(charge > LIPSCHITZ_CHARGE):  # two ReLUs, at z - widen and z + widen by the sign
+        redo = np.flatnonzero(np.any(out <= target, axis=1))  # of lam: at most charge more
         z = s[redo] @ weight.T + bias
         low, high = np.maximum(z - widen, 0.0), np.maximum(z + widen, 0.0)
         pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
-        out[redo] = low @ pos.T + high @ neg.T + c + s[redo] @ lin.T
-    if b.offsets is not None:  # never below the box's pointwise linear bounds (both hold)
-        kept = np.flatnonzero(np.isfinite(b.offsets[rows]))
-        at = rows[kept]
-        out[:, kept] = np.maximum(out[:, kept], s @ b.coeffs[at].T + b.offsets[at])
-    return out
+        out[redo] = low @ pos.T + high @ neg.T + rest[redo]
+    return np.maximum(out, pointwise_lower(b, s)[:, rows])  # both hold: never below b's own
 
 
 # --- optimised lower slopes (alpha-CROWN for the margins) --------------------------------------
