@@ -45,12 +45,13 @@ def test_cut_lines_hold_at_every_point_and_are_exact_at_the_box_point_nearest_ze
         if cut is None:
             continue
         used += 1
-        line = cut.const + pts @ cut.slope.T
+        line = cut.lines(pts)
         assert np.all(line[:, cut.mask] >= np.maximum(z, 0.0)[:, cut.mask] - 1e-9)
         near = np.clip(0, lo, hi)
         at = near @ w.T + b + (0.0 if err is None else err)
-        assert np.allclose((cut.const + cut.slope @ near)[cut.mask], np.maximum(at, 0)[cut.mask])
-        assert not cut.slope[~cut.mask].any() and not cut.const[~cut.mask].any()
+        assert np.allclose(cut.lines(near[None])[0, cut.mask], np.maximum(at, 0)[cut.mask])
+        assert np.array_equal(cut.rows, np.flatnonzero(cut.mask))
+        assert cut.slope.shape == (len(cut.rows), g) and not line[:, ~cut.mask].any()
     assert used, "no box exercised the cut"
 
 
@@ -77,7 +78,7 @@ def test_cut_is_exact_on_neurons_one_generator_reaches():
     z = pts @ w.T + b
     cut = knapsack_cut(w, b, None, region, region.lo, region.hi, z.min(axis=0), z.max(axis=0))
     assert cut.mask.all()
-    assert np.allclose(cut.const + pts @ cut.slope.T, np.maximum(z, 0.0))
+    assert np.allclose(cut.lines(pts), np.maximum(z, 0.0))
 
 
 def ring_case():

@@ -1061,10 +1061,10 @@ def deeper_cut(spec: SpecChain, lo, hi, pre_k: tuple, rows, w_up, c_up) -> Knaps
     have[rows] = True
     if not unstable.any() or np.any(unstable & ~have):
         return None
-    w = np.zeros((len(lower), len(lo)))
-    b = np.zeros(len(lower))
-    w[rows], b[rows] = w_up, c_up
-    return knapsack_cut(w, b, None, spec.region, lo, hi, lower, upper)
+    got = knapsack_cut(w_up, c_up, None, spec.region, lo, hi, lower[rows], upper[rows])
+    if got is None:
+        return None
+    return replace(got, mask=unstable, rows=rows[got.rows])
 
 
 def first_cut(spec: SpecChain, lo, hi, pre: list) -> KnapsackCut | None:
@@ -1167,11 +1167,12 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut: dict 
     m2[:, g] = h2[cols] * below.bias[cols] - iu[cols] / 2.0
     m1[:, g + 1], m2_low = h2 * low, h1 * low
     if k is not None:  # the cut's constants hold the rounding
-        m1[k, :g] += cut.slope[k] / 2.0
-        m1[k, g] = h1[k] * below.bias[k] + cut.const[k] / 2.0
+        m1[cut.rows, :g] += cut.slope / 2.0
+        m1[cut.rows, g] = h1[cut.rows] * below.bias[cut.rows] + cut.const / 2.0
         on = k[cols]
-        m2[on, :g] -= cut.slope[cols[on]] / 2.0
-        m2[on, g] = h2[cols[on]] * below.bias[cols[on]] - cut.const[cols[on]] / 2.0
+        at = np.searchsorted(cut.rows, cols[on])
+        m2[on, :g] -= cut.slope[at] / 2.0
+        m2[on, g] = h2[cols[on]] * below.bias[cols[on]] - cut.const[at] / 2.0
     w_rows = aw = None
     if exact or sparse_weight(layer.weight) is not None:
         w_rows, aw = weights(layer.weight, rows), weights(spec.absw[i], rows)
@@ -1311,8 +1312,9 @@ def _backsub_to(
         else:
             k_cut = _cut_at(cut, k)
             if k_cut is not None:  # negative lam on a cut neuron: the cut's line
-                through = np.minimum(lam, 0.0) * k_cut.mask
-                c, lam = c + through @ k_cut.const, lam - through
+                through = np.minimum(lam[:, k_cut.rows], 0.0)
+                c, lam = c + through @ k_cut.const, lam.copy()
+                lam[:, k_cut.rows] -= through
                 here = through @ k_cut.slope
                 on_s = here if on_s is None else on_s + here
             slope = alphas.get(k) if alphas is not None else None
@@ -1462,8 +1464,7 @@ def _alpha_grads(
             grad = layer.relaxed_value(grad, lam_in, *pre[k], slope=alphas.get(k))
             k_cut = _cut_at(cut, k)
             if k_cut is not None:  # the cut's lines, at the minimisers
-                cut_value = k_cut.const + argmin @ k_cut.slope.T
-                grad = np.where((lam_in < 0) & k_cut.mask, cut_value, grad)
+                grad = np.where((lam_in < 0) & k_cut.mask, k_cut.lines(argmin), grad)
     return out
 
 

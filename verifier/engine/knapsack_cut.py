@@ -38,11 +38,20 @@ from verifier.engine.regions import EPS, Region
 @dataclass(frozen=True)
 class KnapsackCut:
     """Upper lines `const + slope . s` of one ReLU layer's outputs over one box, for the
-    neurons in `mask` (the unstable ones; the others keep their exact or triangle lines)."""
+    neurons `rows` (the unstable ones, `mask` as a mask; the others keep their exact or
+    triangle lines): `const` and `slope` hold those rows only (a deep layer's unstable neurons
+    are about half of them)."""
 
-    const: np.ndarray  # (n,)
-    slope: np.ndarray  # (n, G)
+    const: np.ndarray  # (len(rows),)
+    slope: np.ndarray  # (len(rows), G)
     mask: np.ndarray  # (n,) bool
+    rows: np.ndarray  # (len(rows),) int: flatnonzero(mask)
+
+    def lines(self, s: np.ndarray) -> np.ndarray:
+        """The lines' values at the points `s` (N, G), (N, n): zero off `rows`."""
+        out = np.zeros((len(s), len(self.mask)))
+        out[:, self.rows] = self.const + s @ self.slope.T
+        return out
 
 
 def knapsack_cut(
@@ -63,33 +72,25 @@ def knapsack_cut(
     mask = (lower < 0) & (upper > 0)
     if not mask.any() or np.any((lo < 0) & (hi > 0)):
         return None
-    sign = np.where(hi <= 0, -1.0, 1.0)  # direction of t = |s - p| on each generator
+    # direction of t = |s - p| on each generator that moves (a fixed one's t is 0)
+    sign = np.where((hi <= 0) & (lo < hi), -1.0, 1.0)
     p = np.clip(0.0, lo, hi)
     room = region.budget + EPS - float(np.abs(p) @ region.cost)
     if room <= EPS:
         return None
-    w = weight[mask]
-    c = w @ p + bias[mask] + (0.0 if err is None else np.asarray(err)[mask])
+    rows = np.flatnonzero(mask)
+    w = weight[rows]
+    c = w @ p + bias[rows] + (0.0 if err is None else np.asarray(err)[rows])
     a = np.maximum(c, 0.0)
     flip = bool(np.any(sign < 0))  # feature regions never flip: t = s - p
     w_t = w * sign if flip else w  # t_g = sign_g (s_g - p_g)
     reach = region.cost * (hi - lo)  # what a generator can spend at most
-    rise = np.minimum(room, (w_t > 0) @ reach)[:, None]
-    fall = np.minimum(room, (w_t < 0) @ reach)[:, None]
+    rise = np.minimum(room, (w_t > 0) @ reach)
+    fall = np.minimum(room, (w_t < 0) @ reach)
     # shares (a - c) cost_g / R+ and a cost_g / R- (none where nothing moves that way)
-    up = np.multiply((a - c)[:, None], region.cost)
-    np.divide(up, rise, out=up, where=rise > 0)
-    up[(rise <= 0)[:, 0]] = 0.0
-    down = np.multiply(a[:, None], region.cost)
-    np.divide(down, fall, out=down, where=fall > 0)
-    down[(fall <= 0)[:, 0]] = 0.0
-    np.subtract(w_t, up, out=up)
-    np.negative(down, out=down)
-    on_s = np.maximum(up, down, out=up)
+    up = np.divide(a - c, rise, out=np.zeros(len(rows)), where=rise > 0)
+    down = np.divide(a, fall, out=np.zeros(len(rows)), where=fall > 0)
+    on_s = np.maximum(w_t - np.outer(up, region.cost), np.outer(-down, region.cost))
     if flip:
         on_s *= sign
-    const = np.zeros(len(bias))
-    slope = np.zeros_like(weight)
-    const[mask] = a - on_s @ p
-    slope[mask] = on_s
-    return KnapsackCut(const, slope, mask)
+    return KnapsackCut(a - on_s @ p, on_s, mask, rows)
