@@ -793,8 +793,11 @@ def linear_bounds(
 ) -> Bounds:
     """CROWN / DeepPoly: back-substitute every unstable neuron and the margins down to s.
 
-    Intermediate bounds are the tighter of IBP, back-substitution and `parent`'s (bounds of an
-    enclosing box, as branch and bound passes them: only neurons still unstable are redone).
+    Intermediate bounds are the tighter of back-substitution and `parent`'s (bounds of an
+    enclosing box, as branch and bound passes them: only neurons still unstable are redone),
+    or of back-substitution and IBP without a parent (the enclosing box's back-substituted
+    bounds beat a wide layer's interval image: taking both changed no node of the MNIST MLP's
+    hard feature-region inputs, and the interval was 5% of their time).
     `reuse`: the bounds keep their back-substituted rows, and a box holding `parent`'s point
     nearest 0 minimises `parent`'s kept rows over itself instead of deriving its own (they hold
     on a sub-box; a box that only loses range far from that point changes them little, within
@@ -846,9 +849,10 @@ def linear_bounds(
                 cur_lo, cur_hi = snap(spec, 0, cur_lo, cur_hi)
                 first = (cur_lo.copy(), cur_hi.copy())
                 continue
-            cur_lo, cur_hi = _spec_interval(spec, i, cur_lo, cur_hi)
-            if known is not None:
-                cur_lo, cur_hi = np.maximum(cur_lo, known[0]), np.minimum(cur_hi, known[1])
+            if known is not None:  # the enclosing box's: its interval image is looser
+                cur_lo, cur_hi = known[0].copy(), known[1].copy()
+            else:
+                cur_lo, cur_hi = _spec_interval(spec, i, cur_lo, cur_hi)
             if i + 1 == len(layers):
                 continue
             cur_lo, cur_hi = snap(spec, i, cur_lo, cur_hi)
