@@ -125,6 +125,17 @@ def test_scale_that_may_change_is_not_folded(tiny):
     assert len(split_for_fold(region)) == 2
 
 
+def _float_decision(model, chain, region, x: np.ndarray):
+    """The float model's label at `x` and its decision on `region` with the leaves kept, the
+    sieve off so that it needs branch and bound (the fold's path)."""
+    runner = float_runner(model)
+    label = int(runner.predict(x[None].astype(np.float32)).argmax())
+    fd = decide(
+        runner, chain, region, label, timeout=30.0, enum_limit=4, keep_leaves=True, sieve=False
+    )
+    return label, fd
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_decisions_with_the_fold_agree_with_enumeration(tiny, mode):
     model, runners, xs = tiny
@@ -134,17 +145,7 @@ def test_decisions_with_the_fold_agree_with_enumeration(tiny, mode):
     folds, split, kept, first, statuses = 0, 0, 0, 0, []
     for i, x in enumerate(xs):
         for region in _regions(x, i):
-            label = int(float_runner(model).predict(x[None].astype(np.float32)).argmax())
-            fd = decide(
-                float_runner(model),
-                chain,
-                region,
-                label,
-                timeout=30.0,
-                enum_limit=4,
-                keep_leaves=True,
-                sieve=False,  # so the float model needs branch and bound (the fold's path)
-            )
+            label, fd = _float_decision(model, chain, region, x)
             if fd.status != CERTIFIED:
                 continue
             proof = fd.detail.get("reuse")
@@ -221,19 +222,9 @@ def test_nodes_bounded_on_their_parts_narrowed_spec(tiny, monkeypatch):
             next(iter(_regions(x, i))),
             feature_region(x, np.array_split(perm, 8), 0.25, 2.0),
         ):
-            label = int(float_runner(model).predict(x[None].astype(np.float32)).argmax())
+            label, fd = _float_decision(model, chain, region, x)
             parts[:] = [fold_parts(em, region, label)]
             node.clear()
-            fd = decide(
-                float_runner(model),
-                chain,
-                region,
-                label,
-                timeout=30.0,
-                keep_leaves=True,
-                enum_limit=4,
-                sieve=False,  # so the float model needs branch and bound (the fold's path)
-            )
             if fd.status != CERTIFIED:
                 continue
             before = len(seen)
