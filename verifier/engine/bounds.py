@@ -1185,7 +1185,7 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut: dict 
         b[:, : g + 1] = aw[:, cols] @ m2
         b[:, g + 1] = aw @ m2_low
     else:
-        a, b = _live_products(layer.weight, spec.absw[i], rows, m1, m2, m2_low, unstable)
+        a, b = _live_products(layer.weight, rows, m1, m2, m2_low, unstable)
     own = spec.err[i][rows] if spec.err[i] is not None else 0.0
     if spec.input_error(i) is not None:  # unit queries: |lambda W| = |W| on the rows
         own = own + (aw if aw is not None else spec.absw[i][rows]) @ spec.input_error(i)
@@ -1204,17 +1204,18 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut: dict 
     return _backsub(spec, pre, i - 2, lam, c, cut=first_only)
 
 
-def _live_products(w, absw, rows, m1, m2, m2_low, unstable):
+def _live_products(w, rows, m1, m2, m2_low, unstable):
     """`_query_both`'s products W m1 and |W| (m2 on the unstable neurons, m2_low) on the rows
     `rows` of dense weights, over the neurons whose lines are not all zero only: the first
     ReLU's neurons off over the box add nothing (about 40% of them at the MNIST MLP's
-    feature-region nodes), and one gather of those columns costs less than the rows' copy."""
+    feature-region nodes). One block of W is gathered (rows, then those columns: a quarter
+    less time than one 2-d gather each of W and |W|) and |W|'s is its absolute value."""
     live = np.flatnonzero(unstable | m1.any(axis=1) | (m2_low != 0.0))
     m2_live = np.zeros((len(live), m2.shape[1] + 1))
     m2_live[np.searchsorted(live, np.flatnonzero(unstable)), :-1] = m2
     m2_live[:, -1] = m2_low[live]
-    at = np.ix_(rows, live)
-    return w[at] @ m1[live], absw[at] @ m2_live
+    block = w[rows][:, live]
+    return block @ m1[live], np.abs(block) @ m2_live
 
 
 def _first_input_rows(spec: SpecChain, rows, w2, aw2, h1, h2, unstable) -> np.ndarray:
