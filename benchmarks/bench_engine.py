@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/bench_engine.py [--models examples/mnist_mlp.onnx,...] [--n 1000]
        [--configs a,b,d] [--timeouts 2,10] [--engines milp,triangle] [--baseline 3] [--no-smt]
-       [--ort-threads 1]
+       [--ort-threads 1] [--inputs 115,352,519]
        [--out runs/bench_engine.json]
 
 The defaults are the full setting: the first 1,000 test images, the MNIST MLP and CNN, three
@@ -27,6 +27,8 @@ Engines (`decide` options):
          cut (`knapsack_cut=False`: the bounds before `verifier/engine/knapsack_cut.py`)
   no-sieve  as milp, no leaf closed by running only the points its bounds leave open
          (`sieve=False`: leaves are enumerated only when they hold at most `enum_limit` points)
+`--inputs` decides only those of the correctly classified inputs (their places among them, the
+rows' "index"; each keeps its seed), printing one line per input: to look at a few hard ones.
 The baseline is plain exhaustive enumeration on the runtime, run on `--baseline` inputs of (a)
 (the feature regions are far too large to enumerate; their sizes are reported instead).
 Writes the JSON (`--out`) and one cactus-curve PNG per model and configuration beside it:
@@ -115,13 +117,16 @@ def _stats(secs: np.ndarray) -> dict:
     }
 
 
-def run_config(config: str, model, chain, xs, labels, args, engine: str, timeout: float):
-    """Decide every input of one configuration with one engine and timeout; print progress;
+def run_config(
+    config: str, model, chain, xs, labels, args, engine: str, timeout: float, places=None
+):
+    """Decide every input of one configuration with one engine and timeout; print progress
+    (a line per input when `places`, the inputs' places among the correct ones, are given);
     return rows and summary."""
     rows = []
     t0 = time.perf_counter()
     tag = f"{config} {engine}@{timeout:g}s"
-    for i, (x, label) in enumerate(zip(xs, labels, strict=True)):
+    for i, x, label in zip(places or range(len(xs)), xs, labels, strict=True):
         region = make_region(config, x)
         cpu = time.process_time()
         d = decide(
@@ -148,10 +153,18 @@ def run_config(config: str, model, chain, xs, labels, args, engine: str, timeout
                 "detail": _jsonable(d.detail),
             }
         )
-        if (i + 1) % 50 == 0 or i + 1 == len(xs):
+        if places:
+            steps = {k: round(v, 2) for k, v in d.detail.get("steps", {}).items()}
+            print(
+                f"  [{tag}] input {i}: {d.status} ({d.route}) {d.seconds:.2f} s, "
+                f"{d.nodes} nodes, steps {steps}, leaves {d.detail.get('leaves')}",
+                file=sys.stderr,
+                flush=True,
+            )
+        if len(rows) % 50 == 0 or len(rows) == len(xs):
             s = summarise(rows)
             print(
-                f"  [{tag}] {i + 1}/{len(xs)} decided {s['decided_share']:.3f} "
+                f"  [{tag}] {len(rows)}/{len(xs)} decided {s['decided_share']:.3f} "
                 f"mean {s['mean_s'] * 1000:.0f} ms ({time.perf_counter() - t0:.0f} s)",
                 file=sys.stderr,
                 flush=True,
@@ -292,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         "node's call of a few points then waits on the pool, half the nodes/s at load 3)",
     )
     p.add_argument("--no-smt", action="store_true", help="no exact back end on small leaves")
+    p.add_argument(
+        "--inputs",
+        default=None,
+        help="only these of the correct inputs (places among them, comma-separated)",
+    )
     p.add_argument("--out", default="runs/bench_engine.json")
     args = p.parse_args(argv)
     configs = args.configs.split(",")
@@ -300,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [c for c in configs if c not in CONFIGS] + [e for e in engines if e not in ENGINES]
     if bad:
         p.error(f"unknown configuration or engine: {', '.join(bad)}")
+    try:
+        places = [int(v) for v in args.inputs.split(",")] if args.inputs else None
+    except ValueError:
+        p.error(f"--inputs takes comma-separated integers, not {args.inputs!r}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {
@@ -309,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "engines": {e: ENGINES[e] for e in engines},
         "use_smt": not args.no_smt,
         "ort_threads": args.ort_threads,
+        "inputs": places,
         "models": {},
     }
     for model_path in args.models.split(","):
@@ -317,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         xs, labels, total = load_inputs(model, args.n)
         print(f"{model_path}: {len(xs)} of {total} inputs correctly classified", file=sys.stderr)
         per_model = {"correct": len(xs), "configs": {}}
+        if places is not None:
+            if not places or min(places) < 0 or max(places) >= len(xs):
+                p.error(f"--inputs: places among the {len(xs)} correct inputs, 0 to {len(xs) - 1}")
+            xs, labels = xs[places], labels[places]
         results["models"][model_path] = per_model
         for config in configs:
             entry = {
@@ -327,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             for timeout in timeouts:
                 for engine in engines:
                     rows, summary = run_config(
-                        config, model, chain, xs, labels, args, engine, timeout
+                        config, model, chain, xs, labels, args, engine, timeout, places
                     )
                     run = f"{engine}@{timeout:g}s"
                     curves[run] = cactus(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,3 +56,24 @@ def test_covering_bench_counts_blocks_and_moved_features(monkeypatch):
         budget=4.0,
     )
     assert bench.most_moved(region) == 3  # 1 + 1 + 2; the 0.5 one cannot move
+
+
+def test_engine_bench_decides_only_the_inputs_asked(real_data, tmp_path, monkeypatch, capsys):
+    """bench_engine --inputs decides just those places among the correct inputs, with the seeds
+    and indices a full run gives them, and one line each; a place past them is a usage error."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # checkout.py edits it
+    monkeypatch.setenv("RELROBUST_DATA", str(real_data))
+    bench = importlib.import_module("bench_engine")
+    out = tmp_path / "engine.json"
+    common = ["--models", str(ROOT / "examples" / "mnist_mlp.onnx"), "--n", "30"]
+    common += ["--configs", "a", "--timeouts", "1", "--engines", "milp", "--baseline", "0"]
+    assert bench.main([*common, "--inputs", "4,1", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    rows = got["models"][common[1]]["configs"]["a"]["runs"]["milp@1s"]["rows"]
+    assert [r["index"] for r in rows] == [4, 1]
+    assert got["inputs"] == [4, 1]
+    assert "input 4:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*common, "--inputs", "30", "--out", str(out)])
+    assert exc.value.code == 2
