@@ -219,3 +219,24 @@ def test_pointwise_bounds_hold_at_every_point_of_the_box():
                 assert bad <= {tuple(p) for p in kept}
                 checked += len(bad)
     assert checked > 0
+
+
+def test_products_over_varying_columns_match_the_full_product():
+    """The sieve's point products (`bounds._products`: the columns shared by every point taken
+    once) equal `s @ a.T + const`, whether no, some or every column varies, for one point and
+    none; `pointwise_lower` on some rows is its full answer's columns."""
+    from verifier.engine.bounds import _products, varying_columns
+
+    rng = np.random.default_rng(3)
+    a, const = rng.normal(size=(5, 9)), rng.normal(size=5)
+    s = rng.integers(-2, 3, size=(40, 9))
+    for fixed in ([], [0, 4, 8], list(range(9))):
+        t = s.copy()
+        t[:, fixed] = rng.integers(-2, 3, size=len(fixed))
+        for pts in (t, t[:1], t[:0]):
+            var = varying_columns(pts)
+            assert set(var) <= set(range(9)) - (set(fixed) if len(pts) else set())
+            assert np.allclose(_products(pts, a, const), pts @ a.T + const, atol=1e-12)
+    spec, root, lo, hi, pts, _ = next(iter(_boxes_with_margins()))
+    rows = np.array([0, len(spec.others) - 1])
+    assert np.array_equal(pointwise_lower(root, pts, rows), pointwise_lower(root, pts)[:, rows])

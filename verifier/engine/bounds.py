@@ -127,16 +127,42 @@ class Bounds:
         return self.method == "empty"
 
 
-def pointwise_lower(b: Bounds, s: np.ndarray) -> np.ndarray:
+def pointwise_lower(b: Bounds, s: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """(N, K-1) lower bounds of the margins at the points `s` (N, G) of `b`'s box within
-    budget: the linear bounds where `b` kept them (`Bounds.offsets`), never below `lower`."""
-    low = np.broadcast_to(b.lower, (len(s), len(b.lower)))
+    budget: the linear bounds where `b` kept them (`Bounds.offsets`), never below `lower`.
+    `rows`: those margins' only ((N, len(rows)))."""
+    pick = slice(None) if rows is None else rows
+    lower = b.lower[pick]
+    low = np.broadcast_to(lower, (len(s), len(lower)))
     if b.offsets is None:
         return low
-    at = s @ b.coeffs.T + b.offsets
+    at = _products(s, b.coeffs[pick], b.offsets[pick])
     if b.ceiling is not None:
-        at = np.minimum(at, b.ceiling)
+        at = np.minimum(at, b.ceiling[pick])
     return np.maximum(at, low)
+
+
+def _products(s: np.ndarray, a: np.ndarray, const, var: np.ndarray | None = None) -> np.ndarray:
+    """`s @ a.T + const` for points `s` (N, G), over the columns that vary among them only
+    (`var`, found when not given): a branch-and-bound node's points share most generators'
+    values (28 of 79 vary on the MNIST MLP's feature-region sieves), so the others' share is
+    one product with the first point."""
+    if var is None:
+        var = varying_columns(s)
+    if len(s) < 2 or len(var) == s.shape[1]:
+        out = s @ a.T
+        out += const
+        return out
+    fixed = s[0].astype(np.float64)
+    fixed[var] = 0.0
+    out = s[:, var] @ a[:, var].T
+    out += a @ fixed + const  # in place: a large temporary costs more than the product
+    return out
+
+
+def varying_columns(s: np.ndarray) -> np.ndarray:
+    """The columns of `s` (N, G) whose values are not all the first row's."""
+    return np.flatnonzero(np.any(s != s[0], axis=0)) if len(s) else np.arange(s.shape[1])
 
 
 # a weight array of at least SPARSE_SIZE entries, at most SPARSE_DENSITY of them not 0, is also
@@ -1361,19 +1387,19 @@ def first_exact_margins(
     if on_s is not None:
         lin = lin + on_s
     weight, bias, widen = first.weight[live], first.bias[live], widen[live]
-    z = s @ weight.T
-    z += bias
+    var = varying_columns(s)
+    z = _products(s, weight, bias, var)
     np.maximum(z, 0.0, out=z)
     charge = np.abs(lam) @ widen
-    rest = s @ lin.T + c  # the active neurons, the cut lines and the layers above
+    rest = _products(s, lin, c, var)  # the active neurons, the cut lines and the layers above
     out = z @ lam.T - charge + rest  # relu is 1-Lipschitz: relu(z) less the charge
     if np.any(charge > LIPSCHITZ_CHARGE):  # two ReLUs, at z - widen and z + widen by the sign
         redo = np.flatnonzero(np.any(out <= target, axis=1))  # of lam: at most charge more
-        z = s[redo] @ weight.T + bias
+        z = _products(s[redo], weight, bias)
         low, high = np.maximum(z - widen, 0.0), np.maximum(z + widen, 0.0)
         pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
         out[redo] = low @ pos.T + high @ neg.T + rest[redo]
-    return np.maximum(out, pointwise_lower(b, s)[:, rows])  # both hold: never below b's own
+    return np.maximum(out, pointwise_lower(b, s, rows))  # both hold: never below b's own
 
 
 # --- optimised lower slopes (alpha-CROWN for the margins) --------------------------------------
