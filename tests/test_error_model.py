@@ -497,3 +497,40 @@ def test_mnist_dynamic_certifies_beyond_enumeration(real_data, tmp_path):
         if certified >= 2:
             break
     assert certified >= 2
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "int8"])
+def test_deeper_cuts_on_error_models_hold_and_the_better_root_is_kept(tiny, mode):
+    """On an error model's spec the knapsack cuts of the ReLU below the first
+    (`SpecChain.deeper_cuts`) give margin bounds below the runtime's margin at every point of
+    feature regions (linear and pointwise), and `with_deeper_cuts` keeps them exactly where
+    they raise the root's worst margin bound; both choices occur."""
+    from verifier.engine.quantized_spec import with_deeper_cuts
+    from verifier.engine.regions import feature_region
+
+    model, runners, xs = tiny
+    runner = runners[mode]
+    em = error_model(runner, model.network.lower())
+    rng = np.random.default_rng(5)
+    chosen, checked = set(), 0
+    for x in xs:
+        for radius in (1.0, 2.0, 3.0):
+            features = np.array_split(rng.permutation(16), 8)
+            region = feature_region(x, features, 0.5, radius)
+            try:
+                errors = rounding_errors(em.chain, region, rounding=em.rounding)
+            except ValueError:  # a static grid may saturate: no bound
+                continue
+            spec, _, pts, margins = _bounds_and_margins(em, runner, region, errors, x)
+            cut = replace(spec, deeper_cuts=True)
+            b = linear_bounds(cut, region.lo, region.hi)
+            assert np.all(b.lower <= margins.min(axis=0) + 1e-9)
+            rows = np.arange(len(spec.others))
+            assert np.all(first_exact_margins(cut, b, rows, pts) <= margins + 1e-9)
+            off = linear_bounds(spec, region.lo, region.hi)
+            got, root = with_deeper_cuts(spec, region)
+            assert got.deeper_cuts == (np.min(b.lower) > np.min(off.lower))
+            assert np.min(root.lower) == max(np.min(b.lower), np.min(off.lower))
+            chosen.add(got.deeper_cuts)
+            checked += 1
+    assert checked >= 6 and chosen == {True, False}

@@ -1,10 +1,10 @@
 """The quantized decision on a region the float model certified, starting from its proof.
 
 Order: the runtime's own bounds (its error model) over the region (computed with its spec:
-`quantized_spec`), then with a dynamic-range first layer's input quantization folded into
-sub-regions of fixed scale (`dynamic_input`; where the float model needed branch and bound,
-the fold first, and the whole region's bound only when there is none: on features r=20 it sat
-about 4 logits below the largest sub-region's); the differential bound (`diffbounds`) on the
+`quantized_spec`, which chooses its deeper knapsack cuts by them), then with a dynamic-range
+first layer's input quantization folded into sub-regions of fixed scale (`dynamic_input`; on
+features r=20 the whole region's bound sat about 4 logits below the largest sub-region's);
+the differential bound (`diffbounds`) on the
 float proof's root bounds, whose bound on the difference closes every float leaf whose float
 margin absorbs it; the runtime's own bounds on each leaf left; a quick and a search attack on
 the quantized runtime (any counterexample is an input of R^FP, confirmed on that runtime);
@@ -45,7 +45,6 @@ from verifier.engine.bounds import (
 from verifier.engine.decide import (
     _check,
     _model_spec,
-    _root_bounds,
     _Run,
     decide,
 )
@@ -121,37 +120,21 @@ def decide_from_float(
     threshold = np.zeros(len(qspec.others))
     # the rounding bounds over the whole region, when the spec's are those (no fold, no cap)
     whole = (qs.model, qs.errors) if qs.region is region and qs.ends is None else None
-    folded, tried = None, False
+    # the spec's own linear bounds over the region, computed with it (plain slopes: optimised
+    # ones gained less than the nodes they cost; its logit caps come from them)
     direct = qs.root
-    if direct is None and not _root_only(proof):
-        # the float model needed branch and bound: where the region folds, the whole region's
-        # bound (its run-time input rounding half a step a value: on features r=20, 6.6-6.9
-        # logits below the float root and about 4 below the largest sub-region's) is skipped
-        folded = _folded_bounds(
-            runtime, error_model, region, label, threshold, detail, deadline, whole
-        )
-        tried = True
-        run.step("bounds")
-    if folded is None:
-        # plain slopes throughout: optimised ones gained less than the nodes they cost
-        if direct is None:
-            direct = _root_bounds(qspec, region, threshold, 0, np.inf, detail)
-        else:  # the spec's own linear bounds, computed with it (its logit caps come from them)
-            detail["bounds_method"] = direct.method
-            detail["root_margin"] = float(np.min(direct.lower - threshold))
-        run.step("bounds")
-        if np.all(direct.lower > 0):
-            run.cover = Cover()
-            close_by_bounds(run.cover, Leaf(region.lo, region.hi, direct), region, threshold)
-            return run.done(CERTIFIED, "bounds")
-        if time.perf_counter() > deadline:  # the spec and its root bound took it (large CNNs)
-            detail["open_leaves"] = "the root's bounds took the time"
-            return run.done(UNKNOWN, "budget")
-        if not tried:
-            folded = _folded_bounds(
-                runtime, error_model, region, label, threshold, detail, deadline, whole
-            )
-            run.step("bounds")
+    detail["bounds_method"] = direct.method
+    detail["root_margin"] = float(np.min(direct.lower - threshold))
+    run.step("bounds")
+    if np.all(direct.lower > 0):
+        run.cover = Cover()
+        close_by_bounds(run.cover, Leaf(region.lo, region.hi, direct), region, threshold)
+        return run.done(CERTIFIED, "bounds")
+    if time.perf_counter() > deadline:  # the spec and its root bound took it (large CNNs)
+        detail["open_leaves"] = "the root's bounds took the time"
+        return run.done(UNKNOWN, "budget")
+    folded = _folded_bounds(runtime, error_model, region, label, threshold, detail, deadline, whole)
+    run.step("bounds")
     parts = None  # the folded sub-regions with their specs, when folded
     if folded is not None:
         parts, leaves, run.cover = folded
