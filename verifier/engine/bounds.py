@@ -84,8 +84,8 @@ class SpecChain:
     # every ReLU's upper lines over the budget (`verifier.engine.knapsack_cut`); False: the
     # triangle lines only (what bounds were before it, kept for side-by-side benchmarks)
     knapsack_cut: bool = True
-    # deeper ReLUs' cuts too (`deeper_cut`); off on quantized error models, where they cost
-    # nodes (MNIST MLP features r=20, TFLite dynamic and int8, 8 inputs: 1,449 -> 1,583)
+    # deeper ReLUs' cuts too (`deeper_cut`); off as `spec_chain` builds an error model's spec,
+    # on once `quantized_spec.with_deeper_cuts` has bounded its root both ways
     deeper_cuts: bool = True
     # per layer: (step, origin) of the lattice a quantized runtime's Affine output lies on (its
     # requantization grid, `quantize.rounding.Rounding.output_grid`), or None: bounds on such a
