@@ -20,7 +20,7 @@ from verifier.engine.diffdecide import _folded_bounds, decide_from_float
 from verifier.engine.dynamic_input import fold_first_input, split_for_fold
 from verifier.engine.model import load_model
 from verifier.engine.points import runtime_inputs
-from verifier.engine.quantized_spec import fold_part_of
+from verifier.engine.quantized_spec import fold_part_of, root_bounds
 from verifier.engine.regions import feature_region, lattice_region
 from verifier.engine.result import CERTIFIED
 
@@ -165,7 +165,8 @@ def test_decisions_with_the_fold_agree_with_enumeration(tiny, mode):
 
 def test_folded_leaves_keep_their_rows(tiny):
     """The folded sub-regions left to branch and bound keep their back-substituted rows for
-    their children, with the bounds their spec gives without keeping them."""
+    their children, with the bounds their spec gives without keeping them (the better of
+    those with and without its deeper cuts, `quantized_spec.root_bounds`)."""
     model, runners, xs = tiny
     em = error_model(runners["dynamic"], prepare_chain(model.network.lower()))
     region = next(iter(_regions(xs[2], 2)))
@@ -173,7 +174,7 @@ def test_folded_leaves_keep_their_rows(tiny):
     folded = _folded_bounds(runners["dynamic"], em, region, label, np.zeros(3), {}, 1e18)
     assert folded is not None and folded[1]
     for leaf in folded[1]:
-        plain = linear_bounds(fold_part_of(folded[0], leaf.lo, leaf.hi).spec, leaf.lo, leaf.hi)
+        plain = root_bounds(fold_part_of(folded[0], leaf.lo, leaf.hi).spec, leaf.lo, leaf.hi)
         assert leaf.bounds.queries and np.array_equal(leaf.bounds.lower, plain.lower)
         assert np.array_equal(leaf.bounds.coeffs, plain.coeffs)
 

@@ -3,6 +3,7 @@ agree with exhaustive enumeration, the guard against a wrong model, unsupported 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from pathlib import Path
 
@@ -535,3 +536,31 @@ def test_deeper_cuts_on_error_models_hold_and_the_better_root_is_kept(tiny, mode
             chosen.add(np.min(b.lower) > np.min(off.lower))
             checked += 1
     assert checked >= 6 and chosen == {True, False}
+
+
+def test_lattice_regions_keep_the_roots_choice_of_deeper_cuts(tiny):
+    """On a lattice region `with_deeper_cuts` gives the nodes the deeper cuts only where they
+    raise the root's worst margin bound (on a feature region they always get them: the
+    test above), and the root bound is the better of both either way; on these lattices the
+    cuts never raise it, so the spec is left without them."""
+    from verifier.engine.quantized_spec import with_deeper_cuts
+
+    model, runners, xs = tiny
+    seen = []
+    for mode, x, radius in itertools.product(("int8", "dynamic"), xs, (0.5, 1.0, 2.0)):
+        em = error_model(runners[mode], model.network.lower())
+        region = lattice_region(x, np.arange(0, 16, 2), 0.25, radius)
+        try:
+            errors = rounding_errors(em.chain, region, rounding=em.rounding)
+        except ValueError:  # a static grid may saturate: no bound
+            continue
+        label = int(runners[mode].predict(x[None]).argmax())
+        spec = spec_chain(em.chain, region, label, errors=errors)
+        off = linear_bounds(spec, region.lo, region.hi)
+        on = linear_bounds(replace(spec, deeper_cuts=True), region.lo, region.hi)
+        better = bool(np.min(on.lower) > np.min(off.lower))
+        got, root = with_deeper_cuts(spec, region)
+        assert got.deeper_cuts == better
+        assert np.min(root.lower) == max(np.min(on.lower), np.min(off.lower))
+        seen.append(better)
+    assert len(seen) >= 6 and not all(seen)

@@ -60,6 +60,7 @@ from verifier.engine.quantized_spec import (
     fold_parts,
     input_levels,
     narrow_inputs,
+    root_bounds,
 )
 from verifier.engine.regions import Region
 from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN, Decision
@@ -265,8 +266,9 @@ def _folded_bounds(
         if not (g.shape == lo.shape and np.all((g >= lo) & (g <= hi))):
             detail["input_fold"] = "the runtime's logits lie outside the folded model's interval"
             return None
-        # rows kept for its children in branch and bound (`_reuse`'s leaves keep theirs too)
-        b = linear_bounds(qs.spec, part.lo, part.hi, reuse=True)
+        # rows kept for its children in branch and bound (`_reuse`'s leaves keep theirs too);
+        # with or without the deeper cuts, as the whole region's root (`root_bounds`)
+        b = root_bounds(qs.spec, part.lo, part.hi, reuse=True)
         leaf = Leaf(part.lo, part.hi, wrap_direct(None, b))
         if leaf.bounds.empty or np.all(leaf.bounds.lower > threshold):
             close_by_bounds(cover, leaf, region, threshold)

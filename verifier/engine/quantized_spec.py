@@ -98,26 +98,42 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
 
 
 def with_deeper_cuts(spec: SpecChain, region: Region) -> tuple[SpecChain, Bounds]:
-    """`spec` with the knapsack cuts of the ReLUs below the first (`SpecChain.deeper_cuts`,
-    off on an error model's spec as built) wherever there are such ReLUs, and its worst-margin
-    better linear bounds over the whole `region` (`linear_bounds`), with those cuts or without.
-    The root's choice is not the nodes': on the MNIST MLP's TFLite int8 copy (features r=20)
-    the cuts lowered the root bound by 1-4 logits, yet with them branch and bound certified
-    nine inputs of `R` near the 2 s budget in 3.07 s on average against 4.15 (40% fewer
-    nodes), and 19 of the first 400 images' `R` stayed unknown at 2 s against 24; on the MNIST
-    CNN's copies (features r=10) they raise every root margin by 3.5-6.6 logits. The proof
-    check takes the better of both at a box too (`verifier.run.proofcheck`)."""
+    """`spec` with the knapsack cuts of the ReLUs below the first (`SpecChain.deeper_cuts`, off on
+    an error model's spec as built) where it has such ReLUs, and its linear bounds over the
+    whole `region`: with or without the cuts, whichever is the better by worst margin (as
+    `root_bounds` takes them). On feature regions every node takes the cuts, whatever the root
+    chose: on the MNIST MLP's TFLite int8 copy (features r=20) they lowered the root bound by
+    1-4 logits, yet with them branch and bound certified nine inputs of `R` near the 2 s budget
+    in 3.07 s on average against 4.15 (40% fewer nodes; TFLite dynamic 3.97 -> 3.58 s, ORT QDQ
+    4.46 -> 3.44, ORT dynamic 4.14 -> 3.90). On lattice regions the nodes take them only where
+    the root bound did: there the cuts' linear bounds leave the sieve more points (the MNIST
+    CNN's ORT dynamic copy, lattice r=20: 5 of the first 200 images' `R` certified in 0.7-1.3 s
+    without them stayed open at 2 s with them). The proof check takes the better of both at a
+    box (`verifier.run.proofcheck`)."""
     off = linear_bounds(spec, region.lo, region.hi)
     if off.empty or not takes_deeper_cuts(spec):
         return spec, off
     cut = replace(spec, deeper_cuts=True)
     on = linear_bounds(cut, region.lo, region.hi)
-    return cut, (on if np.min(on.lower) > np.min(off.lower) else off)
+    if np.min(on.lower) > np.min(off.lower):
+        return cut, on
+    return (spec if region.family == "lattice" else cut), off
 
 
 def takes_deeper_cuts(spec: SpecChain) -> bool:
     """Whether `spec` has ReLUs below the first, whose knapsack cuts `with_deeper_cuts` adds."""
     return any(isinstance(layer, Relu) for layer in spec.layers[2:])
+
+
+def root_bounds(spec: SpecChain, lo: np.ndarray, hi: np.ndarray, *, reuse: bool = False) -> Bounds:
+    """`linear_bounds` of `spec` over a whole region or a folded sub-region [lo, hi]: where it
+    takes the deeper cuts, the better by worst margin of its bounds with and without them
+    (over so large a box the cuts can be the looser lines)."""
+    on = linear_bounds(spec, lo, hi, reuse=reuse)
+    if on.empty or not (spec.deeper_cuts and takes_deeper_cuts(spec)):
+        return on
+    off = linear_bounds(replace(spec, deeper_cuts=False), lo, hi, reuse=reuse)
+    return off if np.min(off.lower) > np.min(on.lower) else on
 
 
 def output_lattice(model) -> list | None:
@@ -237,8 +253,11 @@ def fold_parts(
             first = bare + m.rounding[0].pairs.known
         errs = ([first, *out[1:]], [residual, *inputs[1:]])
         spec = spec_chain(m.chain, region_q, label, errors=errs, lattice=output_lattice(m))
-        spec = replace(spec, deeper_cuts=takes_deeper_cuts(spec))  # as `with_deeper_cuts`
-        specs.append((part, QuantizedSpec(spec, errs, region_q, m.chain)))
+        if not specs:  # one choice for every part, as `with_deeper_cuts` makes it
+            deeper = with_deeper_cuts(spec, region_q)[0].deeper_cuts
+        specs.append(
+            (part, QuantizedSpec(replace(spec, deeper_cuts=deeper), errs, region_q, m.chain))
+        )
     return specs
 
 
