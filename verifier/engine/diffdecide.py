@@ -1,8 +1,9 @@
 """The quantized decision on a region the float model certified, starting from its proof.
 
 Order: the runtime's own bounds (its error model) over the region (computed with its spec:
-`quantized_spec`, whose deeper knapsack cuts every node takes: the root keeps the better bound
-with or without them), then with a dynamic-range
+`quantized_spec`, whose deeper knapsack cuts every node of a feature region takes, and a lattice
+region's where they raise the root's bound: the root keeps the better bound with or without
+them), then with a dynamic-range
 first layer's input quantization folded into sub-regions of fixed scale (`dynamic_input`; on
 features r=20 the whole region's bound sat about 4 logits below the largest sub-region's);
 the differential bound (`diffbounds`) on the

@@ -110,14 +110,13 @@ def with_deeper_cuts(spec: SpecChain, region: Region) -> tuple[SpecChain, Bounds
     CNN's ORT dynamic copy, lattice r=20: 5 of the first 200 images' `R` certified in 0.7-1.3 s
     without them stayed open at 2 s with them). The proof check takes the better of both at a
     box (`verifier.run.proofcheck`)."""
-    off = linear_bounds(spec, region.lo, region.hi)
-    if off.empty or not takes_deeper_cuts(spec):
-        return spec, off
+    if not takes_deeper_cuts(spec):
+        return spec, linear_bounds(spec, region.lo, region.hi)
     cut = replace(spec, deeper_cuts=True)
-    on = linear_bounds(cut, region.lo, region.hi)
-    if np.min(on.lower) > np.min(off.lower):
-        return cut, on
-    return (spec if region.family == "lattice" else cut), off
+    root, with_cuts = _better_root(cut, region.lo, region.hi)
+    if root.empty or (region.family == "lattice" and not with_cuts):
+        return spec, root
+    return cut, root
 
 
 def takes_deeper_cuts(spec: SpecChain) -> bool:
@@ -129,11 +128,19 @@ def root_bounds(spec: SpecChain, lo: np.ndarray, hi: np.ndarray, *, reuse: bool 
     """`linear_bounds` of `spec` over a whole region or a folded sub-region [lo, hi]: where it
     takes the deeper cuts, the better by worst margin of its bounds with and without them
     (over so large a box the cuts can be the looser lines)."""
-    on = linear_bounds(spec, lo, hi, reuse=reuse)
-    if on.empty or not (spec.deeper_cuts and takes_deeper_cuts(spec)):
-        return on
-    off = linear_bounds(replace(spec, deeper_cuts=False), lo, hi, reuse=reuse)
-    return off if np.min(off.lower) > np.min(on.lower) else on
+    if not (spec.deeper_cuts and takes_deeper_cuts(spec)):
+        return linear_bounds(spec, lo, hi, reuse=reuse)
+    return _better_root(spec, lo, hi, reuse)[0]
+
+
+def _better_root(cut: SpecChain, lo, hi, reuse: bool = False) -> tuple[Bounds, bool]:
+    """The better by worst margin of `cut`'s bounds over [lo, hi] with its deeper cuts and
+    without them (without on a tie, or when the box holds no point), and whether with."""
+    off = linear_bounds(replace(cut, deeper_cuts=False), lo, hi, reuse=reuse)
+    if off.empty:
+        return off, False
+    on = linear_bounds(cut, lo, hi, reuse=reuse)
+    return (on, True) if np.min(on.lower) > np.min(off.lower) else (off, False)
 
 
 def output_lattice(model) -> list | None:
