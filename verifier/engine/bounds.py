@@ -519,7 +519,21 @@ def _symbolic_relu(sym, lo: np.ndarray, hi: np.ndarray):
 
 
 def _on_coefficients(layer: Affine, region: Region) -> Affine:
-    """`layer` composed with x' = x + s @ D: an affine map of the coefficients s."""
+    """`layer` composed with x' = x + s @ D: an affine map of the coefficients s. The last
+    one is kept: a quantized spec composes the same layer on the same region twice
+    (`rounding_errors`, `spec_chain`: 1.8 ms an MNIST MLP region each)."""
+    last = _LAST_ON[0]
+    if last is not None and last[0] is layer and last[1] is region:
+        return last[2]
+    out = _compose_on_coefficients(layer, region)
+    _LAST_ON[0] = (layer, region, out)
+    return out
+
+
+_LAST_ON: list = [None]  # (layer, region, `_on_coefficients(layer, region)`), by identity
+
+
+def _compose_on_coefficients(layer: Affine, region: Region) -> Affine:
     d = region.directions
     cols = np.flatnonzero(np.any(d != 0, axis=0))  # D is sparse: only moved values matter
     w = weights(layer.weight)  # a first convolution: its CSR form
@@ -1389,13 +1403,12 @@ def first_exact_margins(
     weight, bias, widen = first.weight[live], first.bias[live], widen[live]
     var = varying_columns(s)
     z = _products(s, weight, bias, var)
-    np.maximum(z, 0.0, out=z)
     charge = np.abs(lam) @ widen
     rest = _products(s, lin, c, var)  # the active neurons, the cut lines and the layers above
-    out = z @ lam.T - charge + rest  # relu is 1-Lipschitz: relu(z) less the charge
+    out = np.maximum(z, 0.0) @ lam.T - charge + rest  # relu is 1-Lipschitz: less the charge
     if np.any(charge > LIPSCHITZ_CHARGE):  # two ReLUs, at z - widen and z + widen by the sign
         redo = np.flatnonzero(np.any(out <= target, axis=1))  # of lam: at most charge more
-        z = _products(s[redo], weight, bias)
+        z = z[redo]
         low, high = np.maximum(z - widen, 0.0), np.maximum(z + widen, 0.0)
         pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
         out[redo] = low @ pos.T + high @ neg.T + rest[redo]
