@@ -1288,12 +1288,13 @@ def first_input_charge(spec: SpecChain, lam: np.ndarray) -> np.ndarray:
     """What the first layer's input rounding costs rows `lam` (on that layer's output), per
     row: |lam| . (|W| . step), per neuron, where that is at most CHEAP_CHARGE (a folded input
     grid leaves 1e-6 a value: the exact charge's product with the first layer's weights was
-    half a quantized margin bound's time), else exactly |lam W| . step."""
+    half a quantized margin bound's time), else exactly |lam W| . step (through W's sparse
+    form where it has one: a first convolution's)."""
     w0, step, per_neuron = spec.first_input
     charge = np.abs(lam) @ per_neuron
     exact = _exact_first_input(charge)
     if exact.any():
-        charge[exact] = np.abs(lam[exact] @ w0) @ step
+        charge[exact] = np.abs(left_times(lam[exact], w0)) @ step
     return charge
 
 
