@@ -32,7 +32,7 @@ def conv(tmp_path_factory):
     model = load_model(cnn_hidden_hybrid_nhwc(d / "cnn.onnx", seed=2))
     rng = np.random.default_rng(0)
     calib = rng.random((64, 8, 8, 1), dtype=np.float32)
-    runners = {m: quantize_model(model, m, d, calib) for m in MODES}
+    runners = {m: quantize_model(model, m, d, calib) for m in [*MODES, "ort-dynamic"]}
     return model, runners, rng.random((4, 64), dtype=np.float32)
 
 
@@ -123,6 +123,30 @@ def test_quantized_bounds_equal_dense(conv, monkeypatch, mode):
             assert np.allclose(a, b, rtol=0, atol=1e-10)
         compared += 1
     assert compared >= 2
+
+
+def test_exact_first_input_charges_equal_dense(conv, monkeypatch):
+    """ORT dynamic quantizes the first convolution's input at run time; that rounding charged
+    exactly per row (`_first_input_rows`' |lam W| . step through the first layer's columns,
+    here for every row) gives the dense bounds through the CSR forms, the columns' forms
+    sliced from the layer's own (`_rounded_columns`)."""
+    model, runners, xs = conv
+    em = error_model(runners["ort-dynamic"], prepare_chain(model.network.lower()))
+    monkeypatch.setattr(bounds, "CHEAP_CHARGE", -1.0)  # every row charged exactly
+    monkeypatch.setattr(bounds, "SPREAD", -1.0)  # ... and through the rows, not per neuron
+    calls = []
+    exact_rows = bounds._first_input_rows
+    monkeypatch.setattr(bounds, "_first_input_rows", lambda *a: calls.append(1) or exact_rows(*a))
+    compared = 0
+    for i, x in enumerate(xs):
+        region = _region(x, i, 1.0)
+        label = int(runners["ort-dynamic"].predict(x[None].reshape(1, 8, 8, 1)).argmax())
+        make = lambda region=region, label=label: quantized_spec(em, region, label).spec  # noqa: E731
+        dense, sparse = _dense_and_sparse(make, monkeypatch)
+        for a, b in zip(dense, sparse, strict=True):
+            assert np.allclose(a, b, rtol=0, atol=1e-10)
+        compared += 1
+    assert compared == len(xs) and calls
 
 
 def test_float_decisions_agree_with_enumeration(conv, sparse_convs):

@@ -26,7 +26,7 @@ import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.sparse import csr_array
+from scipy.sparse import csr_array, issparse
 
 from verifier.engine.knapsack_cut import KnapsackCut, knapsack_cut
 from verifier.engine.network import Affine, LoweredLayer, Relu, forward_lowered
@@ -193,7 +193,8 @@ def sparse_weight(w: np.ndarray) -> SparseWeight | None:
 def _sparse_forms(w: np.ndarray) -> SparseWeight | None:
     if np.count_nonzero(w) > SPARSE_DENSITY * w.size:
         return None
-    return SparseWeight(csr_array(w), csr_array(w.T))
+    csr = csr_array(w)  # the transpose's from it: a second scan of the dense array cost more
+    return SparseWeight(csr, csr.T.tocsr())
 
 
 def weights(w: np.ndarray, rows: np.ndarray | None = None):
@@ -333,7 +334,14 @@ def _rounded_columns(w: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.nd
     cols = np.flatnonzero(step)
     if len(cols) == len(step):
         return w, step
-    return np.ascontiguousarray(w[:, cols]), np.ascontiguousarray(step[cols])
+    w_x = np.ascontiguousarray(w[:, cols])
+    sw = sparse_weight(w)
+    if sw is not None:  # its sparse forms sliced from w's (kept), not found anew in the copy
+        sub = sw.csr[:, cols]
+        dense = sub.nnz > SPARSE_DENSITY * w_x.size  # as `_sparse_forms` judges it
+        forms = None if dense else SparseWeight(sub, sub.T.tocsr())
+        per_weight(w_x, ("sparse", SPARSE_DENSITY), lambda: forms)
+    return w_x, np.ascontiguousarray(step[cols])
 
 
 def _output_size(chain: list[LoweredLayer], n: int) -> int:
@@ -1276,12 +1284,23 @@ def _first_input_rows(spec: SpecChain, rows, w2, aw2, h1, h2, unstable) -> np.nd
         base = dear % len(rows)
         r = np.unique(base)
         live = np.flatnonzero(h1)  # h1 is 0 on the neurons off over the box
-        a = w2[np.ix_(r, live)] @ (h1[live, None] * w_x[live])
-        b = aw2[np.ix_(r, cols)] @ (h2[cols, None] * w_x[cols])
+        a = _dense(_scaled_columns(w2[np.ix_(r, live)], h1[live]) @ weights(w_x, live))
+        b = _dense(_scaled_columns(aw2[np.ix_(r, cols)], h2[cols]) @ weights(w_x, cols))
         at = np.searchsorted(r, base)
-        lam_x = np.where((dear < len(rows))[:, None], (a + b)[at], (b - a)[at])
-        charge[dear] = np.abs(lam_x) @ step
+        up = dear < len(rows)  # a bound's row (W2 ... + |W2| ...), else its negation's
+        charge[dear[up]] = np.abs(a[at[up]] + b[at[up]]) @ step
+        charge[dear[~up]] = np.abs(b[at[~up]] - a[at[~up]]) @ step
     return charge
+
+
+def _scaled_columns(m, v: np.ndarray):
+    """`m * v` (v scaling its columns) for a dense or a sparse `m` (kept sparse)."""
+    return m.multiply(v[None, :]).tocsr() if issparse(m) else m * v
+
+
+def _dense(m) -> np.ndarray:
+    """`m` as a dense array (a sparse product's rows: a first convolution's are near full)."""
+    return m.toarray() if issparse(m) else m
 
 
 def first_input_charge(spec: SpecChain, lam: np.ndarray) -> np.ndarray:

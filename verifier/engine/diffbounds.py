@@ -28,6 +28,7 @@ from verifier.engine.bounds import (
     _affine_interval,
     _first_err,
     _spec_interval,
+    left_times,
 )
 from verifier.engine.network import Affine, MaxPool, Relu
 
@@ -308,7 +309,7 @@ def _joint_backsub(ds: DiffSpec, relax: dict, upto: int, lam_f, lam_d, c):
             if qs.err[k] is not None:
                 c = c - np.abs(lam_d) @ qs.err[k]
             if k == 0 and qs.first_input is not None:
-                c = c - np.abs(lam_d @ qs.first_input[0]) @ qs.first_input[1]
+                c = c - np.abs(left_times(lam_d, qs.first_input[0])) @ qs.first_input[1]
             lam_f = lam_f @ layer.weight + lam_d @ ds.dw[k]
             if k == 0:
                 return lam_f, c  # both chains read the same s: no difference below
