@@ -191,9 +191,18 @@ def sparse_weight(w: np.ndarray) -> SparseWeight | None:
 
 
 def _sparse_forms(w: np.ndarray) -> SparseWeight | None:
-    if np.count_nonzero(w) > SPARSE_DENSITY * w.size:
+    if not _sparse_enough(np.count_nonzero(w), w.size):
         return None
-    csr = csr_array(w)  # the transpose's from it: a second scan of the dense array cost more
+    return _forms(csr_array(w))
+
+
+def _sparse_enough(nnz: int, size: int) -> bool:
+    """Whether an array of `size` values, `nnz` of them non-zero, is worth its CSR forms."""
+    return nnz <= SPARSE_DENSITY * size
+
+
+def _forms(csr: csr_array) -> SparseWeight:
+    """`csr` and its transpose's CSR, made from it (a second scan of a dense copy cost more)."""
     return SparseWeight(csr, csr.T.tocsr())
 
 
@@ -338,8 +347,7 @@ def _rounded_columns(w: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.nd
     sw = sparse_weight(w)
     if sw is not None:  # its sparse forms sliced from w's (kept), not found anew in the copy
         sub = sw.csr[:, cols]
-        dense = sub.nnz > SPARSE_DENSITY * w_x.size  # as `_sparse_forms` judges it
-        forms = None if dense else SparseWeight(sub, sub.T.tocsr())
+        forms = _forms(sub) if _sparse_enough(sub.nnz, w_x.size) else None
         per_weight(w_x, ("sparse", SPARSE_DENSITY), lambda: forms)
     return w_x, np.ascontiguousarray(step[cols])
 
