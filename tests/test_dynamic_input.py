@@ -597,3 +597,153 @@ def test_fold_residual_is_the_largest_rounding_per_value():
             e, fine = _rounding(x[i] + c * region.directions[g, i], scale)
             want = np.abs(e).max() + SLACK * scale if fine.all() else half
             assert residual[i] == want
+
+
+def _pinned_checks(
+    em, runner, region, label: int, level_of=None, per_point=True
+) -> tuple[int, int, int]:
+    """On each folded sub-region (or the region), the sieve's pointwise bounds at every point
+    with the second layer's run-time input rounding taken at the point (`levels`, `per_point`
+    as for a runtime that runs one point per call) and without: (points where the pinned bound
+    exceeds the runtime's margin, points where it is tighter than without, points).
+    `level_of`: a wrong level in place of the model's (the check must catch it)."""
+    from verifier.engine import pointwise
+    from verifier.engine.pointwise import first_exact_margins
+    from verifier.engine.quantized_spec import fold_parts, input_levels, quantized_spec
+
+    levels = input_levels(em)
+    parts = fold_parts(em, region, label) or [(region, quantized_spec(em, region, label))]
+    over = tighter = total = 0
+    with pytest.MonkeyPatch.context() as m:
+        if level_of is not None:
+            m.setattr(pointwise, "_pinned_level", lambda spec, levels: level_of)
+        for part, qs in parts:
+            spec = qs.spec
+            pts = all_points(part)
+            got = np.asarray(runner.predict(runtime_inputs(runner, part, pts)), np.float64)
+            margins = got[:, [label]] - got[:, spec.others]
+            b = linear_bounds(spec, part.lo, part.hi)
+            rows = np.arange(len(spec.others))
+            plain = first_exact_margins(spec, b, rows, pts, np.inf)
+            pinned = first_exact_margins(spec, b, rows, pts, np.inf, levels, per_point)
+            over += int(np.sum(np.any(pinned > margins, axis=1)))
+            tighter += int(np.sum(np.any(pinned > plain + 1e-9, axis=1)))
+            total += len(pts)
+    return over, tighter, total
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_second_input_rounding_taken_at_each_point(tiny, tmp_path, mode):
+    """Where the second layer's input is quantized at run time on a scale the file fixes as
+    asymmetric (ONNX Runtime's dynamic uint8 always), the sieve's pointwise bounds take that
+    rounding at each point: below the runtime's margins at every point of every region, and
+    tighter than the per-value charge at most; on a runtime that runs points in batches, not
+    where every value moves among the points (feature regions). With one hidden layer (that
+    rounding nearly all the bound leaves out) a grid four times too fine is caught."""
+    from verifier.engine.quantized_spec import input_levels
+
+    model, runners, xs = tiny
+    one = load_model(mlp(tmp_path / "one.onnx", sizes=(16, 80, 4), seed=7))
+    for net, runner in ((model, runners[mode]), (one, quantize_model(one, mode, tmp_path, None))):
+        em = error_model(runner, prepare_chain(net.network.lower()))
+        levels = input_levels(em)
+        pinned = levels is not None and levels[2] == 255.0
+        assert pinned or mode != "ort-dynamic"
+        over = tighter = total = wrong = 0
+        for i, x in enumerate(xs):
+            for region in _regions(x, i):
+                label = int(runner.predict(x[None].astype(np.float32)).argmax())
+                o, t, n = _pinned_checks(em, runner, region, label)
+                over, tighter, total = over + o, tighter + t, total + n
+                if pinned and net is one:
+                    wrong += _pinned_checks(em, runner, region, label, 4 * 255.0)[0]
+                if region.family == "features" and pinned:  # all move but in 1-point parts
+                    few = _pinned_checks(em, runner, region, label, per_point=False)[1]
+                    assert few <= t // 4
+        assert over == 0 and total > 1000
+        assert tighter > total // 2 if pinned else tighter == 0
+        assert wrong > 0 or not (pinned and net is one)
+
+
+def test_second_input_rounding_at_each_point_on_a_cnn(tmp_path, monkeypatch):
+    """The CNN's second convolution (ONNX Runtime dynamic): lattice regions move a few pixels,
+    so most first-convolution outputs are the same at every point and are taken once per
+    distinct scale (one scale for all points, or several when a moving value may hold the
+    largest); the bounds stay below the runtime's margins at every point."""
+    from onnx_builders import cnn_hidden_hybrid_nhwc
+
+    from verifier.engine import pointwise
+
+    model = load_model(cnn_hidden_hybrid_nhwc(tmp_path / "cnn.onnx", seed=2))
+    runner = quantize_model(model, "ort-dynamic", tmp_path, None)
+    em = error_model(runner, prepare_chain(model.network.lower()))
+    scales = []  # rows of scales the values no moving generator moves were taken with
+    on_grid = pointwise._on_grid
+
+    def seen(lo, hi, s, m, level):
+        if len(lo) == 1:
+            scales.append(len(s))
+        return on_grid(lo, hi, s, m, level)
+
+    monkeypatch.setattr(pointwise, "_on_grid", seen)
+    rng = np.random.default_rng(4)
+    over = tighter = total = 0
+    for x in rng.integers(0, 128, (4, 64)) / 255.0:
+        x[36:40] = x[44:48] = 1.0  # a bright patch: its outputs hold the largest value
+        label = int(runner.predict(x.reshape(1, 8, 8, 1).astype(np.float32)).argmax())
+        for pos in ([0, 1, 8], [36, 45, 46]):  # the second moves the patch
+            region = lattice_region(x, np.array(pos), 0.125, 0.75)
+            o, t, n = _pinned_checks(em, runner, region, label)
+            over, tighter, total = over + o, tighter + t, total + n
+    assert over == 0 and total > 1000 and tighter > total // 2
+    assert min(scales) == 1 and max(scales) > 1
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_forward_margins_hold_at_every_point(tiny, tmp_path, monkeypatch, net):
+    """Intervals carried forward through the whole spec at each point, every run-time quantized
+    input on its grid at the point (ONNX Runtime dynamic: the second and third layers' inputs):
+    below the runtime's margins at every point, at least the sieve's first-layer bounds at most
+    points (no relaxation left), and a grid eight times too coarse is caught."""
+    from onnx_builders import cnn_hidden_hybrid_nhwc
+
+    from verifier.engine import pointwise
+    from verifier.engine.pointwise import first_exact_margins, forward_margins
+    from verifier.engine.quantized_spec import fold_parts, input_levels, quantized_spec
+
+    if net == "mlp":
+        model, xs = tiny[0], tiny[2]
+    else:
+        model = load_model(cnn_hidden_hybrid_nhwc(tmp_path / "cnn.onnx", seed=2))
+        xs = np.random.default_rng(4).integers(0, 256, (4, 64)) / 255.0
+    runner = quantize_model(model, "ort-dynamic", tmp_path, None)
+    em = error_model(runner, prepare_chain(model.network.lower()))
+    levels = input_levels(em)
+    assert sum(v == 255.0 for v in levels) == 2
+    on_grid = pointwise._Values.on_grid
+
+    def too_coarse(values, level):
+        return on_grid(values, level / 8)
+
+    over = tighter = total = wrong = 0
+    for i, x in enumerate(xs):
+        label = int(runner.predict(x.reshape(1, *runner.input_shape).astype(np.float32)).argmax())
+        regions = _regions(x, i) if net == "mlp" else [lattice_region(x, [5, 20, 42], 0.125, 0.75)]
+        for region in regions:
+            parts = fold_parts(em, region, label) or [(region, quantized_spec(em, region, label))]
+            for part, qs in parts:
+                spec, rows = qs.spec, np.arange(len(qs.spec.others))
+                pts = all_points(part)
+                got = np.asarray(runner.predict(runtime_inputs(runner, part, pts)), np.float64)
+                margins = got[:, [label]] - got[:, spec.others]
+                ahead = forward_margins(spec, rows, pts, levels)
+                plain = first_exact_margins(spec, linear_bounds(spec, part.lo, part.hi), rows, pts)
+                over += int(np.sum(np.any(ahead > margins, axis=1)))
+                tighter += int(np.sum(np.all(ahead >= plain, axis=1)))
+                total += len(pts)
+                with monkeypatch.context() as m:
+                    m.setattr(pointwise._Values, "on_grid", too_coarse)
+                    bad = forward_margins(spec, rows, pts, levels)
+                wrong += int(np.sum(np.any(bad > margins, axis=1)))
+    assert over == 0 and total > 300
+    assert tighter > total // 2 and wrong > 0

@@ -22,7 +22,6 @@ from test_engine import check_decision, truth
 from quantize.error_model import ErrorModel, Grid, Rounding, error_model, error_models
 from quantize.modes import float_runner, quantize_model
 from verifier.engine.bounds import (
-    first_exact_margins,
     linear_bounds,
     point_interval,
     prepare_chain,
@@ -33,6 +32,7 @@ from verifier.engine.decide import decide
 from verifier.engine.diffdecide import decide_from_float
 from verifier.engine.model import load_model
 from verifier.engine.network import Affine, Relu
+from verifier.engine.pointwise import first_exact_margins
 from verifier.engine.regions import lattice_region
 from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN
 from verifier.errors import UnsupportedModelError
@@ -125,7 +125,7 @@ def test_first_exact_margins_charge_the_first_layers_rounding(tmp_path, mode):
     layer's rounding stands between them and the runtime's margins) stay below its margins at
     every point; with that rounding bound left out some would not (the charge is needed:
     full-integer modes, whose first layer rounds its outputs to the int8 / int16 grid)."""
-    import verifier.engine.bounds as bounds
+    import verifier.engine.pointwise as pointwise
 
     model = load_model(mlp(tmp_path / "one.onnx", sizes=(16, 40, 4), seed=5))
     rng = np.random.default_rng(1)
@@ -140,7 +140,7 @@ def test_first_exact_margins_charge_the_first_layers_rounding(tmp_path, mode):
         assert np.all(first_exact_margins(spec, b, rows, pts) <= margins)
         bare = replace(spec, err=[None, *spec.err[1:]], first_input=None, in_err=None)
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(bounds, "_first_err", lambda spec: None)
+            m.setattr(pointwise, "_first_err", lambda spec: None)
             over += int(np.sum(first_exact_margins(bare, b, rows, pts) > margins + 1e-6))
     assert over > 0
 

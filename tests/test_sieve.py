@@ -169,8 +169,9 @@ def test_first_exact_margins_hold_at_every_point_and_beat_the_linear_bounds(monk
     provisional ones (`restricted`). Some cases' linear bounds leave points it proves. In both
     of its forms: `LIPSCHITZ_CHARGE` inf keeps the one-pass form (one ReLU less the rounding
     charge), 0 takes two ReLUs where that leaves a point at or below 0, and is no lower."""
-    from verifier.engine import bounds
-    from verifier.engine.bounds import first_exact_margins, restricted
+    from verifier.engine import pointwise
+    from verifier.engine.bounds import restricted
+    from verifier.engine.pointwise import first_exact_margins
 
     checked = proved = tighter = 0
     for spec, root, lo, hi, pts, margins in _boxes_with_margins():
@@ -182,7 +183,7 @@ def test_first_exact_margins_hold_at_every_point_and_beat_the_linear_bounds(monk
         ):
             forms = []
             for charge in (np.inf, 0.0):
-                monkeypatch.setattr(bounds, "LIPSCHITZ_CHARGE", charge)
+                monkeypatch.setattr(pointwise, "LIPSCHITZ_CHARGE", charge)
                 forms.append(first_exact_margins(spec, b, rows, pts))
             one, two = forms
             if one is None:  # a single affine layer: nothing to evaluate exactly

@@ -42,7 +42,7 @@ ROWS_BUDGET = 256 << 20
 # runtime that runs one point per call (`per_sample`: onnxruntime's dynamic quantization, whose
 # scale couples a batch; about 80 us a point on the MNIST MLP against 20-30 batched) unless
 # the points are bounded first (`settle_node`'s `pointwise`). Since they are (the first layer
-# exact at each point, `bounds.first_exact_margins`: 0.5% of them are left to run on the float
+# exact at each point, `pointwise.first_exact_margins`: 0.5% of them are left to run on the float
 # model), 4,096 beats 1,024 (measured in one process, alternating, min of two runs, features
 # r=20): MNIST MLP float inputs 47 / 53 / 54 / 75 / 123 / 323 / 399 / 453 / 527, 25.3 -> 23.3 s
 # (2,616 -> 2,227 nodes; 8,192: 2,001 nodes, 7% slower than 4,096); TFLite int8 inputs 36 /
@@ -248,7 +248,7 @@ def settle_node(
     REFUTED); returns the run's result (`route` "sieve" or "enumeration"), or None when no
     point was run. `sieve=False` where the bounds do not hold at every point of the box (ReLU
     phase splits). `pointwise(leaf, rows, points, target)`: tighter lower bounds of margins
-    `rows` at points of the leaf's box ((N, len(rows)), or None; `bounds.first_exact_margins`,
+    `rows` at points of the leaf's box ((N, len(rows)), or None; `pointwise.first_exact_margins`,
     tightest where at or below `target`, the rows' thresholds), that spare the runtime the
     points they prove: the sieve runs only the others (on a runtime that runs one point per
     call, as many as on any other)."""

@@ -44,13 +44,6 @@ SPREAD = 0.01
 # margin rows charge the first layer's input rounding per neuron where that costs at most this
 # (logits), exactly through its weights elsewhere (`first_input_charge`)
 CHEAP_CHARGE = 0.01
-# `first_exact_margins` takes the first ReLU at a point as relu(z) less |lam| . widen (ReLU is
-# 1-Lipschitz: one pass over the points), and where that charge is more than this (logits) in
-# some row, again as max(z - widen, 0) or max(z + widen, 0) by the sign of lam at the points
-# left open: float32's charge is 0.04-0.06 on the MNIST MLP's feature regions (one pass: 2.4 us
-# a point, against 5.9 for two); TFLite int8's is larger (the two-ReLU form proves 68-83% of
-# the points the one-pass form leaves open; running it on those only: 16% less time a decision)
-LIPSCHITZ_CHARGE = 0.1
 
 
 @dataclass(frozen=True)
@@ -1395,52 +1388,6 @@ def _backsub_to(
             if betas is not None and k in betas:
                 lam = lam + betas[k]
     return lam, c, on_s
-
-
-def first_exact_margins(
-    spec: SpecChain, b: Bounds, rows: np.ndarray, s: np.ndarray, target: np.ndarray | float = 0.0
-):
-    """(N, len(rows)) lower bounds of the margins `rows` at the points `s` (N, G) of `b`'s box
-    within budget, tighter than `b`'s linear bounds there: those bounds' rows back-substituted
-    down to the first ReLU's output only, that ReLU taken at the first layer's exact output
-    (widened by its rounding bound: as one ReLU less |lam| . widen, then, where that costs more
-    than LIPSCHITZ_CHARGE, as two at the points it leaves at or below `target`), never below
-    `b`'s own bounds at the point. None where the chain does not start with an affine layer
-    and a ReLU, or `b` keeps no intermediate bounds."""
-    layers = spec.layers
-    if len(layers) < 3 or not isinstance(layers[1], Relu) or b.empty or b.pre[1] is None:
-        return None
-    m = layers[-1].weight.shape[0]
-    eye = np.eye(m)[rows]
-    lam, c, on_s = _backsub_to(spec, b.pre, len(layers), 2, eye, np.zeros(len(rows)), cut=b.cut)
-    first = layers[0]
-    widen = _first_err(spec)
-    if spec.input_error(0) is not None:
-        widen = (0.0 if widen is None else widen) + np.abs(first.weight) @ spec.input_error(0)
-    widen = np.zeros(len(first.bias)) if widen is None else np.broadcast_to(widen, first.bias.shape)
-    # over the box the first ReLU's active neurons are linear in s (their outputs within z -+
-    # widen) and its inactive ones 0: only the unstable ones are taken at each point
-    lower, upper = b.pre[1]
-    on = lower >= 0.0
-    live = np.flatnonzero((lower < 0.0) & (upper > 0.0))
-    lam_on, lam = lam[:, on], lam[:, live]
-    c = c + lam_on @ first.bias[on] - np.abs(lam_on) @ widen[on]
-    lin = lam_on @ first.weight[on]
-    if on_s is not None:
-        lin = lin + on_s
-    weight, bias, widen = first.weight[live], first.bias[live], widen[live]
-    var = varying_columns(s)
-    z = _products(s, weight, bias, var)
-    charge = np.abs(lam) @ widen
-    rest = _products(s, lin, c, var)  # the active neurons, the cut lines and the layers above
-    out = np.maximum(z, 0.0) @ lam.T - charge + rest  # relu is 1-Lipschitz: less the charge
-    if np.any(charge > LIPSCHITZ_CHARGE):  # two ReLUs, at z - widen and z + widen by the sign
-        redo = np.flatnonzero(np.any(out <= target, axis=1))  # of lam: at most charge more
-        z = z[redo]
-        low, high = np.maximum(z - widen, 0.0), np.maximum(z + widen, 0.0)
-        pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
-        out[redo] = low @ pos.T + high @ neg.T + rest[redo]
-    return np.maximum(out, pointwise_lower(b, s, rows))  # both hold: never below b's own
 
 
 # --- optimised lower slopes (alpha-CROWN for the margins) --------------------------------------

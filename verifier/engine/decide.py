@@ -34,7 +34,6 @@ from verifier.engine.bab import ClosedLeaves, Leaf, branch_and_bound, close_by_b
 from verifier.engine.bounds import (
     PreparedChain,
     SpecChain,
-    first_exact_margins,
     interval_bounds,
     linear_bounds,
     prepare_chain,
@@ -45,6 +44,7 @@ from verifier.engine.bounds import (
 from verifier.engine.enumeration import confirm, enumerate_box
 from verifier.engine.network import LoweredLayer, forward_lowered
 from verifier.engine.points import runtime_inputs
+from verifier.engine.pointwise import first_exact_margins
 from verifier.engine.proof import Cover, to_text
 from verifier.engine.quantized_spec import quantized_spec
 from verifier.engine.regions import Region

@@ -40,7 +40,6 @@ from verifier.engine.bab import ClosedLeaves, Leaf, branch_and_bound, close_by_b
 from verifier.engine.bounds import (
     PreparedChain,
     SpecChain,
-    first_exact_margins,
     linear_bounds,
     prepare_chain,
 )
@@ -54,6 +53,7 @@ from verifier.engine.decide import (
 from verifier.engine.diffbounds import diff_spec, quantized_bounds, reused_parent, wrap_direct
 from verifier.engine.network import LoweredLayer
 from verifier.engine.points import runtime_inputs
+from verifier.engine.pointwise import first_exact_margins
 from verifier.engine.proof import Cover
 from verifier.engine.quantized_spec import (
     QuantizedSpec,
@@ -204,9 +204,11 @@ def decide_from_float(
         )
         return wrap_direct(None, b)
 
+    per_point = getattr(runtime, "per_sample", False)  # one point a call: worth bounding each
+
     def pointwise(leaf, rows, s, target):  # on the spec of the sub-region holding the leaf
         spec = qspec if parts is None else fold_part_of(parts, leaf.lo, leaf.hi).spec
-        return first_exact_margins(spec, leaf.bounds, rows, s, target)
+        return first_exact_margins(spec, leaf.bounds, rows, s, target, levels, per_point)
 
     out = branch_and_bound(
         runtime,

@@ -1,0 +1,349 @@
+"""Lower bounds of the margins at single points of a branch-and-bound leaf, tighter than the
+leaf's linear bounds there: what the sieve (`bab.settle_node`'s `pointwise`) proves without
+running the points on the runtime. The first layer is taken exact at each point; on a quantized
+runtime that quantizes a ReLU's output at run time, that rounding is taken at each point too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from verifier.engine.bounds import (
+    HALF_STEP,
+    Bounds,
+    SpecChain,
+    _backsub_to,
+    _first_err,
+    _products,
+    pointwise_lower,
+    snap,
+    varying_columns,
+)
+from verifier.engine.network import Affine, Relu
+
+# `first_exact_margins` takes the first ReLU at a point as relu(z) less |lam| . widen (ReLU is
+# 1-Lipschitz: one pass over the points), and where that charge is more than this (logits) in
+# some row, again as max(z - widen, 0) or max(z + widen, 0) by the sign of lam at the points
+# left open: float32's charge is 0.04-0.06 on the MNIST MLP's feature regions (one pass: 2.4 us
+# a point, against 5.9 for two); TFLite int8's is larger (the two-ReLU form proves 68-83% of
+# the points the one-pass form leaves open; running it on those only: 16% less time a decision)
+LIPSCHITZ_CHARGE = 0.1
+# `first_exact_margins` takes the second layer's run-time input rounding at each point (about 13
+# ns a moving value a point) where at most this share of the values move among the points, or
+# on a runtime that runs one point per call (ONNX Runtime's dynamic copies: 23-31 us a point on
+# the MNIST MLP and CNN): the MNIST CNN's lattice regions move 76 of some 1,000 (about 1 us a
+# point, against TFLite dynamic's 4.5), its feature regions most (20 us, against 5)
+PIN_SHARE = 0.25
+
+
+def first_exact_margins(
+    spec: SpecChain,
+    b: Bounds,
+    rows: np.ndarray,
+    s: np.ndarray,
+    target: np.ndarray | float = 0.0,
+    levels: tuple | None = None,
+    per_point: bool = False,
+):
+    """(N, len(rows)) lower bounds of the margins `rows` at the points `s` (N, G) of `b`'s box
+    within budget, tighter than `b`'s linear bounds there: those bounds' rows back-substituted
+    down to the first ReLU's output only, that ReLU taken at the first layer's exact output
+    (`_first_relu_at_points`), never below `b`'s own bounds at the point. `levels`
+    (`quantized_spec.input_levels`): where the second Affine layer's input is quantized at run
+    time, that rounding is taken at each point too (`_pinned_second_input`) where that costs
+    less than running the point: at every point when at most PIN_SHARE of the layer's inputs
+    move among them (then before the first ReLU's passes, which it makes redundant), on a
+    runtime that runs one point per call (`per_point`) at the points those passes leave at or
+    below `target`; the points still left there by intervals forward through the whole spec
+    (`forward_margins`, where few values move). None where the chain does not start with an
+    affine layer and a ReLU, or `b` keeps no intermediate bounds."""
+    layers = spec.layers
+    if len(layers) < 3 or not isinstance(layers[1], Relu) or b.empty or b.pre[1] is None:
+        return None
+    m = layers[-1].weight.shape[0]
+    eye = np.eye(m)[rows]
+    whole = _backsub_to(spec, b.pre, len(layers), 2, eye, np.zeros(len(rows)), cut=b.cut)
+    widen = first_widen(spec)
+    level = _pinned_level(spec, levels)
+    out = None
+    if level is not None:
+        out = _pinned_second_input(spec, b, whole, s, widen, level, PIN_SHARE)
+    if out is None:
+        out = _first_relu_at_points(spec, b, whole, s, widen, target)
+        redo = np.flatnonzero(np.any(out <= target, axis=1))
+        if level is not None and per_point and len(redo):
+            pinned = _pinned_second_input(spec, b, whole, s[redo], widen, level)
+            out[redo] = np.maximum(out[redo], pinned)
+    if levels is not None:
+        redo = np.flatnonzero(np.any(out <= target, axis=1))
+        if len(redo):
+            ahead = forward_margins(spec, rows, s[redo], levels, PIN_SHARE)
+            if ahead is not None:
+                out[redo] = np.maximum(out[redo], ahead)
+    return np.maximum(out, pointwise_lower(b, s, rows))  # both hold: never below b's own
+
+
+def first_widen(spec: SpecChain) -> np.ndarray:
+    """Per output of the spec's first layer, how far the runtime's value may be from the exact
+    one: its own rounding bound plus its input rounding's."""
+    first = spec.layers[0]
+    widen = _first_err(spec)
+    if spec.input_error(0) is not None:
+        widen = (0.0 if widen is None else widen) + np.abs(first.weight) @ spec.input_error(0)
+    return np.zeros(len(first.bias)) if widen is None else np.broadcast_to(widen, first.bias.shape)
+
+
+def _first_relu_at_points(
+    spec: SpecChain, b: Bounds, whole: tuple, s: np.ndarray, widen: np.ndarray, target
+) -> np.ndarray:
+    """`first_exact_margins`' bounds with the first ReLU taken at the first layer's exact output
+    widened by its rounding bound: as one ReLU less |lam| . widen, then, where that costs more
+    than LIPSCHITZ_CHARGE, as two at the points it leaves at or below `target` (`whole`: the
+    rows back-substituted to that ReLU's output, and the cut lines on s)."""
+    lam, c, on_s = whole
+    first = spec.layers[0]
+    # over the box the first ReLU's active neurons are linear in s (their outputs within z -+
+    # widen) and its inactive ones 0: only the unstable ones are taken at each point
+    lower, upper = b.pre[1]
+    on = lower >= 0.0
+    live = np.flatnonzero((lower < 0.0) & (upper > 0.0))
+    lam_on, lam = lam[:, on], lam[:, live]
+    c = c + lam_on @ first.bias[on] - np.abs(lam_on) @ widen[on]
+    lin = lam_on @ first.weight[on]
+    if on_s is not None:
+        lin = lin + on_s
+    weight, bias, widen = first.weight[live], first.bias[live], widen[live]
+    var = varying_columns(s)
+    z = _products(s, weight, bias, var)
+    charge = np.abs(lam) @ widen
+    rest = _products(s, lin, c, var)  # the active neurons, the cut lines and the layers above
+    out = np.maximum(z, 0.0) @ lam.T - charge + rest  # relu is 1-Lipschitz: less the charge
+    if np.any(charge > LIPSCHITZ_CHARGE):  # two ReLUs, at z - widen and z + widen by the sign
+        redo = np.flatnonzero(np.any(out <= target, axis=1))  # of lam: at most charge more
+        z = z[redo]
+        low, high = np.maximum(z - widen, 0.0), np.maximum(z + widen, 0.0)
+        pos, neg = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+        out[redo] = low @ pos.T + high @ neg.T + rest[redo]
+    return out
+
+
+def _pinned_level(spec: SpecChain, levels: tuple | None) -> float | None:
+    """The levels of the second Affine layer's run-time input quantization when it is taken at
+    each point (`_pinned_second_input`): 255 (asymmetric, the scale max(a) / 255 of a ReLU's
+    output) only; a kernel that may be symmetric leaves the scale unknown."""
+    if levels is None or len(levels) != len(spec.layers) or spec.input_error(2) is None:
+        return None
+    return 255.0 if levels[2] == 255.0 else None
+
+
+def _pinned_second_input(
+    spec: SpecChain,
+    b: Bounds,
+    whole: tuple,
+    s: np.ndarray,
+    widen: np.ndarray,
+    level: float,
+    share: float = 1.0,
+) -> np.ndarray | None:
+    """(N, rows) lower bounds of the margins at points `s` with the second Affine layer's run-time
+    input quantization taken at each point rather than charged per value (`whole`: the rows
+    back-substituted to that input, its rounding charged, and the cut lines on s). The input a
+    is a ReLU's output, each value within [relu(z - widen), relu(z + widen)] at the point (z
+    the first layer's exact output); the runtime puts it on k * scale, scale = max(a) / level
+    (so within the row's max of those bounds, over level) and k an integer within HALF_STEP of
+    a / scale, the assumptions the charge rests on (`_input_rounding`). Where one k is left
+    (nearly every value) the value is that grid point: the charge is gone but for the scale's
+    own spread. Values no generator moving among the points moves (most of a lattice region's)
+    are taken once per distinct scale. A point whose every value may be 0 keeps no bound.
+    None when more than `share` of the values move among the points (not worth it)."""
+    lam, c, on_s = whole
+    c = c + np.abs(lam) @ spec.input_error(2)  # the charge, taken back: the values are bounded
+    first = spec.layers[0]
+    act = np.flatnonzero(b.pre[1][1] > 0.0)  # the others are 0 at every point: on the grid
+    var = varying_columns(s)
+    moves = np.any(first.weight[np.ix_(act, var)] != 0.0, axis=1)
+    if np.count_nonzero(moves) > share * len(act):
+        return None
+    still, act = act[~moves], act[moves]
+
+    def ends(idx, z):  # bounds of the ReLU's outputs a at the first layer's outputs z
+        lo = np.maximum(z - widen[idx], 0.0)
+        z += widen[idx]
+        return lo, np.maximum(z, 0.0, out=z)
+
+    lo_c, hi_c = ends(still, first.weight[still] @ s[0] + first.bias[still])
+    lo, hi = ends(act, _products(s, first.weight[act], first.bias[act], var))
+    top_lo = np.maximum(lo.max(axis=1, initial=0.0), lo_c.max(initial=0.0))
+    top_hi = np.maximum(hi.max(axis=1, initial=0.0), hi_c.max(initial=0.0))
+    scales = np.stack([top_lo / level * (1.0 - 1e-6), top_hi / level * (1.0 + 1e-6)], axis=1)
+    some = scales[:, 0] > 0.0
+    scales[~some] = 1.0  # (no bound kept there)
+    m = lam.T
+    out = _on_grid(lo, hi, scales, m[act], level)
+    if len(still) and np.all(scales == scales[0]):  # (the usual case: one scale)
+        out += _on_grid(lo_c[None], hi_c[None], scales[:1], m[still], level)
+    elif len(still):
+        uniq, inv = np.unique(scales.view(np.complex128).ravel(), return_inverse=True)
+        uniq = uniq.view(np.float64).reshape(-1, 2)
+        out += _on_grid(lo_c[None], hi_c[None], uniq, m[still], level)[inv]
+    out += c if on_s is None else _products(s, on_s, c, var)
+    out[~some] = -np.inf
+    return out
+
+
+def _on_grid(lo, hi, scales, m, level: float) -> np.ndarray:
+    """The least of `a @ m` over values a on the grid k * scale (k an integer in [0, level]
+    within HALF_STEP of a / scale) with a in [lo, hi] and scale in [scales[:, 0], scales[:, 1]]
+    (one row of scales per row of lo, hi, or all against one row)."""
+    k_lo, k_hi = _grid_steps(lo, hi, scales, level)
+    pos, neg = np.maximum(m, 0.0), np.minimum(m, 0.0)
+    return (k_lo @ pos) * scales[:, :1] + (k_hi @ neg) * scales[:, 1:]
+
+
+def _grid_steps(lo, hi, scales, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The least and largest k of `_on_grid`'s grid values."""
+    k_lo = np.ceil(lo * (1.0 / scales[:, 1:]) - HALF_STEP)  # in [0, level]: lo is at most
+    k_hi = np.floor(hi * (1.0 / scales[:, :1]) + HALF_STEP)  # level times the scale, hi >= 0
+    return k_lo, np.minimum(k_hi, level, out=k_hi)
+
+
+def forward_margins(
+    spec: SpecChain, rows, s: np.ndarray, levels: tuple, share: float = 1.0
+) -> np.ndarray | None:
+    """(N, len(rows)) lower bounds of the margins `rows` at points `s` by intervals carried
+    forward through the whole spec at each point: the first layer exact (widened by its
+    rounding bound, `first_widen`), each ReLU at the point, every run-time quantized input
+    (`levels`, 255 levels) taken on its grid at the point as `_pinned_second_input` takes the
+    second one, every output requantized to a lattice cut to its points (`bounds.snap`), the
+    other roundings charged per value. No relaxation is left, so nearly exact at most points;
+    values no generator moving among the points moves are carried once per group of points
+    sharing the scales so far (`_Values`). None for chains with other layers than Affine and
+    ReLU (or `levels` not of these layers: a spec with a layer put before the chain's), or
+    when more than `share` of the first layer's outputs move (each layer's products per point
+    then cost more than running the point)."""
+    layers = spec.layers
+    if len(levels) != len(layers) or not all(isinstance(x, (Affine, Relu)) for x in layers):
+        return None
+    first, widen = layers[0], first_widen(spec)
+    var = varying_columns(s)
+    moves = np.any(first.weight[:, var] != 0.0, axis=1)
+    if np.count_nonzero(moves) > share * len(moves):
+        return None
+    vary, still = np.flatnonzero(moves), np.flatnonzero(~moves)
+    z = _products(s, first.weight[vary], first.bias[vary], var)
+    z_still = (first.weight[still] @ s[0] + first.bias[still])[None]
+    v = _Values(
+        vary,
+        z - widen[vary],
+        z + widen[vary],
+        still,
+        z_still - widen[still],
+        z_still + widen[still],
+        np.zeros(len(s), dtype=np.int64),
+    ).snap(spec, 0)
+    lost = np.zeros(len(s), dtype=bool)
+    top = len(layers) - 1
+    for k in range(1, top + 1):
+        layer = layers[k]
+        if isinstance(layer, Relu):
+            v = v.relu()
+            continue
+        if levels[k] == 255.0 and spec.input_error(k) is not None:
+            v, gone = v.on_grid(255.0)
+            lost |= gone
+        elif spec.input_error(k) is not None:
+            v = v.widen(spec.input_error(k))
+        weight, bias, err = layer.weight, layer.bias, spec.err[k]
+        if k == top:
+            weight, bias = weight[rows], bias[rows]
+            err = None if err is None else err[rows]
+        v = v.affine(weight, bias, err)
+        if k < top:
+            v = v.snap(spec, k)
+    out = v.lower()
+    if spec.cap is not None:
+        out = np.minimum(out, spec.cap[rows])
+    out[lost] = -np.inf
+    return out
+
+
+@dataclass(frozen=True)
+class _Values:
+    """Interval bounds of a layer's values at N points: the moving ones (`vary`) per point,
+    the others (`still`) per group of points (`group`: each point's)."""
+
+    vary: np.ndarray
+    lo: np.ndarray  # (N, len(vary))
+    hi: np.ndarray
+    still: np.ndarray
+    still_lo: np.ndarray  # (groups, len(still))
+    still_hi: np.ndarray
+    group: np.ndarray  # (N,)
+
+    def with_bounds(self, lo, hi, still_lo, still_hi, group=None) -> _Values:
+        group = self.group if group is None else group
+        return _Values(self.vary, lo, hi, self.still, still_lo, still_hi, group)
+
+    def relu(self) -> _Values:
+        m = np.maximum
+        return self.with_bounds(
+            m(self.lo, 0.0), m(self.hi, 0.0), m(self.still_lo, 0.0), m(self.still_hi, 0.0)
+        )
+
+    def widen(self, step: np.ndarray) -> _Values:
+        sv, ss = step[self.vary], step[self.still]
+        return self.with_bounds(self.lo - sv, self.hi + sv, self.still_lo - ss, self.still_hi + ss)
+
+    def snap(self, spec: SpecChain, k: int) -> _Values:
+        return self.with_bounds(
+            *snap(spec, k, self.lo, self.hi), *snap(spec, k, self.still_lo, self.still_hi)
+        )
+
+    def on_grid(self, level: float) -> tuple[_Values, np.ndarray]:
+        """The values as the runtime quantizes them at each point (`_on_grid`'s grid: scale
+        max / level of the point's values), and the points where every value may be 0."""
+        top = []
+        for lo, still in ((self.lo, self.still_lo), (self.hi, self.still_hi)):
+            top.append(
+                np.maximum(lo.max(axis=1, initial=0.0), still.max(axis=1, initial=0.0)[self.group])
+            )
+        scales = np.stack([top[0] / level * (1.0 - 1e-6), top[1] / level * (1.0 + 1e-6)], axis=1)
+        gone = scales[:, 0] <= 0.0
+        scales[gone] = 1.0
+        key = self.group  # a group's still values share its points' scales: regroup by both
+        if not np.all(scales == scales[0]):
+            key = np.column_stack([self.group, scales])
+        _, firsts, group = np.unique(key, axis=0, return_index=True, return_inverse=True)
+        group = group.reshape(-1)
+        old, at = self.group[firsts], scales[firsts]
+        k_lo, k_hi = _grid_steps(self.still_lo[old], self.still_hi[old], at, level)
+        q_lo, q_hi = _grid_steps(self.lo, self.hi, scales, level)
+        return self.with_bounds(
+            q_lo * scales[:, :1], q_hi * scales[:, 1:], k_lo * at[:, :1], k_hi * at[:, 1:], group
+        ), gone
+
+    def affine(self, weight: np.ndarray, bias: np.ndarray, err) -> _Values:
+        """y = W x + b, widened by `err`: a value moves where its row weighs a moving one."""
+        moving = np.any(weight[:, self.vary] != 0.0, axis=1)
+        ov, os_ = np.flatnonzero(moving), np.flatnonzero(~moving)
+        e = np.zeros(len(bias)) if err is None else np.broadcast_to(err, bias.shape)
+
+        def image(lo, hi, w):  # the interval image of [lo, hi] (rows) under w (out, in)
+            mid, rad = (lo + hi) / 2.0, (hi - lo) / 2.0
+            return mid @ w.T, rad @ np.abs(w).T
+
+        c, r = image(self.lo, self.hi, weight[np.ix_(ov, self.vary)])
+        cs, rs = image(self.still_lo, self.still_hi, weight[np.ix_(ov, self.still)])
+        c, r = c + cs[self.group] + bias[ov], r + rs[self.group] + e[ov]
+        cs, rs = image(self.still_lo, self.still_hi, weight[np.ix_(os_, self.still)])
+        cs, rs = cs + bias[os_], rs + e[os_]
+        return _Values(ov, c - r, c + r, os_, cs - rs, cs + rs, self.group)
+
+    def lower(self) -> np.ndarray:
+        """(N, values) lower bounds, in the values' order."""
+        out = np.empty((len(self.group), len(self.vary) + len(self.still)))
+        out[:, self.vary] = self.lo
+        out[:, self.still] = self.still_lo[self.group]
+        return out
