@@ -17,6 +17,7 @@ from verifier.engine.bounds import (
     _backsub_to,
     _first_err,
     _products,
+    left_times,
     pointwise_lower,
     snap,
     varying_columns,
@@ -169,7 +170,8 @@ def _pinned_second_input(
     still, act = act[~moves], act[moves]
 
     def ends(idx, z):  # bounds of the ReLU's outputs a at the first layer's outputs z
-        lo = np.maximum(z - widen[idx], 0.0)
+        lo = z - widen[idx]
+        np.maximum(lo, 0.0, out=lo)
         z += widen[idx]
         return lo, np.maximum(z, 0.0, out=z)
 
@@ -197,16 +199,27 @@ def _on_grid(lo, hi, scales, m, level: float) -> np.ndarray:
     """The least of `a @ m` over values a on the grid k * scale (k an integer in [0, level]
     within HALF_STEP of a / scale) with a in [lo, hi] and scale in [scales[:, 0], scales[:, 1]]
     (one row of scales per row of lo, hi, or all against one row)."""
-    k_lo, k_hi = _grid_steps(lo, hi, scales, level)
-    pos, neg = np.maximum(m, 0.0), np.minimum(m, 0.0)
+    up, down = np.flatnonzero(np.any(m > 0.0, axis=1)), np.flatnonzero(np.any(m < 0.0, axis=1))
+    k_lo = _grid_steps(lo[:, up], None, scales, level)[0]  # (only the values some row weighs
+    k_hi = _grid_steps(None, hi[:, down], scales, level)[1]  # up, or down, are needed so)
+    pos, neg = np.maximum(m[up], 0.0), np.minimum(m[down], 0.0)
     return (k_lo @ pos) * scales[:, :1] + (k_hi @ neg) * scales[:, 1:]
 
 
-def _grid_steps(lo, hi, scales, level: float) -> tuple[np.ndarray, np.ndarray]:
-    """The least and largest k of `_on_grid`'s grid values."""
-    k_lo = np.ceil(lo * (1.0 / scales[:, 1:]) - HALF_STEP)  # in [0, level]: lo is at most
-    k_hi = np.floor(hi * (1.0 / scales[:, :1]) + HALF_STEP)  # level times the scale, hi >= 0
-    return k_lo, np.minimum(k_hi, level, out=k_hi)
+def _grid_steps(lo, hi, scales, level: float) -> tuple:
+    """The least k of `_on_grid`'s grid values at least `lo` may take, and the largest at most
+    `hi` may (None where not given)."""
+    k_lo = k_hi = None
+    if lo is not None:  # in [0, level]: lo is at most level times the scale
+        k_lo = lo * (1.0 / scales[:, 1:])
+        k_lo -= HALF_STEP
+        np.ceil(k_lo, out=k_lo)
+    if hi is not None:  # hi >= 0
+        k_hi = hi * (1.0 / scales[:, :1])
+        k_hi += HALF_STEP
+        np.floor(k_hi, out=k_hi)
+        np.minimum(k_hi, level, out=k_hi)
+    return k_lo, k_hi
 
 
 def forward_margins(
@@ -259,7 +272,7 @@ def forward_margins(
         if k == top:
             weight, bias = weight[rows], bias[rows]
             err = None if err is None else err[rows]
-        v = v.affine(weight, bias, err)
+        v = v.affine(weight, None if k == top else spec.absw[k], bias, err)
         if k < top:
             v = v.snap(spec, k)
     out = v.lower()
@@ -324,21 +337,23 @@ class _Values:
             q_lo * scales[:, :1], q_hi * scales[:, 1:], k_lo * at[:, :1], k_hi * at[:, 1:], group
         ), gone
 
-    def affine(self, weight: np.ndarray, bias: np.ndarray, err) -> _Values:
-        """y = W x + b, widened by `err`: a value moves where its row weighs a moving one."""
+    def affine(self, weight: np.ndarray, absw, bias: np.ndarray, err) -> _Values:
+        """y = W x + b, widened by `err` (`absw`: |W|, or None): a value moves where its row
+        weighs a moving one. The still values' share goes through W's sparse forms."""
         moving = np.any(weight[:, self.vary] != 0.0, axis=1)
         ov, os_ = np.flatnonzero(moving), np.flatnonzero(~moving)
         e = np.zeros(len(bias)) if err is None else np.broadcast_to(err, bias.shape)
-
-        def image(lo, hi, w):  # the interval image of [lo, hi] (rows) under w (out, in)
-            mid, rad = (lo + hi) / 2.0, (hi - lo) / 2.0
-            return mid @ w.T, rad @ np.abs(w).T
-
-        c, r = image(self.lo, self.hi, weight[np.ix_(ov, self.vary)])
-        cs, rs = image(self.still_lo, self.still_hi, weight[np.ix_(ov, self.still)])
-        c, r = c + cs[self.group] + bias[ov], r + rs[self.group] + e[ov]
-        cs, rs = image(self.still_lo, self.still_hi, weight[np.ix_(os_, self.still)])
-        cs, rs = cs + bias[os_], rs + e[os_]
+        absw = np.abs(weight) if absw is None else absw
+        mid = np.zeros((len(self.still_lo), weight.shape[1]))
+        rad = np.zeros_like(mid)
+        mid[:, self.still] = (self.still_lo + self.still_hi) / 2.0
+        rad[:, self.still] = (self.still_hi - self.still_lo) / 2.0
+        cs = left_times(mid, weight, transpose=True) + bias
+        rs = left_times(rad, absw, transpose=True) + e
+        w = weight[np.ix_(ov, self.vary)]
+        c = (self.lo + self.hi) / 2.0 @ w.T + cs[:, ov][self.group]
+        r = (self.hi - self.lo) / 2.0 @ np.abs(w).T + rs[:, ov][self.group]
+        cs, rs = cs[:, os_], rs[:, os_]
         return _Values(ov, c - r, c + r, os_, cs - rs, cs + rs, self.group)
 
     def lower(self) -> np.ndarray:
