@@ -747,3 +747,42 @@ def test_forward_margins_hold_at_every_point(tiny, tmp_path, monkeypatch, net):
                 wrong += int(np.sum(np.any(bad > margins, axis=1)))
     assert over == 0 and total > 300
     assert tighter > total // 2 and wrong > 0
+
+
+def test_cnn_decisions_through_points_taken_at_each_point(tmp_path, monkeypatch):
+    """ONNX Runtime dynamic on the CNN, lattice regions, a small enum limit: the quantized
+    decisions agree with enumeration on the runtime, and the sieve's points went through the
+    run-time rounding taken at each point and the forward intervals."""
+    from onnx_builders import cnn_hidden_hybrid_nhwc
+
+    from verifier.engine import pointwise
+
+    model = load_model(cnn_hidden_hybrid_nhwc(tmp_path / "cnn.onnx", seed=2))
+    runner = quantize_model(model, "ort-dynamic", tmp_path, None)
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    calls = {"pinned": 0, "forward": 0}
+    pinned, forward = pointwise._pinned_second_input, pointwise.forward_margins
+
+    def counted(name, f):
+        def run(*args, **kw):
+            out = f(*args, **kw)
+            calls[name] += out is not None
+            return out
+
+        return run
+
+    monkeypatch.setattr(pointwise, "_pinned_second_input", counted("pinned", pinned))
+    monkeypatch.setattr(pointwise, "forward_margins", counted("forward", forward))
+    rng = np.random.default_rng(7)
+    certified = 0
+    for x in rng.integers(0, 128, (12, 64)) / 255.0:
+        x[36:40] = x[44:48] = 1.0
+        region = lattice_region(x, np.array([0, 1, 8, 9]), 0.125, 0.5)
+        label = int(float_runner(model).predict(x.reshape(1, 8, 8, 1).astype(np.float32)).argmax())
+        fd, d = float_then_quantized(model, runner, em, chain, region, label, 8)
+        if d is None:
+            continue
+        check_decision(d, runner, region, label)
+        certified += d.status == CERTIFIED
+    assert certified >= 5 and calls["pinned"] > 0 and calls["forward"] > 0
