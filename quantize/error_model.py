@@ -36,7 +36,8 @@ from verifier.errors import UnsupportedModelError
 TFLITE_HOW = {
     "dynamic range (hybrid int8)": (
         "hybrid layers: int8 weights from the file, the float input quantized per run to int8 "
-        "(scale from its range over the region, half a step per value)"
+        "(scale from its range over the region, half a step per value; a ReLU's output taken "
+        "on its grid at each point the sieve bounds where the kernel is asymmetric)"
     ),
     "float": "float layers: the file's weights (float16 or float32)",
     "16x8": (

@@ -64,8 +64,8 @@ HOW = {
     ),
     "dynamic": (
         "int8 weights dequantized from the file; each weighted layer's input quantized per run "
-        "to uint8 over its range and 0 (half a step, the range bounded over the region); "
-        "float32 bounded"
+        "to uint8 over its range and 0 (half a step, the range bounded over the region; a "
+        "ReLU's output taken on its grid at each point the sieve bounds); float32 bounded"
     ),
     "simulated": (
         "the file's fake-quantized weights; each simulated activation rounded to its levels "

@@ -37,6 +37,11 @@ LIPSCHITZ_CHARGE = 0.1
 # the MNIST MLP and CNN): the MNIST CNN's lattice regions move 76 of some 1,000 (about 1 us a
 # point, against TFLite dynamic's 4.5), its feature regions most (20 us, against 5)
 PIN_SHARE = 0.25
+# at most this many (point, first-layer output not off on the box) values a call holds at once:
+# points go through `first_exact_margins` in chunks (128 MB an array; the CIFAR-10 CNN's 3,600
+# first-layer outputs at the quantized enum limit's 8,192 points would be 236 MB an array, some
+# six of them; the MNIST networks' 512 and 1,352 at 8,192 points fit whole)
+POINT_VALUES = 1 << 24
 
 
 def first_exact_margins(
@@ -59,10 +64,19 @@ def first_exact_margins(
     runtime that runs one point per call (`per_point`) at the points those passes leave at or
     below `target`; the points still left there by intervals forward through the whole spec
     (`forward_margins`, where few values move). None where the chain does not start with an
-    affine layer and a ReLU, or `b` keeps no intermediate bounds."""
+    affine layer and a ReLU, or `b` keeps no intermediate bounds. Points go in chunks of at
+    most POINT_VALUES first-layer values."""
     layers = spec.layers
     if len(layers) < 3 or not isinstance(layers[1], Relu) or b.empty or b.pre[1] is None:
         return None
+    chunk = max(POINT_VALUES // max(np.count_nonzero(b.pre[1][1] > 0.0), 1), 1)
+    if len(s) > chunk:
+        return np.concatenate(
+            [
+                first_exact_margins(spec, b, rows, s[i : i + chunk], target, levels, per_point)
+                for i in range(0, len(s), chunk)
+            ]
+        )
     m = layers[-1].weight.shape[0]
     eye = np.eye(m)[rows]
     whole = _backsub_to(spec, b.pre, len(layers), 2, eye, np.zeros(len(rows)), cut=b.cut)
