@@ -810,3 +810,31 @@ def test_points_bounded_in_chunks_as_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(pointwise, "POINT_VALUES", 7 * np.count_nonzero(b.pre[1][1] > 0.0))
     chunked = pointwise.first_exact_margins(spec, b, rows, pts, np.inf, input_levels(em), True)
     assert len(pts) > 20 and np.allclose(whole, chunked, rtol=0.0, atol=1e-9)
+
+
+def test_a_lost_bound_at_a_point_proves_nothing(tmp_path, monkeypatch):
+    """A per-point pass whose bound is lost (NaN: an overflow) leaves the point with the
+    bounds it had, never as proven."""
+    from onnx_builders import cnn_hidden_hybrid_nhwc
+
+    from verifier.engine import pointwise
+    from verifier.engine.quantized_spec import input_levels, quantized_spec
+
+    model = load_model(cnn_hidden_hybrid_nhwc(tmp_path / "cnn.onnx", seed=2))
+    runner = quantize_model(model, "ort-dynamic", tmp_path, None)
+    em = error_model(runner, prepare_chain(model.network.lower()))
+    x = np.random.default_rng(5).integers(0, 128, 64) / 255.0
+    label = int(runner.predict(x.reshape(1, 8, 8, 1).astype(np.float32)).argmax())
+    region = lattice_region(x, np.array([0, 1, 8]), 0.125, 0.5)
+    spec = quantized_spec(em, region, label).spec
+    b = linear_bounds(spec, region.lo, region.hi)
+    pts, rows = all_points(region), np.arange(len(spec.others))
+    plain = pointwise.first_exact_margins(spec, b, rows, pts, np.inf)
+
+    def lost(s):
+        return np.full((len(s), len(rows)), np.nan)
+
+    monkeypatch.setattr(pointwise, "_pinned_second_input", lambda spec, b, w, s, *a: lost(s))
+    monkeypatch.setattr(pointwise, "forward_margins", lambda spec, rows, s, *a: lost(s))
+    got = pointwise.first_exact_margins(spec, b, rows, pts, np.inf, input_levels(em), True)
+    assert not np.isnan(got).any() and np.all(got <= plain + 1e-12)

@@ -90,14 +90,15 @@ def first_exact_margins(
         redo = np.flatnonzero(np.any(out <= target, axis=1))
         if level is not None and per_point and len(redo):
             pinned = _pinned_second_input(spec, b, whole, s[redo], widen, level)
-            out[redo] = np.maximum(out[redo], pinned)
+            out[redo] = np.fmax(out[redo], pinned)
     if levels is not None:
         redo = np.flatnonzero(np.any(out <= target, axis=1))
         if len(redo):
             ahead = forward_margins(spec, rows, s[redo], levels, PIN_SHARE)
             if ahead is not None:
-                out[redo] = np.maximum(out[redo], ahead)
-    return np.maximum(out, pointwise_lower(b, s, rows))  # both hold: never below b's own
+                out[redo] = np.fmax(out[redo], ahead)
+    # both hold: never below b's own (fmax: a bound lost to an overflow, NaN, is not one)
+    return np.fmax(out, pointwise_lower(b, s, rows))
 
 
 def first_widen(spec: SpecChain) -> np.ndarray:
