@@ -192,11 +192,11 @@ def _pinned_second_input(
 
     lo_c, hi_c = ends(still, first.weight[still] @ s[0] + first.bias[still])
     lo, hi = ends(act, _products(s, first.weight[act], first.bias[act], var))
-    top_lo = np.maximum(lo.max(axis=1, initial=0.0), lo_c.max(initial=0.0))
-    top_hi = np.maximum(hi.max(axis=1, initial=0.0), hi_c.max(initial=0.0))
-    scales = np.stack([top_lo / level * (1.0 - 1e-6), top_hi / level * (1.0 + 1e-6)], axis=1)
-    some = scales[:, 0] > 0.0
-    scales[~some] = 1.0  # (no bound kept there)
+    scales, gone = _scales(
+        np.maximum(lo.max(axis=1, initial=0.0), lo_c.max(initial=0.0)),
+        np.maximum(hi.max(axis=1, initial=0.0), hi_c.max(initial=0.0)),
+        level,
+    )
     m = lam.T
     out = _on_grid(lo, hi, scales, m[act], level)
     if len(still) and np.all(scales == scales[0]):  # (the usual case: one scale)
@@ -206,8 +206,18 @@ def _pinned_second_input(
         uniq = uniq.view(np.float64).reshape(-1, 2)
         out += _on_grid(lo_c[None], hi_c[None], uniq, m[still], level)[inv]
     out += c if on_s is None else _products(s, on_s, c, var)
-    out[~some] = -np.inf
+    out[gone] = -np.inf
     return out
+
+
+def _scales(top_lo, top_hi, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2) bounds of each point's run-time scale, max / level, from bounds of its largest
+    value (float32's slop in computing it included), and the points whose scale may be 0 (every
+    value may be 0: no bound is kept there; their scales are set to 1)."""
+    scales = np.stack([top_lo / level * (1.0 - 1e-6), top_hi / level * (1.0 + 1e-6)], axis=1)
+    gone = scales[:, 0] <= 0.0
+    scales[gone] = 1.0
+    return scales, gone
 
 
 def _on_grid(lo, hi, scales, m, level: float) -> np.ndarray:
@@ -332,14 +342,11 @@ class _Values:
     def on_grid(self, level: float) -> tuple[_Values, np.ndarray]:
         """The values as the runtime quantizes them at each point (`_on_grid`'s grid: scale
         max / level of the point's values), and the points where every value may be 0."""
-        top = []
-        for lo, still in ((self.lo, self.still_lo), (self.hi, self.still_hi)):
-            top.append(
-                np.maximum(lo.max(axis=1, initial=0.0), still.max(axis=1, initial=0.0)[self.group])
-            )
-        scales = np.stack([top[0] / level * (1.0 - 1e-6), top[1] / level * (1.0 + 1e-6)], axis=1)
-        gone = scales[:, 0] <= 0.0
-        scales[gone] = 1.0
+        top = [
+            np.maximum(v.max(axis=1, initial=0.0), still.max(axis=1, initial=0.0)[self.group])
+            for v, still in ((self.lo, self.still_lo), (self.hi, self.still_hi))
+        ]
+        scales, gone = _scales(*top, level)
         key = self.group  # a group's still values share its points' scales: regroup by both
         if not np.all(scales == scales[0]):
             key = np.column_stack([self.group, scales])
