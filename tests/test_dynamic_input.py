@@ -788,13 +788,11 @@ def test_cnn_decisions_through_points_taken_at_each_point(tmp_path, monkeypatch)
     assert certified >= 5 and calls["pinned"] > 0 and calls["forward"] > 0
 
 
-def test_points_bounded_in_chunks_as_at_once(tmp_path, monkeypatch):
-    """`first_exact_margins` holds at most POINT_VALUES first-layer values at once: the points in
-    chunks of 7 get the bounds they get all at once (every pass, the run-time rounding ones
-    included), but for the order of float64 sums."""
+def _cnn_lattice_leaf(tmp_path):
+    """The CNN's ORT dynamic copy on a small lattice region: (spec, its bounds over the region,
+    every point, the margin rows, the copy's run-time input levels)."""
     from onnx_builders import cnn_hidden_hybrid_nhwc
 
-    from verifier.engine import pointwise
     from verifier.engine.quantized_spec import input_levels, quantized_spec
 
     model = load_model(cnn_hidden_hybrid_nhwc(tmp_path / "cnn.onnx", seed=2))
@@ -805,30 +803,28 @@ def test_points_bounded_in_chunks_as_at_once(tmp_path, monkeypatch):
     region = lattice_region(x, np.array([0, 1, 8]), 0.125, 0.5)
     spec = quantized_spec(em, region, label).spec
     b = linear_bounds(spec, region.lo, region.hi)
-    pts, rows = all_points(region), np.arange(len(spec.others))
-    whole = pointwise.first_exact_margins(spec, b, rows, pts, np.inf, input_levels(em), True)
+    return spec, b, all_points(region), np.arange(len(spec.others)), input_levels(em)
+
+
+def test_points_bounded_in_chunks_as_at_once(tmp_path, monkeypatch):
+    """`first_exact_margins` holds at most POINT_VALUES first-layer values at once: the points in
+    chunks of 7 get the bounds they get all at once (every pass, the run-time rounding ones
+    included), but for the order of float64 sums."""
+    from verifier.engine import pointwise
+
+    spec, b, pts, rows, levels = _cnn_lattice_leaf(tmp_path)
+    whole = pointwise.first_exact_margins(spec, b, rows, pts, np.inf, levels, True)
     monkeypatch.setattr(pointwise, "POINT_VALUES", 7 * np.count_nonzero(b.pre[1][1] > 0.0))
-    chunked = pointwise.first_exact_margins(spec, b, rows, pts, np.inf, input_levels(em), True)
+    chunked = pointwise.first_exact_margins(spec, b, rows, pts, np.inf, levels, True)
     assert len(pts) > 20 and np.allclose(whole, chunked, rtol=0.0, atol=1e-9)
 
 
 def test_a_lost_bound_at_a_point_proves_nothing(tmp_path, monkeypatch):
     """A per-point pass whose bound is lost (NaN: an overflow) leaves the point with the
     bounds it had, never as proven."""
-    from onnx_builders import cnn_hidden_hybrid_nhwc
-
     from verifier.engine import pointwise
-    from verifier.engine.quantized_spec import input_levels, quantized_spec
 
-    model = load_model(cnn_hidden_hybrid_nhwc(tmp_path / "cnn.onnx", seed=2))
-    runner = quantize_model(model, "ort-dynamic", tmp_path, None)
-    em = error_model(runner, prepare_chain(model.network.lower()))
-    x = np.random.default_rng(5).integers(0, 128, 64) / 255.0
-    label = int(runner.predict(x.reshape(1, 8, 8, 1).astype(np.float32)).argmax())
-    region = lattice_region(x, np.array([0, 1, 8]), 0.125, 0.5)
-    spec = quantized_spec(em, region, label).spec
-    b = linear_bounds(spec, region.lo, region.hi)
-    pts, rows = all_points(region), np.arange(len(spec.others))
+    spec, b, pts, rows, levels = _cnn_lattice_leaf(tmp_path)
     plain = pointwise.first_exact_margins(spec, b, rows, pts, np.inf)
 
     def lost(s):
@@ -836,5 +832,5 @@ def test_a_lost_bound_at_a_point_proves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pointwise, "_pinned_second_input", lambda spec, b, w, s, *a: lost(s))
     monkeypatch.setattr(pointwise, "forward_margins", lambda spec, rows, s, *a: lost(s))
-    got = pointwise.first_exact_margins(spec, b, rows, pts, np.inf, input_levels(em), True)
+    got = pointwise.first_exact_margins(spec, b, rows, pts, np.inf, levels, True)
     assert not np.isnan(got).any() and np.all(got <= plain + 1e-12)
