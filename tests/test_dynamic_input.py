@@ -616,7 +616,12 @@ def _pinned_checks(
     over = tighter = total = 0
     with pytest.MonkeyPatch.context() as m:
         if level_of is not None:
-            m.setattr(pointwise, "_pinned_level", lambda spec, levels: level_of)
+            real = pointwise._pinned_level  # the second layer's level only (forward keeps its)
+            m.setattr(
+                pointwise,
+                "_pinned_level",
+                lambda spec, levels, k=2: level_of if k == 2 else real(spec, levels, k),
+            )
         for part, qs in parts:
             spec = qs.spec
             pts = all_points(part)
@@ -677,15 +682,15 @@ def test_second_input_rounding_at_each_point_on_a_cnn(tmp_path, monkeypatch):
     model = load_model(cnn_hidden_hybrid_nhwc(tmp_path / "cnn.onnx", seed=2))
     runner = quantize_model(model, "ort-dynamic", tmp_path, None)
     em = error_model(runner, prepare_chain(model.network.lower()))
-    scales = []  # rows of scales the values no moving generator moves were taken with
-    on_grid = pointwise._on_grid
+    scales = []  # groups of points the values no moving generator moves were taken for
+    point_scales = pointwise._Values.scales
 
-    def seen(lo, hi, s, m, level):
-        if len(lo) == 1:
-            scales.append(len(s))
-        return on_grid(lo, hi, s, m, level)
+    def seen(values, level):
+        out = point_scales(values, level)
+        scales.append(len(out[3]))
+        return out
 
-    monkeypatch.setattr(pointwise, "_on_grid", seen)
+    monkeypatch.setattr(pointwise._Values, "scales", seen)
     rng = np.random.default_rng(4)
     over = tighter = total = 0
     for x in rng.integers(0, 128, (4, 64)) / 255.0:

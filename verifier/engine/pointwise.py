@@ -145,13 +145,14 @@ def _first_relu_at_points(
     return out
 
 
-def _pinned_level(spec: SpecChain, levels: tuple | None) -> float | None:
-    """The levels of the second Affine layer's run-time input quantization when it is taken at
-    each point (`_pinned_second_input`): 255 (asymmetric, the scale max(a) / 255 of a ReLU's
-    output) only; a kernel that may be symmetric leaves the scale unknown."""
-    if levels is None or len(levels) != len(spec.layers) or spec.input_error(2) is None:
+def _pinned_level(spec: SpecChain, levels: tuple | None, k: int = 2) -> float | None:
+    """The levels of Affine layer `k`'s run-time input quantization when it is taken at each
+    point (`_pinned_second_input`, `forward_margins`): 255 (asymmetric, the scale max(a) / 255
+    of a ReLU's output) only; a kernel that may be symmetric leaves the scale unknown. None
+    also where `levels` are not of the spec's layers (a layer put before the chain's)."""
+    if levels is None or len(levels) != len(spec.layers) or spec.input_error(k) is None:
         return None
-    return 255.0 if levels[2] == 255.0 else None
+    return 255.0 if levels[k] == 255.0 else None
 
 
 def _pinned_second_input(
@@ -175,39 +176,39 @@ def _pinned_second_input(
     are taken once per distinct scale. A point whose every value may be 0 keeps no bound.
     None when more than `share` of the values move among the points (not worth it)."""
     lam, c, on_s = whole
-    c = c + np.abs(lam) @ spec.input_error(2)  # the charge, taken back: the values are bounded
-    first = spec.layers[0]
     act = np.flatnonzero(b.pre[1][1] > 0.0)  # the others are 0 at every point: on the grid
-    var = varying_columns(s)
-    moves = np.any(first.weight[np.ix_(act, var)] != 0.0, axis=1)
-    if np.count_nonzero(moves) > share * len(act):
+    v = _first_values(spec, s, act, widen, share)
+    if v is None:
         return None
-    still, act = act[~moves], act[moves]
-
-    def ends(idx, z):  # bounds of the ReLU's outputs a at the first layer's outputs z
-        lo = z - widen[idx]
-        np.maximum(lo, 0.0, out=lo)
-        z += widen[idx]
-        return lo, np.maximum(z, 0.0, out=z)
-
-    lo_c, hi_c = ends(still, first.weight[still] @ s[0] + first.bias[still])
-    lo, hi = ends(act, _products(s, first.weight[act], first.bias[act], var))
-    scales, gone = _scales(
-        np.maximum(lo.max(axis=1, initial=0.0), lo_c.max(initial=0.0)),
-        np.maximum(hi.max(axis=1, initial=0.0), hi_c.max(initial=0.0)),
-        level,
-    )
+    v = v.relu()
+    scales, gone, group, firsts = v.scales(level)
     m = lam.T
-    out = _on_grid(lo, hi, scales, m[act], level)
-    if len(still) and np.all(scales == scales[0]):  # (the usual case: one scale)
-        out += _on_grid(lo_c[None], hi_c[None], scales[:1], m[still], level)
-    elif len(still):
-        uniq, inv = np.unique(scales.view(np.complex128).ravel(), return_inverse=True)
-        uniq = uniq.view(np.float64).reshape(-1, 2)
-        out += _on_grid(lo_c[None], hi_c[None], uniq, m[still], level)[inv]
-    out += c if on_s is None else _products(s, on_s, c, var)
+    out = _on_grid(v.lo, v.hi, scales, m[v.vary], level)
+    if len(v.still):
+        old = v.group[firsts]
+        at = _on_grid(v.still_lo[old], v.still_hi[old], scales[firsts], m[v.still], level)
+        out += at[group]
+    c = c + np.abs(lam) @ spec.input_error(2)  # the charge, taken back: the values are bounded
+    out += c if on_s is None else _products(s, on_s, c, varying_columns(s))
     out[gone] = -np.inf
     return out
+
+
+def _first_values(spec: SpecChain, s: np.ndarray, idx: np.ndarray, widen, share: float):
+    """The first layer's outputs `idx` at points `s`, within their rounding bound `widen` of
+    the exact ones (`_Values`: those no generator moving among the points moves, once); None
+    when more than `share` of them move (taking them at each point is not worth it)."""
+    first = spec.layers[0]
+    var = varying_columns(s)
+    moves = np.any(first.weight[np.ix_(idx, var)] != 0.0, axis=1)
+    if np.count_nonzero(moves) > share * len(idx):
+        return None
+    vary, still = idx[moves], idx[~moves]
+    z = _products(s, first.weight[vary], first.bias[vary], var)
+    z_still = (first.weight[still] @ s[0] + first.bias[still])[None]
+    w, w_still = widen[vary], widen[still]
+    group = np.zeros(len(s), dtype=np.int64)
+    return _Values(vary, z - w, z + w, still, z_still - w_still, z_still + w_still, group)
 
 
 def _scales(top_lo, top_hi, level: float) -> tuple[np.ndarray, np.ndarray]:
@@ -264,23 +265,11 @@ def forward_margins(
     layers = spec.layers
     if len(levels) != len(layers) or not all(isinstance(x, (Affine, Relu)) for x in layers):
         return None
-    first, widen = layers[0], first_widen(spec)
-    var = varying_columns(s)
-    moves = np.any(first.weight[:, var] != 0.0, axis=1)
-    if np.count_nonzero(moves) > share * len(moves):
+    every = np.arange(len(layers[0].bias))
+    v = _first_values(spec, s, every, first_widen(spec), share)
+    if v is None:
         return None
-    vary, still = np.flatnonzero(moves), np.flatnonzero(~moves)
-    z = _products(s, first.weight[vary], first.bias[vary], var)
-    z_still = (first.weight[still] @ s[0] + first.bias[still])[None]
-    v = _Values(
-        vary,
-        z - widen[vary],
-        z + widen[vary],
-        still,
-        z_still - widen[still],
-        z_still + widen[still],
-        np.zeros(len(s), dtype=np.int64),
-    ).snap(spec, 0)
+    v = v.snap(spec, 0)
     lost = np.zeros(len(s), dtype=bool)
     top = len(layers) - 1
     for k in range(1, top + 1):
@@ -288,8 +277,9 @@ def forward_margins(
         if isinstance(layer, Relu):
             v = v.relu()
             continue
-        if levels[k] == 255.0 and spec.input_error(k) is not None:
-            v, gone = v.on_grid(255.0)
+        level = _pinned_level(spec, levels, k)
+        if level is not None:
+            v, gone = v.on_grid(level)
             lost |= gone
         elif spec.input_error(k) is not None:
             v = v.widen(spec.input_error(k))
@@ -339,19 +329,27 @@ class _Values:
             *snap(spec, k, self.lo, self.hi), *snap(spec, k, self.still_lo, self.still_hi)
         )
 
-    def on_grid(self, level: float) -> tuple[_Values, np.ndarray]:
-        """The values as the runtime quantizes them at each point (`_on_grid`'s grid: scale
-        max / level of the point's values), and the points where every value may be 0."""
+    def scales(self, level: float) -> tuple:
+        """Each point's run-time scale bounds (`_scales`: max / level of its values), the
+        points whose every value may be 0, and the points regrouped by their group and scales
+        (a group's still values share its points' scales): each point's new group, and the
+        first point of each."""
         top = [
             np.maximum(v.max(axis=1, initial=0.0), still.max(axis=1, initial=0.0)[self.group])
             for v, still in ((self.lo, self.still_lo), (self.hi, self.still_hi))
         ]
         scales, gone = _scales(*top, level)
-        key = self.group  # a group's still values share its points' scales: regroup by both
+        key = self.group
         if not np.all(scales == scales[0]):
-            key = np.column_stack([self.group, scales])
-        _, firsts, group = np.unique(key, axis=0, return_index=True, return_inverse=True)
-        group = group.reshape(-1)
+            ids = np.unique(scales.view(np.complex128).ravel(), return_inverse=True)[1]
+            key = self.group * (int(ids.max()) + 1) + ids.reshape(-1)
+        _, firsts, group = np.unique(key, return_index=True, return_inverse=True)
+        return scales, gone, group.reshape(-1), firsts
+
+    def on_grid(self, level: float) -> tuple[_Values, np.ndarray]:
+        """The values as the runtime quantizes them at each point (`_on_grid`'s grid: scale
+        max / level of the point's values), and the points where every value may be 0."""
+        scales, gone, group, firsts = self.scales(level)
         old, at = self.group[firsts], scales[firsts]
         k_lo, k_hi = _grid_steps(self.still_lo[old], self.still_hi[old], at, level)
         q_lo, q_hi = _grid_steps(self.lo, self.hi, scales, level)
