@@ -69,18 +69,21 @@ def first_exact_margins(
     layers = spec.layers
     if len(layers) < 3 or not isinstance(layers[1], Relu) or b.empty or b.pre[1] is None:
         return None
-    chunk = max(POINT_VALUES // max(np.count_nonzero(b.pre[1][1] > 0.0), 1), 1)
-    if len(s) > chunk:
-        return np.concatenate(
-            [
-                first_exact_margins(spec, b, rows, s[i : i + chunk], target, levels, per_point)
-                for i in range(0, len(s), chunk)
-            ]
-        )
     m = layers[-1].weight.shape[0]
     eye = np.eye(m)[rows]
     whole = _backsub_to(spec, b.pre, len(layers), 2, eye, np.zeros(len(rows)), cut=b.cut)
     widen = first_widen(spec)
+    chunk = max(POINT_VALUES // max(np.count_nonzero(b.pre[1][1] > 0.0), 1), 1)
+    parts = [
+        _at_points(spec, b, rows, s[i : i + chunk], target, levels, per_point, whole, widen)
+        for i in range(0, len(s), chunk)
+    ]
+    return np.concatenate(parts) if parts else np.empty((0, len(rows)))
+
+
+def _at_points(spec, b, rows, s, target, levels, per_point, whole, widen) -> np.ndarray:
+    """`first_exact_margins` on one chunk of points (`whole`: the rows back-substituted to the
+    first ReLU's output, `widen`: `first_widen`)."""
     level = _pinned_level(spec, levels)
     out = None
     if level is not None:
