@@ -3,13 +3,15 @@ of R (the inputs the float model certifies) each quantized model gets decided, a
 
 Usage: python benchmarks/bench_quantized.py [--n 1000] [--models mnist_mlp,mnist_cnn]
        [--cells f10,f20,l20] [--modes all] [--cifar-n 200] [--timeout 2]
-       [--out benchmarks/results/bench_quantized.json]
+       [--quantized-timeouts 2,8] [--out benchmarks/results/bench_quantized.json]
 
 Cells: f10 = features r=10 step 1/8, f20 = features r=20 step 1/4, l20 = lattice of 10 values
 r=20 step 1/4; the CIFAR-10 cell is cifar_cnn, features r=10 step 1/8 (`--cifar-n 0` skips it).
-Each (model, cell) is one `verify` run over every mode; the table is read from its
-results.json. Per mode: |R|, quantized certified / refuted / unknown on R, decided share of R,
-mean seconds of the quantized decision beside the float decision's on the same inputs.
+Each (model, cell) is one `verify` run over every mode (one per quantized budget,
+`--quantized-timeouts`: what more time buys the quantized decisions, side by side); the table
+is read from its results.json. Per mode: |R|, quantized certified / refuted / unknown on R,
+decided share of R, mean seconds of the quantized decision beside the float decision's on the
+same inputs.
 Writes JSON (`--out`) and a Markdown table beside it (.md).
 """
 
@@ -41,10 +43,11 @@ ALL_MODES = (
 )
 
 
-def run_cell(model: str, cell: str, n: int, modes: str, args, workdir: Path) -> dict:
-    """One `verify` run; returns its results.json."""
+def run_cell(model: str, cell: str, n: int, modes: str, args, workdir: Path, budget: float) -> dict:
+    """One `verify` run, its quantized decisions `budget` seconds each; returns its
+    results.json."""
     family, step, radius = CELLS[cell]
-    out = workdir / f"{model}-{cell}"
+    out = workdir / f"{model}-{cell}-q{budget:g}s"
     cmd = [
         sys.executable,
         "-m",
@@ -62,6 +65,8 @@ def run_cell(model: str, cell: str, n: int, modes: str, args, workdir: Path) -> 
         modes,
         "--timeout",
         str(args.timeout),
+        "--quantized-timeout",
+        str(budget),
         "--workers",
         str(args.workers),
         "--out",
@@ -112,16 +117,17 @@ def summarise(doc: dict) -> list[dict]:
 def markdown(table: list[dict]) -> str:
     """The Markdown table of all cells."""
     head = (
-        "| network | cell | images | quantized model | \\|R\\| | certified | refuted | unknown "
-        "| decided of R | mean s (quantized) | mean s (float) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| network | cell | images | quantized model | budget s (quantized) | \\|R\\| "
+        "| certified | refuted | unknown | decided of R | mean s (quantized) | mean s (float) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     lines = [
-        f"| {r['network']} | {r['cell']} | {r['images']} | {r['model']} | {r['R']} | "
+        f"| {r['network']} | {r['cell']} | {r['images']} | {r['model']} | {r['budget']:g} | "
+        f"{r['R']} | "
         f"{r['certified']} | {r['refuted']} | {r['unknown']} | {f(r['decided_share'], '.1%')} | "
         f"{f(r['mean_s'], '.3f')} | {f(r['float_mean_s'], '.3f')} |"
         for r in table
@@ -137,6 +143,11 @@ def main() -> int:
     p.add_argument("--modes", default="all", help=f"comma list, or all ({ALL_MODES})")
     p.add_argument("--cifar-n", type=int, default=200, help="CIFAR-10 images (0: no cell)")
     p.add_argument("--timeout", type=float, default=2.0)
+    p.add_argument(
+        "--quantized-timeouts",
+        default=None,
+        help="comma list of seconds per quantized decision, a run each (default: --timeout)",
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_quantized.json"))
     p.add_argument("--workdir", default=None, help="where the runs go (default: a temp dir)")
@@ -147,12 +158,17 @@ def main() -> int:
     if args.cifar_n > 0:
         jobs.append(("cifar_cnn", "f10", args.cifar_n))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_quantized-"))
+    budgets = [float(b) for b in (args.quantized_timeouts or str(args.timeout)).split(",")]
     table = []
     for model, cell, n in jobs:
-        doc = run_cell(model, cell, n, modes, args, workdir)
-        for row in summarise(doc):
-            table.append({"network": model, "cell": cell, "images": n, **row})
-        print(markdown([r for r in table if r["network"] == model and r["cell"] == cell]))
+        for budget in budgets:
+            doc = run_cell(model, cell, n, modes, args, workdir, budget)
+            new = [
+                {"network": model, "cell": cell, "images": n, "budget": budget, **row}
+                for row in summarise(doc)
+            ]
+            table += new
+            print(markdown(new))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "modes": modes, "rows": table}, indent=1))

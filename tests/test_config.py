@@ -43,6 +43,16 @@ def test_config_is_frozen_and_built_from_given_options():
         build_config({"model": Path("m.onnx"), "timeout": 0.0})
 
 
+def test_quantized_models_take_their_own_budget_or_the_timeout():
+    cfg = build_config({"model": Path("m.onnx"), "timeout": 5.0})
+    assert {s.quantized_budget for s in cfg.sweep()} == {5.0}
+    cfg = build_config({"model": Path("m.onnx"), "timeout": 5.0, "quantized_timeout": 9.0})
+    assert {(s.timeout, s.quantized_budget) for s in cfg.sweep()} == {(5.0, 9.0)}
+    assert cfg.stored()["quantized_timeout"] == 9.0  # it changes decisions: a run keeps it
+    with pytest.raises(InputError, match="--quantized-timeout must be positive"):
+        build_config({"model": Path("m.onnx"), "quantized_timeout": -1.0})
+
+
 def test_resume_takes_the_stored_options_and_keeps_given_output_options(tmp_path):
     first = build_config({"model": Path("m.onnx"), "timeout": 7.0, "step": [1 / 64]})
     (tmp_path / "run.json").write_text(json.dumps(first.stored()))

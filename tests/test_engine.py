@@ -1063,6 +1063,37 @@ def test_region_families_build_the_same_regions_as_their_builders():
     assert got.least_cost(lo, hi) == pytest.approx(abs(hi[0]) * got.cost[0])
 
 
+def test_quantized_decisions_get_the_quantized_budget(monkeypatch):
+    """The float decision gets --timeout, each quantized model's --quantized-timeout."""
+    from verifier.engine import decide as decide_mod
+    from verifier.engine import diffdecide
+    from verifier.run.check import Checker, Settings
+
+    budgets = []
+    real_decide, real_from_float = decide_mod.decide, diffdecide.decide_from_float
+
+    def float_decide(*a, **k):
+        budgets.append(("float", k["timeout"]))
+        return real_decide(*a, **k)
+
+    def quantized_decide(*a, **k):
+        budgets.append(("quantized", k["timeout"]))
+        return real_from_float(*a, **k)
+
+    monkeypatch.setattr(decide_mod, "decide", float_decide)
+    monkeypatch.setattr(diffdecide, "decide_from_float", quantized_decide)
+    rng = np.random.default_rng(3)
+    chain = random_chain(rng, 6)
+    x = rng.uniform(0.3, 0.7, (1, 6)).astype(np.float32)
+    runtime = ChainRuntime(chain, 6)
+    pred = np.argmax(runtime.predict(x), axis=1)
+    st = Settings(0.5, 0.25, "lattice", 2, timeout=3.0, quantized_timeout=7.0, use_smt=False)
+    checker = Checker(st, runtime, chain, x, pred, np.arange(1), pred, {"q": runtime}, {"q": pred})
+    rec = checker.check(0)
+    assert rec.float.status == CERTIFIED, "the test needs a certified float region"
+    assert budgets == [("float", 3.0), ("quantized", 7.0)]
+
+
 def test_checks_run_on_one_blas_thread():
     """A process that checks inputs limits BLAS to one thread, whatever it had before (two
     BLAS threads beside a runtime's pool halved the nodes a second on two cores)."""

@@ -78,6 +78,24 @@ def test_markdown_html_console_and_sweep_show_the_range(tmp_path):
     assert "0/3 (0.00..100.00%)" in sweep_tables([(1.0, 1.0, doc["aggregates"])])
 
 
+def test_console_says_how_to_narrow_a_range_left_by_quantized_budgets():
+    """Quantized decisions out of budget on inputs of R get a line naming the option that
+    gives them more time, with this run's value; a range from other causes gets none."""
+    doc = undecided_doc()
+    doc["config"]["settings"] = {"timeout": 2.0, "quantized_timeout": None}
+    hint = [line for line in summary_table(doc).splitlines() if "--quantized-timeout" in line]
+    assert hint == [
+        "3 quantized decisions on inputs of R ran out of budget: a new run with a larger "
+        "--quantized-timeout (this run: 2 s) decides more of them and narrows lo..hi"
+    ]
+    doc["config"]["settings"]["quantized_timeout"] = 8.0
+    assert "(this run: 8 s)" in summary_table(doc)
+    for rec in doc["records"]:  # undecided without a budget: an error model distrusted, say
+        for q in rec["quantized"].values():
+            q["route"] = "untrusted" if q["status"] == "unknown" else q["route"]
+    assert "--quantized-timeout" not in summary_table(doc)
+
+
 def test_junit_properties_carry_the_range(tmp_path):
     write_report(tmp_path, undecided_doc())
     suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")

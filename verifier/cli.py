@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {_shown(d.timeout)})",
     )
     g.add_argument(
+        "--quantized-timeout",
+        type=float,
+        help="seconds per input and quantized model (default: --timeout); their rounding "
+        "makes hard inputs cost more than on the float model, easy ones finish early",
+    )
+    g.add_argument(
         "--max-nodes",
         type=int,
         help=f"branch-and-bound nodes per input and model (default: {d.max_nodes})",

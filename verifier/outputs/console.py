@@ -70,8 +70,29 @@ def summary_table(doc: dict) -> str:
         "RR = relative robustness |R_Q^FP|/|R|; TR = adversarial transfer |R^0|/|R_NOT|; "
         "unk = undecided inputs; lo..hi = the range the undecided inputs leave open"
     )
+    lines += more_time_hint(doc)
     lines += [f"gate: {line}" for line in understood(doc["gate"]["thresholds"])]
     return "\n".join(lines)
+
+
+def more_time_hint(doc: dict) -> list[str]:
+    """A line saying how to narrow the ranges that quantized decisions out of time on inputs
+    of R leave (a quantized copy's rounding makes its hard inputs dearer than the float's)."""
+    out_of_time = sum(
+        q.get("status") == "unknown" and q.get("route") == "budget"
+        for rec in doc["records"]
+        if (rec.get("float") or {}).get("status") == "certified"
+        for q in (rec.get("quantized") or {}).values()
+    )
+    if not out_of_time:
+        return []
+    settings = doc.get("config", {}).get("settings", {})
+    budget = settings.get("quantized_timeout") or settings.get("timeout")
+    now = f" (this run: {budget:g} s)" if budget else ""
+    return [
+        f"{out_of_time} quantized decisions on inputs of R ran out of budget: a new run with a "
+        f"larger --quantized-timeout{now} decides more of them and narrows lo..hi"
+    ]
 
 
 def _cell(o: dict, measure: str) -> str:

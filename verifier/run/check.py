@@ -106,7 +106,7 @@ class Checker:
             label,
             decision.detail.get("reuse"),
             self.error_models.get(name),
-            timeout=s.timeout,
+            timeout=s.quantized_budget,
             max_nodes=s.max_nodes,
             enum_limit=s.quantized_enum_limit,
             seed=seed,

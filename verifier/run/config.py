@@ -52,6 +52,9 @@ class Settings:
     selection: str = "activation"  # features.SELECTIONS
     search: str = "exact"  # SEARCHES
     timeout: float = 2.0  # seconds per input and model
+    # seconds per input and quantized model (None: `timeout`): a quantized copy's rounding
+    # makes its hard inputs cost more than the float model's (`quantized_budget`)
+    quantized_timeout: float | None = None
     max_nodes: int = 20000
     # regions and branch-and-bound leaves with at most this many points are enumerated on the
     # runtime, and a leaf's sieve runs at most this many (`bab.SIEVE_POINTS`); a quantized
@@ -61,6 +64,11 @@ class Settings:
     rollouts: int = 2000  # mcts
     use_smt: bool = True
     seed: int = 0
+
+    @property
+    def quantized_budget(self) -> float:
+        """Seconds a quantized model's decision of one input may take."""
+        return self.timeout if self.quantized_timeout is None else self.quantized_timeout
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,7 @@ class RunConfig:
     selection: str = Settings.selection
     search: str = Settings.search
     timeout: float = Settings.timeout
+    quantized_timeout: float | None = Settings.quantized_timeout
     max_nodes: int = Settings.max_nodes
     enum_limit: int = Settings.enum_limit
     quantized_enum_limit: int = Settings.quantized_enum_limit
@@ -166,6 +175,8 @@ class RunConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be positive")
         if self.timeout <= 0:
             raise InputError("--timeout must be positive")
+        if self.quantized_timeout is not None and self.quantized_timeout <= 0:
+            raise InputError("--quantized-timeout must be positive")
         if self.search == "mcts" and not FAMILIES[self.region].subsets:
             raise InputError(
                 "--search mcts searches subsets of generators: use it with --region "
