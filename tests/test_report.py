@@ -312,6 +312,17 @@ def test_markdown_says_how_quantized_models_were_decided():
     doc["quantized"][0]["describe"]["error_model"]["how"] = "int8 inputs: half a step per value"
     md = render_markdown(report_blocks(doc, plots=False))
     assert "dynamic int8 input): int8 inputs: half a step per value" in md
+    # an input of R whose int8 decision ran out of time: the route says what more time does
+    hint = "- budget: undecided when its time (or nodes) ran out: a run with a larger "
+    assert hint + "--quantized-timeout decides more of them" in md
+    other = next(
+        r
+        for r in doc["records"]
+        if r["quantized"].get("int8", {}).get("route") == "budget"
+        and r["float"]["status"] == "certified"
+    )
+    other["quantized"]["int8"].update(status="certified", route="bounds")
+    assert hint not in render_markdown(report_blocks(doc, plots=False))
     del doc["quantized"][0]["describe"]["error_model"]["source"]
     rec["quantized"]["int8"]["route"] = "bounds"
     assert "start from its proof" not in render_markdown(report_blocks(doc, plots=False))
