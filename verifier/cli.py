@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--timeout",
         type=float,
-        help="seconds per input and model before the answer is unknown "
-        f"(default: {_shown(d.timeout)})",
+        help="seconds per input and model before the answer is unknown (quantized models: "
+        f"--quantized-timeout when given) (default: {_shown(d.timeout)})",
     )
     g.add_argument(
         "--quantized-timeout",

@@ -51,7 +51,7 @@ class Settings:
     feature_dims: int = 10  # features: values per feature
     selection: str = "activation"  # features.SELECTIONS
     search: str = "exact"  # SEARCHES
-    timeout: float = 2.0  # seconds per input and model
+    timeout: float = 2.0  # seconds per input and model (quantized ones: `quantized_budget`)
     # seconds per input and quantized model (None: `timeout`): a quantized copy's rounding
     # makes its hard inputs cost more than the float model's (`quantized_budget`)
     quantized_timeout: float | None = None
