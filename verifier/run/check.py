@@ -61,7 +61,7 @@ class Checker:
         seed = self.settings.seed + index
         if self.settings.search == "mcts":
             return self._check_mcts(rec, region, seed)
-        decision = self._decide(self.model, region, label, seed, quantized=False)
+        decision = self._decide_float(region, label, seed)
         rec.float = outcome(decision)
         for name, runner in self.runners.items():
             if decision.status == CERTIFIED:
@@ -72,25 +72,22 @@ class Checker:
                 rec.quantized[name] = transfer_outcome(runner, region, decision, label)
         return rec
 
-    def _decide(
-        self, runtime, region: Region, label: int, seed: int, quantized: bool, error_model=None
-    ):
+    def _decide_float(self, region: Region, label: int, seed: int):
+        """The float model on the region, its closed leaves kept for the quantized decisions."""
         from verifier.engine.decide import decide
 
         s = self.settings
         return decide(
-            runtime,
+            self.model,
             self.chain,
             region,
             label,
             timeout=s.timeout,
             max_nodes=s.max_nodes,
-            enum_limit=s.quantized_enum_limit if quantized else s.enum_limit,
+            enum_limit=s.enum_limit,
             use_smt=s.use_smt,
-            quantized=quantized,
-            error_model=error_model,
             seed=seed,
-            keep_leaves=not quantized,
+            keep_leaves=True,
         )
 
     def _decide_quantized(self, runner, region: Region, label: int, seed: int, decision, name):
