@@ -212,3 +212,40 @@ def test_kill_and_resume_loses_nothing(finished_run, real_data, quantized, tmp_p
     assert not (out / "results.json").exists() or proc.returncode == 0
     assert verify("--resume", out, "--quiet") == 0
     assert decisions(out, DROP) == decisions(finished_run, DROP)
+
+
+def test_resume_with_a_larger_quantized_budget_decides_what_ran_out(
+    real_data, quantized, tmp_path, capsys
+):
+    """A resume with a larger --quantized-timeout decides again only the quantized decisions on
+    inputs of R that ran out of budget; every decided outcome stays; a smaller one is refused,
+    and the larger one becomes the run's (a plain resume then finds nothing to do)."""
+    out = tmp_path / "budget"
+    hard = ["--region", "features", "--step", "1/8", "--radius", "10", "--indices", "0:16"]
+    argv = [MODEL, "--data-dir", real_data, "--quantized", quantized, *hard, "--quiet"]
+    assert verify(*argv, "--out", out, "--quantized-timeout", "0.001") == 0
+    before = decisions(out, DROP)
+
+    def ran_out(recs):
+        return {
+            r["index"]
+            for r in recs
+            if r["float"] and r["float"]["status"] == "certified"
+            for q in r["quantized"].values()
+            if q["status"] == "unknown" and q["route"] == "budget"
+        }
+
+    short = ran_out(before)
+    assert short, "the test needs quantized decisions out of budget at 1 ms"
+    assert verify("--resume", out, "--quantized-timeout", "0.0005", "--quiet") == 2
+    assert "resume with as much or more" in capsys.readouterr().err
+    assert verify("--resume", out, "--quantized-timeout", "5", "--quiet") == 0
+    after = decisions(out, DROP)
+    assert not ran_out(after)  # these inputs take 0.1 s at most
+    for old, new in zip(before, after, strict=True):
+        assert new["float"] == old["float"]
+        if old["index"] not in short:
+            assert new == old  # decided, or not an input of R: never re-decided
+    assert json.loads((out / "run.json").read_text())["quantized_timeout"] == 5.0
+    assert verify("--resume", out, "--quiet") == 0
+    assert decisions(out, DROP) == after

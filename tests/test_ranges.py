@@ -85,8 +85,8 @@ def test_console_says_how_to_narrow_a_range_left_by_quantized_budgets():
     doc["config"]["settings"] = {"timeout": 2.0, "quantized_timeout": None}
     hint = [line for line in summary_table(doc).splitlines() if "--quantized-timeout" in line]
     assert hint == [
-        "3 quantized decisions on inputs of R ran out of budget: a new run with a larger "
-        "--quantized-timeout (this run: 2 s) decides more of them and narrows lo..hi"
+        "3 quantized decisions on inputs of R ran out of budget: --resume this run with a "
+        "larger --quantized-timeout (this run: 2 s) to decide them again and narrow lo..hi"
     ]
     doc["config"]["settings"]["quantized_timeout"] = 8.0
     assert "(this run: 8 s)" in summary_table(doc)

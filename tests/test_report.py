@@ -313,8 +313,8 @@ def test_markdown_says_how_quantized_models_were_decided():
     md = render_markdown(report_blocks(doc, plots=False))
     assert "dynamic int8 input): int8 inputs: half a step per value" in md
     # an input of R whose int8 decision ran out of time: the route says what more time does
-    hint = "- budget: undecided when its time (or nodes) ran out: a run with a larger "
-    assert hint + "--quantized-timeout decides more of them" in md
+    hint = "- budget: undecided when its time (or nodes) ran out: `verify --resume` with a "
+    assert hint + "larger --quantized-timeout decides them again" in md
     other = next(
         r
         for r in doc["records"]

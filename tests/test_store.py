@@ -237,3 +237,19 @@ def test_run_killed_while_creating_the_store_can_start_again(tmp_path, monkeypat
         assert store.config == CONFIG and len(store) == 0
         store.put(rec(1))
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_redecided_record_keeps_what_was_decided():
+    """Only out-of-budget quantized outcomes on inputs of R are taken from the new decision,
+    and none when the float decision did not certify the input again."""
+    from verifier.run.records import out_of_budget, with_redecided
+
+    cert, budget = Outcome("certified", "bounds"), Outcome("unknown", "budget")
+    old = InputRecord(3, 1, 1, cert, {"a": budget, "b": cert, "c": Outcome("unknown", "x")})
+    assert out_of_budget(old) == ["a"]
+    new = InputRecord(3, 1, 1, cert, {"a": cert, "b": budget, "c": cert})
+    got = with_redecided(old, new)
+    assert got.quantized == {"a": cert, "b": cert, "c": old.quantized["c"]} and got.float == cert
+    timed_out = InputRecord(3, 1, 1, Outcome("unknown", "budget"), {"a": cert})
+    assert with_redecided(old, timed_out) is old
+    assert out_of_budget(InputRecord(4, 1, 1, Outcome("refuted", "attack"), {"a": budget})) == []

@@ -26,7 +26,7 @@ from verifier.run.check import Settings
 from verifier.run.config import RunConfig
 from verifier.run.executor import Executor, WorkerState, executor
 from verifier.run.inputs import Inputs, dataset_name, load_inputs
-from verifier.run.records import InputRecord
+from verifier.run.records import InputRecord, out_of_budget, with_redecided
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,9 @@ def run(config: RunConfig) -> int:
             out / "sweep.md", [(st.radius, st.step, doc["aggregates"]) for st, doc in results]
         )
         say(f"sweep tables: {out / 'sweep.md'}")
+    stored = json.loads((out / "run.json").read_text())
+    if stored.get("quantized_timeout") != config.quantized_timeout:  # resumed with a larger
+        write_atomic(out / "run.json", json.dumps(config.stored(), indent=2))  # one: the run's
     failed = any(not doc["gate"]["passed"] for _, doc in results)
     if config.json:
         print(
@@ -163,11 +166,12 @@ def decide_inputs(job: Run, st: Settings, run_dir: Path) -> list[InputRecord]:
     if (run_dir / DB_NAME).exists():
         if not config.resume:
             raise InputError(f"{run_dir} already holds a run; pass --resume to continue it")
-        store = RunStore.open(run_dir, store_cfg)
+        store = RunStore.open(run_dir, store_cfg, ignore=("quantized_timeout",))
     else:
         store = RunStore.create(run_dir, store_cfg)
     with store:
-        done = store.done_indices()
+        redo = budget_grown(store, store_cfg, st)
+        done = store.done_indices() - set(redo)
         todo = [i for i in range(len(inputs.y)) if int(inputs.dataset.indices[i]) not in done]
         state = WorkerState(
             st,
@@ -187,11 +191,30 @@ def decide_inputs(job: Run, st: Settings, run_dir: Path) -> list[InputRecord]:
             quiet=config.quiet or config.json,
         )
         for batch in job.executor.check_batches(state, todo):
-            store.put_many(batch)
+            batch = [with_redecided(redo[r.index], r) if r.index in redo else r for r in batch]
+            store.put_many(batch, replace=bool(redo))
             for rec in batch:
                 progress.update(rec)
         progress.close()
+        if store.config.get("quantized_timeout") != store_cfg["quantized_timeout"]:
+            store.set_config(store_cfg)  # every record is decided, or undecided at this budget
         return store.records()
+
+
+def budget_grown(store, config: dict, st: Settings) -> dict:
+    """On a resume with a larger `--quantized-timeout` than the run's: the stored records whose
+    quantized decisions on inputs of R ran out of budget, by input index (to decide again);
+    a smaller one is refused (the run's undecided inputs were given more)."""
+    old = store.config
+    before = old.get("quantized_timeout") or old.get("timeout")
+    if before is None or st.quantized_budget == before:
+        return {}
+    if st.quantized_budget < before:
+        raise InputError(
+            f"cannot resume with --quantized-timeout {st.quantized_budget:g}: the run gave its "
+            f"quantized decisions {before:g} s; resume with as much or more"
+        )
+    return {r.index: r for r in store.records() if out_of_budget(r)}
 
 
 def results_document(job: Run, st: Settings, records: list, baseline: dict | None) -> dict:

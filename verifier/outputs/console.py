@@ -90,8 +90,8 @@ def more_time_hint(doc: dict) -> list[str]:
     budget = settings.get("quantized_timeout") or settings.get("timeout")
     now = f" (this run: {budget:g} s)" if budget else ""
     return [
-        f"{out_of_time} quantized decisions on inputs of R ran out of budget: a new run with a "
-        f"larger --quantized-timeout{now} decides more of them and narrows lo..hi"
+        f"{out_of_time} quantized decisions on inputs of R ran out of budget: --resume this "
+        f"run with a larger --quantized-timeout{now} to decide them again and narrow lo..hi"
     ]
 
 

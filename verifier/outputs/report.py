@@ -445,8 +445,8 @@ QUANTIZED_ROUTES = {
     "enumeration": "points run on the quantized runtime: every point of the region or of "
     "small leaves, or the points a leaf's bounds leave open (sieve)",
     "attack": "a counterexample found and confirmed on the quantized runtime",
-    "budget": "undecided when its time (or nodes) ran out: a run with a larger "
-    "--quantized-timeout decides more of them",
+    "budget": "undecided when its time (or nodes) ran out: `verify --resume` with a larger "
+    "--quantized-timeout decides them again",
 }
 
 

@@ -6,7 +6,9 @@ the sets of SPEC section 4, and what `results.json` lists. Plain data, JSON roun
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+
+from verifier.engine.result import CERTIFIED, UNKNOWN
 
 FLOAT = "float"  # the model name of the float model in reports, junit.xml, perturbations, gates
 
@@ -80,6 +82,25 @@ class InputRecord:
             quantized={k: Outcome.from_dict(v) for k, v in d.get("quantized", {}).items()},
             quantized_pred={k: int(v) for k, v in d.get("quantized_pred", {}).items()},
         )
+
+
+def out_of_budget(rec: InputRecord) -> list[str]:
+    """The quantized models whose decision on this input of R ran out of budget (route
+    "budget"): what a larger `--quantized-timeout` re-decides on `--resume`."""
+    if rec.float is None or rec.float.status != CERTIFIED:
+        return []
+    return [k for k, o in rec.quantized.items() if o.status == UNKNOWN and o.route == "budget"]
+
+
+def with_redecided(old: InputRecord, new: InputRecord) -> InputRecord:
+    """`old` with its out-of-budget quantized outcomes taken from `new`, the same input decided
+    again with a larger quantized budget; `old` itself when the float decision did not certify
+    it again (it is timed too). Every decided outcome stays: it holds at any budget."""
+    if new.float is None or new.float.status != CERTIFIED:
+        return old
+    redo = set(out_of_budget(old))
+    quantized = {k: new.quantized.get(k, o) if k in redo else o for k, o in old.quantized.items()}
+    return replace(old, quantized=quantized)
 
 
 def _copied(value):
