@@ -7,6 +7,7 @@ import numpy as np
 
 from verifier.run.config import Settings
 from verifier.run.gate import understood
+from verifier.run.records import InputRecord, out_of_budget
 from verifier.run.relative import format_range
 
 
@@ -78,12 +79,7 @@ def summary_table(doc: dict) -> str:
 def more_time_hint(doc: dict) -> list[str]:
     """A line saying how to narrow the ranges that quantized decisions out of time on inputs
     of R leave (a quantized copy's rounding makes its hard inputs dearer than the float's)."""
-    out_of_time = sum(
-        q.get("status") == "unknown" and q.get("route") == "budget"
-        for rec in doc["records"]
-        if (rec.get("float") or {}).get("status") == "certified"
-        for q in (rec.get("quantized") or {}).values()
-    )
+    out_of_time = sum(len(out_of_budget(InputRecord.from_dict(r))) for r in doc["records"])
     if not out_of_time:
         return []
     settings = doc.get("config", {}).get("settings", {})

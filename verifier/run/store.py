@@ -194,12 +194,10 @@ class RunStore:
     def set_config(self, config: dict) -> None:
         """Store `config` as the run's configuration (a resume that widened an option which
         only lets more be decided: `--quantized-timeout`)."""
-        text = canonical_json(config)
-        digest = hashlib.sha256(text.encode()).hexdigest()
         with self._transaction():
             self._conn.executemany(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                [("config", text), ("config_hash", digest)],
+                [("config", canonical_json(config)), ("config_hash", config_hash(config))],
             )
 
     # -- records ----------------------------------------------------------------------------
