@@ -196,6 +196,26 @@ def test_signal_swallowed_below_still_interrupts(sig):
         pass
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_in_a_finalizer_interrupts_soon_and_prints_nothing(sig, capfd):
+    """A signal landing in a `__del__` (a Dask future's, as it did mid-run) is not printed as
+    an ignored exception with a traceback, and still interrupts the session promptly."""
+    from verifier.run.cluster import signals_interrupt
+
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(sig)  # its handler runs here, inside the finalizer
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), signals_interrupt():
+        Finalized()  # collected at once
+        while time.monotonic() - start < 5:
+            time.sleep(0.01)
+    assert time.monotonic() - start < 2, "the swallowed signal was not raised again"
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
 def test_worker_killed_mid_run_then_same_records(base, reference, cluster, tmp_path):
     local, client = cluster
     deaths = tmp_path / "deaths"

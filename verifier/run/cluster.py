@@ -20,6 +20,7 @@ error); the per-input timeout is enforced inside `decide` on the worker.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import ctypes
 import logging
@@ -28,6 +29,7 @@ import platform
 import queue
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -52,6 +54,7 @@ MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic mmap threshold 
 CONNECT_TIMEOUT = 10.0  # seconds to reach a scheduler
 NO_WORKER_TIMEOUT = 120.0  # seconds a cluster may have no worker before the run gives up
 POLL_SECONDS = 1.0  # how often the driver looks at the cluster while tasks are outstanding
+REDELIVER_SECONDS = 0.05  # a signal swallowed by a finalizer is raised again this much later
 CACHED = 2  # sets of loaded model files a worker keeps (this run's, and the one before)
 
 
@@ -138,15 +141,32 @@ def signals_interrupt() -> Iterator[None]:
         yield
         return
     came: list[int] = []
+    active = threading.Event()
 
     def interrupt(signum, frame):
         came.append(signum)
         raise KeyboardInterrupt
 
+    def redeliver() -> None:
+        if active.is_set():
+            _thread.interrupt_main(came[-1])
+
+    def unraisable(info) -> None:
+        # a signal that landed in a finalizer (a Dask future's __del__): Python prints its
+        # KeyboardInterrupt as "Exception ignored" and drops it, so raise it again shortly
+        if issubclass(info.exc_type, KeyboardInterrupt) and came:
+            threading.Timer(REDELIVER_SECONDS, redeliver).start()
+        else:
+            hook(info)
+
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    active.set()
     try:
         yield
     finally:
+        active.clear()
+        sys.unraisablehook = hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if came:
