@@ -23,7 +23,7 @@ from verifier.errors import EXIT_GATE_FAILED, EXIT_OK, InputError
 from verifier.outputs.console import accuracy_table, printer, summary, summary_table
 from verifier.outputs.progress import Progress
 from verifier.run.check import Settings
-from verifier.run.config import RunConfig
+from verifier.run.config import RunConfig, stored_options, stored_quantized_budget
 from verifier.run.executor import Executor, WorkerState, executor
 from verifier.run.inputs import Inputs, dataset_name, load_inputs
 from verifier.run.records import InputRecord, out_of_budget, with_redecided
@@ -106,9 +106,9 @@ def run(config: RunConfig) -> int:
             out / "sweep.md", [(st.radius, st.step, doc["aggregates"]) for st, doc in results]
         )
         say(f"sweep tables: {out / 'sweep.md'}")
-    stored = json.loads((out / "run.json").read_text())
-    if stored.get("quantized_timeout") != config.quantized_timeout:  # resumed with a larger
-        write_atomic(out / "run.json", json.dumps(config.stored(), indent=2))  # one: the run's
+    # resumed with a larger --quantized-timeout: run.json takes the run's budget now
+    if stored_options(out).get("quantized_timeout") != config.quantized_timeout:
+        write_atomic(out / "run.json", json.dumps(config.stored(), indent=2))
     failed = any(not doc["gate"]["passed"] for _, doc in results)
     if config.json:
         print(
@@ -170,7 +170,7 @@ def decide_inputs(job: Run, st: Settings, run_dir: Path) -> list[InputRecord]:
     else:
         store = RunStore.create(run_dir, store_cfg)
     with store:
-        redo = budget_grown(store, store_cfg, st)
+        redo = budget_grown(store, st)
         done = store.done_indices() - set(redo)
         todo = [i for i in range(len(inputs.y)) if int(inputs.dataset.indices[i]) not in done]
         state = WorkerState(
@@ -201,12 +201,11 @@ def decide_inputs(job: Run, st: Settings, run_dir: Path) -> list[InputRecord]:
         return store.records()
 
 
-def budget_grown(store, config: dict, st: Settings) -> dict:
+def budget_grown(store, st: Settings) -> dict:
     """On a resume with a larger `--quantized-timeout` than the run's: the stored records whose
     quantized decisions on inputs of R ran out of budget, by input index (to decide again);
     a smaller one is refused (the run's undecided inputs were given more)."""
-    old = store.config
-    before = old.get("quantized_timeout") or old.get("timeout")
+    before = stored_quantized_budget(store.config)
     if before is None or st.quantized_budget == before:
         return {}
     if st.quantized_budget < before:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from verifier.run.config import Settings
+from verifier.run.config import Settings, stored_quantized_budget
 from verifier.run.gate import understood
 from verifier.run.records import InputRecord, out_of_budget
 from verifier.run.relative import format_range
@@ -82,8 +82,7 @@ def more_time_hint(doc: dict) -> list[str]:
     out_of_time = sum(len(out_of_budget(InputRecord.from_dict(r))) for r in doc["records"])
     if not out_of_time:
         return []
-    settings = doc.get("config", {}).get("settings", {})
-    budget = settings.get("quantized_timeout") or settings.get("timeout")
+    budget = stored_quantized_budget(doc.get("config", {}).get("settings", {}))
     now = f" (this run: {budget:g} s)" if budget else ""
     return [
         f"{out_of_time} quantized decisions on inputs of R ran out of budget: --resume this "

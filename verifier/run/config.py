@@ -71,6 +71,13 @@ class Settings:
         return self.timeout if self.quantized_timeout is None else self.quantized_timeout
 
 
+def stored_quantized_budget(options: dict) -> float | None:
+    """`Settings.quantized_budget` of stored options (run.json, a run store's configuration, a
+    results document's settings); None when they hold no timeout."""
+    timeout = options.get("quantized_timeout")
+    return options.get("timeout") if timeout is None else timeout
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Every option of the main job (see `verify --help`); the decision options first."""
