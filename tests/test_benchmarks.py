@@ -77,3 +77,43 @@ def test_engine_bench_decides_only_the_inputs_asked(real_data, tmp_path, monkeyp
     with pytest.raises(SystemExit) as exc:
         bench.main([*common, "--inputs", "30", "--out", str(out)])
     assert exc.value.code == 2
+
+
+def test_bound_gap_descent_follows_the_worse_child_and_its_milp_is_sound(tmp_path, monkeypatch):
+    """bench_bound_gap's descent on a tiny 16x8 MLP: each measured box smaller than the last,
+    and the program's "unsat" on a whole region only where the runtime's margin is positive at
+    every point of it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # checkout.py edits it
+    bench = importlib.import_module("bench_bound_gap")
+    from onnx_builders import mlp
+
+    from quantize.error_model import error_model
+    from quantize.modes import quantize_model
+    from verifier.engine.bounds import spec_chain
+    from verifier.engine.model import load_model
+    from verifier.engine.quantized_spec import quantized_spec
+    from verifier.engine.regions import lattice_region
+
+    model = load_model(mlp(tmp_path / "mlp.onnx", sizes=(16, 80, 40, 4), seed=3))
+    rng = np.random.default_rng(0)
+    runner = quantize_model(model, "16x8", tmp_path, rng.random((128, 16), dtype=np.float32))
+    em = error_model(runner, model.network.lower())
+    measured = proved = 0
+    for x in rng.random((6, 16), dtype=np.float32):
+        region = lattice_region(x, rng.choice(16, 3, replace=False), 0.125, 1.5)
+        label = int(runner.predict(x[None]).argmax())
+        qs = quantized_spec(em, region, label)
+        fspec = spec_chain(model.network.lower(), qs.region, label)
+        rows = [r for r in bench.descend(qs.spec, fspec, 1, 5.0, 6) if "points" in r]
+        points = [r["points"] for r in rows]
+        assert points == sorted(points, reverse=True)
+        assert all(r["milp"] in ("unsat", "sat", "unknown") for r in rows)
+        pts = np.concatenate(list(region.enumerate()))
+        out = runner.predict(region.points(pts).astype(np.float32))
+        lowest = float((out[:, label, None] - np.delete(out, label, axis=1)).min())
+        if rows and rows[0]["milp"] == "unsat":  # the first box is the whole region
+            assert lowest > 0
+            proved += 1
+        measured += len(rows)
+    assert measured >= 3 and proved >= 1

@@ -569,3 +569,42 @@ def test_lattice_regions_keep_the_roots_choice_of_deeper_cuts(tiny):
         assert np.min(root.lower) == best
         seen.append(better)
     assert len(seen) >= 6 and not all(seen)
+
+
+@pytest.mark.parametrize("mode", ["int8", "16x8"])
+def test_milp_on_error_model_specs_contains_the_runtime(tiny, mode):
+    """The mixed-integer program on a quantized runtime's spec (its input rounding charged,
+    `verifier.engine.milp`) contains every point the runtime computes: asked for a margin below
+    the runtime's own minimum over a small region (plus 1e-4), it never proves none exists,
+    and a point it finds lies in the box; the same program with the rounding dropped (a wrong
+    model) proves a false "unsat" on some region."""
+    from verifier.engine.milp import milp_decide
+    from verifier.engine.quantized_spec import quantized_spec
+
+    model, runners, xs = tiny
+    runner = runners[mode]
+    em = error_model(runner, model.network.lower())
+    found, wrong = 0, 0
+    for i, x in enumerate(xs):
+        region = _region(x, 20 + i)
+        label = int(runner.predict(x[None]).argmax())
+        try:
+            spec = quantized_spec(em, region, label).spec
+        except ValueError:  # a static grid may saturate: no model
+            continue
+        pts = np.concatenate(list(region.enumerate()))
+        out = runner.predict(region.points(pts).astype(np.float32)).astype(np.float64)
+        lowest = (out[:, [label]] - out[:, spec.others]).min(axis=0) + 1e-4
+        b = linear_bounds(spec, region.lo, region.hi)
+        exact = replace(spec, err=[None] * len(spec.err), first_input=None, cap=None, lattice=None)
+        for r in range(len(lowest)):  # one margin at a time: the others' thresholds far below
+            target = np.where(np.arange(len(lowest)) == r, lowest, -1e9)
+            res = milp_decide(spec, region.lo, region.hi, b, 20.0, target)
+            if spec.cap is not None and spec.cap[r] <= target[r]:  # the clamp may decide
+                assert res.status == "unknown"
+                continue
+            assert res.status == "sat", (i, r, res)
+            assert np.all((res.coeffs >= region.lo) & (res.coeffs <= region.hi))
+            found += 1
+            wrong += milp_decide(exact, region.lo, region.hi, b, 20.0, target).status == "unsat"
+    assert found >= 12 and wrong >= 1

@@ -3,9 +3,14 @@
 The spec chain (coefficients `s` to margins, `bounds.SpecChain`) is encoded over a sub-box
 [lo, hi] with the sub-box's per-neuron pre-activation bounds (`Bounds.pre`) as big-M: integer
 generators with the L1-cost budget, for each ReLU its pre-activation `p = W a + b + e` with the
-float32 rounding `|e| <= err` of the spec as a free term (so the program contains every point the
-float32 runtime computes, as the bounds do), the output `y = p` (active), `0` (inactive) or the
-big-M encoding (unstable). Each violated margin is minimised in turn.
+spec's rounding `|e| <= err` as a free term (float32, or a quantized runtime's error model: so
+the program contains every point the runtime computes, as the bounds do), the output `y = p`
+(active), `0` (inactive) or the big-M encoding (unstable). Each violated margin is minimised in
+turn. A quantized spec's first-layer input rounding is charged per neuron of that layer
+(`bounds._first_err`, as the bounds do when it is small), its logit clamp by the spec's caps:
+a margin whose cap is at or below its threshold is never declared positive. Its lattices (the
+requantized values are integers) are not encoded: as integer columns they slowed HiGHS past
+its time limit on every MNIST CNN node tried, with no bound gained.
 
 Soundness: HiGHS works in floating point, so a margin is declared positive only when the
 solver proves no point below `SAFETY` (its cutoff), which is orders of magnitude above its
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 import highspy
 import numpy as np
 
-from verifier.engine.bounds import Bounds, SpecChain
+from verifier.engine.bounds import Bounds, SpecChain, _first_err
 from verifier.engine.network import Affine, Relu
 from verifier.engine.regions import EPS
 
@@ -44,12 +49,10 @@ class MilpResult:
 
 
 def supported(spec: SpecChain) -> bool:
-    """Whether the encoding covers this spec: Affine and Relu layers, float32 or exact rounding
-    (a quantized error model's input rounding is not encoded)."""
-    return (
-        all(isinstance(layer, (Affine, Relu)) for layer in spec.layers)
-        and spec.first_input is None
-        and (spec.in_err is None or all(e is None for e in spec.in_err))
+    """Whether the encoding covers this spec: Affine and Relu layers, with no rounding of a
+    later layer's inputs (a run-time quantized input, dynamic range: not encoded)."""
+    return all(isinstance(layer, (Affine, Relu)) for layer in spec.layers) and (
+        spec.in_err is None or all(e is None for e in spec.in_err)
     )
 
 
@@ -151,7 +154,8 @@ def _encode(spec: SpecChain, lo, hi, bounds: Bounds):
         if isinstance(layer, Relu):
             continue
         w, bias = layer.weight[:, keep], layer.bias
-        err = spec.err[i] if spec.err[i] is not None else np.zeros(len(bias))
+        err = _first_err(spec) if i == 0 else spec.err[i]
+        err = err if err is not None else np.zeros(len(bias))
         if not isinstance(layers[i + 1], Relu):  # an affine output feeding an affine layer
             p = mod.cols(np.full(len(bias), -np.inf), np.full(len(bias), np.inf))
             _tie(mod, p, cur, w, bias, err)
@@ -242,6 +246,8 @@ def milp_decide(
     threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), bounds.lower.shape)
     rows = np.flatnonzero(bounds.lower <= threshold)
     rows = rows[np.argsort(bounds.lower[rows])]
+    if spec.cap is not None and np.any(spec.cap[rows] <= threshold[rows]):
+        return MilpResult("unknown", None, time.perf_counter() - start)  # the clamp may decide
     best = np.inf
     for r in rows:
         left = deadline - time.perf_counter()
