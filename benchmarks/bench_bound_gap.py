@@ -1,15 +1,17 @@
-"""Where a quantized runtime's margin bound loses: linear bounds against the exact minimum of
-the same error model, along one branch and bound descent.
+"""Where a quantized runtime's margin bound loses: linear bounds against the exact minimum of the
+same error model, along one branch and bound descent.
 
-For each input: the quantized runtime's spec on its region (features, r=10, step 1/8 by
-default; `verifier.engine.quantized_spec`), then from the whole region down, always into the
-child with the worse bound (`bab.split`), every `--every` levels until the bounds close the
-box: the box's points, the worst margin's linear lower bound on the quantized spec, the same
-with the rounding dropped (the float chain of the runtime's own weights), the float model's
-bound, and the mixed-integer program (`verifier.engine.milp`: the same interval rounding model
-with every ReLU exact) asked whether that margin can be <= 0, with its answer and time.
-A "unsat" where the linear bound is negative is looseness of the ReLU relaxation, not of the
-rounding model; the gap between the quantized and the rounding-free bound is the rounding's.
+For each input: the quantized runtime's spec on its region (features, r=10, step 1/8 by default;
+`verifier.engine.quantized_spec`), then from the whole region down, always into the child with
+the worse bound (`bab.split`), every `--every` levels until the bounds close the box: the box's
+points, the worst margin's linear lower bound on the quantized spec, the same on the box's spec
+(the first layer's rounding as it is on the box: `box_rounding.on_box`, what branch and bound
+nodes are bounded on), the same with the rounding dropped (the float chain of the runtime's own
+weights), the float model's bound, and the mixed-integer program (`verifier.engine.milp`: the
+same interval rounding model with every ReLU exact) asked whether that margin can be <= 0, with
+its answer and time. A "unsat" where the linear bound is negative is looseness of the ReLU
+relaxation, not of the rounding model; the gap between the quantized and the rounding-free bound
+is the rounding's.
 
     python benchmarks/bench_bound_gap.py --model mnist_cnn --indices 20 \\
         --out benchmarks/results/bench_bound_gap_cnn.json
@@ -32,6 +34,7 @@ from quantize.error_model import error_model
 from quantize.modes import quantize_model
 from verifier.engine.bab import Leaf, split
 from verifier.engine.bounds import linear_bounds, prepare_chain, spec_chain
+from verifier.engine.box_rounding import on_box
 from verifier.engine.data import load_dataset, to_layout
 from verifier.engine.milp import milp_decide
 from verifier.engine.model import load_model
@@ -60,6 +63,9 @@ def descend(qspec, fspec, every: int, milp_seconds: float, max_depth: int) -> li
                     "depth": depth,
                     "points": count_points(lo, hi, region.cost, region.budget, limit=10**12),
                     "quantized_bound": float(b.lower[worst]),
+                    "box_rounding": float(
+                        linear_bounds(on_box(qspec, lo, hi), lo, hi).lower[worst]
+                    ),
                     "without_rounding": float(linear_bounds(plain, lo, hi).lower[worst]),
                     "float_bound": float(linear_bounds(fspec, lo, hi).lower[worst]),
                     "milp": res.status,
@@ -79,6 +85,7 @@ def descend(qspec, fspec, every: int, milp_seconds: float, max_depth: int) -> li
 def _line(r: dict) -> str:
     return (
         f"  depth {r['depth']:3} points {r['points']:>14,}  quantized {r['quantized_bound']:7.3f}"
+        f"  box rounding {r['box_rounding']:7.3f}"
         f"  no rounding {r['without_rounding']:7.3f}  float {r['float_bound']:7.3f}"
         f"  milp {r['milp']:7} {r['milp_seconds']:6.2f} s  unstable {r['unstable']}"
     )
@@ -124,9 +131,9 @@ def main() -> None:
 
 def _markdown(results: dict) -> str:
     lines = [
-        "| input | depth | points | quantized bound | without rounding | float bound "
-        "| MILP (exact ReLUs) | MILP s | unstable ReLUs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| input | depth | points | quantized bound | box rounding | without rounding "
+        "| float bound | MILP (exact ReLUs) | MILP s | unstable ReLUs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in results["inputs"].items():
         for row in r["rows"]:
@@ -134,6 +141,7 @@ def _markdown(results: dict) -> str:
                 continue
             lines.append(
                 f"| {i} | {row['depth']} | {row['points']:,} | {row['quantized_bound']:.3f} "
+                f"| {row['box_rounding']:.3f} "
                 f"| {row['without_rounding']:.3f} | {row['float_bound']:.3f} | {row['milp']} "
                 f"| {row['milp_seconds']:.2f} | {row['unstable']} |"
             )

@@ -43,6 +43,7 @@ from verifier.engine.bounds import (
     linear_bounds,
     prepare_chain,
 )
+from verifier.engine.box_rounding import on_box
 from verifier.engine.decide import (
     SEARCH_SHARE,
     _check,
@@ -194,7 +195,7 @@ def decide_from_float(
         # a child holding its parent's point nearest 0 reuses the parent's rows, and only the
         # margins its parent leaves open are back-substituted, as in the float engine
         b = linear_bounds(
-            last[1],
+            on_box(last[1], lo, hi),  # the first rounding as it is on this box
             lo,
             hi,
             target=threshold,
@@ -345,7 +346,8 @@ def _reuse(
             return None
         # rows kept (`reuse`): its children in branch and bound reuse them as every other
         # node's do (the root's bounds keep none, so the leaf's own are as without)
-        b = linear_bounds(on_leaves, leaf.lo, leaf.hi, parent=direct, open_only=True, reuse=True)
+        spec = on_box(on_leaves, leaf.lo, leaf.hi)
+        b = linear_bounds(spec, leaf.lo, leaf.hi, parent=direct, open_only=True, reuse=True)
         if not (b.empty or np.all(b.lower > 0)):
             left.append(Leaf(leaf.lo, leaf.hi, wrap_direct(leaf.bounds, b)))
         elif cover is not None:

@@ -143,7 +143,7 @@ def check_tree(proof: Proof, problem: Problem) -> Verdict:
                     f"node {pos - 1}: split of generator {g} after {mid} does not cut "
                     f"{_box(lo, hi)} in two"
                 )
-            spec = _on_box(here_problem, parent)
+            spec = _on_box(here_problem, parent, lo, hi)
             here = _node_bounds(spec, lo, hi, parent) if spec else None
             left_hi, right_lo = hi.copy(), lo.copy()
             left_hi[g], right_lo[g] = mid, mid + 1
@@ -230,7 +230,7 @@ def _check_sieve(lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
     is not positive (`Region.points_below`, at most `max_points`) run on the runtime and keep
     the label. Else the box is enumerated when small enough, or it is not checkable."""
     region = problem.region
-    spec = _on_box(problem, parent)
+    spec = _on_box(problem, parent, lo, hi)
     pts = None
     if spec is not None:
         b = _node_bounds(spec, lo, hi, parent)
@@ -258,7 +258,7 @@ def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict)
     at = float(np.min(_margins_at(spec, p)))
     if margin > at + MARGIN_RTOL * (1.0 + abs(at)):
         return f"its margin {margin:g} exceeds the margin {at:g} at the point {p.astype(int)}"
-    spec = _on_box(problem, parent)
+    spec = _on_box(problem, parent, lo, hi)
     b = _node_bounds(spec, lo, hi, parent)
     worst = b.lower
     if np.all(worst > 0):
@@ -276,11 +276,13 @@ def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict)
     return _by_enumeration(lo, hi, count, problem, out, "bounds")
 
 
-def _on_box(problem: Problem, parent: _BoxBounds | None):
-    """The problem's spec with each run-time quantized input (`Problem.levels`) bounded over a
-    box within `parent`'s: 0 where the ReLU before it is off there (0 is on every such grid),
-    else half of (the largest ReLU upper bound) / levels, never more than the spec's own."""
-    spec, levels = problem.spec, problem.levels
+def _on_box(problem: Problem, parent: _BoxBounds | None, lo, hi):
+    """The problem's spec on the box [lo, hi] within `parent`'s: the first layer's rounding
+    to its grid as it is over the box's points (`_grid_rounding`), and each run-time quantized
+    input (`Problem.levels`) bounded: 0 where the ReLU before it is off there (0 is on every
+    such grid), else half of (the largest ReLU upper bound) / levels, never more than the
+    spec's own."""
+    spec, levels = _grid_rounding(problem.spec, problem.region, lo, hi), problem.levels
     if spec is None or levels is None or parent is None or spec.in_err is None:
         return spec
     if len(levels) != len(spec.layers):
@@ -293,6 +295,58 @@ def _on_box(problem: Problem, parent: _BoxBounds | None):
         half = max(float(np.max(up)), 0.0) / n * (1.0 + 1e-6) * HALF_STEP
         steps[k] = np.where(up > 0.0, np.minimum(steps[k], half), 0.0)
     return replace(spec, in_err=steps)
+
+
+# first-layer outputs with more free generators than this keep the spec's rounding bound
+GRID_FREE_MAX = 9
+
+
+def _grid_rounding(spec, region: Region, lo, hi):
+    """`spec` with its first layer's requantization bounded over the box's points: on a box of
+    0/1 generators each output with at most `GRID_FREE_MAX` free generators takes at most
+    2^k values; every grid point a value within the spec's bound beyond half a step of one of
+    them rounds to is listed, and the layer's bias and bound are moved to the range they span
+    (the search does the same with code of its own, `verifier.engine.box_rounding`)."""
+    if spec is None or spec.lattice is None or spec.lattice[0] is None or spec.err[0] is None:
+        return spec
+    if not isinstance(spec.layers[0], Affine) or np.any(lo < 0) or np.any(hi - lo > 1):
+        return spec
+    w, bias = spec.layers[0].weight, spec.layers[0].bias
+    grid = [np.broadcast_to(np.asarray(v, dtype=np.float64), bias.shape) for v in spec.lattice[0]]
+    step, origin = grid
+    bound = _first_widen(spec)
+    room = region.budget - float(np.abs(lo) @ region.cost)
+    if room < 0:
+        return spec
+    moves = (w != 0) & (hi > lo)[None, :]
+    count = moves.sum(axis=1)
+    at_lo = w @ lo.astype(np.float64) + bias
+    extra = np.maximum(bound - 0.5 * step, 0.0) + 1e-9 * step
+    new_bias, new_bound = bias.copy(), np.array(bound, dtype=np.float64, copy=True)
+    for k in range(GRID_FREE_MAX + 1):
+        rows = np.flatnonzero(count == k)
+        if not len(rows):
+            continue
+        cols = np.argsort(~moves[rows], axis=1, kind="stable")[:, :k]  # the moving ones
+        picks = ((np.arange(2**k)[:, None] >> np.arange(k)[None, :]) & 1).astype(np.float64)
+        fits = (region.cost[cols] @ picks.T) <= room + 1e-9
+        value = at_lo[rows, None] + np.einsum(
+            "rk,pk->rp", np.take_along_axis(w[rows], cols, 1), picks
+        )
+        st, og, ex = step[rows, None], origin[rows, None], extra[rows, None]
+        down = og + np.ceil((value - ex - og) / st - 0.5) * st - value
+        up = og + np.floor((value + ex - og) / st + 0.5) * st - value
+        lowest = np.where(fits, down, np.inf).min(axis=1)
+        highest = np.where(fits, up, -np.inf).max(axis=1)
+        half = (highest - lowest) / 2
+        better = half < bound[rows]
+        new_bias[rows[better]] += ((highest + lowest) / 2)[better]
+        new_bound[rows[better]] = half[better]
+    if np.array_equal(new_bound, bound):
+        return spec
+    # the input rounding stays charged apart (`first_input`), once more on the narrowed ones
+    first = np.where(new_bound < bound, new_bound, spec.err[0])
+    return replace(spec, layers=[Affine(w, new_bias), *spec.layers[1:]], err=[first, *spec.err[1:]])
 
 
 def _check_z3(lo, hi, parent, problem: Problem, out: Verdict, kind: str = "z3") -> str | None:

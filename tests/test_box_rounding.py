@@ -1,0 +1,201 @@
+"""The first layer's requantization on a sub-box (`verifier.engine.box_rounding`): every value
+the runtime can round to lies in the box's spec, the runtime's margins lie above its bounds,
+and quantized decisions that use it agree with enumerating the runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx_builders import cnn_hidden_hybrid_nhwc
+from test_engine import check_decision
+
+from quantize.error_model import error_model
+from quantize.modes import float_runner, quantize_model
+from verifier.engine.bab import Leaf, split
+from verifier.engine.bounds import _first_err, linear_bounds, prepare_chain
+from verifier.engine.box_rounding import MAX_FREE, applies, on_box
+from verifier.engine.decide import decide
+from verifier.engine.diffdecide import decide_from_float
+from verifier.engine.model import load_model
+from verifier.engine.quantized_spec import quantized_spec
+from verifier.engine.regions import feature_region, lattice_region
+from verifier.engine.result import CERTIFIED
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    """The MNIST-shaped 8x8 CNN, its int8 and 16x8 copies and a few inputs."""
+    d = tmp_path_factory.mktemp("boxr")
+    model = load_model(cnn_hidden_hybrid_nhwc(d / "cnn.onnx"))
+    rng = np.random.default_rng(2)
+    calib = rng.random((64, *model.input_shape), dtype=np.float32)
+    runners = {m: quantize_model(model, m, d, calib) for m in ("int8", "16x8")}
+    return model, runners, rng.random((4, *model.input_shape), dtype=np.float32)
+
+
+def _region(x: np.ndarray, seed: int, radius: float = 1.5):
+    """Features of 2 pixels each, moved by 1/4: a few thousand points at most."""
+    order = np.random.default_rng(seed).permutation(x.size)[:24]
+    return feature_region(x.reshape(-1), np.array_split(order, 12), 0.25, radius)
+
+
+def _boxes(region, seed: int):
+    """The region's box and sub-boxes with some generators fixed to 0 or 1."""
+    rng = np.random.default_rng(seed)
+    out = [(region.lo, region.hi)]
+    for _ in range(4):
+        lo, hi = region.lo.copy(), region.hi.copy()
+        fix = rng.random(len(lo)) < 0.3
+        hi[fix & (rng.random(len(lo)) < 0.5)] = 0
+        lo[fix] = hi[fix]
+        out.append((lo, hi))
+    return out
+
+
+def _grid_values(spec, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per point, the lowest and highest grid value the first layer's output can round to,
+    from the spec's value and its error: any value within the error beyond half a step."""
+    layer = spec.layers[0]
+    step, origin = spec.lattice[0]
+    v = pts @ layer.weight.T + layer.bias
+    t = (v - origin) / step
+    slack = np.maximum(_first_err(spec) / step - 0.5, 0.0)
+    return origin + np.ceil(t - slack - 0.5) * step, origin + np.floor(t + slack + 0.5) * step
+
+
+@pytest.mark.parametrize("mode", ["int8", "16x8"])
+def test_box_spec_holds_every_rounded_value(cnn, mode):
+    """At every point of a box, each grid value the first layer's output can round to lies
+    within the box's spec (its shifted value +- its narrowed error), the error is narrowed
+    for some outputs and never widened, and the runtime's margins lie above the box's linear
+    bounds."""
+    model, runners, xs = cnn
+    runner = runners[mode]
+    em = error_model(runner, model.network.lower())
+    narrowed = 0
+    for i, x in enumerate(xs):
+        region = _region(x, i)
+        label = int(runner.predict(x[None]).argmax())
+        spec = quantized_spec(em, region, label).spec
+        for lo, hi in _boxes(region, i):
+            assert applies(spec, lo, hi)
+            box = on_box(spec, lo, hi)
+            parts = list(region.enumerate(lo=lo, hi=hi))
+            if not parts:  # the generators fixed to 1 cost more than the budget
+                continue
+            pts = np.concatenate(parts)
+            low, high = _grid_values(spec, pts.astype(np.float64))
+            layer = box.layers[0]
+            v = pts @ layer.weight.T + layer.bias
+            assert np.all(low >= v - _first_err(box) - 1e-12)
+            assert np.all(high <= v + _first_err(box) + 1e-12)
+            assert np.all(box.err[0] <= _first_err(spec) + 1e-15)
+            narrowed += int(np.sum(box.err[0] < 0.9 * _first_err(spec)))
+            xs_box = region.points(pts).astype(np.float32).reshape(len(pts), *model.input_shape)
+            out = runner.predict(xs_box).astype(np.float64)
+            margins = out[:, [label]] - out[:, spec.others]
+            assert np.all(linear_bounds(box, lo, hi).lower <= margins.min(axis=0) + 1e-9)
+    assert narrowed > 0
+
+
+def test_box_spec_needs_a_grid_and_0_1_generators(cnn):
+    """A lattice region's generators span several steps: the spec is left as it is; so is a
+    spec whose first layer has no grid (float16), and a neuron with too many free generators."""
+    model, runners, xs = cnn
+    em = error_model(runners["int8"], model.network.lower())
+    x = xs[0].reshape(-1)
+    lattice = lattice_region(x, np.arange(3), 0.125, 0.75)
+    spec = quantized_spec(em, lattice, 0).spec
+    assert not applies(spec, lattice.lo, lattice.hi)
+    assert on_box(spec, lattice.lo, lattice.hi) is spec
+    region = _region(xs[0], 0)
+    spec = quantized_spec(em, region, 0).spec
+    wide = np.zeros_like(spec.layers[0].weight[:, :1]) + 1.0  # every neuron on many generators
+    many = spec.layers[0].weight.copy()
+    many[:, : MAX_FREE + 1] = np.where(many[:, : MAX_FREE + 1] == 0, wide, many[:, : MAX_FREE + 1])
+    assert (np.count_nonzero(many[:, region.hi > 0], axis=1) > MAX_FREE).all()
+    from dataclasses import replace
+
+    from verifier.engine.network import Affine
+
+    crowded = replace(spec, layers=[Affine(many, spec.layers[0].bias), *spec.layers[1:]])
+    assert on_box(crowded, region.lo, region.hi) is crowded
+
+
+@pytest.mark.parametrize("mode", ["int8", "16x8"])
+def test_decisions_on_feature_regions_agree_with_enumeration(cnn, mode):
+    """Quantized decisions from the float proof on feature regions (branch and bound nodes on
+    the box's spec) certify only where the runtime misclassifies no point, and some do."""
+    model, runners, xs = cnn
+    runner = runners[mode]
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    statuses = []
+    for i, x in enumerate(xs):
+        for radius in (1.5, 2.5):
+            region = _region(x, 40 + i, radius)
+            label = int(runner.predict(x[None]).argmax())
+            fd = decide(float_runner(model), chain, region, label, timeout=30.0, keep_leaves=True)
+            if fd.status != CERTIFIED:
+                continue
+            q = decide_from_float(
+                runner,
+                chain,
+                region,
+                label,
+                fd.detail.get("reuse"),
+                em,
+                timeout=30.0,
+                enum_limit=16,
+            )
+            check_decision(q, runner, region, label)
+            statuses.append(q.status)
+    assert CERTIFIED in statuses
+
+
+def test_split_children_stay_0_1(cnn):
+    """Branch and bound's children of a feature region's box keep 0/1 generators: the box's
+    spec applies all the way down."""
+    model, runners, xs = cnn
+    em = error_model(runners["int8"], model.network.lower())
+    region = _region(xs[1], 1)
+    spec = quantized_spec(em, region, 0).spec
+    leaf = Leaf(region.lo, region.hi, linear_bounds(spec, region.lo, region.hi))
+    for lo, hi in split(leaf, np.zeros(len(spec.others))):
+        assert applies(spec, lo, hi)
+
+
+@pytest.mark.parametrize("mode", ["int8", "16x8"])
+def test_the_audit_narrows_the_rounding_as_the_search_does(cnn, mode):
+    """The proof checker's own code (`proofcheck._grid_rounding`) gives every box the same
+    bias and error as `on_box`, and a decision's kept proof on feature regions re-checks."""
+    from verifier.engine.proof import decode, from_text
+    from verifier.engine.quantized_spec import input_levels
+    from verifier.run.proofcheck import CHECKED, Problem, _grid_rounding, check_tree
+
+    model, runners, xs = cnn
+    runner = runners[mode]
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    checked = 0
+    for i, x in enumerate(xs):
+        region = _region(x, 60 + i, 2.5)
+        label = int(runner.predict(x[None]).argmax())
+        spec = quantized_spec(em, region, label).spec
+        for lo, hi in _boxes(region, i):
+            mine, theirs = on_box(spec, lo, hi), _grid_rounding(spec, region, lo, hi)
+            assert np.allclose(mine.layers[0].bias, theirs.layers[0].bias, rtol=0, atol=1e-12)
+            assert np.allclose(mine.err[0], theirs.err[0], rtol=1e-9, atol=1e-15)
+        fd = decide(float_runner(model), chain, region, label, timeout=30.0, keep_leaves=True)
+        if fd.status != CERTIFIED:
+            continue
+        q = decide_from_float(
+            runner, chain, region, label, fd.detail.get("reuse"), em, timeout=30.0, enum_limit=16
+        )
+        if q.status != CERTIFIED or "proof" not in q.detail:
+            continue
+        proof = decode(from_text(q.detail["proof"]))
+        problem = Problem(region, label, runner, spec, levels=input_levels(em))
+        assert check_tree(proof, problem).status == CHECKED
+        checked += 1
+    assert checked >= 1
