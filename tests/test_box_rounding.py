@@ -7,15 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx_builders import cnn_hidden_hybrid_nhwc
+from test_diffbounds import float_then_quantized
 from test_engine import check_decision
 
 from quantize.error_model import error_model
-from quantize.modes import float_runner, quantize_model
+from quantize.modes import quantize_model
 from verifier.engine.bab import Leaf, split
 from verifier.engine.bounds import _first_err, linear_bounds, prepare_chain
 from verifier.engine.box_rounding import MAX_FREE, applies, on_box
-from verifier.engine.decide import decide
-from verifier.engine.diffdecide import decide_from_float
 from verifier.engine.model import load_model
 from verifier.engine.quantized_spec import quantized_spec
 from verifier.engine.regions import feature_region, lattice_region
@@ -135,19 +134,9 @@ def test_decisions_on_feature_regions_agree_with_enumeration(cnn, mode):
         for radius in (1.5, 2.5):
             region = _region(x, 40 + i, radius)
             label = int(runner.predict(x[None]).argmax())
-            fd = decide(float_runner(model), chain, region, label, timeout=30.0, keep_leaves=True)
-            if fd.status != CERTIFIED:
+            _, q = float_then_quantized(model, runner, em, chain, region, label, 16)
+            if q is None:
                 continue
-            q = decide_from_float(
-                runner,
-                chain,
-                region,
-                label,
-                fd.detail.get("reuse"),
-                em,
-                timeout=30.0,
-                enum_limit=16,
-            )
             check_decision(q, runner, region, label)
             statuses.append(q.status)
     assert CERTIFIED in statuses
@@ -186,12 +175,9 @@ def test_the_audit_narrows_the_rounding_as_the_search_does(cnn, mode):
             mine, theirs = on_box(spec, lo, hi), _grid_rounding(spec, region, lo, hi)
             assert np.allclose(mine.layers[0].bias, theirs.layers[0].bias, rtol=0, atol=1e-12)
             assert np.allclose(mine.err[0], theirs.err[0], rtol=1e-9, atol=1e-15)
-        fd = decide(float_runner(model), chain, region, label, timeout=30.0, keep_leaves=True)
-        if fd.status != CERTIFIED:
+        _, q = float_then_quantized(model, runner, em, chain, region, label, 16)
+        if q is None:
             continue
-        q = decide_from_float(
-            runner, chain, region, label, fd.detail.get("reuse"), em, timeout=30.0, enum_limit=16
-        )
         if q.status != CERTIFIED or "proof" not in q.detail:
             continue
         proof = decode(from_text(q.detail["proof"]))
