@@ -24,6 +24,7 @@ import numpy as np
 
 from verifier.engine.bounds import SpecChain, _first_err
 from verifier.engine.network import Affine
+from verifier.engine.regions import EPS
 
 # A neuron depending on more free generators keeps the half step: its 2^k values cost more
 # to list than the rounding's range gains (9: every first-layer neuron of the MNIST CNN).
@@ -75,7 +76,7 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
         subsets = _SUBSETS[int(n)]
         t = base[rows, None] + np.take_along_axis(w[rows], cols, axis=1) @ subsets.T
         t = (t - origin[rows, None]) / step[rows, None]
-        within = region.cost[cols] @ subsets.T <= left + 1e-9  # the empty subset always is
+        within = region.cost[cols] @ subsets.T <= left + EPS  # the empty subset always is
         d = slack[rows, None]
         low = np.where(within, np.ceil(t - d - 0.5) - t, np.inf).min(axis=1)
         high = np.where(within, np.floor(t + d + 0.5) - t, -np.inf).max(axis=1)

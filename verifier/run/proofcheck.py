@@ -329,7 +329,7 @@ def _grid_rounding(spec, region: Region, lo, hi):
             continue
         cols = np.argsort(~moves[rows], axis=1, kind="stable")[:, :k]  # the moving ones
         picks = ((np.arange(2**k)[:, None] >> np.arange(k)[None, :]) & 1).astype(np.float64)
-        fits = (region.cost[cols] @ picks.T) <= room + 1e-9
+        fits = (region.cost[cols] @ picks.T) <= room + EPS
         value = at_lo[rows, None] + np.einsum(
             "rk,pk->rp", np.take_along_axis(w[rows], cols, 1), picks
         )
