@@ -4,6 +4,8 @@ and quantized decisions that use it agree with enumerating the runtime."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from onnx_builders import cnn_hidden_hybrid_nhwc
@@ -16,6 +18,7 @@ from verifier.engine.bab import Leaf, split
 from verifier.engine.bounds import _first_err, linear_bounds, prepare_chain
 from verifier.engine.box_rounding import MAX_FREE, applies, on_box
 from verifier.engine.model import load_model
+from verifier.engine.network import Affine
 from verifier.engine.quantized_spec import quantized_spec
 from verifier.engine.regions import feature_region, lattice_region
 from verifier.engine.result import CERTIFIED
@@ -99,7 +102,7 @@ def test_box_spec_holds_every_rounded_value(cnn, mode):
 
 def test_box_spec_needs_a_grid_and_0_1_generators(cnn):
     """A lattice region's generators span several steps: the spec is left as it is; so is a
-    spec whose first layer has no grid (float16), and a neuron with too many free generators."""
+    spec whose every first-layer output has more than `MAX_FREE` free generators."""
     model, runners, xs = cnn
     em = error_model(runners["int8"], model.network.lower())
     x = xs[0].reshape(-1)
@@ -109,14 +112,10 @@ def test_box_spec_needs_a_grid_and_0_1_generators(cnn):
     assert on_box(spec, lattice.lo, lattice.hi) is spec
     region = _region(xs[0], 0)
     spec = quantized_spec(em, region, 0).spec
-    wide = np.zeros_like(spec.layers[0].weight[:, :1]) + 1.0  # every neuron on many generators
     many = spec.layers[0].weight.copy()
-    many[:, : MAX_FREE + 1] = np.where(many[:, : MAX_FREE + 1] == 0, wide, many[:, : MAX_FREE + 1])
+    first = many[:, : MAX_FREE + 1]  # every output on the first MAX_FREE + 1 generators
+    first[first == 0] = 1.0
     assert (np.count_nonzero(many[:, region.hi > 0], axis=1) > MAX_FREE).all()
-    from dataclasses import replace
-
-    from verifier.engine.network import Affine
-
     crowded = replace(spec, layers=[Affine(many, spec.layers[0].bias), *spec.layers[1:]])
     assert on_box(crowded, region.lo, region.hi) is crowded
 

@@ -6,7 +6,8 @@ generators a convolution's output depends on few of them (3-9 on the MNIST CNN's
 regions), so it takes few values there, and the rounding's actual range over them is known:
 the box's spec takes its midpoint into the bias and its half-width as the error. On the MNIST
 CNN's int8 copy (features r=10) that range is 68-85% of the half step, narrower as branch and
-bound fixes generators, and it raised node bounds by 0.3-0.45 logits.
+bound fixes generators: the worst margin's bound rises 0.2-0.4 logits at the root, 0.4-0.8
+deeper (`benchmarks/bench_bound_gap.py`).
 
 Sound for any rounding rule (half away from zero or to even): the runtime's value before the
 rounding lies within the rest of the spec's error (float32 or fixed-point scaling, the
