@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from verifier.engine.bounds import PreparedChain
+from verifier.engine.quantized_spec import output_lattice
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,13 @@ class Rounding:
     integer: bool = False
 
 
+# What the logits' common grid changes in a decision (`quantized_spec.decision_thresholds`).
+TIES_HOW = (
+    "the logits on one grid, a tie goes to the lower class: a margin against a later class "
+    "need only exceed minus one step"
+)
+
+
 @dataclass(frozen=True)
 class ErrorModel:
     """The runtime's chain (weights from its file) and the rounding of each of its layers."""
@@ -109,11 +117,15 @@ class ErrorModel:
     def describe(self) -> dict[str, Any]:
         """A short record for run metadata."""
         kinds = [_kind(r) for r in self.rounding if r is not None]
+        grids = output_lattice(self)
+        how = self.how
+        if grids is not None and grids[-1] is not None:
+            how += f"; {TIES_HOW}" if how else TIES_HOW
         return {
             "error_model": True,
             "source": self.source,
             "affine_layers": kinds,
-            "how": self.how,
+            "how": how,
         }
 
 

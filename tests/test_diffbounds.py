@@ -174,9 +174,8 @@ def test_reused_float_leaves_keep_their_rows(tiny):
     qs = quantized_spec(em, region, label)
     direct = linear_bounds(qs.spec, region.lo, region.hi)
     on = narrow_inputs(qs.spec, input_levels(em), direct.pre)
-    left = _reuse(
-        diff_spec(proof.spec, qs.spec), qs.spec, region, proof, direct, {}, 1e18, None, [], on
-    )
+    ds = diff_spec(proof.spec, qs.spec)
+    left = _reuse(ds, qs.spec, qs.threshold, region, proof, direct, {}, 1e18, None, [], on)
     assert left
     for leaf in left:
         plain = linear_bounds(on, leaf.lo, leaf.hi, parent=direct, open_only=True)

@@ -309,7 +309,7 @@ def check_kept_proof(
     ctx: RunContext, region: Region, rec: InputRecord, name: str, max_points: int, tally
 ) -> Failure | None:
     """A certified outcome's kept proof, re-checked leaf by leaf (`verifier.run.proofcheck`)."""
-    from verifier.engine.quantized_spec import input_levels
+    from verifier.engine.quantized_spec import decision_thresholds, input_levels
     from verifier.run import proofcheck as pc
 
     start = time.perf_counter()
@@ -329,7 +329,9 @@ def check_kept_proof(
                 problem = replace(problem, fold=fold_spec(ctx, region, rec.label, name))
             if spec is not None and proof.spec == "error-model":
                 em = ctx.error_models.get(name)
-                problem = replace(problem, levels=input_levels(em) if em else None)
+                if em is not None:  # the runtime's label on a tie: what each margin must exceed
+                    threshold = decision_thresholds(em, spec)
+                    problem = replace(problem, levels=input_levels(em), threshold=threshold)
             verdict = pc.check_tree(proof, problem)
     tally.seconds += time.perf_counter() - start
     tally.points += verdict.points

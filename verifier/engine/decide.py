@@ -158,8 +158,8 @@ def decide(
         return run.enumerate_all(deadline, "small region")
 
     if quantized and error_model is not None:
-        spec, trusted, _ = _model_spec(runtime, error_model, region, label, detail)
-        threshold = np.zeros(len(spec.others))
+        spec, trusted, qs = _model_spec(runtime, error_model, region, label, detail)
+        threshold = np.zeros(len(spec.others)) if qs is None else qs.threshold
     else:
         spec = spec_chain(chain, region, label, float32=not quantized)
         trusted, threshold = _trust(runtime, chain, spec, region, quantized, detail)

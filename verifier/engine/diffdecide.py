@@ -125,7 +125,7 @@ def decide_from_float(
     if not trusted:
         return fallback(detail.get("untrusted_reason", "error model not trusted"))
 
-    threshold = np.zeros(len(qspec.others))
+    threshold = qs.threshold  # a tie on the logits' grid may be the label's
     # the rounding bounds over the whole region, when the spec's are those (no fold, no cap)
     whole = (qs.model, qs.errors) if qs.region is region and qs.ends is None else None
     # the spec's own linear bounds over the region, computed with it (plain slopes: optimised
@@ -134,7 +134,7 @@ def decide_from_float(
     detail["bounds_method"] = direct.method
     detail["root_margin"] = float(np.min(direct.lower - threshold))
     run.step("bounds")
-    if np.all(direct.lower > 0):
+    if np.all(direct.lower > threshold):
         run.cover = Cover()
         close_by_bounds(run.cover, Leaf(region.lo, region.hi, direct), region, threshold)
         return run.done(CERTIFIED, "bounds")
@@ -162,14 +162,24 @@ def decide_from_float(
         # the float leaves are within the root: its ReLU bounds narrow their input rounding
         on_leaves = narrow_inputs(qspec, levels, direct.pre)
         leaves = _reuse(
-            ds, qspec, region, proof, direct, detail, deadline, run.cover, absorbed, on_leaves
+            ds,
+            qspec,
+            threshold,
+            region,
+            proof,
+            direct,
+            detail,
+            deadline,
+            run.cover,
+            absorbed,
+            on_leaves,
         )
         run.step("differential")
         if leaves is None:
             detail["open_leaves"] = "float leaves not all bounded in time"
             return run.done(UNKNOWN, "budget")
         if not leaves:
-            _close_absorbed(run, qspec, absorbed, direct, deadline)
+            _close_absorbed(run, qspec, threshold, absorbed, direct, deadline)
             return run.done(CERTIFIED, "diff-root" if _root_only(proof) else "diff-leaves")
 
     # the attacks come after the bounds: the float model is certified here, and the bounds
@@ -234,7 +244,7 @@ def decide_from_float(
         route = "attack" if out.route == "bab" else out.route
         return run.done(REFUTED, route, out.coeffs, out.adv_label)
     if out.status == CERTIFIED:
-        _close_absorbed(run, qspec, absorbed, direct, deadline)
+        _close_absorbed(run, qspec, threshold, absorbed, direct, deadline)
         by_bounds = out.closed["bab"] + out.closed["empty"]
         return run.done(CERTIFIED, "diff-bab" if by_bounds else "enumeration")
     att = search_attack(
@@ -286,19 +296,20 @@ def _root_only(proof: ClosedLeaves) -> bool:
     return len(proof.leaves) == 1 and proof.leaves[0].bounds is proof.root
 
 
-def _close_absorbed(run: _Run, qspec, absorbed: list[Leaf], direct, deadline: float) -> None:
+def _close_absorbed(
+    run: _Run, qspec, threshold, absorbed: list[Leaf], direct, deadline: float
+) -> None:
     """Close in the proof the float leaves the differential bound alone closed, by the
     runtime's own bounds (what the audit re-derives); no proof when one stays open."""
     if run.cover is None:
         return
-    threshold = np.zeros(len(qspec.others))
     for leaf in absorbed:
         if time.perf_counter() > deadline:
             run.cover, run.detail["no_proof"] = None, "no time to re-bound absorbed leaves"
             return
         whole = np.array_equal(leaf.lo, run.region.lo) and np.array_equal(leaf.hi, run.region.hi)
         b = direct if whole else linear_bounds(qspec, leaf.lo, leaf.hi, parent=direct)
-        if not (b.empty or np.all(b.lower > 0)):
+        if not (b.empty or np.all(b.lower > threshold)):
             run.cover, run.detail["no_proof"] = None, "a leaf closed by the difference alone"
             return
         close_by_bounds(run.cover, Leaf(leaf.lo, leaf.hi, b), run.region, threshold)
@@ -307,6 +318,7 @@ def _close_absorbed(run: _Run, qspec, absorbed: list[Leaf], direct, deadline: fl
 def _reuse(
     ds,
     qspec,
+    threshold: np.ndarray,
     region: Region,
     proof: ClosedLeaves,
     direct,
@@ -329,7 +341,7 @@ def _reuse(
     # how much the differential bound adds to the runtime's own on the worst margin
     detail["diff_root_gain"] = float(np.min(b.lower) - np.min(direct.lower))
     if _root_only(proof):
-        if np.all(b.lower > 0):
+        if np.all(b.lower > threshold):
             absorbed.append(Leaf(region.lo, region.hi, b))
             return []
         return [Leaf(region.lo, region.hi, b)]
@@ -337,9 +349,13 @@ def _reuse(
     # bound absorbs it is closed at no cost (the quantized margin is at least the float one
     # plus the difference, or the spec's positive cap)
     delta = b.delta if not b.empty else None
-    left, threshold = [], np.zeros(len(qspec.others))
+    left = []
     for leaf in proof.leaves:
-        if delta is not None and not leaf.bounds.empty and np.all(leaf.bounds.lower + delta > 0):
+        if (
+            delta is not None
+            and not leaf.bounds.empty
+            and np.all(leaf.bounds.lower + delta > threshold)
+        ):
             absorbed.append(leaf)
             continue
         if time.perf_counter() > deadline:
@@ -348,7 +364,7 @@ def _reuse(
         # node's do (the root's bounds keep none, so the leaf's own are as without)
         spec = on_box(on_leaves, leaf.lo, leaf.hi)
         b = linear_bounds(spec, leaf.lo, leaf.hi, parent=direct, open_only=True, reuse=True)
-        if not (b.empty or np.all(b.lower > 0)):
+        if not (b.empty or np.all(b.lower > threshold)):
             left.append(Leaf(leaf.lo, leaf.hi, wrap_direct(leaf.bounds, b)))
         elif cover is not None:
             close_by_bounds(cover, Leaf(leaf.lo, leaf.hi, b), region, threshold)

@@ -36,6 +36,9 @@ from verifier.engine.regions import Region
 # 43 MNIST MLP regions measured (features r=10 step 1/8) need 9, the others 3-8; lattice r=20
 # step 1/4 regions whose top value moves need 4-9
 FOLD_PARTS = 16
+# how much of the logits' grid step a tie-winning margin's bound may fall below 0
+# (`decision_thresholds`): float32 dequantization moves a step by about 1e-5 of it
+TIE_RTOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class QuantizedSpec:
     ends: tuple | None = None
     root: Bounds | None = None
     model: object = None  # the error model it is on (`centre_pair_sums` applied)
+    # per margin, what its lower bound must exceed for the runtime to keep the label
+    # (`decision_thresholds`); None: 0
+    threshold: np.ndarray | None = None
 
     def interval(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The runtime's logits at coefficients `s` lie within (lo, hi)."""
@@ -88,13 +94,43 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
         cap = margin_caps(model, on, label, errs, *ends, e, root, spec)
         if cap is not None and np.all(cap > 0):
             root = replace(root, lower=np.minimum(root.lower, cap))
+            spec = replace(spec, cap=cap)
             return QuantizedSpec(
-                replace(spec, cap=cap), errs, on, model.chain, (*ends, e), root, model
+                spec,
+                errs,
+                on,
+                model.chain,
+                (*ends, e),
+                root,
+                model,
+                decision_thresholds(model, spec),
             )
     model, errs = centre_pair_sums(model, on, left)
     spec = spec_chain(model.chain, on, label, errors=errs, lattice=output_lattice(model))
     spec, root = with_deeper_cuts(spec, on)
-    return QuantizedSpec(spec, errs, on, model.chain, root=root, model=model)
+    return QuantizedSpec(
+        spec,
+        errs,
+        on,
+        model.chain,
+        root=root,
+        model=model,
+        threshold=decision_thresholds(model, spec),
+    )
+
+
+def decision_thresholds(model, spec: SpecChain) -> np.ndarray:
+    """Per margin of `spec` (its label against each class of `others`), what its lower bound
+    must exceed for the runtime to keep the label: 0, or just above minus one step where every
+    logit lies on one grid (the last layer's output is requantized to it last,
+    `output_lattice`) and the other class comes after the label. There the margin is a
+    multiple of the step, so above minus one step it is at least 0, and a tie is the label's
+    (the runtime's label is its argmax, the lowest class on ties, as `np.argmax` takes it)."""
+    out = np.zeros(len(spec.others))
+    grids = output_lattice(model)
+    if grids is not None and grids[-1] is not None:
+        out[spec.others > spec.label] = -grids[-1][0] * (1.0 - TIE_RTOL)
+    return out
 
 
 def with_deeper_cuts(spec: SpecChain, region: Region) -> tuple[SpecChain, Bounds]:
@@ -272,8 +308,14 @@ def fold_parts(
         spec = spec_chain(m.chain, region_q, label, errors=errs, lattice=output_lattice(m))
         if not specs:  # one choice for every part, as `with_deeper_cuts` makes it
             deeper = _takes_cuts(spec, region_q)
+        spec = replace(spec, deeper_cuts=deeper)
         specs.append(
-            (part, QuantizedSpec(replace(spec, deeper_cuts=deeper), errs, region_q, m.chain))
+            (
+                part,
+                QuantizedSpec(
+                    spec, errs, region_q, m.chain, threshold=decision_thresholds(m, spec)
+                ),
+            )
         )
     return specs
 

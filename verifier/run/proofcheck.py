@@ -82,6 +82,13 @@ class Problem:
     # (`quantized_spec.input_levels`): its rounding is bounded on each box from the enclosing
     # box's ReLU bounds, as the search bounds its branch-and-bound nodes
     levels: tuple | None = None
+    # per margin, what its lower bound must exceed for the runtime to keep the label (a tie on
+    # the logits' grid may be the label's: `quantized_spec.decision_thresholds`); None: 0
+    threshold: np.ndarray | None = None
+
+    def bar(self, spec) -> np.ndarray:
+        """What each margin of `spec` must exceed."""
+        return np.zeros(len(spec.others)) if self.threshold is None else self.threshold
 
 
 def read(data: bytes) -> Proof | Verdict:
@@ -233,13 +240,13 @@ def _check_sieve(lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
     spec = _on_box(problem, parent, lo, hi)
     pts = None
     if spec is not None:
-        b = _node_bounds(spec, lo, hi, parent)
-        open_ = ~(b.lower > 0)
+        b, bar = _node_bounds(spec, lo, hi, parent), problem.bar(spec)
+        open_ = ~(b.lower > bar)
         cap = getattr(spec, "cap", None)
-        if cap is None or not np.any(cap[open_] <= 0):
+        if cap is None or not np.any(cap[open_] <= bar[open_]):
             rows = np.eye(len(spec.others))[open_]
             a, c = _back(spec, b.pre, len(spec.layers), rows, np.zeros(len(rows)), cut=b.cut)
-            pts = region.points_below(a, c, lo, hi, cap=problem.max_points)
+            pts = region.points_below(a, c - bar[open_], lo, hi, cap=problem.max_points)
     if pts is None:
         count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
         return _by_enumeration(lo, hi, count, problem, out, "sieve")
@@ -250,18 +257,19 @@ def _check_sieve(lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
 def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
     """A bounds leaf: its evidence is consistent, and bounds computed here close it."""
     region, spec = problem.region, problem.spec
+    bar = problem.bar(spec)
     if not margin > 0:
         return f"its margin {margin:g} does not close it"
     p = np.clip(0, lo, hi).astype(np.float64)
     if float(np.abs(p) @ region.cost) > region.budget + EPS:
         return "a bounds leaf on a box with no point (an empty leaf)"
-    at = float(np.min(_margins_at(spec, p)))
+    at = float(np.min(_margins_at(spec, p) - bar))
     if margin > at + MARGIN_RTOL * (1.0 + abs(at)):
         return f"its margin {margin:g} exceeds the margin {at:g} at the point {p.astype(int)}"
     spec = _on_box(problem, parent, lo, hi)
     b = _node_bounds(spec, lo, hi, parent)
     worst = b.lower
-    if np.all(worst > 0):
+    if np.all(worst > bar):
         _tally(out.leaves, "bounds")
         return None
     # every ReLU's cut lines, then the first ReLU's alone (where deeper cuts are the looser
@@ -269,7 +277,8 @@ def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict)
     for cut in (b.cut, _first_only(b.cut)) if _first_only(b.cut) != b.cut else (b.cut,):
         if cut is not b.cut:
             worst = np.maximum(worst, _margin_bounds(spec, lo, hi, b.pre, cut))
-        if np.all(np.maximum(worst, _optimised_margins(spec, lo, hi, replace(b, cut=cut))) > 0):
+        best = _optimised_margins(spec, lo, hi, replace(b, cut=cut), bar)
+        if np.all(np.maximum(worst, best) > bar):
             _tally(out.leaves, "bounds")
             return None
     count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
@@ -641,9 +650,9 @@ def _first_only(cut: dict | None) -> dict | None:
     return {1: cut[1]} if cut is not None and 1 in cut else None
 
 
-def _optimised_margins(spec, lo, hi, b: _BoxBounds) -> np.ndarray:
+def _optimised_margins(spec, lo, hi, b: _BoxBounds, bar: np.ndarray) -> np.ndarray:
     """Margin lower bounds with per-margin ReLU lower slopes raised by projected gradient
-    ascent (the minimiser held fixed), the best seen per margin."""
+    ascent (the minimiser held fixed), the best seen per margin (until all exceed `bar`)."""
     m = len(spec.others)
     pre = b.pre
     slopes = {
@@ -657,7 +666,7 @@ def _optimised_margins(spec, lo, hi, b: _BoxBounds) -> np.ndarray:
         a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m), slopes, tape, b.cut)
         value, s = _min_linear(a, c, lo, hi, spec.region.cost, spec.region.budget, where=True)
         best = np.maximum(best, value)
-        if np.all(best > 0):
+        if np.all(best > bar):
             break
         for k, grad in _slope_gradients(spec, pre, tape, s, slopes, b.cut).items():
             scale = np.abs(grad).max(axis=1, keepdims=True) + 1e-12
