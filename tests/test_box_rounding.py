@@ -35,10 +35,11 @@ def cnn(tmp_path_factory):
     return model, runners, rng.random((4, *model.input_shape), dtype=np.float32)
 
 
-def _region(x: np.ndarray, seed: int, radius: float = 1.5):
-    """Features of 2 pixels each, moved by 1/4: a few thousand points at most."""
+def _region(x: np.ndarray, seed: int, radius: float = 1.5, features: int = 12):
+    """24 pixels in features of 2 (of 2 and 3 with 10 features: unlike costs), moved by 1/4:
+    a few thousand points at most."""
     order = np.random.default_rng(seed).permutation(x.size)[:24]
-    return feature_region(x.reshape(-1), np.array_split(order, 12), 0.25, radius)
+    return feature_region(x.reshape(-1), np.array_split(order, features), 0.25, radius)
 
 
 def _boxes(region, seed: int):
@@ -48,7 +49,10 @@ def _boxes(region, seed: int):
     for _ in range(4):
         lo, hi = region.lo.copy(), region.hi.copy()
         fix = rng.random(len(lo)) < 0.3
-        hi[fix & (rng.random(len(lo)) < 0.5)] = 0
+        ones = fix & (rng.random(len(lo)) < 0.5)
+        # the ones leave room for two more generators: the box holds points beyond its corner
+        ones &= np.cumsum(region.cost * ones) <= region.budget - 2 * region.cost.max()
+        hi[fix & ~ones] = 0
         lo[fix] = hi[fix]
         out.append((lo, hi))
     return out
@@ -65,8 +69,23 @@ def _grid_values(spec, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return origin + np.ceil(t - slack - 0.5) * step, origin + np.floor(t + slack + 0.5) * step
 
 
+def _block_region(x: np.ndarray):
+    """Each pixel of the top left 5x5 block its own generator, at most 4 moved by 1/4: first
+    outputs with up to 9 free generators, the budget cutting their subsets."""
+    pixels = (np.arange(5)[:, None] * 8 + np.arange(5)[None, :]).reshape(-1)
+    return feature_region(x.reshape(-1), [np.array([p]) for p in pixels], 0.25, 1.0)
+
+
+REGIONS = {
+    "like-costs": lambda x, i: _region(x, i),
+    "unlike-costs": lambda x, i: _region(x, i, features=10),
+    "block": lambda x, i: _block_region(x),
+}
+
+
+@pytest.mark.parametrize("kind", list(REGIONS))
 @pytest.mark.parametrize("mode", ["int8", "16x8"])
-def test_box_spec_holds_every_rounded_value(cnn, mode):
+def test_box_spec_holds_every_rounded_value(cnn, mode, kind):
     """At every point of a box, each grid value the first layer's output can round to lies
     within the box's spec (its shifted value +- its narrowed error), the error is narrowed
     for some outputs and never widened, and the runtime's margins lie above the box's linear
@@ -76,7 +95,7 @@ def test_box_spec_holds_every_rounded_value(cnn, mode):
     em = error_model(runner, model.network.lower())
     narrowed = 0
     for i, x in enumerate(xs):
-        region = _region(x, i)
+        region = REGIONS[kind](x, i)
         label = int(runner.predict(x[None]).argmax())
         spec = quantized_spec(em, region, label).spec
         for lo, hi in _boxes(region, i):

@@ -28,9 +28,24 @@ from verifier.engine.network import Affine
 from verifier.engine.regions import EPS
 
 # A neuron depending on more free generators keeps the half step: its 2^k values cost more
-# to list than the rounding's range gains (9: every first-layer neuron of the MNIST CNN).
-MAX_FREE = 9
-_SUBSETS = {k: np.array(list(itertools.product((0.0, 1.0), repeat=k))) for k in range(MAX_FREE + 1)}
+# to list than the rounding's range gains. Measured on the MNIST CNN's int8 copy (features
+# r=10, input 20's branch and bound boxes): the range is 27% of the half step with 1 free
+# generator, 73% with 3, 92% with 5, 96-99% with 6-9, and those with 6-9 were 73% of the values
+# listed. At 6: 0.69 ms a box against 0.90 at 9 (and 1.42 before the listing went through one
+# buffer), the worst margin's bound 0.0008 logits lower on average (at most 0.003); inputs 20 /
+# 14 / 42 certified in as many nodes, 12% sooner.
+MAX_FREE = 6
+# per k, the 2^k subsets of k generators as columns (fewest first: the empty one is column 0),
+# and how many hold at most m of them
+_SUBSETS = {
+    k: np.array(sorted(itertools.product((0.0, 1.0), repeat=k), key=sum)).T.copy()
+    for k in range(MAX_FREE + 1)
+}
+_UP_TO = {
+    k: np.searchsorted(s.sum(axis=0), np.arange(k + 1), side="right") for k, s in _SUBSETS.items()
+}
+# (w, its dependency lists, their lengths) for the last first-layer weight `on_box` saw
+_DEPENDENCIES: list = [None]
 # float64 noise in the listed values, in grid steps: a value this close to a rounding
 # boundary is counted on both sides of it
 NOISE_STEPS = 1e-9
@@ -64,25 +79,40 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
     left = region.budget - float(region.cost @ fixed)
     if left < 0:  # no point in the box: its bounds say so
         return spec
-    base = b + w @ fixed
+    base = (b + w @ fixed - origin) / step  # in grid steps from here on
     err = _first_err(spec)
     # the runtime's value before rounding is within this of the spec's, in steps
     slack = np.maximum(err / step - 0.5, 0.0) + NOISE_STEPS
-    free = (w != 0) & (hi > lo)[None, :]
+    dep, count = _dependencies(w)
+    free = (hi > lo)[dep] & (np.arange(dep.shape[1]) < count[:, None])
     k = free.sum(axis=1)
+    # the outputs to list, fewest free generators first, and those generators, row by row
+    rows = np.flatnonzero(k <= MAX_FREE)
+    rows = rows[np.argsort(k[rows], kind="stable")]
+    ks = k[rows]
+    cols = dep[rows][free[rows]]
+    first_row = np.searchsorted(ks, np.arange(MAX_FREE + 2))
+    first_col = np.concatenate([[0], np.cumsum(ks)])
+    # at most this many generators fit in what is left of the budget
+    cheapest = float(region.cost.min(initial=np.inf))
+    most = MAX_FREE if cheapest <= 0 else int(np.floor((left + EPS) / cheapest))
     shift, half = np.zeros(len(b)), err.copy()
-    for n in np.unique(k[k <= MAX_FREE]):
-        rows = np.flatnonzero(k == n)
-        cols = np.nonzero(free[rows])[1].reshape(len(rows), n)
-        subsets = _SUBSETS[int(n)]
-        t = base[rows, None] + np.take_along_axis(w[rows], cols, axis=1) @ subsets.T
-        t = (t - origin[rows, None]) / step[rows, None]
-        within = region.cost[cols] @ subsets.T <= left + EPS  # the empty subset always is
-        d = slack[rows, None]
-        low = np.where(within, np.ceil(t - d - 0.5) - t, np.inf).min(axis=1)
-        high = np.where(within, np.floor(t + d + 0.5) - t, -np.inf).max(axis=1)
-        shift[rows] = (low + high) / 2 * step[rows]
-        half[rows] = (high - low) / 2 * step[rows]
+    for n in range(MAX_FREE + 1):
+        a, z = first_row[n], first_row[n + 1]
+        if a == z:
+            continue
+        r = rows[a:z]
+        c = cols[first_col[a] : first_col[z]].reshape(z - a, n)
+        subsets = _SUBSETS[n][:, : _UP_TO[n][min(n, most)]]
+        t = (w[r[:, None], c] / step[r, None]) @ subsets
+        t += base[r, None]
+        cost = region.cost[c]
+        if np.any(cost.sum(axis=1) > left + EPS):  # the budget cuts some subsets
+            # those take the empty subset's value (column 0): the extremes stay the same
+            np.copyto(t, t[:, :1], where=cost @ subsets > left + EPS)
+        low, high = _moves(t, slack[r])
+        shift[r] = (low + high) / 2 * step[r]
+        half[r] = (high - low) / 2 * step[r]
     narrowed = half < err
     if not np.any(narrowed):
         return spec
@@ -91,3 +121,33 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
     layers = [Affine(w, b + np.where(narrowed, shift, 0.0)), *spec.layers[1:]]
     first = np.where(narrowed, half, spec.err[0])
     return replace(spec, layers=layers, err=[first, *spec.err[1:]])
+
+
+def _dependencies(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per output row of `w`, the generators its weight is not 0 on (in order, padded) and
+    how many: the same for every box of a region, so kept for the last `w` seen."""
+    kept = _DEPENDENCIES[0]
+    if kept is not None and kept[0] is w:
+        return kept[1], kept[2]
+    nz = w != 0
+    count = nz.sum(axis=1)
+    # a stable sort puts each row's own generators first, in order
+    dep = np.argsort(~nz, axis=1, kind="stable")[:, : max(int(count.max(initial=0)), 1)]
+    _DEPENDENCIES[0] = (w, dep, count)
+    return dep, count
+
+
+def _moves(t: np.ndarray, slack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of values `t` (in grid steps), the lowest and highest move rounding makes when
+    each value may first move by up to `slack`: to every grid point within half a step of
+    where it may be. Through one buffer (temporaries of this size cost more to allocate than to
+    fill)."""
+    reach = slack[:, None] + 0.5
+    buf = t - reach
+    np.ceil(buf, out=buf)
+    buf -= t
+    low = buf.min(axis=1)
+    np.add(t, reach, out=buf)
+    np.floor(buf, out=buf)
+    buf -= t
+    return low, buf.max(axis=1)

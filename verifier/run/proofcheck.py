@@ -306,8 +306,9 @@ def _on_box(problem: Problem, parent: _BoxBounds | None, lo, hi):
     return replace(spec, in_err=steps)
 
 
-# first-layer outputs with more free generators than this keep the spec's rounding bound
-GRID_FREE_MAX = 9
+# first-layer outputs with more free generators than this keep the spec's rounding bound (as
+# many as the search lists: more would only cost time)
+GRID_FREE_MAX = 6
 
 
 def _grid_rounding(spec, region: Region, lo, hi):
