@@ -3,17 +3,23 @@ they are not positive are run on the runtime (`Region.points_below`, `bab.settle
 
 from __future__ import annotations
 
+import gc
+import time
+
 import numpy as np
 import pytest
-from test_engine import check_decision, random_case, truth
+from test_engine import ChainRuntime, check_decision, random_case, truth
 from test_proof import problem
 
-from verifier.engine.bab import Leaf, sieved_points
+from verifier.engine import bab
+from verifier.engine import points as points_module
+from verifier.engine.bab import SIEVE_POINTS, BabOutcome, Leaf, settle_node, sieved_points
 from verifier.engine.bounds import linear_bounds, pointwise_lower, spec_chain
 from verifier.engine.decide import decide
+from verifier.engine.points import point_seconds
 from verifier.engine.proof import decode, from_text
 from verifier.engine.regions import Region
-from verifier.engine.result import CERTIFIED
+from verifier.engine.result import CERTIFIED, UNKNOWN
 from verifier.run.proofcheck import CHECKED, check_proof
 
 
@@ -241,3 +247,57 @@ def test_products_over_varying_columns_match_the_full_product():
     spec, root, lo, hi, pts, _ = next(iter(_boxes_with_margins()))
     rows = np.array([0, len(spec.others) - 1])
     assert np.array_equal(pointwise_lower(root, pts, rows), pointwise_lower(root, pts)[:, rows])
+
+
+class SlowRuntime(ChainRuntime):
+    """The chain, 200 us a point (as TFLite's 16x8 kernels on the MNIST CNN), calls counted."""
+
+    calls = 0
+
+    def predict(self, x):
+        self.calls += 1
+        time.sleep(2e-4 * len(x))
+        return super().predict(x)
+
+
+def test_point_seconds_is_measured_once_a_runtime():
+    """A runtime's seconds a point: measured on its first use (slower for a slower runtime),
+    then kept without running it again, and forgotten with the runtime."""
+    chain, fast, region, _ = random_case(1)
+    slow = SlowRuntime(chain, region.x.size)
+    took = point_seconds(slow, region)
+    calls = slow.calls
+    assert took >= 2e-4 > 20 * point_seconds(fast, region)
+    assert point_seconds(slow, region) == took and slow.calls == calls
+    key = id(slow)
+    del slow
+    gc.collect()
+    assert key not in points_module._SECONDS
+
+
+def test_a_slow_runtime_sieves_fewer_points_a_leaf(monkeypatch):
+    """A box whose bounds leave a few points open is sieved on a fast runtime; on a slow one
+    whose `SIEVE_SECONDS` pays for fewer points, it is split instead (nothing run)."""
+    sieved = 0
+    for seed in range(1, 40, 2):
+        chain, fast, region, label = random_case(seed)
+        spec = spec_chain(chain, region, label)
+        b = linear_bounds(spec, region.lo, region.hi)
+        threshold = np.zeros(len(spec.others))
+        leaf = Leaf(region.lo, region.hi, b)
+        pts = sieved_points(region, leaf, threshold, SIEVE_POINTS)
+        if pts is None or len(pts) < 2 or region.count(len(pts)) <= len(pts):
+            continue  # (a box of at most `enum_limit` points runs up to that many)
+        limit = len(pts)
+        slow = SlowRuntime(chain, region.x.size)
+        # the slow runtime's sieve pays for about half of these points, the fast one's for all
+        monkeypatch.setattr(bab, "SIEVE_SECONDS", point_seconds(slow, region) * len(pts) / 2)
+        assert bab.SIEVE_SECONDS / point_seconds(fast, region) > len(pts)
+        calls = slow.calls
+        out = BabOutcome(UNKNOWN, "bab")
+        assert settle_node(slow, region, label, leaf, threshold, limit, np.inf, out) is None
+        assert slow.calls == calls and out.points == 0
+        res = settle_node(fast, region, label, leaf, threshold, limit, np.inf, out)
+        assert res is not None and res.route == "sieve" and res.points == len(pts)
+        sieved += 1
+    assert sieved >= 3

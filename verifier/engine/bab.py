@@ -29,6 +29,7 @@ from verifier.engine.enumeration import (
     enumerate_box,
     margins_and_labels,
 )
+from verifier.engine.points import point_seconds
 from verifier.engine.proof import Cover, margin_evidence
 from verifier.engine.regions import Region
 from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN
@@ -50,6 +51,14 @@ ROWS_BUDGET = 256 << 20
 # 146 / 194 / 331 / 452 / 620 / 761 / 983, 15.3 -> 14.2 s (1,377 -> 1,229 nodes).
 SIEVE_POINTS = 4096
 PER_SAMPLE_SIEVE = 256
+# A slow runtime's sieve runs at most this long a leaf (`points.point_seconds`: its points
+# built and run): SIEVE_POINTS on the slowest batched runtime that limit was measured on (the
+# float MNIST MLP on onnxruntime, 15.6 us a point), fewer on slower ones. TFLite's 16x8 kernels
+# take 93-108 us a point on the MNIST CNN (int8: 3.7): at 4,096 points a leaf its copy left 5
+# of the first 200 images' 126 in `R` open at 2 s (14,000-19,000 points sieved in 11-25 nodes);
+# at 590-740 (this limit: about 650) or 256 each of them certified in 0.8-1.8 s. A runtime run
+# a point a call keeps its own limits (PER_SAMPLE_SIEVE, above).
+SIEVE_SECONDS = 0.07
 # Relaxed minimisers (candidate counterexamples, a few a node, new ones only) queued before one
 # runtime call runs them all. Run a node at a time they took 6-7% of the float engine's time
 # at features r=20 (MNIST MLP input 7: 641 nodes, 747 runtime calls; queued, 153), and no
@@ -243,15 +252,15 @@ def settle_node(
     `MINIMISER_BATCH`, and the loop runs the rest when it ends: `run_minimisers`), then run the
     points its linear bounds leave at or below the threshold (`sieve`: route "sieve", see
     `sieved_points`) when the box holds at most `enum_limit` points, or when they are at most
-    `SIEVE_POINTS`; else every point when the box holds at most `enum_limit` (a single point
-    is always run, never split). A counterexample goes into `out` (status
-    REFUTED); returns the run's result (`route` "sieve" or "enumeration"), or None when no
-    point was run. `sieve=False` where the bounds do not hold at every point of the box (ReLU
-    phase splits). `pointwise(leaf, rows, points, target)`: tighter lower bounds of margins
-    `rows` at points of the leaf's box ((N, len(rows)), or None; `pointwise.first_exact_margins`,
-    tightest where at or below `target`, the rows' thresholds), that spare the runtime the
-    points they prove: the sieve runs only the others (on a runtime that runs one point per
-    call, as many as on any other)."""
+    `SIEVE_POINTS` (fewer on a slow runtime: `SIEVE_SECONDS`); else every point when the box
+    holds at most `enum_limit` (a single point is always run, never split). A counterexample
+    goes into `out` (status REFUTED); returns the run's result (`route` "sieve" or
+    "enumeration"), or None when no point was run. `sieve=False` where the bounds do not hold at
+    every point of the box (ReLU phase splits). `pointwise(leaf, rows, points, target)`: tighter
+    lower bounds of margins `rows` at points of the leaf's box ((N, len(rows)), or None;
+    `pointwise.first_exact_margins`, tightest where at or below `target`, the rows' thresholds),
+    that spare the runtime the points they prove: the sieve runs only the others (on a runtime
+    that runs one point per call, as many as on any other)."""
     out.queued.append(minimisers(region, leaf.bounds, threshold, out.tried))
     full = sum(len(c) for c in out.queued) >= MINIMISER_BATCH
     if full and run_minimisers(runtime, region, label, out):
@@ -259,8 +268,11 @@ def settle_node(
     limit = max(enum_limit, 1)
     small = region.count(limit, leaf.lo, leaf.hi) <= limit
     # a box small enough to enumerate runs only its open points; a larger one when few
-    per_sample = getattr(runtime, "per_sample", False) and pointwise is None
-    few = PER_SAMPLE_SIEVE if per_sample else SIEVE_POINTS
+    per_sample = getattr(runtime, "per_sample", False)
+    few = PER_SAMPLE_SIEVE if per_sample and pointwise is None else SIEVE_POINTS
+    seconds = 0.0 if per_sample else point_seconds(runtime, region)
+    if seconds > 0:  # a slow runtime: fewer points a leaf (the others split on)
+        few = min(few, max(int(SIEVE_SECONDS / seconds), 1))
     cap = limit if small else min(limit, few)
     pts = sieved_points(region, leaf, threshold, cap) if sieve else None
     if pts is not None and len(pts) and pointwise is not None:

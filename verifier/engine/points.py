@@ -8,6 +8,8 @@ the report's examples all go through these, so every route evaluates a point bit
 from __future__ import annotations
 
 import math
+import time
+import weakref
 from typing import Protocol
 
 import numpy as np
@@ -78,6 +80,34 @@ def runtime_inputs(runtime, region: Region, coeffs: np.ndarray) -> np.ndarray:
 def predict_points(runtime, region: Region, coeffs: np.ndarray) -> np.ndarray:
     """The runtime's logits (B, classes) at the points of `coeffs` (B, G)."""
     return np.asarray(runtime.predict(runtime_inputs(runtime, region, coeffs)))
+
+
+# points `point_seconds` runs (twice: the first call may allocate for the batch's size)
+PROBE_POINTS = 256
+# id(runtime) -> (a weak reference to it, its seconds a point); runners are dataclasses (not
+# hashable), so kept by identity, each entry dropped with its runtime
+_SECONDS: dict[int, tuple[weakref.ref, float]] = {}
+
+
+def point_seconds(runtime, region: Region) -> float:
+    """Seconds a point of `region` takes on `runtime` (its input built and run, in batches as
+    the sieve runs them): measured once per runtime on the region's centre; 0 (not measured)
+    for a runtime that cannot be weakly referenced."""
+    key = id(runtime)
+    kept = _SECONDS.get(key)
+    if kept is not None and kept[0]() is runtime:
+        return kept[1]
+    try:
+        ref = weakref.ref(runtime, lambda _: _SECONDS.pop(key, None))
+    except TypeError:
+        return 0.0
+    s = np.zeros((PROBE_POINTS, region.num_generators))
+    predict_points(runtime, region, s)
+    start = time.perf_counter()
+    predict_points(runtime, region, s)
+    seconds = max(time.perf_counter() - start, 1e-9) / PROBE_POINTS
+    _SECONDS[key] = (ref, seconds)
+    return seconds
 
 
 def count_points(lo, hi, cost, budget: float, limit: int = 10**12, exact: bool = False) -> int:
