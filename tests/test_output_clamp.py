@@ -117,10 +117,9 @@ def test_clamped_decisions_agree_with_enumeration():
     assert (CERTIFIED, "bounded apart") in capped
 
 
-@pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    """A 16-40-20-4 MLP, its int8 TFLite and ONNX Runtime QDQ files, and a few inputs."""
-    d = tmp_path_factory.mktemp("clamp")
+def real_copies(d, dynamic: bool = False):
+    """A 16-40-20-4 MLP in `d`, its int8 TFLite and ONNX Runtime QDQ files (per tensor and per
+    channel; and its dynamic-range TFLite file), and a few inputs."""
     model = load_model(mlp(d / "mlp.onnx", sizes=(16, 40, 20, 4), seed=5, gemm=False))
     rng = np.random.default_rng(0)
     calib = rng.random((64, 16), dtype=np.float32)
@@ -129,7 +128,14 @@ def real(tmp_path_factory):
         "ort-qdq": quantize_model(model, "ort-qdq", d, calib),
         "ort-qdq-pc": quantize_model(model, "ort-qdq", d, calib, per_channel=True),
     }
+    if dynamic:
+        runners["dynamic"] = quantize_model(model, "dynamic", d, calib)
     return model, runners, rng.random((6, 16), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    return real_copies(tmp_path_factory.mktemp("clamp"))
 
 
 @pytest.mark.parametrize("name", ["int8", "ort-qdq", "ort-qdq-pc"])

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx_builders import mlp
 from test_engine import all_points, check_decision, random_case
-from test_output_clamp import STEP, ClampRuntime
+from test_output_clamp import STEP, ClampRuntime, real_copies
 
 from quantize.error_model import ErrorModel, Grid, Rounding, error_model
-from quantize.modes import quantize_model
 from quantize.rounding import TIES_HOW
 from verifier.engine.bounds import linear_bounds, prepare_chain
 from verifier.engine.decide import decide
-from verifier.engine.model import load_model
 from verifier.engine.network import Affine
 from verifier.engine.proof import decode, from_text
 from verifier.engine.quantized_spec import (
@@ -34,18 +31,8 @@ DELTA = 0.5  # the winner's lead over the class it ties with, in grid steps
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    """A 16-40-20-4 MLP, its int8 TFLite, ONNX Runtime QDQ and dynamic-range files."""
-    d = tmp_path_factory.mktemp("ties")
-    model = load_model(mlp(d / "mlp.onnx", sizes=(16, 40, 20, 4), seed=5, gemm=False))
-    rng = np.random.default_rng(0)
-    calib = rng.random((64, 16), dtype=np.float32)
-    runners = {
-        "int8": quantize_model(model, "int8", d, calib),
-        "ort-qdq": quantize_model(model, "ort-qdq", d, calib),
-        "ort-qdq-pc": quantize_model(model, "ort-qdq", d, calib, per_channel=True),
-        "dynamic": quantize_model(model, "dynamic", d, calib),
-    }
-    return model, runners, rng.random((6, 16), dtype=np.float32)
+    """The MLP of `test_output_clamp`, its int8 TFLite, ONNX Runtime QDQ and dynamic-range files."""
+    return real_copies(tmp_path_factory.mktemp("ties"), dynamic=True)
 
 
 def _feature_region(x: np.ndarray, seed: int):
