@@ -23,6 +23,7 @@ from verifier.engine.network import Affine, forward_lowered
 from verifier.engine.points import runtime_inputs
 from verifier.engine.proof import FOLD, SPLIT, Node, decode, from_text
 from verifier.engine.quantized_spec import (
+    decision_thresholds,
     fold_part_of,
     fold_parts,
     input_levels,
@@ -175,7 +176,9 @@ def test_reused_float_leaves_keep_their_rows(tiny):
     direct = linear_bounds(qs.spec, region.lo, region.hi)
     on = narrow_inputs(qs.spec, input_levels(em), direct.pre)
     ds = diff_spec(proof.spec, qs.spec)
-    left = _reuse(ds, qs.spec, qs.threshold, region, proof, direct, {}, 1e18, None, [], on)
+    left = _reuse(
+        ds, qs.spec, decision_thresholds(em, qs.spec), region, proof, direct, {}, 1e18, None, [], on
+    )
     assert left
     for leaf in left:
         plain = linear_bounds(on, leaf.lo, leaf.hi, parent=direct, open_only=True)

@@ -46,7 +46,7 @@ from verifier.engine.network import LoweredLayer, forward_lowered
 from verifier.engine.points import runtime_inputs
 from verifier.engine.pointwise import first_exact_margins
 from verifier.engine.proof import Cover, to_text
-from verifier.engine.quantized_spec import quantized_spec
+from verifier.engine.quantized_spec import decision_thresholds, quantized_spec
 from verifier.engine.regions import Region
 from verifier.engine.relu_split import POLICIES, relu_branch_and_bound
 from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN, Decision
@@ -159,7 +159,9 @@ def decide(
 
     if quantized and error_model is not None:
         spec, trusted, qs = _model_spec(runtime, error_model, region, label, detail)
-        threshold = np.zeros(len(spec.others)) if qs is None else qs.threshold
+        threshold = (
+            np.zeros(len(spec.others)) if qs is None else decision_thresholds(error_model, spec)
+        )
     else:
         spec = spec_chain(chain, region, label, float32=not quantized)
         trusted, threshold = _trust(runtime, chain, spec, region, quantized, detail)

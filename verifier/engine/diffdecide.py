@@ -58,6 +58,7 @@ from verifier.engine.pointwise import first_exact_margins
 from verifier.engine.proof import Cover
 from verifier.engine.quantized_spec import (
     QuantizedSpec,
+    decision_thresholds,
     fold_part_of,
     fold_parts,
     input_levels,
@@ -125,7 +126,7 @@ def decide_from_float(
     if not trusted:
         return fallback(detail.get("untrusted_reason", "error model not trusted"))
 
-    threshold = qs.threshold  # a tie on the logits' grid may be the label's
+    threshold = decision_thresholds(error_model, qspec)  # a tie on the logits' grid may count
     # the rounding bounds over the whole region, when the spec's are those (no fold, no cap)
     whole = (qs.model, qs.errors) if qs.region is region and qs.ends is None else None
     # the spec's own linear bounds over the region, computed with it (plain slopes: optimised

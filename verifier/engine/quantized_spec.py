@@ -58,9 +58,6 @@ class QuantizedSpec:
     ends: tuple | None = None
     root: Bounds | None = None
     model: object = None  # the error model it is on (`centre_pair_sums` applied)
-    # per margin, what its lower bound must exceed for the runtime to keep the label
-    # (`decision_thresholds`); None: 0
-    threshold: np.ndarray | None = None
 
     def interval(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The runtime's logits at coefficients `s` lie within (lo, hi)."""
@@ -94,29 +91,13 @@ def quantized_spec(model, region: Region, label: int) -> QuantizedSpec:
         cap = margin_caps(model, on, label, errs, *ends, e, root, spec)
         if cap is not None and np.all(cap > 0):
             root = replace(root, lower=np.minimum(root.lower, cap))
-            spec = replace(spec, cap=cap)
             return QuantizedSpec(
-                spec,
-                errs,
-                on,
-                model.chain,
-                (*ends, e),
-                root,
-                model,
-                decision_thresholds(model, spec),
+                replace(spec, cap=cap), errs, on, model.chain, (*ends, e), root, model
             )
     model, errs = centre_pair_sums(model, on, left)
     spec = spec_chain(model.chain, on, label, errors=errs, lattice=output_lattice(model))
     spec, root = with_deeper_cuts(spec, on)
-    return QuantizedSpec(
-        spec,
-        errs,
-        on,
-        model.chain,
-        root=root,
-        model=model,
-        threshold=decision_thresholds(model, spec),
-    )
+    return QuantizedSpec(spec, errs, on, model.chain, root=root, model=model)
 
 
 def decision_thresholds(model, spec: SpecChain) -> np.ndarray:
@@ -308,14 +289,8 @@ def fold_parts(
         spec = spec_chain(m.chain, region_q, label, errors=errs, lattice=output_lattice(m))
         if not specs:  # one choice for every part, as `with_deeper_cuts` makes it
             deeper = _takes_cuts(spec, region_q)
-        spec = replace(spec, deeper_cuts=deeper)
         specs.append(
-            (
-                part,
-                QuantizedSpec(
-                    spec, errs, region_q, m.chain, threshold=decision_thresholds(m, spec)
-                ),
-            )
+            (part, QuantizedSpec(replace(spec, deeper_cuts=deeper), errs, region_q, m.chain))
         )
     return specs
 
