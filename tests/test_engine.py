@@ -816,6 +816,79 @@ def test_split_serves_the_worst_margin():
     assert halved(rows, [1.0, 1.0, 2.0]) == 3  # none violated: the widest range
 
 
+def test_split_weighs_the_last_relu_layers_gap():
+    """With the margins' weights on the last ReLU layer, a split also weighs the relaxation gap
+    of its unstable neurons each generator's range moves: generator 2 moves half the range of
+    an unstable neuron (gap 0.5 by its upper chord, weight -4: score 1.0) and beats generator
+    0's larger coefficient; a stable neuron (generator 3's) adds nothing, nor do rows the
+    bounds did not keep."""
+    from verifier.engine.bab import GAP_WEIGHT, relaxation_score, split
+    from verifier.engine.bounds import Bounds
+
+    lo, hi = np.zeros(4, dtype=np.int64), np.ones(4, dtype=np.int64)
+    coeffs = np.array([[0.5, 0.1, 0.1, 0.1]])
+    pre = [None, None, None, (np.array([-1.0, 0.5]), np.array([1.0, 2.0])), None]
+    lam = np.zeros((4, 4))
+    lam[[0, 2], 2] = [1.0, -1.0]  # neuron 0's lower and (negated) upper rows: on generator 2
+    lam[[1, 3], 3] = [3.0, -3.0]  # neuron 1 (stable) on generator 3
+    queries = {2: (np.array([0, 1]), lam, np.zeros(4))}
+    b = Bounds(np.array([-1.0]), coeffs, np.zeros((1, 4)), pre, "crown", queries=queries)
+    weights = np.array([[-4.0, -10.0]])
+    width = np.ones(4)
+    assert np.allclose(relaxation_score(b, weights[0], width), [0.0, 0.0, 1.0, 0.0])
+    # a positive weight: the adaptive lower line's gap, min(u, -l) = 1
+    assert np.allclose(relaxation_score(b, -weights[0], width), [0.0, 0.0, 2.0, 0.0])
+    assert GAP_WEIGHT * 1.0 + 0.1 > 0.5
+
+    def halved(bounds, w):
+        (_, hi0), _ = split(Leaf(lo, hi, bounds), np.zeros(1), w)
+        return int(np.flatnonzero(hi0 != hi)[0])
+
+    assert halved(b, weights) == 2
+    assert halved(b, None) == 0
+    assert halved(Bounds(b.lower, coeffs, b.argmin, pre, "crown"), weights) == 0  # no rows
+
+
+def test_last_relu_weights_only_where_a_coarse_grid_feeds_the_margins():
+    """The margins' weights reach `split` where the last ReLU follows a deeper Affine layer
+    than the first, feeds the margins, and its input lies on a grid of few steps across its
+    unstable neurons' ranges (8-bit activations): not on a fine grid, without one, for a single
+    hidden layer (its ReLU's input is the first layer's: no rows), or behind a max pool."""
+    from dataclasses import replace
+
+    from verifier.engine.bab import GAP_GRID_STEPS, last_relu_weights
+
+    rng = np.random.default_rng(0)
+
+    def layer(m, k):
+        return Affine(rng.normal(size=(m, k)), rng.normal(size=m))
+
+    for seed in range(20):
+        _, _, region, label = random_case(seed)
+        n = len(region.x)
+        deep = spec_chain([layer(8, n), Relu(), layer(8, 8), Relu(), layer(3, 8)], region, label)
+        root = linear_bounds(deep, region.lo, region.hi)
+        low, up = root.pre[3]
+        unstable = (low < 0) & (up > 0)
+        if unstable.any():
+            break
+    span = float(np.median((up - low)[unstable]))
+
+    def on_grid(steps):
+        return replace(deep, lattice=[None, None, (span / steps, 0.0), None, None])
+
+    assert last_relu_weights(on_grid(10), root) is deep.layers[-1].weight
+    assert last_relu_weights(on_grid(GAP_GRID_STEPS * 4), root) is None
+    assert last_relu_weights(deep, root) is None  # no grid (a float chain)
+    shallow = spec_chain([layer(5, n), Relu(), layer(3, 5)], region, label)
+    shallow = replace(shallow, lattice=[(span / 10, 0.0), None, None])
+    assert last_relu_weights(shallow, linear_bounds(shallow, region.lo, region.hi)) is None
+    pooled = [layer(6, n), Relu(), layer(4, 6), Relu(), MaxPool(np.array([[0, 1], [2, 3]]))]
+    pool = spec_chain([*pooled, layer(3, 2)], region, label)
+    pool = replace(pool, lattice=[None, None, (span / 10, 0.0), None, None, None])
+    assert last_relu_weights(pool, linear_bounds(pool, region.lo, region.hi)) is None
+
+
 def test_bab_with_no_nodes_is_unknown():
     chain, runtime, region, label, spec, root = _hard_robust_case()
 

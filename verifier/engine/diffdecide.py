@@ -36,7 +36,13 @@ import time
 import numpy as np
 
 from verifier.engine.attack import quick_attack, search_attack
-from verifier.engine.bab import ClosedLeaves, Leaf, branch_and_bound, close_by_bounds
+from verifier.engine.bab import (
+    ClosedLeaves,
+    Leaf,
+    branch_and_bound,
+    close_by_bounds,
+    last_relu_weights,
+)
 from verifier.engine.bounds import (
     PreparedChain,
     SpecChain,
@@ -230,6 +236,7 @@ def decide_from_float(
         bound,
         threshold,
         pointwise=pointwise,
+        margin_weights=last_relu_weights(qspec, direct),
         deadline=deadline - attack_share * timeout,
         max_nodes=max_nodes,
         enum_limit=enum_limit,
