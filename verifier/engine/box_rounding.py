@@ -71,6 +71,9 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
         return spec
     layer = spec.layers[0]
     w, b = layer.weight, layer.bias
+    dep, count = _dependencies(w)
+    if int(count.min(initial=0)) - int(np.count_nonzero(hi == lo)) > MAX_FREE:
+        return spec  # every output has more free generators (a dense layer's, until deep)
     step, origin = spec.lattice[0]
     step = np.broadcast_to(np.asarray(step, dtype=np.float64), b.shape)
     origin = np.broadcast_to(np.asarray(origin, dtype=np.float64), b.shape)
@@ -83,7 +86,6 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
     err = _first_err(spec)
     # the runtime's value before rounding is within this of the spec's, in steps
     slack = np.maximum(err / step - 0.5, 0.0) + NOISE_STEPS
-    dep, count = _dependencies(w)
     free = (hi > lo)[dep] & (np.arange(dep.shape[1]) < count[:, None])
     k = free.sum(axis=1)
     # the outputs to list, fewest free generators first, and those generators, row by row
