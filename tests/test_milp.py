@@ -9,7 +9,7 @@ from test_engine import ChainRuntime, check_decision, random_box, random_case, t
 from verifier.engine.bounds import linear_bounds, spec_chain
 from verifier.engine.decide import decide
 from verifier.engine.milp import SAFETY, milp_decide
-from verifier.engine.network import Affine, forward_lowered
+from verifier.engine.network import Affine, Relu, forward_lowered
 from verifier.engine.result import CERTIFIED
 
 
@@ -49,6 +49,31 @@ def test_milp_agrees_with_enumeration(seed):
             assert res.status == "sat"
         if exact_min > 2 * SAFETY + 1e-3:
             assert res.status == "unsat"
+
+
+def test_milp_with_relus_relaxed_is_sound_and_looser():
+    """With some ReLU layers' phases relaxed (`exact`) the program is a relaxation: never
+    "unsat" at a threshold above the exact minimum; and with every phase relaxed it fails to
+    prove some threshold just below the exact minimum that the exact program proves (ignoring
+    `exact` would prove it)."""
+    looser = 0
+    for seed in range(16):
+        chain, runtime, region, label = random_case(seed)
+        spec = spec_chain(chain, region, label)
+        pts = np.concatenate(list(region.enumerate()))
+        exact = forward_lowered(chain, region.points(pts))
+        cut = float((exact[:, [label]] - exact[:, spec.others]).min()) - 0.05
+        b = linear_bounds(spec, region.lo, region.hi)
+        full = milp_decide(spec, region.lo, region.hi, b, 20.0, cut)
+        assert full.status == "unsat", (seed, full)
+        relus = [i for i, layer in enumerate(spec.layers) if isinstance(layer, Relu)]
+        for keep in ([], relus[:1], relus[-1:]):
+            res = milp_decide(spec, region.lo, region.hi, b, 20.0, cut, exact=keep)
+            above = milp_decide(spec, region.lo, region.hi, b, 20.0, cut + 0.1, exact=keep)
+            assert above.status != "unsat", (seed, keep)
+            if not keep:
+                looser += res.status != "unsat"
+    assert looser >= 1
 
 
 def _hard_case(maxpool: bool):

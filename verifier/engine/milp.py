@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import highspy
@@ -113,9 +114,11 @@ class _Model:
         return lp
 
 
-def _encode(spec: SpecChain, lo, hi, bounds: Bounds):
+def _encode(spec: SpecChain, lo, hi, bounds: Bounds, exact: Collection[int] | None = None):
     """The program without its objective: (model, generator columns, the last layer's input
-    columns and weights' column selection)."""
+    columns and weights' column selection). `exact`: the ReLU layers (indices in `spec.layers`)
+    whose phase indicators are integer, None for all; the others' are relaxed to [0, 1], which
+    leaves their triangle relaxation."""
     mod = _Model()
     lo = np.asarray(lo, dtype=np.float64)
     hi = np.asarray(hi, dtype=np.float64)
@@ -177,7 +180,7 @@ def _encode(spec: SpecChain, lo, hi, bounds: Bounds):
             k = int(unstable.sum())
             pu, lu, uu = p[unstable], lon[unstable], uon[unstable]
             yu = mod.cols(np.zeros(k), uu)
-            d = mod.cols(np.zeros(k), np.ones(k), integer=True)
+            d = mod.cols(np.zeros(k), np.ones(k), integer=exact is None or i + 1 in exact)
             ones = np.ones((k, 1))
             mod.rows.add(np.column_stack([yu, pu]), np.column_stack([ones, -ones]), 0.0, np.inf)
             mod.rows.add(
@@ -232,15 +235,17 @@ def milp_decide(
     bounds: Bounds,
     timeout_s: float,
     threshold: np.ndarray | float = 0.0,
+    exact: Collection[int] | None = None,
 ) -> MilpResult:
     """Minimise every margin whose lower bound in `bounds` is at most its `threshold` over the
-    sub-box [lo, hi]; "unsat" when all are proven above threshold + SAFETY."""
+    sub-box [lo, hi]; "unsat" when all are proven above threshold + SAFETY. `exact`: the ReLU
+    layers encoded exactly (None: all; see `_encode`)."""
     start = time.perf_counter()
     deadline = start + timeout_s
     if not supported(spec) or bounds.empty:
         status = "unsat" if bounds.empty else "unknown"
         return MilpResult(status, None, time.perf_counter() - start)
-    mod, s, cur, keep = _encode(spec, lo, hi, bounds)
+    mod, s, cur, keep = _encode(spec, lo, hi, bounds, exact)
     last = spec.layers[-1]
     err = spec.err[-1] if spec.err[-1] is not None else np.zeros(len(last.bias))
     threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), bounds.lower.shape)
