@@ -155,8 +155,8 @@ def _markdown(results: dict) -> str:
                 f"| {i} | {row['depth']} | {row['points']:,} | {row['quantized_bound']:.3f} "
                 f"| {row['box_rounding']:.3f} "
                 f"| {row['without_rounding']:.3f} | {row['float_bound']:.3f} | {row['milp']} "
-                f"| {row['milp_seconds']:.2f} | {row.get('milp_first_exact', '')} "
-                f"| {row.get('milp_last_exact', '')} | {row['unstable']} |"
+                f"| {row['milp_seconds']:.2f} | {row['milp_first_exact']} "
+                f"| {row['milp_last_exact']} | {row['unstable']} |"
             )
     return "\n".join(lines) + "\n"
 
