@@ -93,7 +93,7 @@ def test_box_spec_holds_every_rounded_value(cnn, mode, kind):
     model, runners, xs = cnn
     runner = runners[mode]
     em = error_model(runner, model.network.lower())
-    narrowed = 0
+    narrowed = fitted = 0
     for i, x in enumerate(xs):
         region = REGIONS[kind](x, i)
         label = int(runner.predict(x[None]).argmax())
@@ -112,11 +112,35 @@ def test_box_spec_holds_every_rounded_value(cnn, mode, kind):
             assert np.all(high <= v + _first_err(box) + 1e-12)
             assert np.all(box.err[0] <= _first_err(spec) + 1e-15)
             narrowed += int(np.sum(box.err[0] < 0.9 * _first_err(spec)))
+            fitted += int(np.sum(np.any(layer.weight != spec.layers[0].weight, axis=1)))
             xs_box = region.points(pts).astype(np.float32).reshape(len(pts), *model.input_shape)
             out = runner.predict(xs_box).astype(np.float64)
             margins = out[:, [label]] - out[:, spec.others]
             assert np.all(linear_bounds(box, lo, hi).lower <= margins.min(axis=0) + 1e-9)
-    assert narrowed > 0
+    assert narrowed > 0 and fitted > 0
+
+
+def test_one_free_generator_is_charged_only_its_points_rounding(cnn):
+    """The rounding's move is fitted on the free generators: with one, the fit runs through
+    both of its points, so an output is charged no more than each point's own rounding leaves
+    open (the move's range over the two points would charge their difference too)."""
+    model, runners, xs = cnn
+    em = error_model(runners["int8"], model.network.lower())
+    region = _region(xs[0], 0)
+    spec = quantized_spec(em, region, 0).spec
+    w = spec.layers[0].weight
+    lo, hi = region.lo.copy(), region.hi.copy()
+    hi[1:] = 0  # only generator 0 free: the outputs on it take two values
+    box = on_box(spec, lo, hi)
+    rows = np.flatnonzero(w[:, 0] != 0)
+    pts = np.zeros((2, len(lo)))
+    pts[1, 0] = 1.0
+    low, high = _grid_values(spec, pts)
+    own = (high - low).max(axis=0)[rows] / 2  # a point's rounding open either way (ties)
+    assert len(rows) and np.all(box.err[0][rows] <= own + 1e-9)
+    moved = (low + high)[1, rows] / 2 - (low + high)[0, rows] / 2 - w[rows, 0]
+    assert np.any(np.abs(moved) > 1e-3 * spec.lattice[0][0])  # the moves differ: a range would
+    # charge that difference
 
 
 def test_box_spec_needs_a_grid_and_0_1_generators(cnn):
@@ -191,6 +215,7 @@ def test_the_audit_narrows_the_rounding_as_the_search_does(cnn, mode):
         spec = quantized_spec(em, region, label).spec
         for lo, hi in _boxes(region, i):
             mine, theirs = on_box(spec, lo, hi), _grid_rounding(spec, region, lo, hi)
+            assert np.allclose(mine.layers[0].weight, theirs.layers[0].weight, rtol=0, atol=1e-12)
             assert np.allclose(mine.layers[0].bias, theirs.layers[0].bias, rtol=0, atol=1e-12)
             assert np.allclose(mine.err[0], theirs.err[0], rtol=1e-9, atol=1e-15)
         _, q = float_then_quantized(model, runner, em, chain, region, label, 16)

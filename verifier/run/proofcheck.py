@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from verifier.engine.bounds import HALF_STEP
+from verifier.engine.box_rounding import FIT_GAIN, linear_fit
 from verifier.engine.network import Affine, MaxPool, Relu
 from verifier.engine.points import count_points
 from verifier.engine.proof import FOLD, SPLIT, Proof, ProofFormatError, decode
@@ -315,8 +316,10 @@ def _grid_rounding(spec, region: Region, lo, hi):
     """`spec` with its first layer's requantization bounded over the box's points: on a box of
     0/1 generators each output with at most `GRID_FREE_MAX` free generators takes at most
     2^k values; every grid point a value within the spec's bound beyond half a step of one of
-    them rounds to is listed, and the layer's bias and bound are moved to the range they span
-    (the search does the same with code of its own, `verifier.engine.box_rounding`)."""
+    them rounds to is listed, and the layer's bias and bound are moved to the range they span,
+    or its weights, bias and bound to what their linear fit leaves where that is narrower (the
+    search does the same with code of its own, `verifier.engine.box_rounding`, whose fit it
+    takes)."""
     if spec is None or spec.lattice is None or spec.lattice[0] is None or spec.err[0] is None:
         return spec
     if not isinstance(spec.layers[0], Affine) or np.any(lo < 0) or np.any(hi - lo > 1):
@@ -333,6 +336,7 @@ def _grid_rounding(spec, region: Region, lo, hi):
     at_lo = w @ lo.astype(np.float64) + bias
     extra = np.maximum(bound - 0.5 * step, 0.0) + 1e-9 * step
     new_bias, new_bound = bias.copy(), np.array(bound, dtype=np.float64, copy=True)
+    new_w = w.copy()
     for k in range(GRID_FREE_MAX + 1):
         rows = np.flatnonzero(count == k)
         if not len(rows):
@@ -346,17 +350,30 @@ def _grid_rounding(spec, region: Region, lo, hi):
         st, og, ex = step[rows, None], origin[rows, None], extra[rows, None]
         down = og + np.ceil((value - ex - og) / st - 0.5) * st - value
         up = og + np.floor((value + ex - og) / st + 0.5) * st - value
+        # the moves' own range, or what their linear fit on the moving generators leaves where
+        # that is narrower (the search's choice of slopes: any slopes hold, what they leave is
+        # taken at every point here)
+        slopes = linear_fit((down + up) / 2 / st, picks.T, None if fits.all() else fits) * st
+        fit = slopes @ picks.T
         lowest = np.where(fits, down, np.inf).min(axis=1)
         highest = np.where(fits, up, -np.inf).max(axis=1)
+        fit_low = np.where(fits, down - fit, np.inf).min(axis=1)
+        fit_high = np.where(fits, up - fit, -np.inf).max(axis=1)
+        by_fit = fit_high - fit_low < highest - lowest - FIT_GAIN * st[:, 0]
+        lowest, highest = np.where(by_fit, fit_low, lowest), np.where(by_fit, fit_high, highest)
         half = (highest - lowest) / 2
         better = half < bound[rows]
-        new_bias[rows[better]] += ((highest + lowest) / 2)[better]
-        new_bound[rows[better]] = half[better]
+        moved = rows[better]
+        new_bias[moved] += ((highest + lowest) / 2)[better]
+        new_bound[moved] = half[better]
+        new_w[moved[:, None], cols[better]] += np.where(by_fit[:, None], slopes, 0.0)[better]
     if np.array_equal(new_bound, bound):
         return spec
     # the input rounding stays charged apart (`first_input`), once more on the narrowed ones
     first = np.where(new_bound < bound, new_bound, spec.err[0])
-    return replace(spec, layers=[Affine(w, new_bias), *spec.layers[1:]], err=[first, *spec.err[1:]])
+    layers = [Affine(new_w, new_bias), *spec.layers[1:]]
+    absw = [np.abs(new_w), *spec.absw[1:]]
+    return replace(spec, layers=layers, err=[first, *spec.err[1:]], absw=absw)
 
 
 def _check_z3(lo, hi, parent, problem: Problem, out: Verdict, kind: str = "z3") -> str | None:
