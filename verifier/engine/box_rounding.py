@@ -31,7 +31,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from verifier.engine.bounds import SpecChain, _first_err
+from verifier.engine.bounds import SpecChain, _first_err, with_pattern_of
 from verifier.engine.network import Affine
 from verifier.engine.regions import EPS
 
@@ -142,7 +142,7 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
         return spec
     # a narrowed output's range holds its input rounding too: the spec's `first_input` (kept
     # for the others, whose charge it makes exact) charges it once more there, a few 1e-6
-    w = w + np.where(narrowed[:, None], slopes, 0.0)
+    w = with_pattern_of(w + np.where(narrowed[:, None], slopes, 0.0), w)  # slopes on non-zeros
     layers = [Affine(w, b + np.where(narrowed, shift, 0.0)), *spec.layers[1:]]
     first = np.where(narrowed, half, spec.err[0])
     absw = [np.abs(w), *spec.absw[1:]]
