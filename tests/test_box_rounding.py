@@ -143,6 +143,24 @@ def test_one_free_generator_is_charged_only_its_points_rounding(cnn):
     # charge that difference
 
 
+def test_boxes_take_their_rounding_where_the_first_grid_is_coarse(cnn):
+    """The quantized decision takes each box's first rounding (`on_box`) where the first layer's
+    grid is coarse (int8: a few dozen steps across an unstable output's range), not on 16x8's
+    fine one (thousands), where it would gain nothing at its cost."""
+    from verifier.engine.bab import on_coarse_grid
+
+    model, runners, xs = cnn
+    coarse = {}
+    for mode, runner in runners.items():
+        em = error_model(runner, model.network.lower())
+        region = _region(xs[0], 0)
+        qs = quantized_spec(em, region, int(runner.predict(xs[:1]).argmax()))
+        coarse[mode] = on_coarse_grid(qs.spec, qs.root, 0)
+        plain = replace(qs.spec, lattice=None)  # no grid: nothing to take
+        assert not on_coarse_grid(plain, qs.root, 0)
+    assert coarse == {"int8": True, "16x8": False}
+
+
 def test_box_spec_needs_a_grid_and_0_1_generators(cnn):
     """A lattice region's generators span several steps: the spec is left as it is; so is a
     spec whose every first-layer output has more than `MAX_FREE` free generators."""

@@ -396,23 +396,28 @@ def split(
 def last_relu_weights(spec, root: Bounds) -> np.ndarray | None:
     """The margins' weights on the last ReLU layer's outputs (the spec's last Affine), for
     `split`: where that ReLU follows a deeper Affine layer than the first (whose rows the bounds
-    keep), feeds the last one, and its input lies on a coarse grid (`spec.lattice`: the median
-    unstable neuron's range in the `root` bounds spans at most `GAP_GRID_STEPS` steps of it,
-    8-bit activations). Else None: splits read the worst margin's bound alone."""
+    keep), feeds the last one, and its input lies on a coarse grid (`on_coarse_grid`: 8-bit
+    activations). Else None: splits read the worst margin's bound alone."""
     layers = spec.layers[-3:]
     kinds = (Affine, Relu, Affine)
     if len(spec.layers) < 4 or not all(map(isinstance, layers, kinds)):
         return None
-    key = len(spec.layers) - 3
-    grid = None if spec.lattice is None else spec.lattice[key]
-    if grid is None or root.empty or root.pre[key + 1] is None:
+    if not on_coarse_grid(spec, root, len(spec.layers) - 3):
         return None
+    return spec.layers[-1].weight
+
+
+def on_coarse_grid(spec, root: Bounds, key: int) -> bool:
+    """Whether Affine layer `key`'s outputs, where a ReLU takes them, lie on a coarse grid
+    (`spec.lattice`): the median unstable neuron's range in the `root` bounds spans at most
+    `GAP_GRID_STEPS` steps of it (8-bit activations, not 16-bit ones)."""
+    grid = None if spec.lattice is None else spec.lattice[key]
+    if grid is None or root.empty or key + 1 >= len(root.pre) or root.pre[key + 1] is None:
+        return False
     low, up = root.pre[key + 1]
     unstable = (low < 0) & (up > 0)
     steps = (up - low)[unstable] / np.broadcast_to(grid[0], low.shape)[unstable]
-    if not len(steps) or np.median(steps) > GAP_GRID_STEPS:
-        return None
-    return spec.layers[-1].weight
+    return bool(len(steps)) and float(np.median(steps)) <= GAP_GRID_STEPS
 
 
 def relaxation_score(b: Bounds, weights: np.ndarray, width: np.ndarray) -> np.ndarray:
