@@ -154,14 +154,22 @@ def linear_fit(move: np.ndarray, subsets: np.ndarray, inside: np.ndarray | None)
     slopes (rows, k) of its least-squares fit by a linear function of the k generators, over
     the points `inside` only ((rows, P), None: all). The rows are one first layer's outputs on
     one box; `on_box` charges each what its fit leaves over the points, the audit too."""
-    k, p = subsets.shape
+    k = subsets.shape[0]
     if k == 0:
         return np.zeros((len(move), 0))
     if inside is None:
         return move @ _pinv(subsets)[:k].T
-    # each row on its own points: a stack of small pseudo-inverses
-    x = np.vstack([subsets, np.ones((1, p))]).T * inside[..., None]
-    return np.einsum("rjp,rp->rj", np.linalg.pinv(x)[:, :k], move * inside)
+    # the rows sharing a set of points share its pseudo-inverse (few sets: the budget cuts the
+    # subsets of the costliest generators)
+    packed = np.packbits(inside, axis=1, bitorder="little")  # a row's set as bytes (P <= 64)
+    codes = np.pad(packed, ((0, 0), (0, 8 - packed.shape[1]))).view(np.uint64).reshape(-1)
+    _, first, which = np.unique(codes, return_index=True, return_inverse=True)
+    out = np.empty((len(move), k))
+    for i, row in enumerate(first):
+        rows = np.flatnonzero(which == i)
+        keep = inside[row]
+        out[rows] = move[rows][:, keep] @ _pinv(subsets[:, keep])[:k].T
+    return out
 
 
 def _pinv(subsets: np.ndarray) -> np.ndarray:
@@ -169,6 +177,8 @@ def _pinv(subsets: np.ndarray) -> np.ndarray:
     then a constant), worked out once per set of points."""
     key = (subsets.shape, subsets.tobytes())
     if key not in _PINVS:
+        if len(_PINVS) >= 4096:  # sets cut by budgets seen before: start again
+            _PINVS.clear()
         _PINVS[key] = np.linalg.pinv(np.vstack([subsets, np.ones((1, subsets.shape[1]))]).T)
     return _PINVS[key]
 
