@@ -177,7 +177,18 @@ def test_reused_float_leaves_keep_their_rows(tiny):
     on = narrow_inputs(qs.spec, input_levels(em), direct.pre)
     ds = diff_spec(proof.spec, qs.spec)
     left = _reuse(
-        ds, qs.spec, decision_thresholds(em, qs.spec), region, proof, direct, {}, 1e18, None, [], on
+        ds,
+        qs.spec,
+        decision_thresholds(em, qs.spec),
+        region,
+        proof,
+        direct,
+        {},
+        1e18,
+        None,
+        [],
+        on,
+        False,  # no grid on a dynamic-range copy: no box specs
     )
     assert left
     for leaf in left:
