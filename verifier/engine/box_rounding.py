@@ -85,7 +85,8 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
     layer = spec.layers[0]
     w, b = layer.weight, layer.bias
     dep, count = _dependencies(w)
-    if int(count.min(initial=0)) - int(np.count_nonzero(hi == lo)) > MAX_FREE:
+    fewest = int(count.min()) if count.size else 0  # generators an output depends on
+    if fewest - int(np.count_nonzero(hi == lo)) > MAX_FREE:
         return spec  # every output has more free generators (a dense layer's, until deep)
     step, origin = spec.lattice[0]
     step = np.broadcast_to(np.asarray(step, dtype=np.float64), b.shape)
