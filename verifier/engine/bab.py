@@ -73,8 +73,12 @@ SIEVE_SECONDS = 0.07
 # 1,411 / 1,472 nodes against 1,716 without. Where the grid is fine or absent it costs nodes:
 # the float CNN 27% more, its 16x8 copy 19% more (one input lost at 2 s). The MNIST MLP's
 # static copies are unchanged within run-to-run noise (f10 on 1,000 images: int8 772 -> 770
-# certified, ORT QDQ 766 both; per input 3% more nodes; f20 on 300: 87 both).
+# certified, ORT QDQ 766 both; per input 3% more nodes; f20 on 300: 87 both). Retuned after
+# the first layer's rounding was fitted on each box: 0 / 1 / 3 / 10 took 3,198 / 2,520 / 2,423 /
+# 2,644 nodes on nine int8 inputs at 30 s.
 GAP_WEIGHT = 3.0
+# A grid this coarse (`on_coarse_grid`) also decides where the quantized decision takes each
+# box's first-layer rounding as it is there (`diffdecide`, `box_rounding.on_box`).
 GAP_GRID_STEPS = 256
 # Relaxed minimisers (candidate counterexamples, a few a node, new ones only) queued before one
 # runtime call runs them all. Run a node at a time they took 6-7% of the float engine's time

@@ -143,7 +143,8 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
         return spec
     # a narrowed output's range holds its input rounding too: the spec's `first_input` (kept
     # for the others, whose charge it makes exact) charges it once more there, a few 1e-6
-    w = with_pattern_of(w + np.where(narrowed[:, None], slopes, 0.0), w)  # slopes on non-zeros
+    slopes[~narrowed] = 0.0
+    w = with_pattern_of(w + slopes, w)  # the slopes lie on its non-zeros
     layers = [Affine(w, b + np.where(narrowed, shift, 0.0)), *spec.layers[1:]]
     first = np.where(narrowed, half, spec.err[0])
     absw = [np.abs(w), *spec.absw[1:]]
@@ -162,8 +163,8 @@ def linear_fit(move: np.ndarray, subsets: np.ndarray, inside: np.ndarray | None)
         return move @ _pinv(subsets)[:k].T
     # the rows sharing a set of points share its pseudo-inverse (few sets: the budget cuts the
     # subsets of the costliest generators)
-    packed = np.packbits(inside, axis=1, bitorder="little")  # a row's set as bytes (P <= 64)
-    codes = np.pad(packed, ((0, 0), (0, 8 - packed.shape[1]))).view(np.uint64).reshape(-1)
+    packed = np.packbits(inside, axis=1)  # a row's set as bytes, compared as one value
+    codes = packed.view(np.dtype((np.void, packed.shape[1]))).reshape(-1)
     _, first, which = np.unique(codes, return_index=True, return_inverse=True)
     out = np.empty((len(move), k))
     for i, row in enumerate(first):
