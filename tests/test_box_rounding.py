@@ -121,6 +121,61 @@ def test_box_spec_holds_every_rounded_value(cnn, mode, kind):
     assert narrowed > 0 and fitted > 0
 
 
+def _descent(region, seed: int):
+    """Boxes as branch and bound takes them: each node's two children (a generator fixed at 0,
+    then at 1 where the budget allows), then one of them split in turn."""
+    rng = np.random.default_rng(seed)
+    lo, hi = region.lo.copy(), region.hi.copy()
+    out = [(lo, hi)]
+    for _ in range(6):
+        g = int(rng.choice(np.flatnonzero(hi > lo)))
+        zero, one = (lo.copy(), hi.copy()), (lo.copy(), hi.copy())
+        zero[1][g] = 0
+        one[0][g] = 1
+        out.append(zero)
+        if region.cost @ one[0] <= region.budget:
+            out.append(one)
+        lo, hi = out[-1] if rng.random() < 0.5 else zero
+    return out
+
+
+@pytest.mark.parametrize("kind", list(REGIONS))
+def test_a_box_after_others_is_narrowed_as_on_its_own(cnn, kind, monkeypatch):
+    """A box worked out after others of the same spec (`_RECENT`) takes the nearest one's
+    values for the outputs left as they are and lists the others again: its spec is the one
+    it gets with no box before it, and some boxes list only part of the outputs."""
+    model, runners, xs = cnn
+    em = error_model(runners["int8"], model.network.lower())
+    partial = []
+    changed = box_rounding._changed_outputs
+
+    def spy(*args):
+        redo = changed(*args)
+        partial.append(redo is not None and not redo.all())
+        return redo
+
+    monkeypatch.setattr(box_rounding, "_changed_outputs", spy)
+    recent = box_rounding._RECENT
+    for i, x in enumerate(xs):
+        region = REGIONS[kind](x, i)
+        spec = quantized_spec(em, region, int(runners["int8"].predict(x[None]).argmax())).spec
+        for lo, hi in _descent(region, i):
+            before = list(recent)
+            after = on_box(spec, lo, hi)
+            recent.clear()
+            alone = on_box(spec, lo, hi)
+            for a, b in (
+                (after.layers[0].weight, alone.layers[0].weight),
+                (after.layers[0].bias, alone.layers[0].bias),
+                (after.err[0], alone.err[0]),
+            ):  # equal but for float noise (a fit's product over other rows beside it)
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+            recent.clear()
+            recent.extend(before)
+            on_box(spec, lo, hi)  # the boxes before the next one, as in the search
+    assert any(partial)
+
+
 def test_one_free_generator_is_charged_only_its_points_rounding(cnn):
     """The rounding's move is fitted on the free generators: with one, the fit runs through
     both of its points, so an output is charged no more than each point's own rounding leaves
