@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_engine import random_case
 
-from verifier.engine.bounds import linear_bounds, spec_chain
+from verifier.engine.bounds import linear_bounds, optimised_slopes, spec_chain
 from verifier.engine.knapsack_cut import knapsack_cut
 from verifier.engine.network import Affine, Relu, forward_lowered
 from verifier.engine.regions import Region, lattice_region
@@ -162,6 +162,52 @@ def test_bounds_with_the_cut_hold_on_sign_fixed_sub_boxes(seed):
             assert np.all(b.lower <= real + 1e-9), (b.lower, real)
             at = pts @ b.coeffs.T + b.offsets
             assert np.all(at <= margins + 1e-9)
+
+
+def _slopes_tried(seed: int):
+    """Per sign-fixed sub-box of random case `seed`: its points' real margins (None: no
+    point), and its bounds without and with the region's optimised slopes (as a node and as a
+    box on its own; every margin open)."""
+    chain, _, region, label = random_case(seed)
+    spec = spec_chain(chain, region, label)
+    root = linear_bounds(spec, region.lo, region.hi)
+    slopes = optimised_slopes(spec, root, region.lo, region.hi, 20, np.inf)
+    for lo, hi in sign_fixed_boxes(region, np.random.default_rng(seed + 7), 4):
+        parts = list(region.enumerate(lo=lo, hi=hi))
+        real = None
+        if parts:
+            pts = np.concatenate(parts)
+            logits = forward_lowered(chain, region.points(pts))
+            real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
+        node = dict(parent=root, open_only=True, target=np.inf)
+        yield (
+            real,
+            [linear_bounds(spec, lo, hi, **o) for o in (node, {})],
+            [linear_bounds(spec, lo, hi, slopes=slopes, **o) for o in (node, {})],
+        )
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_bounds_with_the_regions_slopes_hold_on_sub_boxes(seed):
+    """Slopes optimised over the region with every cut (`optimised_slopes`), tried on its
+    sub-boxes, leave every margin's bound below its real minimum over the box and never below
+    the bound without them."""
+    for real, plain, tried in _slopes_tried(seed):
+        for p, t in zip(plain, tried, strict=True):
+            assert np.all(t.lower >= p.lower)
+            if real is not None:
+                assert np.all(t.lower <= real + 1e-9), (t.lower, real)
+
+
+def test_the_regions_slopes_raise_some_bounds():
+    """On the random cases above the region's slopes do raise bounds of sub-boxes."""
+    raised = 0
+    for seed in range(16):
+        for _, plain, tried in _slopes_tried(seed):
+            raised += sum(
+                int(np.any(t.lower > p.lower + 1e-6)) for p, t in zip(plain, tried, strict=True)
+            )
+    assert raised >= 5, raised
 
 
 def test_deeper_cuts_are_used_on_random_two_layer_cases():

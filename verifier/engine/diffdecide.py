@@ -48,6 +48,7 @@ from verifier.engine.bounds import (
     PreparedChain,
     SpecChain,
     linear_bounds,
+    optimised_slopes,
     prepare_chain,
 )
 from verifier.engine.box_rounding import on_box
@@ -74,6 +75,10 @@ from verifier.engine.quantized_spec import (
 )
 from verifier.engine.regions import Region
 from verifier.engine.result import CERTIFIED, REFUTED, UNKNOWN, Decision
+
+# gradient steps on the root's lower slopes, which every branch-and-bound node then tries
+# (`bounds.optimised_slopes`): as many as the float decision's root takes
+ROOT_SLOPE_STEPS = 20
 
 
 def decide_from_float(
@@ -208,6 +213,8 @@ def decide_from_float(
     # the last parent bounded, with its children's spec and its own bounds with rows: both
     # children of a node are bounded in turn, in the parent's sub-region, on the same spec
     last: list = [None, None, None]
+    # the root's lower slopes, optimised once with every cut and tried on every node
+    slopes = optimised_slopes(qspec, direct, region.lo, region.hi, ROOT_SLOPE_STEPS, threshold)
 
     def bound(lo, hi, parent):  # inside a folded sub-region, on its own spec
         if last[0] is not parent:
@@ -224,6 +231,7 @@ def decide_from_float(
             parent=last[2],
             reuse=True,
             open_only=True,
+            slopes=slopes,
         )
         return wrap_direct(None, b)
 

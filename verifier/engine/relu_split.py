@@ -95,7 +95,7 @@ def with_beta(spec: SpecChain, b: Bounds, lo, hi, threshold, steps: int) -> Boun
     signs = split_signs(spec, b)
     if not any(np.any(v) for v in signs.values()):
         return b
-    lam, _, vals, argmin = optimise_alpha(
+    lam, _, vals, argmin, _ = optimise_alpha(
         spec, b.pre, lo, hi, steps, threshold, split_signs=signs, cut=b.cut
     )
     better = vals > b.lower
