@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_engine import random_case
 
-from verifier.engine.bounds import linear_bounds, optimised_slopes, spec_chain
+from verifier.engine.bounds import linear_bounds, optimise_alpha, optimised_slopes, spec_chain
 from verifier.engine.knapsack_cut import knapsack_cut
 from verifier.engine.network import Affine, Relu, forward_lowered
 from verifier.engine.regions import Region, lattice_region
@@ -233,3 +233,19 @@ def test_decide_can_bound_without_the_cut_for_comparison():
     opts = dict(timeout=10, max_nodes=0, enum_limit=0, use_smt=False, alpha_steps=0)
     assert decide(runtime, chain, region, 0, **opts).route == "bounds"
     assert decide(runtime, chain, region, 0, knapsack_cut=False, **opts).status == "unknown"
+
+
+def test_few_slope_steps_get_near_where_two_hundred_do():
+    """`optimise_alpha`'s Adam steps: 5 take the margins' bounds on the random cases 90% of the
+    way 200 take them (95% measured; the momentum step normalised per margin it replaced, 84%,
+    and on real CNNs 20 of its steps fell 0.5-4.7 logits short of 200)."""
+    gained = {5: 0.0, 200: 0.0}
+    for seed in range(16):
+        chain, _, region, label = random_case(seed)
+        spec = spec_chain(chain, region, label)
+        root = linear_bounds(spec, region.lo, region.hi)
+        for steps in gained:
+            got = optimise_alpha(spec, root.pre, region.lo, region.hi, steps, np.inf, cut=root.cut)
+            assert np.all(got[2] >= root.lower - 1e-9)
+            gained[steps] += float(np.sum(got[2] - root.lower))
+    assert gained[200] > 0 and gained[5] >= 0.9 * gained[200], gained

@@ -1449,6 +1449,14 @@ def _backsub_to(
 # --- optimised lower slopes (alpha-CROWN for the margins) --------------------------------------
 
 
+# the slopes' Adam step and its decay a step (`optimise_alpha`): on the MNIST CNN's int8 copy
+# (features r=10) 20 steps raise the open margins' root bounds as far as 200 steps of the
+# momentum ascent normalised per margin that they replace (input 39: -9.2 -> -4.2 logits in
+# all, against -4.5 after 200); steps of 0.1-0.5 do alike
+ALPHA_LR = 0.3
+ALPHA_LR_DECAY = 0.98
+
+
 def optimise_alpha(
     spec: SpecChain,
     pre: list,
@@ -1464,6 +1472,8 @@ def optimise_alpha(
 
     Any slope in [0, 1] gives a sound bound, so the best one seen is kept. The gradient is
     exact for the piecewise-linear back-substitution (the knapsack minimiser is fixed, Danskin).
+    The slopes take Adam steps (`ALPHA_LR`, decayed by `ALPHA_LR_DECAY` a step, as
+    alpha-CROWN's): each slope moves by its own gradient's scale. `lr` is the betas' step.
     `split_signs` (Relu layer -> +1 / -1 / 0 per neuron: input >= 0 / <= 0 holds on every point
     of the sub-box, see `verifier.engine.relu_split`) adds one multiplier >= 0 per such constraint
     and
@@ -1478,12 +1488,13 @@ def optimise_alpha(
         for k, layer in enumerate(spec.layers)
         if isinstance(layer, Relu)
     }
-    moment = {k: np.zeros_like(a) for k, a in alphas.items()}
+    moment = {k: np.zeros_like(a) for k, a in alphas.items()}  # Adam's first moments
+    second = {k: np.zeros_like(a) for k, a in alphas.items()}  # and second
     signs = {k: v for k, v in (split_signs or {}).items() if np.any(v)}
     betas = {k: np.zeros((m, len(v))) for k, v in signs.items()}
     beta_moment = {k: np.zeros_like(b) for k, b in betas.items()}
     best = None
-    for _ in range(steps + 1):
+    for t in range(steps + 1):
         tape: list = []
         signed = {k: -signs[k] * b for k, b in betas.items()} if betas else None
         lam, c = _backsub(spec, pre, top, np.eye(m), np.zeros(m), alphas, tape, signed, cut)
@@ -1499,10 +1510,13 @@ def optimise_alpha(
         if np.all(best[2] > target):
             break
         values: dict | None = {} if betas else None
+        step = ALPHA_LR * ALPHA_LR_DECAY**t
         for k, gk in _alpha_grads(spec, pre, tape, argmin, alphas, values, cut).items():
-            moment[k] = 0.5 * moment[k] + gk
-            scale = np.abs(moment[k]).max(axis=1, keepdims=True) + 1e-12
-            alphas[k] = np.clip(alphas[k] + lr * moment[k] / scale, 0.0, 1.0)
+            moment[k] = 0.9 * moment[k] + 0.1 * gk
+            second[k] = 0.999 * second[k] + 0.001 * gk * gk
+            rise = moment[k] / (1 - 0.9 ** (t + 1))  # bias-corrected
+            scale = np.sqrt(second[k] / (1 - 0.999 ** (t + 1))) + 1e-12
+            alphas[k] = np.clip(alphas[k] + step * rise / scale, 0.0, 1.0)
         for k in betas:
             beta_moment[k] = 0.5 * beta_moment[k] - signs[k] * values[k]
             scale = np.abs(beta_moment[k]).max(axis=1, keepdims=True) + 1e-12
