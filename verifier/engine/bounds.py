@@ -1464,7 +1464,7 @@ def optimise_alpha(
     hi,
     steps: int,
     target: np.ndarray | float = 0.0,
-    lr: float = 0.2,
+    beta_lr: float = 0.2,
     split_signs: dict | None = None,
     cut: dict | None = None,
 ):
@@ -1473,7 +1473,7 @@ def optimise_alpha(
     Any slope in [0, 1] gives a sound bound, so the best one seen is kept. The gradient is
     exact for the piecewise-linear back-substitution (the knapsack minimiser is fixed, Danskin).
     The slopes take Adam steps (`ALPHA_LR`, decayed by `ALPHA_LR_DECAY` a step, as
-    alpha-CROWN's): each slope moves by its own gradient's scale. `lr` is the betas' step.
+    alpha-CROWN's): each slope moves by its own gradient's scale. `beta_lr` is the betas' step.
     `split_signs` (Relu layer -> +1 / -1 / 0 per neuron: input >= 0 / <= 0 holds on every point
     of the sub-box, see `verifier.engine.relu_split`) adds one multiplier >= 0 per such constraint
     and
@@ -1520,7 +1520,7 @@ def optimise_alpha(
         for k in betas:
             beta_moment[k] = 0.5 * beta_moment[k] - signs[k] * values[k]
             scale = np.abs(beta_moment[k]).max(axis=1, keepdims=True) + 1e-12
-            betas[k] = np.maximum(betas[k] + lr * beta_moment[k] / scale, 0.0)
+            betas[k] = np.maximum(betas[k] + beta_lr * beta_moment[k] / scale, 0.0)
     return best[0], best[1], best[2], best[3], best[4]
 
 
