@@ -23,26 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-from checkout import ROOT  # this checkout's packages first
+from quantized_regions import add_arguments, quantized_copy  # via checkout.py: ours first
 
-from quantize.calibration import calibration_inputs
-from quantize.error_model import error_model
-from quantize.modes import quantize_model
 from verifier.engine.bab import Leaf, split
-from verifier.engine.bounds import linear_bounds, prepare_chain, spec_chain
+from verifier.engine.bounds import linear_bounds, spec_chain
 from verifier.engine.box_rounding import on_box
-from verifier.engine.data import load_dataset, to_layout
 from verifier.engine.milp import milp_decide
-from verifier.engine.model import load_model
 from verifier.engine.points import count_points
 from verifier.engine.quantized_spec import quantized_spec
-from verifier.run.check import Settings, build_region
+from verifier.run.check import Settings
 
 
 def descend(qspec, fspec, every: int, milp_seconds: float, max_depth: int) -> list[dict]:
@@ -104,30 +97,17 @@ def _line(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="mnist_cnn")
-    ap.add_argument("--mode", default="int8")
-    ap.add_argument("--indices", default="20")
-    ap.add_argument("--radius", type=float, default=10.0)
-    ap.add_argument("--step", type=float, default=0.125)
+    add_arguments(ap, "20")
     ap.add_argument("--every", type=int, default=4, help="levels between measured boxes")
     ap.add_argument("--max-depth", type=int, default=40)
     ap.add_argument("--milp-seconds", type=float, default=20.0)
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    model = load_model(ROOT / "examples" / f"{args.model}.onnx")
-    chain = prepare_chain(model.network.lower())
-    calib, _ = calibration_inputs("mnist", args.data_dir, model.layout, model.input_shape)
-    ds = load_dataset("mnist", "test", args.data_dir)
     settings = Settings(radius=args.radius, step=args.step)
     results = {"args": vars(args) | {"out": str(args.out)}, "inputs": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        runner = quantize_model(model, args.mode, Path(tmp), calib)
-        em = error_model(runner, chain)
-        for i in (int(v) for v in args.indices.split(",")):
-            x = to_layout(ds.images[i : i + 1], model.layout, model.input_shape)[0]
+    with quantized_copy(args.model, args.mode, args.data_dir) as q:
+        runner, em, chain = q.runner, q.error_model, q.chain
+        for i, x, region in q.inputs(args.indices, settings):
             label = int(np.argmax(runner.predict(x[None].astype(np.float32))[0]))
-            region = build_region(settings, x, chain.layers, int(ds.labels[i]), i)
             start = time.perf_counter()
             qs = quantized_spec(em, region, label)
             print(f"input {i} ({runner.name}, label {label})", flush=True)

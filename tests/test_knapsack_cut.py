@@ -165,23 +165,24 @@ def test_bounds_with_the_cut_hold_on_sign_fixed_sub_boxes(seed):
 
 
 def _slopes_tried(seed: int):
-    """Per sign-fixed sub-box of random case `seed`: its points' real margins (None: no
-    point), and its bounds without and with the region's optimised slopes (as a node and as a
-    box on its own; every margin open)."""
+    """Per sign-fixed sub-box of random case `seed`: its points and their real margins (None:
+    no point), and its bounds without and with the region's optimised slopes (as a node and
+    as a box on its own; every margin open)."""
     chain, _, region, label = random_case(seed)
     spec = spec_chain(chain, region, label)
     root = linear_bounds(spec, region.lo, region.hi)
     slopes = optimised_slopes(spec, root, region.lo, region.hi, 20, np.inf)
     for lo, hi in sign_fixed_boxes(region, np.random.default_rng(seed + 7), 4):
         parts = list(region.enumerate(lo=lo, hi=hi))
-        real = None
+        pts = margins = None
         if parts:
             pts = np.concatenate(parts)
             logits = forward_lowered(chain, region.points(pts))
-            real = (logits[:, [label]] - logits[:, spec.others]).min(axis=0)
+            margins = logits[:, [label]] - logits[:, spec.others]
         node = dict(parent=root, open_only=True, target=np.inf)
         yield (
-            real,
+            pts,
+            margins,
             [linear_bounds(spec, lo, hi, **o) for o in (node, {})],
             [linear_bounds(spec, lo, hi, slopes=slopes, **o) for o in (node, {})],
         )
@@ -190,20 +191,21 @@ def _slopes_tried(seed: int):
 @pytest.mark.parametrize("seed", range(16))
 def test_bounds_with_the_regions_slopes_hold_on_sub_boxes(seed):
     """Slopes optimised over the region with every cut (`optimised_slopes`), tried on its
-    sub-boxes, leave every margin's bound below its real minimum over the box and never below
-    the bound without them."""
-    for real, plain, tried in _slopes_tried(seed):
+    sub-boxes, leave every margin's bound below its real minimum over the box, and its linear
+    bound below its value at every point, and never below the bound without them."""
+    for pts, margins, plain, tried in _slopes_tried(seed):
         for p, t in zip(plain, tried, strict=True):
-            assert np.all(t.lower >= p.lower)
-            if real is not None:
-                assert np.all(t.lower <= real + 1e-9), (t.lower, real)
+            assert np.all(t.lower >= p.lower - 1e-12), (t.lower, p.lower)  # float64 sums
+            if pts is not None:
+                assert np.all(t.lower <= margins.min(axis=0) + 1e-9), (t.lower, margins)
+                assert np.all(pts @ t.coeffs.T + t.offsets <= margins + 1e-9)
 
 
 def test_the_regions_slopes_raise_some_bounds():
     """On the random cases above the region's slopes do raise bounds of sub-boxes."""
     raised = 0
     for seed in range(16):
-        for _, plain, tried in _slopes_tried(seed):
+        for _, _, plain, tried in _slopes_tried(seed):
             raised += sum(
                 int(np.any(t.lower > p.lower + 1e-6)) for p, t in zip(plain, tried, strict=True)
             )

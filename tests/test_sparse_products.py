@@ -95,19 +95,30 @@ def test_sparse_forms_of_the_example_cnn():
 
 
 def test_a_weight_with_the_same_pattern_takes_its_forms_from_the_other():
-    """`with_pattern_of`: a weight changed on its non-zeros only (as `box_rounding.on_box`
+    """`with_values_at`: a weight changed on its non-zeros only (as `box_rounding.on_box`
     changes the first layer's per box) gets CSR forms built from the original's structure, and
     products through them are its own, not the original's."""
     example = Path(__file__).resolve().parents[1] / "examples" / "mnist_cnn.onnx"
     w = prepare_chain(load_model(example).network.lower()).layers[2].weight
     rng = np.random.default_rng(1)
-    changed = np.where(w != 0, w + rng.normal(size=w.shape), 0.0)
-    assert bounds.with_pattern_of(changed, w) is changed
+    flat = np.flatnonzero(w)
+    values = w.reshape(-1)[flat] + rng.normal(size=len(flat))
+    before = w.copy()
+    changed = bounds.with_values_at(w, flat, values)
+    assert np.array_equal(w, before)
+    assert np.array_equal(changed, _scatter(w.shape, flat, values))
     forms = sparse_weight(changed)
     assert forms is not None and forms.csr.nnz == np.count_nonzero(w)
     x, lam = rng.normal(size=(w.shape[1], 7)), rng.normal(size=(5, w.shape[0]))
     assert np.allclose(bounds.weights(changed) @ x, changed @ x, rtol=0, atol=1e-12)
+    assert np.allclose(bounds.weights(changed, np.arange(3)) @ x, changed[:3] @ x, atol=1e-12)
     assert np.allclose(bounds.left_times(lam, changed), lam @ changed, rtol=0, atol=1e-12)
+
+
+def _scatter(shape: tuple, flat: np.ndarray, values: np.ndarray) -> np.ndarray:
+    out = np.zeros(shape)
+    out.reshape(-1)[flat] = values
+    return out
 
 
 def test_float_bounds_equal_dense(conv, monkeypatch):

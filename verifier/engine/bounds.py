@@ -183,25 +183,34 @@ def sparse_weight(w: np.ndarray) -> SparseWeight | None:
     return per_weight(w, ("sparse", SPARSE_DENSITY), lambda: _sparse_forms(w))
 
 
-def with_pattern_of(w: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """`w`, whose non-zeros lie where `like`'s do, its sparse forms (`sparse_weight`) made from
-    `like`'s structure (their values gathered from `w`, not `w` scanned again: 1 ms a box on
-    the MNIST CNN's first layer): for a weight that changes with the box
+def with_values_at(like: np.ndarray, flat: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A copy of `like` holding `values` at its non-zeros (`flat`: their flat positions, in
+    the order `np.flatnonzero(like)` lists them), its sparse forms (`sparse_weight`) made from
+    `like`'s without a scan of either array: for a weight that changes with the box
     (`box_rounding.on_box`)."""
+    w = like.copy()
+    w.reshape(-1)[flat] = values
     sw = sparse_weight(like)
-    if sw is not None and w.shape == like.shape:
-        per_weight(w, ("sparse", SPARSE_DENSITY), lambda: _forms_like(sw, w))
+    if sw is not None:
+        order = per_weight(like, ("transposed order",), lambda: _transposed_order(sw.csr))
+        per_weight(
+            w,
+            ("sparse", SPARSE_DENSITY),
+            lambda: SparseWeight(
+                csr_array((values, sw.csr.indices, sw.csr.indptr), shape=sw.csr.shape),
+                csr_array(
+                    (values[order], sw.transposed.indices, sw.transposed.indptr),
+                    shape=sw.transposed.shape,
+                ),
+            ),
+        )
     return w
 
 
-def _forms_like(sw: SparseWeight, w: np.ndarray) -> SparseWeight:
-    return SparseWeight(_with_values(sw.csr, w), _with_values(sw.transposed, w.T))
-
-
-def _with_values(m: csr_array, w: np.ndarray) -> csr_array:
-    """`m`'s structure with `w`'s values at its entries."""
-    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
-    return csr_array((w[rows, m.indices], m.indices, m.indptr), shape=m.shape)
+def _transposed_order(csr: csr_array) -> np.ndarray:
+    """Where each entry of `csr`'s transpose (`_forms`) comes from in `csr`'s entries."""
+    places = csr_array((np.arange(csr.nnz, dtype=np.float64), csr.indices, csr.indptr), csr.shape)
+    return places.T.tocsr().data.astype(np.int64)
 
 
 def _sparse_forms(w: np.ndarray) -> SparseWeight | None:
@@ -888,7 +897,7 @@ def linear_bounds(
     `slopes` (lower slopes per ReLU layer and margin, optimised over an enclosing box with
     every cut: `optimised_slopes`; any slope in [0, 1] is sound): without optimisation here,
     the margins still open are bounded with them too (on this box's unstable neurons), the
-    better kept per margin.
+    better kept per margin (at a node, `open_only` with a parent, in the same pass).
     """
     lo = np.asarray(lo)
     hi = np.asarray(hi)
@@ -971,8 +980,9 @@ def linear_bounds(
     cut = cuts or None
     first_only = {1: cuts[1]} if 1 in cuts else None
     node = open_only and parent is not None and alpha_steps == 0
-    if node:
-        lam, c, vals, argmin = _open_margins(spec, pre, lo, hi, cut, parent.lower <= target)
+    if node:  # with the given slopes in the same pass (one back-substitution of both)
+        given = slopes if top > 0 else None
+        lam, c, vals, argmin = _open_margins(spec, pre, lo, hi, cut, parent.lower <= target, given)
     else:
         lam, c = _backsub(spec, pre, top + 1, np.eye(m), np.zeros(m), cut=cut)
         vals, argmin = spec.region.minimise(lam, c, lo, hi, argmin=True)
@@ -986,13 +996,11 @@ def linear_bounds(
         found = optimise_alpha(spec, pre, lo, hi, alpha_steps, target, cut=first_only)[:4]
         _keep_better(found[2], (lam, c, vals, argmin), found)
         method = "alpha-crown"
-    elif slopes is not None and top > 0:
+    elif slopes is not None and top > 0 and not node:
         rows = vals <= target
-        if node:
-            rows &= parent.lower <= target
         if rows.any():
             alphas = given_slopes(spec, pre, slopes, rows)
-            got = _open_margins(spec, pre, lo, hi, cut, rows, alphas)
+            got = _open_margins(spec, pre, lo, hi, cut, rows, alphas=alphas)
             _keep_better(got[2], (lam, c, vals, argmin), got)
     interval = cur_lo  # IBP of the margins from the refined intermediate bounds
     for other in (ibp, parent):  # bounds over this box or an enclosing one hold here too
@@ -1030,13 +1038,19 @@ def optimised_slopes(spec: SpecChain, b: Bounds, lo, hi, steps: int, target) -> 
     return optimise_alpha(spec, b.pre, lo, hi, steps, target, cut=b.cut)[4]
 
 
-def given_slopes(spec: SpecChain, pre: list, slopes: dict, rows: np.ndarray) -> dict:
+def given_slopes(
+    spec: SpecChain, pre: list, slopes: dict, rows: np.ndarray, usual: bool = False
+) -> dict:
     """The `slopes` (per ReLU layer and margin) of the margins `rows` (a mask) on the neurons
-    unstable in `pre`, the usual slope on the others (a stable neuron's line is exact)."""
+    unstable in `pre`, the usual slope on the others (a stable neuron's line is exact).
+    `usual`: each layer's rows of the usual slopes first, then these (`_open_margins`' rows
+    for both in one pass)."""
     out = {}
     for k, given in slopes.items():
         _, _, alpha, unstable = spec.layers[k].relax(*pre[k])
         out[k] = np.where(unstable, given[rows], alpha)
+        if usual:
+            out[k] = np.vstack([np.broadcast_to(alpha, out[k].shape), out[k]])
     return out
 
 
@@ -1108,21 +1122,35 @@ def _minimise_rows(region: Region, lam, c, lo, hi, old=None):
     return vals, fl
 
 
-def _open_margins(spec: SpecChain, pre: list, lo, hi, cut, open_: np.ndarray, alphas=None):
+def _open_margins(
+    spec: SpecChain, pre: list, lo, hi, cut, open_: np.ndarray, slopes=None, alphas=None
+):
     """The margins' linear lower bounds (lam, c), values and minimisers over [lo, hi] for the
     margins in the mask `open_` only (`alphas`: their lower slopes, `given_slopes`): the others
-    get zero coefficients, constant and value -inf."""
+    get zero coefficients, constant and value -inf. `slopes` (as `linear_bounds` takes them):
+    each margin is bounded with its usual slopes and with these in one back-substitution of
+    both sets of rows, the better kept (a node has a margin or two open: a pass for each set
+    repeated the per-layer work)."""
     m, g = spec.layers[-1].weight.shape[0], len(lo)
     rows = np.flatnonzero(open_)
     lam, c = np.zeros((m, g)), np.full(m, -np.inf)
     vals = np.full(m, -np.inf)
     argmin = np.tile(np.clip(0, lo, hi).astype(np.float64), (m, 1))
     if len(rows):
+        unit = np.eye(m)[rows]
+        if slopes is not None:
+            unit, alphas = np.vstack([unit, unit]), given_slopes(spec, pre, slopes, open_, True)
         lam_o, c_o = _backsub(
-            spec, pre, len(spec.layers), np.eye(m)[rows], np.zeros(len(rows)), alphas, cut=cut
+            spec, pre, len(spec.layers), unit, np.zeros(len(unit)), alphas, cut=cut
         )
+        vals_o, argmin_o = spec.region.minimise(lam_o, c_o, lo, hi, argmin=True)
+        if slopes is not None:  # per margin, the better of its two rows
+            pick = np.arange(len(rows)) + np.where(
+                vals_o[len(rows) :] > vals_o[: len(rows)], len(rows), 0
+            )
+            lam_o, c_o, vals_o, argmin_o = lam_o[pick], c_o[pick], vals_o[pick], argmin_o[pick]
         lam[rows], c[rows] = lam_o, c_o
-        vals[rows], argmin[rows] = spec.region.minimise(lam_o, c_o, lo, hi, argmin=True)
+        vals[rows], argmin[rows] = vals_o, argmin_o
     return lam, c, vals, argmin
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from verifier.engine.bounds import SpecChain, _first_err, with_pattern_of
+from verifier.engine.bounds import SpecChain, _first_err, weights, with_values_at
 from verifier.engine.network import Affine
 from verifier.engine.regions import EPS
 
@@ -93,7 +93,7 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
         return spec
     layer = spec.layers[0]
     w, b = layer.weight, layer.bias
-    dep, count, on_dep, w_dep = _dependencies(w)
+    dep, count, on_dep, w_dep, flat = _dependencies(w)
     fewest = int(count.min()) if count.size else 0  # generators an output depends on
     if fewest - int(np.count_nonzero(hi == lo)) > MAX_FREE:
         return spec  # every output has more free generators (a dense layer's, until deep)
@@ -105,7 +105,7 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
     left = region.budget - float(region.cost @ fixed)
     if left < 0:  # no point in the box: its bounds say so
         return spec
-    base = (b + w @ fixed - origin) / step  # in grid steps from here on
+    base = (b + weights(w) @ fixed - origin) / step  # in grid steps from here on
     err = _first_err(spec)
     # the runtime's value before rounding is within this of the spec's, in steps
     slack = np.maximum(err / step - 0.5, 0.0) + NOISE_STEPS
@@ -117,7 +117,9 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
     redo = None if last is None else _changed_outputs(last, lo, hi, left, cut, dep, on_dep)
     if redo is None:
         shift, half = np.zeros(len(b)), err.copy()
-        slopes = np.zeros(w.shape)  # the fitted moves' slopes, in the weights' units
+        # the fitted moves' slopes, in the weights' units, at each output's dependencies (as
+        # `dep` lists them: a few a row, not a weight-shaped array a box)
+        slopes = np.zeros(dep.shape)
     else:  # the others as the last box has them
         shift, half, slopes = last.shift.copy(), last.half.copy(), last.slopes.copy()
         shift[redo], half[redo], slopes[redo] = 0.0, err[redo], 0.0
@@ -128,6 +130,7 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
     ks = k[rows]
     picked = free[rows]
     cols = dep[rows][picked]
+    places = np.nonzero(picked)[1]  # each one's place among its output's dependencies
     col_steps = (w_dep[rows] / step[rows, None])[picked]
     col_cost = region.cost[cols]
     first_row = np.searchsorted(ks, np.arange(MAX_FREE + 2))
@@ -159,7 +162,7 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
         bottom, top = np.where(better, left_bottom, bottom), np.where(better, left_top, top)
         shift[r] = (bottom + top) / 2 * step[r]
         half[r] = (top - bottom) / 2 * step[r]
-        slopes[r[:, None], cols[at].reshape(z - a, n)] = (
+        slopes[r[:, None], places[at].reshape(z - a, n)] = (
             np.where(better[:, None], fitted, 0.0) * step[r, None]
         )
     narrowed = half < err
@@ -169,7 +172,7 @@ def on_box(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> SpecChain:
     _RECENT.append(_Box(spec, lo.copy(), hi.copy(), left, cut, shift, half, slopes))
     if not np.any(narrowed):
         return spec
-    w = with_pattern_of(w + slopes, w)  # the slopes lie on its non-zeros
+    w = with_values_at(w, flat, (w_dep + slopes)[on_dep])  # the slopes lie on its non-zeros
     layers = [Affine(w, b + np.where(narrowed, shift, 0.0)), *spec.layers[1:]]
     first = np.where(narrowed, half, spec.err[0])
     absw = [np.abs(w), *spec.absw[1:]]
@@ -188,7 +191,7 @@ class _Box:
     cut: np.ndarray  # per output, whether the budget cuts some subsets of its free generators
     shift: np.ndarray
     half: np.ndarray
-    slopes: np.ndarray  # zero on the outputs not narrowed
+    slopes: np.ndarray  # at the outputs' dependencies (`_dependencies`); 0 where not narrowed
 
 
 def _nearest(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> _Box | None:
@@ -257,8 +260,9 @@ def _extremes(low: np.ndarray, high: np.ndarray, inside: np.ndarray | None) -> t
 
 def _dependencies(w: np.ndarray) -> tuple:
     """Per output row of `w`, the generators its weight is not 0 on (in order, padded), how
-    many, which of the padded places hold one, and the weights there: the same for every box
-    of a region, so kept for the last `w` seen."""
+    many, which of the padded places hold one, the weights there, and where those lie in `w`
+    flattened (`np.flatnonzero(w)`): the same for every box of a region, so kept for the last
+    `w` seen."""
     kept = _DEPENDENCIES[0]
     if kept is not None and kept[0] is w:
         return kept[1:]
@@ -267,7 +271,8 @@ def _dependencies(w: np.ndarray) -> tuple:
     # a stable sort puts each row's own generators first, in order
     dep = np.argsort(~nz, axis=1, kind="stable")[:, : max(int(count.max(initial=0)), 1)]
     on_dep = np.arange(dep.shape[1]) < count[:, None]
-    _DEPENDENCIES[0] = (w, dep, count, on_dep, np.take_along_axis(w, dep, axis=1))
+    flat = (np.arange(len(w))[:, None] * w.shape[1] + dep)[on_dep]
+    _DEPENDENCIES[0] = (w, dep, count, on_dep, np.take_along_axis(w, dep, axis=1), flat)
     return _DEPENDENCIES[0][1:]
 
 
