@@ -106,7 +106,7 @@ def main() -> None:
     results = {"args": vars(args) | {"out": str(args.out)}, "inputs": {}}
     with quantized_copy(args.model, args.mode, args.data_dir) as q:
         runner, em, chain = q.runner, q.error_model, q.chain
-        for i, x, region in q.inputs(args.indices, settings):
+        for i, x, _, region in q.inputs(args.indices, settings):
             label = int(np.argmax(runner.predict(x[None].astype(np.float32))[0]))
             start = time.perf_counter()
             qs = quantized_spec(em, region, label)

@@ -85,8 +85,7 @@ def main() -> None:
     settings = Settings(radius=args.radius, step=args.step)
     results = {"args": vars(args) | {"out": str(args.out)}, "inputs": {}}
     with quantized_copy(args.model, args.mode, args.data_dir) as q:
-        for i, _, region in q.inputs(args.indices, settings):
-            label = int(q.dataset.labels[i])
+        for i, _, label, region in q.inputs(args.indices, settings):
             f = decide(q.model, q.chain, region, label, timeout=60.0, keep_leaves=True, seed=i)
             proof = f.detail.get("reuse")
             seconds, d, boxes = timed_nodes(q, region, label, proof, args.nodes, i, args.repeats)

@@ -31,13 +31,15 @@ class QuantizedCopy:
     error_model: object
     dataset: object  # the MNIST test set
 
-    def inputs(self, indices: str, settings: Settings) -> Iterator[tuple[int, np.ndarray, Region]]:
-        """Per test input in `indices` ("0,17"): its position, image (model layout) and region
-        (around its true label)."""
+    def inputs(
+        self, indices: str, settings: Settings
+    ) -> Iterator[tuple[int, np.ndarray, int, Region]]:
+        """Per test input in `indices` ("0,17"): its position, image (model layout), true
+        label and region (around that label)."""
         for i in (int(v) for v in indices.split(",")):
             x = to_layout(self.dataset.images[i : i + 1], self.model.layout, self.model.input_shape)
             label = int(self.dataset.labels[i])
-            yield i, x[0], build_region(settings, x[0], self.chain.layers, label, i)
+            yield i, x[0], label, build_region(settings, x[0], self.chain.layers, label, i)
 
 
 @contextmanager

@@ -1145,10 +1145,10 @@ def _open_margins(
         )
         vals_o, argmin_o = spec.region.minimise(lam_o, c_o, lo, hi, argmin=True)
         if slopes is not None:  # per margin, the better of its two rows
-            pick = np.arange(len(rows)) + np.where(
-                vals_o[len(rows) :] > vals_o[: len(rows)], len(rows), 0
-            )
-            lam_o, c_o, vals_o, argmin_o = lam_o[pick], c_o[pick], vals_o[pick], argmin_o[pick]
+            r = len(rows)
+            usual = (lam_o[:r], c_o[:r], vals_o[:r], argmin_o[:r])
+            _keep_better(vals_o[r:], usual, (lam_o[r:], c_o[r:], vals_o[r:], argmin_o[r:]))
+            lam_o, c_o, vals_o, argmin_o = usual
         lam[rows], c[rows] = lam_o, c_o
         vals[rows], argmin[rows] = vals_o, argmin_o
     return lam, c, vals, argmin
