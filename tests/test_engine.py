@@ -551,15 +551,16 @@ def test_knapsack_with_budget_past_every_move_equals_linprog(seed):
 
 def test_knapsack_values_path_is_taken_on_feature_boxes():
     """The 0/1 path answers for a feature box with one odd cost, and declines a lattice box."""
-    from verifier.engine.regions import _binary_knapsack
+    from verifier.engine.regions import _binary_knapsack, binary_shape
 
     lo, hi = np.zeros(5), np.ones(5)
     cost = np.array([2.5, 2.5, 2.5, 1.0, 2.5])
     a = np.array([[-1.0, -2.0, 3.0, -4.0, -0.5]])
-    got, _ = _binary_knapsack(a, np.zeros(1), lo, hi, np.zeros(5), cost, 6.0)
+    shape = binary_shape(lo, hi, cost, 6.0)
+    got, _ = _binary_knapsack(a, np.zeros(1), np.zeros(5), shape, cost, 6.0)
     # greedy by gain per cost: item 3 (4 per 1.0), item 1 (2 per 2.5), item 0 (1 per 2.5)
     assert got == pytest.approx([-(4.0 + 2.0 + 1.0)])
-    assert _binary_knapsack(a, np.zeros(1), lo - 1, hi, np.zeros(5), cost, 6.0) is None
+    assert binary_shape(lo - 1, hi, cost, 6.0) is None
 
 
 def test_greedy_extreme_stays_in_region():

@@ -129,6 +129,7 @@ class BabOutcome:
     closed_leaves: list[Leaf] = field(default_factory=list)  # with `keep_closed`: bab / enum
     tried: set = field(default_factory=set)  # minimisers run or queued (bytes)
     queued: list = field(default_factory=list)  # minimisers not run yet ((k, G) arrays)
+    queued_points: int = 0  # how many
     rows_peak: int = 0  # most bytes of rows the queued leaves kept at once (`ROWS_BUDGET`)
 
 
@@ -285,9 +286,11 @@ def settle_node(
     `pointwise.first_exact_margins`, tightest where at or below `target`, the rows' thresholds),
     that spare the runtime the points they prove: the sieve runs only the others (on a runtime
     that runs one point per call, as many as on any other)."""
-    out.queued.append(minimisers(region, leaf.bounds, threshold, out.tried))
-    full = sum(len(c) for c in out.queued) >= MINIMISER_BATCH
-    if full and run_minimisers(runtime, region, label, out):
+    found = minimisers(region, leaf.bounds, threshold, out.tried)
+    if len(found):
+        out.queued.append(found)
+        out.queued_points += len(found)
+    if out.queued_points >= MINIMISER_BATCH and run_minimisers(runtime, region, label, out):
         return None
     limit = max(enum_limit, 1)
     small = region.count(limit, leaf.lo, leaf.hi) <= limit
@@ -481,7 +484,7 @@ def run_minimisers(runtime, region: Region, label: int, out: BabOutcome) -> bool
     """Run the queued minimisers (`out.queued`) on the runtime in one call; a confirmed
     counterexample goes into `out` (status REFUTED, route "bab"): returns whether one did."""
     cands = np.concatenate(out.queued) if out.queued else np.zeros((0, 0), dtype=np.int64)
-    out.queued = []
+    out.queued, out.queued_points = [], 0
     if not len(cands):
         return False
     _, labels = margins_and_labels(runtime, region, cands, label)
