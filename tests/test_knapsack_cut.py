@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from test_engine import random_case
 
-from verifier.engine.bounds import linear_bounds, optimise_alpha, optimised_slopes, spec_chain
+from verifier.engine.bounds import (
+    linear_bounds,
+    optimise_alpha,
+    optimised_slopes,
+    refined,
+    spec_chain,
+)
 from verifier.engine.knapsack_cut import knapsack_cut
 from verifier.engine.network import Affine, Relu, forward_lowered
 from verifier.engine.regions import Region, lattice_region
@@ -210,6 +216,89 @@ def test_the_regions_slopes_raise_some_bounds():
                 int(np.any(t.lower > p.lower + 1e-6)) for p, t in zip(plain, tried, strict=True)
             )
     assert raised >= 5, raised
+
+
+def _refined_cases(seed: int):
+    """Per sign-fixed sub-box of random case `seed` holding points: its points, their real
+    margins, its bounds as a node with the region's slopes, those refined over the box
+    (`bounds.refined`, every margin open), a child box (a free generator fixed at its low
+    end) with its points, margins and bounds as a node on the refined slopes, and the
+    region's slopes."""
+    chain, _, region, label = random_case(seed)
+    spec = spec_chain(chain, region, label)
+    root = linear_bounds(spec, region.lo, region.hi)
+    slopes = optimised_slopes(spec, root, region.lo, region.hi, 20, np.inf)
+    node = dict(open_only=True, target=np.inf)
+    for lo, hi in sign_fixed_boxes(region, np.random.default_rng(seed + 7), 4):
+        parts = list(region.enumerate(lo=lo, hi=hi))
+        free = np.flatnonzero(lo < hi)
+        if not parts or slopes is None or not len(free):
+            continue
+        pts = np.concatenate(parts)
+        logits = forward_lowered(chain, region.points(pts))
+        margins = logits[:, [label]] - logits[:, spec.others]
+        b = linear_bounds(spec, lo, hi, parent=root, slopes=slopes, **node)
+        got = refined(spec, b, lo, hi, 5, np.inf, slopes)
+        child_hi = hi.copy()
+        child_hi[free[0]] = lo[free[0]]
+        inside = np.all(pts <= child_hi, axis=1)
+        kid = linear_bounds(spec, lo, child_hi, parent=got, slopes=got.slopes, **node)
+        yield pts, margins, b, got, (pts[inside], margins[inside], kid), slopes
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_refined_slopes_bound_every_point_of_the_box_and_its_sub_boxes(seed):
+    """Bounds with slopes refined over a box: never below the node's own, each margin's below
+    its real minimum and its linear bound below its value at every point; the slopes passed
+    down lie in [0, 1] and a child box's bounds with them hold at every point of the child."""
+    for pts, margins, b, got, (kid_pts, kid_margins, kid), _ in _refined_cases(seed):
+        assert np.all(got.lower >= b.lower)
+        assert np.all(got.lower <= margins.min(axis=0) + 1e-9), (got.lower, margins)
+        assert np.all(pts @ got.coeffs.T + got.offsets <= margins + 1e-9)
+        assert all(v.min() >= 0.0 and v.max() <= 1.0 for v in got.slopes.values())
+        if len(kid_pts):
+            assert np.all(kid.lower <= kid_margins.min(axis=0) + 1e-9)
+            assert np.all(kid_pts @ kid.coeffs.T + kid.offsets <= kid_margins + 1e-9)
+
+
+def test_refined_slopes_raise_some_bounds():
+    """On the random cases above, refining the region's slopes over a box raises some of its
+    margins' bounds (and what it passes down differs from what it was given)."""
+    raised = changed = 0
+    for seed in range(16):
+        for _, _, b, got, _, given in _refined_cases(seed):
+            raised += int(np.any(got.lower > b.lower + 1e-6))
+            changed += int(any(np.abs(got.slopes[k] - v).max() > 1e-6 for k, v in given.items()))
+    assert raised >= 5, raised
+    assert changed >= 5, changed
+
+
+def test_slopes_optimised_for_some_margins_from_given_ones():
+    """`optimise_alpha(margins=, start=)`: one row per margin named, each never below the
+    bound its start slopes give, nor below the same margin's row optimised with all of them
+    from the usual slopes by more than float64 sums (its start being that row's slopes)."""
+    for seed in range(16):
+        chain, _, region, label = random_case(seed)
+        spec = spec_chain(chain, region, label)
+        root = linear_bounds(spec, region.lo, region.hi)
+        full = optimise_alpha(spec, root.pre, region.lo, region.hi, 5, np.inf, cut=root.cut)
+        if not full[4]:
+            continue
+        rows = np.array([len(root.lower) - 1])
+        got = optimise_alpha(
+            spec,
+            root.pre,
+            region.lo,
+            region.hi,
+            3,
+            np.inf,
+            cut=root.cut,
+            margins=rows,
+            start=full[4],
+        )
+        assert got[0].shape == (1, region.num_generators)
+        assert all(v.shape[0] == 1 for v in got[4].values())
+        assert got[2][0] >= full[2][rows[0]] - 1e-9
 
 
 def test_deeper_cuts_are_used_on_random_two_layer_cases():

@@ -159,6 +159,7 @@ def _fields(b: Bounds) -> dict:
         "method": b.method,
         "first": b.first,
         "cut": b.cut,
+        "slopes": b.slopes,
     }
 
 
