@@ -45,7 +45,11 @@ from verifier.engine.regions import EPS, Region
 CHECKED, FAILED, NOT_CHECKABLE = "checked", "failed", "not checkable"
 # A stored margin may exceed the true one at a point by float noise only.
 MARGIN_RTOL = 1e-4
-SLOPE_STEPS = 60  # gradient steps on the slopes of a bounds leaf plain bounds do not close
+# gradient steps on the slopes of a bounds leaf plain bounds do not close (until all close):
+# the engine's quantized nodes close leaves with slopes refined down the whole path. MNIST CNN
+# int8 proofs of inputs 0 / 17 / 116 (features r=10, 20 s): 60 steps left 9 / 0 / 17 bounds
+# leaves not checkable, 200 steps none, the audit 443 -> 417 s (fewer boxes enumerated)
+SLOPE_STEPS = 200
 SLOPE_RATE = 0.2
 
 
