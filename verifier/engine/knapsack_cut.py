@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from verifier.engine.regions import EPS, Region
+from verifier.engine.regions import EPS, Region, box_facts
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,13 @@ def knapsack_cut(
     """The cut for `relu(weight @ s + bias + e)`, `|e| <= err` (None or per neuron), over the
     box `[lo, hi]` within the region's budget, on the neurons unstable in `[lower, upper]`.
     None when some generator's sign is not fixed over the box, or no neuron is unstable."""
-    lo = np.asarray(lo, dtype=np.float64)
-    hi = np.asarray(hi, dtype=np.float64)
+    facts = box_facts(lo, hi, region.cost, region.budget)
+    lo, hi, p, room = facts.lo, facts.hi, facts.p, facts.cap  # room: the budget left at p
     mask = (lower < 0) & (upper > 0)
     if not mask.any() or np.any((lo < 0) & (hi > 0)):
         return None
     # direction of t = |s - p| on each generator that moves (a fixed one's t is 0)
     sign = np.where((hi <= 0) & (lo < hi), -1.0, 1.0)
-    p = np.clip(0.0, lo, hi)
-    room = region.budget + EPS - float(np.abs(p) @ region.cost)
     if room <= EPS:
         return None
     rows = np.flatnonzero(mask)
