@@ -302,3 +302,40 @@ def test_a_slow_runtime_sieves_fewer_points_a_leaf(monkeypatch):
         assert res is not None and res.route == "sieve" and res.points == len(pts)
         sieved += 1
     assert sieved >= 3
+
+
+def test_audit_sieve_leaf_takes_optimised_slopes_where_plain_ones_leave_too_many():
+    """The proof checker's sieve leaf: where its plain bounds leave more points than it runs
+    (`max_points`), its bounds with slopes optimised there leave fewer, and the leaf re-checks
+    on those (robust regions); on a region holding a misclassified point the leaf never
+    re-checks (the optimised bounds leave that point to the runtime, or the box is not
+    checkable)."""
+    from dataclasses import replace
+
+    from verifier.run.proofcheck import Verdict, _back, _check_sieve, _node_bounds, _on_box
+
+    rechecked = caught = 0
+    for seed in range(60):
+        chain, runtime, region, label = random_case(seed)
+        _, bad = truth(runtime, region, label)
+        p = problem(chain, runtime, region, label)
+        spec = _on_box(p, None, region.lo, region.hi)
+        b = _node_bounds(spec, region.lo, region.hi, None)
+        open_ = ~(b.lower > 0)
+        if not open_.any():
+            continue
+        rows = np.eye(len(spec.others))[open_]
+        a, c = _back(spec, b.pre, len(spec.layers), rows, np.zeros(len(rows)), cut=b.cut)
+        plain = region.points_below(a, c, region.lo, region.hi, cap=region.count(10**7))
+        if len(plain) < 2 or region.count(10**7) < len(plain):
+            continue
+        out = Verdict()
+        problem_ = replace(p, max_points=len(plain) - 1)
+        failure = _check_sieve(region.lo, region.hi, None, problem_, out)
+        if bad.any():
+            assert failure is not None or out.unchecked, seed
+            caught += failure is not None
+        elif out.leaves.get("sieve"):
+            assert failure is None and out.points < len(plain)
+            rechecked += 1
+    assert rechecked >= 2 and caught >= 1

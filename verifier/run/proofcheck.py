@@ -17,7 +17,8 @@ each leaf is closed again by its own route:
   runtime (at most `max_points` points, else not checkable) and every point must keep the label.
 - `sieve`: margin linear bounds re-derived here (as for `bounds`); every point of the box they
   do not prove (`Region.points_below`) runs on the runtime and must keep the label; when more
-  than `max_points` are left, the box is enumerated if small enough, else not checkable.
+  than `max_points` are left, the same with the slopes optimised here, then the box is
+  enumerated if small enough, else not checkable.
 - `z3` and `milp`: enumerated on the runtime when small enough, else re-solved by z3 on the box.
 
 A `fold` node's box must lie within one sub-region of the dynamic-range input fold; its subtree
@@ -238,9 +239,10 @@ def _run_points(batches, problem: Problem, out: Verdict, kind: str) -> str | Non
 
 
 def _check_sieve(lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
-    """A sieve leaf: margin linear bounds computed here over the box; the points where some
-    is not positive (`Region.points_below`, at most `max_points`) run on the runtime and keep
-    the label. Else the box is enumerated when small enough, or it is not checkable."""
+    """A sieve leaf: margin linear bounds computed here over the box (plain slopes, then where
+    they leave more than `max_points` points, slopes optimised here as for a bounds leaf); the
+    points where some is not positive (`Region.points_below`) run on the runtime and keep the
+    label. Else the box is enumerated when small enough, or it is not checkable."""
     region = problem.region
     spec = _on_box(problem, parent, lo, hi)
     pts = None
@@ -252,6 +254,11 @@ def _check_sieve(lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
             rows = np.eye(len(spec.others))[open_]
             a, c = _back(spec, b.pre, len(spec.layers), rows, np.zeros(len(rows)), cut=b.cut)
             pts = region.points_below(a, c - bar[open_], lo, hi, cap=problem.max_points)
+            if pts is None:  # more points left than run: with slopes optimised here
+                _, a, c = _optimised_margins(spec, lo, hi, b, bar)
+                pts = region.points_below(
+                    a[open_], c[open_] - bar[open_], lo, hi, cap=problem.max_points
+                )
     if pts is None:
         count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
         return _by_enumeration(lo, hi, count, problem, out, "sieve")
@@ -282,7 +289,7 @@ def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict)
     for cut in (b.cut, _first_only(b.cut)) if _first_only(b.cut) != b.cut else (b.cut,):
         if cut is not b.cut:
             worst = np.maximum(worst, _margin_bounds(spec, lo, hi, b.pre, cut))
-        best = _optimised_margins(spec, lo, hi, replace(b, cut=cut), bar)
+        best = _optimised_margins(spec, lo, hi, replace(b, cut=cut), bar)[0]
         if np.all(np.maximum(worst, best) > bar):
             _tally(out.leaves, "bounds")
             return None
@@ -672,9 +679,10 @@ def _first_only(cut: dict | None) -> dict | None:
     return {1: cut[1]} if cut is not None and 1 in cut else None
 
 
-def _optimised_margins(spec, lo, hi, b: _BoxBounds, bar: np.ndarray) -> np.ndarray:
+def _optimised_margins(spec, lo, hi, b: _BoxBounds, bar: np.ndarray) -> tuple:
     """Margin lower bounds with per-margin ReLU lower slopes raised by projected gradient
-    ascent (the minimiser held fixed), the best seen per margin (until all exceed `bar`)."""
+    ascent (the minimiser held fixed), the best seen per margin (until all exceed `bar`), and
+    per margin the linear lower bound on s that gave it (rows a, constants c)."""
     m = len(spec.others)
     pre = b.pre
     slopes = {
@@ -683,17 +691,19 @@ def _optimised_margins(spec, lo, hi, b: _BoxBounds, bar: np.ndarray) -> np.ndarr
         if isinstance(layer, Relu)
     }
     best = np.full(m, -np.inf)
+    best_a, best_c = np.zeros((m, len(lo))), np.full(m, -np.inf)
     for _ in range(SLOPE_STEPS):
         tape: list = []
         a, c = _back(spec, pre, len(spec.layers), np.eye(m), np.zeros(m), slopes, tape, b.cut)
         value, s = _min_linear(a, c, lo, hi, spec.region.cost, spec.region.budget, where=True)
-        best = np.maximum(best, value)
+        up = value > best
+        best[up], best_a[up], best_c[up] = value[up], a[up], c[up]
         if np.all(best > bar):
             break
         for k, grad in _slope_gradients(spec, pre, tape, s, slopes, b.cut).items():
             scale = np.abs(grad).max(axis=1, keepdims=True) + 1e-12
             slopes[k] = np.clip(slopes[k] + SLOPE_RATE * grad / scale, 0.0, 1.0)
-    return best
+    return best, best_a, best_c
 
 
 def _slope_gradients(spec, pre: list, tape: list, s: np.ndarray, slopes: dict, cut) -> dict:
