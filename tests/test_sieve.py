@@ -339,3 +339,36 @@ def test_audit_sieve_leaf_takes_optimised_slopes_where_plain_ones_leave_too_many
             assert failure is None and out.points < len(plain)
             rechecked += 1
     assert rechecked >= 2 and caught >= 1
+
+
+def test_audit_bounds_leaf_runs_the_points_its_bounds_leave_open():
+    """The proof checker's bounds leaf its own bounds do not close, on a box with more points
+    than it enumerates: the points its optimised bounds leave open run on the runtime, so the
+    leaf re-checks on robust regions and never on a region holding a misclassified point."""
+    from dataclasses import replace
+
+    from verifier.run.proofcheck import Verdict, _check_bounds, _margins_at, _node_bounds, _on_box
+
+    rechecked = caught = 0
+    for seed in range(80):
+        chain, runtime, region, label = random_case(seed)
+        _, bad = truth(runtime, region, label)
+        p = problem(chain, runtime, region, label)
+        spec = _on_box(p, None, region.lo, region.hi)
+        if np.all(_node_bounds(spec, region.lo, region.hi, None).lower > 0):
+            continue
+        at = float(np.min(_margins_at(p.spec, np.clip(0, region.lo, region.hi).astype(float))))
+        count = region.count(10**7)
+        if at <= 0 or count < 2:
+            continue
+        out = Verdict()
+        failure = _check_bounds(
+            at / 2, region.lo, region.hi, None, replace(p, max_points=count - 1), out
+        )
+        if bad.any():
+            assert failure is not None or out.unchecked, seed
+            caught += failure is not None
+        elif out.leaves.get("bounds"):
+            assert failure is None and out.points < count
+            rechecked += out.points > 0  # (0: its optimised bounds closed it)
+    assert rechecked >= 2 and caught >= 1

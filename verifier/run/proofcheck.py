@@ -10,7 +10,8 @@ each leaf is closed again by its own route:
   fixed (`_cut_lines`), intermediate bounds intersected with the enclosing box's, as every
   enclosing box's bounds hold in it); when they do not close the leaf, the ReLU lower slopes
   are optimised here by projected gradient (any slope in [0, 1] is sound); a leaf still open
-  is enumerated on the runtime when small enough, else it is not checkable. Its stored margin
+  runs the points those bounds leave open on the runtime (at most `max_points`), or is
+  enumerated when small enough, else it is not checkable. Its stored margin
   must not exceed the margin at the box's point nearest 0, and must be positive.
 - `empty`: the box's least cost must exceed the budget.
 - `enumeration`: the stored point count must equal the box's; the box is enumerated on the
@@ -267,7 +268,8 @@ def _check_sieve(lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
 
 
 def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
-    """A bounds leaf: its evidence is consistent, and bounds computed here close it."""
+    """A bounds leaf: its evidence is consistent, and bounds computed here close it, or leave
+    at most `max_points` points open, which run on the runtime and keep the label."""
     region, spec = problem.region, problem.spec
     bar = problem.bar(spec)
     if not margin > 0:
@@ -286,14 +288,22 @@ def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict)
         return None
     # every ReLU's cut lines, then the first ReLU's alone (where deeper cuts are the looser
     # lines: optimised root bounds take the better), each with slopes optimised here
+    rows = None
     for cut in (b.cut, _first_only(b.cut)) if _first_only(b.cut) != b.cut else (b.cut,):
         if cut is not b.cut:
             worst = np.maximum(worst, _margin_bounds(spec, lo, hi, b.pre, cut))
-        best = _optimised_margins(spec, lo, hi, replace(b, cut=cut), bar)[0]
+        best, a, c = _optimised_margins(spec, lo, hi, replace(b, cut=cut), bar)
         if np.all(np.maximum(worst, best) > bar):
             _tally(out.leaves, "bounds")
             return None
+        rows = (a, c, best) if rows is None else rows
     count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
+    if count > problem.max_points:  # the points its optimised bounds leave open, on the runtime
+        a, c, best = rows
+        open_ = ~(best > bar)
+        pts = region.points_below(a[open_], c[open_] - bar[open_], lo, hi, cap=problem.max_points)
+        if pts is not None:
+            return _run_points([pts], problem, out, "bounds")
     return _by_enumeration(lo, hi, count, problem, out, "bounds")
 
 
