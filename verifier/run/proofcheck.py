@@ -239,6 +239,11 @@ def _run_points(batches, problem: Problem, out: Verdict, kind: str) -> str | Non
     return None
 
 
+def _batches(pts: np.ndarray, size: int = 16384):
+    """The points `pts` in batches for the runtime (none when there is none)."""
+    return (pts[i : i + size] for i in range(0, len(pts), size))
+
+
 def _check_sieve(lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
     """A sieve leaf: margin linear bounds computed here over the box (plain slopes, then where
     they leave more than `max_points` points, slopes optimised here as for a bounds leaf); the
@@ -263,8 +268,7 @@ def _check_sieve(lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
     if pts is None:
         count = count_points(lo, hi, region.cost, region.budget, problem.max_points + 1)
         return _by_enumeration(lo, hi, count, problem, out, "sieve")
-    batches = (pts[i : i + 16384] for i in range(0, len(pts), 16384))
-    return _run_points(batches, problem, out, "sieve")
+    return _run_points(_batches(pts), problem, out, "sieve")
 
 
 def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict) -> str | None:
@@ -303,7 +307,7 @@ def _check_bounds(margin: float, lo, hi, parent, problem: Problem, out: Verdict)
         open_ = ~(best > bar)
         pts = region.points_below(a[open_], c[open_] - bar[open_], lo, hi, cap=problem.max_points)
         if pts is not None:
-            return _run_points([pts], problem, out, "bounds")
+            return _run_points(_batches(pts), problem, out, "bounds")
     return _by_enumeration(lo, hi, count, problem, out, "bounds")
 
 
