@@ -304,6 +304,22 @@ def test_a_slow_runtime_sieves_fewer_points_a_leaf(monkeypatch):
     assert sieved >= 3
 
 
+def _open_audit_cases(n: int):
+    """Of the first `n` random cases, those the proof checker's own bounds over the whole box
+    leave open: the problem, whether the region holds a misclassified point, the box's spec
+    and those bounds."""
+    from verifier.run.proofcheck import _node_bounds, _on_box
+
+    for seed in range(n):
+        chain, runtime, region, label = random_case(seed)
+        _, bad = truth(runtime, region, label)
+        p = problem(chain, runtime, region, label)
+        spec = _on_box(p, None, region.lo, region.hi)
+        b = _node_bounds(spec, region.lo, region.hi, None)
+        if not np.all(b.lower > 0):
+            yield p, bool(bad.any()), spec, b
+
+
 def test_audit_sieve_leaf_takes_optimised_slopes_where_plain_ones_leave_too_many():
     """The proof checker's sieve leaf: where its plain bounds leave more points than it runs
     (`max_points`), its bounds with slopes optimised there leave fewer, and the leaf re-checks
@@ -312,28 +328,22 @@ def test_audit_sieve_leaf_takes_optimised_slopes_where_plain_ones_leave_too_many
     checkable)."""
     from dataclasses import replace
 
-    from verifier.run.proofcheck import Verdict, _back, _check_sieve, _node_bounds, _on_box
+    from verifier.run.proofcheck import Verdict, _back, _check_sieve
 
     rechecked = caught = 0
-    for seed in range(60):
-        chain, runtime, region, label = random_case(seed)
-        _, bad = truth(runtime, region, label)
-        p = problem(chain, runtime, region, label)
-        spec = _on_box(p, None, region.lo, region.hi)
-        b = _node_bounds(spec, region.lo, region.hi, None)
-        open_ = ~(b.lower > 0)
-        if not open_.any():
-            continue
-        rows = np.eye(len(spec.others))[open_]
+    for p, bad, spec, b in _open_audit_cases(60):
+        region = p.region
+        rows = np.eye(len(spec.others))[~(b.lower > 0)]
         a, c = _back(spec, b.pre, len(spec.layers), rows, np.zeros(len(rows)), cut=b.cut)
         plain = region.points_below(a, c, region.lo, region.hi, cap=region.count(10**7))
         if len(plain) < 2 or region.count(10**7) < len(plain):
             continue
         out = Verdict()
-        problem_ = replace(p, max_points=len(plain) - 1)
-        failure = _check_sieve(region.lo, region.hi, None, problem_, out)
-        if bad.any():
-            assert failure is not None or out.unchecked, seed
+        failure = _check_sieve(
+            region.lo, region.hi, None, replace(p, max_points=len(plain) - 1), out
+        )
+        if bad:
+            assert failure is not None or out.unchecked
             caught += failure is not None
         elif out.leaves.get("sieve"):
             assert failure is None and out.points < len(plain)
@@ -347,16 +357,11 @@ def test_audit_bounds_leaf_runs_the_points_its_bounds_leave_open():
     leaf re-checks on robust regions and never on a region holding a misclassified point."""
     from dataclasses import replace
 
-    from verifier.run.proofcheck import Verdict, _check_bounds, _margins_at, _node_bounds, _on_box
+    from verifier.run.proofcheck import Verdict, _check_bounds, _margins_at
 
     rechecked = caught = 0
-    for seed in range(80):
-        chain, runtime, region, label = random_case(seed)
-        _, bad = truth(runtime, region, label)
-        p = problem(chain, runtime, region, label)
-        spec = _on_box(p, None, region.lo, region.hi)
-        if np.all(_node_bounds(spec, region.lo, region.hi, None).lower > 0):
-            continue
+    for p, bad, _, _ in _open_audit_cases(80):
+        region = p.region
         at = float(np.min(_margins_at(p.spec, np.clip(0, region.lo, region.hi).astype(float))))
         count = region.count(10**7)
         if at <= 0 or count < 2:
@@ -365,8 +370,8 @@ def test_audit_bounds_leaf_runs_the_points_its_bounds_leave_open():
         failure = _check_bounds(
             at / 2, region.lo, region.hi, None, replace(p, max_points=count - 1), out
         )
-        if bad.any():
-            assert failure is not None or out.unchecked, seed
+        if bad:
+            assert failure is not None or out.unchecked
             caught += failure is not None
         elif out.leaves.get("bounds"):
             assert failure is None and out.points < count
