@@ -110,14 +110,21 @@ def test_feature_points(case):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.one_of(lattices(), feature_regions()), st.integers(0, 2**32 - 1), st.booleans())
-def test_runtime_inputs_are_the_points_bit_for_bit(case, seed, overlap):
+@given(
+    st.one_of(lattices(), feature_regions()),
+    st.integers(0, 2**32 - 1),
+    st.booleans(),
+    st.booleans(),
+)
+def test_runtime_inputs_are_the_points_bit_for_bit(case, seed, overlap, shared):
     """`points.region_inputs` (only the values a point's generators move) equals the matrix
     product `x + s D` cast to float32, bit for bit, at any coefficients of the box; also where
-    a value is moved by several generators (directions made to overlap)."""
+    a value is moved by several generators (directions made to overlap), and on batches of
+    more than `INPUT_ROWS` points that share most generators' values (as a sieve's do: those
+    values are computed once a chunk)."""
     from dataclasses import replace
 
-    from verifier.engine.points import region_inputs
+    from verifier.engine.points import INPUT_ROWS, SHARED_FROM, region_inputs
 
     x, region = case
     if overlap and region.num_generators > 1:
@@ -127,6 +134,11 @@ def test_runtime_inputs_are_the_points_bit_for_bit(case, seed, overlap):
     rng = np.random.default_rng(seed)
     s = rng.integers(region.lo, region.hi + 1, size=(7, region.num_generators))
     s[0] = 0
+    if shared:  # rows 0 and INPUT_ROWS + 1 lead chunks of at least SHARED_FROM
+        n = INPUT_ROWS + SHARED_FROM + 2
+        s = rng.integers(region.lo, region.hi + 1, size=(n, region.num_generators))
+        fixed = rng.random(region.num_generators) < 0.7
+        s[:, fixed] = s[0, fixed]
     want = (region.x + s.astype(np.float64) @ region.directions).astype(np.float32)
     assert np.array_equal(region_inputs(region, s).view(np.int32), want.view(np.int32))
 
