@@ -276,19 +276,26 @@ def test_point_seconds_is_measured_once_a_runtime():
     assert key not in points_module._SECONDS
 
 
-def test_a_slow_runtime_sieves_fewer_points_a_leaf(monkeypatch):
-    """A box whose bounds leave a few points open is sieved on a fast runtime; on a slow one
-    whose `SIEVE_SECONDS` pays for fewer points, it is split instead (nothing run)."""
-    sieved = 0
+def _few_open_points():
+    """Random cases whose root bounds leave at least 2 points open, at most `SIEVE_POINTS`,
+    in a region of more points (a box of at most `enum_limit` points runs up to that many):
+    chain, runtime, region, label, the root leaf, the thresholds and those points."""
     for seed in range(1, 40, 2):
-        chain, fast, region, label = random_case(seed)
+        chain, runtime, region, label = random_case(seed)
         spec = spec_chain(chain, region, label)
         b = linear_bounds(spec, region.lo, region.hi)
         threshold = np.zeros(len(spec.others))
         leaf = Leaf(region.lo, region.hi, b)
         pts = sieved_points(region, leaf, threshold, SIEVE_POINTS)
-        if pts is None or len(pts) < 2 or region.count(len(pts)) <= len(pts):
-            continue  # (a box of at most `enum_limit` points runs up to that many)
+        if pts is not None and len(pts) >= 2 and region.count(len(pts)) > len(pts):
+            yield chain, runtime, region, label, leaf, threshold, pts
+
+
+def test_a_slow_runtime_sieves_fewer_points_a_leaf(monkeypatch):
+    """A box whose bounds leave a few points open is sieved on a fast runtime; on a slow one
+    whose `SIEVE_SECONDS` pays for fewer points, it is split instead (nothing run)."""
+    sieved = 0
+    for chain, fast, region, label, leaf, threshold, pts in _few_open_points():
         limit = len(pts)
         slow = SlowRuntime(chain, region.x.size)
         # the slow runtime's sieve pays for about half of these points, the fast one's for all
@@ -300,6 +307,58 @@ def test_a_slow_runtime_sieves_fewer_points_a_leaf(monkeypatch):
         assert slow.calls == calls and out.points == 0
         res = settle_node(fast, region, label, leaf, threshold, limit, np.inf, out)
         assert res is not None and res.route == "sieve" and res.points == len(pts)
+        sieved += 1
+    assert sieved >= 3
+
+
+def test_pointwise_bounding_stops_where_it_spares_less_than_it_costs(monkeypatch):
+    """Sieved points are bounded pointwise while the runs it spares cost more than the bounding
+    (`PointwiseTally.pays`, from the first `POINTWISE_PROBE` points on); once it does not pay,
+    `settle_node` no longer calls it and runs up to `RUN_SIEVE_POINTS` a leaf, where a bounded
+    sieve would split at `SIEVE_POINTS`."""
+    tally = bab.PointwiseTally(points=bab.POINTWISE_PROBE - 1, spared=0, seconds=1.0, runs=10)
+    tally.run_seconds = 1e-3
+    assert tally.pays()  # still probing
+    tally.points += 1
+    assert not tally.pays()  # spared nothing, at a cost
+    tally.spared = bab.POINTWISE_PROBE  # each spared point's run: 1e-4 s, 2 s in all
+    assert tally.pays()
+    assert bab.PointwiseTally().pays()
+
+    calls = []
+
+    def useless(leaf, rows, pts, target):  # proves no point
+        calls.append(len(pts))
+        return None
+
+    sieved = 0
+    for _, runtime, region, label, leaf, threshold, pts in _few_open_points():
+        limit = len(pts)
+        monkeypatch.setattr(bab, "SIEVE_POINTS", len(pts) - 1)
+        monkeypatch.setattr(bab, "RUN_SIEVE_POINTS", len(pts))
+        monkeypatch.setattr(bab, "SIEVE_SECONDS", 1e6)
+        out = BabOutcome(UNKNOWN, "bab")  # bounding pays so far: split at SIEVE_POINTS
+        assert (
+            settle_node(
+                runtime, region, label, leaf, threshold, limit, np.inf, out, pointwise=useless
+            )
+            is None
+        )
+        assert not calls and out.points == 0
+        out.pointwise = bab.PointwiseTally(bab.POINTWISE_PROBE, 0, 1.0, 10, 1e-3)
+        res = settle_node(
+            runtime, region, label, leaf, threshold, limit, np.inf, out, pointwise=useless
+        )
+        assert not calls and res is not None and res.route == "sieve" and res.points == len(pts)
+        assert out.pointwise.runs == 10 + len(pts)
+        monkeypatch.setattr(bab, "SIEVE_POINTS", len(pts))
+        out = BabOutcome(UNKNOWN, "bab")
+        res = settle_node(
+            runtime, region, label, leaf, threshold, limit, np.inf, out, pointwise=useless
+        )
+        assert calls == [len(pts)] and res.points == len(pts)  # bounded, then all run
+        assert out.pointwise.points == len(pts) and out.pointwise.spared == 0
+        calls.clear()
         sieved += 1
     assert sieved >= 3
 

@@ -51,6 +51,14 @@ ROWS_BUDGET = 256 << 20
 # 252 / 392 / 474 / 533 / 785 / 847, 10.6 -> 9.9 s (1,319 -> 1,038 nodes); ORT dynamic inputs
 # 146 / 194 / 331 / 452 / 620 / 761 / 983, 15.3 -> 14.2 s (1,377 -> 1,229 nodes).
 SIEVE_POINTS = 4096
+# Where the sieve's points are not bounded first (no `pointwise`, or it stopped paying:
+# `PointwiseTally`) a leaf runs up to this many (at most `enum_limit`). MNIST CNN int8, features
+# r=10, inputs 116 / 137 / 87 / 119 / 158 to the end (`bench_nodes.py`, one process at a time):
+# 3,681 nodes in 29.4 s at 4,096 (27.8 s once bounding stopped), 2,876 in 24.2-24.8 s at
+# 8,192; ORT QDQ 5,618 nodes in 70.3 s -> 4,571 in 66.3. Larger limits changed nothing there
+# (the quantized `enum_limit` is 8,192). On the MNIST MLP, whose bounding pays, 8,192 took
+# 7-10% longer than 4,096 (19% fewer nodes).
+RUN_SIEVE_POINTS = 8192
 PER_SAMPLE_SIEVE = 256
 # A slow runtime's sieve runs at most this long a leaf (`points.point_seconds`: its points
 # built and run): SIEVE_POINTS on the slowest batched runtime that limit was measured on (the
@@ -86,6 +94,12 @@ GAP_GRID_STEPS = 256
 # minimiser refuted an input in 2,835 float decisions (the attacks before branch and bound find
 # the counterexamples), so an answer a few nodes later costs little.
 MINIMISER_BATCH = 256
+# Sieved points bounded one by one (`settle_node`'s `pointwise`) before that cost is weighed
+# against the runtime time it spares (`PointwiseTally.pays`). On the MNIST MLP's int8 copy
+# (features r=10) the bounds prove 80-97% of the sieved points at 1.4-1.8 us a point, where a
+# run costs 4-7 us; on the MNIST CNN's int8 copy none of 21,000 (its float model: 55%, at 4.5
+# us a point against 4.4 for a run), while bounding took 7% of branch and bound.
+POINTWISE_PROBE = 20000
 
 
 @dataclass
@@ -113,6 +127,27 @@ class ClosedLeaves:
 
 
 @dataclass
+class PointwiseTally:
+    """What bounding sieved points one by one (`settle_node`'s `pointwise`) has cost and spared
+    in one branch and bound, beside what the sieve's runtime runs cost a point, to stop
+    bounding where it costs more than the runs it spares."""
+
+    points: int = 0  # bounded
+    spared: int = 0  # of those, proved without a run
+    seconds: float = 0.0  # bounding them
+    runs: int = 0  # points the sieve ran on the runtime
+    run_seconds: float = 0.0
+
+    def pays(self) -> bool:
+        """Whether the runs it spared would have taken longer than bounding took (measured
+        on this branch and bound's own points; until `POINTWISE_PROBE` points are bounded and
+        some run, it does)."""
+        if self.points < POINTWISE_PROBE or not self.runs:
+            return True
+        return self.spared * self.run_seconds / self.runs > self.seconds
+
+
+@dataclass
 class BabOutcome:
     """What branch and bound decided, how, and what it left open."""
 
@@ -131,6 +166,7 @@ class BabOutcome:
     queued: list = field(default_factory=list)  # minimisers not run yet ((k, G) arrays)
     queued_points: int = 0  # how many
     rows_peak: int = 0  # most bytes of rows the queued leaves kept at once (`ROWS_BUDGET`)
+    pointwise: PointwiseTally = field(default_factory=PointwiseTally)
 
 
 def branch_and_bound(
@@ -281,7 +317,9 @@ def settle_node(
     holds at most `enum_limit` (a single point is always run, never split). A counterexample
     goes into `out` (status REFUTED); returns the run's result (`route` "sieve" or
     "enumeration"), or None when no point was run. `sieve=False` where the bounds do not hold at
-    every point of the box (ReLU phase splits). `pointwise(leaf, rows, points, target)`: tighter
+    every point of the box (ReLU phase splits). `pointwise(leaf, rows, points, target)`, while
+    it pays (`out.pointwise`, `PointwiseTally`: else the sieve runs up to `RUN_SIEVE_POINTS`,
+    `PER_SAMPLE_SIEVE` on a runtime run a point a call): tighter
     lower bounds of margins `rows` at points of the leaf's box ((N, len(rows)), or None;
     `pointwise.first_exact_margins`, tightest where at or below `target`, the rows' thresholds),
     that spare the runtime the points they prove: the sieve runs only the others (on a runtime
@@ -296,20 +334,28 @@ def settle_node(
     small = region.count(limit, leaf.lo, leaf.hi) <= limit
     # a box small enough to enumerate runs only its open points; a larger one when few
     per_sample = getattr(runtime, "per_sample", False)
-    few = PER_SAMPLE_SIEVE if per_sample and pointwise is None else SIEVE_POINTS
     seconds = point_seconds(runtime, region)
+    bounded = pointwise is not None and out.pointwise.pays()
+    few = SIEVE_POINTS if bounded else PER_SAMPLE_SIEVE if per_sample else RUN_SIEVE_POINTS
     if seconds > 0:  # a slow runtime: fewer points a leaf (the others split on)
         few = min(few, max(int(SIEVE_SECONDS / seconds), 1))
     cap = limit if small else min(limit, few)
     pts = sieved_points(region, leaf, threshold, cap) if sieve else None
-    if pts is not None and len(pts) and pointwise is not None:
+    if pts is not None and len(pts) and bounded:
         rows = np.flatnonzero(leaf.bounds.lower <= threshold)
+        start, sieved = time.perf_counter(), len(pts)
         low = pointwise(leaf, rows, pts, threshold[rows])
         if low is not None:
             pts = pts[np.any(low <= threshold[rows], axis=1)]
+        out.pointwise.points += sieved
+        out.pointwise.spared += sieved - len(pts)
+        out.pointwise.seconds += time.perf_counter() - start
     if pts is not None:
+        start = time.perf_counter()
         batches = (pts[i : i + BATCH] for i in range(0, len(pts), BATCH))
         res = replace(check_points(runtime, region, label, batches, deadline), route="sieve")
+        out.pointwise.runs += res.points
+        out.pointwise.run_seconds += time.perf_counter() - start
     elif not small:
         return None
     else:
