@@ -231,7 +231,8 @@ def test_products_over_varying_columns_match_the_full_product():
     """The sieve's point products (`bounds._products`: the columns shared by every point taken
     once) equal `s @ a.T + const`, whether no, some or every column varies, for one point and
     none; `pointwise_lower` on some rows is its full answer's columns."""
-    from verifier.engine.bounds import _products, varying_columns
+    from verifier.engine.bounds import _products
+    from verifier.engine.points import varying_columns
 
     rng = np.random.default_rng(3)
     a, const = rng.normal(size=(5, 9)), rng.normal(size=5)

@@ -30,6 +30,7 @@ from scipy.sparse import csr_array, issparse
 
 from verifier.engine.knapsack_cut import KnapsackCut, knapsack_cut
 from verifier.engine.network import Affine, LoweredLayer, Relu, forward_lowered
+from verifier.engine.points import varying_columns
 from verifier.engine.regions import Region, binary_floor_holds, binary_floor_unchanged
 
 U32 = 2.0**-24  # unit roundoff of float32
@@ -153,11 +154,6 @@ def _products(s: np.ndarray, a: np.ndarray, const, var: np.ndarray | None = None
     out = s[:, var] @ a[:, var].T
     out += a @ fixed + const  # in place: a large temporary costs more than the product
     return out
-
-
-def varying_columns(s: np.ndarray) -> np.ndarray:
-    """The columns of `s` (N, G) whose values are not all the first row's."""
-    return np.flatnonzero(np.any(s != s[0], axis=0)) if len(s) else np.arange(s.shape[1])
 
 
 # a weight array of at least SPARSE_SIZE entries, at most SPARSE_DENSITY of them not 0, is also

@@ -59,7 +59,7 @@ def _fill_inputs(region: Region, s: np.ndarray, out: np.ndarray) -> None:
     one, owner, many = region.moved
     base, var = region.x.astype(np.float32), None
     if len(one) and len(s) >= SHARED_FROM:  # the values of the generators all points share
-        var = np.flatnonzero(np.any(s != s[0], axis=0))
+        var = varying_columns(s)
         if len(var) < s.shape[1]:
             shared = s[:1].copy()
             shared[0, var] = 0.0
@@ -85,6 +85,11 @@ def _fill_inputs(region: Region, s: np.ndarray, out: np.ndarray) -> None:
         out.reshape(-1)[flat] = (x_c[at] + value * d_c[at]).astype(np.float32)
     if len(many):
         out[:, many] = (region.x[many] + s @ d[:, many]).astype(np.float32)
+
+
+def varying_columns(s: np.ndarray) -> np.ndarray:
+    """The columns of `s` (N, G) whose values are not all the first row's."""
+    return np.flatnonzero(np.any(s != s[0], axis=0)) if len(s) else np.arange(s.shape[1])
 
 
 def moved_columns(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

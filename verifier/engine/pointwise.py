@@ -20,9 +20,9 @@ from verifier.engine.bounds import (
     left_times,
     pointwise_lower,
     snap,
-    varying_columns,
 )
 from verifier.engine.network import Affine, Relu
+from verifier.engine.points import varying_columns
 
 # `first_exact_margins` takes the first ReLU at a point as relu(z) less |lam| . widen (ReLU is
 # 1-Lipschitz: one pass over the points), and where that charge is more than this (logits) in
