@@ -170,10 +170,52 @@ def test_a_box_after_others_is_narrowed_as_on_its_own(cnn, kind, monkeypatch):
                 (after.err[0], alone.err[0]),
             ):  # equal but for float noise (a fit's product over other rows beside it)
                 np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+            assert (after.first_charge is None) == (alone.first_charge is None)
+            if alone.first_charge is not None:  # the grouped charge too (`GroupedRounding`)
+                lam = np.random.default_rng(i).normal(size=(4, len(alone.err[0])))
+                np.testing.assert_allclose(
+                    after.first_charge.charge(lam), alone.first_charge.charge(lam), rtol=1e-12
+                )
             recent.clear()
             recent.extend(before)
             on_box(spec, lo, hi)  # the boxes before the next one, as in the search
     assert any(partial)
+
+
+@pytest.mark.parametrize("kind", list(REGIONS))
+def test_grouped_charge_bounds_the_rounding_at_every_point(cnn, kind):
+    """The first layer's rounding charged by groups of outputs (`GroupedRounding`) bounds, for
+    any row lam on the narrowed outputs, lam . (rounded value - the box spec's value) from below
+    at every point of the box, over every grid value each output can round to there; it is at
+    most |lam| . err and below it for most rows; and that sum is negative somewhere (a zero
+    charge would not hold: the check can fail)."""
+    model, runners, xs = cnn
+    em = error_model(runners["int8"], model.network.lower())
+    rng = np.random.default_rng(5)
+    tighter = rows = below = 0
+    for i, x in enumerate(xs):
+        region = REGIONS[kind](x, i)
+        spec = quantized_spec(em, region, 0).spec
+        for lo, hi in _boxes(region, i):
+            box_rounding._RECENT.clear()
+            box = on_box(spec, lo, hi)
+            parts = list(region.enumerate(lo=lo, hi=hi))
+            if box.first_charge is None or not parts:
+                continue
+            pts = np.concatenate(parts).astype(np.float64)
+            low, high = _grid_values(spec, pts)
+            v = pts @ box.layers[0].weight.T + box.layers[0].bias
+            narrowed = box.err[0] < spec.err[0]
+            lam = rng.normal(size=(32, len(narrowed))) * narrowed
+            charge = box.first_charge.charge(lam)
+            least = np.maximum(lam, 0) @ (low - v).T + np.minimum(lam, 0) @ (high - v).T
+            assert np.all(least.min(axis=1) >= -charge - 1e-9)
+            per_neuron = np.abs(lam) @ box.err[0]
+            assert np.all(charge <= per_neuron + 1e-12)
+            tighter += int(np.sum(charge < 0.95 * per_neuron))
+            rows += len(lam)
+            below += int(np.sum(least.min(axis=1) < -1e-9))
+    assert rows and tighter > rows / 2 and below > rows / 2
 
 
 def test_one_free_generator_is_charged_only_its_points_rounding(cnn):

@@ -85,6 +85,10 @@ class SpecChain:
     # requantization grid, `quantize.rounding.Rounding.output_grid`), or None: bounds on such a
     # value are cut to lattice points (`snap`), so a neuron with one point left is a constant
     lattice: list | None = None
+    # what the first layer's rounding costs a back-substituted row, where it is known on a box
+    # as a function of the box's points (`box_rounding.GroupedRounding`: its `charge(lam)`, at
+    # most |lam| . err[0]); None: |lam| . err[0]
+    first_charge: object | None = None
 
     def input_error(self, k: int):
         """The rounding bound of Affine layer `k`'s input values, or None."""
@@ -1458,8 +1462,9 @@ def _backsub(
     """Lower bound `lam . v_upto + c` as a linear function of s, through layers upto-1 .. 0.
 
     `lam` are coefficients on the output of layer `upto - 1`; every affine layer passed charges
-    its rounding bound |lam| . err. `betas` (Relu layer -> (m, n) signed multipliers of split
-    constraints on its input, see `verifier.engine.relu_split`) are added to lam on that input.
+    its rounding bound |lam| . err (the first as `SpecChain.first_charge` has it, where set).
+    `betas` (Relu layer -> (m, n) signed multipliers of split constraints on its input, see
+    `verifier.engine.relu_split`) are added to lam on that input.
     A ReLU's upper lines are `cut`'s (ReLU layer -> `KnapsackCut`, on s directly) where it has
     them.
     """
@@ -1479,7 +1484,9 @@ def _backsub_to(
             tape.append((k, lam))
         if isinstance(layer, Affine):
             c = c + lam @ layer.bias
-            if spec.err[k] is not None:
+            if k == 0 and spec.first_charge is not None:
+                c = c - spec.first_charge.charge(lam)
+            elif spec.err[k] is not None:
                 c = c - np.abs(lam) @ spec.err[k]
             if k == 0 and spec.first_input is not None:
                 c = c - first_input_charge(spec, lam)
