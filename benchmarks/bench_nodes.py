@@ -18,15 +18,13 @@ alternating, on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
-from quantized_regions import add_arguments, quantized_copy  # via checkout.py: ours first
+from quantized_regions import add_arguments, run_inputs  # via checkout.py: ours first
 
 from verifier.engine import box_rounding, diffdecide
 from verifier.engine.decide import decide
-from verifier.run.check import Settings, one_blas_thread
 
 
 def timed_nodes(q, region, label: int, proof, nodes: int, seed: int, repeats: int):
@@ -75,38 +73,35 @@ def on_box_ms(boxes: list, repeats: int) -> float:
     return best
 
 
+def one_input(q, i: int, label: int, region, args) -> dict:
+    """The timed quantized decision of input `i` (from its float proof), printed."""
+    f = decide(q.model, q.chain, region, label, timeout=60.0, keep_leaves=True, seed=i)
+    proof = f.detail.get("reuse")
+    seconds, d, boxes = timed_nodes(q, region, label, proof, args.nodes, i, args.repeats)
+    row = {
+        "status": d.status,
+        "nodes": d.nodes,
+        "open_leaves": d.detail.get("open_leaves"),
+        "seconds": seconds,
+        "ms_per_node": seconds / max(d.nodes, 1) * 1e3,
+        "boxes": len(boxes),
+        "on_box_ms": on_box_ms(boxes, args.repeats) if boxes else None,
+    }
+    print(
+        f"input {i}: {row['status']}, {row['nodes']} nodes ({row['open_leaves']} open) in"
+        f" {seconds:.2f} s ({row['ms_per_node']:.2f} ms a node); {len(boxes)} boxes,"
+        f" on_box {row['on_box_ms'] or 0:.3f} ms a box",
+        flush=True,
+    )
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(ap, "0,17")
     ap.add_argument("--nodes", type=int, default=300, help="each quantized decision's")
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    one_blas_thread()
-    settings = Settings(radius=args.radius, step=args.step)
-    results = {"args": vars(args) | {"out": str(args.out)}, "inputs": {}}
-    with quantized_copy(args.model, args.mode, args.data_dir) as q:
-        for i, _, label, region in q.inputs(args.indices, settings):
-            f = decide(q.model, q.chain, region, label, timeout=60.0, keep_leaves=True, seed=i)
-            proof = f.detail.get("reuse")
-            seconds, d, boxes = timed_nodes(q, region, label, proof, args.nodes, i, args.repeats)
-            row = {
-                "status": d.status,
-                "nodes": d.nodes,
-                "open_leaves": d.detail.get("open_leaves"),
-                "seconds": seconds,
-                "ms_per_node": seconds / max(d.nodes, 1) * 1e3,
-                "boxes": len(boxes),
-                "on_box_ms": on_box_ms(boxes, args.repeats) if boxes else None,
-            }
-            results["inputs"][i] = row
-            print(
-                f"input {i}: {row['status']}, {row['nodes']} nodes ({row['open_leaves']} open) in"
-                f" {seconds:.2f} s ({row['ms_per_node']:.2f} ms a node); {len(boxes)} boxes,"
-                f" on_box {row['on_box_ms'] or 0:.3f} ms a box",
-                flush=True,
-            )
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+    run_inputs(ap.parse_args(), one_input)
 
 
 if __name__ == "__main__":

@@ -22,17 +22,15 @@ at the listed points, not over the box.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
-from quantized_regions import add_arguments, quantized_copy  # via checkout.py: ours first
+from quantized_regions import add_arguments, run_inputs  # via checkout.py: ours first
 
 from verifier.engine import bab, diffdecide
 from verifier.engine.bounds import _backsub, _first_err, linear_bounds
 from verifier.engine.box_rounding import NOISE_STEPS, on_box
 from verifier.engine.decide import decide
 from verifier.engine.quantized_spec import quantized_spec
-from verifier.run.check import Settings, one_blas_thread
 
 
 def sieved_leaves(q, region, label: int, proof, seed: int) -> tuple:
@@ -145,15 +143,7 @@ def main() -> None:
     add_arguments(ap, "116,137")
     ap.add_argument("--leaves", type=int, default=12, help="sieved leaves looked at per input")
     ap.add_argument("--alpha-steps", type=int, default=20)
-    args = ap.parse_args()
-    one_blas_thread()
-    settings = Settings(radius=args.radius, step=args.step)
-    results = {"args": vars(args) | {"out": str(args.out)}, "inputs": {}}
-    with quantized_copy(args.model, args.mode, args.data_dir) as q:
-        for i, _, label, region in q.inputs(args.indices, settings):
-            results["inputs"][i] = one_input(q, i, label, region, args)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+    run_inputs(ap.parse_args(), one_input)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ chain, its quantized copy and error model, and the regions of chosen test inputs
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from verifier.engine.bounds import PreparedChain, prepare_chain
 from verifier.engine.data import load_dataset, to_layout
 from verifier.engine.model import Model, load_model
 from verifier.engine.regions import Region
-from verifier.run.check import Settings, build_region
+from verifier.run.check import Settings, build_region, one_blas_thread
 
 
 @dataclass
@@ -64,3 +65,17 @@ def add_arguments(ap: argparse.ArgumentParser, indices: str) -> None:
     ap.add_argument("--step", type=float, default=0.125)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", type=Path, default=None)
+
+
+def run_inputs(args: argparse.Namespace, per_input: Callable[..., dict]) -> dict:
+    """`per_input(q, i, label, region, args)` on each input `add_arguments`' options name, on
+    one BLAS thread: the results by input beside the options, written to `args.out` as JSON."""
+    one_blas_thread()
+    settings = Settings(radius=args.radius, step=args.step)
+    results = {"args": vars(args) | {"out": str(args.out)}, "inputs": {}}
+    with quantized_copy(args.model, args.mode, args.data_dir) as q:
+        for i, _, label, region in q.inputs(args.indices, settings):
+            results["inputs"][i] = per_input(q, i, label, region, args)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    return results
