@@ -218,6 +218,46 @@ def test_grouped_charge_bounds_the_rounding_at_every_point(cnn, kind):
     assert rows and tighter > rows / 2 and below > rows / 2
 
 
+@pytest.mark.parametrize("kind", list(REGIONS))
+def test_the_audit_charges_the_rounding_by_groups_with_its_own_code(cnn, kind):
+    """The proof checker's grouped charge (`proofcheck._grid_rounding`, its own code) bounds
+    lam . (rounded value - its box spec's value) from below at every point of the box, for any
+    row lam, over every grid value each output can round to there; it is at most |lam| . err,
+    below it for most rows, and no looser than the search's on the same box (it also charges a
+    group of one by its points)."""
+    from verifier.run.proofcheck import _grid_rounding
+
+    model, runners, xs = cnn
+    em = error_model(runners["int8"], model.network.lower())
+    rng = np.random.default_rng(7)
+    tighter = rows = below = 0
+    for i, x in enumerate(xs):
+        region = REGIONS[kind](x, i)
+        spec = quantized_spec(em, region, 0).spec
+        for lo, hi in _boxes(region, i):
+            audit = _grid_rounding(spec, region, lo, hi)
+            parts = list(region.enumerate(lo=lo, hi=hi))
+            if audit.first_charge is None or not parts:
+                continue
+            pts = np.concatenate(parts).astype(np.float64)
+            low, high = _grid_values(spec, pts)
+            v = pts @ audit.layers[0].weight.T + audit.layers[0].bias
+            lam = rng.normal(size=(32, len(v.T)))
+            charge = audit.first_charge.charge(lam)
+            least = np.maximum(lam, 0) @ (low - v).T + np.minimum(lam, 0) @ (high - v).T
+            assert np.all(least.min(axis=1) >= -charge - 1e-9)
+            per_neuron = np.abs(lam) @ audit.err[0]
+            assert np.all(charge <= per_neuron + 1e-12)
+            box_rounding._RECENT.clear()
+            search = on_box(spec, lo, hi)
+            if search.first_charge is not None:
+                assert np.all(charge <= search.first_charge.charge(lam) + 1e-9)
+            tighter += int(np.sum(charge < 0.95 * per_neuron))
+            rows += len(lam)
+            below += int(np.sum(least.min(axis=1) < -1e-9))
+    assert rows and tighter > rows / 2 and below > rows / 2
+
+
 def test_one_free_generator_is_charged_only_its_points_rounding(cnn):
     """The rounding's move is fitted on the free generators: with one, the fit runs through
     both of its points, so an output is charged no more than each point's own rounding leaves

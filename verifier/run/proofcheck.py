@@ -344,7 +344,8 @@ def _grid_rounding(spec, region: Region, lo, hi):
     them rounds to is listed, and the layer's bias and bound are moved to the range they span,
     or its weights, bias and bound to what their linear fit leaves where that is narrower (the
     search does the same with code of its own, `verifier.engine.box_rounding`, whose fit it
-    takes)."""
+    takes). The narrowed outputs moved by the same generators are charged together where
+    back-substitution reaches the layer (`_GroupCharge`, as the search's `GroupedRounding`)."""
     if spec is None or spec.lattice is None or spec.lattice[0] is None or spec.err[0] is None:
         return spec
     if not isinstance(spec.layers[0], Affine) or np.any(lo < 0) or np.any(hi - lo > 1):
@@ -362,6 +363,7 @@ def _grid_rounding(spec, region: Region, lo, hi):
     extra = np.maximum(bound - 0.5 * step, 0.0) + 1e-9 * step
     new_bias, new_bound = bias.copy(), np.array(bound, dtype=np.float64, copy=True)
     new_w = w.copy()
+    buckets = []  # per k: the narrowed rows' moves about their new bias at each point
     for k in range(GRID_FREE_MAX + 1):
         rows = np.flatnonzero(count == k)
         if not len(rows):
@@ -392,13 +394,70 @@ def _grid_rounding(spec, region: Region, lo, hi):
         new_bias[moved] += ((highest + lowest) / 2)[better]
         new_bound[moved] = half[better]
         new_w[moved[:, None], cols[better]] += np.where(by_fit[:, None], slopes, 0.0)[better]
+        taken = np.where(by_fit[:, None], fit, 0.0) + ((highest + lowest) / 2)[:, None]
+        buckets.append(
+            _group_moves(
+                moved,
+                cols[better],
+                (down - taken)[better],
+                (up - taken)[better],
+                fits[better],
+                len(bias),
+            )
+        )
     if np.array_equal(new_bound, bound):
         return spec
     # the input rounding stays charged apart (`first_input`), once more on the narrowed ones
     first = np.where(new_bound < bound, new_bound, spec.err[0])
     layers = [Affine(new_w, new_bias), *spec.layers[1:]]
     absw = [np.abs(new_w), *spec.absw[1:]]
-    return replace(spec, layers=layers, err=[first, *spec.err[1:]], absw=absw)
+    charge = _GroupCharge(first, tuple(b for b in buckets if b is not None))
+    return replace(spec, layers=layers, err=[first, *spec.err[1:]], absw=absw, first_charge=charge)
+
+
+def _group_moves(rows, cols, low, high, fits, n: int):
+    """The narrowed `rows` (one k) in groups of those moved by the same generators `cols`: per
+    group its rows (padded with `n`), their lowest and highest move at each point (0 at
+    padding), and +inf at the points the budget leaves out. None when there are no rows."""
+    if not len(rows):
+        return None
+    _, group = np.unique(cols, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    order = np.argsort(group, kind="stable")
+    counts = np.bincount(group)
+    place = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    members = np.full((len(counts), int(counts.max())), n)
+    members[group[order], place] = rows[order]
+    lows = np.zeros((*members.shape, low.shape[1]))
+    highs = np.zeros_like(lows)
+    lows[group[order], place], highs[group[order], place] = low[order], high[order]
+    first = order[np.searchsorted(group[order], np.arange(len(counts)))]
+    return members, lows, highs, np.where(fits[first], 0.0, np.inf)
+
+
+@dataclass(frozen=True)
+class _GroupCharge:
+    """The first layer's rounding charge of a row lam on a box (`_grid_rounding`), with this
+    module's code: the rows narrowed there that share their moving generators are charged the
+    least over the box's points of their moves' sum weighted by lam; the others |lam| . err."""
+
+    err: np.ndarray
+    buckets: tuple  # (members, lowest moves, highest moves, +inf off budget) per k
+
+    def charge(self, lam: np.ndarray) -> np.ndarray:
+        grouped = np.zeros(len(self.err) + 1, dtype=bool)
+        padded = np.concatenate([lam, np.zeros((len(lam), 1))], axis=1)
+        total = np.zeros(len(lam))
+        for members, lows, highs, off in self.buckets:
+            grouped[members] = True
+            at = padded[:, members]  # (rows, groups, M)
+            weighted = np.einsum("rgm,gmp->rgp", np.maximum(at, 0.0), lows) + np.einsum(
+                "rgm,gmp->rgp", np.minimum(at, 0.0), highs
+            )
+            total -= (weighted + off[None]).min(axis=2).sum(axis=1)
+        rest = ~grouped[:-1]
+        total += np.abs(lam[:, rest]) @ self.err[rest]
+        return np.minimum(total, np.abs(lam) @ self.err)
 
 
 def _check_z3(lo, hi, parent, problem: Problem, out: Verdict, kind: str = "z3") -> str | None:
@@ -537,7 +596,9 @@ def _back(
             tape.append((k, lam))
         if isinstance(layer, Affine):
             c = c + lam @ layer.bias
-            if spec.err[k] is not None:
+            if k == 0 and isinstance(spec.first_charge, _GroupCharge):  # this module's own
+                c = c - spec.first_charge.charge(lam)
+            elif spec.err[k] is not None:
                 c = c - np.abs(lam) @ spec.err[k]
             if k == 0 and spec.first_input is not None:
                 w_x, step, _ = spec.first_input
