@@ -182,36 +182,37 @@ def test_a_box_after_others_is_narrowed_as_on_its_own(cnn, kind, monkeypatch):
     assert any(partial)
 
 
-@pytest.mark.parametrize("kind", list(REGIONS))
-def test_grouped_charge_bounds_the_rounding_at_every_point(cnn, kind):
-    """The first layer's rounding charged by groups of outputs (`GroupedRounding`) bounds, for
-    any row lam on the narrowed outputs, lam . (rounded value - the box spec's value) from below
-    at every point of the box, over every grid value each output can round to there; it is at
-    most |lam| . err and below it for most rows; and that sum is negative somewhere (a zero
-    charge would not hold: the check can fail)."""
+def _check_grouped_charge(cnn, kind: str, on, rows_of, seed: int, also=None) -> None:
+    """A grouped first-layer charge (`on(spec, region, lo, hi)`'s box spec's `first_charge`)
+    bounds, for any row lam on the outputs `rows_of(spec, box)` selects, lam . (rounded value -
+    the box spec's value) from below at every point of the box, over every grid value each
+    output can round to there; it is at most |lam| . err and below it for most rows; and that
+    sum is negative somewhere (a zero charge would not hold: the check can fail).
+    `also(spec, region, lo, hi, lam, charge)` checks more."""
     model, runners, xs = cnn
     em = error_model(runners["int8"], model.network.lower())
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed)
     tighter = rows = below = 0
     for i, x in enumerate(xs):
         region = REGIONS[kind](x, i)
         spec = quantized_spec(em, region, 0).spec
         for lo, hi in _boxes(region, i):
             box_rounding._RECENT.clear()
-            box = on_box(spec, lo, hi)
+            box = on(spec, region, lo, hi)
             parts = list(region.enumerate(lo=lo, hi=hi))
             if box.first_charge is None or not parts:
                 continue
             pts = np.concatenate(parts).astype(np.float64)
             low, high = _grid_values(spec, pts)
             v = pts @ box.layers[0].weight.T + box.layers[0].bias
-            narrowed = box.err[0] < spec.err[0]
-            lam = rng.normal(size=(32, len(narrowed))) * narrowed
+            lam = rng.normal(size=(32, v.shape[1])) * rows_of(spec, box)
             charge = box.first_charge.charge(lam)
             least = np.maximum(lam, 0) @ (low - v).T + np.minimum(lam, 0) @ (high - v).T
             assert np.all(least.min(axis=1) >= -charge - 1e-9)
             per_neuron = np.abs(lam) @ box.err[0]
             assert np.all(charge <= per_neuron + 1e-12)
+            if also is not None:
+                also(spec, region, lo, hi, lam, charge)
             tighter += int(np.sum(charge < 0.95 * per_neuron))
             rows += len(lam)
             below += int(np.sum(least.min(axis=1) < -1e-9))
@@ -219,43 +220,31 @@ def test_grouped_charge_bounds_the_rounding_at_every_point(cnn, kind):
 
 
 @pytest.mark.parametrize("kind", list(REGIONS))
+def test_grouped_charge_bounds_the_rounding_at_every_point(cnn, kind):
+    """The search's charge (`GroupedRounding`), on rows over the outputs `on_box` narrowed."""
+    _check_grouped_charge(
+        cnn,
+        kind,
+        lambda spec, region, lo, hi: on_box(spec, lo, hi),
+        lambda spec, box: box.err[0] < spec.err[0],
+        5,
+    )
+
+
+@pytest.mark.parametrize("kind", list(REGIONS))
 def test_the_audit_charges_the_rounding_by_groups_with_its_own_code(cnn, kind):
-    """The proof checker's grouped charge (`proofcheck._grid_rounding`, its own code) bounds
-    lam . (rounded value - its box spec's value) from below at every point of the box, for any
-    row lam, over every grid value each output can round to there; it is at most |lam| . err,
-    below it for most rows, and no looser than the search's on the same box (it also charges a
-    group of one by its points)."""
+    """The proof checker's charge (`proofcheck._grid_rounding`, its own code), on rows over every
+    output, and no looser than the search's on the same box (it also charges a group of one by
+    its points)."""
     from verifier.run.proofcheck import _grid_rounding
 
-    model, runners, xs = cnn
-    em = error_model(runners["int8"], model.network.lower())
-    rng = np.random.default_rng(7)
-    tighter = rows = below = 0
-    for i, x in enumerate(xs):
-        region = REGIONS[kind](x, i)
-        spec = quantized_spec(em, region, 0).spec
-        for lo, hi in _boxes(region, i):
-            audit = _grid_rounding(spec, region, lo, hi)
-            parts = list(region.enumerate(lo=lo, hi=hi))
-            if audit.first_charge is None or not parts:
-                continue
-            pts = np.concatenate(parts).astype(np.float64)
-            low, high = _grid_values(spec, pts)
-            v = pts @ audit.layers[0].weight.T + audit.layers[0].bias
-            lam = rng.normal(size=(32, len(v.T)))
-            charge = audit.first_charge.charge(lam)
-            least = np.maximum(lam, 0) @ (low - v).T + np.minimum(lam, 0) @ (high - v).T
-            assert np.all(least.min(axis=1) >= -charge - 1e-9)
-            per_neuron = np.abs(lam) @ audit.err[0]
-            assert np.all(charge <= per_neuron + 1e-12)
-            box_rounding._RECENT.clear()
-            search = on_box(spec, lo, hi)
-            if search.first_charge is not None:
-                assert np.all(charge <= search.first_charge.charge(lam) + 1e-9)
-            tighter += int(np.sum(charge < 0.95 * per_neuron))
-            rows += len(lam)
-            below += int(np.sum(least.min(axis=1) < -1e-9))
-    assert rows and tighter > rows / 2 and below > rows / 2
+    def no_looser(spec, region, lo, hi, lam, charge):
+        box_rounding._RECENT.clear()
+        search = on_box(spec, lo, hi)
+        if search.first_charge is not None:
+            assert np.all(charge <= search.first_charge.charge(lam) + 1e-9)
+
+    _check_grouped_charge(cnn, kind, _grid_rounding, lambda spec, box: 1.0, 7, no_looser)
 
 
 def test_one_free_generator_is_charged_only_its_points_rounding(cnn):
