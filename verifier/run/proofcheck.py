@@ -395,32 +395,26 @@ def _grid_rounding(spec, region: Region, lo, hi):
         new_bound[moved] = half[better]
         new_w[moved[:, None], cols[better]] += np.where(by_fit[:, None], slopes, 0.0)[better]
         taken = np.where(by_fit[:, None], fit, 0.0) + ((highest + lowest) / 2)[:, None]
-        buckets.append(
-            _group_moves(
-                moved,
-                cols[better],
-                (down - taken)[better],
-                (up - taken)[better],
-                fits[better],
-                len(bias),
-            )
-        )
+        if len(moved):
+            low, high = (down - taken)[better], (up - taken)[better]
+            buckets.append(_group_moves(moved, cols[better], low, high, fits[better], len(bias)))
     if np.array_equal(new_bound, bound):
         return spec
     # the input rounding stays charged apart (`first_input`), once more on the narrowed ones
     first = np.where(new_bound < bound, new_bound, spec.err[0])
     layers = [Affine(new_w, new_bias), *spec.layers[1:]]
     absw = [np.abs(new_w), *spec.absw[1:]]
-    charge = _GroupCharge(first, tuple(b for b in buckets if b is not None))
+    grouped = np.zeros(len(first) + 1, dtype=bool)
+    for members, *_ in buckets:
+        grouped[members] = True
+    charge = _GroupCharge(first, np.flatnonzero(~grouped[:-1]), tuple(buckets))
     return replace(spec, layers=layers, err=[first, *spec.err[1:]], absw=absw, first_charge=charge)
 
 
 def _group_moves(rows, cols, low, high, fits, n: int):
     """The narrowed `rows` (one k) in groups of those moved by the same generators `cols`: per
     group its rows (padded with `n`), their lowest and highest move at each point (0 at
-    padding), and +inf at the points the budget leaves out. None when there are no rows."""
-    if not len(rows):
-        return None
+    padding), and +inf at the points the budget leaves out."""
     _, group = np.unique(cols, axis=0, return_inverse=True)
     group = group.reshape(-1)
     order = np.argsort(group, kind="stable")
@@ -442,21 +436,18 @@ class _GroupCharge:
     least over the box's points of their moves' sum weighted by lam; the others |lam| . err."""
 
     err: np.ndarray
+    rest: np.ndarray  # the rows in no group, charged |lam| . err
     buckets: tuple  # (members, lowest moves, highest moves, +inf off budget) per k
 
     def charge(self, lam: np.ndarray) -> np.ndarray:
-        grouped = np.zeros(len(self.err) + 1, dtype=bool)
         padded = np.concatenate([lam, np.zeros((len(lam), 1))], axis=1)
-        total = np.zeros(len(lam))
+        total = np.abs(lam[:, self.rest]) @ self.err[self.rest]
         for members, lows, highs, off in self.buckets:
-            grouped[members] = True
             at = padded[:, members]  # (rows, groups, M)
             weighted = np.einsum("rgm,gmp->rgp", np.maximum(at, 0.0), lows) + np.einsum(
                 "rgm,gmp->rgp", np.minimum(at, 0.0), highs
             )
             total -= (weighted + off[None]).min(axis=2).sum(axis=1)
-        rest = ~grouped[:-1]
-        total += np.abs(lam[:, rest]) @ self.err[rest]
         return np.minimum(total, np.abs(lam) @ self.err)
 
 
