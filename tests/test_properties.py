@@ -143,6 +143,29 @@ def test_runtime_inputs_are_the_points_bit_for_bit(case, seed, overlap, shared):
     assert np.array_equal(region_inputs(region, s).view(np.int32), want.view(np.int32))
 
 
+def test_points_run_in_parts_answer_as_in_one_call(monkeypatch):
+    """`points.predict_points` runs a batch `PREDICT_BYTES` of inputs at a time: the logits of
+    every point are those of one call on all of them, in order."""
+    from verifier.engine import points
+    from verifier.engine.regions import feature_region
+
+    x = np.random.default_rng(0).random(40)
+    region = feature_region(x, np.array_split(np.arange(40), 8), 0.25, 3.0)
+    s = np.array(list(itertools.product((0, 1), repeat=8)))
+    calls = []
+
+    class Runtime:  # a row's sum and first value, per call
+        def predict(self, inputs):
+            calls.append(len(inputs))
+            return np.stack([inputs.sum(axis=1), inputs[:, 0]], axis=1)
+
+    whole = Runtime().predict(points.region_inputs(region, s))
+    monkeypatch.setattr(points, "PREDICT_BYTES", 4 * 40 * 100)  # 100 points a part
+    calls.clear()
+    assert np.array_equal(points.predict_points(Runtime(), region, s), whole)
+    assert calls == [100, 100, 56]
+
+
 @settings(max_examples=60, deadline=None)
 @given(lattices(max_dims=3, max_units=8, values=grid_pixel))
 def test_lattice_is_the_brute_forced_definition(case):
