@@ -16,7 +16,13 @@ from quantize.error_model import error_model
 from quantize.modes import quantize_model
 from verifier.engine import box_rounding
 from verifier.engine.bab import Leaf, split
-from verifier.engine.bounds import _first_err, linear_bounds, prepare_chain
+from verifier.engine.bounds import (
+    _backsub,
+    _first_err,
+    _query_both,
+    linear_bounds,
+    prepare_chain,
+)
 from verifier.engine.box_rounding import MAX_FREE, applies, on_box
 from verifier.engine.model import load_model
 from verifier.engine.network import Affine
@@ -211,6 +217,10 @@ def _check_grouped_charge(cnn, kind: str, on, rows_of, seed: int, also=None) -> 
             assert np.all(least.min(axis=1) >= -charge - 1e-9)
             per_neuron = np.abs(lam) @ box.err[0]
             assert np.all(charge <= per_neuron + 1e-12)
+            # rows on a few outputs each, touching parts of groups (a second layer's rows)
+            few = lam * (rng.random(lam.shape) < 0.2)
+            least_few = np.maximum(few, 0) @ (low - v).T + np.minimum(few, 0) @ (high - v).T
+            assert np.all(least_few.min(axis=1) >= -box.first_charge.charge(few) - 1e-9)
             if also is not None:
                 also(spec, region, lo, hi, lam, charge)
             tighter += int(np.sum(charge < 0.95 * per_neuron))
@@ -245,6 +255,40 @@ def test_the_audit_charges_the_rounding_by_groups_with_its_own_code(cnn, kind):
             assert np.all(charge <= search.first_charge.charge(lam) + 1e-9)
 
     _check_grouped_charge(cnn, kind, _grid_rounding, lambda spec, box: 1.0, 7, no_looser)
+
+
+@pytest.mark.parametrize("kind", list(REGIONS))
+def test_second_layer_bounds_take_the_grouped_charge(cnn, kind):
+    """The second layer's rows as its bounds take them (`_query_both`: the first ReLU's lines
+    folded into its weights) equal the plain back-substitution's, which charges the first
+    layer's rounding by groups (`GroupedRounding`); against the per-output charge they are
+    never lower and higher for some rows."""
+    model, runners, xs = cnn
+    em = error_model(runners["int8"], model.network.lower())
+    higher = 0
+    for i, x in enumerate(xs):
+        region = REGIONS[kind](x, i)
+        spec = quantized_spec(em, region, 0).spec
+        for lo, hi in _boxes(region, i):
+            box_rounding._RECENT.clear()
+            box = on_box(spec, lo, hi)
+            if box.first_charge is None:
+                continue
+            b = linear_bounds(box, lo, hi)
+            if b.empty:
+                continue
+            rows = np.arange(len(b.pre[3][0]))
+            first_only = {1: b.cut[1]} if b.cut and 1 in b.cut else None
+            lam, c = _query_both(box, b.pre, 2, rows, first_only)
+            m = len(rows)
+            unit = np.zeros((2 * m, m))
+            unit[np.arange(m), rows], unit[m + np.arange(m), rows] = 1.0, -1.0
+            lam_b, c_b = _backsub(box, b.pre, 3, unit, np.zeros(2 * m), cut=first_only)
+            assert np.allclose(lam, lam_b, atol=1e-12) and np.allclose(c, c_b, atol=1e-12)
+            _, c_plain = _query_both(replace(box, first_charge=None), b.pre, 2, rows, first_only)
+            assert np.all(c >= c_plain - 1e-12)
+            higher += int(np.sum(c > c_plain + 1e-9))
+    assert higher > 0
 
 
 def test_one_free_generator_is_charged_only_its_points_rounding(cnn):

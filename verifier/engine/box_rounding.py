@@ -226,23 +226,56 @@ class GroupedRounding:
     about 55% of its outputs' summed half ranges."""
 
     err: np.ndarray  # per output, the spec's bound (`SpecChain.err[0]`)
-    rest: np.ndarray  # the outputs charged one by one
     # per number of points a group lists: (members (groups, M), padded with the index one past
-    # the last output; their lowest moves then their highest (groups, 2M, points); 0 at listed
-    # points, +inf at the others (groups, points))
+    # the last output; at each point their lowest moves then their highest (groups, points,
+    # 2M); 0 at listed points, +inf at the others (groups, points), None when all are listed)
     buckets: tuple
+    # per output: its bucket, its group there and its place among the group's members (-1 for
+    # the outputs charged one by one)
+    bucket_of: np.ndarray
+    group_of: np.ndarray
+    slot_of: np.ndarray
 
     def charge(self, lam: np.ndarray) -> np.ndarray:
         """Per row of `lam` (rows, outputs), a bound of -lam . (the rounding's move) over the
         box's points: at most |lam| . err."""
-        out = np.abs(lam[:, self.rest]) @ self.err[self.rest]
-        padded = np.concatenate([lam, np.zeros((len(lam), 1))], axis=1)
-        for members, moves, unlisted in self.buckets:
-            at = padded[:, members].transpose(1, 0, 2)  # (groups, rows, M)
-            signed = np.concatenate([np.maximum(at, 0.0), np.minimum(at, 0.0)], axis=2)
-            least = (np.matmul(signed, moves) + unlisted[:, None, :]).min(axis=2)
-            out -= least.sum(axis=0)
+        rows, cols = np.nonzero(lam)
+        out = self.charge_entries(rows, cols, lam[rows, cols], len(lam))
         return np.minimum(out, np.abs(lam) @ self.err)
+
+    def charge_entries(self, rows, cols, vals, n: int) -> np.ndarray:
+        """`charge` of the `n` rows whose non-zeros are `vals` at (`rows`, `cols`) (each
+        place once; not capped at |lam| . err: a group's least is no lower, but for float64
+        noise): a row is charged only on the groups it touches (a second convolution's row, on
+        9 of the first's places), so the many rows of a layer's bounds cost little."""
+        bucket = self.bucket_of[cols]
+        order = np.argsort(bucket, kind="stable")  # radix sort: few buckets, small keys
+        ends = np.searchsorted(bucket[order], np.arange(-1, len(self.buckets)), side="right")
+        alone = order[: ends[0]]
+        weight = np.abs(vals[alone]) * self.err[cols[alone]]
+        out = np.bincount(rows[alone], weights=weight, minlength=n).astype(np.float64)
+        for k, (members, moves, unlisted) in enumerate(self.buckets):
+            on = order[ends[k] : ends[k + 1]]
+            if not len(on):
+                continue
+            r, c, v = rows[on], cols[on], vals[on]
+            g, m = self.group_of[c], members.shape[1]
+            touched = np.zeros((len(members), n), dtype=bool)
+            touched[g, r] = True
+            pg, pr = np.nonzero(touched)  # the (group, row) pairs, by group
+            count = np.bincount(pg, minlength=len(members))
+            place = np.arange(len(pg)) - (np.cumsum(count) - count)[pg]
+            at = np.zeros((len(members), n), dtype=np.int64)
+            at[pg, pr] = place
+            # per group, its rows' weights on its members' lowest then highest moves
+            signed = np.zeros((len(members), 2 * m, int(count.max())))
+            signed[g, self.slot_of[c] + m * (v < 0), at[g, r]] = v
+            least = np.matmul(moves, signed)  # (groups, points, rows)
+            if unlisted is not None:
+                least += unlisted[:, :, None]
+            least = least.min(axis=1)
+            out -= np.bincount(pr, weights=least[pg, place], minlength=n)
+        return out
 
 
 def grouped_rounding(
@@ -267,8 +300,6 @@ def grouped_rounding(
     shared = sizes[group] > 1
     if not shared.any():
         return None
-    grouped = np.zeros(len(err), dtype=bool)
-    grouped[rows[shared]] = True
     rows, group = rows[shared], group[shared]
     order = np.lexsort((rows, group))
     rows, group = rows[order], group[order]
@@ -276,6 +307,8 @@ def grouped_rounding(
     count = np.diff(start, append=len(rows))
     width = columns[rows[start]]
     buckets = []
+    bucket_of, group_of, slot_of = (np.full(len(err), -1) for _ in range(3))
+    bucket_of = bucket_of.astype(np.int8)  # a radix sort key (`charge_entries`)
     for p in np.unique(width):
         pick = np.flatnonzero(width == p)
         m = int(count[pick].max())
@@ -286,10 +319,16 @@ def grouped_rounding(
             len(err),
         )
         moves = np.concatenate([box.low_at[members, :p], box.high_at[members, :p]], axis=1)
-        unlisted = np.where(box.listed[members[:, 0], :p], 0.0, np.inf)
-        buckets.append((members, moves, unlisted))
-    rest = np.flatnonzero(~grouped)
-    return GroupedRounding(np.asarray(err, dtype=np.float64), rest, tuple(buckets))
+        listed = box.listed[members[:, 0], :p]
+        unlisted = None if listed.all() else np.where(listed, 0.0, np.inf)
+        buckets.append((members, moves.transpose(0, 2, 1).copy(), unlisted))
+        real = members < len(err)
+        bucket_of[members[real]] = len(buckets) - 1
+        group_of[members[real]] = np.nonzero(real)[0]
+        slot_of[members[real]] = np.nonzero(real)[1]
+    return GroupedRounding(
+        np.asarray(err, dtype=np.float64), tuple(buckets), bucket_of, group_of, slot_of
+    )
 
 
 def _nearest(spec: SpecChain, lo: np.ndarray, hi: np.ndarray) -> _Box | None:
