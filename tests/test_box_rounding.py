@@ -231,13 +231,24 @@ def _check_grouped_charge(cnn, kind: str, on, rows_of, seed: int, also=None) -> 
 
 @pytest.mark.parametrize("kind", list(REGIONS))
 def test_grouped_charge_bounds_the_rounding_at_every_point(cnn, kind):
-    """The search's charge (`GroupedRounding`), on rows over the outputs `on_box` narrowed."""
+    """The search's charge (`GroupedRounding`), on rows over the outputs `on_box` narrowed;
+    rows given by their non-zeros (`charge_entries`, the second layer's) are charged alike,
+    dense or sparse."""
+
+    def entries_alike(spec, region, lo, hi, lam, charge):
+        grouped = on_box(spec, lo, hi).first_charge
+        for rows in (lam, lam * (np.random.default_rng(0).random(lam.shape) < 0.2)):
+            r, c = np.nonzero(rows)
+            got = grouped.charge_entries(r, c, rows[r, c], len(rows))
+            assert np.allclose(np.minimum(got, np.abs(rows) @ grouped.err), grouped.charge(rows))
+
     _check_grouped_charge(
         cnn,
         kind,
         lambda spec, region, lo, hi: on_box(spec, lo, hi),
         lambda spec, box: box.err[0] < spec.err[0],
         5,
+        entries_alike,
     )
 
 

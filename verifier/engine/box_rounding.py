@@ -238,9 +238,18 @@ class GroupedRounding:
 
     def charge(self, lam: np.ndarray) -> np.ndarray:
         """Per row of `lam` (rows, outputs), a bound of -lam . (the rounding's move) over the
-        box's points: at most |lam| . err."""
-        rows, cols = np.nonzero(lam)
-        out = self.charge_entries(rows, cols, lam[rows, cols], len(lam))
+        box's points: at most |lam| . err. For a few dense rows (the margins'); many sparse
+        ones take `charge_entries`."""
+        alone = self.bucket_of < 0
+        out = np.abs(lam[:, alone]) @ self.err[alone]
+        padded = np.concatenate([lam, np.zeros((len(lam), 1))], axis=1)
+        for members, moves, unlisted in self.buckets:
+            at = padded[:, members].transpose(1, 2, 0)  # (groups, M, rows)
+            signed = np.concatenate([np.maximum(at, 0.0), np.minimum(at, 0.0)], axis=1)
+            least = np.matmul(moves, signed)  # (groups, points, rows)
+            if unlisted is not None:
+                least += unlisted[:, :, None]
+            out -= least.min(axis=1).sum(axis=0)
         return np.minimum(out, np.abs(lam) @ self.err)
 
     def charge_entries(self, rows, cols, vals, n: int) -> np.ndarray:
