@@ -316,8 +316,9 @@ def grouped_rounding(
     count = np.diff(start, append=len(rows))
     width = columns[rows[start]]
     buckets = []
-    bucket_of, group_of, slot_of = (np.full(len(err), -1) for _ in range(3))
-    bucket_of = bucket_of.astype(np.int8)  # a radix sort key (`charge_entries`)
+    # int8: `charge_entries` sorts by it (a radix sort; a few dozen widths at most)
+    bucket_of = np.full(len(err), -1, dtype=np.int8)
+    group_of, slot_of = np.full(len(err), -1), np.full(len(err), -1)
     for p in np.unique(width):
         pick = np.flatnonzero(width == p)
         m = int(count[pick].max())
