@@ -230,17 +230,17 @@ class GroupedRounding:
     # the last output; at each point their lowest moves then their highest (groups, points,
     # 2M); 0 at listed points, +inf at the others (groups, points), None when all are listed)
     buckets: tuple
-    # per output: its bucket, its group there and its place among the group's members (-1 for
-    # the outputs charged one by one)
-    bucket_of: np.ndarray
+    # per output: its group (numbered bucket by bucket) and its place among the group's members
+    # (-1 for the outputs charged one by one); each bucket's first group number, and the total
     group_of: np.ndarray
     slot_of: np.ndarray
+    offsets: np.ndarray
 
     def charge(self, lam: np.ndarray) -> np.ndarray:
         """Per row of `lam` (rows, outputs), a bound of -lam . (the rounding's move) over the
         box's points: at most |lam| . err. For a few dense rows (the margins'); many sparse
         ones take `charge_entries`."""
-        alone = self.bucket_of < 0
+        alone = self.group_of < 0
         out = np.abs(lam[:, alone]) @ self.err[alone]
         padded = np.concatenate([lam, np.zeros((len(lam), 1))], axis=1)
         for members, moves, unlisted in self.buckets:
@@ -253,37 +253,42 @@ class GroupedRounding:
         return np.minimum(out, np.abs(lam) @ self.err)
 
     def charge_entries(self, rows, cols, vals, n: int) -> np.ndarray:
-        """`charge` of the `n` rows whose non-zeros are `vals` at (`rows`, `cols`) (each
-        place once; not capped at |lam| . err: a group's least is no lower, but for float64
-        noise): a row is charged only on the groups it touches (a second convolution's row, on
-        9 of the first's places), so the many rows of a layer's bounds cost little."""
-        bucket = self.bucket_of[cols]
-        order = np.argsort(bucket, kind="stable")  # radix sort: few buckets, small keys
-        ends = np.searchsorted(bucket[order], np.arange(-1, len(self.buckets)), side="right")
-        alone = order[: ends[0]]
+        """`charge` of the `n` rows whose non-zeros are `vals` at (`rows`, `cols`), listed by
+        ascending row (each place once; not capped at |lam| . err: a group's least is no lower,
+        but for float64 noise): a row is charged only on the groups it touches (a second
+        convolution's row, on 9 of the first's places), so the many rows of a layer's bounds
+        cost little."""
+        gid = self.group_of[cols]
+        order = np.argsort(gid, kind="stable")  # a radix sort (int16): rows stay ascending
+        gid, r = gid[order], rows[order]
+        first = int(np.searchsorted(gid, 0))  # the outputs charged one by one come first
+        alone = order[:first]
         weight = np.abs(vals[alone]) * self.err[cols[alone]]
         out = np.bincount(rows[alone], weights=weight, minlength=n).astype(np.float64)
+        gid, r, on = gid[first:], r[first:], order[first:]
+        # each (group, row) pair once, by group: its place among its group's rows
+        new = np.ones(len(gid), dtype=bool)
+        new[1:] = (gid[1:] != gid[:-1]) | (r[1:] != r[:-1])
+        pair = np.cumsum(new) - 1
+        pg, pr = gid[new].astype(np.int64), r[new]
+        place = np.arange(len(pg)) - np.searchsorted(pg, pg)
+        ends = np.searchsorted(gid, self.offsets)
+        pair_ends = np.searchsorted(pg, self.offsets)
         for k, (members, moves, unlisted) in enumerate(self.buckets):
-            on = order[ends[k] : ends[k + 1]]
-            if not len(on):
+            a, z = ends[k], ends[k + 1]
+            if a == z:
                 continue
-            r, c, v = rows[on], cols[on], vals[on]
-            g, m = self.group_of[c], members.shape[1]
-            touched = np.zeros((len(members), n), dtype=bool)
-            touched[g, r] = True
-            pg, pr = np.nonzero(touched)  # the (group, row) pairs, by group
-            count = np.bincount(pg, minlength=len(members))
-            place = np.arange(len(pg)) - (np.cumsum(count) - count)[pg]
-            at = np.zeros((len(members), n), dtype=np.int64)
-            at[pg, pr] = place
+            m, g0 = members.shape[1], self.offsets[k]
+            c, v, at = cols[on[a:z]], vals[on[a:z]], place[pair[a:z]]
+            pa, pz = pair_ends[k], pair_ends[k + 1]
             # per group, its rows' weights on its members' lowest then highest moves
-            signed = np.zeros((len(members), 2 * m, int(count.max())))
-            signed[g, self.slot_of[c] + m * (v < 0), at[g, r]] = v
+            signed = np.zeros((len(members), 2 * m, int(place[pa:pz].max()) + 1))
+            signed[gid[a:z] - g0, self.slot_of[c] + m * (v < 0), at] = v
             least = np.matmul(moves, signed)  # (groups, points, rows)
             if unlisted is not None:
                 least += unlisted[:, :, None]
             least = least.min(axis=1)
-            out -= np.bincount(pr, weights=least[pg, place], minlength=n)
+            out -= np.bincount(pr[pa:pz], weights=least[pg[pa:pz] - g0, place[pa:pz]], minlength=n)
         return out
 
 
@@ -316,9 +321,9 @@ def grouped_rounding(
     count = np.diff(start, append=len(rows))
     width = columns[rows[start]]
     buckets = []
-    # int8: `charge_entries` sorts by it (a radix sort; a few dozen widths at most)
-    bucket_of = np.full(len(err), -1, dtype=np.int8)
-    group_of, slot_of = np.full(len(err), -1), np.full(len(err), -1)
+    # int16: `charge_entries` sorts by it (a radix sort; at most one group an output)
+    group_of = np.full(len(err), -1, dtype=np.int16 if len(err) < 2**15 else np.int64)
+    slot_of, offsets = np.full(len(err), -1), [0]
     for p in np.unique(width):
         pick = np.flatnonzero(width == p)
         m = int(count[pick].max())
@@ -333,11 +338,11 @@ def grouped_rounding(
         unlisted = None if listed.all() else np.where(listed, 0.0, np.inf)
         buckets.append((members, moves.transpose(0, 2, 1).copy(), unlisted))
         real = members < len(err)
-        bucket_of[members[real]] = len(buckets) - 1
-        group_of[members[real]] = np.nonzero(real)[0]
+        group_of[members[real]] = offsets[-1] + np.nonzero(real)[0]
         slot_of[members[real]] = np.nonzero(real)[1]
+        offsets.append(offsets[-1] + len(members))
     return GroupedRounding(
-        np.asarray(err, dtype=np.float64), tuple(buckets), bucket_of, group_of, slot_of
+        np.asarray(err, dtype=np.float64), tuple(buckets), group_of, slot_of, np.array(offsets)
     )
 
 
