@@ -14,7 +14,13 @@ from test_engine import all_points, check_decision, random_case, truth
 
 from quantize.error_model import ErrorModel, error_model
 from quantize.modes import float_runner, quantize_model
-from verifier.engine.bounds import linear_bounds, prepare_chain, rounding_errors, spec_chain
+from verifier.engine.bounds import (
+    linear_bounds,
+    optimised_slopes,
+    prepare_chain,
+    rounding_errors,
+    spec_chain,
+)
 from verifier.engine.decide import decide
 from verifier.engine.diffbounds import diff_spec, quantized_bounds
 from verifier.engine.diffdecide import _reuse, decide_from_float
@@ -468,3 +474,57 @@ def test_diff_bab_keeps_a_proof_the_audit_rechecks(tiny, mode):
         kept += 1
         on_tree += float_splits > 0
     assert kept and on_tree, (kept, on_tree)
+
+
+def test_root_slopes_optimise_the_open_margins_only(tiny):
+    """`optimised_slopes` raises only the margins the root's bounds leave open (the others keep
+    their bound and the usual slopes), never lowers one, and stays below the runtime's
+    margins at every point; some open margin rises."""
+    model, runners, xs = tiny
+    runner = runners["int8"]
+    raised = 0
+    for i, x in enumerate(xs):
+        region = _region(x, 20 + i, 0.0625, 1.0)
+        label = int(runner.predict(x[None]).argmax())
+        _, _, qs = _specs(model, runner, region, label)
+        root = linear_bounds(qs, region.lo, region.hi)
+        threshold = np.full(len(root.lower), np.median(root.lower))
+        rooted = optimised_slopes(qs, root, region.lo, region.hi, 20, threshold)
+        closed = root.lower > threshold
+        assert np.array_equal(rooted.lower[closed], root.lower[closed])
+        assert np.all(rooted.lower >= root.lower)
+        for k, rows in rooted.slopes.items():
+            usual = qs.layers[k].relax(*root.pre[k])[2]
+            assert np.array_equal(rows[closed], np.broadcast_to(usual, rows[closed].shape))
+        pts = all_points(region)
+        logits = runner.predict(runtime_inputs(runner, region, pts))
+        margins = logits[:, [label]] - logits[:, qs.others]
+        assert np.all(rooted.lower <= margins.min(axis=0) + 1e-9)
+        raised += int(np.any(rooted.lower > root.lower + 1e-9))
+    assert raised, "no open margin rose"
+
+
+def test_optimised_root_certifies_with_a_proof_the_audit_rechecks(tiny):
+    """Where the root's plain bounds leave a margin open and its optimised slopes close every
+    one, the quantized decision certifies there (route "bounds"), agrees with enumeration,
+    and keeps a root proof the audit re-checks (and rejects with the margin raised)."""
+    model, runners, xs = tiny
+    runner = runners["int8"]
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    seen = 0
+    for i, x in enumerate(xs[:2]):
+        for seed in range(6):
+            pos = np.random.default_rng(seed + 10 * i).choice(x.size, 3, replace=False)
+            region = lattice_region(x, pos, 0.0625, 1.0)
+            label = int(runner.predict(x[None]).argmax())
+            _, d = float_then_quantized(model, runner, em, chain, region, label, 64)
+            if d is None or "root_margin_optimised" not in d.detail:
+                continue
+            assert d.route == "bounds" and d.nodes == 0
+            assert d.detail["root_margin"] <= 0.0 < d.detail["root_margin_optimised"]
+            check_decision(d, runner, region, label)
+            assert _recheck(d, em, runner, region, label).status == CHECKED
+            assert _recheck(d, em, runner, region, label, "bounds").status == FAILED
+            seen += 1
+    assert seen, "no root certified by its optimised slopes alone"

@@ -177,7 +177,7 @@ def _slopes_tried(seed: int):
     chain, _, region, label = random_case(seed)
     spec = spec_chain(chain, region, label)
     root = linear_bounds(spec, region.lo, region.hi)
-    slopes = optimised_slopes(spec, root, region.lo, region.hi, 20, np.inf)
+    slopes = optimised_slopes(spec, root, region.lo, region.hi, 20, np.inf).slopes
     for lo, hi in sign_fixed_boxes(region, np.random.default_rng(seed + 7), 4):
         parts = list(region.enumerate(lo=lo, hi=hi))
         pts = margins = None
@@ -227,7 +227,7 @@ def _refined_cases(seed: int):
     chain, _, region, label = random_case(seed)
     spec = spec_chain(chain, region, label)
     root = linear_bounds(spec, region.lo, region.hi)
-    slopes = optimised_slopes(spec, root, region.lo, region.hi, 20, np.inf)
+    slopes = optimised_slopes(spec, root, region.lo, region.hi, 20, np.inf).slopes
     node = dict(open_only=True, target=np.inf)
     for lo, hi in sign_fixed_boxes(region, np.random.default_rng(seed + 7), 4):
         parts = list(region.enumerate(lo=lo, hi=hi))
