@@ -18,6 +18,7 @@ from verifier.engine.bounds import (
     linear_bounds,
     optimised_slopes,
     prepare_chain,
+    restricted,
     rounding_errors,
     spec_chain,
 )
@@ -528,3 +529,34 @@ def test_optimised_root_certifies_with_a_proof_the_audit_rechecks(tiny):
             assert _recheck(d, em, runner, region, label, "bounds").status == FAILED
             seen += 1
     assert seen, "no root certified by its optimised slopes alone"
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "int8"])
+def test_children_queued_on_parent_bounds_agree_with_enumeration(tiny, mode, monkeypatch):
+    """The quantized branch and bound queues a child holding its parent's point nearest 0 on
+    its parent's rows (`bounds.restricted`), bounding it only when it must be split: the
+    decisions still agree with enumeration and keep proofs the audit re-checks."""
+    import verifier.engine.diffdecide as dd
+
+    model, runners, xs = tiny
+    runner = runners[mode]
+    chain = prepare_chain(model.network.lower())
+    em = error_model(runner, chain)
+    queued = []
+
+    def counted(*args):
+        queued.append(1)
+        return restricted(*args)
+
+    monkeypatch.setattr(dd, "restricted", counted)
+    for i, x in enumerate(xs):
+        for step, radius in ((0.125, 1.5), (0.0625, 1.0)):
+            region = _region(x, 10 + i, step, radius)
+            label = int(runner.predict(x[None]).argmax())
+            _, d = float_then_quantized(model, runner, em, chain, region, label, 16)
+            if d is None:
+                continue
+            check_decision(d, runner, region, label)
+            if d.status == CERTIFIED and "proof" in d.detail:
+                assert _recheck(d, em, runner, region, label).status == CHECKED
+    assert queued, "no child was queued on its parent's bounds"

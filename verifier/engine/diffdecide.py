@@ -13,7 +13,9 @@ float proof's root bounds, whose bound on the difference closes every float leaf
 margin absorbs it; the runtime's own bounds on each leaf left; a quick and a search attack on
 the quantized runtime (any counterexample is an input of R^FP, confirmed on that runtime);
 then branch and bound on the leaves left, the small ones
-enumerated on the quantized runtime. Leaves and nodes are bounded by the runtime's own linear
+enumerated on the quantized runtime (a child holding its parent's point nearest 0 queued on
+its parent's rows, `bounds.restricted`, and bounded only when it must be split, as the float
+decision's are). Leaves and nodes are bounded by the runtime's own linear
 bounds: on the MNIST MLP's error models the differential bounds never beat them at a leaf
 (their rounding dominates the difference, and its ReLU-pair relaxation widens with it). Each
 node tries lower slopes optimised over the whole region, refined over a node's box every
@@ -56,6 +58,7 @@ from verifier.engine.bounds import (
     optimised_slopes,
     prepare_chain,
     refined,
+    restricted,
 )
 from verifier.engine.box_rounding import on_box
 from verifier.engine.decide import (
@@ -263,6 +266,12 @@ def decide_from_float(
         steps = REFINE_STEPS if splits % REFINE_EVERY == 0 else 0
         return wrap_direct(None, refined(spec, b, lo, hi, steps, threshold, given))
 
+    def provisional(lo, hi, parent):  # a child holding its parent's point nearest 0
+        if parent.point is None or not np.array_equal(parent.point, np.clip(0, lo, hi)):
+            return None
+        spec = qspec if parts is None else fold_part_of(parts, lo, hi).spec
+        return restricted(spec, parent, lo, hi, threshold)
+
     per_point = getattr(runtime, "per_sample", False)  # one point a call: worth bounding each
 
     def pointwise(leaf, rows, s, target):  # on the spec of the sub-region holding the leaf
@@ -277,6 +286,7 @@ def decide_from_float(
         bound,
         threshold,
         pointwise=pointwise,
+        provisional=provisional,
         margin_weights=last_relu_weights(qspec, direct),
         deadline=deadline - attack_share * timeout,
         max_nodes=max_nodes,
