@@ -1301,7 +1301,9 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut: dict 
 
     When a ReLU and an affine layer lie below, the relaxation's lower and upper lines are folded
     into that (narrower) weight matrix: with W+ = (W + |W|) / 2 and W- = (W - |W|) / 2 both
-    signs come from two products, W @ M1 and |W| @ M2 (no m x n elementwise work). The first
+    signs come from two products, W @ M1 and |W| @ M2 (no m x n elementwise work; where both
+    weights are sparse, W @ M1's weight part is a product of their CSR forms,
+    `_sparse_first_products`). The first
     ReLU's upper lines are its knapsack cut's (in `cut`) where it has them; deeper ReLUs keep
     their triangle lines here (a cut's line is on s, not on the layer below). The first
     layer's input rounding is charged there per neuron (|W| . step, as intervals are widened
@@ -1336,16 +1338,22 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut: dict 
     # stable neurons' lines coincide: m2 has weights and constant on the unstable ones only
     # (`cols`), its rounding column (h1 . low) on all
     cols = np.flatnonzero(unstable)
-    m1, m2 = np.empty((len(su), g + 2)), np.empty((len(cols), g + 1))
-    np.multiply(h1[:, None], below.weight, out=m1[:, :g])
+    # both weights sparse (convolutions): W m1's weight part is (W h1) W_below, two sparse
+    # factors, and m1 keeps its constant columns only
+    both = sparse_weight(layer.weight) is not None and sparse_weight(below.weight) is not None
+    m1, m2 = np.empty((len(su), 2 if both else g + 2)), np.empty((len(cols), g + 1))
+    c1 = m1.shape[1] - 2  # m1's constant column
+    if not both:
+        np.multiply(h1[:, None], below.weight, out=m1[:, :g])
     np.multiply(h2[cols, None], below.weight[cols], out=m2[:, :g])
     il = spec.layers[i - 1].lower_intercept(*pre[i - 1])  # constants: both lines
-    m1[:, g] = h1 * below.bias + (iu + il) / 2.0
+    m1[:, c1] = h1 * below.bias + (iu + il) / 2.0
     m2[:, g] = h2[cols] * below.bias[cols] - iu[cols] / 2.0
-    m1[:, g + 1], m2_low = h2 * low, h1 * low
+    m1[:, c1 + 1], m2_low = h2 * low, h1 * low
     if k is not None:  # the cut's constants hold the rounding
-        m1[cut.rows, :g] += cut.slope / 2.0
-        m1[cut.rows, g] = h1[cut.rows] * below.bias[cut.rows] + cut.const / 2.0
+        if not both:
+            m1[cut.rows, :g] += cut.slope / 2.0
+        m1[cut.rows, c1] = h1[cut.rows] * below.bias[cut.rows] + cut.const / 2.0
         on = k[cols]
         at = np.searchsorted(cut.rows, cols[on])
         m2[on, :g] -= cut.slope[at] / 2.0
@@ -1353,7 +1361,7 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut: dict 
     w_rows = aw = None
     if exact or sparse_weight(layer.weight) is not None:
         w_rows, aw = weights(layer.weight, rows), weights(spec.absw[i], rows)
-        a = w_rows @ m1
+        a = w_rows @ m1 if not both else _sparse_first_products(w_rows, m1, h1, below, cut, k)
         b = np.empty_like(a)
         b[:, : g + 1] = aw[:, cols] @ m2
         b[:, g + 1] = aw @ m2_low
@@ -1377,6 +1385,23 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut: dict 
     if i == 2 and spec.first_charge is not None:
         c = c + _grouped_saving(spec, layer.weight, rows, w_rows, h1, h2)
     return _backsub(spec, pre, i - 2, lam, c, cut=first_only)
+
+
+def _sparse_first_products(w_rows, m1, h1, below, cut, k) -> np.ndarray:
+    """`_query_both`'s W m1 where W's rows and the layer below are both sparse (CSR): the
+    weight part (W scaled by h1) times the layer below's CSR, plus the cut's lines on its
+    rows where `k` marks them, then m1's two constant columns. The dense h1 W_below (every
+    neuron below by every input) is never built: on the CIFAR CNN it and its product were
+    most of the second layer's bounds."""
+    g = below.weight.shape[1]
+    data = w_rows.data * h1[w_rows.indices]
+    scaled = csr_array((data, w_rows.indices, w_rows.indptr), shape=w_rows.shape)
+    a = np.empty((w_rows.shape[0], g + 2))
+    a[:, :g] = _dense(scaled @ sparse_weight(below.weight).csr)
+    if k is not None:
+        a[:, :g] += _dense(w_rows[:, cut.rows] @ (cut.slope / 2.0))
+    a[:, g:] = w_rows @ m1
+    return a
 
 
 def _grouped_saving(spec: SpecChain, w2, rows, w_rows, h1, h2) -> np.ndarray:
