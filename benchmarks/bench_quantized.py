@@ -109,6 +109,12 @@ def summarise(doc: dict) -> list[dict]:
                 # the differential root bound beside the runtime's own (inputs where computed)
                 "diff_root_computed": len(gains),
                 "diff_root_better": sum(g > 0 for g in gains),
+                # the inputs of R left undecided, with the nodes their budget reached
+                "open": [
+                    {"index": r["index"], "nodes": r["quantized"][name]["nodes"]}
+                    for r in recs
+                    if name in r["quantized"] and r["quantized"][name]["status"] == "unknown"
+                ],
             }
         )
     return rows
