@@ -914,8 +914,13 @@ def linear_bounds(
     uppers: dict = {}  # deeper ReLU layer -> (rows, upper rows on s) of its input
     point = np.clip(0, lo, hi)
     inherit = None  # the parent's kept rows, for a box holding its point nearest 0
-    if reuse and parent is not None and parent.queries is not None and parent.point is not None:
-        inherit = parent.queries if np.array_equal(parent.point, point) else None
+    if (
+        reuse
+        and parent is not None
+        and parent.queries is not None
+        and holds_point_of(parent, lo, hi)
+    ):
+        inherit = parent.queries
     kept: dict | None = ({} if inherit is None else inherit) if reuse else None
     floors: dict | None = {} if reuse else None
     drop = _dropped_generator(parent, lo, hi, spec.region) if reuse else None
@@ -1038,15 +1043,15 @@ def optimised_slopes(spec: SpecChain, b: Bounds, lo, hi, steps: int, target) -> 
     r=10) the second ReLU's cut is worth 3-4 logits there, and slopes optimised without it gain
     nothing; with it, a descent's bounds rise 0.1-1.5 logits at every depth (input 20 closes
     at depth 6, not 11). `slopes` None for an empty box or no ReLU."""
+    if b.empty:
+        return replace(b, slopes=None)
     m = len(b.lower)
     usual = {
         k: np.tile(layer.relax(*b.pre[k])[2], (m, 1))
         for k, layer in enumerate(spec.layers)
-        if isinstance(layer, Relu) and not b.empty
+        if isinstance(layer, Relu)
     }
-    if b.empty or not usual:
-        return replace(b, slopes=None)
-    return refined(spec, b, lo, hi, steps, target, usual)
+    return refined(spec, b, lo, hi, steps, target, usual) if usual else replace(b, slopes=None)
 
 
 def refined(spec: SpecChain, b: Bounds, lo, hi, steps: int, target, slopes: dict | None) -> Bounds:
@@ -1100,6 +1105,12 @@ def _keep_better(vals: np.ndarray, kept: tuple, other: tuple) -> None:
     better = vals > kept[2]
     for mine, theirs in zip(kept, other, strict=True):
         mine[better] = theirs[better]
+
+
+def holds_point_of(parent: Bounds, lo, hi) -> bool:
+    """Whether the box [lo, hi] holds `parent`'s point nearest 0 (kept with `reuse`): its kept
+    rows and `restricted` bounds serve such a child best."""
+    return parent.point is not None and np.array_equal(parent.point, np.clip(0, lo, hi))
 
 
 def restricted(spec: SpecChain, parent: Bounds, lo, hi, target) -> Bounds:
@@ -1340,7 +1351,8 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut: dict 
     cols = np.flatnonzero(unstable)
     # both weights sparse (convolutions): W m1's weight part is (W h1) W_below, two sparse
     # factors, and m1 keeps its constant columns only
-    both = sparse_weight(layer.weight) is not None and sparse_weight(below.weight) is not None
+    sparse = sparse_weight(layer.weight) is not None
+    both = sparse and sparse_weight(below.weight) is not None
     m1, m2 = np.empty((len(su), 2 if both else g + 2)), np.empty((len(cols), g + 1))
     c1 = m1.shape[1] - 2  # m1's constant column
     if not both:
@@ -1359,7 +1371,7 @@ def _query_both(spec: SpecChain, pre: list, i: int, rows: np.ndarray, cut: dict 
         m2[on, :g] -= cut.slope[at] / 2.0
         m2[on, g] = h2[cols[on]] * below.bias[cols[on]] - cut.const[at] / 2.0
     w_rows = aw = None
-    if exact or sparse_weight(layer.weight) is not None:
+    if exact or sparse:
         w_rows, aw = weights(layer.weight, rows), weights(spec.absw[i], rows)
         a = w_rows @ m1 if not both else _sparse_first_products(w_rows, m1, h1, below, cut, k)
         b = np.empty_like(a)

@@ -34,6 +34,7 @@ from verifier.engine.bab import ClosedLeaves, Leaf, branch_and_bound, close_by_b
 from verifier.engine.bounds import (
     PreparedChain,
     SpecChain,
+    holds_point_of,
     interval_bounds,
     linear_bounds,
     prepare_chain,
@@ -285,7 +286,7 @@ def _refine(
         )
 
     def provisional(lo, hi, parent):  # a child holding the parent's point nearest 0
-        if parent.point is None or not np.array_equal(parent.point, np.clip(0, lo, hi)):
+        if not holds_point_of(parent, lo, hi):
             return None
         return restricted(spec, parent, lo, hi, threshold)
 

@@ -54,6 +54,7 @@ from verifier.engine.bab import (
 from verifier.engine.bounds import (
     PreparedChain,
     SpecChain,
+    holds_point_of,
     linear_bounds,
     optimised_slopes,
     prepare_chain,
@@ -267,7 +268,7 @@ def decide_from_float(
         return wrap_direct(None, refined(spec, b, lo, hi, steps, threshold, given))
 
     def provisional(lo, hi, parent):  # a child holding its parent's point nearest 0
-        if parent.point is None or not np.array_equal(parent.point, np.clip(0, lo, hi)):
+        if not holds_point_of(parent, lo, hi):
             return None
         spec = qspec if parts is None else fold_part_of(parts, lo, hi).spec
         return restricted(spec, parent, lo, hi, threshold)
