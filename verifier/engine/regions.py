@@ -12,10 +12,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from verifier.errors import InputError
+
+if TYPE_CHECKING:
+    from verifier.engine.points import MovedColumns
 
 # Generators the inner block of `enumerate_box` spans at most (numpy's meshgrid takes 32 arrays).
 MESH_DIMS = 32
@@ -43,12 +47,12 @@ class Region:
         return len(self.lo)
 
     @cached_property
-    def moved(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`points.moved_columns` of the directions, computed once: every evaluation of the
-        region's points needs it."""
+    def moved(self) -> MovedColumns:
+        """`points.moved_columns` of the region, computed once: every evaluation of its points
+        needs it."""
         from verifier.engine.points import moved_columns
 
-        return moved_columns(self.directions)
+        return moved_columns(self.x, self.directions)
 
     def points(self, s: np.ndarray) -> np.ndarray:
         """Perturbed inputs (B, n) for integer coefficients `s` (B, G)."""
@@ -140,16 +144,16 @@ class Region:
             got = _subsets_below(a[r, free], -base[r], most, cap)
             if got is None:
                 return None
-            for members in got:  # (k, size) subsets of one size, as indices into `free`
-                pts = np.tile(p.astype(np.int64), (len(members), 1))
-                pts[np.arange(len(members))[:, None], free[members]] = 1
-                blocks.append(pts)
-                n += len(pts)
+            blocks += got  # (k, size) subsets of one size, as indices into `free`
+            n += sum(len(members) for members in got)
             if n > cap * len(a):
                 return None
-        if not blocks:
-            return np.zeros((0, len(lo)), dtype=np.int64)
-        pts = np.concatenate(blocks)
+        pts = np.empty((n, len(lo)), dtype=np.int64)  # filled once: no per-block copies
+        pts[:] = p
+        at = 0
+        for members in blocks:
+            pts[at + np.arange(len(members))[:, None], free[members]] = 1
+            at += len(members)
         if len(a) > 1:  # a point below several rows once
             packed = np.packbits(pts != p, axis=1)
             keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
