@@ -63,6 +63,7 @@ def add_arguments(ap: argparse.ArgumentParser, indices: str) -> None:
     ap.add_argument("--indices", default=indices)
     ap.add_argument("--radius", type=float, default=10.0)
     ap.add_argument("--step", type=float, default=0.125)
+    ap.add_argument("--region", default="features", help="features or lattice (10 values)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", type=Path, default=None)
 
@@ -71,7 +72,7 @@ def run_inputs(args: argparse.Namespace, per_input: Callable[..., dict]) -> dict
     """`per_input(q, i, label, region, args)` on each input `add_arguments`' options name, on
     one BLAS thread: the results by input beside the options, written to `args.out` as JSON."""
     one_blas_thread()
-    settings = Settings(radius=args.radius, step=args.step)
+    settings = Settings(radius=args.radius, step=args.step, region=args.region)
     results = {"args": vars(args) | {"out": str(args.out)}, "inputs": {}}
     with quantized_copy(args.model, args.mode, args.data_dir) as q:
         for i, _, label, region in q.inputs(args.indices, settings):

@@ -322,14 +322,37 @@ def _on_box(problem: Problem, parent: _BoxBounds | None, lo, hi):
         return spec
     if len(levels) != len(spec.layers):
         return spec
-    steps = list(spec.in_err)
+    steps, layers = list(spec.in_err), list(spec.layers)
     for k, n in enumerate(levels):
         if n is None or steps[k] is None or parent.pre[k - 1] is None:
             continue
-        up = parent.pre[k - 1][1]
+        down, up = parent.pre[k - 1]
         half = max(float(np.max(up)), 0.0) / n * (1.0 + 1e-6) * HALF_STEP
         steps[k] = np.where(up > 0.0, np.minimum(steps[k], half), 0.0)
-    return replace(spec, in_err=steps)
+        moves = _grid_moves(np.maximum(down, 0.0), np.maximum(up, 0.0), n) if n == 255 else None
+        if moves is None:
+            continue
+        least, most = moves
+        take = (most - least) / 2.0 < steps[k]
+        if np.any(take):  # the move's midpoint into the bias, its half range as the bound
+            w, b = layers[k].weight, layers[k].bias
+            layers[k] = Affine(w, b + w @ np.where(take, (least + most) / 2.0, 0.0))
+            steps[k] = np.where(take, (most - least) / 2.0, steps[k])
+    return replace(spec, layers=layers, in_err=steps)
+
+
+def _grid_moves(low: np.ndarray, up: np.ndarray, n: float):
+    """The least and most each value in [low, up] (a ReLU's outputs) moves when the runtime
+    puts it on k * scale (asymmetric, zero point 0: the scale is the largest value over `n`,
+    k an integer in [0, n] within HALF_STEP of value / scale); None where the scale may be 0.
+    Where its ReLU input's bounds are nearly one value (a lattice region's values no moved
+    pixel reaches) that is nearly one move, not half a step either way."""
+    scales = (float(np.max(low)) / n * (1.0 - 1e-6), float(np.max(up)) / n * (1.0 + 1e-6))
+    if not 0.0 < scales[0] <= scales[1]:  # (crossed bounds: a box with no point)
+        return None
+    fewest = np.clip(np.ceil(low / scales[1] - HALF_STEP), 0.0, n)
+    most = np.clip(np.floor(up / scales[0] + HALF_STEP), 0.0, n)
+    return fewest * scales[0] - up, most * scales[1] - low
 
 
 # first-layer outputs with more free generators than this keep the spec's rounding bound (as
