@@ -354,8 +354,8 @@ def input_moves(spec: SpecChain, levels: tuple | None, pre: list) -> list | None
         )
         out[k] = (None, half)
         pinned = grid_moves(lo, hi, n) if n == 255.0 else None
-        if pinned is not None and np.any(pinned[1] < half):
-            better = pinned[1] < half
+        better = pinned is not None and pinned[1] < half
+        if np.any(better):
             out[k] = (np.where(better, pinned[0], 0.0), np.where(better, pinned[1], half))
     return out
 
